@@ -1,0 +1,499 @@
+//! The cgroup_skb ingress verifier: recomputes the TCP/UDP checksums that the kernel marks
+//! `CHECKSUM_UNNECESSARY` without checking after ESP-in-UDP transport-mode decapsulation
+//! (`esp_input_done2` in `net/ipv4/esp4.c` and `net/ipv6/esp6.c`, unchanged from 2.6 to 6.x).
+//!
+//! Where it runs: `tcp_v4_rcv`/`tcp_v6_rcv` → `tcp_filter` → `sk_filter_trim_cap` →
+//! `__cgroup_bpf_run_filter_skb` (and the UDP equivalent in `udp_queue_rcv_one_skb`), with the
+//! skb pushed back to its network header, so offset 0 is the IP header. The program sees
+//! plaintext after xfrm, which tc and XDP cannot. Returning 0 drops the segment; TCP then
+//! retransmits it because it was never acknowledged.
+//!
+//! Scope comes from userspace (LPM tries keyed by source address), because a cgroup_skb program
+//! can see neither `ip_summed` nor the secpath.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // Host builds of this binary exist only so `cargo build --workspace` works; the real object
+    // is built for bpfel-unknown-none by monitor/build.rs.
+}
+
+#[cfg(target_arch = "bpf")]
+mod prog {
+    use core::{ffi::c_void, ptr::read_volatile};
+
+    use aya_ebpf::{
+        EbpfContext as _,
+        bindings::__sk_buff,
+        helpers::generated::{bpf_loop, bpf_skb_load_bytes},
+        macros::{cgroup_skb, map},
+        maps::{LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+        programs::SkBuffContext,
+    };
+    use monitor_ebpf::{
+        ACTION_DROPPED, ACTION_PASSED, COUNTER_SLOTS, Counter, EVENT_PAYLOAD_LEN,
+        EVENT_RING_BYTES, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS,
+        MODE_ENFORCE, MismatchEvent, PROTO_TCP, PROTO_UDP, PeerKeyV4, PeerKeyV6, PeerStats,
+        PeerValue, csum,
+    };
+
+    #[map]
+    static PEERS_V4: LpmTrie<PeerKeyV4, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+    #[map]
+    static PEERS_V6: LpmTrie<PeerKeyV6, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+    #[map]
+    static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+    #[map]
+    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+    /// 512-byte bounce buffer for `bpf_skb_load_bytes`: the BPF stack is only 512 bytes.
+    #[map]
+    static SCRATCH: PerCpuArray<[u64; CHUNK_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+    #[map]
+    static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+    const CHUNK: u32 = 512;
+    const CHUNK_WORDS: usize = CHUNK as usize / 8;
+    const BLOCK: u32 = 64;
+    const BLOCK_WORDS: u32 = BLOCK / 4;
+    const BLOCKS_PER_CHUNK: u32 = CHUNK / BLOCK;
+    const MAX_EXT_HEADERS: usize = 6;
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+
+    #[derive(Clone, Copy)]
+    #[repr(u8)]
+    enum Verdict {
+        Pass,
+        Drop,
+    }
+    const _: () = assert!(size_of::<Verdict>() <= 8 && size_of::<Counter>() <= 8);
+
+    /// What the IP layer told us about the L4 segment.
+    struct L3 {
+        family: u8,
+        proto: u8,
+        l4_off: u32,
+        /// L4 length from the IP header (may exceed the skb when UDP trimmed it).
+        l4_len: u32,
+        peer: PeerValue,
+        addr_sum: u64,
+        src: [u8; 16],
+        dst: [u8; 16],
+    }
+
+    #[cgroup_skb(ingress)]
+    pub fn natt_verify(ctx: SkBuffContext) -> i32 {
+        match try_verify(&ctx) {
+            Ok(Verdict::Pass) => 1,
+            Ok(Verdict::Drop) => 0,
+            Err(reason) => {
+                bump(reason);
+                1
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn bump(c: Counter) {
+        if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+            // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
+            unsafe { *p += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn skb(ctx: &SkBuffContext) -> &__sk_buff {
+        // SAFETY: the kernel hands the program a valid `__sk_buff` for its whole run.
+        unsafe { &*ctx.as_ptr().cast::<__sk_buff>() }
+    }
+
+    fn try_verify(ctx: &SkBuffContext) -> Result<Verdict, Counter> {
+        let proto = skb(ctx).protocol;
+        let l3 = if proto == u32::from(ETH_P_IP.to_be()) {
+            parse_v4(ctx)?
+        } else if proto == u32::from(ETH_P_IPV6.to_be()) {
+            parse_v6(ctx)?
+        } else {
+            return Err(Counter::SkipOtherProtocol);
+        };
+        if skb(ctx).gso_segs > 1 {
+            // GRO merged several segments behind one header: their checksums are gone.
+            return Err(Counter::SkipAggregated);
+        }
+        let skb_len = ctx.len();
+        let l4_off = l3.l4_off;
+        // L4 header facts: (segment length, header length, checksum field, seq, ports).
+        let (l4_len, hdr_len, field, seq, sport, dport) = if l3.proto == IPPROTO_TCP {
+            if l3.l4_len < 20 {
+                return Err(Counter::SkipMalformed);
+            }
+            let th: [u8; 20] = ctx.load(l4_off as usize).map_err(|_| Counter::SkipTruncated)?;
+            let doff = u32::from(th[12] >> 4) * 4;
+            if doff < 20 || doff > l3.l4_len {
+                return Err(Counter::SkipMalformed);
+            }
+            (
+                l3.l4_len,
+                doff,
+                u16::from_be_bytes([th[16], th[17]]),
+                u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
+                u16::from_be_bytes([th[0], th[1]]),
+                u16::from_be_bytes([th[2], th[3]]),
+            )
+        } else {
+            if l3.l4_len < 8 {
+                return Err(Counter::SkipMalformed);
+            }
+            let uh: [u8; 8] = ctx.load(l4_off as usize).map_err(|_| Counter::SkipTruncated)?;
+            let ulen = u32::from(u16::from_be_bytes([uh[4], uh[5]]));
+            // udp_rcv trims the skb to the UDP length before the socket filter runs, so the
+            // UDP length, not the IP length, bounds the datagram.
+            if ulen < 8 || ulen > l3.l4_len {
+                return Err(Counter::SkipMalformed);
+            }
+            let field = u16::from_be_bytes([uh[6], uh[7]]);
+            if field == 0 {
+                return Err(Counter::SkipUdpChecksumZero);
+            }
+            (
+                ulen,
+                8,
+                field,
+                0,
+                u16::from_be_bytes([uh[0], uh[1]]),
+                u16::from_be_bytes([uh[2], uh[3]]),
+            )
+        };
+        if l4_off + l4_len > skb_len {
+            return Err(Counter::SkipTruncated);
+        }
+
+        let Some(data) = sum_range(ctx.as_ptr().cast(), l4_off, l4_len) else {
+            return Err(Counter::SkipTruncated);
+        };
+        let acc = l3.addr_sum + csum::proto_len_sum(l3.proto, l4_len) + data;
+        let residual = csum::residual(acc);
+        let peer = l3.peer;
+        let p = if l3.proto == IPPROTO_TCP { PROTO_TCP } else { PROTO_UDP };
+        let stats = PEER_STATS.get_ptr_mut(peer.id);
+        if residual == peer.expected_residual {
+            if let Some(s) = stats {
+                // SAFETY: per-CPU slot, no re-entry on this CPU.
+                unsafe {
+                    (*s).verified_packets[p] += 1;
+                    (*s).verified_bytes[p] += u64::from(l4_len);
+                }
+            }
+            return Ok(Verdict::Pass);
+        }
+
+        let enforce = peer.mode == MODE_ENFORCE;
+        if let Some(s) = stats {
+            // SAFETY: per-CPU slot, no re-entry on this CPU.
+            unsafe {
+                (*s).mismatches[p] += 1;
+                if enforce {
+                    (*s).drops[p] += 1;
+                }
+            }
+        }
+        emit(
+            ctx,
+            &l3,
+            Mismatch {
+                l4_len,
+                seq,
+                sport,
+                dport,
+                field,
+                residual,
+                action: if enforce { ACTION_DROPPED } else { ACTION_PASSED },
+                payload_off: l4_off + hdr_len,
+                payload_len: l4_len - hdr_len,
+            },
+        );
+        Ok(if enforce { Verdict::Drop } else { Verdict::Pass })
+    }
+
+    #[inline(always)]
+    fn parse_v4(ctx: &SkBuffContext) -> Result<L3, Counter> {
+        let ip: [u8; 20] = ctx.load(0).map_err(|_| Counter::SkipTruncated)?;
+        let src = [ip[12], ip[13], ip[14], ip[15]];
+        let dst = [ip[16], ip[17], ip[18], ip[19]];
+        let peer = *PEERS_V4
+            .get(&Key::new(32, src))
+            .ok_or(Counter::SkipNotInScope)?;
+        if ip[0] >> 4 != 4 {
+            return Err(Counter::SkipMalformed);
+        }
+        let ihl = u32::from(ip[0] & 0x0f) * 4;
+        let tot_len = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if ihl < 20 || tot_len < ihl {
+            return Err(Counter::SkipMalformed);
+        }
+        // More-fragments flag or a non-zero offset. Reassembled datagrams have both cleared.
+        if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+            return Err(Counter::SkipFragment);
+        }
+        let proto = ip[9];
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return Err(Counter::SkipOtherProtocol);
+        }
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        s[..4].copy_from_slice(&src);
+        d[..4].copy_from_slice(&dst);
+        Ok(L3 {
+            family: FAMILY_V4,
+            proto,
+            l4_off: ihl,
+            l4_len: tot_len - ihl,
+            peer,
+            addr_sum: csum::addr4_sum(src) + csum::addr4_sum(dst),
+            src: s,
+            dst: d,
+        })
+    }
+
+    #[inline(always)]
+    fn parse_v6(ctx: &SkBuffContext) -> Result<L3, Counter> {
+        let ip: [u8; 40] = ctx.load(0).map_err(|_| Counter::SkipTruncated)?;
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&ip[8..24]);
+        dst.copy_from_slice(&ip[24..40]);
+        let peer = *PEERS_V6
+            .get(&Key::new(128, src))
+            .ok_or(Counter::SkipNotInScope)?;
+        if ip[0] >> 4 != 6 {
+            return Err(Counter::SkipMalformed);
+        }
+        let payload_len = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+        if payload_len == 0 {
+            // A jumbogram (RFC 2675) carries its length in a hop-by-hop option.
+            return Err(Counter::SkipUnsupportedExtensionHeader);
+        }
+        let end = 40 + payload_len;
+        let mut next = ip[6];
+        let mut off: u32 = 40;
+        let mut found = false;
+        for _ in 0..MAX_EXT_HEADERS {
+            match next {
+                IPPROTO_TCP | IPPROTO_UDP => {
+                    found = true;
+                    break;
+                }
+                // Hop-by-hop, routing and destination options share one layout.
+                0 | 43 | 60 => {
+                    let h: [u8; 2] = ctx.load(off as usize).map_err(|_| Counter::SkipTruncated)?;
+                    next = h[0];
+                    off += (u32::from(h[1]) + 1) * 8;
+                }
+                44 => return Err(Counter::SkipFragment),
+                // ESP, AH, mobility, HIP, shim6, experimental: not decapsulated or not walkable.
+                50 | 51 | 135 | 139 | 140 | 253 | 254 => {
+                    return Err(Counter::SkipUnsupportedExtensionHeader);
+                }
+                _ => return Err(Counter::SkipOtherProtocol),
+            }
+        }
+        if !found {
+            return Err(Counter::SkipUnsupportedExtensionHeader);
+        }
+        if off > end {
+            return Err(Counter::SkipMalformed);
+        }
+        Ok(L3 {
+            family: FAMILY_V6,
+            proto: next,
+            l4_off: off,
+            l4_len: end - off,
+            peer,
+            addr_sum: csum::addr6_sum(src) + csum::addr6_sum(dst),
+            src,
+            dst,
+        })
+    }
+
+    /// Copies `n` bytes at `off` into `dst`; the caller keeps `n` within `dst` in a form the
+    /// verifier can see.
+    #[inline(always)]
+    fn load_into(skb: *mut __sk_buff, off: u32, dst: *mut u8, n: u32) -> bool {
+        // SAFETY: `dst` has room for `n` bytes (scratch map value or ring-buffer reservation);
+        // the helper bounds-checks the skb side and fails cleanly past its end.
+        unsafe { bpf_skb_load_bytes(skb.cast::<c_void>(), off, dst.cast::<c_void>(), n) == 0 }
+    }
+
+    /// State shared with the `bpf_loop` callback; lives on the caller's stack.
+    #[repr(C)]
+    struct SumCtx {
+        skb: *mut __sk_buff,
+        acc: u64,
+        off: u32,
+        len: u32,
+        failed: u32,
+    }
+
+    /// Memory-domain one's-complement sum of `len` (< 64 KiB) bytes at `off` (see `csum`).
+    ///
+    /// `bpf_loop` (5.17+) runs one callback per 512-byte chunk. The verifier checks the
+    /// callback once instead of walking up to 128 iterations with all their branches, which
+    /// with an open-coded loop blew through the 1M-instruction budget. Failure is reported in
+    /// `failed`, never as a sentinel sum: comparing the sum with a constant would mark it
+    /// "precise" and defeat state pruning.
+    #[inline(always)]
+    fn sum_range(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
+        let mut c = SumCtx { skb, acc: 0, off, len, failed: 0 };
+        let chunks = len.div_ceil(CHUNK);
+        // SAFETY: the callback matches bpf_loop's contract and `c` outlives the call.
+        unsafe {
+            bpf_loop(
+                chunks,
+                sum_chunk as *mut c_void,
+                (&raw mut c).cast::<c_void>(),
+                0,
+            );
+        }
+        if c.failed != 0 { None } else { Some(c.acc) }
+    }
+
+    /// `bpf_loop` callback: sums chunk `index` (512 bytes, or the shorter last one) into
+    /// `SumCtx::acc`. Full 64-byte blocks are summed as 16 zero-extending 32-bit loads into two
+    /// accumulators; the last partial block is masked so an odd length is zero-padded.
+    #[inline(never)]
+    extern "C" fn sum_chunk(index: u64, ctx: *mut c_void) -> i64 {
+        // SAFETY: `ctx` is the `SumCtx` that `sum_range` passed to bpf_loop.
+        let c = unsafe { &mut *ctx.cast::<SumCtx>() };
+        let start = (index as u32) * CHUNK;
+        if start >= c.len {
+            return 1;
+        }
+        let left = c.len - start;
+        let want = if left > CHUNK { CHUNK } else { left };
+        // `(n - 1) & 511` + 1 keeps the verifier's view at [1, 512]; LLVM folds a plain
+        // bound check into a form the verifier cannot follow.
+        let n = ((want - 1) & (CHUNK - 1)) + 1;
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+            c.failed = 1;
+            return 1;
+        };
+        if !load_into(c.skb, c.off + start, buf.cast(), n) {
+            c.failed = 1;
+            return 1;
+        }
+        let base = buf.cast::<u32>();
+        let mut a = 0u64;
+        let mut b = 0u64;
+        let mut blk = 0u32;
+        while blk < BLOCKS_PER_CHUNK {
+            let first = blk * BLOCK;
+            if n < first + BLOCK {
+                break;
+            }
+            // SAFETY: blk < 8, so 16 words at blk * 16 lie inside the 128-word buffer.
+            unsafe {
+                let p = base.add((blk * BLOCK_WORDS) as usize);
+                a += u64::from(read_volatile(p));
+                b += u64::from(read_volatile(p.add(1)));
+                a += u64::from(read_volatile(p.add(2)));
+                b += u64::from(read_volatile(p.add(3)));
+                a += u64::from(read_volatile(p.add(4)));
+                b += u64::from(read_volatile(p.add(5)));
+                a += u64::from(read_volatile(p.add(6)));
+                b += u64::from(read_volatile(p.add(7)));
+                a += u64::from(read_volatile(p.add(8)));
+                b += u64::from(read_volatile(p.add(9)));
+                a += u64::from(read_volatile(p.add(10)));
+                b += u64::from(read_volatile(p.add(11)));
+                a += u64::from(read_volatile(p.add(12)));
+                b += u64::from(read_volatile(p.add(13)));
+                a += u64::from(read_volatile(p.add(14)));
+                b += u64::from(read_volatile(p.add(15)));
+            }
+            blk += 1;
+        }
+        let rem = n - blk * BLOCK;
+        if rem != 0 && blk < BLOCKS_PER_CHUNK {
+            // SAFETY: as above; words past `rem` are masked or not read.
+            unsafe {
+                let p = base.add((blk * BLOCK_WORDS) as usize);
+                macro_rules! tail_word {
+                    ($($j:literal)*) => {$(
+                        if rem > $j * 4 {
+                            let mut v = read_volatile(p.add($j));
+                            let left = rem - $j * 4;
+                            if left < 4 {
+                                v &= (1u32 << (left * 8)) - 1;
+                            }
+                            a += u64::from(v);
+                        }
+                    )*};
+                }
+                tail_word!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+            }
+        }
+        c.acc += a + b;
+        0
+    }
+
+    struct Mismatch {
+        l4_len: u32,
+        seq: u32,
+        sport: u16,
+        dport: u16,
+        field: u16,
+        residual: u16,
+        action: u8,
+        payload_off: u32,
+        payload_len: u32,
+    }
+
+    #[inline(always)]
+    fn emit(ctx: &SkBuffContext, l3: &L3, m: Mismatch) {
+        let Some(mut entry) = EVENTS.reserve::<MismatchEvent>(0) else {
+            bump(Counter::EventsLost);
+            return;
+        };
+        let ev = entry.as_mut_ptr();
+        let expected = l3.peer.expected_residual;
+        // SAFETY: `ev` is an exclusive, aligned ring-buffer reservation of the event's size.
+        unsafe {
+            (*ev).peer_id = l3.peer.id;
+            (*ev).l4_len = m.l4_len;
+            (*ev).seq = m.seq;
+            (*ev).family = l3.family;
+            (*ev).proto = l3.proto;
+            (*ev).action = m.action;
+            (*ev).sport = m.sport;
+            (*ev).dport = m.dport;
+            (*ev).csum_found = m.field;
+            (*ev).csum_expected =
+                csum::expected_field(m.field, m.residual, expected, l3.proto == IPPROTO_UDP);
+            (*ev).residual = m.residual;
+            (*ev).expected_residual = expected;
+            (*ev).src = l3.src;
+            (*ev).dst = l3.dst;
+            (*ev).payload = [0; EVENT_PAYLOAD_LEN];
+            (*ev).payload_len = 0;
+            if m.payload_len > 0 {
+                let want = if m.payload_len < EVENT_PAYLOAD_LEN as u32 {
+                    m.payload_len
+                } else {
+                    EVENT_PAYLOAD_LEN as u32
+                };
+                let n = ((want - 1) & (EVENT_PAYLOAD_LEN as u32 - 1)) + 1;
+                if load_into(ctx.as_ptr().cast(), m.payload_off, (*ev).payload.as_mut_ptr(), n) {
+                    (*ev).payload_len = n as u8;
+                }
+            }
+        }
+        entry.submit(0);
+    }
+
+    #[cfg(not(test))]
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}

@@ -1,0 +1,197 @@
+//! `natt-monitor check`: can this host run the verifier? Each probe prints one line; the
+//! command fails if any required probe fails.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use crate::{cgroup, ebpf::Verifier};
+
+/// Outcome of one probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Works.
+    Ok,
+    /// Does not work, and the monitor needs it.
+    Fail,
+    /// Informational; the monitor runs either way.
+    Info,
+}
+
+/// One probe's result.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// What was probed.
+    pub name: &'static str,
+    /// Result.
+    pub status: Status,
+    /// Detail or remedy.
+    pub detail: String,
+}
+
+/// Results of all probes.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// In probe order.
+    pub probes: Vec<Probe>,
+}
+
+impl Report {
+    /// True if every required probe passed.
+    #[must_use]
+    pub fn can_run(&self) -> bool {
+        self.probes.iter().all(|p| p.status != Status::Fail)
+    }
+
+    fn push(&mut self, name: &'static str, status: Status, detail: impl Into<String>) {
+        self.probes.push(Probe { name, status, detail: detail.into() });
+    }
+
+    /// The report as printed.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        for p in &self.probes {
+            let tag = match p.status {
+                Status::Ok => "ok  ",
+                Status::Fail => "FAIL",
+                Status::Info => "info",
+            };
+            let _ = writeln!(s, "{tag}  {:<22} {}", p.name, p.detail);
+        }
+        let verdict = if self.can_run() {
+            "natt-monitor can run on this host"
+        } else {
+            "natt-monitor cannot run on this host; fix the FAIL lines above"
+        };
+        let _ = writeln!(s, "{verdict}");
+        s
+    }
+}
+
+/// Capability bits from `include/uapi/linux/capability.h`.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+fn effective_caps(proc_root: &Path) -> Option<u64> {
+    let status = fs::read_to_string(proc_root.join("self/status")).ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn kernel_release(proc_root: &Path) -> Option<(u32, u32, String)> {
+    let rel = fs::read_to_string(proc_root.join("sys/kernel/osrelease")).ok()?;
+    let rel = rel.trim().to_owned();
+    let mut it = rel.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor, rel))
+}
+
+/// Runs every probe. `cgroup_dir` overrides the temporary cgroup used for the attach test.
+#[must_use]
+pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
+    let proc_root = Path::new("/proc");
+    let mut r = Report::default();
+
+    match kernel_release(proc_root) {
+        Some((maj, min, rel)) if (maj, min) >= (5, 8) => {
+            r.push("kernel", Status::Ok, format!("{rel} (5.8+ has bpf_link cgroup attach and ring buffers)"));
+        }
+        Some((_, _, rel)) => r.push("kernel", Status::Fail, format!("{rel}: natt-monitor needs 5.8 or newer (BPF ring buffer)")),
+        None => r.push("kernel", Status::Info, "could not read /proc/sys/kernel/osrelease"),
+    }
+
+    match effective_caps(proc_root) {
+        Some(caps) => {
+            let has = |bit: u32| caps & (1u64 << bit) != 0;
+            let bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
+            if bpf && has(CAP_NET_ADMIN) {
+                r.push("capabilities", Status::Ok, "CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are effective");
+            } else {
+                let mut missing = Vec::new();
+                if !bpf {
+                    missing.push("CAP_BPF");
+                }
+                if !has(CAP_NET_ADMIN) {
+                    missing.push("CAP_NET_ADMIN");
+                }
+                r.push("capabilities", Status::Fail, format!("missing {}: run as root or grant them (see docs)", missing.join(", ")));
+            }
+        }
+        None => r.push("capabilities", Status::Info, "could not read CapEff from /proc/self/status"),
+    }
+
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        r.push("btf", Status::Ok, "/sys/kernel/btf/vmlinux present");
+    } else {
+        r.push("btf", Status::Info, "no /sys/kernel/btf/vmlinux; not needed by the verifier (it uses no CO-RE relocations)");
+    }
+
+    let mount = cgroup::cgroup2_mount();
+    match &mount {
+        Some(m) => r.push("cgroup2", Status::Ok, format!("mounted at {}", m.display())),
+        None => r.push("cgroup2", Status::Fail, "no cgroup2 mount in /proc/mounts; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"),
+    }
+
+    let mut verifier = match Verifier::load() {
+        Ok(v) => {
+            r.push("bpf program load", Status::Ok, "the kernel verifier accepted natt_verify (cgroup_skb)");
+            Some(v)
+        }
+        Err(e) => {
+            r.push("bpf program load", Status::Fail, first_line(&e));
+            None
+        }
+    };
+
+    if let (Some(v), Some(target)) = (verifier.as_mut(), cgroup_dir.map(Path::to_path_buf).or_else(|| mount.clone())) {
+        let temp = cgroup_dir.is_none().then(|| target.join(format!("natt-monitor-check-{}", std::process::id())));
+        let dir = temp.clone().unwrap_or(target);
+        let made = temp.as_ref().map(fs::create_dir);
+        match made {
+            Some(Err(e)) => r.push("cgroup_skb attach", Status::Fail, format!("creating {}: {e}", dir.display())),
+            _ => {
+                match v.attach(&dir) {
+                    Ok(()) => r.push("cgroup_skb attach", Status::Ok, format!("attached to and detached from {}", dir.display())),
+                    Err(e) => r.push("cgroup_skb attach", Status::Fail, first_line(&e)),
+                }
+                // Drop detaches before the temporary cgroup is removed.
+                verifier = None;
+                if let Some(t) = &temp {
+                    let _ = fs::remove_dir(t);
+                }
+            }
+        }
+    }
+    drop(verifier);
+
+    let esp: Vec<String> = ["esp4", "esp6", "esp4_offload", "esp6_offload"]
+        .iter()
+        .filter(|m| PathBuf::from("/sys/module").join(m).exists())
+        .map(ToString::to_string)
+        .collect();
+    r.push(
+        "esp modules",
+        Status::Info,
+        if esp.is_empty() { "none loaded (no IPsec ESP traffic to verify yet)".to_owned() } else { format!("loaded: {}", esp.join(", ")) },
+    );
+    r
+}
+
+fn first_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s.lines().next().unwrap_or_default().to_owned()
+}

@@ -1,0 +1,70 @@
+//! Command-line interface. Parsing only: `main.rs` turns it into a typed `RunConfig`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::peers::Mode;
+
+/// Verifies the TCP/UDP checksums Linux skips after IPsec NAT-T (ESP-in-UDP) transport-mode
+/// decapsulation, and in enforce mode drops corrupted segments so TCP retransmits them.
+#[derive(Debug, Parser)]
+#[command(name = "natt-monitor", version, about, long_about = None, after_help = "\
+Examples:
+  natt-monitor check
+  natt-monitor run --peer 198.51.100.0/24 --peer 2001:db8:7::/48
+  natt-monitor run --peer 192.0.2.10 --mode enforce --cgroup /sys/fs/cgroup/unified/zookeeper.slice")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the verifier and report mismatches until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Probe whether this host can run the verifier; exits non-zero if it cannot.
+    Check(CheckArgs),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `natt-monitor run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// cgroup v2 directory whose sockets are verified. Default: the cgroup2 mount point (every
+    /// socket on the host), found in /proc/mounts.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Source address or prefix of an IPsec NAT-T peer to verify (repeatable). Segments from
+    /// other sources are counted as skipped (not_in_scope) and left alone.
+    #[arg(long = "peer", value_name = "CIDR", required = true)]
+    pub peers: Vec<String>,
+
+    /// observe: count and log mismatches. enforce: also drop them so TCP retransmits.
+    #[arg(long, value_enum, default_value_t = Mode::Observe)]
+    pub mode: Mode,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "NATT_MONITOR_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// `natt-monitor check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// cgroup v2 directory to test-attach to. Default: a temporary child of the cgroup2 mount.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+}

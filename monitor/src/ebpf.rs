@@ -1,0 +1,313 @@
+//! Loading, attaching and reading the in-kernel verifier.
+//!
+//! All-or-nothing: a `Verifier` owns the loaded object and its cgroup link. The link is a
+//! `bpf_link` (kernel 5.7+), so dropping the `Verifier` — or the process dying for any reason —
+//! detaches the program; nothing is left half-attached.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError},
+};
+use ipnet::IpNet;
+use monitor_ebpf::{COUNTER_SLOTS, Counter, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue};
+
+use crate::peers::PeerTable;
+
+/// The verifier object, built by build.rs from `monitor-ebpf`.
+pub static VERIFIER_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/natt-verifier"));
+
+/// Test and benchmark programs (the NAT-T injector). Not used by the daemon.
+pub static TESTBED_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/natt-testbed"));
+
+/// Name of the cgroup_skb program in `VERIFIER_OBJ`.
+pub const PROGRAM: &str = "natt_verify";
+
+/// Failures of the verifier's kernel side, each naming what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfFailure {
+    /// The embedded object is empty (built with `AYA_BUILD_SKIP`).
+    #[error("this natt-monitor binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it with scripts/setup.sh in place")]
+    NoObject,
+    /// Parsing or creating maps failed.
+    #[error("loading the eBPF object: {source}{hint}", hint = privilege_hint_ebpf(source))]
+    Object {
+        /// Underlying error.
+        #[source]
+        source: EbpfError,
+    },
+    /// A program or map the object should contain is missing or of another type.
+    #[error("the eBPF object has no {kind} `{name}` of the expected type")]
+    Missing {
+        /// "program" or "map".
+        kind: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// The kernel verifier rejected the program, or loading was not permitted.
+    #[error("loading program `{PROGRAM}` into the kernel: {source}{hint}", hint = privilege_hint(source))]
+    ProgramLoad {
+        /// Underlying error (includes the verifier log).
+        #[source]
+        source: ProgramError,
+    },
+    /// The cgroup path could not be opened.
+    #[error("opening cgroup {}: {source}", path.display())]
+    OpenCgroup {
+        /// The path given.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The path is not in a cgroup v2 hierarchy.
+    #[error("{} is not a cgroup v2 directory (cgroup v2 is mounted at {})", path.display(), mount.as_deref().map_or_else(|| "no mount point".into(), |m| m.display().to_string()))]
+    NotCgroup2 {
+        /// The path given.
+        path: PathBuf,
+        /// Where cgroup2 is mounted, if anywhere.
+        mount: Option<PathBuf>,
+    },
+    /// Attaching failed.
+    #[error("attaching `{PROGRAM}` to cgroup {} ingress: {source}{hint}", path.display(), hint = privilege_hint(source))]
+    Attach {
+        /// The cgroup.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: ProgramError,
+    },
+    /// Updating or reading a map failed.
+    #[error("{what}: {source}")]
+    Map {
+        /// What was being done.
+        what: String,
+        /// Underlying error.
+        #[source]
+        source: MapError,
+    },
+}
+
+fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(libc::EPERM)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+const PRIVILEGE_HINT: &str =
+    " (natt-monitor needs CAP_BPF and CAP_NET_ADMIN, or root; see `natt-monitor check`)";
+
+fn privilege_hint(e: &ProgramError) -> &'static str {
+    if is_eperm(e) { PRIVILEGE_HINT } else { "" }
+}
+
+fn privilege_hint_ebpf(e: &EbpfError) -> &'static str {
+    if is_eperm(e) { PRIVILEGE_HINT } else { "" }
+}
+
+/// Global verifier counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Indexed by `Counter as usize`.
+    pub slots: [u64; COUNTER_SLOTS as usize],
+}
+
+impl Counters {
+    /// One counter.
+    #[must_use]
+    pub const fn get(&self, c: Counter) -> u64 {
+        self.slots[c as usize]
+    }
+}
+
+/// The loaded (and possibly attached) verifier.
+pub struct Verifier {
+    bpf: Ebpf,
+    attached_to: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("attached_to", &self.attached_to).finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// Loads the object and the program into the kernel (not attached yet).
+    ///
+    /// # Errors
+    /// `EbpfFailure` naming the step that failed, with a privilege hint on EPERM.
+    pub fn load() -> Result<Self, EbpfFailure> {
+        if VERIFIER_OBJ.is_empty() {
+            return Err(EbpfFailure::NoObject);
+        }
+        raise_memlock_limit();
+        let mut bpf =
+            EbpfLoader::new().load(VERIFIER_OBJ).map_err(|source| EbpfFailure::Object { source })?;
+        let prog = program(&mut bpf)?;
+        prog.load().map_err(|source| EbpfFailure::ProgramLoad { source })?;
+        Ok(Self { bpf, attached_to: None })
+    }
+
+    /// The cgroup_skb program, e.g. for `BPF_PROG_TEST_RUN`.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if the object lacks it.
+    pub fn program_mut(&mut self) -> Result<&mut CgroupSkb, EbpfFailure> {
+        program(&mut self.bpf)
+    }
+
+    /// Attaches to `cgroup` (a cgroup v2 directory) at ingress.
+    ///
+    /// # Errors
+    /// `OpenCgroup`, `NotCgroup2` or `Attach`.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), EbpfFailure> {
+        let file = File::open(cgroup)
+            .map_err(|source| EbpfFailure::OpenCgroup { path: cgroup.to_owned(), source })?;
+        if !crate::cgroup::is_cgroup2(&file) {
+            return Err(EbpfFailure::NotCgroup2 {
+                path: cgroup.to_owned(),
+                mount: crate::cgroup::cgroup2_mount(),
+            });
+        }
+        let prog = program(&mut self.bpf)?;
+        prog.attach(file.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::AllowMultiple)
+            .map_err(|source| EbpfFailure::Attach { path: cgroup.to_owned(), source })?;
+        self.attached_to = Some(cgroup.to_owned());
+        Ok(())
+    }
+
+    /// Where the program is attached, if it is.
+    #[must_use]
+    pub fn attached_to(&self) -> Option<&Path> {
+        self.attached_to.as_deref()
+    }
+
+    /// Makes the peer maps equal to `table`: inserts or updates every peer, then removes
+    /// prefixes no longer configured. Segments never see an empty map in between.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map` naming the peer.
+    pub fn set_peers(&mut self, table: &PeerTable) -> Result<(), EbpfFailure> {
+        let mut want_v4 = Vec::new();
+        let mut want_v6 = Vec::new();
+        for (id, spec) in table.iter() {
+            let value = table.value(id, spec);
+            match spec.net {
+                IpNet::V4(n) => want_v4.push((Key::new(u32::from(n.prefix_len()), n.network().octets()), value)),
+                IpNet::V6(n) => want_v6.push((Key::new(u32::from(n.prefix_len()), n.network().octets()), value)),
+            }
+        }
+        sync_trie::<PeerKeyV4>(&mut self.bpf, "PEERS_V4", &want_v4)?;
+        sync_trie::<PeerKeyV6>(&mut self.bpf, "PEERS_V6", &want_v6)?;
+        Ok(())
+    }
+
+    /// Global counters summed over CPUs.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map` if the map cannot be read.
+    pub fn counters(&self) -> Result<Counters, EbpfFailure> {
+        let map = self.bpf.map("COUNTERS").ok_or(EbpfFailure::Missing { kind: "map", name: "COUNTERS" })?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
+            .map_err(|source| EbpfFailure::Map { what: "opening COUNTERS".into(), source })?;
+        let mut out = Counters::default();
+        for (i, slot) in out.slots.iter_mut().enumerate() {
+            let values = arr
+                .get(&(i as u32), 0)
+                .map_err(|source| EbpfFailure::Map { what: format!("reading COUNTERS[{i}]"), source })?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Statistics of peer `id`, summed over CPUs.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map` if the map cannot be read.
+    pub fn peer_stats(&self, id: u32) -> Result<PeerStats, EbpfFailure> {
+        let map = self.bpf.map("PEER_STATS").ok_or(EbpfFailure::Missing { kind: "map", name: "PEER_STATS" })?;
+        let arr: PerCpuArray<&MapData, PeerStats> = PerCpuArray::try_from(map)
+            .map_err(|source| EbpfFailure::Map { what: "opening PEER_STATS".into(), source })?;
+        let values = arr
+            .get(&id, 0)
+            .map_err(|source| EbpfFailure::Map { what: format!("reading PEER_STATS[{id}]"), source })?;
+        Ok(values.iter().fold(PeerStats::default(), |acc, v| acc.merged(v)))
+    }
+
+    /// Takes the mismatch event ring buffer (once) for a drain task to own.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if it was taken already.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
+        let map = self.bpf.take_map("EVENTS").ok_or(EbpfFailure::Missing { kind: "map", name: "EVENTS" })?;
+        RingBuf::try_from(map).map_err(|source| EbpfFailure::Map { what: "opening EVENTS".into(), source })
+    }
+
+    /// The loaded object, for bridging aya-log.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.bpf
+    }
+}
+
+fn program(bpf: &mut Ebpf) -> Result<&mut CgroupSkb, EbpfFailure> {
+    bpf.program_mut(PROGRAM)
+        .and_then(|p| <&mut CgroupSkb>::try_from(p).ok())
+        .ok_or(EbpfFailure::Missing { kind: "program", name: PROGRAM })
+}
+
+fn sync_trie<K: aya::Pod + PartialEq>(
+    bpf: &mut Ebpf,
+    name: &'static str,
+    want: &[(Key<K>, PeerValue)],
+) -> Result<(), EbpfFailure> {
+    let map = bpf.map_mut(name).ok_or(EbpfFailure::Missing { kind: "map", name })?;
+    let mut trie: LpmTrie<&mut MapData, K, PeerValue> = LpmTrie::try_from(map)
+        .map_err(|source| EbpfFailure::Map { what: format!("opening {name}"), source })?;
+    for (key, value) in want {
+        trie.insert(key, value, 0)
+            .map_err(|source| EbpfFailure::Map { what: format!("adding a peer to {name}"), source })?;
+    }
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.iter().any(|(w, _)| same_key(w, k)))
+        .collect();
+    for key in &stale {
+        trie.remove(key)
+            .map_err(|source| EbpfFailure::Map { what: format!("removing a peer from {name}"), source })?;
+    }
+    Ok(())
+}
+
+fn same_key<K: aya::Pod + PartialEq>(a: &Key<K>, b: &Key<K>) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data() == b.data()
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the memory cgroup.
+/// Raising it is harmless on new kernels and required on old ones. Failure is not fatal here:
+/// the load that follows reports EPERM with a hint if it matters.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
+    if ret != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}

@@ -1,0 +1,13 @@
+//! natt-monitor: puts back the TCP/UDP checksum check that Linux skips after IPsec NAT-T
+//! transport-mode decapsulation (`esp_input_done2` marks such segments `CHECKSUM_UNNECESSARY`).
+//!
+//! The library holds everything; `main.rs` only parses arguments and calls `daemon::run`, so
+//! tests drive the same code with their own shutdown future.
+
+pub mod cgroup;
+pub mod check;
+pub mod cli;
+pub mod daemon;
+pub mod ebpf;
+pub mod events;
+pub mod peers;

@@ -1,0 +1,264 @@
+//! Peers: the source prefixes whose segments the verifier checks, and how.
+//!
+//! Peers are the only values the `peer` metric label and the log lines ever take, so the label
+//! set is bounded by configuration (and, later, by the kernel's SAs), never by traffic.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use ipnet::IpNet;
+use monitor_ebpf::{MAX_PEERS, MODE_ENFORCE, MODE_OBSERVE, PeerValue, csum};
+
+/// What the verifier does with a mismatching segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Count and log mismatches; deliver the segment.
+    #[default]
+    Observe,
+    /// Count, log and drop mismatching segments so TCP retransmits them.
+    Enforce,
+}
+
+impl Mode {
+    /// The ABI value stored in the peer map.
+    #[must_use]
+    pub const fn abi(self) -> u8 {
+        match self {
+            Self::Observe => MODE_OBSERVE,
+            Self::Enforce => MODE_ENFORCE,
+        }
+    }
+
+    /// Lower-case name, as used on the command line and in logs.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Observe => "observe",
+            Self::Enforce => "enforce",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Original (pre-NAT) addresses of a peer's segments, when they are known. The sender's checksum
+/// covers these; the verifier sees the rewritten ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatAddresses {
+    /// The peer's own address, before its NAT rewrote it.
+    pub original_src: IpAddr,
+    /// The address the peer sent to (ours, as the peer knows it).
+    pub original_dst: IpAddr,
+    /// The address we see the peer's segments come from.
+    pub observed_src: IpAddr,
+    /// Our address as the segments arrive.
+    pub observed_dst: IpAddr,
+}
+
+/// Error building a peer from its parts.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerError {
+    /// The CIDR did not parse.
+    #[error("`{input}` is not an IP address or CIDR prefix (expected e.g. 192.0.2.7, 198.51.100.0/24 or 2001:db8::/64)")]
+    BadCidr {
+        /// What was given.
+        input: String,
+    },
+    /// Address families of the NAT addresses differ from each other or from the peer.
+    #[error("NAT addresses of peer {peer} mix IPv4 and IPv6")]
+    MixedFamilies {
+        /// The peer's prefix.
+        peer: IpNet,
+    },
+    /// More peers than the maps hold.
+    #[error("{count} peers configured; natt-monitor tracks at most {max}")]
+    TooMany {
+        /// How many were given.
+        count: usize,
+        /// The limit (`MAX_PEERS`).
+        max: u32,
+    },
+    /// The same prefix twice.
+    #[error("peer {peer} is configured twice")]
+    Duplicate {
+        /// The repeated prefix.
+        peer: IpNet,
+    },
+}
+
+/// Parses `192.0.2.7`, `198.51.100.0/24`, `2001:db8::/64` (a bare address is a host prefix).
+/// Host bits below the prefix are cleared, as a routing table would.
+///
+/// # Errors
+/// `PeerError::BadCidr` naming the input.
+pub fn parse_cidr(input: &str) -> Result<IpNet, PeerError> {
+    let s = input.trim();
+    let net = IpNet::from_str(s)
+        .or_else(|_| IpAddr::from_str(s).map(IpNet::from))
+        .map_err(|_| PeerError::BadCidr { input: input.to_owned() })?;
+    Ok(net.trunc())
+}
+
+/// One peer as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// Source prefix.
+    pub net: IpNet,
+    /// What to do with mismatches.
+    pub mode: Mode,
+    /// Pre-NAT addresses, when known; `None` means no NAT (expected residual 0).
+    pub nat: Option<NatAddresses>,
+}
+
+impl PeerSpec {
+    /// A peer with no NAT between us.
+    #[must_use]
+    pub const fn new(net: IpNet, mode: Mode) -> Self {
+        Self { net, mode, nat: None }
+    }
+
+    /// The residual an intact segment from this peer leaves (0 without NAT).
+    ///
+    /// # Errors
+    /// `PeerError::MixedFamilies` when the NAT addresses are not all of the peer's family.
+    pub fn expected_residual(&self) -> Result<u16, PeerError> {
+        let Some(n) = self.nat else { return Ok(0) };
+        let sums = [n.original_src, n.original_dst, n.observed_src, n.observed_dst].map(|a| {
+            match (a, self.net) {
+                (IpAddr::V4(a), IpNet::V4(_)) => Some(csum::addr4_sum(a.octets())),
+                (IpAddr::V6(a), IpNet::V6(_)) => Some(csum::addr6_sum(a.octets())),
+                _ => None,
+            }
+        });
+        let [Some(os), Some(od), Some(ss), Some(sd)] = sums else {
+            return Err(PeerError::MixedFamilies { peer: self.net });
+        };
+        Ok(csum::nat_residual(os, od, ss, sd))
+    }
+
+    /// The label value this peer exports: its prefix.
+    #[must_use]
+    pub fn label(&self) -> String {
+        self.net.to_string()
+    }
+}
+
+/// The peers the verifier knows, with dense ids (index order) for the statistics array.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerTable {
+    peers: Vec<PeerSpec>,
+}
+
+impl PeerTable {
+    /// Builds a table, rejecting duplicates and more than `MAX_PEERS` entries.
+    ///
+    /// # Errors
+    /// `PeerError::Duplicate`, `PeerError::TooMany`, or `PeerError::MixedFamilies`.
+    pub fn new(peers: Vec<PeerSpec>) -> Result<Self, PeerError> {
+        if peers.len() > MAX_PEERS as usize {
+            return Err(PeerError::TooMany { count: peers.len(), max: MAX_PEERS });
+        }
+        for (i, p) in peers.iter().enumerate() {
+            if peers[..i].iter().any(|q| q.net == p.net) {
+                return Err(PeerError::Duplicate { peer: p.net });
+            }
+            p.expected_residual()?;
+        }
+        Ok(Self { peers })
+    }
+
+    /// Peers in id order.
+    #[must_use]
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &PeerSpec)> {
+        (0u32..).zip(&self.peers)
+    }
+
+    /// The peer with this id.
+    #[must_use]
+    pub fn get(&self, id: u32) -> Option<&PeerSpec> {
+        self.peers.get(id as usize)
+    }
+
+    /// Number of peers.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// True when no peer is configured.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// The map value for peer `id`.
+    ///
+    /// # Panics
+    /// Never for a table built by `new` (residuals were validated there).
+    #[must_use]
+    pub fn value(&self, id: u32, spec: &PeerSpec) -> PeerValue {
+        PeerValue {
+            id,
+            mode: spec.mode.abi(),
+            flags: 0,
+            expected_residual: spec.expected_residual().expect("validated in PeerTable::new"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses_and_prefixes() {
+        assert_eq!(parse_cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(parse_cidr("198.51.100.9/24").unwrap().to_string(), "198.51.100.0/24");
+        assert_eq!(parse_cidr("2001:db8::1/64").unwrap().to_string(), "2001:db8::/64");
+        assert_eq!(
+            parse_cidr("10.0.0.300/8").unwrap_err().to_string(),
+            "`10.0.0.300/8` is not an IP address or CIDR prefix (expected e.g. 192.0.2.7, \
+             198.51.100.0/24 or 2001:db8::/64)"
+        );
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn table_rejects_duplicates_and_mixed_nat_families() {
+        let a = PeerSpec::new(parse_cidr("10.0.0.0/8").unwrap(), Mode::Observe);
+        assert_eq!(
+            PeerTable::new(vec![a.clone(), a.clone()]).unwrap_err().to_string(),
+            "peer 10.0.0.0/8 is configured twice"
+        );
+        let mut b = a;
+        b.nat = Some(NatAddresses {
+            original_src: "10.0.0.1".parse().unwrap(),
+            original_dst: "::1".parse().unwrap(),
+            observed_src: "10.0.0.1".parse().unwrap(),
+            observed_dst: "10.0.0.2".parse().unwrap(),
+        });
+        assert_eq!(
+            PeerTable::new(vec![b]).unwrap_err().to_string(),
+            "NAT addresses of peer 10.0.0.0/8 mix IPv4 and IPv6"
+        );
+    }
+
+    #[test]
+    fn nat_residual_is_zero_when_nothing_was_rewritten() {
+        let mut p = PeerSpec::new(parse_cidr("192.0.2.0/24").unwrap(), Mode::Observe);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "198.51.100.1".parse().unwrap();
+        p.nat = Some(NatAddresses { original_src: a, original_dst: b, observed_src: a, observed_dst: b });
+        assert_eq!(p.expected_residual(), Ok(0));
+        p.nat = Some(NatAddresses {
+            original_src: "10.1.1.1".parse().unwrap(),
+            original_dst: b,
+            observed_src: a,
+            observed_dst: b,
+        });
+        assert_ne!(p.expected_residual(), Ok(0));
+    }
+}

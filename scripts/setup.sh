@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Idempotent set-up for building and testing natt-monitor on Debian bookworm (root).
+# Installs only what is missing: apt packages, the pinned Rust toolchains, bpf-linker on LLVM 22.
+# Every step checks first, so a second run costs a few seconds.
+#
+#   scripts/setup.sh          # build + unit/privileged test deps
+#   scripts/setup.sh --test   # plus what the test suite needs (promtool, iperf3, ethtool)
+set -euo pipefail
+
+STABLE=1.99.1
+NIGHTLY=nightly-2026-06-25
+BPF_LINKER_VERSION=0.13.0
+LLVM=22
+
+want_test=0
+for a in "$@"; do
+  case "$a" in
+    --test) want_test=1 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$a' (expected --test)" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+export DEBIAN_FRONTEND=noninteractive
+export PATH="$HOME/.cargo/bin:$PATH"
+
+pkgs=(llvm-${LLVM}-dev libpolly-${LLVM}-dev libzstd-dev zlib1g-dev ethtool iproute2)
+if [ "$want_test" = 1 ]; then
+  pkgs+=(prometheus iperf3)
+fi
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "apt: installing ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The prometheus package starts a server on :9090; the tests run their own.
+  if printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || pkill -x prometheus || true
+  fi
+else
+  log "apt: all present"
+fi
+
+if ! command -v rustup >/dev/null; then
+  echo "setup.sh: rustup not found; install it first (https://rustup.rs)" >&2
+  exit 1
+fi
+have_tc() { rustup toolchain list | grep -q "^$1"; }
+if ! have_tc "$STABLE"; then
+  log "rustup: installing $STABLE"
+  rustup toolchain install "$STABLE" --profile minimal -c clippy,rustfmt
+fi
+if ! have_tc "$NIGHTLY" || ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
+  log "rustup: installing $NIGHTLY with rust-src"
+  rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src
+fi
+
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  log "cargo: installing bpf-linker $BPF_LINKER_VERSION (llvm-$LLVM)"
+  PATH="/usr/lib/llvm-${LLVM}/bin:$PATH" cargo +"$STABLE" install --locked bpf-linker \
+    --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-${LLVM}" --force
+else
+  log "bpf-linker $BPF_LINKER_VERSION present"
+fi
+
+# bpffs for pinning (optional) and cgroup2 are expected; report rather than mount cgroup2.
+if ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
+  mount -t bpf bpf /sys/fs/bpf 2>/dev/null || log "note: could not mount bpffs at /sys/fs/bpf"
+fi
+log "done"

@@ -1,0 +1,1 @@
+//! Network namespace, veth, cgroup and process guards for end-to-end tests.

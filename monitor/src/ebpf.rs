@@ -187,7 +187,9 @@ impl Verifier {
             });
         }
         let prog = program(&mut self.bpf)?;
-        prog.attach(file.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::AllowMultiple)
+        // Through bpf_link the kernel always attaches in multi mode and rejects explicit attach
+        // flags with EINVAL, so `Single` (flags 0) coexists with other programs here.
+        prog.attach(file.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
             .map_err(|source| EbpfFailure::Attach { path: cgroup.to_owned(), source })?;
         self.attached_to = Some(cgroup.to_owned());
         Ok(())

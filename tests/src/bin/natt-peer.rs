@@ -1,1 +1,112 @@
-fn main(){}
+//! Test helper: one end of a TCP stream inside a network namespace.
+//!
+//! `natt-peer recv --netns NS --cgroup DIR --listen ADDR --bytes N` joins the cgroup *before*
+//! creating its socket (accepted sockets inherit the listener's cgroup), enters the netns,
+//! prints `READY`, accepts one connection, reads N bytes and prints
+//! `received=<n> differing=<k>` against the deterministic pattern.
+//!
+//! `natt-peer send --netns NS --connect ADDR --bytes N` writes the pattern.
+//!
+//! Every socket has a 30 s timeout so a broken test fails instead of hanging.
+
+use std::{
+    fs::{self, File},
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    process::ExitCode,
+    time::Duration,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The stream's byte at offset `i`.
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(131) ^ (i >> 11) ^ (i >> 19)) as u8
+}
+
+fn enter_netns(name: &str) -> Result<(), String> {
+    let f = File::open(format!("/run/netns/{name}")).map_err(|e| format!("opening netns {name}: {e}"))?;
+    // SAFETY: valid fd; CLONE_NEWNET only switches this (single-threaded) process's netns.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns {name}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn arg(args: &[String], name: &str) -> Result<String, String> {
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1].clone())
+        .ok_or_else(|| format!("missing {name}"))
+}
+
+fn recv(args: &[String]) -> Result<(), String> {
+    let cgroup = arg(args, "--cgroup")?;
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    fs::write(format!("{cgroup}/cgroup.procs"), pid.to_string()).map_err(|e| format!("joining cgroup {cgroup}: {e}"))?;
+    enter_netns(&arg(args, "--netns")?)?;
+    let addr: SocketAddr = arg(args, "--listen")?.parse().map_err(|e| format!("--listen: {e}"))?;
+    let want: u64 = arg(args, "--bytes")?.parse().map_err(|e| format!("--bytes: {e}"))?;
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    println!("READY");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut got, mut differing) = (0u64, 0u64);
+    while got < want {
+        let n = s.read(&mut buf).map_err(|e| format!("read after {got} bytes: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            if *b != pattern(got + i as u64) {
+                differing += 1;
+            }
+        }
+        got += n as u64;
+    }
+    println!("received={got} differing={differing}");
+    Ok(())
+}
+
+fn send(args: &[String]) -> Result<(), String> {
+    enter_netns(&arg(args, "--netns")?)?;
+    let addr: SocketAddr = arg(args, "--connect")?.parse().map_err(|e| format!("--connect: {e}"))?;
+    let total: u64 = arg(args, "--bytes")?.parse().map_err(|e| format!("--bytes: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while off < total {
+        let n = (total - off).min(buf.len() as u64) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = pattern(off + i as u64);
+        }
+        s.write_all(&buf[..n]).map_err(|e| format!("write at {off}: {e}"))?;
+        off += n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+    // Wait for the receiver to close, so every byte was read before we exit.
+    s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    let _ = s.read(&mut [0u8; 1]);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("recv") => recv(&args),
+        Some("send") => send(&args),
+        _ => Err("usage: natt-peer recv|send ...".into()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("natt-peer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use aya_build::{Package, Toolchain};
 
 /// Keep in step with scripts/setup.sh.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-06-25";
+const EBPF_TOOLCHAIN: &str = "nightly-2026-06-24";
 const OBJECTS: [&str; 2] = ["natt-verifier", "natt-testbed"];
 
 fn main() -> anyhow::Result<()> {
@@ -19,7 +19,8 @@ fn main() -> anyhow::Result<()> {
         for name in OBJECTS {
             let path = out_dir.join(name);
             if !path.exists() {
-                fs::write(&path, b"").with_context(|| format!("writing stub {}", path.display()))?;
+                fs::write(&path, b"")
+                    .with_context(|| format!("writing stub {}", path.display()))?;
             }
         }
     }

@@ -8,7 +8,9 @@
 set -euo pipefail
 
 STABLE=1.99.1
-NIGHTLY=nightly-2026-06-25
+# eBPF toolchain: LLVM 22.1.7 like bpf-linker's. Newer nightlies use LLVM 23 and fail to link.
+# (The 06-24 and 06-25 nightlies are the same compiler; 06-24 also ships clippy and rustfmt.)
+NIGHTLY=nightly-2026-06-24
 BPF_LINKER_VERSION=0.13.0
 LLVM=22
 
@@ -55,9 +57,9 @@ if ! have_tc "$STABLE"; then
   log "rustup: installing $STABLE"
   rustup toolchain install "$STABLE" --profile minimal -c clippy,rustfmt
 fi
-if ! have_tc "$NIGHTLY" || ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
-  log "rustup: installing $NIGHTLY with rust-src"
-  rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src
+if ! have_tc "$NIGHTLY" || ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q "^clippy"; then
+  log "rustup: installing $NIGHTLY with rust-src, rustfmt, clippy"
+  rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src,rustfmt,clippy
 fi
 
 if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then

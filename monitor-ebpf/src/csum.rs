@@ -12,7 +12,7 @@
 //! that no NAT touched leaves 0; behind a NAT it leaves the constant `nat_residual`.
 
 /// Folds a 64-bit accumulator of 32-bit words to a 16-bit one's-complement sum.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn fold(acc: u64) -> u16 {
     let s = (acc & 0xffff_ffff) + (acc >> 32);
@@ -24,7 +24,7 @@ pub const fn fold(acc: u64) -> u16 {
 }
 
 /// One's-complement addition of two 16-bit values.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn add(a: u16, b: u16) -> u16 {
     let s = a as u32 + b as u32;
@@ -32,21 +32,21 @@ pub const fn add(a: u16, b: u16) -> u16 {
 }
 
 /// One's-complement subtraction `a - b`.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn sub(a: u16, b: u16) -> u16 {
     add(a, !b)
 }
 
 /// Maps one's-complement "negative zero" (0xffff) to 0, so residuals compare with `==`.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn normalize(r: u16) -> u16 {
     if r == 0xffff { 0 } else { r }
 }
 
 /// Converts between the memory and numeric domains (the operation is its own inverse).
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn mem16(v: u16) -> u16 {
     u16::from_ne_bytes(v.to_be_bytes())
@@ -54,21 +54,21 @@ pub const fn mem16(v: u16) -> u16 {
 
 /// Memory-domain contribution of a network-order 32-bit value (e.g. the IPv6 upper-layer
 /// length).
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn mem32(v: u32) -> u32 {
     u32::from_ne_bytes(v.to_be_bytes())
 }
 
 /// Memory-domain sum of four address bytes.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn addr4_sum(a: [u8; 4]) -> u64 {
     u32::from_ne_bytes(a) as u64
 }
 
 /// Memory-domain sum of sixteen address bytes.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn addr6_sum(a: [u8; 16]) -> u64 {
     u32::from_ne_bytes([a[0], a[1], a[2], a[3]]) as u64
@@ -79,7 +79,7 @@ pub const fn addr6_sum(a: [u8; 16]) -> u64 {
 
 /// Memory-domain sum of the protocol and length words of a pseudo-header (RFC 793 / RFC 8200
 /// §8.1). Both families reduce to the same one's-complement value.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn proto_len_sum(proto: u8, l4_len: u32) -> u64 {
     mem16(proto as u16) as u64 + mem32(l4_len) as u64
@@ -87,7 +87,7 @@ pub const fn proto_len_sum(proto: u8, l4_len: u32) -> u64 {
 
 /// Residual (numeric domain, normalised) left by a memory-domain accumulator that covers the
 /// pseudo-header, the L4 header with its checksum field, and the payload.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn residual(acc: u64) -> u16 {
     normalize(mem16(!fold(acc)))
@@ -105,7 +105,7 @@ pub const fn nat_residual(orig_src: u64, orig_dst: u64, seen_src: u64, seen_dst:
 /// The checksum field an intact segment with the same bytes would carry, given the field that
 /// arrived, the residual the segment left, and the residual the peer's intact segments leave.
 /// All numeric domain. UDP transmits a computed zero as 0xffff (RFC 768), TCP never sends 0xffff.
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn expected_field(found: u16, residual: u16, expected_residual: u16, udp: bool) -> u16 {
     let f = add(found, sub(residual, expected_residual));
@@ -150,7 +150,11 @@ mod tests {
             let b: [u8; 4] = pkt[16..20].try_into().unwrap();
             (addr4_sum(a) + addr4_sum(b), 20)
         };
-        let proto = if udp { crate::IPPROTO_UDP } else { crate::IPPROTO_TCP };
+        let proto = if udp {
+            crate::IPPROTO_UDP
+        } else {
+            crate::IPPROTO_TCP
+        };
         let l4 = &pkt[l3..];
         acc += proto_len_sum(proto, l4.len() as u32) + sum_bytes(l4);
         residual(acc)

@@ -119,7 +119,10 @@ pub const SKIP_REASONS: [(Counter, &str); 8] = [
     (Counter::SkipTruncated, "truncated"),
     (Counter::SkipMalformed, "malformed"),
     (Counter::SkipUdpChecksumZero, "udp_checksum_zero"),
-    (Counter::SkipUnsupportedExtensionHeader, "unsupported_extension_header"),
+    (
+        Counter::SkipUnsupportedExtensionHeader,
+        "unsupported_extension_header",
+    ),
     (Counter::SkipAggregated, "aggregated"),
 ];
 

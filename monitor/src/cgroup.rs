@@ -31,7 +31,10 @@ pub fn cgroup2_mount_in(proc_root: &Path) -> Option<PathBuf> {
 
 /// `/proc/mounts` escapes space, tab, newline and backslash as octal.
 fn unescape_mount_path(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// True if `dir` is a directory on a cgroup2 filesystem.
@@ -58,8 +61,15 @@ mod tests {
              cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0\n",
         )
         .unwrap();
-        assert_eq!(cgroup2_mount_in(&dir), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        std::fs::write(dir.join("mounts"), "cgroup2 /run/my\\040cg cgroup2 rw 0 0\n").unwrap();
+        assert_eq!(
+            cgroup2_mount_in(&dir),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        std::fs::write(
+            dir.join("mounts"),
+            "cgroup2 /run/my\\040cg cgroup2 rw 0 0\n",
+        )
+        .unwrap();
         assert_eq!(cgroup2_mount_in(&dir), Some(PathBuf::from("/run/my cg")));
         std::fs::write(dir.join("mounts"), "proc /proc proc rw 0 0\n").unwrap();
         assert_eq!(cgroup2_mount_in(&dir), None);

@@ -46,7 +46,11 @@ impl Report {
     }
 
     fn push(&mut self, name: &'static str, status: Status, detail: impl Into<String>) {
-        self.probes.push(Probe { name, status, detail: detail.into() });
+        self.probes.push(Probe {
+            name,
+            status,
+            detail: detail.into(),
+        });
     }
 
     /// The report as printed.
@@ -78,14 +82,19 @@ const CAP_BPF: u32 = 39;
 
 fn effective_caps(proc_root: &Path) -> Option<u64> {
     let status = fs::read_to_string(proc_root.join("self/status")).ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
     u64::from_str_radix(hex, 16).ok()
 }
 
 fn kernel_release(proc_root: &Path) -> Option<(u32, u32, String)> {
     let rel = fs::read_to_string(proc_root.join("sys/kernel/osrelease")).ok()?;
     let rel = rel.trim().to_owned();
-    let mut it = rel.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    let mut it = rel
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
     let major = it.next()?.parse().ok()?;
     let minor = it.next()?.parse().ok()?;
     Some((major, minor, rel))
@@ -99,10 +108,22 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
 
     match kernel_release(proc_root) {
         Some((maj, min, rel)) if (maj, min) >= (5, 8) => {
-            r.push("kernel", Status::Ok, format!("{rel} (5.8+ has bpf_link cgroup attach and ring buffers)"));
+            r.push(
+                "kernel",
+                Status::Ok,
+                format!("{rel} (5.8+ has bpf_link cgroup attach and ring buffers)"),
+            );
         }
-        Some((_, _, rel)) => r.push("kernel", Status::Fail, format!("{rel}: natt-monitor needs 5.8 or newer (BPF ring buffer)")),
-        None => r.push("kernel", Status::Info, "could not read /proc/sys/kernel/osrelease"),
+        Some((_, _, rel)) => r.push(
+            "kernel",
+            Status::Fail,
+            format!("{rel}: natt-monitor needs 5.8 or newer (BPF ring buffer)"),
+        ),
+        None => r.push(
+            "kernel",
+            Status::Info,
+            "could not read /proc/sys/kernel/osrelease",
+        ),
     }
 
     match effective_caps(proc_root) {
@@ -110,7 +131,11 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
             let has = |bit: u32| caps & (1u64 << bit) != 0;
             let bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
             if bpf && has(CAP_NET_ADMIN) {
-                r.push("capabilities", Status::Ok, "CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are effective");
+                r.push(
+                    "capabilities",
+                    Status::Ok,
+                    "CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are effective",
+                );
             } else {
                 let mut missing = Vec::new();
                 if !bpf {
@@ -119,16 +144,31 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
                 if !has(CAP_NET_ADMIN) {
                     missing.push("CAP_NET_ADMIN");
                 }
-                r.push("capabilities", Status::Fail, format!("missing {}: run as root or grant them (see docs)", missing.join(", ")));
+                r.push(
+                    "capabilities",
+                    Status::Fail,
+                    format!(
+                        "missing {}: run as root or grant them (see docs)",
+                        missing.join(", ")
+                    ),
+                );
             }
         }
-        None => r.push("capabilities", Status::Info, "could not read CapEff from /proc/self/status"),
+        None => r.push(
+            "capabilities",
+            Status::Info,
+            "could not read CapEff from /proc/self/status",
+        ),
     }
 
     if Path::new("/sys/kernel/btf/vmlinux").exists() {
         r.push("btf", Status::Ok, "/sys/kernel/btf/vmlinux present");
     } else {
-        r.push("btf", Status::Info, "no /sys/kernel/btf/vmlinux; not needed by the verifier (it uses no CO-RE relocations)");
+        r.push(
+            "btf",
+            Status::Info,
+            "no /sys/kernel/btf/vmlinux; not needed by the verifier (it uses no CO-RE relocations)",
+        );
     }
 
     let mount = cgroup::cgroup2_mount();
@@ -139,7 +179,11 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
 
     let mut verifier = match Verifier::load() {
         Ok(v) => {
-            r.push("bpf program load", Status::Ok, "the kernel verifier accepted natt_verify (cgroup_skb)");
+            r.push(
+                "bpf program load",
+                Status::Ok,
+                "the kernel verifier accepted natt_verify (cgroup_skb)",
+            );
             Some(v)
         }
         Err(e) => {
@@ -148,15 +192,28 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
         }
     };
 
-    if let (Some(v), Some(target)) = (verifier.as_mut(), cgroup_dir.map(Path::to_path_buf).or_else(|| mount.clone())) {
-        let temp = cgroup_dir.is_none().then(|| target.join(format!("natt-monitor-check-{}", std::process::id())));
+    if let (Some(v), Some(target)) = (
+        verifier.as_mut(),
+        cgroup_dir.map(Path::to_path_buf).or_else(|| mount.clone()),
+    ) {
+        let temp = cgroup_dir
+            .is_none()
+            .then(|| target.join(format!("natt-monitor-check-{}", std::process::id())));
         let dir = temp.clone().unwrap_or(target);
         let made = temp.as_ref().map(fs::create_dir);
         match made {
-            Some(Err(e)) => r.push("cgroup_skb attach", Status::Fail, format!("creating {}: {e}", dir.display())),
+            Some(Err(e)) => r.push(
+                "cgroup_skb attach",
+                Status::Fail,
+                format!("creating {}: {e}", dir.display()),
+            ),
             _ => {
                 match v.attach(&dir) {
-                    Ok(()) => r.push("cgroup_skb attach", Status::Ok, format!("attached to and detached from {}", dir.display())),
+                    Ok(()) => r.push(
+                        "cgroup_skb attach",
+                        Status::Ok,
+                        format!("attached to and detached from {}", dir.display()),
+                    ),
                     Err(e) => r.push("cgroup_skb attach", Status::Fail, first_line(&e)),
                 }
                 // Drop detaches before the temporary cgroup is removed.
@@ -177,7 +234,11 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
     r.push(
         "esp modules",
         Status::Info,
-        if esp.is_empty() { "none loaded (no IPsec ESP traffic to verify yet)".to_owned() } else { format!("loaded: {}", esp.join(", ")) },
+        if esp.is_empty() {
+            "none loaded (no IPsec ESP traffic to verify yet)".to_owned()
+        } else {
+            format!("loaded: {}", esp.join(", "))
+        },
     );
     r
 }

@@ -46,7 +46,9 @@ pub enum DaemonError {
     #[error("watching the mismatch event ring buffer: {0}")]
     EventFd(#[source] io::Error),
     /// An internal task ended while the daemon was running.
-    #[error("internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)")]
+    #[error(
+        "internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)"
+    )]
     TaskDied {
         /// Which task.
         task: &'static str,
@@ -99,7 +101,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let ring = verifier.take_events()?;
     // SAFETY: the ring buffer owns its map fd and keeps it open for as long as the AsyncFd
     // (which owns the ring buffer) exists, so the registration never outlives the fd.
-    let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::EventFd(e.into_parts().1))?;
+    let ring =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::EventFd(e.into_parts().1))?;
     // Attach last: the peer map is complete before the first segment meets the program.
     verifier.attach(&config.cgroup)?;
     health.attached.store(true, Ordering::Relaxed);
@@ -183,7 +186,10 @@ async fn drain_events(
             Err(_elapsed) => {
                 let pending = limiter.pending_suppressed();
                 if pending > 0 && last_event.elapsed() >= SUPPRESSED_FLUSH {
-                    warn!(suppressed = pending, "mismatch log lines suppressed by the rate limit");
+                    warn!(
+                        suppressed = pending,
+                        "mismatch log lines suppressed by the rate limit"
+                    );
                     limiter = RateLimiter::new(LOG_PER_SECOND, LOG_BURST);
                 }
             }
@@ -194,11 +200,18 @@ async fn drain_events(
 
 fn log_event(bytes: &[u8], peers: &PeerTable, limiter: &mut RateLimiter) {
     let Some(m) = Mismatch::decode(bytes) else {
-        warn!(len = bytes.len(), "short record in the mismatch ring buffer");
+        warn!(
+            len = bytes.len(),
+            "short record in the mismatch ring buffer"
+        );
         return;
     };
-    let Ok(suppressed) = limiter.admit(Instant::now()) else { return };
-    let peer = peers.get(m.peer_id).map_or_else(|| format!("#{}", m.peer_id), |p| p.label());
+    let Ok(suppressed) = limiter.admit(Instant::now()) else {
+        return;
+    };
+    let peer = peers
+        .get(m.peer_id)
+        .map_or_else(|| format!("#{}", m.peer_id), |p| p.label());
     warn!(
         peer,
         proto = m.proto,

@@ -36,7 +36,9 @@ pub const PROGRAM: &str = "natt_verify";
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfFailure {
     /// The embedded object is empty (built with `AYA_BUILD_SKIP`).
-    #[error("this natt-monitor binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it with scripts/setup.sh in place")]
+    #[error(
+        "this natt-monitor binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it with scripts/setup.sh in place"
+    )]
     NoObject,
     /// Parsing or creating maps failed.
     #[error("loading the eBPF object: {source}{hint}", hint = privilege_hint_ebpf(source))]
@@ -144,7 +146,9 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("attached_to", &self.attached_to).finish_non_exhaustive()
+        f.debug_struct("Verifier")
+            .field("attached_to", &self.attached_to)
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,11 +162,16 @@ impl Verifier {
             return Err(EbpfFailure::NoObject);
         }
         raise_memlock_limit();
-        let mut bpf =
-            EbpfLoader::new().load(VERIFIER_OBJ).map_err(|source| EbpfFailure::Object { source })?;
+        let mut bpf = EbpfLoader::new()
+            .load(VERIFIER_OBJ)
+            .map_err(|source| EbpfFailure::Object { source })?;
         let prog = program(&mut bpf)?;
-        prog.load().map_err(|source| EbpfFailure::ProgramLoad { source })?;
-        Ok(Self { bpf, attached_to: None })
+        prog.load()
+            .map_err(|source| EbpfFailure::ProgramLoad { source })?;
+        Ok(Self {
+            bpf,
+            attached_to: None,
+        })
     }
 
     /// The cgroup_skb program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -178,8 +187,10 @@ impl Verifier {
     /// # Errors
     /// `OpenCgroup`, `NotCgroup2` or `Attach`.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), EbpfFailure> {
-        let file = File::open(cgroup)
-            .map_err(|source| EbpfFailure::OpenCgroup { path: cgroup.to_owned(), source })?;
+        let file = File::open(cgroup).map_err(|source| EbpfFailure::OpenCgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
         if !crate::cgroup::is_cgroup2(&file) {
             return Err(EbpfFailure::NotCgroup2 {
                 path: cgroup.to_owned(),
@@ -189,8 +200,15 @@ impl Verifier {
         let prog = program(&mut self.bpf)?;
         // Through bpf_link the kernel always attaches in multi mode and rejects explicit attach
         // flags with EINVAL, so `Single` (flags 0) coexists with other programs here.
-        prog.attach(file.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
-            .map_err(|source| EbpfFailure::Attach { path: cgroup.to_owned(), source })?;
+        prog.attach(
+            file.as_fd(),
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(|source| EbpfFailure::Attach {
+            path: cgroup.to_owned(),
+            source,
+        })?;
         self.attached_to = Some(cgroup.to_owned());
         Ok(())
     }
@@ -212,8 +230,14 @@ impl Verifier {
         for (id, spec) in table.iter() {
             let value = table.value(id, spec);
             match spec.net {
-                IpNet::V4(n) => want_v4.push((Key::new(u32::from(n.prefix_len()), n.network().octets()), value)),
-                IpNet::V6(n) => want_v6.push((Key::new(u32::from(n.prefix_len()), n.network().octets()), value)),
+                IpNet::V4(n) => want_v4.push((
+                    Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                    value,
+                )),
+                IpNet::V6(n) => want_v6.push((
+                    Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                    value,
+                )),
             }
         }
         sync_trie::<PeerKeyV4>(&mut self.bpf, "PEERS_V4", &want_v4)?;
@@ -226,14 +250,21 @@ impl Verifier {
     /// # Errors
     /// `EbpfFailure::Map` if the map cannot be read.
     pub fn counters(&self) -> Result<Counters, EbpfFailure> {
-        let map = self.bpf.map("COUNTERS").ok_or(EbpfFailure::Missing { kind: "map", name: "COUNTERS" })?;
-        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
-            .map_err(|source| EbpfFailure::Map { what: "opening COUNTERS".into(), source })?;
+        let map = self.bpf.map("COUNTERS").ok_or(EbpfFailure::Missing {
+            kind: "map",
+            name: "COUNTERS",
+        })?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| EbpfFailure::Map {
+                what: "opening COUNTERS".into(),
+                source,
+            })?;
         let mut out = Counters::default();
         for (i, slot) in out.slots.iter_mut().enumerate() {
-            let values = arr
-                .get(&(i as u32), 0)
-                .map_err(|source| EbpfFailure::Map { what: format!("reading COUNTERS[{i}]"), source })?;
+            let values = arr.get(&(i as u32), 0).map_err(|source| EbpfFailure::Map {
+                what: format!("reading COUNTERS[{i}]"),
+                source,
+            })?;
             *slot = values.iter().sum();
         }
         Ok(out)
@@ -244,13 +275,22 @@ impl Verifier {
     /// # Errors
     /// `EbpfFailure::Map` if the map cannot be read.
     pub fn peer_stats(&self, id: u32) -> Result<PeerStats, EbpfFailure> {
-        let map = self.bpf.map("PEER_STATS").ok_or(EbpfFailure::Missing { kind: "map", name: "PEER_STATS" })?;
-        let arr: PerCpuArray<&MapData, PeerStats> = PerCpuArray::try_from(map)
-            .map_err(|source| EbpfFailure::Map { what: "opening PEER_STATS".into(), source })?;
-        let values = arr
-            .get(&id, 0)
-            .map_err(|source| EbpfFailure::Map { what: format!("reading PEER_STATS[{id}]"), source })?;
-        Ok(values.iter().fold(PeerStats::default(), |acc, v| acc.merged(v)))
+        let map = self.bpf.map("PEER_STATS").ok_or(EbpfFailure::Missing {
+            kind: "map",
+            name: "PEER_STATS",
+        })?;
+        let arr: PerCpuArray<&MapData, PeerStats> =
+            PerCpuArray::try_from(map).map_err(|source| EbpfFailure::Map {
+                what: "opening PEER_STATS".into(),
+                source,
+            })?;
+        let values = arr.get(&id, 0).map_err(|source| EbpfFailure::Map {
+            what: format!("reading PEER_STATS[{id}]"),
+            source,
+        })?;
+        Ok(values
+            .iter()
+            .fold(PeerStats::default(), |acc, v| acc.merged(v)))
     }
 
     /// Takes the mismatch event ring buffer (once) for a drain task to own.
@@ -258,8 +298,14 @@ impl Verifier {
     /// # Errors
     /// `EbpfFailure::Missing` if it was taken already.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
-        let map = self.bpf.take_map("EVENTS").ok_or(EbpfFailure::Missing { kind: "map", name: "EVENTS" })?;
-        RingBuf::try_from(map).map_err(|source| EbpfFailure::Map { what: "opening EVENTS".into(), source })
+        let map = self.bpf.take_map("EVENTS").ok_or(EbpfFailure::Missing {
+            kind: "map",
+            name: "EVENTS",
+        })?;
+        RingBuf::try_from(map).map_err(|source| EbpfFailure::Map {
+            what: "opening EVENTS".into(),
+            source,
+        })
     }
 
     /// The loaded object, for bridging aya-log.
@@ -271,7 +317,10 @@ impl Verifier {
 fn program(bpf: &mut Ebpf) -> Result<&mut CgroupSkb, EbpfFailure> {
     bpf.program_mut(PROGRAM)
         .and_then(|p| <&mut CgroupSkb>::try_from(p).ok())
-        .ok_or(EbpfFailure::Missing { kind: "program", name: PROGRAM })
+        .ok_or(EbpfFailure::Missing {
+            kind: "program",
+            name: PROGRAM,
+        })
 }
 
 fn sync_trie<K: aya::Pod + PartialEq>(
@@ -279,12 +328,20 @@ fn sync_trie<K: aya::Pod + PartialEq>(
     name: &'static str,
     want: &[(Key<K>, PeerValue)],
 ) -> Result<(), EbpfFailure> {
-    let map = bpf.map_mut(name).ok_or(EbpfFailure::Missing { kind: "map", name })?;
-    let mut trie: LpmTrie<&mut MapData, K, PeerValue> = LpmTrie::try_from(map)
-        .map_err(|source| EbpfFailure::Map { what: format!("opening {name}"), source })?;
+    let map = bpf
+        .map_mut(name)
+        .ok_or(EbpfFailure::Missing { kind: "map", name })?;
+    let mut trie: LpmTrie<&mut MapData, K, PeerValue> =
+        LpmTrie::try_from(map).map_err(|source| EbpfFailure::Map {
+            what: format!("opening {name}"),
+            source,
+        })?;
     for (key, value) in want {
         trie.insert(key, value, 0)
-            .map_err(|source| EbpfFailure::Map { what: format!("adding a peer to {name}"), source })?;
+            .map_err(|source| EbpfFailure::Map {
+                what: format!("adding a peer to {name}"),
+                source,
+            })?;
     }
     let stale: Vec<Key<K>> = trie
         .keys()
@@ -292,8 +349,10 @@ fn sync_trie<K: aya::Pod + PartialEq>(
         .filter(|k| !want.iter().any(|(w, _)| same_key(w, k)))
         .collect();
     for key in &stale {
-        trie.remove(key)
-            .map_err(|source| EbpfFailure::Map { what: format!("removing a peer from {name}"), source })?;
+        trie.remove(key).map_err(|source| EbpfFailure::Map {
+            what: format!("removing a peer from {name}"),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -306,7 +365,10 @@ fn same_key<K: aya::Pod + PartialEq>(a: &Key<K>, b: &Key<K>) -> bool {
 /// Raising it is harmless on new kernels and required on old ones. Failure is not fatal here:
 /// the load that follows reports EPERM with a hint if it matters.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads a valid, initialised struct.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
     if ret != 0 {

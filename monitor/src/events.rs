@@ -64,7 +64,11 @@ impl Mismatch {
             dst: addr(ev.dst),
             sport: ev.sport,
             dport: ev.dport,
-            proto: if ev.proto == IPPROTO_TCP { "tcp" } else { "udp" },
+            proto: if ev.proto == IPPROTO_TCP {
+                "tcp"
+            } else {
+                "udp"
+            },
             seq: ev.seq,
             len: ev.l4_len,
             found: ev.csum_found,
@@ -81,7 +85,11 @@ impl Mismatch {
             IpAddr::V4(a) => format!("{a}:{p}"),
             IpAddr::V6(a) => format!("[{a}]:{p}"),
         };
-        format!("{} -> {}", ep(self.src, self.sport), ep(self.dst, self.dport))
+        format!(
+            "{} -> {}",
+            ep(self.src, self.sport),
+            ep(self.dst, self.dport)
+        )
     }
 }
 
@@ -122,7 +130,10 @@ impl RateLimiter {
     pub fn admit(&mut self, now: Instant) -> Result<u64, ()> {
         let dt = now.saturating_duration_since(self.last);
         self.last = now;
-        self.tokens = dt.as_secs_f64().mul_add(self.per_second, self.tokens).min(self.burst);
+        self.tokens = dt
+            .as_secs_f64()
+            .mul_add(self.per_second, self.tokens)
+            .min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(std::mem::take(&mut self.suppressed))
@@ -180,7 +191,10 @@ mod tests {
         };
         let m = Mismatch::decode(bytes).unwrap();
         assert_eq!(m.flow(), "192.0.2.1:40000 -> 198.51.100.2:2181");
-        assert_eq!((m.seq, m.len, m.found, m.expected, m.dropped), (0xdead_beef, 1432, 0x1234, 0x1235, true));
+        assert_eq!(
+            (m.seq, m.len, m.found, m.expected, m.dropped),
+            (0xdead_beef, 1432, 0x1234, 0x1235, true)
+        );
         assert_eq!(Hex(&m.payload).to_string(), "72756f6b");
         assert_eq!(Mismatch::decode(&bytes[..10]), None);
     }

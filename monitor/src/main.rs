@@ -5,8 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use natt_monitor::{
-    cgroup,
-    check,
+    cgroup, check,
     cli::{Cli, Command, LogFormat, RunArgs},
     daemon::{self, RunConfig},
     peers::{PeerSpec, PeerTable, parse_cidr},
@@ -22,7 +21,11 @@ fn main() -> ExitCode {
             {
                 print!("{}", report.render());
             }
-            if report.can_run() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if report.can_run() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Run(args) => {
             init_logging(args.log_format);
@@ -39,8 +42,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("NATT_MONITOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("NATT_MONITOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -57,7 +63,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let peers = PeerTable::new(peers).context("--peer")?;
     let cgroup = match args.cgroup {
         Some(c) => c,
-        None => cgroup::cgroup2_mount().context("--cgroup not given and no cgroup2 mount found in /proc/mounts")?,
+        None => cgroup::cgroup2_mount()
+            .context("--cgroup not given and no cgroup2 mount found in /proc/mounts")?,
     };
     if !cgroup.is_dir() {
         bail!("--cgroup {}: no such directory", cgroup.display());
@@ -73,7 +80,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the default action (terminate) still applies, and the
         // bpf_link is released with the process.
         return std::future::pending().await;

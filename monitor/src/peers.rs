@@ -62,7 +62,9 @@ pub struct NatAddresses {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PeerError {
     /// The CIDR did not parse.
-    #[error("`{input}` is not an IP address or CIDR prefix (expected e.g. 192.0.2.7, 198.51.100.0/24 or 2001:db8::/64)")]
+    #[error(
+        "`{input}` is not an IP address or CIDR prefix (expected e.g. 192.0.2.7, 198.51.100.0/24 or 2001:db8::/64)"
+    )]
     BadCidr {
         /// What was given.
         input: String,
@@ -98,7 +100,9 @@ pub fn parse_cidr(input: &str) -> Result<IpNet, PeerError> {
     let s = input.trim();
     let net = IpNet::from_str(s)
         .or_else(|_| IpAddr::from_str(s).map(IpNet::from))
-        .map_err(|_| PeerError::BadCidr { input: input.to_owned() })?;
+        .map_err(|_| PeerError::BadCidr {
+            input: input.to_owned(),
+        })?;
     Ok(net.trunc())
 }
 
@@ -117,7 +121,11 @@ impl PeerSpec {
     /// A peer with no NAT between us.
     #[must_use]
     pub const fn new(net: IpNet, mode: Mode) -> Self {
-        Self { net, mode, nat: None }
+        Self {
+            net,
+            mode,
+            nat: None,
+        }
     }
 
     /// The residual an intact segment from this peer leaves (0 without NAT).
@@ -126,12 +134,16 @@ impl PeerSpec {
     /// `PeerError::MixedFamilies` when the NAT addresses are not all of the peer's family.
     pub fn expected_residual(&self) -> Result<u16, PeerError> {
         let Some(n) = self.nat else { return Ok(0) };
-        let sums = [n.original_src, n.original_dst, n.observed_src, n.observed_dst].map(|a| {
-            match (a, self.net) {
-                (IpAddr::V4(a), IpNet::V4(_)) => Some(csum::addr4_sum(a.octets())),
-                (IpAddr::V6(a), IpNet::V6(_)) => Some(csum::addr6_sum(a.octets())),
-                _ => None,
-            }
+        let sums = [
+            n.original_src,
+            n.original_dst,
+            n.observed_src,
+            n.observed_dst,
+        ]
+        .map(|a| match (a, self.net) {
+            (IpAddr::V4(a), IpNet::V4(_)) => Some(csum::addr4_sum(a.octets())),
+            (IpAddr::V6(a), IpNet::V6(_)) => Some(csum::addr6_sum(a.octets())),
+            _ => None,
         });
         let [Some(os), Some(od), Some(ss), Some(sd)] = sums else {
             return Err(PeerError::MixedFamilies { peer: self.net });
@@ -159,7 +171,10 @@ impl PeerTable {
     /// `PeerError::Duplicate`, `PeerError::TooMany`, or `PeerError::MixedFamilies`.
     pub fn new(peers: Vec<PeerSpec>) -> Result<Self, PeerError> {
         if peers.len() > MAX_PEERS as usize {
-            return Err(PeerError::TooMany { count: peers.len(), max: MAX_PEERS });
+            return Err(PeerError::TooMany {
+                count: peers.len(),
+                max: MAX_PEERS,
+            });
         }
         for (i, p) in peers.iter().enumerate() {
             if peers[..i].iter().any(|q| q.net == p.net) {
@@ -204,7 +219,9 @@ impl PeerTable {
             id,
             mode: spec.mode.abi(),
             flags: 0,
-            expected_residual: spec.expected_residual().expect("validated in PeerTable::new"),
+            expected_residual: spec
+                .expected_residual()
+                .expect("validated in PeerTable::new"),
         }
     }
 }
@@ -216,8 +233,14 @@ mod tests {
     #[test]
     fn parses_addresses_and_prefixes() {
         assert_eq!(parse_cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
-        assert_eq!(parse_cidr("198.51.100.9/24").unwrap().to_string(), "198.51.100.0/24");
-        assert_eq!(parse_cidr("2001:db8::1/64").unwrap().to_string(), "2001:db8::/64");
+        assert_eq!(
+            parse_cidr("198.51.100.9/24").unwrap().to_string(),
+            "198.51.100.0/24"
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::1/64").unwrap().to_string(),
+            "2001:db8::/64"
+        );
         assert_eq!(
             parse_cidr("10.0.0.300/8").unwrap_err().to_string(),
             "`10.0.0.300/8` is not an IP address or CIDR prefix (expected e.g. 192.0.2.7, \
@@ -230,7 +253,9 @@ mod tests {
     fn table_rejects_duplicates_and_mixed_nat_families() {
         let a = PeerSpec::new(parse_cidr("10.0.0.0/8").unwrap(), Mode::Observe);
         assert_eq!(
-            PeerTable::new(vec![a.clone(), a.clone()]).unwrap_err().to_string(),
+            PeerTable::new(vec![a.clone(), a.clone()])
+                .unwrap_err()
+                .to_string(),
             "peer 10.0.0.0/8 is configured twice"
         );
         let mut b = a;
@@ -251,7 +276,12 @@ mod tests {
         let mut p = PeerSpec::new(parse_cidr("192.0.2.0/24").unwrap(), Mode::Observe);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "198.51.100.1".parse().unwrap();
-        p.nat = Some(NatAddresses { original_src: a, original_dst: b, observed_src: a, observed_dst: b });
+        p.nat = Some(NatAddresses {
+            original_src: a,
+            original_dst: b,
+            observed_src: a,
+            observed_dst: b,
+        });
         assert_eq!(p.expected_residual(), Ok(0));
         p.nat = Some(NatAddresses {
             original_src: "10.1.1.1".parse().unwrap(),

@@ -25,12 +25,19 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// A unique short name for this process and call.
 #[must_use]
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
     assert!(
         out.status.success(),
         "{args:?} failed: {}{}",
@@ -64,7 +71,13 @@ impl Netns {
                 let file = fs::File::open(format!("/run/netns/{}", self.name)).expect("open netns");
                 // SAFETY: valid fd; only this helper thread changes namespace.
                 let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {}: {}", self.name, std::io::Error::last_os_error());
+                assert_eq!(
+                    rc,
+                    0,
+                    "setns {}: {}",
+                    self.name,
+                    std::io::Error::last_os_error()
+                );
                 f()
             })
             .join()
@@ -75,7 +88,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -109,14 +124,74 @@ impl Lab {
         let b = Netns::new("nattb");
         let lab = Self { a, b, dev_b: "vb" };
         let mtu = mtu.to_string();
-        sh(&["ip", "-n", &lab.a.name, "link", "add", "va", "mtu", &mtu, "type", "veth", "peer", "name", "vb", "netns", &lab.b.name, "mtu", &mtu]);
-        for (ns, dev, v4, v6) in [(&lab.a, "va", ADDR_A, ADDR6_A), (&lab.b, "vb", ADDR_B, ADDR6_B)] {
-            sh(&["ip", "-n", &ns.name, "addr", "add", &format!("{v4}/24"), "dev", dev]);
-            sh(&["ip", "-n", &ns.name, "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+        sh(&[
+            "ip",
+            "-n",
+            &lab.a.name,
+            "link",
+            "add",
+            "va",
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vb",
+            "netns",
+            &lab.b.name,
+            "mtu",
+            &mtu,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&lab.a, "va", ADDR_A, ADDR6_A),
+            (&lab.b, "vb", ADDR_B, ADDR6_B),
+        ] {
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{v4}/24"),
+                "dev",
+                dev,
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
             sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
         }
-        sh(&["ip", "netns", "exec", &lab.a.name, "ethtool", "-K", "va", "tx", "off"]);
-        sh(&["ip", "netns", "exec", &lab.b.name, "ethtool", "-K", "vb", "gro", "off"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lab.a.name,
+            "ethtool",
+            "-K",
+            "va",
+            "tx",
+            "off",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lab.b.name,
+            "ethtool",
+            "-K",
+            "vb",
+            "gro",
+            "off",
+        ]);
         lab
     }
 }
@@ -150,7 +225,10 @@ impl Drop for Cgroup {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
-            let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            let pids: Vec<i32> = procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
             for pid in &pids {
                 // SAFETY: kill has no memory preconditions.
                 unsafe { libc::kill(*pid, libc::SIGKILL) };
@@ -174,8 +252,15 @@ impl Proc {
     /// Spawns with piped stdout.
     #[must_use]
     pub fn spawn(what: &str, cmd: &mut Command) -> Self {
-        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-        Self { child: Some(child), what: what.to_owned() }
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        Self {
+            child: Some(child),
+            what: what.to_owned(),
+        }
     }
 
     /// Reads stdout lines until one equals `line` (or the process exits).
@@ -189,7 +274,11 @@ impl Proc {
             let n = r.read_line(&mut s).expect("read child stdout");
             if n == 0 {
                 drop(r);
-                panic!("{} exited before printing {line}: {}", self.what, Self::stderr_now(child));
+                panic!(
+                    "{} exited before printing {line}: {}",
+                    self.what,
+                    Self::stderr_now(child)
+                );
             }
             if s.trim() == line {
                 return;
@@ -215,13 +304,22 @@ impl Proc {
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 let out = child.wait_with_output().expect("output");
-                assert!(status.success(), "{} failed ({status}): {}", self.what, String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    status.success(),
+                    "{} failed ({status}): {}",
+                    self.what,
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 return String::from_utf8_lossy(&out.stdout).into_owned();
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("output");
-                panic!("{} did not finish within {timeout:?}: {}", self.what, String::from_utf8_lossy(&out.stderr));
+                panic!(
+                    "{} did not finish within {timeout:?}: {}",
+                    self.what,
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -268,9 +366,14 @@ impl Injector {
                 .expect("load testbed object");
             let dev = std::ffi::CString::new(dev).expect("interface name");
             let _ = tc::qdisc_add_clsact(&dev);
-            let prog: &mut SchedClassifier = bpf.program_mut("natt_inject").expect("natt_inject").try_into().expect("classifier");
+            let prog: &mut SchedClassifier = bpf
+                .program_mut("natt_inject")
+                .expect("natt_inject")
+                .try_into()
+                .expect("classifier");
             prog.load().expect("load injector");
-            prog.attach(&dev, TcAttachType::Ingress).expect("attach injector");
+            prog.attach(&dev, TcAttachType::Ingress)
+                .expect("attach injector");
             bpf
         });
         Self { bpf }
@@ -279,10 +382,23 @@ impl Injector {
     /// Counts so far.
     #[must_use]
     pub fn stats(&self) -> InjectStats {
-        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.bpf.map("INJECT_STATS").expect("map")).expect("per-cpu array");
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.bpf.map("INJECT_STATS").expect("map"))
+                .expect("per-cpu array");
         let sum = |i: u32| arr.get(&i, 0).expect("read").iter().sum::<u64>();
-        let max = arr.get(&3, 0).expect("read").iter().copied().max().unwrap_or(0);
-        InjectStats { marked: sum(0), data_segments: sum(1), corrupted: sum(2), max_l4_len: max }
+        let max = arr
+            .get(&3, 0)
+            .expect("read")
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        InjectStats {
+            marked: sum(0),
+            data_segments: sum(1),
+            corrupted: sum(2),
+            max_l4_len: max,
+        }
     }
 }
 
@@ -308,13 +424,46 @@ pub fn stream(peer: &str, lab: &Lab, cgroup: &Path, bytes: u64, v6: bool) -> Str
     let cg = cgroup.to_str().expect("utf-8 cgroup path");
     let mut recv = Proc::spawn(
         "natt-peer recv",
-        Command::new(peer).args(["recv", "--netns", &lab.b.name, "--cgroup", cg, "--listen", &listen, "--bytes", &n]),
+        Command::new(peer).args([
+            "recv",
+            "--netns",
+            &lab.b.name,
+            "--cgroup",
+            cg,
+            "--listen",
+            &listen,
+            "--bytes",
+            &n,
+        ]),
     );
     recv.wait_for_line("READY");
-    let send = Proc::spawn("natt-peer send", Command::new(peer).args(["send", "--netns", &lab.a.name, "--connect", &connect, "--bytes", &n]));
+    let send = Proc::spawn(
+        "natt-peer send",
+        Command::new(peer).args([
+            "send",
+            "--netns",
+            &lab.a.name,
+            "--connect",
+            &connect,
+            "--bytes",
+            &n,
+        ]),
+    );
     let out = recv.finish(Duration::from_secs(60));
     send.finish(Duration::from_secs(30));
-    let line = out.lines().find(|l| l.starts_with("received=")).unwrap_or_else(|| panic!("no result line in {out:?}"));
-    let mut it = line.split_whitespace().map(|kv| kv.split_once('=').expect("k=v").1.parse::<u64>().expect("number"));
-    StreamResult { received: it.next().expect("received"), differing: it.next().expect("differing") }
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("received="))
+        .unwrap_or_else(|| panic!("no result line in {out:?}"));
+    let mut it = line.split_whitespace().map(|kv| {
+        kv.split_once('=')
+            .expect("k=v")
+            .1
+            .parse::<u64>()
+            .expect("number")
+    });
+    StreamResult {
+        received: it.next().expect("received"),
+        differing: it.next().expect("differing"),
+    }
 }

@@ -27,7 +27,9 @@ pub enum L4 {
 /// A deterministic payload of `n` bytes.
 #[must_use]
 pub fn payload(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8).collect()
+    (0..n)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect()
 }
 
 /// An IPv4 frame from `src` to `dst` with a correct L4 checksum.
@@ -47,7 +49,10 @@ pub fn v6(src: Ipv6Addr, dst: Ipv6Addr, l4: L4, data: &[u8]) -> Vec<u8> {
 fn finish(b: etherparse::PacketBuilderStep<etherparse::IpHeaders>, l4: L4, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     match l4 {
-        L4::Tcp => b.tcp(40000, 2181, 0x0102_0304, 64240).ack(99).write(&mut out, data),
+        L4::Tcp => b
+            .tcp(40000, 2181, 0x0102_0304, 64240)
+            .ack(99)
+            .write(&mut out, data),
         L4::TcpWithOptions => b
             .tcp(40000, 2181, 0x0102_0304, 64240)
             .ack(99)

@@ -29,7 +29,8 @@ fn run(peer: &str, mode: Mode, every: u32, mtu: u32, bytes: u64, v6: bool) -> Ru
     let lab = Lab::new(mtu);
     let cg = Cgroup::new();
     let mut v = Verifier::load().expect("load verifier");
-    v.set_peers(&PeerTable::new(vec![PeerSpec::new(parse_cidr(peer).unwrap(), mode)]).unwrap()).unwrap();
+    v.set_peers(&PeerTable::new(vec![PeerSpec::new(parse_cidr(peer).unwrap(), mode)]).unwrap())
+        .unwrap();
     v.attach(&cg.path).expect("attach to test cgroup");
     let inj = Injector::attach(&lab.b, lab.dev_b, every);
     let s = stream(env!("CARGO_BIN_EXE_natt-peer"), &lab, &cg.path, bytes, v6);
@@ -46,8 +47,18 @@ fn run(peer: &str, mode: Mode, every: u32, mtu: u32, bytes: u64, v6: bool) -> Ru
     eprintln!(
         "peer={peer} mode={mode} every={every} mtu={mtu}: app received={} differing={}; injector marked={} data={} corrupted={} max_l4={}; \
          verifier verified={:?} bytes={:?} mismatches={:?} drops={:?} not_in_scope={} aggregated={}",
-        r.stream.received, r.stream.differing, r.inject.marked, r.inject.data_segments, r.inject.corrupted, r.inject.max_l4_len,
-        r.peer.verified_packets, r.peer.verified_bytes, r.peer.mismatches, r.peer.drops, r.not_in_scope, r.aggregated
+        r.stream.received,
+        r.stream.differing,
+        r.inject.marked,
+        r.inject.data_segments,
+        r.inject.corrupted,
+        r.inject.max_l4_len,
+        r.peer.verified_packets,
+        r.peer.verified_bytes,
+        r.peer.mismatches,
+        r.peer.drops,
+        r.not_in_scope,
+        r.aggregated
     );
     r
 }
@@ -60,15 +71,27 @@ fn clean_stream_has_no_mismatches() {
         return;
     }
     let r = run(ADDR_A, Mode::Observe, 0, 1500, 4 * MB, false);
-    assert_eq!(r.stream, StreamResult { received: 4 * MB, differing: 0 });
+    assert_eq!(
+        r.stream,
+        StreamResult {
+            received: 4 * MB,
+            differing: 0
+        }
+    );
     assert_eq!(r.inject.corrupted, 0);
-    assert!(r.inject.marked > 0, "the injector marked segments UNNECESSARY");
+    assert!(
+        r.inject.marked > 0,
+        "the injector marked segments UNNECESSARY"
+    );
     assert_eq!(r.peer.mismatches, [0, 0]);
     assert_eq!(r.peer.drops, [0, 0]);
     assert_eq!(r.aggregated, 0, "GRO is off on the receiver");
     // Every marked segment (data, SYN, ACKs, FIN) reached the verifier and was verified.
     assert_eq!(r.peer.verified_packets[PROTO_TCP], r.inject.marked);
-    assert!(r.peer.verified_bytes[PROTO_TCP] > 4 * MB, "payload plus headers");
+    assert!(
+        r.peer.verified_bytes[PROTO_TCP] > 4 * MB,
+        "payload plus headers"
+    );
     assert_eq!(r.peer.verified_packets[PROTO_UDP], 0);
 }
 
@@ -79,12 +102,21 @@ fn observe_mode_detects_every_injected_corruption_and_the_app_sees_it() {
     }
     let r = run(ADDR_A, Mode::Observe, 50, 1500, 4 * MB, false);
     assert!(r.inject.corrupted > 0);
-    assert_eq!(r.peer.mismatches[PROTO_TCP], r.inject.corrupted, "mismatches == injected");
+    assert_eq!(
+        r.peer.mismatches[PROTO_TCP], r.inject.corrupted,
+        "mismatches == injected"
+    );
     assert_eq!(r.peer.drops, [0, 0]);
     // This is the bug natt-monitor exists for: the corrupted bytes reach the application.
     assert_eq!(r.stream.received, 4 * MB);
-    assert_eq!(r.stream.differing, r.inject.corrupted, "one flipped byte per corrupted segment");
-    assert_eq!(r.peer.verified_packets[PROTO_TCP] + r.peer.mismatches[PROTO_TCP], r.inject.marked);
+    assert_eq!(
+        r.stream.differing, r.inject.corrupted,
+        "one flipped byte per corrupted segment"
+    );
+    assert_eq!(
+        r.peer.verified_packets[PROTO_TCP] + r.peer.mismatches[PROTO_TCP],
+        r.inject.marked
+    );
 }
 
 #[test]
@@ -94,9 +126,22 @@ fn enforce_mode_drops_corruption_and_tcp_delivers_a_byte_exact_stream() {
     }
     let r = run(ADDR_A, Mode::Enforce, 50, 1500, 8 * MB, false);
     assert!(r.inject.corrupted > 0);
-    assert_eq!(r.peer.mismatches[PROTO_TCP], r.inject.corrupted, "mismatches == injected");
-    assert_eq!(r.peer.drops[PROTO_TCP], r.inject.corrupted, "every mismatch dropped");
-    assert_eq!(r.stream, StreamResult { received: 8 * MB, differing: 0 }, "TCP retransmitted every drop");
+    assert_eq!(
+        r.peer.mismatches[PROTO_TCP], r.inject.corrupted,
+        "mismatches == injected"
+    );
+    assert_eq!(
+        r.peer.drops[PROTO_TCP], r.inject.corrupted,
+        "every mismatch dropped"
+    );
+    assert_eq!(
+        r.stream,
+        StreamResult {
+            received: 8 * MB,
+            differing: 0
+        },
+        "TCP retransmitted every drop"
+    );
 }
 
 #[test]
@@ -108,7 +153,13 @@ fn enforce_mode_over_ipv6() {
     assert!(r.inject.corrupted > 0);
     assert_eq!(r.peer.mismatches[PROTO_TCP], r.inject.corrupted);
     assert_eq!(r.peer.drops[PROTO_TCP], r.inject.corrupted);
-    assert_eq!(r.stream, StreamResult { received: 4 * MB, differing: 0 });
+    assert_eq!(
+        r.stream,
+        StreamResult {
+            received: 4 * MB,
+            differing: 0
+        }
+    );
 }
 
 #[test]
@@ -117,12 +168,25 @@ fn segments_up_to_64k_are_verified() {
         return;
     }
     let r = run(ADDR_A, Mode::Enforce, 20, 65_000, 16 * MB, false);
-    assert!(r.inject.max_l4_len > 60_000, "segments of {} bytes reached the receiver", r.inject.max_l4_len);
-    assert!(r.peer.verified_bytes[PROTO_TCP] / r.peer.verified_packets[PROTO_TCP] > 20_000, "large segments verified");
+    assert!(
+        r.inject.max_l4_len > 60_000,
+        "segments of {} bytes reached the receiver",
+        r.inject.max_l4_len
+    );
+    assert!(
+        r.peer.verified_bytes[PROTO_TCP] / r.peer.verified_packets[PROTO_TCP] > 20_000,
+        "large segments verified"
+    );
     assert!(r.inject.corrupted > 0);
     assert_eq!(r.peer.mismatches[PROTO_TCP], r.inject.corrupted);
     assert_eq!(r.peer.drops[PROTO_TCP], r.inject.corrupted);
-    assert_eq!(r.stream, StreamResult { received: 16 * MB, differing: 0 });
+    assert_eq!(
+        r.stream,
+        StreamResult {
+            received: 16 * MB,
+            differing: 0
+        }
+    );
 }
 
 #[test]
@@ -132,8 +196,15 @@ fn an_unconfigured_peer_is_left_alone() {
     }
     // The configured peer is another host: A's segments are out of scope, even in enforce mode.
     let r = run("198.51.100.0/24", Mode::Enforce, 50, 1500, 2 * MB, false);
-    assert_eq!(r.peer, PeerStats::default(), "nothing verified, counted or dropped");
-    assert_eq!(r.not_in_scope, r.inject.marked, "every segment from A counted as not_in_scope");
+    assert_eq!(
+        r.peer,
+        PeerStats::default(),
+        "nothing verified, counted or dropped"
+    );
+    assert_eq!(
+        r.not_in_scope, r.inject.marked,
+        "every segment from A counted as not_in_scope"
+    );
     // Without a verifier in scope, the emulated NAT-T path hands the corruption to the app.
     assert_eq!(r.stream.differing, r.inject.corrupted);
 }

@@ -77,7 +77,12 @@ impl PartialEq for Outcome {
 
 impl Outcome {
     fn zero(verdict: u32) -> Self {
-        Self { verdict, events: Vec::new(), counters: [0; COUNTER_SLOTS as usize], peers: [PeerStats::default(); PEERS] }
+        Self {
+            verdict,
+            events: Vec::new(),
+            counters: [0; COUNTER_SLOTS as usize],
+            peers: [PeerStats::default(); PEERS],
+        }
     }
     fn skipped(reason: Counter) -> Self {
         let mut o = Self::zero(PASS);
@@ -150,7 +155,11 @@ impl Harness {
         let (c0, p0) = self.snapshot();
         let prog = self.v.program_mut().unwrap();
         let r = prog
-            .test_run(TestRunOptions { data_in: Some(frame), ctx_in: ctx, ..TestRunOptions::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: ctx,
+                ..TestRunOptions::default()
+            })
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()));
         let events = self.drain_events();
         let (c1, p1) = self.snapshot();
@@ -186,15 +195,33 @@ fn intact_segments_are_verified() {
         return;
     }
     let mut h = Harness::new();
-    for n in [0usize, 1, 2, 3, 63, 64, 65, 511, 512, 513, 1000, 1001, 1448, 3000] {
+    for n in [
+        0usize, 1, 2, 3, 63, 64, 65, 511, 512, 513, 1000, 1001, 1448, 3000,
+    ] {
         let data = payload(n);
-        for (l4, proto) in [(L4::Tcp, PROTO_TCP), (L4::TcpWithOptions, PROTO_TCP), (L4::Udp, PROTO_UDP)] {
+        for (l4, proto) in [
+            (L4::Tcp, PROTO_TCP),
+            (L4::TcpWithOptions, PROTO_TCP),
+            (L4::Udp, PROTO_UDP),
+        ] {
             let f = v4(V4_OBSERVE, LOCAL4, l4, &data);
-            assert_eq!(h.run(&f), Outcome::verified(P_V4_OBSERVE, proto, l4_len(&f)), "v4 {l4:?} payload {n}");
+            assert_eq!(
+                h.run(&f),
+                Outcome::verified(P_V4_OBSERVE, proto, l4_len(&f)),
+                "v4 {l4:?} payload {n}"
+            );
             let f = v6(V6_OBSERVE, LOCAL6, l4, &data);
-            assert_eq!(h.run(&f), Outcome::verified(P_V6_OBSERVE, proto, l4_len(&f)), "v6 {l4:?} payload {n}");
+            assert_eq!(
+                h.run(&f),
+                Outcome::verified(P_V6_OBSERVE, proto, l4_len(&f)),
+                "v6 {l4:?} payload {n}"
+            );
             let f = v4(V4_ENFORCE, LOCAL4, l4, &data);
-            assert_eq!(h.run(&f), Outcome::verified(P_V4_ENFORCE, proto, l4_len(&f)), "v4 enforce {l4:?} payload {n}");
+            assert_eq!(
+                h.run(&f),
+                Outcome::verified(P_V4_ENFORCE, proto, l4_len(&f)),
+                "v4 enforce {l4:?} payload {n}"
+            );
         }
     }
 }
@@ -205,7 +232,10 @@ fn every_single_byte_corruption_of_a_1400_byte_segment_is_detected() {
         return;
     }
     let mut h = Harness::new();
-    for (src, peer, dropped) in [(V4_OBSERVE, P_V4_OBSERVE, false), (V4_ENFORCE, P_V4_ENFORCE, true)] {
+    for (src, peer, dropped) in [
+        (V4_OBSERVE, P_V4_OBSERVE, false),
+        (V4_ENFORCE, P_V4_ENFORCE, true),
+    ] {
         let clean = v4(src, LOCAL4, L4::Tcp, &payload(1400 - 20));
         let off = l4_offset(&clean);
         assert_eq!(clean.len() - off, 1400);
@@ -214,7 +244,12 @@ fn every_single_byte_corruption_of_a_1400_byte_segment_is_detected() {
             // Flip the lowest bit: at the data-offset byte that is a reserved bit, so every
             // position stays a well-formed segment whose only fault is its checksum.
             f[pos] ^= 0x01;
-            assert_eq!(h.run(&f), Outcome::mismatch(peer, PROTO_TCP, dropped), "byte {} of the segment", pos - off);
+            assert_eq!(
+                h.run(&f),
+                Outcome::mismatch(peer, PROTO_TCP, dropped),
+                "byte {} of the segment",
+                pos - off
+            );
         }
     }
     // Same for IPv6 UDP, with a different flip and odd-length payload.
@@ -226,7 +261,12 @@ fn every_single_byte_corruption_of_a_1400_byte_segment_is_detected() {
         }
         let mut f = clean.clone();
         f[pos] ^= 0xa5;
-        assert_eq!(h.run(&f), Outcome::mismatch(P_V6_ENFORCE, PROTO_UDP, true), "byte {} of the datagram", pos - off);
+        assert_eq!(
+            h.run(&f),
+            Outcome::mismatch(P_V6_ENFORCE, PROTO_UDP, true),
+            "byte {} of the datagram",
+            pos - off
+        );
     }
 }
 
@@ -236,7 +276,12 @@ fn mismatch_events_carry_flow_seq_and_checksums() {
         return;
     }
     let mut h = Harness::new();
-    let clean = v4(V4_ENFORCE, LOCAL4, L4::Tcp, b"ruok ruok ruok ruok ruok ruok ruok ruok");
+    let clean = v4(
+        V4_ENFORCE,
+        LOCAL4,
+        L4::Tcp,
+        b"ruok ruok ruok ruok ruok ruok ruok ruok",
+    );
     let off = l4_offset(&clean);
     let original = u16::from_be_bytes([clean[off + 16], clean[off + 17]]);
     let mut f = clean.clone();
@@ -245,7 +290,10 @@ fn mismatch_events_carry_flow_seq_and_checksums() {
     assert_eq!(out, Outcome::mismatch(P_V4_ENFORCE, PROTO_TCP, true));
     let m = &out.events[0];
     assert_eq!(m.flow(), "198.51.100.7:40000 -> 192.168.1.1:2181");
-    assert_eq!((m.peer_id, m.proto, m.seq, m.len, m.dropped), (P_V4_ENFORCE as u32, "tcp", 0x0102_0304, 59, true));
+    assert_eq!(
+        (m.peer_id, m.proto, m.seq, m.len, m.dropped),
+        (P_V4_ENFORCE as u32, "tcp", 0x0102_0304, 59, true)
+    );
     assert_eq!(m.found, original ^ 0xff00);
     assert_eq!(m.expected, original);
     assert_eq!(m.payload, b"ruok ruok ruok ruok ruok ruok ru");
@@ -262,15 +310,27 @@ fn nat_peers_use_their_residual() {
         let mut f = v4(V4_NAT_ORIG, V4_NAT_ORIG_DST, l4, &payload(777));
         f[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
         f[ETH + 16..ETH + 20].copy_from_slice(&LOCAL4.octets());
-        assert_eq!(h.run(&f), Outcome::verified(P_V4_NAT, proto, l4_len(&f)), "{l4:?} right residual");
+        assert_eq!(
+            h.run(&f),
+            Outcome::verified(P_V4_NAT, proto, l4_len(&f)),
+            "{l4:?} right residual"
+        );
         // Corruption on top of the NAT shift is still caught.
         let mut bad = f.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0x10;
-        assert_eq!(h.run(&bad), Outcome::mismatch(P_V4_NAT, proto, false), "{l4:?} corrupted");
+        assert_eq!(
+            h.run(&bad),
+            Outcome::mismatch(P_V4_NAT, proto, false),
+            "{l4:?} corrupted"
+        );
         // The same segment rewritten to an unexpected destination leaves a different residual.
         f[ETH + 16..ETH + 20].copy_from_slice(&[192, 168, 1, 2]);
-        assert_eq!(h.run(&f), Outcome::mismatch(P_V4_NAT, proto, false), "{l4:?} wrong residual");
+        assert_eq!(
+            h.run(&f),
+            Outcome::mismatch(P_V4_NAT, proto, false),
+            "{l4:?} wrong residual"
+        );
     }
     // A NAT-shifted segment from a peer configured without NAT is a mismatch.
     let mut f = v4(V4_NAT_ORIG, LOCAL4, L4::Tcp, &payload(100));
@@ -285,20 +345,37 @@ fn headers_the_verifier_walks() {
     }
     let mut h = Harness::new();
     // IPv4 options (4 NOPs and an end-of-list padded option).
-    let f = with_ipv4_options(v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(300)), &[1, 1, 1, 0, 1, 1, 1, 0]);
+    let f = with_ipv4_options(
+        v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(300)),
+        &[1, 1, 1, 0, 1, 1, 1, 0],
+    );
     assert_eq!(h.run(&f), Outcome::verified(P_V4_OBSERVE, PROTO_TCP, 320));
     // Corruption after IPv4 options is still found at the right offset.
     let mut bad = f.clone();
     let n = bad.len();
     bad[n - 3] ^= 1;
-    assert_eq!(h.run(&bad), Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false));
+    assert_eq!(
+        h.run(&bad),
+        Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false)
+    );
     // IPv6 hop-by-hop, destination options and routing headers are walked.
     for kind in [0u8, 60, 43] {
         let f = with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Udp, &payload(99)), kind);
-        assert_eq!(h.run(&f), Outcome::verified(P_V6_OBSERVE, PROTO_UDP, 107), "ext header {kind}");
+        assert_eq!(
+            h.run(&f),
+            Outcome::verified(P_V6_OBSERVE, PROTO_UDP, 107),
+            "ext header {kind}"
+        );
     }
-    let f = with_ipv6_ext(with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(10)), 60), 0);
-    assert_eq!(h.run(&f), Outcome::verified(P_V6_OBSERVE, PROTO_TCP, 30), "two ext headers");
+    let f = with_ipv6_ext(
+        with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(10)), 60),
+        0,
+    );
+    assert_eq!(
+        h.run(&f),
+        Outcome::verified(P_V6_OBSERVE, PROTO_TCP, 30),
+        "two ext headers"
+    );
 }
 
 #[test]
@@ -311,9 +388,15 @@ fn skips_are_counted_by_reason() {
     let off = l4_offset(&tcp);
 
     // Out of scope: nothing is verified.
-    assert_eq!(h.run(&v4(V4_OUT_OF_SCOPE, LOCAL4, L4::Tcp, &payload(100))), Outcome::skipped(Counter::SkipNotInScope));
+    assert_eq!(
+        h.run(&v4(V4_OUT_OF_SCOPE, LOCAL4, L4::Tcp, &payload(100))),
+        Outcome::skipped(Counter::SkipNotInScope)
+    );
     let v6_foreign = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1);
-    assert_eq!(h.run(&v6(v6_foreign, LOCAL6, L4::Udp, &payload(5))), Outcome::skipped(Counter::SkipNotInScope));
+    assert_eq!(
+        h.run(&v6(v6_foreign, LOCAL6, L4::Udp, &payload(5))),
+        Outcome::skipped(Counter::SkipNotInScope)
+    );
 
     // UDP checksum 0 (IPv4 "no checksum").
     let mut f = v4(V4_OBSERVE, LOCAL4, L4::Udp, &payload(40));
@@ -329,23 +412,43 @@ fn skips_are_counted_by_reason() {
     f[ETH + 7] = 0x10;
     assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipFragment), "offset");
     let f = with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(64)), 44);
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipFragment), "v6 fragment header");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipFragment),
+        "v6 fragment header"
+    );
 
     // Other protocols: ICMP, and an IPv6 No Next Header.
     let mut f = tcp.clone();
     f[ETH + 9] = 1;
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipOtherProtocol), "icmp");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipOtherProtocol),
+        "icmp"
+    );
     let mut f = v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(8));
     f[ETH + 6] = 59;
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipOtherProtocol), "no next header");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipOtherProtocol),
+        "no next header"
+    );
 
     // Unsupported IPv6 extension headers (AH), and a jumbogram length.
     let f = with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(8)), 51);
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipUnsupportedExtensionHeader), "AH");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipUnsupportedExtensionHeader),
+        "AH"
+    );
     let mut f = v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(8));
     f[ETH + 4] = 0;
     f[ETH + 5] = 0;
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipUnsupportedExtensionHeader), "jumbo");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipUnsupportedExtensionHeader),
+        "jumbo"
+    );
 
     // Malformed: IHL < 5, TCP data offset < 5 or past the segment, UDP length wrong.
     let mut f = tcp.clone();
@@ -353,36 +456,71 @@ fn skips_are_counted_by_reason() {
     assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipMalformed), "ihl 4");
     let mut f = tcp.clone();
     f[off + 12] = 0x40;
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipMalformed), "doff 4");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipMalformed),
+        "doff 4"
+    );
     let mut f = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &[]);
     f[off + 12] = 0x60;
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipMalformed), "doff past the end");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipMalformed),
+        "doff past the end"
+    );
     let mut f = v4(V4_OBSERVE, LOCAL4, L4::Udp, &payload(20));
     f[off + 5] = 29; // longer than the IP payload
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipMalformed), "udp length");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipMalformed),
+        "udp length"
+    );
     let mut f = v4(V4_OBSERVE, LOCAL4, L4::Udp, &payload(20));
     f[off + 5] = 7;
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipMalformed), "udp length below header");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipMalformed),
+        "udp length below header"
+    );
 
     // Truncated: the IP header claims more than the packet holds; or the L4 header is cut.
     let mut f = tcp.clone();
     f.truncate(f.len() - 10);
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipTruncated), "short segment");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipTruncated),
+        "short segment"
+    );
     let mut f = tcp.clone();
     f.truncate(off + 10);
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipTruncated), "cut tcp header");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipTruncated),
+        "cut tcp header"
+    );
     // (A cut IPv4 header never reaches a socket, and BPF_PROG_TEST_RUN refuses one; a cut
     // IPv6 extension header is the L3 case that can.)
     let mut f = with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Tcp, &[]), 60);
     f.truncate(ETH + 40 + 1);
-    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipTruncated), "cut extension header");
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipTruncated),
+        "cut extension header"
+    );
 
     // GRO aggregates: gso_segs > 1 in the skb (offset 164 of struct __sk_buff).
     let mut ctx = vec![0u8; 192];
     ctx[164..168].copy_from_slice(&2u32.to_ne_bytes());
-    assert_eq!(h.run_with_ctx(&tcp, Some(&ctx)), Outcome::skipped(Counter::SkipAggregated));
+    assert_eq!(
+        h.run_with_ctx(&tcp, Some(&ctx)),
+        Outcome::skipped(Counter::SkipAggregated)
+    );
     ctx[164..168].copy_from_slice(&1u32.to_ne_bytes());
-    assert_eq!(h.run_with_ctx(&tcp, Some(&ctx)), Outcome::verified(P_V4_OBSERVE, PROTO_TCP, 120), "one segment");
+    assert_eq!(
+        h.run_with_ctx(&tcp, Some(&ctx)),
+        Outcome::verified(P_V4_OBSERVE, PROTO_TCP, 120),
+        "one segment"
+    );
 }
 
 #[test]
@@ -399,7 +537,11 @@ fn a_full_ring_buffer_counts_lost_events_and_never_blocks() {
     const N: u32 = 5000;
     let prog = v.program_mut().unwrap();
     let r = prog
-        .test_run(TestRunOptions { data_in: Some(&f), repeat: N, ..TestRunOptions::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(&f),
+            repeat: N,
+            ..TestRunOptions::default()
+        })
         .expect("BPF_PROG_TEST_RUN");
     assert_eq!(r.return_value, PASS);
     let mut delivered = 0u64;
@@ -410,6 +552,14 @@ fn a_full_ring_buffer_counts_lost_events_and_never_blocks() {
     let lost = v.counters().unwrap().get(Counter::EventsLost);
     let mismatches = v.peer_stats(P_V4_OBSERVE as u32).unwrap().mismatches[PROTO_TCP];
     assert_eq!(mismatches, u64::from(N));
-    assert!(lost > 0, "5000 events cannot fit in {} bytes", monitor_ebpf::EVENT_RING_BYTES);
-    assert_eq!(delivered + lost, u64::from(N), "every mismatch is either delivered or counted lost");
+    assert!(
+        lost > 0,
+        "5000 events cannot fit in {} bytes",
+        monitor_ebpf::EVENT_RING_BYTES
+    );
+    assert_eq!(
+        delivered + lost,
+        u64::from(N),
+        "every mismatch is either delivered or counted lost"
+    );
 }

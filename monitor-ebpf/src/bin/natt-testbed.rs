@@ -17,7 +17,7 @@ fn main() {
 mod prog {
     use aya_ebpf::{
         EbpfContext as _, Global,
-        bindings::{BPF_CSUM_LEVEL_INC, TC_ACT_OK, __sk_buff},
+        bindings::{__sk_buff, BPF_CSUM_LEVEL_INC, TC_ACT_OK},
         helpers::generated::bpf_csum_level,
         macros::{classifier, map},
         maps::PerCpuArray,
@@ -64,7 +64,11 @@ mod prog {
             }
             0x86dd => {
                 let ip: [u8; 40] = ctx.load(ETH_HLEN)?;
-                (ip[6], ETH_HLEN + 40, usize::from(u16::from_be_bytes([ip[4], ip[5]])))
+                (
+                    ip[6],
+                    ETH_HLEN + 40,
+                    usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+                )
             }
             _ => return Ok(()),
         };
@@ -107,7 +111,10 @@ mod prog {
         if MARK_UNNECESSARY.load() != 0 {
             // SAFETY: ctx is the program's valid skb.
             let r = unsafe {
-                bpf_csum_level(ctx.as_ptr().cast::<__sk_buff>(), u64::from(BPF_CSUM_LEVEL_INC))
+                bpf_csum_level(
+                    ctx.as_ptr().cast::<__sk_buff>(),
+                    u64::from(BPF_CSUM_LEVEL_INC),
+                )
             };
             if r == 0 {
                 if let Some(p) = slot(MARKED) {

@@ -32,10 +32,9 @@ mod prog {
         programs::SkBuffContext,
     };
     use monitor_ebpf::{
-        ACTION_DROPPED, ACTION_PASSED, COUNTER_SLOTS, Counter, EVENT_PAYLOAD_LEN,
-        EVENT_RING_BYTES, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS,
-        MODE_ENFORCE, MismatchEvent, PROTO_TCP, PROTO_UDP, PeerKeyV4, PeerKeyV6, PeerStats,
-        PeerValue, csum,
+        ACTION_DROPPED, ACTION_PASSED, COUNTER_SLOTS, Counter, EVENT_PAYLOAD_LEN, EVENT_RING_BYTES,
+        FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS, MODE_ENFORCE, MismatchEvent,
+        PROTO_TCP, PROTO_UDP, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, csum,
     };
 
     #[map]
@@ -128,7 +127,9 @@ mod prog {
             if l3.l4_len < 20 {
                 return Err(Counter::SkipMalformed);
             }
-            let th: [u8; 20] = ctx.load(l4_off as usize).map_err(|_| Counter::SkipTruncated)?;
+            let th: [u8; 20] = ctx
+                .load(l4_off as usize)
+                .map_err(|_| Counter::SkipTruncated)?;
             let doff = u32::from(th[12] >> 4) * 4;
             if doff < 20 || doff > l3.l4_len {
                 return Err(Counter::SkipMalformed);
@@ -145,7 +146,9 @@ mod prog {
             if l3.l4_len < 8 {
                 return Err(Counter::SkipMalformed);
             }
-            let uh: [u8; 8] = ctx.load(l4_off as usize).map_err(|_| Counter::SkipTruncated)?;
+            let uh: [u8; 8] = ctx
+                .load(l4_off as usize)
+                .map_err(|_| Counter::SkipTruncated)?;
             let ulen = u32::from(u16::from_be_bytes([uh[4], uh[5]]));
             // udp_rcv trims the skb to the UDP length before the socket filter runs, so the
             // UDP length, not the IP length, bounds the datagram.
@@ -175,7 +178,11 @@ mod prog {
         let acc = l3.addr_sum + csum::proto_len_sum(l3.proto, l4_len) + data;
         let residual = csum::residual(acc);
         let peer = l3.peer;
-        let p = if l3.proto == IPPROTO_TCP { PROTO_TCP } else { PROTO_UDP };
+        let p = if l3.proto == IPPROTO_TCP {
+            PROTO_TCP
+        } else {
+            PROTO_UDP
+        };
         let stats = PEER_STATS.get_ptr_mut(peer.id);
         if residual == peer.expected_residual {
             if let Some(s) = stats {
@@ -208,12 +215,20 @@ mod prog {
                 dport,
                 field,
                 residual,
-                action: if enforce { ACTION_DROPPED } else { ACTION_PASSED },
+                action: if enforce {
+                    ACTION_DROPPED
+                } else {
+                    ACTION_PASSED
+                },
                 payload_off: l4_off + hdr_len,
                 payload_len: l4_len - hdr_len,
             },
         );
-        Ok(if enforce { Verdict::Drop } else { Verdict::Pass })
+        Ok(if enforce {
+            Verdict::Drop
+        } else {
+            Verdict::Pass
+        })
     }
 
     #[inline(always)]
@@ -344,7 +359,13 @@ mod prog {
     /// "precise" and defeat state pruning.
     #[inline(always)]
     fn sum_range(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
-        let mut c = SumCtx { skb, acc: 0, off, len, failed: 0 };
+        let mut c = SumCtx {
+            skb,
+            acc: 0,
+            off,
+            len,
+            failed: 0,
+        };
         let chunks = len.div_ceil(CHUNK);
         // SAFETY: the callback matches bpf_loop's contract and `c` outlives the call.
         unsafe {
@@ -483,7 +504,12 @@ mod prog {
                     EVENT_PAYLOAD_LEN as u32
                 };
                 let n = ((want - 1) & (EVENT_PAYLOAD_LEN as u32 - 1)) + 1;
-                if load_into(ctx.as_ptr().cast(), m.payload_off, (*ev).payload.as_mut_ptr(), n) {
+                if load_into(
+                    ctx.as_ptr().cast(),
+                    m.payload_off,
+                    (*ev).payload.as_mut_ptr(),
+                    n,
+                ) {
                     (*ev).payload_len = n as u8;
                 }
             }

@@ -26,7 +26,8 @@ fn pattern(i: u64) -> u8 {
 }
 
 fn enter_netns(name: &str) -> Result<(), String> {
-    let f = File::open(format!("/run/netns/{name}")).map_err(|e| format!("opening netns {name}: {e}"))?;
+    let f = File::open(format!("/run/netns/{name}"))
+        .map_err(|e| format!("opening netns {name}: {e}"))?;
     // SAFETY: valid fd; CLONE_NEWNET only switches this (single-threaded) process's netns.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(format!("setns {name}: {}", std::io::Error::last_os_error()));
@@ -45,19 +46,27 @@ fn recv(args: &[String]) -> Result<(), String> {
     let cgroup = arg(args, "--cgroup")?;
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
-    fs::write(format!("{cgroup}/cgroup.procs"), pid.to_string()).map_err(|e| format!("joining cgroup {cgroup}: {e}"))?;
+    fs::write(format!("{cgroup}/cgroup.procs"), pid.to_string())
+        .map_err(|e| format!("joining cgroup {cgroup}: {e}"))?;
     enter_netns(&arg(args, "--netns")?)?;
-    let addr: SocketAddr = arg(args, "--listen")?.parse().map_err(|e| format!("--listen: {e}"))?;
-    let want: u64 = arg(args, "--bytes")?.parse().map_err(|e| format!("--bytes: {e}"))?;
+    let addr: SocketAddr = arg(args, "--listen")?
+        .parse()
+        .map_err(|e| format!("--listen: {e}"))?;
+    let want: u64 = arg(args, "--bytes")?
+        .parse()
+        .map_err(|e| format!("--bytes: {e}"))?;
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     println!("READY");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-    s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 256 * 1024];
     let (mut got, mut differing) = (0u64, 0u64);
     while got < want {
-        let n = s.read(&mut buf).map_err(|e| format!("read after {got} bytes: {e}"))?;
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("read after {got} bytes: {e}"))?;
         if n == 0 {
             break;
         }
@@ -74,10 +83,16 @@ fn recv(args: &[String]) -> Result<(), String> {
 
 fn send(args: &[String]) -> Result<(), String> {
     enter_netns(&arg(args, "--netns")?)?;
-    let addr: SocketAddr = arg(args, "--connect")?.parse().map_err(|e| format!("--connect: {e}"))?;
-    let total: u64 = arg(args, "--bytes")?.parse().map_err(|e| format!("--bytes: {e}"))?;
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    let addr: SocketAddr = arg(args, "--connect")?
+        .parse()
+        .map_err(|e| format!("--connect: {e}"))?;
+    let total: u64 = arg(args, "--bytes")?
+        .parse()
+        .map_err(|e| format!("--bytes: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_write_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let mut off = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     while off < total {
@@ -85,12 +100,15 @@ fn send(args: &[String]) -> Result<(), String> {
         for (i, b) in buf[..n].iter_mut().enumerate() {
             *b = pattern(off + i as u64);
         }
-        s.write_all(&buf[..n]).map_err(|e| format!("write at {off}: {e}"))?;
+        s.write_all(&buf[..n])
+            .map_err(|e| format!("write at {off}: {e}"))?;
         off += n as u64;
     }
-    s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
     // Wait for the receiver to close, so every byte was read before we exit.
-    s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let _ = s.read(&mut [0u8; 1]);
     Ok(())
 }

@@ -121,11 +121,10 @@ pub const fn expected_field(found: u16, residual: u16, expected_residual: u16, u
 #[must_use]
 pub fn sum_bytes(data: &[u8]) -> u64 {
     let mut acc = 0u64;
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        acc += u64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+    let (words, rest) = data.as_chunks::<4>();
+    for w in words {
+        acc += u64::from(u32::from_ne_bytes(*w));
     }
-    let rest = chunks.remainder();
     let mut last = [0u8; 4];
     last[..rest.len()].copy_from_slice(rest);
     acc + u64::from(u32::from_ne_bytes(last))

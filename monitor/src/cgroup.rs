@@ -44,7 +44,7 @@ pub fn is_cgroup2(dir: &File) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and pointer.
     let ret = unsafe { libc::fstatfs(dir.as_raw_fd(), &raw mut st) };
-    ret == 0 && i64::from(st.f_type) == CGROUP2_SUPER_MAGIC
+    ret == 0 && st.f_type == CGROUP2_SUPER_MAGIC
 }
 
 #[cfg(test)]

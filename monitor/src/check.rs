@@ -102,6 +102,10 @@ fn kernel_release(proc_root: &Path) -> Option<(u32, u32, String)> {
 
 /// Runs every probe. `cgroup_dir` overrides the temporary cgroup used for the attach test.
 #[must_use]
+#[expect(
+    clippy::too_many_lines,
+    reason = "a flat list of probes reads best in order"
+)]
 pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
     let proc_root = Path::new("/proc");
     let mut r = Report::default();
@@ -201,26 +205,25 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
             .then(|| target.join(format!("natt-monitor-check-{}", std::process::id())));
         let dir = temp.clone().unwrap_or(target);
         let made = temp.as_ref().map(fs::create_dir);
-        match made {
-            Some(Err(e)) => r.push(
+        if let Some(Err(e)) = made {
+            r.push(
                 "cgroup_skb attach",
                 Status::Fail,
                 format!("creating {}: {e}", dir.display()),
-            ),
-            _ => {
-                match v.attach(&dir) {
-                    Ok(()) => r.push(
-                        "cgroup_skb attach",
-                        Status::Ok,
-                        format!("attached to and detached from {}", dir.display()),
-                    ),
-                    Err(e) => r.push("cgroup_skb attach", Status::Fail, first_line(&e)),
-                }
-                // Drop detaches before the temporary cgroup is removed.
-                verifier = None;
-                if let Some(t) = &temp {
-                    let _ = fs::remove_dir(t);
-                }
+            );
+        } else {
+            match v.attach(&dir) {
+                Ok(()) => r.push(
+                    "cgroup_skb attach",
+                    Status::Ok,
+                    format!("attached to and detached from {}", dir.display()),
+                ),
+                Err(e) => r.push("cgroup_skb attach", Status::Fail, first_line(&e)),
+            }
+            // Drop detaches before the temporary cgroup is removed.
+            verifier = None;
+            if let Some(t) = &temp {
+                let _ = fs::remove_dir(t);
             }
         }
     }

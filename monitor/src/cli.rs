@@ -48,7 +48,7 @@ pub struct RunArgs {
     pub cgroup: Option<PathBuf>,
 
     /// Source address or prefix of an IPsec NAT-T peer to verify (repeatable). Segments from
-    /// other sources are counted as skipped (not_in_scope) and left alone.
+    /// other sources are counted as skipped (`not_in_scope`) and left alone.
     #[arg(long = "peer", value_name = "CIDR", required = true)]
     pub peers: Vec<String>,
 

@@ -117,20 +117,33 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         info!(peer = %p.net, id, mode = %p.mode, "verifying peer");
     }
 
-    let mut drain = tokio::spawn(drain_events(ring, Arc::clone(&peers), Arc::clone(&health)));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let mut drain = tokio::spawn(drain_events(
+        ring,
+        Arc::clone(&peers),
+        Arc::clone(&health),
+        stop_rx,
+    ));
+    let died = |r: Result<io::Result<()>, tokio::task::JoinError>| DaemonError::TaskDied {
+        task: "event-drain",
+        reason: match r {
+            Ok(Ok(())) => "returned".into(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        },
+    };
     let result = tokio::select! {
         () = shutdown => {
             info!("shutdown requested");
-            Ok(())
+            // Let the drain task empty the ring and report what the log limit suppressed.
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(Duration::from_secs(5), &mut drain).await {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(r) => Err(died(r)),
+                Err(_) => Err(DaemonError::TaskDied { task: "event-drain", reason: "did not finish its final drain within 5 s".into() }),
+            }
         }
-        r = &mut drain => Err(DaemonError::TaskDied {
-            task: "event-drain",
-            reason: match r {
-                Ok(Ok(())) => "returned".into(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => e.to_string(),
-            },
-        }),
+        r = &mut drain => Err(died(r)),
     };
     drain.abort();
     health.attached.store(false, Ordering::Relaxed);
@@ -164,16 +177,32 @@ fn log_totals(verifier: &Verifier, peers: &PeerTable) {
     }
 }
 
-/// Drains the ring buffer: one WARN line per mismatch within the log budget.
+/// Drains the ring buffer: one WARN line per mismatch within the log budget. On `stop` it
+/// drains what is left, reports suppressed lines and returns.
 async fn drain_events(
     mut ring: AsyncFd<RingBuf<MapData>>,
     peers: Arc<PeerTable>,
     health: Arc<Health>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), io::Error> {
     let mut limiter = RateLimiter::new(LOG_PER_SECOND, LOG_BURST);
     let mut last_event = Instant::now();
     loop {
-        match tokio::time::timeout(DRAIN_TICK, ring.readable_mut()).await {
+        let ready = tokio::select! {
+            r = tokio::time::timeout(DRAIN_TICK, ring.readable_mut()) => r,
+            _ = &mut stop => {
+                let rb = ring.get_mut();
+                while let Some(item) = rb.next() {
+                    log_event(&item, &peers, &mut limiter);
+                }
+                let pending = limiter.pending_suppressed();
+                if pending > 0 {
+                    warn!(suppressed = pending, "mismatch log lines suppressed by the rate limit");
+                }
+                return Ok(());
+            }
+        };
+        match ready {
             Ok(guard) => {
                 let mut guard = guard?;
                 let rb = guard.get_inner_mut();
@@ -206,12 +235,12 @@ fn log_event(bytes: &[u8], peers: &PeerTable, limiter: &mut RateLimiter) {
         );
         return;
     };
-    let Ok(suppressed) = limiter.admit(Instant::now()) else {
+    let Some(suppressed) = limiter.admit(Instant::now()) else {
         return;
     };
     let peer = peers
         .get(m.peer_id)
-        .map_or_else(|| format!("#{}", m.peer_id), |p| p.label());
+        .map_or_else(|| format!("#{}", m.peer_id), super::peers::PeerSpec::label);
     warn!(
         peer,
         proto = m.proto,

@@ -29,7 +29,7 @@ pub static VERIFIER_OBJ: &[u8] =
 pub static TESTBED_OBJ: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/natt-testbed"));
 
-/// Name of the cgroup_skb program in `VERIFIER_OBJ`.
+/// Name of the `cgroup_skb` program in `VERIFIER_OBJ`.
 pub const PROGRAM: &str = "natt_verify";
 
 /// Failures of the verifier's kernel side, each naming what it was doing.
@@ -174,7 +174,7 @@ impl Verifier {
         })
     }
 
-    /// The cgroup_skb program, e.g. for `BPF_PROG_TEST_RUN`.
+    /// The `cgroup_skb` program, e.g. for `BPF_PROG_TEST_RUN`.
     ///
     /// # Errors
     /// `EbpfFailure::Missing` if the object lacks it.
@@ -288,9 +288,7 @@ impl Verifier {
             what: format!("reading PEER_STATS[{id}]"),
             source,
         })?;
-        Ok(values
-            .iter()
-            .fold(PeerStats::default(), |acc, v| acc.merged(v)))
+        Ok(values.iter().fold(PeerStats::default(), PeerStats::merged))
     }
 
     /// Takes the mismatch event ring buffer (once) for a drain task to own.
@@ -361,7 +359,7 @@ fn same_key<K: aya::Pod + PartialEq>(a: &Key<K>, b: &Key<K>) -> bool {
     a.prefix_len() == b.prefix_len() && a.data() == b.data()
 }
 
-/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the memory cgroup.
+/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; later ones to the memory cgroup.
 /// Raising it is harmless on new kernels and required on old ones. Failure is not fatal here:
 /// the load that follows reports EPERM with a hint if it matters.
 fn raise_memlock_limit() {

@@ -125,9 +125,9 @@ impl RateLimiter {
         }
     }
 
-    /// Takes a token at `now`. `Ok(n)` allows the line and says how many lines were suppressed
-    /// since the last allowed one; `Err(())` suppresses it.
-    pub fn admit(&mut self, now: Instant) -> Result<u64, ()> {
+    /// Takes a token at `now`. `Some(n)` allows the line and says how many lines were
+    /// suppressed since the last allowed one; `None` suppresses it.
+    pub fn admit(&mut self, now: Instant) -> Option<u64> {
         let dt = now.saturating_duration_since(self.last);
         self.last = now;
         self.tokens = dt
@@ -136,10 +136,10 @@ impl RateLimiter {
             .min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            Ok(std::mem::take(&mut self.suppressed))
+            Some(std::mem::take(&mut self.suppressed))
         } else {
             self.suppressed += 1;
-            Err(())
+            None
         }
     }
 
@@ -203,14 +203,14 @@ mod tests {
     fn limiter_allows_a_burst_then_counts_what_it_suppresses() {
         let t0 = Instant::now();
         let mut rl = RateLimiter::new(2, 3);
-        assert_eq!(rl.admit(t0), Ok(0));
-        assert_eq!(rl.admit(t0), Ok(0));
-        assert_eq!(rl.admit(t0), Ok(0));
-        assert_eq!(rl.admit(t0), Err(()));
-        assert_eq!(rl.admit(t0), Err(()));
+        assert_eq!(rl.admit(t0), Some(0));
+        assert_eq!(rl.admit(t0), Some(0));
+        assert_eq!(rl.admit(t0), Some(0));
+        assert_eq!(rl.admit(t0), None);
+        assert_eq!(rl.admit(t0), None);
         assert_eq!(rl.pending_suppressed(), 2);
         // Half a second at 2/s refills one token, and the next line reports the two suppressed.
-        assert_eq!(rl.admit(t0 + Duration::from_millis(500)), Ok(2));
-        assert_eq!(rl.admit(t0 + Duration::from_millis(500)), Err(()));
+        assert_eq!(rl.admit(t0 + Duration::from_millis(500)), Some(2));
+        assert_eq!(rl.admit(t0 + Duration::from_millis(500)), None);
     }
 }

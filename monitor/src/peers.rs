@@ -186,7 +186,6 @@ impl PeerTable {
     }
 
     /// Peers in id order.
-    #[must_use]
     pub fn iter(&self) -> impl Iterator<Item = (u32, &PeerSpec)> {
         (0u32..).zip(&self.peers)
     }

@@ -1,6 +1,11 @@
 //! Shared helpers for natt-monitor's privileged integration tests: skipping with a reason,
 //! building packets, and guards that always clean up namespaces, cgroups and processes.
 
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "test helpers fail by panicking with a message; that is their contract"
+)]
+
 pub mod net;
 pub mod packets;
 

@@ -298,6 +298,7 @@ impl Proc {
 
     /// Waits up to `timeout` for exit; panics with its stderr on failure or time-out.
     /// Returns its stdout.
+    #[must_use]
     pub fn finish(mut self, timeout: Duration) -> String {
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + timeout;
@@ -338,7 +339,7 @@ impl Drop for Proc {
 /// What the injector did, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InjectStats {
-    /// Segments marked CHECKSUM_UNNECESSARY.
+    /// Segments marked `CHECKSUM_UNNECESSARY`.
     pub marked: u64,
     /// TCP segments carrying payload.
     pub data_segments: u64,
@@ -450,7 +451,7 @@ pub fn stream(peer: &str, lab: &Lab, cgroup: &Path, bytes: u64, v6: bool) -> Str
         ]),
     );
     let out = recv.finish(Duration::from_secs(60));
-    send.finish(Duration::from_secs(30));
+    let _ = send.finish(Duration::from_secs(30));
     let line = out
         .lines()
         .find(|l| l.starts_with("received="))

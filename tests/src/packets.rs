@@ -1,4 +1,4 @@
-//! Test packets: Ethernet frames (what `BPF_PROG_TEST_RUN` expects for cgroup_skb; the kernel
+//! Test packets: Ethernet frames (what `BPF_PROG_TEST_RUN` expects for `cgroup_skb`; the kernel
 //! strips the Ethernet header before the program sees offset 0) built with etherparse, plus
 //! byte-level surgery for cases etherparse refuses to build (options, extension headers,
 //! broken fields).

@@ -1,6 +1,6 @@
 //! End to end in network namespaces (root only): a real TCP stream from namespace A to a
 //! receiver in namespace B that runs in the monitored cgroup. A tc injector on B's veth does
-//! what esp4.c does to decapsulated NAT-T segments (marks them CHECKSUM_UNNECESSARY) and
+//! what esp4.c does to decapsulated NAT-T segments (marks them `CHECKSUM_UNNECESSARY`) and
 //! corrupts every Nth data segment after that, without fixing the checksum.
 //!
 //! These tests share kernel state (namespaces, cgroups); run them with `--test-threads=1`

@@ -7,7 +7,10 @@
 //!
 //! Install prerequisites first with `scripts/setup.sh --test` (idempotent).
 
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -87,16 +90,84 @@ fn lint() -> Result<()> {
         ))
 }
 
+/// Passed and failed test counts over several `cargo test` runs.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs `cargo test` with `args`, echoing its output and adding up its `test result:` lines.
+fn cargo_test(args: &[&str], tally: &mut Tally) -> Result<()> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.arg("test").args(args).stdout(Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let out = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(out).lines() {
+        let line = line.context("reading cargo test output")?;
+        #[expect(clippy::print_stdout, reason = "relaying the test runner's output")]
+        {
+            println!("{line}");
+        }
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |label: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(label)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            tally.passed += count(" passed");
+            tally.failed += count(" failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
 fn test(no_lint: bool) -> Result<()> {
     if !no_lint {
         lint()?;
     }
-    // Kernel-free unit and property tests.
-    cargo(&["test", "-p", "monitor-ebpf", "--lib"])?;
-    cargo(&["test", "-p", "natt-monitor"])?;
-    // Root-only tests: shared kernel state, so one at a time.
-    cargo(&["test", "-p", "natt-monitor-tests", "--", "--test-threads=1"])?;
-    Ok(())
+    let mut tally = Tally::default();
+    let result = (|| {
+        // Kernel-free unit and property tests.
+        cargo_test(&["-p", "monitor-ebpf", "--lib"], &mut tally)?;
+        cargo_test(
+            &["-p", "natt-monitor", "--lib", "--bins", "--tests"],
+            &mut tally,
+        )?;
+        // The daemon tests run the real binary.
+        cargo(&["build", "-p", "natt-monitor", "--bin", "natt-monitor"])?;
+        // Root-only tests: shared kernel state, so one at a time. --nocapture keeps the
+        // measured counts and any SKIP reasons in the log.
+        cargo_test(
+            &[
+                "-p",
+                "natt-monitor-tests",
+                "--lib",
+                "--bins",
+                "--tests",
+                "--",
+                "--test-threads=1",
+                "--nocapture",
+            ],
+            &mut tally,
+        )
+    })();
+    #[expect(clippy::print_stdout, reason = "the closing summary line CI reads")]
+    {
+        println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
+    }
+    result
 }
 
 fn main() -> Result<()> {

@@ -28,7 +28,7 @@ mod prog {
     /// Corrupt every Nth TCP data segment (per CPU); 0 disables corruption.
     #[unsafe(no_mangle)]
     static CORRUPT_EVERY: Global<u32> = Global::new(0);
-    /// Non-zero: mark TCP/UDP segments CHECKSUM_UNNECESSARY, as esp4.c does for NAT-T.
+    /// Non-zero: mark TCP/UDP segments `CHECKSUM_UNNECESSARY`, as esp4.c does for NAT-T.
     #[unsafe(no_mangle)]
     static MARK_UNNECESSARY: Global<u32> = Global::new(1);
 
@@ -44,9 +44,13 @@ mod prog {
     const ETH_HLEN: usize = 14;
 
     #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "signature fixed by aya's #[classifier]"
+    )]
     pub fn natt_inject(ctx: TcContext) -> i32 {
         let _ = try_inject(&ctx);
-        TC_ACT_OK as i32
+        TC_ACT_OK
     }
 
     fn slot(i: u32) -> Option<*mut u64> {
@@ -96,7 +100,7 @@ mod prog {
                         *p
                     }
                 });
-                if every != 0 && n % every == 0 {
+                if every != 0 && n.is_multiple_of(every) {
                     let at = l4_off + doff + payload / 2;
                     let b: u8 = ctx.load(at)?;
                     // Flags 0: do not touch skb->csum or the L4 checksum. That is the fault.
@@ -116,11 +120,11 @@ mod prog {
                     u64::from(BPF_CSUM_LEVEL_INC),
                 )
             };
-            if r == 0 {
-                if let Some(p) = slot(MARKED) {
-                    // SAFETY: per-CPU slot.
-                    unsafe { *p += 1 };
-                }
+            if r == 0
+                && let Some(p) = slot(MARKED)
+            {
+                // SAFETY: per-CPU slot.
+                unsafe { *p += 1 };
             }
         }
         Ok(())

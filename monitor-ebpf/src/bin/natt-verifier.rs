@@ -1,4 +1,4 @@
-//! The cgroup_skb ingress verifier: recomputes the TCP/UDP checksums that the kernel marks
+//! The `cgroup_skb` ingress verifier: recomputes the TCP/UDP checksums that the kernel marks
 //! `CHECKSUM_UNNECESSARY` without checking after ESP-in-UDP transport-mode decapsulation
 //! (`esp_input_done2` in `net/ipv4/esp4.c` and `net/ipv6/esp6.c`, unchanged from 2.6 to 6.x).
 //!
@@ -8,7 +8,7 @@
 //! plaintext after xfrm, which tc and XDP cannot. Returning 0 drops the segment; TCP then
 //! retransmits it because it was never acknowledged.
 //!
-//! Scope comes from userspace (LPM tries keyed by source address), because a cgroup_skb program
+//! Scope comes from userspace (LPM tries keyed by source address), because a `cgroup_skb` program
 //! can see neither `ip_summed` nor the secpath.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -20,6 +20,10 @@ fn main() {
 }
 
 #[cfg(target_arch = "bpf")]
+#[expect(
+    clippy::inline_always,
+    reason = "inlining decides BPF subprogram boundaries and with them the 512-byte stack budget"
+)]
 mod prog {
     use core::{ffi::c_void, ptr::read_volatile};
 
@@ -82,6 +86,10 @@ mod prog {
     }
 
     #[cgroup_skb(ingress)]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "signature fixed by aya's #[cgroup_skb]"
+    )]
     pub fn natt_verify(ctx: SkBuffContext) -> i32 {
         match try_verify(&ctx) {
             Ok(Verdict::Pass) => 1,
@@ -107,6 +115,10 @@ mod prog {
         unsafe { &*ctx.as_ptr().cast::<__sk_buff>() }
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one pass over the headers, in packet order"
+    )]
     fn try_verify(ctx: &SkBuffContext) -> Result<Verdict, Counter> {
         let proto = skb(ctx).protocol;
         let l3 = if proto == u32::from(ETH_P_IP.to_be()) {
@@ -208,7 +220,7 @@ mod prog {
         emit(
             ctx,
             &l3,
-            Mismatch {
+            &Mismatch {
                 l4_len,
                 seq,
                 sport,
@@ -385,27 +397,27 @@ mod prog {
     #[inline(never)]
     extern "C" fn sum_chunk(index: u64, ctx: *mut c_void) -> i64 {
         // SAFETY: `ctx` is the `SumCtx` that `sum_range` passed to bpf_loop.
-        let c = unsafe { &mut *ctx.cast::<SumCtx>() };
+        let st = unsafe { &mut *ctx.cast::<SumCtx>() };
         let start = (index as u32) * CHUNK;
-        if start >= c.len {
+        if start >= st.len {
             return 1;
         }
-        let left = c.len - start;
+        let left = st.len - start;
         let want = if left > CHUNK { CHUNK } else { left };
         // `(n - 1) & 511` + 1 keeps the verifier's view at [1, 512]; LLVM folds a plain
         // bound check into a form the verifier cannot follow.
         let n = ((want - 1) & (CHUNK - 1)) + 1;
         let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-            c.failed = 1;
+            st.failed = 1;
             return 1;
         };
-        if !load_into(c.skb, c.off + start, buf.cast(), n) {
-            c.failed = 1;
+        if !load_into(st.skb, st.off + start, buf.cast(), n) {
+            st.failed = 1;
             return 1;
         }
         let base = buf.cast::<u32>();
-        let mut a = 0u64;
-        let mut b = 0u64;
+        let mut even = 0u64;
+        let mut odd = 0u64;
         let mut blk = 0u32;
         while blk < BLOCKS_PER_CHUNK {
             let first = blk * BLOCK;
@@ -415,22 +427,22 @@ mod prog {
             // SAFETY: blk < 8, so 16 words at blk * 16 lie inside the 128-word buffer.
             unsafe {
                 let p = base.add((blk * BLOCK_WORDS) as usize);
-                a += u64::from(read_volatile(p));
-                b += u64::from(read_volatile(p.add(1)));
-                a += u64::from(read_volatile(p.add(2)));
-                b += u64::from(read_volatile(p.add(3)));
-                a += u64::from(read_volatile(p.add(4)));
-                b += u64::from(read_volatile(p.add(5)));
-                a += u64::from(read_volatile(p.add(6)));
-                b += u64::from(read_volatile(p.add(7)));
-                a += u64::from(read_volatile(p.add(8)));
-                b += u64::from(read_volatile(p.add(9)));
-                a += u64::from(read_volatile(p.add(10)));
-                b += u64::from(read_volatile(p.add(11)));
-                a += u64::from(read_volatile(p.add(12)));
-                b += u64::from(read_volatile(p.add(13)));
-                a += u64::from(read_volatile(p.add(14)));
-                b += u64::from(read_volatile(p.add(15)));
+                even += u64::from(read_volatile(p));
+                odd += u64::from(read_volatile(p.add(1)));
+                even += u64::from(read_volatile(p.add(2)));
+                odd += u64::from(read_volatile(p.add(3)));
+                even += u64::from(read_volatile(p.add(4)));
+                odd += u64::from(read_volatile(p.add(5)));
+                even += u64::from(read_volatile(p.add(6)));
+                odd += u64::from(read_volatile(p.add(7)));
+                even += u64::from(read_volatile(p.add(8)));
+                odd += u64::from(read_volatile(p.add(9)));
+                even += u64::from(read_volatile(p.add(10)));
+                odd += u64::from(read_volatile(p.add(11)));
+                even += u64::from(read_volatile(p.add(12)));
+                odd += u64::from(read_volatile(p.add(13)));
+                even += u64::from(read_volatile(p.add(14)));
+                odd += u64::from(read_volatile(p.add(15)));
             }
             blk += 1;
         }
@@ -447,14 +459,14 @@ mod prog {
                             if left < 4 {
                                 v &= (1u32 << (left * 8)) - 1;
                             }
-                            a += u64::from(v);
+                            even += u64::from(v);
                         }
                     )*};
                 }
                 tail_word!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
             }
         }
-        c.acc += a + b;
+        st.acc += even + odd;
         0
     }
 
@@ -471,7 +483,7 @@ mod prog {
     }
 
     #[inline(always)]
-    fn emit(ctx: &SkBuffContext, l3: &L3, m: Mismatch) {
+    fn emit(ctx: &SkBuffContext, l3: &L3, m: &Mismatch) {
         let Some(mut entry) = EVENTS.reserve::<MismatchEvent>(0) else {
             bump(Counter::EventsLost);
             return;

@@ -9,6 +9,11 @@
 //!
 //! Every socket has a 30 s timeout so a broken test fails instead of hanging.
 
+#![expect(
+    clippy::print_stdout,
+    reason = "stdout is this helper's protocol with the test"
+)]
+
 use std::{
     fs::{self, File},
     io::{Read as _, Write as _},

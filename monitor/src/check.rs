@@ -111,17 +111,17 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
     let mut r = Report::default();
 
     match kernel_release(proc_root) {
-        Some((maj, min, rel)) if (maj, min) >= (5, 8) => {
+        Some((maj, min, rel)) if (maj, min) >= (5, 17) => {
             r.push(
                 "kernel",
                 Status::Ok,
-                format!("{rel} (5.8+ has bpf_link cgroup attach and ring buffers)"),
+                format!("{rel} (5.17+ has bpf_loop, ring buffers and bpf_link cgroup attach)"),
             );
         }
         Some((_, _, rel)) => r.push(
             "kernel",
             Status::Fail,
-            format!("{rel}: natt-monitor needs 5.8 or newer (BPF ring buffer)"),
+            format!("{rel}: natt-monitor needs 5.17 or newer (bpf_loop)"),
         ),
         None => r.push(
             "kernel",

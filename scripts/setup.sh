@@ -3,8 +3,8 @@
 # Installs only what is missing: apt packages, the pinned Rust toolchains, bpf-linker on LLVM 22.
 # Every step checks first, so a second run costs a few seconds.
 #
-#   scripts/setup.sh          # build + unit/privileged test deps
-#   scripts/setup.sh --test   # plus what the test suite needs (promtool, iperf3, ethtool)
+#   scripts/setup.sh          # what building and running the monitor needs
+#   scripts/setup.sh --test   # plus what the test suite needs
 set -euo pipefail
 
 STABLE=1.99.1
@@ -18,7 +18,7 @@ want_test=0
 for a in "$@"; do
   case "$a" in
     --test) want_test=1 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument '$a' (expected --test)" >&2; exit 2 ;;
   esac
 done
@@ -28,9 +28,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$HOME/.cargo/bin:$PATH"
 
-pkgs=(llvm-${LLVM}-dev libpolly-${LLVM}-dev libzstd-dev zlib1g-dev ethtool iproute2)
+pkgs=(llvm-${LLVM}-dev libpolly-${LLVM}-dev libzstd-dev zlib1g-dev)
 if [ "$want_test" = 1 ]; then
-  pkgs+=(prometheus iperf3)
+  # Namespace tests: ip netns / veth, and ethtool to switch offloads per veth.
+  pkgs+=(iproute2 ethtool)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
@@ -40,10 +41,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   log "apt: installing ${missing[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The prometheus package starts a server on :9090; the tests run their own.
-  if printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
-    systemctl disable --now prometheus >/dev/null 2>&1 || pkill -x prometheus || true
-  fi
 else
   log "apt: all present"
 fi
@@ -70,8 +67,4 @@ else
   log "bpf-linker $BPF_LINKER_VERSION present"
 fi
 
-# bpffs for pinning (optional) and cgroup2 are expected; report rather than mount cgroup2.
-if ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
-  mount -t bpf bpf /sys/fs/bpf 2>/dev/null || log "note: could not mount bpffs at /sys/fs/bpf"
-fi
 log "done"

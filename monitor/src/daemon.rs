@@ -45,6 +45,9 @@ pub enum DaemonError {
     /// The event ring buffer could not be registered with the runtime.
     #[error("watching the mismatch event ring buffer: {0}")]
     EventFd(#[source] io::Error),
+    /// The eBPF log bridge could not be set up.
+    #[error("bridging the eBPF program's log (aya-log): {0}")]
+    EbpfLog(String),
     /// An internal task ended while the daemon was running.
     #[error(
         "internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)"
@@ -103,6 +106,11 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     // (which owns the ring buffer) exists, so the registration never outlives the fd.
     let ring =
         unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::EventFd(e.into_parts().1))?;
+    let ebpf_log = aya_log::EbpfLogger::init(verifier.ebpf_mut())
+        .map_err(|e| DaemonError::EbpfLog(e.to_string()))?;
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
+    let ebpf_log = unsafe { AsyncFd::register(ebpf_log) }
+        .map_err(|e| DaemonError::EbpfLog(e.into_parts().1.to_string()))?;
     // Attach last: the peer map is complete before the first segment meets the program.
     verifier.attach(&config.cgroup)?;
     health.attached.store(true, Ordering::Relaxed);
@@ -124,13 +132,16 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         Arc::clone(&health),
         stop_rx,
     ));
-    let died = |r: Result<io::Result<()>, tokio::task::JoinError>| DaemonError::TaskDied {
-        task: "event-drain",
-        reason: match r {
-            Ok(Ok(())) => "returned".into(),
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        },
+    let mut bridge = tokio::spawn(bridge_ebpf_log(ebpf_log));
+    let died_as = |task: &'static str, r: Result<io::Result<()>, tokio::task::JoinError>| {
+        DaemonError::TaskDied {
+            task,
+            reason: match r {
+                Ok(Ok(())) => "returned".into(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            },
+        }
     };
     let result = tokio::select! {
         () = shutdown => {
@@ -139,13 +150,15 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             let _ = stop_tx.send(());
             match tokio::time::timeout(Duration::from_secs(5), &mut drain).await {
                 Ok(Ok(Ok(()))) => Ok(()),
-                Ok(r) => Err(died(r)),
+                Ok(r) => Err(died_as("event-drain", r)),
                 Err(_) => Err(DaemonError::TaskDied { task: "event-drain", reason: "did not finish its final drain within 5 s".into() }),
             }
         }
-        r = &mut drain => Err(died(r)),
+        r = &mut drain => Err(died_as("event-drain", r)),
+        r = &mut bridge => Err(died_as("ebpf-log", r)),
     };
     drain.abort();
+    bridge.abort();
     health.attached.store(false, Ordering::Relaxed);
     log_totals(&verifier, &peers);
     drop(verifier);
@@ -174,6 +187,18 @@ fn log_totals(verifier: &Verifier, peers: &PeerTable) {
                 info!(reason, packets = n, "skipped totals");
             }
         }
+    }
+}
+
+/// Forwards the verifier's aya-log records (its rare anomaly reports) into `tracing`, via the
+/// `log` facade that `tracing-subscriber` captures.
+async fn bridge_ebpf_log(
+    mut fd: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
+) -> Result<(), io::Error> {
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
     }
 }
 

@@ -35,6 +35,7 @@ mod prog {
         maps::{LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::SkBuffContext,
     };
+    use aya_log_ebpf::warn;
     use monitor_ebpf::{
         ACTION_DROPPED, ACTION_PASSED, COUNTER_SLOTS, Counter, EVENT_PAYLOAD_LEN, EVENT_RING_BYTES,
         FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS, MODE_ENFORCE, MismatchEvent,
@@ -185,6 +186,12 @@ mod prog {
         }
 
         let Some(data) = sum_range(ctx.as_ptr().cast(), l4_off, l4_len) else {
+            // The headers said the segment was whole, yet a chunk could not be read: worth a
+            // line in the daemon's log (bridged from aya-log), not only a counter.
+            warn!(
+                ctx,
+                "segment of {} bytes at offset {} could not be read whole", l4_len, l4_off
+            );
             return Err(Counter::SkipTruncated);
         };
         let acc = l3.addr_sum + csum::proto_len_sum(l3.proto, l4_len) + data;

@@ -80,6 +80,24 @@ const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
+/// Capabilities the daemon needs that this process lacks (empty if it has them, or if
+/// `/proc/self/status` cannot be read: the load then fails with its own EPERM hint).
+#[must_use]
+pub fn missing_capabilities(proc_root: &Path) -> Vec<&'static str> {
+    let Some(caps) = effective_caps(proc_root) else {
+        return Vec::new();
+    };
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    missing
+}
+
 fn effective_caps(proc_root: &Path) -> Option<u64> {
     let status = fs::read_to_string(proc_root.join("self/status")).ok()?;
     let hex = status

@@ -30,7 +30,8 @@ pub enum Command {
 }
 
 /// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -40,25 +41,40 @@ pub enum LogFormat {
 }
 
 /// `natt-monitor run`.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct RunArgs {
+    /// TOML configuration file (see docs/configuration.md). Flags given on the command line
+    /// override its keys; --peer flags are added to its [[peer]] entries. SIGHUP re-reads it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// cgroup v2 directory whose sockets are verified. Default: the cgroup2 mount point (every
     /// socket on the host), found in /proc/mounts.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 
     /// Source address or prefix of an IPsec NAT-T peer to verify (repeatable). Segments from
-    /// other sources are counted as skipped (`not_in_scope`) and left alone.
-    #[arg(long = "peer", value_name = "CIDR", required = true)]
+    /// other sources are counted as skipped (reason `not_in_scope`) and left alone.
+    #[arg(long = "peer", value_name = "CIDR")]
     pub peers: Vec<String>,
 
-    /// observe: count and log mismatches. enforce: also drop them so TCP retransmits.
-    #[arg(long, value_enum, default_value_t = Mode::Observe)]
-    pub mode: Mode,
+    /// Default mode for peers that set none. observe: count and log mismatches. enforce: also
+    /// drop them so TCP retransmits. [default: observe]
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
 
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "NATT_MONITOR_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    /// Address for /metrics and /healthz. [default: 127.0.0.1:9874]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Log format. [default: text]
+    #[arg(long, value_enum, env = "NATT_MONITOR_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// procfs root, for /proc/net/snmp and /proc/mounts (a container may mount the host's
+    /// elsewhere). [default: /proc]
+    #[arg(long, value_name = "PATH")]
+    pub proc_path: Option<PathBuf>,
 }
 
 /// `natt-monitor check`.

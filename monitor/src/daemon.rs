@@ -1,16 +1,20 @@
-//! The daemon: load, fill peers, attach, drain events, detach on shutdown.
+//! The daemon: check privileges, bind the endpoint, load, fill peers, attach, then serve
+//! metrics, drain events and reload on SIGHUP until shutdown.
 //!
-//! Fail fast: every internal task is awaited by `run`; if one ends — with an error or not —
-//! `run` returns an error naming it, the verifier is dropped (which detaches it) and the process
-//! exits non-zero. A live process therefore always means an attached program and a loop that
-//! drains events; there is no "zombie" mode.
+//! All or nothing, and fail fast: every failure before attaching returns an error with nothing
+//! attached; every internal task is awaited, and if one ends while running — with an error or
+//! not — `run` returns an error naming it, the verifier is dropped (which detaches it) and the
+//! process exits non-zero. `/healthz` and `natt_monitor_up` are true only while the program is
+//! attached and the drain loop has completed a pass within `HEALTH_MAX_AGE`. There is no
+//! zombie mode.
 
 use std::{
     future::Future,
     io,
+    net::TcpListener,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -18,36 +22,88 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use monitor_ebpf::{PROTO_TCP, PROTO_UDP, SKIP_REASONS};
-use tokio::io::unix::AsyncFd;
-use tracing::{info, warn};
+use prometheus::IntCounter;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{error, info, warn};
 
 use crate::{
+    check,
+    config::{ConfigError, Settings},
     ebpf::{EbpfFailure, Verifier},
-    events::{Hex, LOG_BURST, LOG_PER_SECOND, Mismatch, RateLimiter, SUPPRESSED_FLUSH},
-    peers::PeerTable,
+    events::{Hex, Mismatch, RateLimiter, SUPPRESSED_FLUSH},
+    http::{self, Exporter},
+    metrics::{Metrics, Snapshot},
+    peers::{PeerError, PeerSpec, PeerTable, Source},
+    snmp,
 };
 
-/// Everything `run` needs, already validated.
-#[derive(Clone, Debug)]
+/// Re-reads the peer list on SIGHUP (the configuration file and flags).
+pub type Reloader = Box<dyn Fn() -> Result<Vec<PeerSpec>, ConfigError> + Send + Sync>;
+
+/// Everything `run` needs.
 pub struct RunConfig {
-    /// cgroup v2 directory to attach to.
-    pub cgroup: PathBuf,
-    /// Peers to verify.
-    pub peers: PeerTable,
+    /// Resolved settings.
+    pub settings: Settings,
+    /// Called on SIGHUP; `None` ignores SIGHUP with a log line.
+    pub reload: Option<Reloader>,
+    /// Test hook: the event-drain task fails after this long, to prove the daemon exits.
+    #[doc(hidden)]
+    pub drain_fault_after: Option<Duration>,
+}
+
+impl std::fmt::Debug for RunConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunConfig")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why the daemon stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// Missing privileges.
+    #[error("natt-monitor needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN, or root; this process lacks {}", missing.join(" and "))]
+    Privileges {
+        /// The missing capability names.
+        missing: Vec<&'static str>,
+    },
+    /// The listen address could not be bound.
+    #[error("--listen {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer set is invalid.
+    #[error(transparent)]
+    Peers(#[from] PeerError),
     /// Loading, attaching or map access failed.
     #[error(transparent)]
     Ebpf(#[from] EbpfFailure),
-    /// The event ring buffer could not be registered with the runtime.
-    #[error("watching the mismatch event ring buffer: {0}")]
-    EventFd(#[source] io::Error),
+    /// Metrics could not be registered.
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A ring buffer could not be registered with the runtime.
+    #[error("watching the {what} ring buffer: {source}")]
+    EventFd {
+        /// Which one.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The eBPF log bridge could not be set up.
     #[error("bridging the eBPF program's log (aya-log): {0}")]
     EbpfLog(String),
+    /// A signal handler could not be installed.
+    #[error("installing the SIGHUP handler: {0}")]
+    Signal(#[source] io::Error),
     /// An internal task ended while the daemon was running.
     #[error(
         "internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)"
@@ -60,80 +116,195 @@ pub enum DaemonError {
     },
 }
 
-/// Liveness shared between the tasks and (later) the health endpoint.
-#[derive(Debug, Default)]
+/// How recently the drain loop must have completed a pass for the daemon to count as up.
+pub const HEALTH_MAX_AGE: Duration = Duration::from_secs(5);
+/// How often the drain loop wakes even without events, proving it is alive.
+pub const DRAIN_TICK: Duration = Duration::from_secs(1);
+
+/// Liveness shared by the tasks, `/healthz` and `natt_monitor_up`.
+#[derive(Debug)]
 pub struct Health {
     attached: AtomicBool,
+    start: Instant,
     /// Milliseconds since `start` at the last completed drain pass.
     last_drain_ms: AtomicU64,
-    start: std::sync::OnceLock<Instant>,
 }
 
 impl Health {
-    fn start(&self) -> Instant {
-        *self.start.get_or_init(Instant::now)
+    fn new() -> Self {
+        Self {
+            attached: AtomicBool::new(false),
+            start: Instant::now(),
+            last_drain_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn mark_drained(&self) {
-        let ms = u64::try_from(self.start().elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_drain_ms.store(ms, Ordering::Relaxed);
+        self.last_drain_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// True while attached and the drain loop completed a pass within `max_age`.
-    #[must_use]
-    pub fn is_up(&self, max_age: Duration) -> bool {
-        let now = u64::try_from(self.start().elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.last_drain_ms.load(Ordering::Relaxed);
-        self.attached.load(Ordering::Relaxed)
-            && now.saturating_sub(last) <= u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX)
+    /// `Ok` while attached and the drain loop completed a pass within `HEALTH_MAX_AGE`.
+    ///
+    /// # Errors
+    /// Why the daemon is not healthy.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.attached.load(Ordering::Relaxed) {
+            return Err("verifier not attached".into());
+        }
+        let age = self
+            .now_ms()
+            .saturating_sub(self.last_drain_ms.load(Ordering::Relaxed));
+        if u128::from(age) > HEALTH_MAX_AGE.as_millis() {
+            return Err(format!("event loop has not completed a pass for {age} ms"));
+        }
+        Ok(())
     }
 }
 
-/// How often the drain loop wakes even without events, proving it is alive.
-pub const DRAIN_TICK: Duration = Duration::from_secs(1);
+/// State shared by the tasks and the HTTP endpoint.
+struct Shared {
+    verifier: Mutex<Verifier>,
+    peers: Mutex<PeerTable>,
+    health: Health,
+    metrics: Metrics,
+    proc_path: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Exporter for Shared {
+    fn scrape(&self) -> String {
+        let t0 = Instant::now();
+        let table = lock(&self.peers).clone();
+        let mut snap = Snapshot {
+            peers_by_source: Source::ALL
+                .iter()
+                .map(|s| (*s, table.count_by_source(*s)))
+                .collect(),
+            kernel: snmp::read(&self.proc_path),
+            up: self.health.check().is_ok(),
+            ..Snapshot::default()
+        };
+        {
+            let v = lock(&self.verifier);
+            match v.counters() {
+                Ok(c) => snap.counters = c,
+                Err(e) => {
+                    warn!(error = %e, "scrape could not read the verifier's counters");
+                    snap.up = false;
+                }
+            }
+            for (id, spec) in table.iter() {
+                match v.peer_stats(id) {
+                    Ok(s) => snap.peers.push((spec.label(), s)),
+                    Err(e) => {
+                        warn!(peer = %spec.net, error = %e, "scrape could not read peer statistics");
+                        snap.up = false;
+                    }
+                }
+            }
+        }
+        snap.collect_seconds = t0.elapsed().as_secs_f64();
+        self.metrics.render(&snap)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.health.check()
+    }
+}
 
 /// Runs until `shutdown` resolves (clean exit) or an internal task fails (error).
 ///
 /// # Errors
 /// `DaemonError` naming the failed step or task.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the start-up order is the contract; it reads best in one place"
+)]
 pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let health = Arc::new(Health::default());
-    health.start();
+    let RunConfig {
+        settings,
+        reload,
+        drain_fault_after,
+    } = config;
+    let missing = check::missing_capabilities(&settings.proc_path);
+    if !missing.is_empty() {
+        return Err(DaemonError::Privileges { missing });
+    }
+    let listener = TcpListener::bind(settings.listen).map_err(|source| DaemonError::Listen {
+        addr: settings.listen,
+        source,
+    })?;
+    let listen = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    let table = PeerTable::new(settings.peers.clone())?;
+    let metrics = Metrics::new()?;
+    let suppressed = metrics.log_suppressed();
+
     let mut verifier = Verifier::load()?;
-    verifier.set_peers(&config.peers)?;
+    verifier.set_peers(&table)?;
     let ring = verifier.take_events()?;
     // SAFETY: the ring buffer owns its map fd and keeps it open for as long as the AsyncFd
     // (which owns the ring buffer) exists, so the registration never outlives the fd.
-    let ring =
-        unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::EventFd(e.into_parts().1))?;
+    let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::EventFd {
+        what: "mismatch event",
+        source: e.into_parts().1,
+    })?;
     let ebpf_log = aya_log::EbpfLogger::init(verifier.ebpf_mut())
         .map_err(|e| DaemonError::EbpfLog(e.to_string()))?;
-    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
-    let ebpf_log = unsafe { AsyncFd::register(ebpf_log) }
-        .map_err(|e| DaemonError::EbpfLog(e.into_parts().1.to_string()))?;
+    // SAFETY: as above, for the logger's ring buffer.
+    let ebpf_log = unsafe { AsyncFd::register(ebpf_log) }.map_err(|e| DaemonError::EventFd {
+        what: "aya-log",
+        source: e.into_parts().1,
+    })?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     // Attach last: the peer map is complete before the first segment meets the program.
-    verifier.attach(&config.cgroup)?;
-    health.attached.store(true, Ordering::Relaxed);
-    health.mark_drained();
-    let peers = Arc::new(config.peers.clone());
+    verifier.attach(&settings.cgroup)?;
+
+    let shared = Arc::new(Shared {
+        verifier: Mutex::new(verifier),
+        peers: Mutex::new(table.clone()),
+        health: Health::new(),
+        metrics,
+        proc_path: settings.proc_path.clone(),
+    });
+    shared.health.attached.store(true, Ordering::Relaxed);
+    shared.health.mark_drained();
     info!(
-        cgroup = %config.cgroup.display(),
-        peers = config.peers.len(),
+        cgroup = %settings.cgroup.display(),
+        %listen,
+        peers = table.len(),
         "verifier attached at cgroup_skb ingress"
     );
-    for (id, p) in config.peers.iter() {
-        info!(peer = %p.net, id, mode = %p.mode, "verifying peer");
-    }
+    log_peers(&table);
 
+    let limiter = RateLimiter::new(settings.log_per_second, settings.log_burst);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let mut drain = tokio::spawn(drain_events(
         ring,
-        Arc::clone(&peers),
-        Arc::clone(&health),
+        Arc::clone(&shared),
+        limiter,
+        suppressed,
         stop_rx,
+        drain_fault_after,
     ));
     let mut bridge = tokio::spawn(bridge_ebpf_log(ebpf_log));
-    let died_as = |task: &'static str, r: Result<io::Result<()>, tokio::task::JoinError>| {
+    let mut server = tokio::spawn(http::serve(
+        listener,
+        Arc::clone(&shared) as Arc<dyn Exporter>,
+    ));
+    let died = |task: &'static str, r: Result<io::Result<()>, tokio::task::JoinError>| {
         DaemonError::TaskDied {
             task,
             reason: match r {
@@ -143,32 +314,99 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             },
         }
     };
-    let result = tokio::select! {
-        () = shutdown => {
-            info!("shutdown requested");
-            // Let the drain task empty the ring and report what the log limit suppressed.
-            let _ = stop_tx.send(());
-            match tokio::time::timeout(Duration::from_secs(5), &mut drain).await {
-                Ok(Ok(Ok(()))) => Ok(()),
-                Ok(r) => Err(died_as("event-drain", r)),
-                Err(_) => Err(DaemonError::TaskDied { task: "event-drain", reason: "did not finish its final drain within 5 s".into() }),
+
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                info!("shutdown requested");
+                // Let the drain task empty the ring and report what the log limit suppressed.
+                let _ = stop_tx.send(());
+                break match tokio::time::timeout(Duration::from_secs(5), &mut drain).await {
+                    Ok(Ok(Ok(()))) => Ok(()),
+                    Ok(r) => Err(died("event-drain", r)),
+                    Err(_) => Err(DaemonError::TaskDied { task: "event-drain", reason: "did not finish its final drain within 5 s".into() }),
+                };
             }
+            _ = hup.recv() => reload_peers(&shared, reload.as_ref()),
+            r = &mut drain => break Err(died("event-drain", r)),
+            r = &mut bridge => break Err(died("ebpf-log", r)),
+            r = &mut server => break Err(died("http", r)),
         }
-        r = &mut drain => Err(died_as("event-drain", r)),
-        r = &mut bridge => Err(died_as("ebpf-log", r)),
     };
+    shared.health.attached.store(false, Ordering::Relaxed);
     drain.abort();
     bridge.abort();
-    health.attached.store(false, Ordering::Relaxed);
-    log_totals(&verifier, &peers);
-    drop(verifier);
-    info!("verifier detached");
+    server.abort();
+    if let Err(e) = &result {
+        error!("{e}");
+    }
+    log_totals(&shared);
+    // The tasks hold clones of `shared`; the verifier (and with it the link) goes when the
+    // last one is dropped. Detach explicitly now rather than whenever the runtime drops them.
+    let attached = lock(&shared.verifier).detach();
+    if attached {
+        info!("verifier detached");
+    }
     result
 }
 
-fn log_totals(verifier: &Verifier, peers: &PeerTable) {
-    for (id, p) in peers.iter() {
-        match verifier.peer_stats(id) {
+fn log_peers(table: &PeerTable) {
+    for (id, p) in table.iter() {
+        info!(peer = %p.net, id, mode = %p.mode, residual = p.expected_residual().unwrap_or(0), "verifying peer");
+    }
+}
+
+fn reload_peers(shared: &Shared, reload: Option<&Reloader>) {
+    let Some(reload) = reload else {
+        warn!("SIGHUP ignored: no configuration to re-read");
+        return;
+    };
+    let specs = match reload() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "reload failed; keeping the current peers");
+            return;
+        }
+    };
+    let old = lock(&shared.peers).clone();
+    let new = match old.reconcile(specs) {
+        Ok(t) => t,
+        Err(e) => {
+            error!(error = %e, "reload failed; keeping the current peers");
+            return;
+        }
+    };
+    if let Err(e) = lock(&shared.verifier).set_peers(&new) {
+        // The maps may now be partly updated; put the old table back so they match what the
+        // metrics and logs believe.
+        error!(error = %e, "reload could not update the peer maps; restoring the previous peers");
+        if let Err(e) = lock(&shared.verifier).set_peers(&old) {
+            error!(error = %e, "restoring the previous peers failed too");
+        }
+        return;
+    }
+    let added = new
+        .iter()
+        .filter(|(_, p)| old.id_of(p.net).is_none())
+        .count();
+    let removed = old
+        .iter()
+        .filter(|(_, p)| new.id_of(p.net).is_none())
+        .count();
+    *lock(&shared.peers) = new.clone();
+    info!(
+        peers = new.len(),
+        added, removed, "reloaded peers on SIGHUP"
+    );
+    log_peers(&new);
+}
+
+fn log_totals(shared: &Shared) {
+    let table = lock(&shared.peers).clone();
+    let v = lock(&shared.verifier);
+    for (id, p) in table.iter() {
+        match v.peer_stats(id) {
             Ok(s) => info!(
                 peer = %p.net,
                 verified_tcp = s.verified_packets[PROTO_TCP],
@@ -180,7 +418,7 @@ fn log_totals(verifier: &Verifier, peers: &PeerTable) {
             Err(e) => warn!(peer = %p.net, error = %e, "could not read peer totals"),
         }
     }
-    if let Ok(c) = verifier.counters() {
+    if let Ok(c) = v.counters() {
         for (counter, reason) in SKIP_REASONS {
             let n = c.get(counter);
             if n > 0 {
@@ -194,7 +432,7 @@ fn log_totals(verifier: &Verifier, peers: &PeerTable) {
 /// `log` facade that `tracing-subscriber` captures.
 async fn bridge_ebpf_log(
     mut fd: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
-) -> Result<(), io::Error> {
+) -> io::Result<()> {
     loop {
         let mut guard = fd.readable_mut().await?;
         guard.get_inner_mut().flush();
@@ -206,19 +444,24 @@ async fn bridge_ebpf_log(
 /// drains what is left, reports suppressed lines and returns.
 async fn drain_events(
     mut ring: AsyncFd<RingBuf<MapData>>,
-    peers: Arc<PeerTable>,
-    health: Arc<Health>,
+    shared: Arc<Shared>,
+    mut limiter: RateLimiter,
+    suppressed: IntCounter,
     mut stop: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(), io::Error> {
-    let mut limiter = RateLimiter::new(LOG_PER_SECOND, LOG_BURST);
+    fault_after: Option<Duration>,
+) -> io::Result<()> {
+    let fault_at = fault_after.map(|d| Instant::now() + d);
     let mut last_event = Instant::now();
     loop {
+        if fault_at.is_some_and(|t| Instant::now() >= t) {
+            return Err(io::Error::other("injected fault (test hook)"));
+        }
         let ready = tokio::select! {
             r = tokio::time::timeout(DRAIN_TICK, ring.readable_mut()) => r,
             _ = &mut stop => {
                 let rb = ring.get_mut();
                 while let Some(item) = rb.next() {
-                    log_event(&item, &peers, &mut limiter);
+                    log_event(&item, &shared, &mut limiter, &suppressed);
                 }
                 let pending = limiter.pending_suppressed();
                 if pending > 0 {
@@ -233,7 +476,7 @@ async fn drain_events(
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
                     last_event = Instant::now();
-                    log_event(&item, &peers, &mut limiter);
+                    log_event(&item, &shared, &mut limiter, &suppressed);
                 }
                 guard.clear_ready();
             }
@@ -244,15 +487,15 @@ async fn drain_events(
                         suppressed = pending,
                         "mismatch log lines suppressed by the rate limit"
                     );
-                    limiter = RateLimiter::new(LOG_PER_SECOND, LOG_BURST);
+                    limiter.clear_suppressed();
                 }
             }
         }
-        health.mark_drained();
+        shared.health.mark_drained();
     }
 }
 
-fn log_event(bytes: &[u8], peers: &PeerTable, limiter: &mut RateLimiter) {
+fn log_event(bytes: &[u8], shared: &Shared, limiter: &mut RateLimiter, suppressed: &IntCounter) {
     let Some(m) = Mismatch::decode(bytes) else {
         warn!(
             len = bytes.len(),
@@ -260,12 +503,13 @@ fn log_event(bytes: &[u8], peers: &PeerTable, limiter: &mut RateLimiter) {
         );
         return;
     };
-    let Some(suppressed) = limiter.admit(Instant::now()) else {
+    let Some(suppressed_before) = limiter.admit(Instant::now()) else {
+        suppressed.inc();
         return;
     };
-    let peer = peers
+    let peer = lock(&shared.peers)
         .get(m.peer_id)
-        .map_or_else(|| format!("#{}", m.peer_id), super::peers::PeerSpec::label);
+        .map_or_else(|| format!("#{}", m.peer_id), PeerSpec::label);
     warn!(
         peer,
         proto = m.proto,
@@ -276,7 +520,7 @@ fn log_event(bytes: &[u8], peers: &PeerTable, limiter: &mut RateLimiter) {
         expected = %format_args!("{:#06x}", m.expected),
         action = if m.dropped { "dropped" } else { "passed" },
         payload = %Hex(&m.payload),
-        suppressed_before = suppressed,
+        suppressed_before,
         "checksum mismatch"
     );
 }

@@ -13,8 +13,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError},
+    maps::{LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId,
+    },
 };
 use ipnet::IpNet;
 use monitor_ebpf::{COUNTER_SLOTS, Counter, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue};
@@ -142,6 +144,9 @@ impl Counters {
 pub struct Verifier {
     bpf: Ebpf,
     attached_to: Option<PathBuf>,
+    link: Option<CgroupSkbLinkId>,
+    /// What `set_peers` last installed.
+    installed: PeerTable,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -171,6 +176,8 @@ impl Verifier {
         Ok(Self {
             bpf,
             attached_to: None,
+            link: None,
+            installed: PeerTable::default(),
         })
     }
 
@@ -200,17 +207,32 @@ impl Verifier {
         let prog = program(&mut self.bpf)?;
         // Through bpf_link the kernel always attaches in multi mode and rejects explicit attach
         // flags with EINVAL, so `Single` (flags 0) coexists with other programs here.
-        prog.attach(
-            file.as_fd(),
-            CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::Single,
-        )
-        .map_err(|source| EbpfFailure::Attach {
-            path: cgroup.to_owned(),
-            source,
-        })?;
+        let link = prog
+            .attach(
+                file.as_fd(),
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|source| EbpfFailure::Attach {
+                path: cgroup.to_owned(),
+                source,
+            })?;
+        self.link = Some(link);
         self.attached_to = Some(cgroup.to_owned());
         Ok(())
+    }
+
+    /// Detaches the program (it stays loaded); returns whether it was attached.
+    pub fn detach(&mut self) -> bool {
+        let Some(link) = self.link.take() else {
+            return false;
+        };
+        self.attached_to = None;
+        if let Err(e) = program(&mut self.bpf).map(|p| p.detach(link)) {
+            // Dropping the object releases the link anyway.
+            tracing::warn!(error = %e, "detaching the verifier failed; it goes when the process exits");
+        }
+        true
     }
 
     /// Where the program is attached, if it is.
@@ -219,12 +241,49 @@ impl Verifier {
         self.attached_to.as_deref()
     }
 
-    /// Makes the peer maps equal to `table`: inserts or updates every peer, then removes
-    /// prefixes no longer configured. Segments never see an empty map in between.
+    /// Makes the peer maps equal to `table`: resets the statistics of ids that now belong to
+    /// another prefix, inserts or updates every peer, then removes prefixes no longer
+    /// configured. Segments never see an empty map in between, and a peer that stays keeps its
+    /// counts.
     ///
     /// # Errors
-    /// `EbpfFailure::Map` naming the peer.
+    /// `EbpfFailure::Map` naming the step.
     pub fn set_peers(&mut self, table: &PeerTable) -> Result<(), EbpfFailure> {
+        let reused: Vec<u32> = table
+            .iter()
+            .filter(|(id, spec)| {
+                self.installed
+                    .get(*id)
+                    .is_none_or(|old| old.net != spec.net)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if !reused.is_empty() {
+            let map = self.bpf.map_mut("PEER_STATS").ok_or(EbpfFailure::Missing {
+                kind: "map",
+                name: "PEER_STATS",
+            })?;
+            let mut arr: PerCpuArray<&mut MapData, PeerStats> = PerCpuArray::try_from(map)
+                .map_err(|source| EbpfFailure::Map {
+                    what: "opening PEER_STATS".into(),
+                    source,
+                })?;
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfFailure::Map {
+                what: "counting possible CPUs".into(),
+                source: MapError::IoError(e),
+            })?;
+            for id in reused {
+                let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus.get() as usize])
+                    .map_err(|e| EbpfFailure::Map {
+                        what: format!("zeroing PEER_STATS[{id}]"),
+                        source: MapError::IoError(e),
+                    })?;
+                arr.set(id, zeros, 0).map_err(|source| EbpfFailure::Map {
+                    what: format!("resetting PEER_STATS[{id}]"),
+                    source,
+                })?;
+            }
+        }
         let mut want_v4 = Vec::new();
         let mut want_v6 = Vec::new();
         for (id, spec) in table.iter() {
@@ -242,6 +301,7 @@ impl Verifier {
         }
         sync_trie::<PeerKeyV4>(&mut self.bpf, "PEERS_V4", &want_v4)?;
         sync_trie::<PeerKeyV6>(&mut self.bpf, "PEERS_V6", &want_v6)?;
+        self.installed = table.clone();
         Ok(())
     }
 

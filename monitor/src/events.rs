@@ -143,6 +143,11 @@ impl RateLimiter {
         }
     }
 
+    /// Forgets the suppressed count after it was reported on its own.
+    pub const fn clear_suppressed(&mut self) {
+        self.suppressed = 0;
+    }
+
     /// Lines suppressed and not yet reported.
     #[must_use]
     pub const fn pending_suppressed(&self) -> u64 {

@@ -7,7 +7,11 @@
 pub mod cgroup;
 pub mod check;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod events;
+pub mod http;
+pub mod metrics;
 pub mod peers;
+pub mod snmp;

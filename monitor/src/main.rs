@@ -1,14 +1,14 @@
-//! The `natt-monitor` binary: parse, set up logging, run.
+//! The `natt-monitor` binary: parse, resolve configuration, set up logging, run.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Parser as _;
 use natt_monitor::{
-    cgroup, check,
+    check,
     cli::{Cli, Command, LogFormat, RunArgs},
+    config,
     daemon::{self, RunConfig},
-    peers::{PeerSpec, PeerTable, parse_cidr},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -27,17 +27,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Run(args) => {
-            init_logging(args.log_format);
-            match run(args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("natt-monitor: error: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Command::Run(args) => match run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("natt-monitor: error: {e:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
     }
 }
 
@@ -54,23 +50,36 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    let peers = args
-        .peers
-        .iter()
-        .map(|p| parse_cidr(p).map(|net| PeerSpec::new(net, args.mode)))
-        .collect::<Result<Vec<_>, _>>()
-        .context("--peer")?;
-    let peers = PeerTable::new(peers).context("--peer")?;
-    let cgroup = match args.cgroup {
-        Some(c) => c,
-        None => cgroup::cgroup2_mount()
-            .context("--cgroup not given and no cgroup2 mount found in /proc/mounts")?,
+/// `NATT_MONITOR_TEST_FAULT=event-drain:<ms>` makes the event-drain task fail after that many
+/// milliseconds. It exists only so the test suite can prove that a dead internal task takes
+/// the daemon down; it is not a user setting.
+fn test_fault() -> anyhow::Result<Option<Duration>> {
+    let Ok(v) = std::env::var("NATT_MONITOR_TEST_FAULT") else {
+        return Ok(None);
     };
-    if !cgroup.is_dir() {
-        bail!("--cgroup {}: no such directory", cgroup.display());
-    }
-    let config = RunConfig { cgroup, peers };
+    let ms = v
+        .strip_prefix("event-drain:")
+        .and_then(|ms| ms.parse().ok())
+        .with_context(|| {
+            format!("NATT_MONITOR_TEST_FAULT={v}: expected event-drain:<milliseconds>")
+        })?;
+    Ok(Some(Duration::from_millis(ms)))
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    // Everything in the configuration is checked before logging starts or the kernel is
+    // touched, so a typo never leaves anything attached.
+    let settings = config::resolve(args)?;
+    let drain_fault_after = test_fault()?;
+    init_logging(settings.log_format);
+    let reload_args = args.clone();
+    let config = RunConfig {
+        settings,
+        reload: Some(Box::new(move || {
+            config::resolve(&reload_args).map(|s| s.peers)
+        })),
+        drain_fault_after,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -85,8 +94,8 @@ async fn shutdown_signal() {
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
-        // Without signal handlers the default action (terminate) still applies, and the
-        // bpf_link is released with the process.
+        // Without handlers the default action (terminate) still applies, and the bpf_link is
+        // released with the process.
         return std::future::pending().await;
     };
     tokio::select! {

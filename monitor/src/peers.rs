@@ -9,7 +9,8 @@ use ipnet::IpNet;
 use monitor_ebpf::{MAX_PEERS, MODE_ENFORCE, MODE_OBSERVE, PeerValue, csum};
 
 /// What the verifier does with a mismatching segment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Count and log mismatches; deliver the segment.
     #[default]
@@ -115,6 +116,8 @@ pub struct PeerSpec {
     pub mode: Mode,
     /// Pre-NAT addresses, when known; `None` means no NAT (expected residual 0).
     pub nat: Option<NatAddresses>,
+    /// Where it came from.
+    pub source: Source,
 }
 
 impl PeerSpec {
@@ -125,6 +128,7 @@ impl PeerSpec {
             net,
             mode,
             nat: None,
+            source: Source::Static,
         }
     }
 
@@ -158,18 +162,50 @@ impl PeerSpec {
     }
 }
 
-/// The peers the verifier knows, with dense ids (index order) for the statistics array.
+/// Where a peer came from; the `source` label of `natt_monitor_peers`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    /// `--peer` flags and `[[peer]]` entries of the configuration file.
+    #[default]
+    Static,
+}
+
+impl Source {
+    /// Every source, for pre-registering gauges at 0.
+    pub const ALL: [Self; 1] = [Self::Static];
+
+    /// Label value.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Static => "static",
+        }
+    }
+}
+
+/// The peers the verifier knows, keyed by id. Ids index the per-peer statistics array; they are
+/// stable across reloads (a peer that stays keeps its id and its counts) and a freed id is
+/// reused only after its statistics slot has been reset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerTable {
-    peers: Vec<PeerSpec>,
+    peers: std::collections::BTreeMap<u32, PeerSpec>,
 }
 
 impl PeerTable {
-    /// Builds a table, rejecting duplicates and more than `MAX_PEERS` entries.
+    /// Builds a table with ids `0..n`, rejecting duplicates and more than `MAX_PEERS` entries.
     ///
     /// # Errors
     /// `PeerError::Duplicate`, `PeerError::TooMany`, or `PeerError::MixedFamilies`.
     pub fn new(peers: Vec<PeerSpec>) -> Result<Self, PeerError> {
+        Self::default().reconcile(peers)
+    }
+
+    /// The table for a new peer list: peers whose prefix is already here keep their id, new
+    /// ones take the lowest free ids.
+    ///
+    /// # Errors
+    /// As `new`.
+    pub fn reconcile(&self, peers: Vec<PeerSpec>) -> Result<Self, PeerError> {
         if peers.len() > MAX_PEERS as usize {
             return Err(PeerError::TooMany {
                 count: peers.len(),
@@ -182,18 +218,46 @@ impl PeerTable {
             }
             p.expected_residual()?;
         }
-        Ok(Self { peers })
+        let mut out = std::collections::BTreeMap::new();
+        let mut fresh = Vec::new();
+        for p in peers {
+            match self.id_of(p.net) {
+                Some(id) => {
+                    out.insert(id, p);
+                }
+                None => fresh.push(p),
+            }
+        }
+        // Freed ids are reused at once: `Verifier::set_peers` resets the statistics of every id
+        // whose prefix changed before the new prefix goes into the maps.
+        let mut next = 0u32;
+        for p in fresh {
+            while out.contains_key(&next) {
+                next += 1;
+            }
+            out.insert(next, p);
+            next += 1;
+        }
+        Ok(Self { peers: out })
+    }
+
+    /// The id of the peer with this prefix, if any.
+    #[must_use]
+    pub fn id_of(&self, net: IpNet) -> Option<u32> {
+        self.peers
+            .iter()
+            .find_map(|(id, p)| (p.net == net).then_some(*id))
     }
 
     /// Peers in id order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &PeerSpec)> {
-        (0u32..).zip(&self.peers)
+        self.peers.iter().map(|(id, p)| (*id, p))
     }
 
     /// The peer with this id.
     #[must_use]
     pub fn get(&self, id: u32) -> Option<&PeerSpec> {
-        self.peers.get(id as usize)
+        self.peers.get(&id)
     }
 
     /// Number of peers.
@@ -208,10 +272,16 @@ impl PeerTable {
         self.peers.is_empty()
     }
 
+    /// Number of peers from each source.
+    #[must_use]
+    pub fn count_by_source(&self, source: Source) -> usize {
+        self.peers.values().filter(|p| p.source == source).count()
+    }
+
     /// The map value for peer `id`.
     ///
     /// # Panics
-    /// Never for a table built by `new` (residuals were validated there).
+    /// Never for a table built by `new` or `reconcile` (residuals were validated there).
     #[must_use]
     pub fn value(&self, id: u32, spec: &PeerSpec) -> PeerValue {
         PeerValue {
@@ -220,7 +290,7 @@ impl PeerTable {
             flags: 0,
             expected_residual: spec
                 .expected_residual()
-                .expect("validated in PeerTable::new"),
+                .expect("validated in PeerTable::reconcile"),
         }
     }
 }
@@ -268,6 +338,35 @@ mod tests {
             PeerTable::new(vec![b]).unwrap_err().to_string(),
             "NAT addresses of peer 10.0.0.0/8 mix IPv4 and IPv6"
         );
+    }
+
+    #[test]
+    fn reconcile_keeps_ids_of_remaining_peers() {
+        let p = |s: &str| PeerSpec::new(parse_cidr(s).unwrap(), Mode::Observe);
+        let t = PeerTable::new(vec![p("10.0.0.1"), p("10.0.0.2"), p("10.0.0.3")]).unwrap();
+        let ids: Vec<(u32, String)> = t.iter().map(|(i, s)| (i, s.label())).collect();
+        assert_eq!(
+            ids,
+            [
+                (0, "10.0.0.1/32".into()),
+                (1, "10.0.0.2/32".into()),
+                (2, "10.0.0.3/32".into())
+            ]
+        );
+        // Drop .1, keep .3 and .2 (listed in another order), add .4: it takes the freed id 0.
+        let u = t
+            .reconcile(vec![p("10.0.0.3"), p("10.0.0.4"), p("10.0.0.2")])
+            .unwrap();
+        let ids: Vec<(u32, String)> = u.iter().map(|(i, s)| (i, s.label())).collect();
+        assert_eq!(
+            ids,
+            [
+                (0, "10.0.0.4/32".into()),
+                (1, "10.0.0.2/32".into()),
+                (2, "10.0.0.3/32".into())
+            ]
+        );
+        assert_eq!(u.id_of(parse_cidr("10.0.0.3").unwrap()), Some(2));
     }
 
     #[test]

@@ -62,6 +62,12 @@ fn bad_arguments_fail_before_anything_is_attached() {
         ),
         "{err}"
     );
+    let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--listen", "localhost:80"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("natt-monitor: error: --listen: `localhost:80` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)"),
+        "{err}"
+    );
     let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--peer", "192.0.2.1/32"]);
     assert_eq!(code, 1);
     assert!(
@@ -80,10 +86,13 @@ fn bad_arguments_fail_before_anything_is_attached() {
         err.contains("/tmp is not a cgroup v2 directory (cgroup v2 is mounted at"),
         "{err}"
     );
-    // clap's own usage errors exit 2 and name the flag.
     let (code, err) = run_to_end(&["run"]);
-    assert_eq!(code, 2);
-    assert!(err.contains("--peer <CIDR>"), "{err}");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("natt-monitor: error: no peers configured: pass --peer CIDR (repeatable) or add [[peer]] entries to the --config file"),
+        "{err}"
+    );
+    // clap's own usage errors exit 2 and name the flag.
     let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--mode", "block"]);
     assert_eq!(code, 2);
     assert!(
@@ -112,9 +121,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(monitor_bin())
-            .args(args)
-            .args(["--log-format", "json"])
+        Self::start_env(args, &[])
+    }
+
+    fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(monitor_bin());
+        cmd.args(args).args(["--log-format", "json"]);
+        if !args.contains(&"--listen") && !args.iter().any(|a| a.starts_with("--config")) {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -163,10 +180,44 @@ impl Daemon {
         }
     }
 
-    fn stop(mut self, signal: i32) -> (ExitStatus, Vec<Value>) {
+    /// The metrics address, from the "attached" log line.
+    fn addr(&self) -> String {
+        let attached = self.messages("verifier attached at cgroup_skb ingress");
+        attached[0]["listen"]
+            .as_str()
+            .expect("listen field")
+            .to_owned()
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http_get(&format!("http://{}{path}", self.addr()))
+    }
+
+    fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.child.id()).expect("pid");
         // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(pid, signal) };
+    }
+
+    /// Waits for the process to exit on its own.
+    fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, Vec<Value>) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "natt-monitor did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.reader.take().unwrap().join().unwrap();
+        (status, self.lines.lock().unwrap().clone())
+    }
+
+    fn stop(mut self, signal: i32) -> (ExitStatus, Vec<Value>) {
+        self.signal(signal);
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -188,6 +239,26 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn http_get(url: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut resp = agent
+        .get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().expect("body"))
+}
+
+/// The value of one exact series line (`name{labels}`) in a text exposition.
+fn metric(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn field_u64(v: &Value, k: &str) -> u64 {
@@ -223,6 +294,54 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
             differing: 0
         }
     );
+    // The endpoint reports exactly what was injected.
+    let (code, body) = d.get("/metrics");
+    assert_eq!(code, 200);
+    let peer = "peer=\"192.0.2.1/32\",proto=\"tcp\"";
+    assert_eq!(
+        metric(
+            &body,
+            &format!("natt_monitor_checksum_mismatches_total{{{peer}}}")
+        ),
+        Some(injected),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!("natt_monitor_dropped_packets_total{{{peer}}}")
+        ),
+        Some(injected)
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!("natt_monitor_verified_packets_total{{{peer}}}")
+        ),
+        Some(inj.stats().marked - injected),
+        "every other marked segment verified"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "natt_monitor_checksum_mismatches_total{peer=\"192.0.2.1/32\",proto=\"udp\"}"
+        ),
+        Some(0)
+    );
+    assert_eq!(metric(&body, "natt_monitor_up"), Some(1));
+    assert_eq!(
+        metric(&body, "natt_monitor_peers{source=\"static\"}"),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "natt_monitor_skipped_packets_total{reason=\"aggregated\"}"
+        ),
+        Some(0)
+    );
+    assert!(metric(&body, "natt_monitor_kernel_tcp_in_csum_errors_total").is_some());
+    assert_eq!(d.get("/healthz"), (200, "ok\n".to_owned()));
     let (status, lines) = d.stop(libc::SIGTERM);
     assert!(status.success(), "exit status {status}: {lines:?}");
 
@@ -293,5 +412,203 @@ fn sigint_also_detaches_cleanly() {
     let (status, lines) = d.stop(libc::SIGINT);
     assert!(status.success(), "exit status {status}: {lines:?}");
     assert!(lines.iter().any(|v| v["message"] == "verifier detached"));
+    assert_no_verifier_loaded();
+}
+
+#[test]
+fn config_errors_are_named_before_anything_is_attached() {
+    if skip_unless_root("config_errors_are_named_before_anything_is_attached") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("natt-daemon-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\n[[peer]]\ncidr = \"192.0.2.1\"\nmtu = 9000\n",
+    )
+    .unwrap();
+    let (code, err) = run_to_end(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "natt-monitor: error: --config {}: TOML parse error at line 4",
+            cfg.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("unknown field `mtu`"), "{err}");
+
+    // A port in use is reported before the program is loaded.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--listen", &addr]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "natt-monitor: error: --listen {addr}: Address already in use"
+        )),
+        "{err}"
+    );
+
+    // Without capabilities (root with an empty bounding set), the daemon says which it lacks.
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
+        .arg(monitor_bin())
+        .args(["run", "--peer", "192.0.2.1", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "natt-monitor: error: natt-monitor needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN, or root; this process lacks CAP_BPF and CAP_NET_ADMIN"
+        ),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_verifier_loaded();
+}
+
+#[test]
+fn sighup_adds_and_removes_peers_and_keeps_counts() {
+    if skip_unless_root("sighup_adds_and_removes_peers_and_keeps_counts") {
+        return;
+    }
+    let lab = Lab::new(1500);
+    let cg = Cgroup::new();
+    let dir = std::env::temp_dir().join(format!("natt-daemon-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("natt-monitor.toml");
+    let write = |peers: &[&str]| {
+        let mut t = format!(
+            "listen = \"127.0.0.1:0\"\ncgroup = \"{}\"\nmode = \"enforce\"\n",
+            cg.path.display()
+        );
+        for p in peers {
+            t.push_str(&format!("[[peer]]\ncidr = \"{p}\"\n"));
+        }
+        std::fs::write(&cfg, t).unwrap();
+    };
+    write(&["198.51.100.9", ADDR_A]);
+    let mut d = Daemon::start(&["run", "--config", cfg.to_str().unwrap()]);
+    d.wait_for("verifier attached at cgroup_skb ingress");
+    let inj = Injector::attach(&lab.b, lab.dev_b, 50);
+    let s = stream(
+        env!("CARGO_BIN_EXE_natt-peer"),
+        &lab,
+        &cg.path,
+        2 << 20,
+        false,
+    );
+    assert_eq!(s.differing, 0);
+    let a = "peer=\"192.0.2.1/32\",proto=\"tcp\"";
+    let (_, before) = d.get("/metrics");
+    let verified = metric(
+        &before,
+        &format!("natt_monitor_verified_packets_total{{{a}}}"),
+    )
+    .unwrap();
+    let mismatches = metric(
+        &before,
+        &format!("natt_monitor_checksum_mismatches_total{{{a}}}"),
+    )
+    .unwrap();
+    assert_eq!(mismatches, inj.stats().corrupted);
+    assert!(verified > 0);
+    assert!(before.contains("peer=\"198.51.100.9/32\""));
+
+    // Remove 198.51.100.9, keep A, add a prefix; reload.
+    write(&[ADDR_A, "203.0.113.0/24"]);
+    d.signal(libc::SIGHUP);
+    d.wait_for("reloaded peers on SIGHUP");
+    let (_, after) = d.get("/metrics");
+    assert_eq!(
+        metric(
+            &after,
+            &format!("natt_monitor_verified_packets_total{{{a}}}")
+        ),
+        Some(verified),
+        "counts kept"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            &format!("natt_monitor_checksum_mismatches_total{{{a}}}")
+        ),
+        Some(mismatches)
+    );
+    assert!(
+        !after.contains("198.51.100.9"),
+        "removed peer's series are gone:\n{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "natt_monitor_verified_packets_total{peer=\"203.0.113.0/24\",proto=\"tcp\"}"
+        ),
+        Some(0)
+    );
+    assert_eq!(
+        metric(&after, "natt_monitor_peers{source=\"static\"}"),
+        Some(2)
+    );
+    let reload = &d.messages("reloaded peers on SIGHUP")[0];
+    assert_eq!(
+        (
+            field_u64(reload, "added"),
+            field_u64(reload, "removed"),
+            field_u64(reload, "peers")
+        ),
+        (1, 1, 2)
+    );
+
+    // A broken file on reload keeps the current peers and the daemon running.
+    std::fs::write(&cfg, "[[peer]]\ncidr = \"not-an-address\"\n").unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for("reload failed; keeping the current peers");
+    assert_eq!(d.get("/healthz").0, 200);
+    let (_, still) = d.get("/metrics");
+    assert_eq!(
+        metric(&still, "natt_monitor_peers{source=\"static\"}"),
+        Some(2)
+    );
+
+    let (status, _) = d.stop(libc::SIGTERM);
+    assert!(status.success());
+    drop(inj);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_verifier_loaded();
+}
+
+#[test]
+fn a_dead_event_loop_takes_the_daemon_down() {
+    if skip_unless_root("a_dead_event_loop_takes_the_daemon_down") {
+        return;
+    }
+    let cg = Cgroup::new();
+    let mut d = Daemon::start_env(
+        &[
+            "run",
+            "--peer",
+            "192.0.2.1",
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+        ],
+        &[("NATT_MONITOR_TEST_FAULT", "event-drain:1500")],
+    );
+    d.wait_for("verifier attached at cgroup_skb ingress");
+    assert_eq!(d.get("/healthz"), (200, "ok\n".to_owned()));
+    let (status, lines) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "non-zero exit: {lines:?}");
+    let text = lines
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        text.contains("natt-monitor: error: internal task `event-drain` stopped: injected fault (test hook); exiting so the failure is visible (the program is detached)"),
+        "{text}"
+    );
     assert_no_verifier_loaded();
 }

@@ -1,0 +1,468 @@
+//! Configuration: the TOML file (`--config`) merged with command-line flags.
+//!
+//! Precedence: a flag given on the command line wins over the same key in the file, which wins
+//! over the built-in default. `--peer` flags are added to the file's `[[peer]]` entries (a peer
+//! may appear only once). Every error names the flag or the file and key at fault.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{
+    cli::{LogFormat, RunArgs},
+    events::{LOG_BURST, LOG_PER_SECOND},
+    peers::{Mode, NatAddresses, PeerError, PeerSpec, parse_cidr},
+};
+
+/// Default `--listen` address: loopback only, on natt-monitor's fixed port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9874";
+
+/// The configuration file's schema. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// cgroup v2 directory to attach to.
+    pub cgroup: Option<PathBuf>,
+    /// Default mode for peers that do not set one.
+    pub mode: Option<Mode>,
+    /// Metrics listen address.
+    pub listen: Option<String>,
+    /// Log format.
+    pub log_format: Option<LogFormat>,
+    /// procfs root.
+    pub proc_path: Option<PathBuf>,
+    /// Mismatch log budget.
+    #[serde(default)]
+    pub log: FileLog,
+    /// Peers.
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<FilePeer>,
+}
+
+/// `[log]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    /// Mismatch lines allowed at once.
+    pub mismatch_burst: Option<u32>,
+    /// Mismatch lines per second after the burst.
+    pub mismatch_per_second: Option<u32>,
+}
+
+/// One `[[peer]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePeer {
+    /// Source address or prefix.
+    pub cidr: String,
+    /// Overrides the default mode.
+    pub mode: Option<Mode>,
+    /// The peer's own address before its NAT rewrote it (what its checksum covers).
+    pub original_src: Option<IpAddr>,
+    /// The destination address the peer sent to, as it knows it.
+    pub original_dst: Option<IpAddr>,
+    /// Our address as the peer's segments arrive here.
+    pub observed_dst: Option<IpAddr>,
+}
+
+/// A configuration error. The `Display` text is what the user sees after `error:`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("--config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema (names the key and line).
+    #[error("--config {}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which quotes the line and names the key.
+        message: String,
+    },
+    /// A peer is invalid.
+    #[error("{origin}: {source}")]
+    Peer {
+        /// `--peer` or the file and entry.
+        origin: String,
+        /// What is wrong.
+        #[source]
+        source: PeerError,
+    },
+    /// A NAT entry is incomplete or names a prefix.
+    #[error("{origin}: {reason}")]
+    Nat {
+        /// The file and entry.
+        origin: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The listen address does not parse.
+    #[error(
+        "{origin}: `{value}` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)"
+    )]
+    Listen {
+        /// `--listen` or the file key.
+        origin: String,
+        /// What was given.
+        value: String,
+    },
+    /// The cgroup directory is missing.
+    #[error("{origin} {}: no such directory", path.display())]
+    Cgroup {
+        /// `--cgroup` or the file key.
+        origin: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// No cgroup was given and none is mounted.
+    #[error("--cgroup not given and no cgroup2 mount found in {}/mounts", proc_path.display())]
+    NoCgroup2 {
+        /// procfs root searched.
+        proc_path: PathBuf,
+    },
+    /// Nothing to verify.
+    #[error(
+        "no peers configured: pass --peer CIDR (repeatable) or add [[peer]] entries to the --config file"
+    )]
+    NoPeers,
+    /// A log budget of zero would silence every mismatch line.
+    #[error("{origin}: must be at least 1")]
+    ZeroBudget {
+        /// The file key.
+        origin: String,
+    },
+}
+
+/// Everything `run` needs, resolved from flags and file, before anything touches the kernel.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// Peers in configuration order (file entries first, then `--peer` flags).
+    pub peers: Vec<PeerSpec>,
+    /// Metrics listen address.
+    pub listen: SocketAddr,
+    /// procfs root.
+    pub proc_path: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Mismatch log burst.
+    pub log_burst: u32,
+    /// Mismatch log lines per second.
+    pub log_per_second: u32,
+}
+
+struct Origin<'a> {
+    file: Option<&'a Path>,
+}
+
+impl Origin<'_> {
+    fn key(&self, flag: &str, key: &str, from_flag: bool) -> String {
+        match (from_flag, self.file) {
+            (false, Some(f)) => format!("--config {} key `{key}`", f.display()),
+            _ => flag.to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for Origin<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origin").field("file", &self.file).finish()
+    }
+}
+
+/// Reads and parses a configuration file.
+///
+/// # Errors
+/// `ConfigError::Read` or `ConfigError::Parse`.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+/// Merges flags over the file (if any) into `Settings`. Reads the file each time it is called,
+/// which is what SIGHUP reload wants.
+///
+/// # Errors
+/// The first `ConfigError` found.
+pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
+    let file = match &args.config {
+        Some(p) => read_file(p)?,
+        None => FileConfig::default(),
+    };
+    let origin = Origin {
+        file: args.config.as_deref(),
+    };
+    let default_mode = args.mode.or(file.mode).unwrap_or_default();
+
+    let mut peers = Vec::new();
+    let mut origins = Vec::new();
+    for (i, fp) in file.peers.iter().enumerate() {
+        let at = format!(
+            "--config {} [[peer]] #{} (cidr = {:?})",
+            args.config
+                .as_deref()
+                .map_or_else(String::new, |p| p.display().to_string()),
+            i + 1,
+            fp.cidr
+        );
+        let net = parse_cidr(&fp.cidr).map_err(|source| ConfigError::Peer {
+            origin: at.clone(),
+            source,
+        })?;
+        let mut spec = PeerSpec::new(net, fp.mode.unwrap_or(default_mode));
+        spec.nat = nat_of(fp, net, &at)?;
+        peers.push(spec);
+        origins.push(at);
+    }
+    for p in &args.peers {
+        let net = parse_cidr(p).map_err(|source| ConfigError::Peer {
+            origin: "--peer".into(),
+            source,
+        })?;
+        peers.push(PeerSpec::new(net, default_mode));
+        origins.push("--peer".to_owned());
+    }
+    if peers.is_empty() {
+        return Err(ConfigError::NoPeers);
+    }
+    // Duplicates and the peer limit are checked where ids are assigned (PeerTable); check here
+    // too so the error names where the duplicate came from.
+    for (i, p) in peers.iter().enumerate() {
+        if peers[..i].iter().any(|q| q.net == p.net) {
+            return Err(ConfigError::Peer {
+                origin: origins[i].clone(),
+                source: PeerError::Duplicate { peer: p.net },
+            });
+        }
+    }
+
+    let proc_path = args
+        .proc_path
+        .clone()
+        .or(file.proc_path)
+        .unwrap_or_else(|| PathBuf::from("/proc"));
+    let (cgroup, cgroup_origin) = match (&args.cgroup, &file.cgroup) {
+        (Some(c), _) => (c.clone(), "--cgroup".to_owned()),
+        (None, Some(c)) => (c.clone(), origin.key("--cgroup", "cgroup", false)),
+        (None, None) => (
+            crate::cgroup::cgroup2_mount_in(&proc_path).ok_or_else(|| ConfigError::NoCgroup2 {
+                proc_path: proc_path.clone(),
+            })?,
+            "--cgroup".to_owned(),
+        ),
+    };
+    if !cgroup.is_dir() {
+        return Err(ConfigError::Cgroup {
+            origin: cgroup_origin,
+            path: cgroup,
+        });
+    }
+
+    let (listen_text, listen_origin) = match (&args.listen, &file.listen) {
+        (Some(l), _) => (l.clone(), "--listen".to_owned()),
+        (None, Some(l)) => (l.clone(), origin.key("--listen", "listen", false)),
+        (None, None) => (DEFAULT_LISTEN.to_owned(), "--listen".to_owned()),
+    };
+    let listen = listen_text.parse().map_err(|_| ConfigError::Listen {
+        origin: listen_origin,
+        value: listen_text.clone(),
+    })?;
+
+    let log_burst = file.log.mismatch_burst.unwrap_or(LOG_BURST);
+    if log_burst == 0 {
+        return Err(ConfigError::ZeroBudget {
+            origin: origin.key("", "log.mismatch_burst", false),
+        });
+    }
+    let log_per_second = file.log.mismatch_per_second.unwrap_or(LOG_PER_SECOND);
+
+    Ok(Settings {
+        cgroup,
+        peers,
+        listen,
+        proc_path,
+        log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        log_burst,
+        log_per_second,
+    })
+}
+
+fn nat_of(fp: &FilePeer, net: ipnet::IpNet, at: &str) -> Result<Option<NatAddresses>, ConfigError> {
+    match (fp.original_src, fp.original_dst, fp.observed_dst) {
+        (None, None, None) => Ok(None),
+        (Some(original_src), Some(original_dst), Some(observed_dst)) => {
+            if net.prefix_len() != net.max_prefix_len() {
+                return Err(ConfigError::Nat {
+                    origin: at.to_owned(),
+                    reason: "original_src/original_dst/observed_dst describe one NATed host, so cidr must be a single address".into(),
+                });
+            }
+            Ok(Some(NatAddresses {
+                original_src,
+                original_dst,
+                observed_src: net.addr(),
+                observed_dst,
+            }))
+        }
+        _ => Err(ConfigError::Nat {
+            origin: at.to_owned(),
+            reason: "set all of original_src, original_dst and observed_dst, or none".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut v = vec!["natt-monitor", "run"];
+        v.extend_from_slice(extra);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Run(a) => a,
+            Command::Check(_) => unreachable!(),
+        }
+    }
+
+    fn file(text: &str) -> (PathBuf, RunArgs) {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("natt-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("natt-monitor.toml");
+        std::fs::write(&path, text).unwrap();
+        let a = args(&["--config", path.to_str().unwrap(), "--cgroup", "/"]);
+        (path, a)
+    }
+
+    #[test]
+    fn flags_override_the_file_and_peers_add_up() {
+        let (path, _) = file(
+            "mode = \"enforce\"\nlisten = \"127.0.0.1:1\"\nlog_format = \"json\"\n\
+             [[peer]]\ncidr = \"192.0.2.0/24\"\n[[peer]]\ncidr = \"198.51.100.7\"\nmode = \"observe\"\n",
+        );
+        let a = args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--cgroup",
+            "/",
+            "--listen",
+            "[::1]:9",
+            "--peer",
+            "2001:db8::/32",
+        ]);
+        let s = resolve(&a).unwrap();
+        assert_eq!(s.listen, "[::1]:9".parse().unwrap());
+        assert_eq!(s.log_format, LogFormat::Json);
+        let got: Vec<(String, Mode)> = s.peers.iter().map(|p| (p.label(), p.mode)).collect();
+        assert_eq!(
+            got,
+            [
+                ("192.0.2.0/24".into(), Mode::Enforce),
+                ("198.51.100.7/32".into(), Mode::Observe),
+                ("2001:db8::/32".into(), Mode::Enforce),
+            ]
+        );
+        let a = args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--cgroup",
+            "/",
+            "--mode",
+            "observe",
+        ]);
+        assert_eq!(resolve(&a).unwrap().peers[0].mode, Mode::Observe);
+    }
+
+    #[test]
+    fn errors_name_the_key_or_flag() {
+        let (_, a) = file("[[peer]]\ncidr = \"192.0.2.0/24\"\nmtu = 9000\n");
+        let e = resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("unknown field `mtu`, expected one of `cidr`, `mode`, `original_src`, `original_dst`, `observed_dst`"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+
+        let (p, a) = file("[[peer]]\ncidr = \"192.0.2.0/33\"\n");
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            format!(
+                "--config {} [[peer]] #1 (cidr = \"192.0.2.0/33\"): `192.0.2.0/33` is not an IP address or CIDR prefix \
+                 (expected e.g. 192.0.2.7, 198.51.100.0/24 or 2001:db8::/64)",
+                p.display()
+            )
+        );
+
+        let (p, a) = file("listen = \"localhost\"\n[[peer]]\ncidr = \"192.0.2.1\"\n");
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            format!(
+                "--config {} key `listen`: `localhost` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)",
+                p.display()
+            )
+        );
+
+        let (p, a) = file(
+            "[[peer]]\ncidr = \"192.0.2.0/24\"\noriginal_src = \"10.0.0.1\"\noriginal_dst = \"10.0.0.2\"\nobserved_dst = \"192.0.2.99\"\n",
+        );
+        assert!(
+            resolve(&a)
+                .unwrap_err()
+                .to_string()
+                .starts_with(&format!("--config {} [[peer]] #1", p.display()))
+        );
+
+        let (_, a) = file("[[peer]]\ncidr = \"192.0.2.1\"\noriginal_src = \"10.0.0.1\"\n");
+        assert!(
+            resolve(&a)
+                .unwrap_err()
+                .to_string()
+                .ends_with("set all of original_src, original_dst and observed_dst, or none")
+        );
+
+        let a = args(&["--cgroup", "/"]);
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            "no peers configured: pass --peer CIDR (repeatable) or add [[peer]] entries to the --config file"
+        );
+        let a = args(&["--cgroup", "/nonexistent/cg", "--peer", "192.0.2.1"]);
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            "--cgroup /nonexistent/cg: no such directory"
+        );
+        let a = args(&["--config", "/nonexistent/natt.toml", "--peer", "192.0.2.1"]);
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            "--config /nonexistent/natt.toml: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn nat_peer_gets_its_residual_inputs() {
+        let (_, a) = file(
+            "[[peer]]\ncidr = \"203.0.113.5\"\noriginal_src = \"10.0.0.5\"\noriginal_dst = \"10.9.9.9\"\nobserved_dst = \"192.168.1.1\"\n",
+        );
+        let s = resolve(&a).unwrap();
+        let nat = s.peers[0].nat.unwrap();
+        assert_eq!(nat.observed_src, "203.0.113.5".parse::<IpAddr>().unwrap());
+        assert_ne!(s.peers[0].expected_residual().unwrap(), 0);
+    }
+}

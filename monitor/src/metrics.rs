@@ -1,0 +1,330 @@
+//! Prometheus metrics. Names, units and labels are contracts (DESIGN.md, docs/metrics.md).
+//!
+//! The kernel-side counters are cumulative per-CPU values; each scrape reads them, sums over
+//! CPUs and sets the exported counters to those totals under one lock, so a scrape is a
+//! consistent snapshot. Label values are bounded: `peer` only ever holds a configured (or
+//! discovered) prefix, `proto` is tcp/udp, `reason` one of eight skip reasons, `source` one of
+//! the peer sources.
+
+use std::{collections::BTreeSet, sync::Mutex};
+
+use monitor_ebpf::{Counter, PROTO_TCP, PROTO_UDP, PeerStats, SKIP_REASONS};
+use prometheus::{
+    Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::{ebpf::Counters, peers::Source, snmp::KernelCsumErrors};
+
+/// One scrape's worth of readings.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Per peer: its label and statistics summed over CPUs.
+    pub peers: Vec<(String, PeerStats)>,
+    /// Global counters.
+    pub counters: Counters,
+    /// Number of peers per source.
+    pub peers_by_source: Vec<(Source, usize)>,
+    /// The kernel's own checksum error counters, if readable.
+    pub kernel: Option<KernelCsumErrors>,
+    /// Attached and draining.
+    pub up: bool,
+    /// Seconds spent reading the kernel for this scrape.
+    pub collect_seconds: f64,
+}
+
+/// The registry and every metric natt-monitor exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    verified_packets: IntCounterVec,
+    verified_bytes: IntCounterVec,
+    mismatches: IntCounterVec,
+    dropped: IntCounterVec,
+    skipped: IntCounterVec,
+    events_lost: IntCounter,
+    peers: IntGaugeVec,
+    kernel_tcp: IntCounter,
+    kernel_udp: IntCounter,
+    log_suppressed: IntCounter,
+    up: IntGauge,
+    collect_seconds: Gauge,
+    /// Peer labels exported by the previous scrape, so removed peers' series can be dropped.
+    /// Also serialises scrapes.
+    exported: Mutex<BTreeSet<String>>,
+}
+
+const PROTOS: [(usize, &str); 2] = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp")];
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+    let c = IntCounter::new(name, help)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Metrics {
+    /// Registers every metric; error counters and per-reason/per-source series start at 0 so
+    /// alert rules can use `rate()` from the first scrape.
+    ///
+    /// # Errors
+    /// Only on a programming error (duplicate or invalid metric names).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let r = Registry::new();
+        let pp = &["peer", "proto"];
+        let m = Self {
+            verified_packets: counter_vec(
+                &r,
+                "natt_monitor_verified_packets_total",
+                "Segments from a peer whose TCP/UDP checksum natt-monitor recomputed and found correct.",
+                pp,
+            )?,
+            verified_bytes: counter_vec(
+                &r,
+                "natt_monitor_verified_bytes_total",
+                "L4 bytes (header and payload) of the verified segments.",
+                pp,
+            )?,
+            mismatches: counter_vec(
+                &r,
+                "natt_monitor_checksum_mismatches_total",
+                "Segments from a peer whose recomputed checksum did not match: corrupted after decapsulation.",
+                pp,
+            )?,
+            dropped: counter_vec(
+                &r,
+                "natt_monitor_dropped_packets_total",
+                "Mismatching segments dropped in enforce mode, so that TCP retransmits them.",
+                pp,
+            )?,
+            skipped: counter_vec(
+                &r,
+                "natt_monitor_skipped_packets_total",
+                "Packets seen by the verifier but not verified, by reason.",
+                &["reason"],
+            )?,
+            events_lost: counter(
+                &r,
+                "natt_monitor_events_lost_total",
+                "Mismatch events that did not fit in the ring buffer; the mismatch is still counted.",
+            )?,
+            peers: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "natt_monitor_peers",
+                        "Peers in the verifier's scope, by where they came from.",
+                    ),
+                    &["source"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            kernel_tcp: counter(
+                &r,
+                "natt_monitor_kernel_tcp_in_csum_errors_total",
+                "The kernel's own count of TCP segments with bad checksums (Tcp InCsumErrors in /proc/net/snmp); it never includes NAT-T segments.",
+            )?,
+            kernel_udp: counter(
+                &r,
+                "natt_monitor_kernel_udp_in_csum_errors_total",
+                "The kernel's own count of UDP datagrams with bad checksums (Udp InCsumErrors in /proc/net/snmp).",
+            )?,
+            log_suppressed: counter(
+                &r,
+                "natt_monitor_log_lines_suppressed_total",
+                "Mismatch log lines withheld by the log rate limit; the mismatches are still counted.",
+            )?,
+            up: {
+                let g = IntGauge::new(
+                    "natt_monitor_up",
+                    "1 while the verifier is attached and its event loop is draining, else 0.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            collect_seconds: {
+                let g = Gauge::new(
+                    "natt_monitor_scrape_collect_seconds",
+                    "Seconds this scrape spent reading the verifier's maps and /proc.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            registry: r,
+            exported: Mutex::new(BTreeSet::new()),
+        };
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "natt_monitor_build_info",
+                "Always 1; labels carry the natt-monitor version.",
+            ),
+            &["version"],
+        )?;
+        m.registry.register(Box::new(info.clone()))?;
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for (_, reason) in SKIP_REASONS {
+            m.skipped.with_label_values(&[reason]).reset();
+        }
+        for s in Source::ALL {
+            m.peers.with_label_values(&[s.as_str()]).set(0);
+        }
+        Ok(m)
+    }
+
+    /// Counter that the event drain task increments when it withholds a log line.
+    #[must_use]
+    pub fn log_suppressed(&self) -> IntCounter {
+        self.log_suppressed.clone()
+    }
+
+    /// Applies a snapshot and returns the text exposition.
+    #[must_use]
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut exported = self
+            .exported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let set = |c: &IntCounter, v: u64| {
+            c.reset();
+            c.inc_by(v);
+        };
+        let now: BTreeSet<String> = snap.peers.iter().map(|(l, _)| l.clone()).collect();
+        for gone in exported.difference(&now) {
+            for (_, proto) in PROTOS {
+                for v in [
+                    &self.verified_packets,
+                    &self.verified_bytes,
+                    &self.mismatches,
+                    &self.dropped,
+                ] {
+                    let _ = v.remove_label_values(&[gone, proto]);
+                }
+            }
+        }
+        for (label, s) in &snap.peers {
+            for (p, proto) in PROTOS {
+                let l = [label.as_str(), proto];
+                set(
+                    &self.verified_packets.with_label_values(&l),
+                    s.verified_packets[p],
+                );
+                set(
+                    &self.verified_bytes.with_label_values(&l),
+                    s.verified_bytes[p],
+                );
+                set(&self.mismatches.with_label_values(&l), s.mismatches[p]);
+                set(&self.dropped.with_label_values(&l), s.drops[p]);
+            }
+        }
+        *exported = now;
+        for (counter, reason) in SKIP_REASONS {
+            set(
+                &self.skipped.with_label_values(&[reason]),
+                snap.counters.get(counter),
+            );
+        }
+        set(&self.events_lost, snap.counters.get(Counter::EventsLost));
+        for (source, n) in &snap.peers_by_source {
+            self.peers
+                .with_label_values(&[source.as_str()])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        if let Some(k) = snap.kernel {
+            set(&self.kernel_tcp, k.tcp);
+            set(&self.kernel_udp, k.udp);
+        }
+        self.up.set(i64::from(snap.up));
+        self.collect_seconds.set(snap.collect_seconds);
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        let a = PeerStats {
+            verified_packets: [10, 2],
+            verified_bytes: [14_800, 100],
+            mismatches: [3, 0],
+            drops: [3, 0],
+        };
+        let mut c = Counters::default();
+        c.slots[Counter::SkipNotInScope as usize] = 7;
+        c.slots[Counter::EventsLost as usize] = 1;
+        Snapshot {
+            peers: vec![
+                ("192.0.2.0/24".into(), a),
+                ("2001:db8::/32".into(), PeerStats::default()),
+            ],
+            counters: c,
+            peers_by_source: vec![(Source::Static, 2)],
+            kernel: Some(KernelCsumErrors { tcp: 4, udp: 5 }),
+            up: true,
+            collect_seconds: 0.000_25,
+        }
+    }
+
+    #[test]
+    fn renders_every_contract_metric_with_exact_values() {
+        let m = Metrics::new().unwrap();
+        let text = m.render(&sample());
+        for line in [
+            "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 10",
+            "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"udp\"} 2",
+            "natt_monitor_verified_bytes_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 14800",
+            "natt_monitor_checksum_mismatches_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 3",
+            "natt_monitor_dropped_packets_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 3",
+            "natt_monitor_checksum_mismatches_total{peer=\"2001:db8::/32\",proto=\"udp\"} 0",
+            "natt_monitor_skipped_packets_total{reason=\"not_in_scope\"} 7",
+            "natt_monitor_skipped_packets_total{reason=\"aggregated\"} 0",
+            "natt_monitor_events_lost_total 1",
+            "natt_monitor_peers{source=\"static\"} 2",
+            "natt_monitor_kernel_tcp_in_csum_errors_total 4",
+            "natt_monitor_kernel_udp_in_csum_errors_total 5",
+            "natt_monitor_log_lines_suppressed_total 0",
+            "natt_monitor_up 1",
+            "# HELP natt_monitor_up 1 while the verifier is attached and its event loop is draining, else 0.",
+            "# TYPE natt_monitor_verified_packets_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(text.contains(&format!(
+            "natt_monitor_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn removed_peers_disappear_and_counts_follow_the_kernel() {
+        let m = Metrics::new().unwrap();
+        let mut s = sample();
+        let _ = m.render(&s);
+        s.peers.truncate(1);
+        s.peers[0].1.verified_packets[0] = 25;
+        s.up = false;
+        let text = m.render(&s);
+        assert!(!text.contains("2001:db8::/32"), "{text}");
+        assert!(text.contains(
+            "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 25"
+        ));
+        assert!(text.contains("natt_monitor_up 0"));
+    }
+}

@@ -5,6 +5,7 @@
 //! next to this test executable.
 
 use std::{
+    fmt::Write as _,
     io::{BufRead as _, BufReader},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
@@ -266,6 +267,7 @@ fn field_u64(v: &Value, k: &str) -> u64 {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
 fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     if skip_unless_root("logs_every_mismatch_within_its_budget_and_detaches_on_sigterm") {
         return;
@@ -471,6 +473,7 @@ fn config_errors_are_named_before_anything_is_attached() {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
 fn sighup_adds_and_removes_peers_and_keeps_counts() {
     if skip_unless_root("sighup_adds_and_removes_peers_and_keeps_counts") {
         return;
@@ -486,7 +489,7 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
             cg.path.display()
         );
         for p in peers {
-            t.push_str(&format!("[[peer]]\ncidr = \"{p}\"\n"));
+            let _ = writeln!(t, "[[peer]]\ncidr = \"{p}\"");
         }
         std::fs::write(&cfg, t).unwrap();
     };

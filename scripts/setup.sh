@@ -30,8 +30,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 pkgs=(llvm-${LLVM}-dev libpolly-${LLVM}-dev libzstd-dev zlib1g-dev)
 if [ "$want_test" = 1 ]; then
-  # Namespace tests: ip netns / veth, and ethtool to switch offloads per veth.
-  pkgs+=(iproute2 ethtool)
+  # Namespace tests: ip netns / veth, and ethtool to switch offloads per veth. prometheus:
+  # promtool for the rule pack, and a real server for the end-to-end alert test.
+  pkgs+=(iproute2 ethtool prometheus)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
@@ -41,6 +42,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   log "apt: installing ${missing[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The prometheus package starts a server on :9090 where systemd runs; the tests start their
+  # own on a free loopback port and do not need it.
+  if printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || pkill -x prometheus || true
+  fi
 else
   log "apt: all present"
 fi

@@ -312,6 +312,19 @@ mod tests {
         )));
     }
 
+    /// docs/metrics.golden.prom is this exact exposition; `promtool check metrics` lints it in
+    /// the test suite. Regenerate with `UPDATE_GOLDEN=1 cargo test -p natt-monitor golden`.
+    #[test]
+    fn golden_exposition() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.golden.prom");
+        let text = Metrics::new().unwrap().render(&sample());
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(path, &text).unwrap();
+        }
+        let golden = std::fs::read_to_string(path).expect("docs/metrics.golden.prom");
+        assert_eq!(text, golden, "regenerate with UPDATE_GOLDEN=1 if the change is intended");
+    }
+
     #[test]
     fn removed_peers_disappear_and_counts_follow_the_kernel() {
         let m = Metrics::new().unwrap();

@@ -1,0 +1,155 @@
+//! A real Prometheus server (Debian package) on loopback scrapes natt-monitor while the
+//! namespace injector corrupts traffic; the mismatch series and the shipped alert rule are
+//! checked through Prometheus's HTTP API. Root only.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use natt_monitor_tests::{
+    net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
+    skip_unless_root,
+};
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn get_json(url: &str) -> Option<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().ok()?;
+    if resp.status().as_u16() != 200 {
+        return None;
+    }
+    serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()
+}
+
+/// Polls `f` every 250 ms until it returns `Some`, or panics with `what` after `timeout`.
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn monitor_bin() -> PathBuf {
+    std::env::var_os("NATT_MONITOR_BIN").map_or_else(
+        || {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent().and_then(Path::parent).unwrap().join("natt-monitor")
+        },
+        PathBuf::from,
+    )
+}
+
+#[test]
+fn prometheus_sees_the_mismatches_and_fires_the_alert() {
+    if skip_unless_root("prometheus_sees_the_mismatches_and_fires_the_alert") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("natt-prom-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let lab = Lab::new(1500);
+    let cg = Cgroup::new();
+
+    let monitor_port = free_port();
+    let monitor = Killed(
+        Command::new(monitor_bin())
+            .args(["run", "--peer", ADDR_A, "--mode", "observe", "--cgroup", cg.path.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{monitor_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start natt-monitor"),
+    );
+    eventually("natt-monitor /healthz", Duration::from_secs(20), || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let ok = agent.get(&format!("http://127.0.0.1:{monitor_port}/healthz")).call().ok()?.status().as_u16() == 200;
+        ok.then_some(())
+    });
+
+    let rules = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/alerts/natt-monitor.rules.yml"))
+        .canonicalize()
+        .unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: natt-monitor\n    static_configs:\n      - targets: ['127.0.0.1:{monitor_port}']\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let prom_port = free_port();
+    let prom = format!("http://127.0.0.1:{prom_port}");
+    let _prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus (scripts/setup.sh --test installs it)"),
+    );
+    eventually("Prometheus to scrape natt_monitor_up 1", Duration::from_secs(60), || {
+        let v = get_json(&format!("{prom}/api/v1/query?query=natt_monitor_up"))?;
+        (v["data"]["result"][0]["value"][1] == "1").then_some(())
+    });
+
+    let inj = Injector::attach(&lab.b, lab.dev_b, 50);
+    let s = stream(env!("CARGO_BIN_EXE_natt-peer"), &lab, &cg.path, 2 << 20, false);
+    let injected = inj.stats().corrupted;
+    assert!(injected > 0);
+    assert_eq!(s, StreamResult { received: 2 << 20, differing: injected });
+
+    let query = format!("{prom}/api/v1/query?query=natt_monitor_checksum_mismatches_total%7Bproto%3D%22tcp%22%7D");
+    let seen = eventually("the mismatch count in Prometheus", Duration::from_secs(30), || {
+        let v = get_json(&query)?;
+        let r = &v["data"]["result"][0];
+        let n: u64 = r["value"][1].as_str()?.parse().ok()?;
+        (n == injected).then(|| r["metric"].clone())
+    });
+    assert_eq!(seen["peer"], "192.0.2.1/32");
+    assert_eq!(seen["job"], "natt-monitor");
+
+    let alert = eventually("NattMonitorChecksumMismatch to fire", Duration::from_secs(90), || {
+        let v = get_json(&format!("{prom}/api/v1/alerts"))?;
+        v["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "NattMonitorChecksumMismatch" && a["state"] == "firing")
+            .cloned()
+    });
+    eprintln!("firing alert: {alert}");
+    assert_eq!(alert["labels"]["peer"], "192.0.2.1/32");
+    assert_eq!(alert["labels"]["proto"], "tcp");
+    assert_eq!(alert["labels"]["severity"], "critical");
+    assert_eq!(alert["labels"]["instance"], format!("127.0.0.1:{monitor_port}"));
+    assert!(alert["annotations"]["runbook_url"].as_str().unwrap().ends_with("docs/runbook.md#nattmonitorchecksummismatch"));
+    drop(inj);
+    drop(monitor);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -78,6 +78,7 @@ impl Report {
 /// Capability bits from `include/uapi/linux/capability.h`.
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Capabilities the daemon needs that this process lacks (empty if it has them, or if
@@ -91,6 +92,11 @@ pub fn missing_capabilities(proc_root: &Path) -> Vec<&'static str> {
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
+    }
+    // Without CAP_PERFMON the verifier forbids spilling pointers to the stack and overwriting
+    // them ("attempt to corrupt spilled pointer on stack"), which the compiled program does.
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
     }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
@@ -148,39 +154,30 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
         ),
     }
 
-    match effective_caps(proc_root) {
-        Some(caps) => {
-            let has = |bit: u32| caps & (1u64 << bit) != 0;
-            let bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
-            if bpf && has(CAP_NET_ADMIN) {
-                r.push(
-                    "capabilities",
-                    Status::Ok,
-                    "CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are effective",
-                );
-            } else {
-                let mut missing = Vec::new();
-                if !bpf {
-                    missing.push("CAP_BPF");
-                }
-                if !has(CAP_NET_ADMIN) {
-                    missing.push("CAP_NET_ADMIN");
-                }
-                r.push(
-                    "capabilities",
-                    Status::Fail,
-                    format!(
-                        "missing {}: run as root or grant them (see docs)",
-                        missing.join(", ")
-                    ),
-                );
-            }
+    if effective_caps(proc_root).is_some() {
+        let missing = missing_capabilities(proc_root);
+        if missing.is_empty() {
+            r.push(
+                "capabilities",
+                Status::Ok,
+                "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN) are effective",
+            );
+        } else {
+            r.push(
+                "capabilities",
+                Status::Fail,
+                format!(
+                    "missing {}: run as root or grant them (see docs/install.md)",
+                    missing.join(", ")
+                ),
+            );
         }
-        None => r.push(
+    } else {
+        r.push(
             "capabilities",
             Status::Info,
             "could not read CapEff from /proc/self/status",
-        ),
+        );
     }
 
     if Path::new("/sys/kernel/btf/vmlinux").exists() {

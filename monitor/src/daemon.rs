@@ -66,7 +66,7 @@ impl std::fmt::Debug for RunConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// Missing privileges.
-    #[error("natt-monitor needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN, or root; this process lacks {}", missing.join(" and "))]
+    #[error("natt-monitor needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN), or root; this process lacks {}", missing.join(", "))]
     Privileges {
         /// The missing capability names.
         missing: Vec<&'static str>,

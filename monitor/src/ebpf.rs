@@ -57,12 +57,12 @@ pub enum EbpfFailure {
         /// Its name.
         name: &'static str,
     },
-    /// The kernel verifier rejected the program, or loading was not permitted.
-    #[error("loading program `{PROGRAM}` into the kernel: {source}{hint}", hint = privilege_hint(source))]
+    /// The kernel verifier rejected the program, or loading was not permitted. The message
+    /// keeps the verifier log's last lines (its verdict); the whole log is logged at debug level.
+    #[error("loading program `{PROGRAM}` into the kernel: {}{hint}", log_tail(cause), hint = privilege_hint(cause))]
     ProgramLoad {
-        /// Underlying error (includes the verifier log).
-        #[source]
-        source: ProgramError,
+        /// Underlying error (its text includes the whole verifier log).
+        cause: ProgramError,
     },
     /// The cgroup path could not be opened.
     #[error("opening cgroup {}: {source}", path.display())]
@@ -114,8 +114,24 @@ fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-const PRIVILEGE_HINT: &str =
-    " (natt-monitor needs CAP_BPF and CAP_NET_ADMIN, or root; see `natt-monitor check`)";
+const PRIVILEGE_HINT: &str = " (natt-monitor needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root; see `natt-monitor check`)";
+
+/// The first line of a load error and the last lines of the verifier log it carries.
+fn log_tail(e: &ProgramError) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= 8 {
+        return text;
+    }
+    let first = lines[0]
+        .split(" Verifier output:")
+        .next()
+        .unwrap_or(lines[0]);
+    format!(
+        "{first} Verifier output (last lines): {}",
+        lines[lines.len() - 6..].join(" | ")
+    )
+}
 
 fn privilege_hint(e: &ProgramError) -> &'static str {
     if is_eperm(e) { PRIVILEGE_HINT } else { "" }
@@ -171,8 +187,10 @@ impl Verifier {
             .load(VERIFIER_OBJ)
             .map_err(|source| EbpfFailure::Object { source })?;
         let prog = program(&mut bpf)?;
-        prog.load()
-            .map_err(|source| EbpfFailure::ProgramLoad { source })?;
+        prog.load().map_err(|cause| {
+            tracing::debug!(error = %cause, "the kernel refused the verifier program");
+            EbpfFailure::ProgramLoad { cause }
+        })?;
         Ok(Self {
             bpf,
             attached_to: None,

@@ -322,7 +322,10 @@ mod tests {
             std::fs::write(path, &text).unwrap();
         }
         let golden = std::fs::read_to_string(path).expect("docs/metrics.golden.prom");
-        assert_eq!(text, golden, "regenerate with UPDATE_GOLDEN=1 if the change is intended");
+        assert_eq!(
+            text, golden,
+            "regenerate with UPDATE_GOLDEN=1 if the change is intended"
+        );
     }
 
     #[test]

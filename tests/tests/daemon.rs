@@ -464,7 +464,7 @@ fn config_errors_are_named_before_anything_is_attached() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains(
-            "natt-monitor: error: natt-monitor needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN, or root; this process lacks CAP_BPF and CAP_NET_ADMIN"
+            "natt-monitor: error: natt-monitor needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN), or root; this process lacks CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"
         ),
         "{err}"
     );

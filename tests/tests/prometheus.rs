@@ -16,7 +16,11 @@ use natt_monitor_tests::{
 use serde_json::Value;
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn get_json(url: &str) -> Option<Value> {
@@ -39,7 +43,10 @@ fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -57,13 +64,17 @@ fn monitor_bin() -> PathBuf {
     std::env::var_os("NATT_MONITOR_BIN").map_or_else(
         || {
             let exe = std::env::current_exe().unwrap();
-            exe.parent().and_then(Path::parent).unwrap().join("natt-monitor")
+            exe.parent()
+                .and_then(Path::parent)
+                .unwrap()
+                .join("natt-monitor")
         },
         PathBuf::from,
     )
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
 fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     if skip_unless_root("prometheus_sees_the_mismatches_and_fires_the_alert") {
         return;
@@ -77,7 +88,15 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     let monitor_port = free_port();
     let monitor = Killed(
         Command::new(monitor_bin())
-            .args(["run", "--peer", ADDR_A, "--mode", "observe", "--cgroup", cg.path.to_str().unwrap()])
+            .args([
+                "run",
+                "--peer",
+                ADDR_A,
+                "--mode",
+                "observe",
+                "--cgroup",
+                cg.path.to_str().unwrap(),
+            ])
             .args(["--listen", &format!("127.0.0.1:{monitor_port}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -85,14 +104,26 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
             .expect("start natt-monitor"),
     );
     eventually("natt-monitor /healthz", Duration::from_secs(20), || {
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let ok = agent.get(&format!("http://127.0.0.1:{monitor_port}/healthz")).call().ok()?.status().as_u16() == 200;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let ok = agent
+            .get(&format!("http://127.0.0.1:{monitor_port}/healthz"))
+            .call()
+            .ok()?
+            .status()
+            .as_u16()
+            == 200;
         ok.then_some(())
     });
 
-    let rules = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/alerts/natt-monitor.rules.yml"))
-        .canonicalize()
-        .unwrap();
+    let rules = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/alerts/natt-monitor.rules.yml"
+    ))
+    .canonicalize()
+    .unwrap();
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
@@ -107,48 +138,88 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     let _prometheus = Killed(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start prometheus (scripts/setup.sh --test installs it)"),
     );
-    eventually("Prometheus to scrape natt_monitor_up 1", Duration::from_secs(60), || {
-        let v = get_json(&format!("{prom}/api/v1/query?query=natt_monitor_up"))?;
-        (v["data"]["result"][0]["value"][1] == "1").then_some(())
-    });
+    eventually(
+        "Prometheus to scrape natt_monitor_up 1",
+        Duration::from_secs(60),
+        || {
+            let v = get_json(&format!("{prom}/api/v1/query?query=natt_monitor_up"))?;
+            (v["data"]["result"][0]["value"][1] == "1").then_some(())
+        },
+    );
 
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
-    let s = stream(env!("CARGO_BIN_EXE_natt-peer"), &lab, &cg.path, 2 << 20, false);
+    let s = stream(
+        env!("CARGO_BIN_EXE_natt-peer"),
+        &lab,
+        &cg.path,
+        2 << 20,
+        false,
+    );
     let injected = inj.stats().corrupted;
     assert!(injected > 0);
-    assert_eq!(s, StreamResult { received: 2 << 20, differing: injected });
+    assert_eq!(
+        s,
+        StreamResult {
+            received: 2 << 20,
+            differing: injected
+        }
+    );
 
-    let query = format!("{prom}/api/v1/query?query=natt_monitor_checksum_mismatches_total%7Bproto%3D%22tcp%22%7D");
-    let seen = eventually("the mismatch count in Prometheus", Duration::from_secs(30), || {
-        let v = get_json(&query)?;
-        let r = &v["data"]["result"][0];
-        let n: u64 = r["value"][1].as_str()?.parse().ok()?;
-        (n == injected).then(|| r["metric"].clone())
-    });
+    let query = format!(
+        "{prom}/api/v1/query?query=natt_monitor_checksum_mismatches_total%7Bproto%3D%22tcp%22%7D"
+    );
+    let seen = eventually(
+        "the mismatch count in Prometheus",
+        Duration::from_secs(30),
+        || {
+            let v = get_json(&query)?;
+            let r = &v["data"]["result"][0];
+            let n: u64 = r["value"][1].as_str()?.parse().ok()?;
+            (n == injected).then(|| r["metric"].clone())
+        },
+    );
     assert_eq!(seen["peer"], "192.0.2.1/32");
     assert_eq!(seen["job"], "natt-monitor");
 
-    let alert = eventually("NattMonitorChecksumMismatch to fire", Duration::from_secs(90), || {
-        let v = get_json(&format!("{prom}/api/v1/alerts"))?;
-        v["data"]["alerts"]
-            .as_array()?
-            .iter()
-            .find(|a| a["labels"]["alertname"] == "NattMonitorChecksumMismatch" && a["state"] == "firing")
-            .cloned()
-    });
+    let alert = eventually(
+        "NattMonitorChecksumMismatch to fire",
+        Duration::from_secs(90),
+        || {
+            let v = get_json(&format!("{prom}/api/v1/alerts"))?;
+            v["data"]["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| {
+                    a["labels"]["alertname"] == "NattMonitorChecksumMismatch"
+                        && a["state"] == "firing"
+                })
+                .cloned()
+        },
+    );
     eprintln!("firing alert: {alert}");
     assert_eq!(alert["labels"]["peer"], "192.0.2.1/32");
     assert_eq!(alert["labels"]["proto"], "tcp");
     assert_eq!(alert["labels"]["severity"], "critical");
-    assert_eq!(alert["labels"]["instance"], format!("127.0.0.1:{monitor_port}"));
-    assert!(alert["annotations"]["runbook_url"].as_str().unwrap().ends_with("docs/runbook.md#nattmonitorchecksummismatch"));
+    assert_eq!(
+        alert["labels"]["instance"],
+        format!("127.0.0.1:{monitor_port}")
+    );
+    assert!(
+        alert["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("docs/runbook.md#nattmonitorchecksummismatch")
+    );
     drop(inj);
     drop(monitor);
     let _ = std::fs::remove_dir_all(&dir);

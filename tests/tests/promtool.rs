@@ -16,7 +16,11 @@ fn promtool(args: &[&str], stdin_file: Option<&Path>) -> String {
     let out = cmd.output().unwrap_or_else(|e| {
         panic!("promtool not runnable ({e}); install it with scripts/setup.sh --test (Debian package prometheus)")
     });
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
     text
 }
@@ -37,5 +41,9 @@ fn rule_pack_unit_tests_pass() {
 fn golden_metrics_pass_promtool_lint() {
     let golden = docs().join("metrics.golden.prom");
     let out = promtool(&["check", "metrics"], Some(&golden));
-    assert_eq!(out.trim(), "", "promtool check metrics reported problems:\n{out}");
+    assert_eq!(
+        out.trim(),
+        "",
+        "promtool check metrics reported problems:\n{out}"
+    );
 }

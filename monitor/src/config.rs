@@ -456,6 +456,31 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/natt-monitor.example.toml"
+        );
+        let a = args(&["--config", path, "--cgroup", "/"]);
+        let s = resolve(&a).unwrap();
+        let got: Vec<(String, Mode, bool)> = s
+            .peers
+            .iter()
+            .map(|p| (p.label(), p.mode, p.nat.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("198.51.100.0/24".into(), Mode::Observe, false),
+                ("2001:db8:7::/48".into(), Mode::Enforce, false),
+                ("203.0.113.5/32".into(), Mode::Observe, true),
+            ]
+        );
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!((s.log_burst, s.log_per_second), (20, 5));
+    }
+
+    #[test]
     fn nat_peer_gets_its_residual_inputs() {
         let (_, a) = file(
             "[[peer]]\ncidr = \"203.0.113.5\"\noriginal_src = \"10.0.0.5\"\noriginal_dst = \"10.9.9.9\"\nobserved_dst = \"192.168.1.1\"\n",

@@ -1,0 +1,137 @@
+//! Shipped artifacts: the alert rule pack and the golden /metrics sample (checked with
+//! Prometheus's own promtool), the Grafana dashboard and the systemd unit
+//! (Debian package `prometheus`, installed by `scripts/setup.sh --test`).
+
+use std::{path::Path, process::Command};
+
+fn docs() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs"))
+}
+
+fn promtool(args: &[&str], stdin_file: Option<&Path>) -> String {
+    let mut cmd = Command::new("promtool");
+    cmd.args(args).current_dir(docs().join("alerts"));
+    if let Some(f) = stdin_file {
+        cmd.stdin(std::fs::File::open(f).expect("open stdin file"));
+    }
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("promtool not runnable ({e}); install it with scripts/setup.sh --test (Debian package prometheus)")
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn rule_pack_is_valid() {
+    let out = promtool(&["check", "rules", "natt-monitor.rules.yml"], None);
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+}
+
+#[test]
+fn rule_pack_unit_tests_pass() {
+    let out = promtool(&["test", "rules", "natt-monitor.rules.test.yml"], None);
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+#[test]
+fn golden_metrics_pass_promtool_lint() {
+    let golden = docs().join("metrics.golden.prom");
+    let out = promtool(&["check", "metrics"], Some(&golden));
+    assert_eq!(
+        out.trim(),
+        "",
+        "promtool check metrics reported problems:\n{out}"
+    );
+}
+
+/// Every `natt_monitor_*` name the rule pack and the dashboard use is one the daemon exports
+/// (the golden exposition is the daemon's real output, checked byte for byte by a unit test).
+#[test]
+fn rules_and_dashboard_use_only_exported_metrics() {
+    let golden = std::fs::read_to_string(docs().join("metrics.golden.prom")).unwrap();
+    let exported: Vec<&str> = golden
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for file in [
+        docs().join("alerts/natt-monitor.rules.yml"),
+        docs().join("../deploy/grafana/natt-monitor.json"),
+    ] {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut used = 0;
+        for (i, _) in text.match_indices("natt_monitor_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exported.contains(&name.as_str()),
+                "{} uses {name}, which natt-monitor does not export",
+                file.display()
+            );
+            used += 1;
+        }
+        assert!(used > 0, "{} uses no natt-monitor metric", file.display());
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(docs().join("../deploy/grafana/natt-monitor.json")).unwrap(),
+    )
+    .expect("dashboard is valid JSON");
+    assert_eq!(dashboard["uid"], "natt-monitor");
+}
+
+/// The shipped systemd unit passes `systemd-analyze verify` (with ExecStart pointed at the
+/// binary this test suite built, since /usr/local/bin has none here).
+#[test]
+fn systemd_unit_verifies() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP systemd_unit_verifies: systemd-analyze is not installed");
+        return;
+    }
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("natt-monitor");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build -p natt-monitor first (cargo xtask test does)",
+        bin.display()
+    );
+    let unit =
+        std::fs::read_to_string(docs().join("../deploy/systemd/natt-monitor.service")).unwrap();
+    let dir = std::env::temp_dir().join(format!("natt-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("natt-monitor.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/natt-monitor", bin.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+}

@@ -1,6 +1,6 @@
 //! Shipped artifacts: the alert rule pack and the golden /metrics sample (checked with
 //! Prometheus's own promtool), the Grafana dashboard and the systemd unit
-//! (Debian package `prometheus`, installed by `scripts/setup.sh --test`).
+//! (promtool comes with the Debian package `prometheus`, installed by `scripts/setup.sh --test`).
 
 use std::{path::Path, process::Command};
 
@@ -86,7 +86,7 @@ fn rules_and_dashboard_use_only_exported_metrics() {
     assert_eq!(dashboard["uid"], "natt-monitor");
 }
 
-/// The shipped systemd unit passes `systemd-analyze verify` (with ExecStart pointed at the
+/// The shipped systemd unit passes `systemd-analyze verify` (with `ExecStart` pointed at the
 /// binary this test suite built, since /usr/local/bin has none here).
 #[test]
 fn systemd_unit_verifies() {

@@ -30,11 +30,25 @@ fn main() -> ExitCode {
         Command::Run(args) => match run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("natt-monitor: error: {e:#}");
+                eprintln!("natt-monitor: error: {}", render_error(&e));
                 ExitCode::FAILURE
             }
         },
     }
+}
+
+/// The error and its causes on one line, skipping causes whose text the message already has
+/// (our error types quote their cause; library errors do not).
+fn render_error(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn init_logging(format: LogFormat) {

@@ -9,6 +9,48 @@
 pub mod net;
 pub mod packets;
 
+use std::{path::PathBuf, time::Duration};
+
+/// The `natt-monitor` binary: `NATT_MONITOR_BIN` (set by `cargo xtask test`), else the one
+/// next to the running test executable (`target/<profile>/natt-monitor`).
+#[must_use]
+pub fn monitor_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATT_MONITOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let p = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir")
+        .join("natt-monitor");
+    assert!(
+        p.exists(),
+        "{} not found: build it first (cargo build -p natt-monitor; `cargo xtask test` does) or set NATT_MONITOR_BIN",
+        p.display()
+    );
+    p
+}
+
+/// GET `url` with a 10 s limit; any status is returned, not turned into an error.
+///
+/// # Errors
+/// Connection or read failures, as text.
+pub fn http_get(url: &str) -> Result<(u16, String), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
 /// Prints why a test is skipped and returns true when it cannot run here (not root).
 /// Never a silent pass: the reason goes to stderr, which `cargo test` shows with
 /// `--nocapture` and which CI logs.

@@ -7,36 +7,17 @@
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use natt_monitor_tests::{
+    http_get, monitor_bin,
     net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
     skip_unless_root,
 };
 use serde_json::Value;
-
-fn monitor_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("NATT_MONITOR_BIN") {
-        return PathBuf::from(p);
-    }
-    // target/<profile>/deps/<this test> -> target/<profile>/natt-monitor
-    let exe = std::env::current_exe().expect("current exe");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("natt-monitor");
-    assert!(
-        p.exists(),
-        "{} not found: build it first (cargo build -p natt-monitor; `cargo xtask test` does) or set NATT_MONITOR_BIN",
-        p.display()
-    );
-    p
-}
 
 /// Runs the binary to completion and returns (exit code, stderr).
 fn run_to_end(args: &[&str]) -> (i32, String) {
@@ -55,51 +36,63 @@ fn bad_arguments_fail_before_anything_is_attached() {
     if skip_unless_root("bad_arguments_fail_before_anything_is_attached") {
         return;
     }
-    let (code, err) = run_to_end(&["run", "--peer", "10.0.0.300/8"]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains(
-            "natt-monitor: error: --peer: `10.0.0.300/8` is not an IP address or CIDR prefix (expected e.g. 192.0.2.7, 198.51.100.0/24 or 2001:db8::/64)"
+    // (arguments, exit code, what stderr must say). Exit 1: natt-monitor's own checks; exit 2:
+    // clap's usage errors, which also name the flag.
+    let cases: [(&[&str], i32, &str); 8] = [
+        (
+            &["run", "--peer", "10.0.0.300/8"],
+            1,
+            "natt-monitor: error: --peer: `10.0.0.300/8` is not an IP address or CIDR prefix (expected e.g. 192.0.2.7, 198.51.100.0/24 or 2001:db8::/64)",
         ),
-        "{err}"
-    );
-    let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--listen", "localhost:80"]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("natt-monitor: error: --listen: `localhost:80` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)"),
-        "{err}"
-    );
-    let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--peer", "192.0.2.1/32"]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("natt-monitor: error: --peer: peer 192.0.2.1/32 is configured twice"),
-        "{err}"
-    );
-    let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--cgroup", "/nonexistent/cg"]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("natt-monitor: error: --cgroup /nonexistent/cg: no such directory"),
-        "{err}"
-    );
-    let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--cgroup", "/tmp"]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("/tmp is not a cgroup v2 directory (cgroup v2 is mounted at"),
-        "{err}"
-    );
-    let (code, err) = run_to_end(&["run"]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("natt-monitor: error: no peers configured: pass --peer CIDR (repeatable) or add [[peer]] entries to the --config file"),
-        "{err}"
-    );
-    // clap's own usage errors exit 2 and name the flag.
-    let (code, err) = run_to_end(&["run", "--peer", "192.0.2.1", "--mode", "block"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("invalid value 'block' for '--mode <MODE>'"),
-        "{err}"
-    );
+        (
+            &["run", "--peer", "192.0.2.1", "--listen", "localhost:80"],
+            1,
+            "natt-monitor: error: --listen: `localhost:80` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)",
+        ),
+        (
+            &["run", "--peer", "192.0.2.1", "--peer", "192.0.2.1/32"],
+            1,
+            "natt-monitor: error: --peer: peer 192.0.2.1/32 is configured twice",
+        ),
+        (
+            &["run", "--peer", "192.0.2.1", "--cgroup", "/nonexistent/cg"],
+            1,
+            "natt-monitor: error: --cgroup /nonexistent/cg: no such directory",
+        ),
+        (
+            &[
+                "run",
+                "--peer",
+                "192.0.2.1",
+                "--cgroup",
+                "/tmp",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            1,
+            "natt-monitor: error: /tmp is not a cgroup v2 directory (cgroup v2 is mounted at",
+        ),
+        (
+            &["run"],
+            1,
+            "natt-monitor: error: no peers configured: pass --peer CIDR (repeatable) or add [[peer]] entries to the --config file",
+        ),
+        (
+            &["run", "--peer", "192.0.2.1", "--mode", "block"],
+            2,
+            "invalid value 'block' for '--mode <MODE>'",
+        ),
+        (
+            &["run", "--peers", "192.0.2.1"],
+            2,
+            "unexpected argument '--peers' found",
+        ),
+    ];
+    for (args, want_code, want) in cases {
+        let (code, err) = run_to_end(args);
+        assert_eq!(code, want_code, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in:\n{err}");
+    }
     assert_no_verifier_loaded();
 }
 
@@ -192,6 +185,7 @@ impl Daemon {
 
     fn get(&self, path: &str) -> (u16, String) {
         http_get(&format!("http://{}{path}", self.addr()))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     fn signal(&self, signal: i32) {
@@ -240,20 +234,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn http_get(url: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let mut resp = agent
-        .get(url)
-        .call()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status().as_u16();
-    (status, resp.body_mut().read_to_string().expect("body"))
 }
 
 /// The value of one exact series line (`name{labels}`) in a text exposition.

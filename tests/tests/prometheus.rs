@@ -4,12 +4,13 @@
 
 use std::{
     net::TcpListener,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use natt_monitor_tests::{
+    http_get, monitor_bin,
     net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
     skip_unless_root,
 };
@@ -24,16 +25,10 @@ fn free_port() -> u16 {
 }
 
 fn get_json(url: &str) -> Option<Value> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
-    let mut resp = agent.get(url).call().ok()?;
-    if resp.status().as_u16() != 200 {
-        return None;
-    }
-    serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()
+    let (code, body) = http_get(url).ok()?;
+    (code == 200)
+        .then(|| serde_json::from_str(&body).ok())
+        .flatten()
 }
 
 /// Polls `f` every 250 ms until it returns `Some`, or panics with `what` after `timeout`.
@@ -58,19 +53,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn monitor_bin() -> PathBuf {
-    std::env::var_os("NATT_MONITOR_BIN").map_or_else(
-        || {
-            let exe = std::env::current_exe().unwrap();
-            exe.parent()
-                .and_then(Path::parent)
-                .unwrap()
-                .join("natt-monitor")
-        },
-        PathBuf::from,
-    )
 }
 
 #[test]
@@ -104,18 +86,8 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
             .expect("start natt-monitor"),
     );
     eventually("natt-monitor /healthz", Duration::from_secs(20), || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let ok = agent
-            .get(&format!("http://127.0.0.1:{monitor_port}/healthz"))
-            .call()
-            .ok()?
-            .status()
-            .as_u16()
-            == 200;
-        ok.then_some(())
+        let (code, _) = http_get(&format!("http://127.0.0.1:{monitor_port}/healthz")).ok()?;
+        (code == 200).then_some(())
     });
 
     let rules = Path::new(concat!(

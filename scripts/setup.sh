@@ -5,6 +5,7 @@
 #
 #   scripts/setup.sh          # what building and running the monitor needs
 #   scripts/setup.sh --test   # plus what the test suite needs
+#   scripts/setup.sh --bench  # plus what `cargo xtask bench` needs (iperf3, tshark)
 set -euo pipefail
 
 STABLE=1.99.1
@@ -15,11 +16,13 @@ BPF_LINKER_VERSION=0.13.0
 LLVM=22
 
 want_test=0
+want_bench=0
 for a in "$@"; do
   case "$a" in
     --test) want_test=1 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown argument '$a' (expected --test)" >&2; exit 2 ;;
+    --bench) want_test=1; want_bench=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$a' (expected --test or --bench)" >&2; exit 2 ;;
   esac
 done
 
@@ -33,6 +36,9 @@ if [ "$want_test" = 1 ]; then
   # Namespace tests: ip netns / veth, and ethtool to switch offloads per veth. prometheus:
   # promtool for the rule pack, and a real server for the end-to-end alert test.
   pkgs+=(iproute2 ethtool prometheus)
+fi
+if [ "$want_bench" = 1 ]; then
+  pkgs+=(iperf3 tshark)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

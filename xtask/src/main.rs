@@ -4,8 +4,10 @@
 //!   namespaces) single-threaded, because they share kernel state.
 //! - `cargo xtask lint`: rustfmt check and clippy (workspace, then the eBPF crate for the BPF
 //!   target, since feature unification hides BPF-only code from the workspace pass).
+//! - `cargo xtask bench`: release builds, then the benchmark suite (root); writes
+//!   docs/benchmarks.md.
 //!
-//! Install prerequisites first with `scripts/setup.sh --test` (idempotent).
+//! Install prerequisites first with `scripts/setup.sh --test` (or `--bench`); it is idempotent.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -39,6 +41,17 @@ enum Task {
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
+    /// Benchmarks (root; needs `scripts/setup.sh --bench`): BPF test runs against the kernel's
+    /// checksum, iperf3 throughput, tshark, a corruption storm, the daemon's footprint. Writes
+    /// docs/benchmarks.md. Takes about 10 minutes.
+    Bench {
+        /// Short runs to check the harness; the report says its numbers are not reportable.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the report.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: String,
+    },
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -170,9 +183,39 @@ fn test(no_lint: bool) -> Result<()> {
     result
 }
 
+fn bench(quick: bool, out: &str) -> Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "natt-monitor",
+        "--bin",
+        "natt-monitor",
+    ])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "natt-monitor-tests",
+        "--bin",
+        "natt-bench",
+        "--bin",
+        "natt-peer",
+    ])?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new(root.join("target/release/natt-bench"));
+    cmd.args(["--out", out])
+        .env("NATT_MONITOR_BIN", root.join("target/release/natt-monitor"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Test { no_lint } => test(no_lint),
         Task::Lint => lint(),
+        Task::Bench { quick, out } => bench(quick, &out),
     }
 }

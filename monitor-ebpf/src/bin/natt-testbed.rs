@@ -5,6 +5,11 @@
 //! turns a `CHECKSUM_NONE` skb into `CHECKSUM_UNNECESSARY`, so TCP/UDP skip their own check.
 //! It can also flip one payload byte of every Nth TCP data segment *without* fixing the
 //! checksum — the "corrupted after the integrity check" fault — and counts exactly what it did.
+//!
+//! Benchmark references (`cargo xtask bench`): `natt_noop_skb` and `natt_noop_tc` measure the
+//! fixed cost of each hook; `natt_kernel_csum` sums an IPv4 frame's L4 segment with
+//! `bpf_csum_diff`, i.e. the kernel's own optimised `csum_partial`, over the same bytes the
+//! verifier sums.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -18,10 +23,10 @@ mod prog {
     use aya_ebpf::{
         EbpfContext as _, Global,
         bindings::{__sk_buff, BPF_CSUM_LEVEL_INC, TC_ACT_OK},
-        helpers::generated::bpf_csum_level,
-        macros::{classifier, map},
+        helpers::generated::{bpf_csum_diff, bpf_csum_level},
+        macros::{cgroup_skb, classifier, map},
         maps::PerCpuArray,
-        programs::TcContext,
+        programs::{SkBuffContext, TcContext},
     };
     use monitor_ebpf::{IPPROTO_TCP, IPPROTO_UDP};
 
@@ -128,6 +133,75 @@ mod prog {
             }
         }
         Ok(())
+    }
+
+    /// Fixed cost of a `cgroup_skb` program: accept everything.
+    #[cgroup_skb(ingress)]
+    pub fn natt_noop_skb(_ctx: SkBuffContext) -> i32 {
+        1
+    }
+
+    /// Fixed cost of a tc program.
+    #[classifier]
+    pub fn natt_noop_tc(_ctx: TcContext) -> i32 {
+        TC_ACT_OK
+    }
+
+    /// The folded sum of the last run, so the work cannot be optimised away.
+    #[map]
+    static CSUM_OUT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    /// Sums bytes 34.. (Ethernet + 20-byte IPv4 header onwards) of a linear test-run frame with
+    /// `bpf_csum_diff`: whole 512-byte chunks (the helper's limit), then the rest in
+    /// power-of-two pieces so every call has a constant size. Lengths must be multiples of 4.
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "signature fixed by aya's #[classifier]"
+    )]
+    #[expect(
+        unused_assignments,
+        reason = "the last piece advances `p` for symmetry"
+    )]
+    #[expect(
+        clippy::cast_sign_loss,
+        reason = "bpf_csum_diff returns the 32-bit sum in an s64"
+    )]
+    pub fn natt_kernel_csum(ctx: TcContext) -> i32 {
+        let mut p = ctx.data() + 34;
+        let end = ctx.data_end();
+        let mut seed: u32 = 0;
+        macro_rules! sum {
+            ($n:literal) => {
+                if p + $n <= end {
+                    // SAFETY: `p + $n <= data_end` was just checked on a direct packet pointer.
+                    seed =
+                        unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, $n, seed) }
+                            as u32;
+                    p += $n;
+                }
+            };
+        }
+        sum!(512);
+        sum!(512);
+        sum!(512);
+        sum!(512);
+        sum!(512);
+        sum!(512);
+        sum!(512);
+        sum!(512);
+        sum!(256);
+        sum!(128);
+        sum!(64);
+        sum!(32);
+        sum!(16);
+        sum!(8);
+        sum!(4);
+        if let Some(out) = CSUM_OUT.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot.
+            unsafe { *out = u64::from(seed) };
+        }
+        TC_ACT_OK
     }
 
     #[panic_handler]

@@ -5,7 +5,8 @@
 //! prints `READY`, accepts one connection, reads N bytes and prints
 //! `received=<n> differing=<k>` against the deterministic pattern.
 //!
-//! `natt-peer send --netns NS --connect ADDR --bytes N` writes the pattern.
+//! `natt-peer send --netns NS --connect ADDR --bytes N` writes the pattern; with
+//! `--seconds S` instead of `--bytes` it writes for that long. `recv --bytes 0` reads to EOF.
 //!
 //! Every socket has a 30 s timeout so a broken test fails instead of hanging.
 
@@ -68,7 +69,7 @@ fn recv(args: &[String]) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 256 * 1024];
     let (mut got, mut differing) = (0u64, 0u64);
-    while got < want {
+    while want == 0 || got < want {
         let n = s
             .read(&mut buf)
             .map_err(|e| format!("read after {got} bytes: {e}"))?;
@@ -91,16 +92,28 @@ fn send(args: &[String]) -> Result<(), String> {
     let addr: SocketAddr = arg(args, "--connect")?
         .parse()
         .map_err(|e| format!("--connect: {e}"))?;
-    let total: u64 = arg(args, "--bytes")?
-        .parse()
-        .map_err(|e| format!("--bytes: {e}"))?;
+    let (total, until) = match arg(args, "--seconds") {
+        Ok(s) => {
+            let secs: u64 = s.parse().map_err(|e| format!("--seconds: {e}"))?;
+            (
+                u64::MAX,
+                Some(std::time::Instant::now() + Duration::from_secs(secs)),
+            )
+        }
+        Err(_) => (
+            arg(args, "--bytes")?
+                .parse()
+                .map_err(|e| format!("--bytes: {e}"))?,
+            None,
+        ),
+    };
     let mut s =
         TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_write_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     let mut off = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
-    while off < total {
+    while off < total && until.is_none_or(|t| std::time::Instant::now() < t) {
         let n = (total - off).min(buf.len() as u64) as usize;
         for (i, b) in buf[..n].iter_mut().enumerate() {
             *b = pattern(off + i as u64);

@@ -20,6 +20,8 @@ fn main() {
 
 #[cfg(target_arch = "bpf")]
 mod prog {
+    use core::ptr::null_mut;
+
     use aya_ebpf::{
         EbpfContext as _, Global,
         bindings::{__sk_buff, BPF_CSUM_LEVEL_INC, TC_ACT_OK},
@@ -174,10 +176,10 @@ mod prog {
         macro_rules! sum {
             ($n:literal) => {
                 if p + $n <= end {
+                    let words = p as *mut u32;
                     // SAFETY: `p + $n <= data_end` was just checked on a direct packet pointer.
-                    seed =
-                        unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, $n, seed) }
-                            as u32;
+                    let sum = unsafe { bpf_csum_diff(null_mut(), 0, words, $n, seed) };
+                    seed = sum as u32;
                     p += $n;
                 }
             };

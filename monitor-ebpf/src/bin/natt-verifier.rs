@@ -398,9 +398,46 @@ mod prog {
         if c.failed != 0 { None } else { Some(c.acc) }
     }
 
+    /// Sums the 16 words of a 64-byte block into two accumulators (two dependency chains, so
+    /// the JIT's adds overlap). Volatile reads keep LLVM from hoisting every load of an
+    /// unrolled chunk ahead of the adds, which spills past the 512-byte BPF stack.
+    #[inline(always)]
+    unsafe fn sum_block(p: *const u32, even: &mut u64, odd: &mut u64) {
+        // SAFETY: the caller guarantees 64 readable bytes at `p`.
+        unsafe {
+            *even += u64::from(read_volatile(p));
+            *odd += u64::from(read_volatile(p.add(1)));
+            *even += u64::from(read_volatile(p.add(2)));
+            *odd += u64::from(read_volatile(p.add(3)));
+            *even += u64::from(read_volatile(p.add(4)));
+            *odd += u64::from(read_volatile(p.add(5)));
+            *even += u64::from(read_volatile(p.add(6)));
+            *odd += u64::from(read_volatile(p.add(7)));
+            *even += u64::from(read_volatile(p.add(8)));
+            *odd += u64::from(read_volatile(p.add(9)));
+            *even += u64::from(read_volatile(p.add(10)));
+            *odd += u64::from(read_volatile(p.add(11)));
+            *even += u64::from(read_volatile(p.add(12)));
+            *odd += u64::from(read_volatile(p.add(13)));
+            *even += u64::from(read_volatile(p.add(14)));
+            *odd += u64::from(read_volatile(p.add(15)));
+        }
+    }
+
+    /// The verifier's limit on a packet pointer's offset (`MAX_PACKET_OFF`). It checks the
+    /// variable part's maximum *plus* the constant part against it, so direct reads start only
+    /// below `MAX_PACKET_OFF - CHUNK`; later chunks of a near-64 KiB segment are copied instead.
+    const MAX_PACKET_OFF: u32 = 0xffff;
+    const MAX_DIRECT_POS: u32 = MAX_PACKET_OFF - CHUNK;
+
     /// `bpf_loop` callback: sums chunk `index` (512 bytes, or the shorter last one) into
-    /// `SumCtx::acc`. Full 64-byte blocks are summed as 16 zero-extending 32-bit loads into two
-    /// accumulators; the last partial block is masked so an odd length is zero-padded.
+    /// `SumCtx::acc`.
+    ///
+    /// Whole 64-byte blocks that lie in the skb's linear area are read in place (direct packet
+    /// access, each block bounds-checked against `data_end`). Whatever is left — the last
+    /// partial block, or bytes in paged fragments — is copied into the per-CPU scratch buffer
+    /// with `bpf_skb_load_bytes` and summed there; the last partial word is masked so an odd
+    /// length is zero-padded.
     #[inline(never)]
     extern "C" fn sum_chunk(index: u64, ctx: *mut c_void) -> i64 {
         // SAFETY: `ctx` is the `SumCtx` that `sum_range` passed to bpf_loop.
@@ -410,67 +447,68 @@ mod prog {
             return 1;
         }
         let left = st.len - start;
-        let want = if left > CHUNK { CHUNK } else { left };
-        // `(n - 1) & 511` + 1 keeps the verifier's view at [1, 512]; LLVM folds a plain
-        // bound check into a form the verifier cannot follow.
-        let n = ((want - 1) & (CHUNK - 1)) + 1;
-        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-            st.failed = 1;
-            return 1;
-        };
-        if !load_into(st.skb, st.off + start, buf.cast(), n) {
-            st.failed = 1;
-            return 1;
-        }
-        let base = buf.cast::<u32>();
+        let n = if left > CHUNK { CHUNK } else { left };
         let mut even = 0u64;
         let mut odd = 0u64;
-        let mut blk = 0u32;
-        while blk < BLOCKS_PER_CHUNK {
-            let first = blk * BLOCK;
-            if n < first + BLOCK {
-                break;
-            }
-            // SAFETY: blk < 8, so 16 words at blk * 16 lie inside the 128-word buffer.
-            unsafe {
-                let p = base.add((blk * BLOCK_WORDS) as usize);
-                even += u64::from(read_volatile(p));
-                odd += u64::from(read_volatile(p.add(1)));
-                even += u64::from(read_volatile(p.add(2)));
-                odd += u64::from(read_volatile(p.add(3)));
-                even += u64::from(read_volatile(p.add(4)));
-                odd += u64::from(read_volatile(p.add(5)));
-                even += u64::from(read_volatile(p.add(6)));
-                odd += u64::from(read_volatile(p.add(7)));
-                even += u64::from(read_volatile(p.add(8)));
-                odd += u64::from(read_volatile(p.add(9)));
-                even += u64::from(read_volatile(p.add(10)));
-                odd += u64::from(read_volatile(p.add(11)));
-                even += u64::from(read_volatile(p.add(12)));
-                odd += u64::from(read_volatile(p.add(13)));
-                even += u64::from(read_volatile(p.add(14)));
-                odd += u64::from(read_volatile(p.add(15)));
-            }
-            blk += 1;
-        }
-        let rem = n - blk * BLOCK;
-        if rem != 0 && blk < BLOCKS_PER_CHUNK {
-            // SAFETY: as above; words past `rem` are masked or not read.
-            unsafe {
-                let p = base.add((blk * BLOCK_WORDS) as usize);
-                macro_rules! tail_word {
-                    ($($j:literal)*) => {$(
-                        if rem > $j * 4 {
-                            let mut v = read_volatile(p.add($j));
-                            let left = rem - $j * 4;
-                            if left < 4 {
-                                v &= (1u32 << (left * 8)) - 1;
-                            }
-                            even += u64::from(v);
-                        }
-                    )*};
+        let mut done = 0u32;
+        let pos = st.off + start;
+        if pos <= MAX_DIRECT_POS {
+            // SAFETY: `st.skb` is the program's context (a valid `__sk_buff`).
+            let (data, end) = unsafe { ((*st.skb).data as usize, (*st.skb).data_end as usize) };
+            let mut p = data + pos as usize;
+            let mut blk = 0;
+            while blk < BLOCKS_PER_CHUNK && done + BLOCK <= n {
+                if p + BLOCK as usize > end {
+                    break;
                 }
-                tail_word!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+                // SAFETY: `p + 64 <= data_end` was just checked.
+                unsafe { sum_block(p as *const u32, &mut even, &mut odd) };
+                p += BLOCK as usize;
+                done += BLOCK;
+                blk += 1;
+            }
+        }
+        if done < n {
+            // `(rest - 1) & 511` + 1 keeps the verifier's view at [1, 512]; LLVM folds a plain
+            // bound check into a form the verifier cannot follow.
+            let rest = ((n - done - 1) & (CHUNK - 1)) + 1;
+            let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+                st.failed = 1;
+                return 1;
+            };
+            if !load_into(st.skb, pos + done, buf.cast(), rest) {
+                st.failed = 1;
+                return 1;
+            }
+            let base = buf.cast::<u32>();
+            let mut blk = 0u32;
+            while blk < BLOCKS_PER_CHUNK {
+                if rest < (blk + 1) * BLOCK {
+                    break;
+                }
+                // SAFETY: blk < 8, so 16 words at blk * 16 lie inside the 128-word buffer.
+                unsafe { sum_block(base.add((blk * BLOCK_WORDS) as usize), &mut even, &mut odd) };
+                blk += 1;
+            }
+            let rem = rest - blk * BLOCK;
+            if rem != 0 && blk < BLOCKS_PER_CHUNK {
+                // SAFETY: as above; words past `rem` are masked or not read.
+                unsafe {
+                    let p = base.add((blk * BLOCK_WORDS) as usize);
+                    macro_rules! tail_word {
+                        ($($j:literal)*) => {$(
+                            if rem > $j * 4 {
+                                let mut v = read_volatile(p.add($j));
+                                let left = rem - $j * 4;
+                                if left < 4 {
+                                    v &= (1u32 << (left * 8)) - 1;
+                                }
+                                even += u64::from(v);
+                            }
+                        )*};
+                    }
+                    tail_word!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+                }
             }
         }
         st.acc += even + odd;

@@ -16,6 +16,11 @@
     clippy::cast_precision_loss,
     reason = "counts far below 2^52 become f64 for ratios"
 )]
+#![allow(
+    clippy::many_single_char_names,
+    clippy::similar_names,
+    reason = "measurement code names its samples after the report's sections (m, t, c, s, f)"
+)]
 
 use std::{
     fmt::Write as _,
@@ -43,26 +48,35 @@ use natt_monitor_tests::{
 struct Args {
     out: PathBuf,
     quick: bool,
+    micro_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut out = PathBuf::from("docs/benchmarks.md");
     let mut quick = false;
+    let mut micro_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => out = it.next().context("--out needs a path")?.into(),
             "--quick" => quick = true,
+            "--micro-only" => micro_only = true,
             "-h" | "--help" => {
                 println!(
-                    "natt-bench [--out FILE] [--quick]\n  --quick: short runs, to check the harness (numbers are not reportable)"
+                    "natt-bench [--out FILE] [--quick] [--micro-only]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written"
                 );
                 std::process::exit(0);
             }
-            other => bail!("unknown argument {other:?} (expected --out FILE or --quick)"),
+            other => {
+                bail!("unknown argument {other:?} (expected --out FILE, --quick or --micro-only)")
+            }
         }
     }
-    Ok(Args { out, quick })
+    Ok(Args {
+        out,
+        quick,
+        micro_only,
+    })
 }
 
 /// Median, min and max of a sample.
@@ -148,7 +162,7 @@ struct Micro {
 }
 
 /// Mean ns of one run of `prog` on `frame`, over `repeat` runs (the kernel reports the mean).
-fn run_ns<P: aya::programs::TestRun>(prog: &P, frame: &[u8], repeat: u32) -> Result<f64>
+fn run_ns<P>(prog: &P, frame: &[u8], repeat: u32) -> Result<f64>
 where
     for<'a> P: aya::programs::TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
 {
@@ -962,6 +976,24 @@ fn main() -> Result<()> {
     };
     eprintln!("natt-bench: 1/5 BPF_PROG_TEST_RUN");
     let m = micro(rounds, repeat)?;
+    if args.micro_only {
+        for (size, ver, ker, nskb, ntc) in &m.rows {
+            println!(
+                "{size} B: verifier {} ns, kernel csum {} ns, noop skb {} ns, noop tc {} ns",
+                ver.fmt(1),
+                ker.fmt(1),
+                nskb.fmt(1),
+                ntc.fmt(1)
+            );
+        }
+        println!(
+            "per byte above hook cost: verifier {:.3} ns/B, kernel {:.3} ns/B, ratio {:.2}",
+            m.verifier_per_byte,
+            m.kernel_per_byte,
+            m.verifier_per_byte / m.kernel_per_byte
+        );
+        return Ok(());
+    }
     eprintln!("natt-bench: 2/5 iperf3 throughput");
     let t = vec![
         throughput(1500, rounds, secs)?,

@@ -211,21 +211,9 @@ impl Daemon {
         (status, self.lines.lock().unwrap().clone())
     }
 
-    fn stop(mut self, signal: i32) -> (ExitStatus, Vec<Value>) {
+    fn stop(self, signal: i32) -> (ExitStatus, Vec<Value>) {
         self.signal(signal);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "natt-monitor did not exit within 10 s of signal {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        self.reader.take().unwrap().join().unwrap();
-        (status, self.lines.lock().unwrap().clone())
+        self.wait_exit(Duration::from_secs(10))
     }
 }
 

@@ -65,6 +65,28 @@ fn run(peer: &str, mode: Mode, every: u32, mtu: u32, bytes: u64, v6: bool) -> Ru
 
 const MB: u64 = 1 << 20;
 
+/// Enforce mode's contract: every injected corruption detected and dropped, and TCP's
+/// retransmissions deliver the whole stream byte for byte.
+fn assert_enforced(r: &Run, bytes: u64) {
+    assert!(r.inject.corrupted > 0, "the injector corrupted something");
+    assert_eq!(
+        r.peer.mismatches[PROTO_TCP], r.inject.corrupted,
+        "mismatches == injected"
+    );
+    assert_eq!(
+        r.peer.drops[PROTO_TCP], r.inject.corrupted,
+        "every mismatch dropped"
+    );
+    assert_eq!(
+        r.stream,
+        StreamResult {
+            received: bytes,
+            differing: 0
+        },
+        "TCP retransmitted every drop"
+    );
+}
+
 #[test]
 fn clean_stream_has_no_mismatches() {
     if skip_unless_root("clean_stream_has_no_mismatches") {
@@ -125,23 +147,7 @@ fn enforce_mode_drops_corruption_and_tcp_delivers_a_byte_exact_stream() {
         return;
     }
     let r = run(ADDR_A, Mode::Enforce, 50, 1500, 8 * MB, false);
-    assert!(r.inject.corrupted > 0);
-    assert_eq!(
-        r.peer.mismatches[PROTO_TCP], r.inject.corrupted,
-        "mismatches == injected"
-    );
-    assert_eq!(
-        r.peer.drops[PROTO_TCP], r.inject.corrupted,
-        "every mismatch dropped"
-    );
-    assert_eq!(
-        r.stream,
-        StreamResult {
-            received: 8 * MB,
-            differing: 0
-        },
-        "TCP retransmitted every drop"
-    );
+    assert_enforced(&r, 8 * MB);
 }
 
 #[test]
@@ -150,16 +156,7 @@ fn enforce_mode_over_ipv6() {
         return;
     }
     let r = run(ADDR6_A, Mode::Enforce, 40, 1500, 4 * MB, true);
-    assert!(r.inject.corrupted > 0);
-    assert_eq!(r.peer.mismatches[PROTO_TCP], r.inject.corrupted);
-    assert_eq!(r.peer.drops[PROTO_TCP], r.inject.corrupted);
-    assert_eq!(
-        r.stream,
-        StreamResult {
-            received: 4 * MB,
-            differing: 0
-        }
-    );
+    assert_enforced(&r, 4 * MB);
 }
 
 #[test]
@@ -177,16 +174,7 @@ fn segments_up_to_64k_are_verified() {
         r.peer.verified_bytes[PROTO_TCP] / r.peer.verified_packets[PROTO_TCP] > 20_000,
         "large segments verified"
     );
-    assert!(r.inject.corrupted > 0);
-    assert_eq!(r.peer.mismatches[PROTO_TCP], r.inject.corrupted);
-    assert_eq!(r.peer.drops[PROTO_TCP], r.inject.corrupted);
-    assert_eq!(
-        r.stream,
-        StreamResult {
-            received: 16 * MB,
-            differing: 0
-        }
-    );
+    assert_enforced(&r, 16 * MB);
 }
 
 #[test]

@@ -244,6 +244,8 @@ fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Setting {
     Off,
+    /// A `cgroup_skb` program that accepts everything: the floor any such hook costs.
+    Noop,
     Observe,
     Enforce,
 }
@@ -252,6 +254,7 @@ impl Setting {
     const fn name(self) -> &'static str {
         match self {
             Self::Off => "no program",
+            Self::Noop => "no-op cgroup_skb program",
             Self::Observe => "observe",
             Self::Enforce => "enforce",
         }
@@ -339,13 +342,34 @@ fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughput> {
     let lab = Lab::new(mtu);
     let cg = Cgroup::new();
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
-    let settings = [Setting::Off, Setting::Observe, Setting::Enforce];
-    let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let settings = [
+        Setting::Off,
+        Setting::Noop,
+        Setting::Observe,
+        Setting::Enforce,
+    ];
+    let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
     let mut cpu = Vec::new();
     let (mut received, mut verified) = (0u64, 0u64);
     for _ in 0..rounds {
         for (i, &setting) in settings.iter().enumerate() {
-            let verifier = if setting == Setting::Off {
+            let mut noop = None;
+            if setting == Setting::Noop {
+                let mut tb = EbpfLoader::new().load(TESTBED_OBJ)?;
+                let p: &mut CgroupSkb = tb
+                    .program_mut("natt_noop_skb")
+                    .context("natt_noop_skb")?
+                    .try_into()?;
+                p.load()?;
+                let cgroup = fs::File::open(&cg.path)?;
+                p.attach(
+                    &cgroup,
+                    aya::programs::CgroupSkbAttachType::Ingress,
+                    aya::programs::CgroupAttachMode::Single,
+                )?;
+                noop = Some(tb);
+            }
+            let verifier = if matches!(setting, Setting::Off | Setting::Noop) {
                 None
             } else {
                 let mut v = Verifier::load()?;
@@ -366,6 +390,7 @@ fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughput> {
             let bps = iperf_client(&lab, secs)?;
             let segs = tcp_in_segs(&lab.b)? - segs0;
             let _ = server.finish(Duration::from_secs(10));
+            drop(noop);
             gbps[i].push(bps / 1e9);
             if let Some(mut v) = verifier {
                 let s = v.peer_stats(0)?;

@@ -259,49 +259,15 @@ impl Verifier {
         self.attached_to.as_deref()
     }
 
-    /// Makes the peer maps equal to `table`: resets the statistics of ids that now belong to
-    /// another prefix, inserts or updates every peer, then removes prefixes no longer
-    /// configured. Segments never see an empty map in between, and a peer that stays keeps its
-    /// counts.
+    /// Makes the peer maps equal to `table`, in an order that keeps every count with its
+    /// prefix: first the prefixes no longer configured leave the tries (their segments stop
+    /// counting), then the statistics of ids that now belong to another prefix are reset, then
+    /// every peer is inserted or updated. Peers that stay are never absent from the maps and
+    /// keep their counts.
     ///
     /// # Errors
     /// `EbpfFailure::Map` naming the step.
     pub fn set_peers(&mut self, table: &PeerTable) -> Result<(), EbpfFailure> {
-        let reused: Vec<u32> = table
-            .iter()
-            .filter(|(id, spec)| {
-                self.installed
-                    .get(*id)
-                    .is_none_or(|old| old.net != spec.net)
-            })
-            .map(|(id, _)| id)
-            .collect();
-        if !reused.is_empty() {
-            let map = self.bpf.map_mut("PEER_STATS").ok_or(EbpfFailure::Missing {
-                kind: "map",
-                name: "PEER_STATS",
-            })?;
-            let mut arr: PerCpuArray<&mut MapData, PeerStats> = PerCpuArray::try_from(map)
-                .map_err(|source| EbpfFailure::Map {
-                    what: "opening PEER_STATS".into(),
-                    source,
-                })?;
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfFailure::Map {
-                what: "counting possible CPUs".into(),
-                source: MapError::IoError(e),
-            })?;
-            for id in reused {
-                let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus.get() as usize])
-                    .map_err(|e| EbpfFailure::Map {
-                        what: format!("zeroing PEER_STATS[{id}]"),
-                        source: MapError::IoError(e),
-                    })?;
-                arr.set(id, zeros, 0).map_err(|source| EbpfFailure::Map {
-                    what: format!("resetting PEER_STATS[{id}]"),
-                    source,
-                })?;
-            }
-        }
         let mut want_v4 = Vec::new();
         let mut want_v6 = Vec::new();
         for (id, spec) in table.iter() {
@@ -317,9 +283,52 @@ impl Verifier {
                 )),
             }
         }
-        sync_trie::<PeerKeyV4>(&mut self.bpf, "PEERS_V4", &want_v4)?;
-        sync_trie::<PeerKeyV6>(&mut self.bpf, "PEERS_V6", &want_v6)?;
+        remove_stale::<PeerKeyV4>(&mut self.bpf, "PEERS_V4", &want_v4)?;
+        remove_stale::<PeerKeyV6>(&mut self.bpf, "PEERS_V6", &want_v6)?;
+        let reused: Vec<u32> = table
+            .iter()
+            .filter(|(id, spec)| {
+                self.installed
+                    .get(*id)
+                    .is_none_or(|old| old.net != spec.net)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        self.reset_stats(&reused)?;
+        insert_all::<PeerKeyV4>(&mut self.bpf, "PEERS_V4", &want_v4)?;
+        insert_all::<PeerKeyV6>(&mut self.bpf, "PEERS_V6", &want_v6)?;
         self.installed = table.clone();
+        Ok(())
+    }
+
+    fn reset_stats(&mut self, ids: &[u32]) -> Result<(), EbpfFailure> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let map = self.bpf.map_mut("PEER_STATS").ok_or(EbpfFailure::Missing {
+            kind: "map",
+            name: "PEER_STATS",
+        })?;
+        let mut arr: PerCpuArray<&mut MapData, PeerStats> =
+            PerCpuArray::try_from(map).map_err(|source| EbpfFailure::Map {
+                what: "opening PEER_STATS".into(),
+                source,
+            })?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfFailure::Map {
+            what: "counting possible CPUs".into(),
+            source: MapError::IoError(e),
+        })?;
+        for &id in ids {
+            let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus.get() as usize])
+                .map_err(|e| EbpfFailure::Map {
+                    what: format!("zeroing PEER_STATS[{id}]"),
+                    source: MapError::IoError(e),
+                })?;
+            arr.set(id, zeros, 0).map_err(|source| EbpfFailure::Map {
+                what: format!("resetting PEER_STATS[{id}]"),
+                source,
+            })?;
+        }
         Ok(())
     }
 
@@ -399,26 +408,26 @@ fn program(bpf: &mut Ebpf) -> Result<&mut CgroupSkb, EbpfFailure> {
         })
 }
 
-fn sync_trie<K: aya::Pod + PartialEq>(
+fn open_trie<'a, K: aya::Pod>(
+    bpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<LpmTrie<&'a mut MapData, K, PeerValue>, EbpfFailure> {
+    let map = bpf
+        .map_mut(name)
+        .ok_or(EbpfFailure::Missing { kind: "map", name })?;
+    LpmTrie::try_from(map).map_err(|source| EbpfFailure::Map {
+        what: format!("opening {name}"),
+        source,
+    })
+}
+
+/// Removes the prefixes of `name` that are not in `want`.
+fn remove_stale<K: aya::Pod + PartialEq>(
     bpf: &mut Ebpf,
     name: &'static str,
     want: &[(Key<K>, PeerValue)],
 ) -> Result<(), EbpfFailure> {
-    let map = bpf
-        .map_mut(name)
-        .ok_or(EbpfFailure::Missing { kind: "map", name })?;
-    let mut trie: LpmTrie<&mut MapData, K, PeerValue> =
-        LpmTrie::try_from(map).map_err(|source| EbpfFailure::Map {
-            what: format!("opening {name}"),
-            source,
-        })?;
-    for (key, value) in want {
-        trie.insert(key, value, 0)
-            .map_err(|source| EbpfFailure::Map {
-                what: format!("adding a peer to {name}"),
-                source,
-            })?;
-    }
+    let mut trie = open_trie::<K>(bpf, name)?;
     let stale: Vec<Key<K>> = trie
         .keys()
         .filter_map(Result::ok)
@@ -429,6 +438,23 @@ fn sync_trie<K: aya::Pod + PartialEq>(
             what: format!("removing a peer from {name}"),
             source,
         })?;
+    }
+    Ok(())
+}
+
+/// Inserts or updates every prefix of `want` in `name`.
+fn insert_all<K: aya::Pod>(
+    bpf: &mut Ebpf,
+    name: &'static str,
+    want: &[(Key<K>, PeerValue)],
+) -> Result<(), EbpfFailure> {
+    let mut trie = open_trie::<K>(bpf, name)?;
+    for (key, value) in want {
+        trie.insert(key, value, 0)
+            .map_err(|source| EbpfFailure::Map {
+                what: format!("adding a peer to {name}"),
+                source,
+            })?;
     }
     Ok(())
 }

@@ -480,6 +480,12 @@ fn capture(rounds: usize, secs: u32) -> Result<Capture> {
                 "-q",
                 "-o",
                 "tcp.check_checksum:TRUE",
+                // Checksums need neither stream reassembly nor sequence analysis; with them on,
+                // a capture full of drops made tshark run for over ten minutes.
+                "-o",
+                "tcp.desegment_tcp_streams:FALSE",
+                "-o",
+                "tcp.analyze_sequence_numbers:FALSE",
             ])
             .args([
                 "-f",
@@ -504,12 +510,33 @@ fn capture(rounds: usize, secs: u32) -> Result<Capture> {
         let pid = i32::try_from(tshark.id())?;
         // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(pid, libc::SIGINT) };
+        // Bounded: a tshark still dissecting after 300 s is killed and the run fails.
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = {
+            let finished = std::sync::Arc::clone(&finished);
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(300);
+                while !finished.load(std::sync::atomic::Ordering::Relaxed) {
+                    if Instant::now() > deadline {
+                        // SAFETY: kill has no memory preconditions.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                false
+            })
+        };
         let mut text = String::new();
         std::io::Read::read_to_string(
             &mut tshark.stdout.take().context("tshark stdout")?,
             &mut text,
         )?;
         let seconds = wait_cpu_seconds(pid)?;
+        finished.store(true, std::sync::atomic::Ordering::Relaxed);
+        if watchdog.join().unwrap_or(true) {
+            bail!("tshark did not finish dissecting within 300 s of the end of the capture");
+        }
         // The totals row: "| 0.000 <> Dur|  frames | bytes | frames | bytes |".
         let row = text
             .lines()

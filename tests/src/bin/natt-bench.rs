@@ -1024,15 +1024,16 @@ harness (`natt-bench --micro-only`), medians of 5 rounds of 200,000 runs:
   the LPM-trie peer lookup, `bpf_loop`, per-CPU statistics), visible at 64 bytes.
 - **The throughput target (0.85 at MTU 1500) is not met on veth.** At about 600,000 segments a
   second that fixed cost is a tenth of a core, and on veth the receive path runs on the same two
-  cores as the sender, so it shows up almost fully in throughput. Larger segments amortise it
-  (0.82 at MTU 9000). Candidates for the fixed cost: reading the headers in place as the
-  payload now is, and an exact-match hash lookup for single-address peers before the LPM trie.
+  cores as the sender, so it shows up almost fully in throughput; the no-op program's row shows
+  the share any cgroup_skb hook takes before doing any work. Candidates for the fixed cost:
+  reading the headers in place as the payload now is, and an exact-match hash lookup for
+  single-address peers before the LPM trie.
 - **On a real IPsec path** each segment is also decrypted and authenticated, which costs several
   times a checksum per byte, and the NIC does the rest of the receive work on other cores; the
   verifier's share is correspondingly smaller. The VM suite on real ESP-in-UDP will measure it.
-- **Capture is no substitute.** tshark spent tens of times more CPU per verified gigabyte and
-  still missed close to half the segments at this rate (dropped at capture), while the
-  verifier saw every segment TCP received.
+- **Capture is no substitute.** tshark spent far more CPU per verified gigabyte and still
+  missed a large share of the segments at this rate (dropped at capture), while the verifier
+  saw every segment TCP received.
 - **The corruption storm** shows the bounded design: every mismatch counted exactly, the ring
   buffer overflowing into `events_lost` instead of blocking, log lines rate-limited and counted,
   the endpoint answering every scrape, and the daemon's memory flat.

@@ -36,6 +36,10 @@ if [ "$want_test" = 1 ]; then
   # Namespace tests: ip netns / veth, and ethtool to switch offloads per veth. prometheus:
   # promtool for the rule pack, and a real server for the end-to-end alert test.
   pkgs+=(iproute2 ethtool prometheus)
+  # The VM suite (cargo xtask vm-test): QEMU for Debian's kernels, busybox and nft for the
+  # guest's initramfs, xz for compressed modules. (qemu-system-x86 replaces a backported
+  # qemu-utils if one is installed; the suite needs neither qemu-img nor qemu-nbd.)
+  pkgs+=(qemu-system-x86 busybox-static nftables xz-utils)
 fi
 if [ "$want_bench" = 1 ]; then
   pkgs+=(iperf3 tshark)

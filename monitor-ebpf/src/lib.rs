@@ -35,6 +35,11 @@ pub const MODE_OBSERVE: u8 = 0;
 /// Per-peer verification mode: drop mismatching segments so TCP retransmits them.
 pub const MODE_ENFORCE: u8 = 1;
 
+/// `PeerValue::flags` bit: the peer's NAT residual is not known yet. The verifier neither
+/// verifies nor drops its segments; it counts them as learning and reports each one's residual
+/// to userspace (an `ACTION_LEARNING` event) until userspace has settled on the residual.
+pub const PEER_FLAG_LEARN: u8 = 1;
+
 /// Value of the peer LPM tries: what the verifier needs to know about a peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,7 +48,7 @@ pub struct PeerValue {
     pub id: u32,
     /// `MODE_OBSERVE` or `MODE_ENFORCE`.
     pub mode: u8,
-    /// Reserved flags (zero).
+    /// `PEER_FLAG_*` bits.
     pub flags: u8,
     /// One's-complement residual an intact segment from this peer leaves: 0 without NAT, the
     /// address-rewrite difference behind one (see `csum::nat_residual`).
@@ -67,6 +72,9 @@ pub struct PeerStats {
     pub mismatches: [u64; PROTO_COUNT],
     /// Mismatching segments dropped in enforce mode.
     pub drops: [u64; PROTO_COUNT],
+    /// Segments seen while the peer's NAT residual was being learned (neither verified nor
+    /// counted as mismatches).
+    pub learning: [u64; PROTO_COUNT],
 }
 
 impl PeerStats {
@@ -78,6 +86,7 @@ impl PeerStats {
             self.verified_bytes[p] += other.verified_bytes[p];
             self.mismatches[p] += other.mismatches[p];
             self.drops[p] += other.drops[p];
+            self.learning[p] += other.learning[p];
         }
         self
     }
@@ -135,6 +144,9 @@ pub const FAMILY_V6: u8 = 6;
 pub const ACTION_PASSED: u8 = 0;
 /// What the verifier did with a mismatching segment.
 pub const ACTION_DROPPED: u8 = 1;
+/// Not a mismatch: a segment from a peer whose residual is being learned (`PEER_FLAG_LEARN`),
+/// passed unverified; `residual` is what it left.
+pub const ACTION_LEARNING: u8 = 2;
 
 /// One checksum mismatch, sent through the `EVENTS` ring buffer.
 #[repr(C)]
@@ -150,7 +162,7 @@ pub struct MismatchEvent {
     pub family: u8,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
-    /// `ACTION_PASSED` or `ACTION_DROPPED`.
+    /// `ACTION_PASSED`, `ACTION_DROPPED` or `ACTION_LEARNING`.
     pub action: u8,
     /// Number of valid bytes in `payload`.
     pub payload_len: u8,
@@ -178,7 +190,7 @@ pub struct MismatchEvent {
 // buffer in place, and the ABI is shared by two compilers.
 const _: () = assert!(size_of::<MismatchEvent>() == 92);
 const _: () = assert!(size_of::<PeerValue>() == 8);
-const _: () = assert!(size_of::<PeerStats>() == 64);
+const _: () = assert!(size_of::<PeerStats>() == 80);
 
 #[cfg(feature = "user")]
 mod user {

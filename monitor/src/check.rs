@@ -258,6 +258,42 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
             format!("loaded: {}", esp.join(", "))
         },
     );
+    if esp.iter().any(|m| m.ends_with("_offload")) {
+        r.push(
+            "gro",
+            Status::Info,
+            "an esp offload module is loaded: if the receiving device has GRO on and the IKE daemon set UDP_GRO on its \
+             encapsulation socket, decapsulated segments can be merged and cannot be verified (counted as \
+             skipped reason=\"aggregated\"); remedy: ip link set dev <dev> gro_max_size <its MTU>, or ethtool -K <dev> gro off \
+             (docs/runbook.md#nattmonitorunverifiabletraffic)",
+        );
+    }
+    match crate::xfrm::dump() {
+        Ok(sas) => {
+            let peers =
+                crate::xfrm::peers_from(&sas, crate::peers::Mode::Observe, crate::xfrm::is_local);
+            let names: Vec<String> = peers.iter().map(crate::peers::PeerSpec::label).collect();
+            r.push(
+                "xfrm discovery",
+                Status::Ok,
+                format!(
+                    "{} SAs; {} NAT-T transport-mode peers{}",
+                    sas.len(),
+                    peers.len(),
+                    if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", names.join(", "))
+                    }
+                ),
+            );
+        }
+        Err(e) => r.push(
+            "xfrm discovery",
+            Status::Info,
+            format!("{e}; run with --discover none and static peers"),
+        ),
+    }
     r
 }
 

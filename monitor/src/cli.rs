@@ -13,7 +13,9 @@ use crate::peers::Mode;
 Examples:
   natt-monitor check
   natt-monitor run --peer 198.51.100.0/24 --peer 2001:db8:7::/48
-  natt-monitor run --peer 192.0.2.10 --mode enforce --cgroup /sys/fs/cgroup/unified/zookeeper.slice")]
+  natt-monitor run                      # peers from this host's NAT-T SAs (XFRM)
+  natt-monitor run --discover none --peer 192.0.2.10 --mode enforce \
+      --cgroup /sys/fs/cgroup/unified/zookeeper.slice")]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -40,6 +42,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where peers come from besides --peer and [[peer]].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discover {
+    /// The kernel's inbound ESP-in-UDP (and ESP-in-TCP) transport-mode SAs, followed live.
+    Xfrm,
+    /// Static peers only.
+    None,
+}
+
 /// `natt-monitor run`.
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
@@ -53,8 +65,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 
-    /// Source address or prefix of an IPsec NAT-T peer to verify (repeatable). Segments from
-    /// other sources are counted as skipped (reason `not_in_scope`) and left alone.
+    /// Source address or prefix of an IPsec NAT-T peer to verify (repeatable), beside the
+    /// discovered ones. Segments from other sources are counted as skipped (reason
+    /// `not_in_scope`) and left alone.
     #[arg(long = "peer", value_name = "CIDR")]
     pub peers: Vec<String>,
 
@@ -62,6 +75,13 @@ pub struct RunArgs {
     /// drop them so TCP retransmits. [default: observe]
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
+
+    /// Peer discovery. xfrm: every source address of this host's inbound transport-mode SAs with
+    /// UDP/TCP encapsulation becomes a peer (learning its NAT residual from traffic), following
+    /// SA add/delete/expire live. none: only --peer and [[peer]]. [default: xfrm when the
+    /// kernel has XFRM netlink; given explicitly, a missing XFRM is an error]
+    #[arg(long, value_enum)]
+    pub discover: Option<Discover>,
 
     /// Address for /metrics and /healthz. [default: 127.0.0.1:9874]
     #[arg(long, value_name = "ADDR")]

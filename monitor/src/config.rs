@@ -13,7 +13,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    cli::{LogFormat, RunArgs},
+    cli::{Discover, LogFormat, RunArgs},
     events::{LOG_BURST, LOG_PER_SECOND},
     peers::{Mode, NatAddresses, PeerError, PeerSpec, parse_cidr},
 };
@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub mode: Option<Mode>,
     /// Metrics listen address.
     pub listen: Option<String>,
+    /// Peer discovery.
+    pub discover: Option<Discover>,
     /// Log format.
     pub log_format: Option<LogFormat>,
     /// procfs root.
@@ -67,6 +69,8 @@ pub struct FilePeer {
     pub original_dst: Option<IpAddr>,
     /// Our address as the peer's segments arrive here.
     pub observed_dst: Option<IpAddr>,
+    /// Learn the NAT residual from traffic instead of assuming none.
+    pub learn_residual: Option<bool>,
 }
 
 /// A configuration error. The `Display` text is what the user sees after `error:`.
@@ -132,7 +136,7 @@ pub enum ConfigError {
     },
     /// Nothing to verify.
     #[error(
-        "no peers configured: pass --peer CIDR (repeatable) or add [[peer]] entries to the --config file"
+        "no peers configured and discovery is off: pass --peer CIDR (repeatable), add [[peer]] entries to the --config file, or use --discover xfrm"
     )]
     NoPeers,
     /// A log budget of zero would silence every mismatch line.
@@ -150,6 +154,13 @@ pub struct Settings {
     pub cgroup: PathBuf,
     /// Peers in configuration order (file entries first, then `--peer` flags).
     pub peers: Vec<PeerSpec>,
+    /// Mode of peers that set none, discovered ones included.
+    pub default_mode: Mode,
+    /// Peer discovery.
+    pub discover: Discover,
+    /// True when discovery was asked for explicitly (flag or file): then a kernel without
+    /// XFRM netlink is an error rather than a note in the log.
+    pub discover_required: bool,
     /// Metrics listen address.
     pub listen: SocketAddr,
     /// procfs root.
@@ -201,6 +212,10 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 ///
 /// # Errors
 /// The first `ConfigError` found.
+#[expect(
+    clippy::too_many_lines,
+    reason = "precedence is easiest to audit key by key in one place"
+)]
 pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
     let file = match &args.config {
         Some(p) => read_file(p)?,
@@ -228,6 +243,13 @@ pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
         })?;
         let mut spec = PeerSpec::new(net, fp.mode.unwrap_or(default_mode));
         spec.nat = nat_of(fp, net, &at)?;
+        spec.learn = fp.learn_residual.unwrap_or(false);
+        if spec.learn && spec.nat.is_some() {
+            return Err(ConfigError::Nat {
+                origin: at,
+                reason: "learn_residual = true and original_src/original_dst/observed_dst contradict each other: set the addresses (exact residual) or learn it, not both".into(),
+            });
+        }
         peers.push(spec);
         origins.push(at);
     }
@@ -239,7 +261,9 @@ pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
         peers.push(PeerSpec::new(net, default_mode));
         origins.push("--peer".to_owned());
     }
-    if peers.is_empty() {
+    let discover_required = args.discover.or(file.discover).is_some();
+    let discover = args.discover.or(file.discover).unwrap_or(Discover::Xfrm);
+    if peers.is_empty() && discover == Discover::None {
         return Err(ConfigError::NoPeers);
     }
     // Duplicates and the peer limit are checked where ids are assigned (PeerTable); check here
@@ -296,6 +320,9 @@ pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
     Ok(Settings {
         cgroup,
         peers,
+        default_mode,
+        discover,
+        discover_required,
         listen,
         proc_path,
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
@@ -398,7 +425,7 @@ mod tests {
     fn errors_name_the_key_or_flag() {
         let (_, a) = file("[[peer]]\ncidr = \"192.0.2.0/24\"\nmtu = 9000\n");
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.contains("unknown field `mtu`, expected one of `cidr`, `mode`, `original_src`, `original_dst`, `observed_dst`"), "{e}");
+        assert!(e.contains("unknown field `mtu`, expected one of `cidr`, `mode`, `original_src`, `original_dst`, `observed_dst`, `learn_residual`"), "{e}");
         assert!(e.contains("line 3"), "{e}");
 
         let (p, a) = file("[[peer]]\ncidr = \"192.0.2.0/33\"\n");
@@ -438,10 +465,20 @@ mod tests {
                 .ends_with("set all of original_src, original_dst and observed_dst, or none")
         );
 
-        let a = args(&["--cgroup", "/"]);
+        let a = args(&["--cgroup", "/", "--discover", "none"]);
         assert_eq!(
             resolve(&a).unwrap_err().to_string(),
-            "no peers configured: pass --peer CIDR (repeatable) or add [[peer]] entries to the --config file"
+            "no peers configured and discovery is off: pass --peer CIDR (repeatable), add [[peer]] entries to the --config file, or use --discover xfrm"
+        );
+        // Discovery alone is a valid configuration; by default it is not required.
+        let s = resolve(&args(&["--cgroup", "/"])).unwrap();
+        assert_eq!((s.discover, s.discover_required), (Discover::Xfrm, false));
+        let (_, a) =
+            file("discover = \"xfrm\"\n[[peer]]\ncidr = \"192.0.2.1\"\nlearn_residual = true\n");
+        let s = resolve(&a).unwrap();
+        assert_eq!(
+            (s.discover, s.discover_required, s.peers[0].learn),
+            (Discover::Xfrm, true, true)
         );
         let a = args(&["--cgroup", "/nonexistent/cg", "--peer", "192.0.2.1"]);
         assert_eq!(
@@ -463,19 +500,21 @@ mod tests {
         );
         let a = args(&["--config", path, "--cgroup", "/"]);
         let s = resolve(&a).unwrap();
-        let got: Vec<(String, Mode, bool)> = s
+        let got: Vec<(String, Mode, bool, bool)> = s
             .peers
             .iter()
-            .map(|p| (p.label(), p.mode, p.nat.is_some()))
+            .map(|p| (p.label(), p.mode, p.nat.is_some(), p.learn))
             .collect();
         assert_eq!(
             got,
             [
-                ("198.51.100.0/24".into(), Mode::Observe, false),
-                ("2001:db8:7::/48".into(), Mode::Enforce, false),
-                ("203.0.113.5/32".into(), Mode::Observe, true),
+                ("198.51.100.0/24".into(), Mode::Observe, false, false),
+                ("2001:db8:7::/48".into(), Mode::Enforce, false, false),
+                ("203.0.113.5/32".into(), Mode::Observe, true, false),
+                ("192.0.2.44/32".into(), Mode::Observe, false, true),
             ]
         );
+        assert_eq!((s.discover, s.discover_required), (Discover::Xfrm, true));
         assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!((s.log_burst, s.log_per_second), (20, 5));
     }

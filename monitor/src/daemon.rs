@@ -31,13 +31,16 @@ use tracing::{error, info, warn};
 
 use crate::{
     check,
+    cli::Discover,
     config::{ConfigError, Settings},
     ebpf::{EbpfFailure, Verifier},
     events::{Hex, Mismatch, RateLimiter, SUPPRESSED_FLUSH},
     http::{self, Exporter},
-    metrics::{Metrics, Snapshot},
-    peers::{PeerError, PeerSpec, PeerTable, Source},
+    learn::{Learner, Outcome},
+    metrics::{Metrics, PeerSnapshot, Snapshot},
+    peers::{Mode, PeerError, PeerSpec, PeerTable, Source},
     snmp,
+    xfrm::{self, Watch, XfrmError},
 };
 
 /// Re-reads the peer list on SIGHUP (the configuration file and flags).
@@ -104,6 +107,9 @@ pub enum DaemonError {
     /// A signal handler could not be installed.
     #[error("installing the SIGHUP handler: {0}")]
     Signal(#[source] io::Error),
+    /// XFRM discovery could not start.
+    #[error("--discover xfrm: {0}")]
+    Discovery(#[from] XfrmError),
     /// An internal task ended while the daemon was running.
     #[error(
         "internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)"
@@ -165,13 +171,89 @@ impl Health {
     }
 }
 
+/// How often discovery re-reads the SAs even without a notification.
+pub const XFRM_RESYNC: Duration = Duration::from_secs(30);
+
+/// The peer set and where it came from. Lock order: `Shared::peers`, then `Shared::verifier`.
+#[derive(Debug, Default)]
+struct PeerState {
+    /// What the maps hold.
+    table: PeerTable,
+    /// From flags and the configuration file (replaced on SIGHUP).
+    statics: Vec<PeerSpec>,
+    /// From the kernel's SAs (replaced on every change).
+    discovered: Vec<PeerSpec>,
+    /// Residual-learning rounds of the peers that are learning.
+    learner: Learner,
+}
+
 /// State shared by the tasks and the HTTP endpoint.
 struct Shared {
     verifier: Mutex<Verifier>,
-    peers: Mutex<PeerTable>,
+    peers: Mutex<PeerState>,
     health: Health,
     metrics: Metrics,
     proc_path: PathBuf,
+}
+
+/// The peers to verify: every static peer, then each discovered peer whose address no static
+/// prefix already covers (an operator's explicit entry wins over discovery).
+fn merge(statics: &[PeerSpec], discovered: &[PeerSpec]) -> Vec<PeerSpec> {
+    let mut out = statics.to_vec();
+    out.extend(
+        discovered
+            .iter()
+            .filter(|d| !statics.iter().any(|s| s.net.contains(&d.net.addr())))
+            .cloned(),
+    );
+    out
+}
+
+/// Replaces the peer set: reconciles ids, updates the maps (restoring the old set if that
+/// fails) and restarts learning for peers whose SAs changed. Returns (added, removed).
+fn apply_peers(
+    shared: &Shared,
+    statics: Option<Vec<PeerSpec>>,
+    discovered: Option<Vec<PeerSpec>>,
+) -> Result<(usize, usize), String> {
+    let mut state = lock(&shared.peers);
+    let statics = statics.unwrap_or_else(|| state.statics.clone());
+    let discovered = discovered.unwrap_or_else(|| state.discovered.clone());
+    let old = state.table.clone();
+    let new = old
+        .reconcile(merge(&statics, &discovered))
+        .map_err(|e| e.to_string())?;
+    {
+        let mut v = lock(&shared.verifier);
+        if let Err(e) = v.set_peers(&new) {
+            // The maps may now be partly updated; put the old table back so they match what
+            // the metrics and logs believe.
+            if let Err(e2) = v.set_peers(&old) {
+                return Err(format!(
+                    "{e}; restoring the previous peers failed too: {e2}"
+                ));
+            }
+            return Err(format!("{e}; kept the previous peers"));
+        }
+    }
+    for (id, p) in new.iter() {
+        if new.is_learning(id) && (!old.is_learning(id) || old.get(id) != Some(p)) {
+            state.learner.reset(id);
+        }
+    }
+    state.learner.retain(|id| new.is_learning(id));
+    let added = new
+        .iter()
+        .filter(|(_, p)| old.id_of(p.net).is_none())
+        .count();
+    let removed = old
+        .iter()
+        .filter(|(_, p)| new.id_of(p.net).is_none())
+        .count();
+    state.table = new;
+    state.statics = statics;
+    state.discovered = discovered;
+    Ok((added, removed))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,7 +264,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Exporter for Shared {
     fn scrape(&self) -> String {
         let t0 = Instant::now();
-        let table = lock(&self.peers).clone();
+        let table = lock(&self.peers).table.clone();
         let mut snap = Snapshot {
             peers_by_source: Source::ALL
                 .iter()
@@ -203,7 +285,11 @@ impl Exporter for Shared {
             }
             for (id, spec) in table.iter() {
                 match v.peer_stats(id) {
-                    Ok(s) => snap.peers.push((spec.label(), s)),
+                    Ok(stats) => snap.peers.push(PeerSnapshot {
+                        label: spec.label(),
+                        stats,
+                        learning: table.is_learning(id),
+                    }),
                     Err(e) => {
                         warn!(peer = %spec.net, error = %e, "scrape could not read peer statistics");
                         snap.up = false;
@@ -248,7 +334,10 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             addr: settings.listen,
             source,
         })?;
-    let table = PeerTable::new(settings.peers.clone())?;
+    // Discovery starts before anything is attached: the first SA dump is part of the initial
+    // peer set, and an explicit --discover xfrm on a kernel without XFRM fails here.
+    let (watch, discovered) = start_discovery(&settings)?;
+    let table = PeerTable::new(merge(&settings.peers, &discovered))?;
     let metrics = Metrics::new()?;
     let suppressed = metrics.log_suppressed();
 
@@ -272,9 +361,25 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     // Attach last: the peer map is complete before the first segment meets the program.
     verifier.attach(&settings.cgroup)?;
 
+    let watch = match watch {
+        // SAFETY: the Watch owns its socket and keeps it open for as long as the AsyncFd (which
+        // owns the Watch) exists.
+        Some(w) => Some(
+            unsafe { AsyncFd::register(w) }.map_err(|e| DaemonError::EventFd {
+                what: "XFRM notification",
+                source: e.into_parts().1,
+            })?,
+        ),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         verifier: Mutex::new(verifier),
-        peers: Mutex::new(table.clone()),
+        peers: Mutex::new(PeerState {
+            table: table.clone(),
+            statics: settings.peers.clone(),
+            discovered,
+            learner: Learner::default(),
+        }),
         health: Health::new(),
         metrics,
         proc_path: settings.proc_path.clone(),
@@ -285,6 +390,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         cgroup = %settings.cgroup.display(),
         %listen,
         peers = table.len(),
+        discover = if watch.is_some() { "xfrm" } else { "none" },
         "verifier attached at cgroup_skb ingress"
     );
     log_peers(&table);
@@ -303,6 +409,11 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let mut server = tokio::spawn(http::serve(
         listener,
         Arc::clone(&shared) as Arc<dyn Exporter>,
+    ));
+    let mut discovery = tokio::spawn(follow_xfrm(
+        watch,
+        Arc::clone(&shared),
+        settings.default_mode,
     ));
     let died = |task: &'static str, r: Result<io::Result<()>, tokio::task::JoinError>| {
         DaemonError::TaskDied {
@@ -332,12 +443,14 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             r = &mut drain => break Err(died("event-drain", r)),
             r = &mut bridge => break Err(died("ebpf-log", r)),
             r = &mut server => break Err(died("http", r)),
+            r = &mut discovery => break Err(died("xfrm-discovery", r)),
         }
     };
     shared.health.attached.store(false, Ordering::Relaxed);
     drain.abort();
     bridge.abort();
     server.abort();
+    discovery.abort();
     if let Err(e) = &result {
         error!("{e}");
     }
@@ -353,7 +466,92 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
 
 fn log_peers(table: &PeerTable) {
     for (id, p) in table.iter() {
-        info!(peer = %p.net, id, mode = %p.mode, residual = p.expected_residual().unwrap_or(0), "verifying peer");
+        match table.residual(id) {
+            Some(residual) => {
+                info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), residual, "verifying peer");
+            }
+            None => {
+                info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), "verifying peer once its NAT residual is learned");
+            }
+        }
+    }
+}
+
+/// Opens the notification socket first (so no change is missed between the dump and the
+/// subscription), then dumps the SAs. With discovery on by default, a kernel without XFRM
+/// netlink only turns discovery off; asked for explicitly, it is an error.
+fn start_discovery(settings: &Settings) -> Result<(Option<Watch>, Vec<PeerSpec>), DaemonError> {
+    if settings.discover == Discover::None {
+        return Ok((None, Vec::new()));
+    }
+    let opened = Watch::open().and_then(|w| xfrm::dump().map(|sas| (w, sas)));
+    match opened {
+        Ok((w, sas)) => {
+            let peers = xfrm::peers_from(&sas, settings.default_mode, xfrm::is_local);
+            info!(
+                sas = sas.len(),
+                peers = peers.len(),
+                "XFRM discovery: read the kernel's SAs"
+            );
+            Ok((Some(w), peers))
+        }
+        Err(e) if !settings.discover_required && matches!(e, XfrmError::Open(_)) => {
+            if settings.peers.is_empty() {
+                return Err(DaemonError::Discovery(e));
+            }
+            info!(error = %e, "XFRM discovery off: this kernel has no XFRM netlink; static peers only");
+            Ok((None, Vec::new()))
+        }
+        Err(e) => Err(DaemonError::Discovery(e)),
+    }
+}
+
+/// Keeps the discovered peers in step with the kernel's SAs: re-reads them on every SA
+/// notification (and every `XFRM_RESYNC`) and applies the difference. Without discovery it
+/// simply waits forever. Any netlink failure ends the task, which takes the daemon down.
+async fn follow_xfrm(
+    watch: Option<AsyncFd<Watch>>,
+    shared: Arc<Shared>,
+    mode: Mode,
+) -> io::Result<()> {
+    let Some(mut watch) = watch else {
+        return std::future::pending().await;
+    };
+    let fail = |e: XfrmError| io::Error::other(e.to_string());
+    loop {
+        let woke = tokio::time::timeout(XFRM_RESYNC, watch.readable_mut()).await;
+        if let Ok(guard) = woke {
+            let mut guard = guard?;
+            let n = guard.get_inner_mut().read_pending().map_err(fail)?;
+            guard.clear_ready();
+            if n.overrun {
+                warn!("XFRM notifications overran the socket; re-reading every SA");
+            }
+            // Coalesce a burst (an IKE rekey adds and deletes several SAs at once).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = watch.get_mut().read_pending().map_err(fail)?;
+        }
+        let sas = xfrm::dump().map_err(fail)?;
+        let peers = xfrm::peers_from(&sas, mode, xfrm::is_local);
+        if peers == lock(&shared.peers).discovered {
+            continue;
+        }
+        match apply_peers(&shared, None, Some(peers)) {
+            Ok((added, removed)) => {
+                let table = lock(&shared.peers).table.clone();
+                info!(
+                    peers = table.len(),
+                    xfrm = table.count_by_source(Source::Xfrm),
+                    added,
+                    removed,
+                    "XFRM discovery: SAs changed"
+                );
+                log_peers(&table);
+            }
+            Err(e) => {
+                error!(error = %e, "XFRM discovery could not update the peers; will retry on the next change");
+            }
+        }
     }
 }
 
@@ -369,41 +567,21 @@ fn reload_peers(shared: &Shared, reload: Option<&Reloader>) {
             return;
         }
     };
-    let old = lock(&shared.peers).clone();
-    let new = match old.reconcile(specs) {
-        Ok(t) => t,
-        Err(e) => {
-            error!(error = %e, "reload failed; keeping the current peers");
-            return;
+    match apply_peers(shared, Some(specs), None) {
+        Ok((added, removed)) => {
+            let table = lock(&shared.peers).table.clone();
+            info!(
+                peers = table.len(),
+                added, removed, "reloaded peers on SIGHUP"
+            );
+            log_peers(&table);
         }
-    };
-    if let Err(e) = lock(&shared.verifier).set_peers(&new) {
-        // The maps may now be partly updated; put the old table back so they match what the
-        // metrics and logs believe.
-        error!(error = %e, "reload could not update the peer maps; restoring the previous peers");
-        if let Err(e) = lock(&shared.verifier).set_peers(&old) {
-            error!(error = %e, "restoring the previous peers failed too");
-        }
-        return;
+        Err(e) => error!(error = %e, "reload failed; keeping the current peers"),
     }
-    let added = new
-        .iter()
-        .filter(|(_, p)| old.id_of(p.net).is_none())
-        .count();
-    let removed = old
-        .iter()
-        .filter(|(_, p)| new.id_of(p.net).is_none())
-        .count();
-    *lock(&shared.peers) = new.clone();
-    info!(
-        peers = new.len(),
-        added, removed, "reloaded peers on SIGHUP"
-    );
-    log_peers(&new);
 }
 
 fn log_totals(shared: &Shared) {
-    let table = lock(&shared.peers).clone();
+    let table = lock(&shared.peers).table.clone();
     let v = lock(&shared.verifier);
     for (id, p) in table.iter() {
         match v.peer_stats(id) {
@@ -412,6 +590,7 @@ fn log_totals(shared: &Shared) {
                 verified_tcp = s.verified_packets[PROTO_TCP],
                 verified_udp = s.verified_packets[PROTO_UDP],
                 mismatches = s.mismatches[PROTO_TCP] + s.mismatches[PROTO_UDP],
+                learning = s.learning[PROTO_TCP] + s.learning[PROTO_UDP],
                 dropped = s.drops[PROTO_TCP] + s.drops[PROTO_UDP],
                 "peer totals"
             ),
@@ -503,11 +682,16 @@ fn log_event(bytes: &[u8], shared: &Shared, limiter: &mut RateLimiter, suppresse
         );
         return;
     };
+    if m.learning {
+        learn_sample(shared, &m);
+        return;
+    }
     let Some(suppressed_before) = limiter.admit(Instant::now()) else {
         suppressed.inc();
         return;
     };
     let peer = lock(&shared.peers)
+        .table
         .get(m.peer_id)
         .map_or_else(|| format!("#{}", m.peer_id), PeerSpec::label);
     warn!(
@@ -523,4 +707,46 @@ fn log_event(bytes: &[u8], shared: &Shared, limiter: &mut RateLimiter, suppresse
         suppressed_before,
         "checksum mismatch"
     );
+}
+
+/// Feeds one learning segment's residual to the learner; when it settles, installs the residual
+/// so the peer's next segment is verified.
+fn learn_sample(shared: &Shared, m: &Mismatch) {
+    let mut state = lock(&shared.peers);
+    // Samples already in the ring when the peer settled (or was removed) are stale.
+    if !state.table.is_learning(m.peer_id) {
+        return;
+    }
+    let label = state
+        .table
+        .get(m.peer_id)
+        .map_or_else(String::new, PeerSpec::label);
+    match state.learner.sample(m.peer_id, m.residual) {
+        Outcome::Pending => {}
+        Outcome::Restarted { top } => warn!(
+            peer = label,
+            most_common = %format_args!("{:#06x}", top.0),
+            count = top.1,
+            window = crate::learn::WINDOW,
+            "NAT residual did not settle: no value carried three quarters of the segments; learning again"
+        ),
+        Outcome::Learned { residual, samples } => {
+            let mut new = state.table.clone();
+            new.set_learned(m.peer_id, residual);
+            match lock(&shared.verifier).set_peers(&new) {
+                Ok(()) => {
+                    state.table = new;
+                    info!(
+                        peer = label,
+                        residual = %format_args!("{residual:#06x}"),
+                        samples,
+                        "NAT residual learned; verifying this peer from now on"
+                    );
+                }
+                Err(e) => {
+                    error!(peer = label, error = %e, "could not install the learned residual; still learning");
+                }
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monitor_ebpf::{ACTION_DROPPED, FAMILY_V4, IPPROTO_TCP, MismatchEvent};
+use monitor_ebpf::{ACTION_DROPPED, ACTION_LEARNING, FAMILY_V4, IPPROTO_TCP, MismatchEvent};
 
 /// A decoded mismatch event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +36,10 @@ pub struct Mismatch {
     pub expected: u16,
     /// Whether the segment was dropped (enforce mode).
     pub dropped: bool,
+    /// Not a mismatch: a residual sample from a peer still being learned.
+    pub learning: bool,
+    /// The residual the segment left.
+    pub residual: u16,
     /// First payload bytes.
     pub payload: Vec<u8>,
 }
@@ -74,6 +78,8 @@ impl Mismatch {
             found: ev.csum_found,
             expected: ev.csum_expected,
             dropped: ev.action == ACTION_DROPPED,
+            learning: ev.action == ACTION_LEARNING,
+            residual: ev.residual,
             payload: ev.payload[..n].to_vec(),
         })
     }

@@ -12,6 +12,8 @@ pub mod daemon;
 pub mod ebpf;
 pub mod events;
 pub mod http;
+pub mod learn;
 pub mod metrics;
 pub mod peers;
 pub mod snmp;
+pub mod xfrm;

@@ -16,11 +16,22 @@ use prometheus::{
 
 use crate::{ebpf::Counters, peers::Source, snmp::KernelCsumErrors};
 
+/// One peer's readings.
+#[derive(Clone, Debug, Default)]
+pub struct PeerSnapshot {
+    /// The `peer` label: its prefix.
+    pub label: String,
+    /// Statistics summed over CPUs.
+    pub stats: PeerStats,
+    /// Waiting for its NAT residual to be learned.
+    pub learning: bool,
+}
+
 /// One scrape's worth of readings.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// Per peer: its label and statistics summed over CPUs.
-    pub peers: Vec<(String, PeerStats)>,
+    /// Per peer readings.
+    pub peers: Vec<PeerSnapshot>,
     /// Global counters.
     pub counters: Counters,
     /// Number of peers per source.
@@ -41,6 +52,8 @@ pub struct Metrics {
     verified_bytes: IntCounterVec,
     mismatches: IntCounterVec,
     dropped: IntCounterVec,
+    learning_packets: IntCounterVec,
+    peer_learning: IntGaugeVec,
     skipped: IntCounterVec,
     events_lost: IntCounter,
     peers: IntGaugeVec,
@@ -79,6 +92,10 @@ impl Metrics {
     ///
     /// # Errors
     /// Only on a programming error (duplicate or invalid metric names).
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one declaration per exported metric, with its help text"
+    )]
     pub fn new() -> Result<Self, prometheus::Error> {
         let r = Registry::new();
         let pp = &["peer", "proto"];
@@ -107,6 +124,23 @@ impl Metrics {
                 "Mismatching segments dropped in enforce mode, so that TCP retransmits them.",
                 pp,
             )?,
+            learning_packets: counter_vec(
+                &r,
+                "natt_monitor_learning_packets_total",
+                "Segments passed unverified while the peer's NAT residual was being learned.",
+                pp,
+            )?,
+            peer_learning: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "natt_monitor_peer_learning",
+                        "1 while the peer's NAT residual is being learned (its segments are not verified yet), else 0.",
+                    ),
+                    &["peer"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             skipped: counter_vec(
                 &r,
                 "natt_monitor_skipped_packets_total",
@@ -198,22 +232,28 @@ impl Metrics {
             c.reset();
             c.inc_by(v);
         };
-        let now: BTreeSet<String> = snap.peers.iter().map(|(l, _)| l.clone()).collect();
+        let now: BTreeSet<String> = snap.peers.iter().map(|p| p.label.clone()).collect();
         for gone in exported.difference(&now) {
+            let _ = self.peer_learning.remove_label_values(&[gone]);
             for (_, proto) in PROTOS {
                 for v in [
                     &self.verified_packets,
                     &self.verified_bytes,
                     &self.mismatches,
                     &self.dropped,
+                    &self.learning_packets,
                 ] {
                     let _ = v.remove_label_values(&[gone, proto]);
                 }
             }
         }
-        for (label, s) in &snap.peers {
+        for peer in &snap.peers {
+            let s = &peer.stats;
+            self.peer_learning
+                .with_label_values(&[peer.label.as_str()])
+                .set(i64::from(peer.learning));
             for (p, proto) in PROTOS {
-                let l = [label.as_str(), proto];
+                let l = [peer.label.as_str(), proto];
                 set(
                     &self.verified_packets.with_label_values(&l),
                     s.verified_packets[p],
@@ -224,6 +264,7 @@ impl Metrics {
                 );
                 set(&self.mismatches.with_label_values(&l), s.mismatches[p]);
                 set(&self.dropped.with_label_values(&l), s.drops[p]);
+                set(&self.learning_packets.with_label_values(&l), s.learning[p]);
             }
         }
         *exported = now;
@@ -262,17 +303,35 @@ mod tests {
             verified_bytes: [14_800, 100],
             mismatches: [3, 0],
             drops: [3, 0],
+            learning: [0, 0],
+        };
+        let b = PeerStats {
+            learning: [5, 0],
+            ..PeerStats::default()
         };
         let mut c = Counters::default();
         c.slots[Counter::SkipNotInScope as usize] = 7;
         c.slots[Counter::EventsLost as usize] = 1;
         Snapshot {
             peers: vec![
-                ("192.0.2.0/24".into(), a),
-                ("2001:db8::/32".into(), PeerStats::default()),
+                PeerSnapshot {
+                    label: "192.0.2.0/24".into(),
+                    stats: a,
+                    learning: false,
+                },
+                PeerSnapshot {
+                    label: "2001:db8::/32".into(),
+                    stats: PeerStats::default(),
+                    learning: false,
+                },
+                PeerSnapshot {
+                    label: "203.0.113.9/32".into(),
+                    stats: b,
+                    learning: true,
+                },
             ],
             counters: c,
-            peers_by_source: vec![(Source::Static, 2)],
+            peers_by_source: vec![(Source::Static, 2), (Source::Xfrm, 1)],
             kernel: Some(KernelCsumErrors { tcp: 4, udp: 5 }),
             up: true,
             collect_seconds: 0.000_25,
@@ -294,6 +353,10 @@ mod tests {
             "natt_monitor_skipped_packets_total{reason=\"aggregated\"} 0",
             "natt_monitor_events_lost_total 1",
             "natt_monitor_peers{source=\"static\"} 2",
+            "natt_monitor_peers{source=\"xfrm\"} 1",
+            "natt_monitor_learning_packets_total{peer=\"203.0.113.9/32\",proto=\"tcp\"} 5",
+            "natt_monitor_peer_learning{peer=\"203.0.113.9/32\"} 1",
+            "natt_monitor_peer_learning{peer=\"192.0.2.0/24\"} 0",
             "natt_monitor_kernel_tcp_in_csum_errors_total 4",
             "natt_monitor_kernel_udp_in_csum_errors_total 5",
             "natt_monitor_log_lines_suppressed_total 0",
@@ -334,10 +397,11 @@ mod tests {
         let mut s = sample();
         let _ = m.render(&s);
         s.peers.truncate(1);
-        s.peers[0].1.verified_packets[0] = 25;
+        s.peers[0].stats.verified_packets[0] = 25;
         s.up = false;
         let text = m.render(&s);
         assert!(!text.contains("2001:db8::/32"), "{text}");
+        assert!(!text.contains("203.0.113.9/32"), "{text}");
         assert!(text.contains(
             "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 25"
         ));

@@ -6,7 +6,7 @@
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use ipnet::IpNet;
-use monitor_ebpf::{MAX_PEERS, MODE_ENFORCE, MODE_OBSERVE, PeerValue, csum};
+use monitor_ebpf::{MAX_PEERS, MODE_ENFORCE, MODE_OBSERVE, PEER_FLAG_LEARN, PeerValue, csum};
 
 /// What the verifier does with a mismatching segment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -114,8 +114,13 @@ pub struct PeerSpec {
     pub net: IpNet,
     /// What to do with mismatches.
     pub mode: Mode,
-    /// Pre-NAT addresses, when known; `None` means no NAT (expected residual 0).
+    /// Pre-NAT addresses, when known; `None` means no NAT (expected residual 0) unless `learn`.
     pub nat: Option<NatAddresses>,
+    /// Learn the NAT residual from traffic (`nat` is then `None`); see `learn.rs`.
+    pub learn: bool,
+    /// Identity of what the peer was discovered from (a hash of its SAs); a change means the
+    /// path may have changed, so a learned residual is learned again. 0 for static peers.
+    pub generation: u64,
     /// Where it came from.
     pub source: Source,
 }
@@ -128,6 +133,8 @@ impl PeerSpec {
             net,
             mode,
             nat: None,
+            learn: false,
+            generation: 0,
             source: Source::Static,
         }
     }
@@ -168,17 +175,20 @@ pub enum Source {
     /// `--peer` flags and `[[peer]]` entries of the configuration file.
     #[default]
     Static,
+    /// The kernel's inbound ESP-in-UDP/TCP transport-mode SAs (`--discover xfrm`).
+    Xfrm,
 }
 
 impl Source {
     /// Every source, for pre-registering gauges at 0.
-    pub const ALL: [Self; 1] = [Self::Static];
+    pub const ALL: [Self; 2] = [Self::Static, Self::Xfrm];
 
     /// Label value.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Static => "static",
+            Self::Xfrm => "xfrm",
         }
     }
 }
@@ -189,6 +199,8 @@ impl Source {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerTable {
     peers: std::collections::BTreeMap<u32, PeerSpec>,
+    /// Residuals learned so far, by id, for peers with `learn` set.
+    learned: std::collections::BTreeMap<u32, u16>,
 }
 
 impl PeerTable {
@@ -219,10 +231,19 @@ impl PeerTable {
             p.expected_residual()?;
         }
         let mut out = std::collections::BTreeMap::new();
+        let mut learned = std::collections::BTreeMap::new();
         let mut fresh = Vec::new();
         for p in peers {
             match self.id_of(p.net) {
                 Some(id) => {
+                    // A learned residual stays only while nothing it depends on changed.
+                    if let (Some(r), Some(old)) = (self.learned.get(&id), self.peers.get(&id))
+                        && p.learn
+                        && old.learn
+                        && old.generation == p.generation
+                    {
+                        learned.insert(id, *r);
+                    }
                     out.insert(id, p);
                 }
                 None => fresh.push(p),
@@ -238,7 +259,38 @@ impl PeerTable {
             out.insert(next, p);
             next += 1;
         }
-        Ok(Self { peers: out })
+        Ok(Self {
+            peers: out,
+            learned,
+        })
+    }
+
+    /// True while peer `id` is waiting for its residual to be learned.
+    #[must_use]
+    pub fn is_learning(&self, id: u32) -> bool {
+        self.peers
+            .get(&id)
+            .is_some_and(|p| p.learn && !self.learned.contains_key(&id))
+    }
+
+    /// Records the residual learned for peer `id`; false if `id` is not learning.
+    pub fn set_learned(&mut self, id: u32, residual: u16) -> bool {
+        if !self.is_learning(id) {
+            return false;
+        }
+        self.learned.insert(id, residual);
+        true
+    }
+
+    /// The residual peer `id`'s intact segments leave, if known (configured or learned).
+    #[must_use]
+    pub fn residual(&self, id: u32) -> Option<u16> {
+        let p = self.peers.get(&id)?;
+        if p.learn {
+            self.learned.get(&id).copied()
+        } else {
+            p.expected_residual().ok()
+        }
     }
 
     /// The id of the peer with this prefix, if any.
@@ -284,13 +336,22 @@ impl PeerTable {
     /// Never for a table built by `new` or `reconcile` (residuals were validated there).
     #[must_use]
     pub fn value(&self, id: u32, spec: &PeerSpec) -> PeerValue {
+        let (flags, expected_residual) = if spec.learn {
+            self.learned
+                .get(&id)
+                .map_or((PEER_FLAG_LEARN, 0), |r| (0, *r))
+        } else {
+            (
+                0,
+                spec.expected_residual()
+                    .expect("validated in PeerTable::reconcile"),
+            )
+        };
         PeerValue {
             id,
             mode: spec.mode.abi(),
-            flags: 0,
-            expected_residual: spec
-                .expected_residual()
-                .expect("validated in PeerTable::reconcile"),
+            flags,
+            expected_residual,
         }
     }
 }
@@ -367,6 +428,44 @@ mod tests {
             ]
         );
         assert_eq!(u.id_of(parse_cidr("10.0.0.3").unwrap()), Some(2));
+    }
+
+    #[test]
+    fn learned_residuals_survive_reloads_until_the_sa_changes() {
+        let learner = |s: &str, generation: u64| {
+            let mut p = PeerSpec::new(parse_cidr(s).unwrap(), Mode::Enforce);
+            p.learn = true;
+            p.generation = generation;
+            p.source = Source::Xfrm;
+            p
+        };
+        let mut t = PeerTable::new(vec![learner("10.0.0.1", 7), learner("10.0.0.2", 9)]).unwrap();
+        assert!(t.is_learning(0));
+        assert_eq!(t.value(0, t.get(0).unwrap()).flags, PEER_FLAG_LEARN);
+        assert!(t.set_learned(0, 0xabcd));
+        assert!(t.set_learned(1, 0x0102));
+        assert!(!t.set_learned(0, 1), "already decided");
+        let v = t.value(0, t.get(0).unwrap());
+        assert_eq!(
+            (v.flags, v.expected_residual, v.mode),
+            (0, 0xabcd, MODE_ENFORCE)
+        );
+        // Same SA for .1, a new SA (rekey or new NAT mapping) for .2.
+        let u = t
+            .reconcile(vec![learner("10.0.0.1", 7), learner("10.0.0.2", 10)])
+            .unwrap();
+        assert_eq!(u.residual(0), Some(0xabcd));
+        assert!(u.is_learning(1));
+        assert_eq!(u.residual(1), None);
+        // A static peer is never learning and reports its configured residual.
+        let s = PeerTable::new(vec![PeerSpec::new(
+            parse_cidr("10.0.0.3").unwrap(),
+            Mode::Observe,
+        )])
+        .unwrap();
+        assert!(!s.is_learning(0));
+        assert_eq!(s.residual(0), Some(0));
+        assert_eq!(u.count_by_source(Source::Xfrm), 2);
     }
 
     #[test]

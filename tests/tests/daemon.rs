@@ -73,9 +73,9 @@ fn bad_arguments_fail_before_anything_is_attached() {
             "natt-monitor: error: /tmp is not a cgroup v2 directory (cgroup v2 is mounted at",
         ),
         (
-            &["run"],
+            &["run", "--discover", "none"],
             1,
-            "natt-monitor: error: no peers configured: pass --peer CIDR (repeatable) or add [[peer]] entries to the --config file",
+            "natt-monitor: error: no peers configured and discovery is off: pass --peer CIDR (repeatable), add [[peer]] entries to the --config file, or use --discover xfrm",
         ),
         (
             &["run", "--peer", "192.0.2.1", "--mode", "block"],
@@ -382,6 +382,44 @@ fn sigint_also_detaches_cleanly() {
     let (status, lines) = d.stop(libc::SIGINT);
     assert!(status.success(), "exit status {status}: {lines:?}");
     assert!(lines.iter().any(|v| v["message"] == "verifier detached"));
+    assert_no_verifier_loaded();
+}
+
+#[test]
+fn discovery_alone_is_a_valid_configuration() {
+    if skip_unless_root("discovery_alone_is_a_valid_configuration") {
+        return;
+    }
+    // No static peer at all: the peers come from the kernel's SAs. This kernel has XFRM netlink
+    // but no ESP (`ip xfrm state add ... proto esp` fails), so there are none; the VM suite
+    // covers real SAs coming and going.
+    let cg = Cgroup::new();
+    let mut d = Daemon::start(&[
+        "run",
+        "--discover",
+        "xfrm",
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+    ]);
+    d.wait_for("verifier attached at cgroup_skb ingress");
+    let read = d.messages("XFRM discovery: read the kernel's SAs");
+    assert_eq!(read.len(), 1, "{:?}", d.lines.lock().unwrap());
+    assert_eq!(field_u64(&read[0], "peers"), 0);
+    let attached = &d.messages("verifier attached at cgroup_skb ingress")[0];
+    assert_eq!(attached["discover"], "xfrm");
+    let (code, body) = d.get("/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(
+        metric(&body, "natt_monitor_peers{source=\"xfrm\"}"),
+        Some(0)
+    );
+    assert_eq!(
+        metric(&body, "natt_monitor_peers{source=\"static\"}"),
+        Some(0)
+    );
+    assert_eq!(metric(&body, "natt_monitor_up"), Some(1));
+    let (status, lines) = d.stop(libc::SIGTERM);
+    assert!(status.success(), "exit status {status}: {lines:?}");
     assert_no_verifier_loaded();
 }
 

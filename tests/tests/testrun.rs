@@ -117,6 +117,8 @@ static PLACEHOLDER: std::sync::LazyLock<Mismatch> = std::sync::LazyLock::new(|| 
     found: 0,
     expected: 0,
     dropped: false,
+    learning: false,
+    residual: 0,
     payload: Vec::new(),
 });
 
@@ -175,6 +177,7 @@ impl Harness {
                 out.peers[i].verified_bytes[k] = b.verified_bytes[k] - a.verified_bytes[k];
                 out.peers[i].mismatches[k] = b.mismatches[k] - a.mismatches[k];
                 out.peers[i].drops[k] = b.drops[k] - a.drops[k];
+                out.peers[i].learning[k] = b.learning[k] - a.learning[k];
             }
         }
         out
@@ -336,6 +339,60 @@ fn nat_peers_use_their_residual() {
     let mut f = v4(V4_NAT_ORIG, LOCAL4, L4::Tcp, &payload(100));
     f[ETH + 12..ETH + 16].copy_from_slice(&V4_OBSERVE.octets());
     assert_eq!(h.run(&f), Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false));
+}
+
+#[test]
+fn learning_peers_pass_unverified_and_report_their_residual() {
+    if skip_unless_root("learning_peers_pass_unverified_and_report_their_residual") {
+        return;
+    }
+    let mut h = Harness::new();
+    let configured = table();
+    let want = configured.residual(P_V4_NAT as u32).unwrap();
+    assert_ne!(want, 0);
+    // The same NAT peer, in enforce mode, without its original addresses: it must learn.
+    let specs: Vec<PeerSpec> = configured
+        .iter()
+        .map(|(id, p)| {
+            let mut p = p.clone();
+            if id == P_V4_NAT as u32 {
+                p.nat = None;
+                p.learn = true;
+                p.mode = Mode::Enforce;
+            }
+            p
+        })
+        .collect();
+    let mut learning = configured.reconcile(specs).unwrap();
+    h.v.set_peers(&learning).unwrap();
+    let mut f = v4(V4_NAT_ORIG, V4_NAT_ORIG_DST, L4::Tcp, &payload(900));
+    f[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
+    f[ETH + 16..ETH + 20].copy_from_slice(&LOCAL4.octets());
+    let mut bad = f.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x10;
+    for (frame, intact) in [(&f, true), (&bad, false)] {
+        let out = h.run(frame);
+        // Passed, not verified, not a mismatch, not dropped (even in enforce mode).
+        let mut expect = Outcome::zero(PASS);
+        expect.peers[P_V4_NAT].learning[PROTO_TCP] = 1;
+        expect.events = vec![PLACEHOLDER.clone()];
+        assert_eq!(out, expect);
+        let ev = &out.events[0];
+        assert!(ev.learning, "{ev:?}");
+        assert_eq!(ev.peer_id, P_V4_NAT as u32);
+        // The intact segment leaves exactly the residual the NAT addresses imply; the
+        // corrupted one leaves another.
+        assert_eq!(ev.residual == want, intact, "{ev:?}");
+    }
+    // Once userspace installs the learned residual, the peer is verified and enforced.
+    assert!(learning.set_learned(P_V4_NAT as u32, want));
+    h.v.set_peers(&learning).unwrap();
+    assert_eq!(
+        h.run(&f),
+        Outcome::verified(P_V4_NAT, PROTO_TCP, l4_len(&f))
+    );
+    assert_eq!(h.run(&bad), Outcome::mismatch(P_V4_NAT, PROTO_TCP, true));
 }
 
 #[test]

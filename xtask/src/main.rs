@@ -1,7 +1,8 @@
 //! `cargo xtask`: the one door to natt-monitor's privileged work.
 //!
 //! - `cargo xtask test`: unit tests, then the root-only kernel tests (BPF test runs, network
-//!   namespaces) single-threaded, because they share kernel state.
+//!   namespaces) single-threaded, because they share kernel state, then the VM suite.
+//! - `cargo xtask vm-test`: the real ESP-in-UDP path under QEMU with Debian's kernels.
 //! - `cargo xtask lint`: rustfmt check and clippy (workspace, then the eBPF crate for the BPF
 //!   target, since feature unification hides BPF-only code from the workspace pass).
 //! - `cargo xtask bench`: release builds, then the benchmark suite (root); writes
@@ -16,6 +17,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 /// Pinned in scripts/setup.sh and monitor/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-24";
@@ -32,8 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Lints, unit tests and privileged kernel tests (needs root for the kernel tests; they
-    /// print SKIP with a reason otherwise).
+    /// Lints, unit tests, privileged kernel tests and the VM suite (needs root for the kernel
+    /// tests and the VM suite; they print SKIP with a reason otherwise).
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
@@ -41,6 +44,16 @@ enum Task {
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
+    /// The real IPsec path (root; needs `scripts/setup.sh --test`): boots the Debian bookworm
+    /// and bookworm-backports kernels under QEMU and runs the ESP-in-UDP scenarios with
+    /// natt-monitor discovering its peers from the SAs. Downloads are cached in target/vm.
+    VmTest {
+        /// Also write the result table to this file.
+        #[arg(long)]
+        out: Option<String>,
+        /// Run only these scenarios (e.g. a-clean d-nat-learned); default: all.
+        only: Vec<String>,
+    },
     /// Benchmarks (root; needs `scripts/setup.sh --bench`): BPF test runs against the kernel's
     /// checksum, iperf3 throughput, tshark, a corruption storm, the daemon's footprint. Writes
     /// docs/benchmarks.md. Takes about 10 minutes.
@@ -174,7 +187,18 @@ fn test(no_lint: bool) -> Result<()> {
                 "--nocapture",
             ],
             &mut tally,
-        )
+        )?;
+        // The real ESP-in-UDP path, in QEMU with Debian's kernels.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            vm::vm_test(None, &[])?;
+            tally.passed += 1;
+        } else {
+            eprintln!(
+                "SKIP vm-test: needs root, like the other kernel tests (it runs apt-get and boots QEMU)"
+            );
+        }
+        Ok(())
     })();
     #[expect(clippy::print_stdout, reason = "the closing summary line CI reads")]
     {
@@ -216,6 +240,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Test { no_lint } => test(no_lint),
         Task::Lint => lint(),
+        Task::VmTest { out, only } => vm::vm_test(out.as_deref(), &only),
         Task::Bench { quick, out } => bench(quick, &out),
     }
 }

@@ -37,9 +37,10 @@ mod prog {
     };
     use aya_log_ebpf::warn;
     use monitor_ebpf::{
-        ACTION_DROPPED, ACTION_PASSED, COUNTER_SLOTS, Counter, EVENT_PAYLOAD_LEN, EVENT_RING_BYTES,
-        FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS, MODE_ENFORCE, MismatchEvent,
-        PROTO_TCP, PROTO_UDP, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, csum,
+        ACTION_DROPPED, ACTION_LEARNING, ACTION_PASSED, COUNTER_SLOTS, Counter, EVENT_PAYLOAD_LEN,
+        EVENT_RING_BYTES, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS, MODE_ENFORCE,
+        MismatchEvent, PEER_FLAG_LEARN, PROTO_TCP, PROTO_UDP, PeerKeyV4, PeerKeyV6, PeerStats,
+        PeerValue, csum,
     };
 
     #[map]
@@ -203,6 +204,32 @@ mod prog {
             PROTO_UDP
         };
         let stats = PEER_STATS.get_ptr_mut(peer.id);
+        if peer.flags & PEER_FLAG_LEARN != 0 {
+            // The residual is not known yet: report what this segment left and pass it,
+            // neither verified nor a mismatch.
+            if let Some(s) = stats {
+                // SAFETY: per-CPU slot, no re-entry on this CPU.
+                unsafe {
+                    (*s).learning[p] += 1;
+                }
+            }
+            emit(
+                ctx,
+                &l3,
+                &Mismatch {
+                    l4_len,
+                    seq,
+                    sport,
+                    dport,
+                    field,
+                    residual,
+                    action: ACTION_LEARNING,
+                    payload_off: l4_off + hdr_len,
+                    payload_len: 0,
+                },
+            );
+            return Ok(Verdict::Pass);
+        }
         if residual == peer.expected_residual {
             if let Some(s) = stats {
                 // SAFETY: per-CPU slot, no re-entry on this CPU.

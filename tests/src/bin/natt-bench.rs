@@ -1019,9 +1019,13 @@ harness (`natt-bench --micro-only`), medians of 5 rounds of 200,000 runs:
 
 ## Reading these numbers
 
-- **Per byte the verifier is now about as fast as the kernel's own checksum.** What remains is
-  a fixed cost of roughly 100 ns per segment (two header reads through `bpf_skb_load_bytes`,
-  the LPM-trie peer lookup, `bpf_loop`, per-CPU statistics), visible at 64 bytes.
+- **Per byte the verifier is about as fast as the kernel's own checksum; per segment it is
+  not.** The headline ratio divides everything above the no-op hook by the segment's bytes, so
+  it includes the verifier's fixed cost of roughly 100 ns per segment (two header reads through
+  `bpf_skb_load_bytes`, the LPM-trie peer lookup, `bpf_loop`, per-CPU statistics), visible at
+  64 bytes. The marginal cost, the difference between the 1500 and 3600-byte rows divided by
+  2100 bytes, is the per-byte work alone. Both vary with the host CPU: the same binaries gave
+  1.03x on one machine of this kind and 1.26x on another.
 - **The throughput target (0.85 at MTU 1500) is not met on veth.** At about 600,000 segments a
   second that fixed cost is a tenth of a core, and on veth the receive path runs on the same two
   cores as the sender, so it shows up almost fully in throughput; the no-op program's row shows

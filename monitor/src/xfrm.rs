@@ -1,0 +1,339 @@
+//! XFRM discovery (`--discover xfrm`): the peers whose segments the kernel marks "checksum OK"
+//! without checking are exactly the sources of this host's inbound transport-mode SAs with UDP
+//! (or TCP) encapsulation. This module reads them over XFRM netlink (parsed by the maintained
+//! `netlink-packet-xfrm` crate) and watches the kernel's SA notifications so peers come and go
+//! with the SAs.
+//!
+//! The watcher does not interpret individual notifications: any message on the SA or expire
+//! groups (new, update, delete, expire, flush), and a socket overrun, trigger a full re-read of
+//! the SA database, which is small and cheap to dump. A periodic re-read backs that up.
+
+use std::{
+    collections::BTreeMap,
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket},
+    os::fd::{AsRawFd, RawFd},
+};
+
+use ipnet::IpNet;
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_xfrm::{
+    IPPROTO_ESP, TCP_ENCAP_ESPINTCP, UDP_ENCAP_ESPINUDP, XFRM_MODE_TRANSPORT, XFRMNLGRP_EXPIRE,
+    XFRMNLGRP_SA, XfrmAttrs, XfrmMessage, state::GetDumpMessage,
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_XFRM};
+
+use crate::peers::{Mode, PeerSpec, Source};
+
+/// What natt-monitor needs to know about one SA.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sa {
+    /// Outer source address (the peer, as it reaches us: after any NAT).
+    pub src: IpAddr,
+    /// Outer destination address.
+    pub dst: IpAddr,
+    /// Security parameter index (host order).
+    pub spi: u32,
+    /// IPsec protocol (50 = ESP).
+    pub proto: u8,
+    /// `XFRM_MODE_*`.
+    pub mode: u8,
+    /// Encapsulation type and ports (host order), if any.
+    pub encap: Option<(u16, u16, u16)>,
+}
+
+impl Sa {
+    /// True for the SAs whose decapsulated segments skip the checksum check: ESP in transport
+    /// mode with UDP (NAT-T) or TCP (RFC 8229) encapsulation.
+    #[must_use]
+    pub fn skips_checksums(&self) -> bool {
+        self.proto == IPPROTO_ESP
+            && self.mode == XFRM_MODE_TRANSPORT
+            && matches!(self.encap, Some((t, _, _)) if t == UDP_ENCAP_ESPINUDP || t == TCP_ENCAP_ESPINTCP)
+    }
+
+    fn from_message(m: &netlink_packet_xfrm::state::ModifyMessage) -> Option<Self> {
+        let info = &m.user_sa_info;
+        let addr = |a: &netlink_packet_xfrm::Address| -> Option<IpAddr> {
+            match i32::from(info.family) {
+                libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+                    a.addr[0], a.addr[1], a.addr[2], a.addr[3],
+                ))),
+                libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(a.addr))),
+                _ => None,
+            }
+        };
+        let encap = m.nlas.iter().find_map(|a| match a {
+            XfrmAttrs::EncapsulationTemplate(e) => Some((
+                e.encap_type,
+                u16::from_be(e.encap_sport),
+                u16::from_be(e.encap_dport),
+            )),
+            _ => None,
+        });
+        Some(Self {
+            src: addr(&info.saddr)?,
+            dst: addr(&info.id.daddr)?,
+            spi: u32::from_be(info.id.spi),
+            proto: info.id.proto,
+            mode: info.mode,
+            encap,
+        })
+    }
+}
+
+/// The peers the SAs imply: one host prefix per source address of an inbound (`is_local(dst)`)
+/// SA that skips checksums, in `mode`, learning its NAT residual. Its generation hashes the
+/// SAs behind it, so a rekey or a new NAT mapping makes it learn again.
+#[must_use]
+pub fn peers_from(sas: &[Sa], mode: Mode, is_local: impl Fn(IpAddr) -> bool) -> Vec<PeerSpec> {
+    let mut by_src: BTreeMap<IpAddr, Vec<&Sa>> = BTreeMap::new();
+    for sa in sas
+        .iter()
+        .filter(|s| s.skips_checksums() && is_local(s.dst))
+    {
+        by_src.entry(sa.src).or_default().push(sa);
+    }
+    by_src
+        .into_iter()
+        .map(|(src, mut sas)| {
+            sas.sort();
+            let mut h = DefaultHasher::new();
+            sas.hash(&mut h);
+            let mut p = PeerSpec::new(IpNet::from(src), mode);
+            p.learn = true;
+            p.generation = h.finish();
+            p.source = Source::Xfrm;
+            p
+        })
+        .collect()
+}
+
+/// True if `addr` is one of this network namespace's addresses (it can be bound).
+#[must_use]
+pub fn is_local(addr: IpAddr) -> bool {
+    UdpSocket::bind((addr, 0)).is_ok()
+}
+
+/// Why XFRM discovery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum XfrmError {
+    /// The netlink socket could not be opened (no `xfrm_user`, `CONFIG_XFRM_USER`).
+    #[error("opening an XFRM netlink socket (is the xfrm_user module loaded?): {0}")]
+    Open(#[source] io::Error),
+    /// Talking to the kernel failed.
+    #[error("XFRM netlink {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel answered with an error.
+    #[error("the kernel refused the SA dump: {0}")]
+    Refused(String),
+    /// A message did not parse.
+    #[error("undecodable XFRM netlink message: {0}")]
+    Decode(String),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> XfrmError {
+    move |source| XfrmError::Io { what, source }
+}
+
+const RECV_BUF: usize = 64 * 1024;
+
+/// Splits one datagram into its netlink messages and decodes them.
+fn messages(buf: &[u8]) -> Result<Vec<NetlinkMessage<XfrmMessage>>, XfrmError> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
+        if len < 16 || off + len > buf.len() {
+            return Err(XfrmError::Decode(format!(
+                "message length {len} at offset {off} of a {}-byte datagram",
+                buf.len()
+            )));
+        }
+        let m = NetlinkMessage::<XfrmMessage>::deserialize(&buf[off..off + len])
+            .map_err(|e| XfrmError::Decode(e.to_string()))?;
+        out.push(m);
+        off += (len + 3) & !3;
+    }
+    Ok(out)
+}
+
+/// Reads every SA of this network namespace.
+///
+/// # Errors
+/// `XfrmError` when the socket cannot be opened or the dump fails.
+pub fn dump() -> Result<Vec<Sa>, XfrmError> {
+    let mut sock = Socket::new(NETLINK_XFRM).map_err(XfrmError::Open)?;
+    sock.bind_auto().map_err(io_err("bind"))?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(io_err("connect"))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut req = NetlinkMessage::new(
+        header,
+        NetlinkPayload::InnerMessage(XfrmMessage::GetDumpSa(GetDumpMessage::default())),
+    );
+    req.finalize();
+    let mut out = vec![0; req.buffer_len()];
+    req.serialize(&mut out);
+    sock.send(&out, 0).map_err(io_err("send"))?;
+    let mut sas = Vec::new();
+    let mut buf = Vec::with_capacity(RECV_BUF);
+    loop {
+        buf.clear();
+        sock.recv(&mut buf, 0).map_err(io_err("recv"))?;
+        for m in messages(&buf)? {
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(sas),
+                NetlinkPayload::Error(e) => {
+                    return Err(XfrmError::Refused(format!("{:?}", e.code)));
+                }
+                NetlinkPayload::InnerMessage(XfrmMessage::AddSa(m)) => {
+                    sas.extend(Sa::from_message(&m));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A socket subscribed to the kernel's SA notifications (new, update, delete, flush, expire).
+#[derive(Debug)]
+pub struct Watch {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl AsRawFd for Watch {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+/// What reading the watch socket found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Notified {
+    /// SA notifications read.
+    pub messages: usize,
+    /// The socket overran (ENOBUFS): notifications were lost, so re-read everything.
+    pub overrun: bool,
+}
+
+impl Watch {
+    /// Subscribes, non-blocking.
+    ///
+    /// # Errors
+    /// `XfrmError` when the socket cannot be opened or joined to the groups.
+    pub fn open() -> Result<Self, XfrmError> {
+        let mut sock = Socket::new(NETLINK_XFRM).map_err(XfrmError::Open)?;
+        sock.bind_auto().map_err(io_err("bind"))?;
+        for g in [XFRMNLGRP_SA, XFRMNLGRP_EXPIRE] {
+            sock.add_membership(g).map_err(io_err("joining a group"))?;
+        }
+        sock.set_non_blocking(true)
+            .map_err(io_err("set non-blocking"))?;
+        Ok(Self {
+            sock,
+            buf: Vec::with_capacity(RECV_BUF),
+        })
+    }
+
+    /// Reads whatever is queued without blocking.
+    ///
+    /// # Errors
+    /// Socket errors other than "nothing queued" and "overrun".
+    pub fn read_pending(&mut self) -> Result<Notified, XfrmError> {
+        let mut n = Notified::default();
+        loop {
+            self.buf.clear();
+            match self.sock.recv(&mut self.buf, 0) {
+                Ok(_) => n.messages += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => n.overrun = true,
+                Err(e) => {
+                    return Err(XfrmError::Io {
+                        what: "reading SA notifications",
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(src: &str, dst: &str, spi: u32, mode: u8, encap: Option<u16>) -> Sa {
+        Sa {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            spi,
+            proto: IPPROTO_ESP,
+            mode,
+            encap: encap.map(|t| (t, 4500, 4500)),
+        }
+    }
+
+    #[test]
+    fn only_inbound_encapsulated_transport_sas_make_peers() {
+        let local = |a: IpAddr| a == "10.2.0.2".parse::<IpAddr>().unwrap();
+        let t = XFRM_MODE_TRANSPORT;
+        let sas = [
+            sa("10.2.0.1", "10.2.0.2", 0x100, t, Some(UDP_ENCAP_ESPINUDP)),
+            // Outbound twin of the SA above: its destination is not ours.
+            sa("10.2.0.2", "10.2.0.1", 0x200, t, Some(UDP_ENCAP_ESPINUDP)),
+            // Plain ESP: the kernel checks these checksums itself.
+            sa("10.3.0.1", "10.2.0.2", 0x300, t, None),
+            // Tunnel mode.
+            sa("10.4.0.1", "10.2.0.2", 0x400, 1, Some(UDP_ENCAP_ESPINUDP)),
+            // ESP in TCP.
+            sa("10.5.0.1", "10.2.0.2", 0x500, t, Some(TCP_ENCAP_ESPINTCP)),
+        ];
+        let peers = peers_from(&sas, Mode::Enforce, local);
+        let got: Vec<(String, bool, Source, Mode)> = peers
+            .iter()
+            .map(|p| (p.label(), p.learn, p.source, p.mode))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.2.0.1/32".into(), true, Source::Xfrm, Mode::Enforce),
+                ("10.5.0.1/32".into(), true, Source::Xfrm, Mode::Enforce),
+            ]
+        );
+    }
+
+    #[test]
+    fn generation_follows_the_sas_not_their_order() {
+        let encap = Some(UDP_ENCAP_ESPINUDP);
+        let first = sa("192.0.2.1", "192.0.2.2", 1, XFRM_MODE_TRANSPORT, encap);
+        let second = sa("192.0.2.1", "192.0.2.2", 2, XFRM_MODE_TRANSPORT, encap);
+        let generation = |sas: &[Sa]| peers_from(sas, Mode::Observe, |_| true)[0].generation;
+        assert_eq!(
+            generation(&[first.clone(), second.clone()]),
+            generation(&[second.clone(), first.clone()])
+        );
+        assert_ne!(
+            generation(std::slice::from_ref(&first)),
+            generation(&[first, second])
+        );
+    }
+
+    #[test]
+    fn loopback_is_local_and_a_documentation_address_is_not() {
+        assert!(is_local("127.0.0.1".parse().unwrap()));
+        assert!(!is_local("192.0.2.77".parse().unwrap()));
+    }
+}

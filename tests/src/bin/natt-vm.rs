@@ -1,0 +1,940 @@
+//! The VM suite's driver: runs inside a QEMU guest booted by `cargo xtask vm-test`, on a real
+//! Debian kernel with real ESP. Never run it on a host: it builds namespaces, SAs and nft
+//! rules of its own, but it expects to be alone on the machine.
+//!
+//! Topology per scenario (fresh each time): namespaces A (sender, 10.1.0.1), R (router,
+//! 10.1.0.2 | 10.2.0.1) and B (receiver, 10.2.0.2), transport-mode SAs between A and B, an nft
+//! rule on R that overwrites 32 bits of every Nth large ESP packet and counts what it did, and
+//! natt-monitor in B with no `--peer` at all: it must find the peer from the SAs itself.
+//!
+//! Output protocol, read by the xtask: one `NATT-VM RESULT key=value ...` line per scenario,
+//! `NATT-VM FAIL scenario=... reason=...` for a failed one, and `NATT-VM END passed=N
+//! failed=M` last.
+
+#![expect(
+    clippy::print_stdout,
+    reason = "stdout is this driver's protocol with the xtask"
+)]
+
+use std::{
+    fs::{self, File},
+    io::Write as _,
+    net::UdpSocket,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use natt_monitor::peers::{Mode, NatAddresses, PeerSpec, parse_cidr};
+use natt_monitor_tests::{
+    http_get,
+    net::{Cgroup, Netns, sh},
+};
+
+const A: &str = "10.1.0.1";
+const R_A: &str = "10.1.0.2";
+const R_B: &str = "10.2.0.1";
+const B: &str = "10.2.0.2";
+const METRICS: &str = "http://127.0.0.1:9874";
+/// Bit offset into the ESP packet's transport header (UDP for NAT-T, ESP for plain ESP) of the
+/// 32 bits the corruption rule overwrites: well inside the TCP payload, clear of the ESP
+/// trailer, for the null cipher and for cbc(aes) alike. (nft payload offsets stop at byte 255
+/// on 6.1: ERANGE beyond.)
+const CORRUPT_BIT: u32 = 1600;
+/// The rule corrupts every Nth ESP packet longer than 1000 bytes from A.
+const CORRUPT_EVERY: u32 = 40;
+const STREAM: u64 = 3 << 20;
+const WARMUP: u64 = 64 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cipher {
+    Null,
+    CbcAes,
+}
+
+/// Who makes the SAs and what else is special.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    /// `ip xfrm state/policy` by hand, encapsulation sockets held by the driver.
+    Manual,
+    /// strongSwan's `charon` in A and B negotiates the SAs (`IKEv2`, PSK, forced UDP encapsulation,
+    /// transport mode), with AES-GCM: ESP's own integrity check catches wire corruption.
+    StrongSwan,
+    /// As `Manual`, then the conditions under which 6.12 merges decapsulated segments (GRO on
+    /// B's device, `esp4_offload`, `UDP_GRO` on the encapsulation socket), measured before and
+    /// after the remedy (`gro_max_size` = MTU).
+    Gro,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Scenario {
+    name: &'static str,
+    setup: Setup,
+    cipher: Cipher,
+    mode: Mode,
+    encap: bool,
+    nat: bool,
+    corrupt: bool,
+}
+
+const SCENARIOS: [Scenario; 8] = [
+    Scenario {
+        setup: Setup::Manual,
+        name: "a-clean",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "b-observe-null",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: true,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "b-observe-cbc-aes",
+        cipher: Cipher::CbcAes,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: true,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "c-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: false,
+        corrupt: true,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "d-nat-learned",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "e-plain-esp",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: false,
+        nat: false,
+        corrupt: true,
+    },
+    Scenario {
+        setup: Setup::StrongSwan,
+        name: "f-strongswan-nat",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+    },
+    Scenario {
+        setup: Setup::Gro,
+        name: "g-gro",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: false,
+    },
+];
+
+/// A child process killed on drop; its stderr goes to a file shown on failure.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .expect("current exe")
+        .with_file_name(name)
+}
+
+fn ns_sh(ns: &Netns, args: &[&str]) {
+    let mut v = vec!["ip", "netns", "exec", ns.name.as_str()];
+    v.extend_from_slice(args);
+    sh(&v);
+}
+
+fn ns_out(ns: &Netns, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Topology {
+    a: Netns,
+    r: Netns,
+    b: Netns,
+    /// UDP 4500 sockets with `UDP_ENCAP_ESPINUDP`, one per end; ESP-in-UDP is only decapsulated
+    /// while such a socket exists.
+    _encap: Vec<UdpSocket>,
+}
+
+fn set_udp_option(s: &UdpSocket, name: libc::c_int, value: libc::c_int, what: &str) {
+    // SAFETY: valid socket fd and a c_int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_UDP,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
+}
+
+/// UDP 4500 with `UDP_ENCAP_ESPINUDP` (as an IKE daemon sets it), optionally `UDP_GRO` too.
+fn encap_socket(ns: &Netns, gro: bool) -> UdpSocket {
+    ns.enter(|| {
+        let s = UdpSocket::bind("0.0.0.0:4500").expect("bind UDP 4500");
+        // UDP_GRO first: the kernel picks the encapsulation's GRO handler when UDP_ENCAP is set.
+        if gro {
+            set_udp_option(&s, 104, 1, "UDP_GRO");
+        }
+        set_udp_option(&s, 100, 2, "UDP_ENCAP = UDP_ENCAP_ESPINUDP");
+        s
+    })
+}
+
+impl Topology {
+    fn new(s: &Scenario) -> Self {
+        let (a, r, b) = (Netns::new("vma"), Netns::new("vmr"), Netns::new("vmb"));
+        sh(&[
+            "ip", "link", "add", "va", "netns", &a.name, "type", "veth", "peer", "name", "ra",
+            "netns", &r.name,
+        ]);
+        sh(&[
+            "ip", "link", "add", "vb", "netns", &b.name, "type", "veth", "peer", "name", "rb",
+            "netns", &r.name,
+        ]);
+        for (ns, dev, addr) in [
+            (&a, "va", A),
+            (&r, "ra", R_A),
+            (&r, "rb", R_B),
+            (&b, "vb", B),
+        ] {
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                dev,
+            ]);
+            sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
+        }
+        sh(&["ip", "-n", &a.name, "route", "add", "default", "via", R_A]);
+        sh(&["ip", "-n", &b.name, "route", "add", "default", "via", R_B]);
+        r.enter(|| fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward"));
+        if s.nat {
+            ns_sh(
+                &r,
+                &[
+                    "nft",
+                    "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname rb masquerade",
+                ],
+            );
+        }
+        let encap = if s.encap && s.setup != Setup::StrongSwan {
+            let gro = s.setup == Setup::Gro;
+            vec![encap_socket(&a, gro), encap_socket(&b, gro)]
+        } else {
+            Vec::new()
+        };
+        Self {
+            a,
+            r,
+            b,
+            _encap: encap,
+        }
+    }
+
+    /// The address B sees A's packets come from.
+    fn a_seen_by_b(nat: bool) -> &'static str {
+        if nat { R_B } else { A }
+    }
+
+    /// SAs and TCP policies on one end: `local`/`remote` as that end addresses them.
+    fn sas(ns: &Netns, local: &str, remote: &str, out_spi: &str, in_spi: &str, s: &Scenario) {
+        let enc: [&str; 3] = match s.cipher {
+            Cipher::Null => ["enc", "ecb(cipher_null)", ""],
+            Cipher::CbcAes => ["enc", "cbc(aes)", "0x00112233445566778899aabbccddeeff"],
+        };
+        for (src, dst, spi) in [(local, remote, out_spi), (remote, local, in_spi)] {
+            let mut args = vec![
+                "ip",
+                "-n",
+                &ns.name,
+                "xfrm",
+                "state",
+                "add",
+                "src",
+                src,
+                "dst",
+                dst,
+                "proto",
+                "esp",
+                "spi",
+                spi,
+                "mode",
+                "transport",
+            ];
+            args.extend_from_slice(&enc);
+            if s.encap {
+                args.extend_from_slice(&["encap", "espinudp", "4500", "4500", "0.0.0.0"]);
+            }
+            sh(&args);
+        }
+        for (src, dst, dir) in [(local, remote, "out"), (remote, local, "in")] {
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "xfrm",
+                "policy",
+                "add",
+                "src",
+                src,
+                "dst",
+                dst,
+                "proto",
+                "tcp",
+                "dir",
+                dir,
+                "tmpl",
+                "src",
+                src,
+                "dst",
+                dst,
+                "proto",
+                "esp",
+                "mode",
+                "transport",
+            ]);
+        }
+    }
+
+    /// Makes the SAs; for strongSwan, returns the two charon daemons (kept alive by the caller).
+    fn add_sas(&self, s: &Scenario) -> Vec<Daemon> {
+        if s.setup == Setup::StrongSwan {
+            let b = start_charon(&self.b, "b", &swanctl_conf(B, "%any", "b", "a"));
+            let a = start_charon(&self.a, "a", &swanctl_conf(A, B, "a", "b"));
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.a.name, "swanctl", "--initiate"])
+                .args(["--child", "t", "--timeout", "60", "--uri", &vici_uri("a")])
+                .env("STRONGSWAN_CONF", "/tmp/ss-a/strongswan.conf")
+                .output()
+                .expect("swanctl --initiate");
+            assert!(
+                out.status.success(),
+                "swanctl --initiate: {}{}; charon a log:\n{}\ncharon b log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                fs::read_to_string("/tmp/ss-a/charon.log").unwrap_or_default(),
+                fs::read_to_string("/tmp/ss-b/charon.log").unwrap_or_default(),
+            );
+            return vec![a, b];
+        }
+        Self::sas(&self.a, A, B, "0x1001", "0x2001", s);
+        Self::sas(&self.b, B, Self::a_seen_by_b(s.nat), "0x2001", "0x1001", s);
+        Vec::new()
+    }
+
+    fn corrupt(&self, s: &Scenario) {
+        let what = if s.encap {
+            "udp dport 4500"
+        } else {
+            "ip protocol esp"
+        };
+        ns_sh(
+            &self.r,
+            &[
+                "nft",
+                &format!(
+                    "add table ip natt; add chain ip natt corrupt {{ type filter hook forward priority 0; }}; \
+                     add rule ip natt corrupt ip saddr {A} {what} meta length > 1000 numgen inc mod {CORRUPT_EVERY} == 0 \
+                     counter @th,{CORRUPT_BIT},32 set 0xdeadbeef"
+                ),
+            ],
+        );
+    }
+
+    /// Packets the corruption rule rewrote.
+    fn injected(&self) -> u64 {
+        let out = ns_out(&self.r, &["nft", "list", "table", "ip", "natt"]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter in {out}"))
+    }
+}
+
+fn vici_uri(side: &str) -> String {
+    format!("unix:///tmp/ss-{side}/charon.vici")
+}
+
+/// A `swanctl.conf` for one end: `IKEv2` with a pre-shared key, UDP encapsulation forced even
+/// without a NAT, a transport-mode child for TCP, ESP with AES-CBC and HMAC-SHA256.
+fn swanctl_conf(local: &str, remote: &str, me: &str, them: &str) -> String {
+    format!(
+        r#"connections {{
+  natt {{
+    version = 2
+    local_addrs = {local}
+    remote_addrs = {remote}
+    encap = yes
+    proposals = aes128-sha256-modp2048
+    local {{
+      auth = psk
+      id = {me}.natt.test
+    }}
+    remote {{
+      auth = psk
+      id = {them}.natt.test
+    }}
+    children {{
+      t {{
+        mode = transport
+        local_ts = dynamic[tcp]
+        remote_ts = dynamic[tcp]
+        esp_proposals = aes128-sha256
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-natt {{
+    id-a = a.natt.test
+    id-b = b.natt.test
+    secret = "natt-monitor vm suite"
+  }}
+}}
+"#
+    )
+}
+
+/// Starts charon in `ns` with its own /run (its pid file is fixed) and VICI socket, and loads
+/// `swanctl` into it.
+fn start_charon(ns: &Netns, side: &str, swanctl: &str) -> Daemon {
+    let dir = PathBuf::from(format!("/tmp/ss-{side}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("strongSwan dir");
+    let conf = dir.join("strongswan.conf");
+    fs::write(
+        &conf,
+        format!(
+            "charon {{\n  load_modular = yes\n  install_routes = no\n  plugins {{\n    include /etc/strongswan.d/charon/*.conf\n    vici {{\n      socket = {}\n    }}\n  }}\n  filelog {{\n    natt {{\n      path = {}\n      default = 1\n    }}\n  }}\n}}\n",
+            vici_uri(side),
+            dir.join("charon.log").display()
+        ),
+    )
+    .expect("strongswan.conf");
+    fs::write(dir.join("swanctl.conf"), swanctl).expect("swanctl.conf");
+    let log = dir.join("charon.stderr");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sh", "-c"])
+        .arg("mount -t tmpfs tmpfs /run && exec /usr/lib/ipsec/charon")
+        .env("STRONGSWAN_CONF", &conf)
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).expect("charon log"))
+        .spawn()
+        .expect("spawn charon");
+    let d = Daemon { child, log };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.join("charon.vici").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "charon {side} did not open its VICI socket: {}{}",
+            fs::read_to_string(&d.log).unwrap_or_default(),
+            fs::read_to_string(dir.join("charon.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "swanctl", "--load-all", "--file"])
+        .arg(dir.join("swanctl.conf"))
+        .args(["--uri", &vici_uri(side)])
+        .env("STRONGSWAN_CONF", &conf)
+        .output()
+        .expect("swanctl --load-all");
+    assert!(
+        out.status.success(),
+        "swanctl --load-all ({side}): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d
+}
+
+fn start_monitor(b: &Netns, cgroup: &Path, mode: Mode, name: &str) -> Daemon {
+    let log = PathBuf::from(format!("/tmp/monitor-{name}.log"));
+    let child = Command::new("ip")
+        .args(["netns", "exec", &b.name])
+        .arg(bin("natt-monitor"))
+        .args(["run", "--cgroup"])
+        .arg(cgroup)
+        .args(["--listen", "127.0.0.1:9874", "--mode", mode.as_str()])
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).expect("monitor log"))
+        .spawn()
+        .expect("spawn natt-monitor");
+    let d = Daemon { child, log };
+    wait_until(b, &d, "/healthz answers 200", |_| {
+        b.enter(|| http_get(&format!("{METRICS}/healthz")))
+            .is_ok_and(|(code, _)| code == 200)
+    });
+    d
+}
+
+fn scrape(b: &Netns) -> String {
+    b.enter(|| http_get(&format!("{METRICS}/metrics")))
+        .expect("scrape /metrics")
+        .1
+}
+
+/// The value of the series `series` (name with labels, exactly as exposed), 0 if absent.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse::<u64>().expect("integer sample"))
+}
+
+fn wait_until(b: &Netns, d: &Daemon, what: &str, ok: impl Fn(&Netns) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok(b) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}; monitor log:\n{}",
+            fs::read_to_string(&d.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Streams `bytes` of the pattern from A to B's receiver (inside `cgroup`); returns (received,
+/// differing bytes).
+fn stream(t: &Topology, cgroup: &Path, bytes: u64, port: u16) -> (u64, u64) {
+    let mut recv = Command::new(bin("natt-peer"))
+        .args(["recv", "--netns", &t.b.name, "--cgroup"])
+        .arg(cgroup)
+        .args([
+            "--listen",
+            &format!("{B}:{port}"),
+            "--bytes",
+            &bytes.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn natt-peer recv");
+    let mut out = recv.stdout.take().expect("piped");
+    let mut ready = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut ready).expect("receiver READY");
+    let send = Command::new(bin("natt-peer"))
+        .args(["send", "--netns", &t.a.name, "--connect"])
+        .arg(format!("{B}:{port}"))
+        .args(["--bytes", &bytes.to_string()])
+        .output()
+        .expect("natt-peer send");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("receiver output");
+    let status = recv.wait().expect("receiver exit");
+    assert!(
+        send.status.success() && status.success(),
+        "stream failed: sender {}: {} receiver {status}: {rest}",
+        send.status,
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let field = |k: &str| -> u64 {
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {rest:?}"))
+    };
+    (field("received="), field("differing="))
+}
+
+/// What one scenario measured.
+#[derive(Debug, Default)]
+struct Measured {
+    injected: u64,
+    detected: u64,
+    dropped: u64,
+    verified: u64,
+    learning: u64,
+    received: u64,
+    differing: u64,
+    kernel_csum_errors: u64,
+    xfrm_peers: u64,
+    residual: String,
+    /// Segments skipped as GRO aggregates during the main stream.
+    aggregated: u64,
+    /// `g-gro`: aggregates during a second stream, after `gro_max_size` = MTU.
+    aggregated_after_remedy: Option<u64>,
+    /// `f-strongswan-nat`: the peer disappeared when the IKE SA was torn down.
+    removed_live: Option<bool>,
+}
+
+fn expected_nat_residual() -> u16 {
+    let mut p = PeerSpec::new(parse_cidr(R_B).expect("cidr"), Mode::Observe);
+    p.nat = Some(NatAddresses {
+        original_src: A.parse().expect("ip"),
+        original_dst: B.parse().expect("ip"),
+        observed_src: R_B.parse().expect("ip"),
+        observed_dst: B.parse().expect("ip"),
+    });
+    p.expected_residual().expect("same family")
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario from set-up to readings, in the order it happens"
+)]
+fn run(s: &Scenario) -> Measured {
+    let t = Topology::new(s);
+    let cg = Cgroup::new();
+    let d = start_monitor(&t.b, &cg.path, s.mode, s.name);
+    if s.setup == Setup::Gro {
+        // Before the SAs: a state takes its GRO (offload) handlers when it is created. The
+        // module stays loaded for the rest of this boot, so this scenario runs last.
+        if !Path::new("/sys/module/esp4_offload").exists() {
+            sh(&["insmod", "/lib/modules/extra/esp4_offload.ko"]);
+        }
+        ns_sh(&t.b, &["ethtool", "-K", "vb", "gro", "on"]);
+        // veth hands a packet to the peer's GRO only if the sending device does not do TSO
+        // (or the packet comes from a local socket): R forwards, so R's side must not.
+        ns_sh(&t.r, &["ethtool", "-K", "rb", "tso", "off"]);
+    }
+    // SAs come after the monitor: discovery must pick them up live.
+    let charons = t.add_sas(s);
+    let peer = format!("{}/32", Topology::a_seen_by_b(s.nat));
+    let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}");
+    if s.encap {
+        wait_until(&t.b, &d, "the SA's peer is discovered", |b| {
+            metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1
+        });
+        // Clean warm-up traffic so the residual is learned before anything is corrupted.
+        let (got, bad) = stream(&t, &cg.path, WARMUP, 5000);
+        assert_eq!((got, bad), (WARMUP, 0), "warm-up stream");
+        wait_until(&t.b, &d, "the NAT residual is learned", |b| {
+            metric(
+                &scrape(b),
+                &format!("natt_monitor_peer_learning{{peer=\"{peer}\"}}"),
+            ) == 0
+        });
+        let text = scrape(&t.b);
+        assert_eq!(
+            metric(&text, &series("checksum_mismatches_total")),
+            0,
+            "false positives after learning"
+        );
+    }
+    let aggregated = "natt_monitor_skipped_packets_total{reason=\"aggregated\"}";
+    let before = scrape(&t.b);
+    let k0 = metric(&before, "natt_monitor_kernel_tcp_in_csum_errors_total");
+    let g0 = metric(&before, aggregated);
+    if s.corrupt {
+        t.corrupt(s);
+    }
+    let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
+    // Give the drain loop a moment, then read everything once.
+    std::thread::sleep(Duration::from_millis(500));
+    let text = scrape(&t.b);
+    let g1 = metric(&text, aggregated);
+    let aggregated_after_remedy = (s.setup == Setup::Gro).then(|| {
+        // The remedy the runbook gives: GRO stays on, but nothing grows past one MTU.
+        sh(&[
+            "ip",
+            "-n",
+            &t.b.name,
+            "link",
+            "set",
+            "dev",
+            "vb",
+            "gro_max_size",
+            "1500",
+        ]);
+        let (got, bad) = stream(&t, &cg.path, STREAM, 5002);
+        assert_eq!((got, bad), (STREAM, 0), "stream after the remedy");
+        std::thread::sleep(Duration::from_millis(500));
+        metric(&scrape(&t.b), aggregated) - g1
+    });
+    let removed_live = (s.setup == Setup::StrongSwan).then(|| {
+        // Tear the IKE SA down from A: B's charon deletes its SAs, the monitor must notice.
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.a.name,
+                "swanctl",
+                "--terminate",
+                "--ike",
+                "natt",
+            ])
+            .args(["--timeout", "30", "--uri", &vici_uri("a")])
+            .env("STRONGSWAN_CONF", "/tmp/ss-a/strongswan.conf")
+            .output();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if metric(&scrape(&t.b), "natt_monitor_peers{source=\"xfrm\"}") == 0 {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    drop(charons);
+    let log = fs::read_to_string(&d.log).unwrap_or_default();
+    let residual = log
+        .lines()
+        .find(|l| l.contains("NAT residual learned"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("residual="))
+        })
+        .unwrap_or("-")
+        .to_owned();
+    Measured {
+        injected: if s.corrupt { t.injected() } else { 0 },
+        detected: metric(&text, &series("checksum_mismatches_total")),
+        dropped: metric(&text, &series("dropped_packets_total")),
+        verified: metric(&text, &series("verified_packets_total")),
+        learning: metric(&text, &series("learning_packets_total")),
+        received,
+        differing,
+        kernel_csum_errors: metric(&text, "natt_monitor_kernel_tcp_in_csum_errors_total") - k0,
+        xfrm_peers: metric(&text, "natt_monitor_peers{source=\"xfrm\"}"),
+        residual,
+        aggregated: g1 - g0,
+        aggregated_after_remedy,
+        removed_live,
+    }
+}
+
+/// The scenario's claims, as assertions on what it measured.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one expectation per claim, read top to bottom against the scenario table"
+)]
+fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let mut expect = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    if s.corrupt {
+        expect(m.injected > 0, "the rule corrupted nothing".into());
+    }
+    if s.setup == Setup::StrongSwan {
+        // ESP authenticates: the corrupted packets die in ESP, never reaching the verifier.
+        expect(
+            m.detected == 0,
+            format!("{} mismatches behind an authenticated SA", m.detected),
+        );
+        expect(
+            m.removed_live == Some(true),
+            "the peer was not removed when its SAs were deleted".into(),
+        );
+    }
+    if let Some(after) = m.aggregated_after_remedy {
+        expect(
+            after == 0,
+            format!("{after} aggregates after gro_max_size = MTU"),
+        );
+    } else if s.encap {
+        expect(
+            m.aggregated == 0,
+            format!("{} GRO aggregates without GRO conditions", m.aggregated),
+        );
+    }
+    if s.encap {
+        expect(
+            m.xfrm_peers == 1,
+            format!("xfrm peers {} != 1", m.xfrm_peers),
+        );
+        if s.setup != Setup::StrongSwan {
+            expect(
+                m.detected == m.injected,
+                format!("detected {} != injected {}", m.detected, m.injected),
+            );
+        }
+        expect(m.verified > 0, "nothing verified".into());
+        expect(
+            m.learning >= 8,
+            format!("learned from {} < 8 segments", m.learning),
+        );
+        expect(
+            m.kernel_csum_errors == 0,
+            format!(
+                "kernel counted {} checksum errors on a NAT-T path",
+                m.kernel_csum_errors
+            ),
+        );
+        let want = format!("{:#06x}", if s.nat { expected_nat_residual() } else { 0 });
+        expect(
+            m.residual == want,
+            format!("learned residual {} != {want}", m.residual),
+        );
+    } else {
+        // Plain ESP: not a NAT-T SA, so not in scope; the kernel checks and drops.
+        expect(
+            m.xfrm_peers == 0,
+            format!("xfrm peers {} != 0", m.xfrm_peers),
+        );
+        expect(
+            m.detected == 0 && m.verified == 0,
+            "plain ESP was verified".into(),
+        );
+        expect(
+            m.kernel_csum_errors == m.injected,
+            format!(
+                "kernel dropped {} != injected {}",
+                m.kernel_csum_errors, m.injected
+            ),
+        );
+    }
+    expect(
+        m.received == STREAM,
+        format!("received {} of {STREAM}", m.received),
+    );
+    let exact_expected =
+        !s.corrupt || s.mode == Mode::Enforce || !s.encap || s.setup == Setup::StrongSwan;
+    if exact_expected {
+        expect(m.differing == 0, format!("{} bytes differ", m.differing));
+        expect(
+            m.dropped == m.detected,
+            format!("dropped {} != detected {}", m.dropped, m.detected),
+        );
+    } else {
+        expect(
+            m.differing >= m.injected,
+            format!(
+                "the application saw {} differing bytes for {} corruptions",
+                m.differing, m.injected
+            ),
+        );
+        expect(
+            m.dropped == 0,
+            format!("observe mode dropped {}", m.dropped),
+        );
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn main() {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let (mut passed, mut failed) = (0, 0);
+    for s in SCENARIOS
+        .iter()
+        .filter(|s| only.is_empty() || only.iter().any(|o| o == s.name))
+    {
+        let started = Instant::now();
+        let r = std::panic::catch_unwind(|| run(s));
+        let secs = started.elapsed().as_secs_f64();
+        match r.map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "panic".into())
+        }) {
+            Ok(m) => {
+                let verdict = check(s, &m);
+                println!(
+                    "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} seconds={secs:.1} result={}",
+                    s.name,
+                    s.setup,
+                    s.mode,
+                    if s.setup == Setup::StrongSwan {
+                        "AesCbcHmacSha256"
+                    } else {
+                        match s.cipher {
+                            Cipher::Null => "Null",
+                            Cipher::CbcAes => "CbcAes",
+                        }
+                    },
+                    m.injected,
+                    m.detected,
+                    m.dropped,
+                    m.verified,
+                    m.learning,
+                    m.residual,
+                    m.received,
+                    m.differing,
+                    m.kernel_csum_errors,
+                    m.xfrm_peers,
+                    m.aggregated,
+                    m.aggregated_after_remedy
+                        .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                    m.removed_live.map_or("-", |r| if r { "yes" } else { "no" }),
+                    if verdict.is_ok() { "ok" } else { "FAILED" }
+                );
+                match verdict {
+                    Ok(()) => passed += 1,
+                    Err(e) => {
+                        failed += 1;
+                        println!(
+                            "NATT-VM FAIL kernel={kernel} scenario={} reason={e}",
+                            s.name
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!(
+                    "NATT-VM FAIL kernel={kernel} scenario={} reason={}",
+                    s.name,
+                    e.replace('\n', " | ")
+                );
+            }
+        }
+        let _ = std::io::stdout().flush();
+    }
+    println!("NATT-VM END kernel={kernel} passed={passed} failed={failed}");
+}

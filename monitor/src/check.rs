@@ -263,7 +263,7 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
             "gro",
             Status::Info,
             "an esp offload module is loaded: if the receiving device has GRO on and the IKE daemon set UDP_GRO on its \
-             encapsulation socket, decapsulated segments can be merged and cannot be verified (counted as \
+             encapsulation socket, decapsulated segments can be merged (seen on 6.12, not on 6.1) and cannot be verified (counted as \
              skipped reason=\"aggregated\"); remedy: ip link set dev <dev> gro_max_size <its MTU>, or ethtool -K <dev> gro off \
              (docs/runbook.md#nattmonitorunverifiabletraffic)",
         );

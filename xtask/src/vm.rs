@@ -45,6 +45,7 @@ const MODULES: &[&str] = &[
     "veth",
     "xfrm_user",
     "esp4",
+    "esp6",
     "authenc",
     "echainiv",
     "seqiv",
@@ -76,7 +77,7 @@ const STRONGSWAN: &[&str] = &[
 ];
 
 /// Scenarios `natt-vm` runs (it prints one RESULT line for each).
-const SCENARIOS: usize = 8;
+const SCENARIOS: usize = 9;
 /// Longest a guest may run.
 const GUEST_TIMEOUT: Duration = Duration::from_mins(20);
 

@@ -32,10 +32,59 @@ use natt_monitor_tests::{
     net::{Cgroup, Netns, sh},
 };
 
-const A: &str = "10.1.0.1";
-const R_A: &str = "10.1.0.2";
-const R_B: &str = "10.2.0.1";
-const B: &str = "10.2.0.2";
+/// One address family's plan: A, R's two sides, B, and how nft and xfrm spell things.
+struct Addrs {
+    a: &'static str,
+    r_a: &'static str,
+    r_b: &'static str,
+    b: &'static str,
+    prefix: u8,
+    host_prefix: u8,
+    any: &'static str,
+    nft_family: &'static str,
+    saddr: &'static str,
+    esp: &'static str,
+    forwarding: &'static str,
+}
+
+const V4: Addrs = Addrs {
+    a: "10.1.0.1",
+    r_a: "10.1.0.2",
+    r_b: "10.2.0.1",
+    b: "10.2.0.2",
+    prefix: 24,
+    host_prefix: 32,
+    any: "0.0.0.0",
+    nft_family: "ip",
+    saddr: "ip saddr",
+    esp: "ip protocol esp",
+    forwarding: "/proc/sys/net/ipv4/ip_forward",
+};
+
+const V6: Addrs = Addrs {
+    a: "fd00:1::1",
+    r_a: "fd00:1::2",
+    r_b: "fd00:2::1",
+    b: "fd00:2::2",
+    prefix: 64,
+    host_prefix: 128,
+    any: "::",
+    nft_family: "ip6",
+    saddr: "ip6 saddr",
+    esp: "meta l4proto esp",
+    forwarding: "/proc/sys/net/ipv6/conf/all/forwarding",
+};
+
+impl Addrs {
+    /// `addr:port` as a socket address.
+    fn sock(addr: &str, port: u16) -> String {
+        if addr.contains(':') {
+            format!("[{addr}]:{port}")
+        } else {
+            format!("{addr}:{port}")
+        }
+    }
+}
 const METRICS: &str = "http://127.0.0.1:9874";
 /// Bit offset into the ESP packet's transport header (UDP for NAT-T, ESP for plain ESP) of the
 /// 32 bits the corruption rule overwrites: well inside the TCP payload, clear of the ESP
@@ -68,6 +117,10 @@ enum Setup {
 }
 
 #[derive(Clone, Copy, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each flag is an independent axis of the scenario matrix"
+)]
 struct Scenario {
     name: &'static str,
     setup: Setup,
@@ -76,9 +129,16 @@ struct Scenario {
     encap: bool,
     nat: bool,
     corrupt: bool,
+    v6: bool,
 }
 
-const SCENARIOS: [Scenario; 8] = [
+impl Scenario {
+    const fn addrs(&self) -> &'static Addrs {
+        if self.v6 { &V6 } else { &V4 }
+    }
+}
+
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -87,6 +147,7 @@ const SCENARIOS: [Scenario; 8] = [
         encap: true,
         nat: false,
         corrupt: false,
+        v6: false,
     },
     Scenario {
         setup: Setup::Manual,
@@ -96,6 +157,7 @@ const SCENARIOS: [Scenario; 8] = [
         encap: true,
         nat: false,
         corrupt: true,
+        v6: false,
     },
     Scenario {
         setup: Setup::Manual,
@@ -105,6 +167,7 @@ const SCENARIOS: [Scenario; 8] = [
         encap: true,
         nat: false,
         corrupt: true,
+        v6: false,
     },
     Scenario {
         setup: Setup::Manual,
@@ -114,6 +177,7 @@ const SCENARIOS: [Scenario; 8] = [
         encap: true,
         nat: false,
         corrupt: true,
+        v6: false,
     },
     Scenario {
         setup: Setup::Manual,
@@ -123,6 +187,7 @@ const SCENARIOS: [Scenario; 8] = [
         encap: true,
         nat: true,
         corrupt: true,
+        v6: false,
     },
     Scenario {
         setup: Setup::Manual,
@@ -132,6 +197,7 @@ const SCENARIOS: [Scenario; 8] = [
         encap: false,
         nat: false,
         corrupt: true,
+        v6: false,
     },
     Scenario {
         setup: Setup::StrongSwan,
@@ -141,6 +207,17 @@ const SCENARIOS: [Scenario; 8] = [
         encap: true,
         nat: true,
         corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "h-ipv6-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        v6: true,
     },
     Scenario {
         setup: Setup::Gro,
@@ -150,6 +227,7 @@ const SCENARIOS: [Scenario; 8] = [
         encap: true,
         nat: false,
         corrupt: false,
+        v6: false,
     },
 ];
 
@@ -193,6 +271,7 @@ fn ns_out(ns: &Netns, args: &[&str]) -> String {
 }
 
 struct Topology {
+    addrs: &'static Addrs,
     a: Netns,
     r: Netns,
     b: Netns,
@@ -216,20 +295,27 @@ fn set_udp_option(s: &UdpSocket, name: libc::c_int, value: libc::c_int, what: &s
 }
 
 /// UDP 4500 with `UDP_ENCAP_ESPINUDP` (as an IKE daemon sets it), optionally `UDP_GRO` too.
-fn encap_socket(ns: &Netns, gro: bool) -> UdpSocket {
+fn encap_socket(ns: &Netns, gro: bool, addrs: &Addrs) -> UdpSocket {
     ns.enter(|| {
-        let s = UdpSocket::bind("0.0.0.0:4500").expect("bind UDP 4500");
+        let s = UdpSocket::bind(Addrs::sock(addrs.any, 4500)).expect("bind UDP 4500");
         // UDP_GRO first: the kernel picks the encapsulation's GRO handler when UDP_ENCAP is set.
         if gro {
             set_udp_option(&s, 104, 1, "UDP_GRO");
         }
         set_udp_option(&s, 100, 2, "UDP_ENCAP = UDP_ENCAP_ESPINUDP");
+        if addrs.host_prefix == 128 {
+            // IPv6 UDP carries a mandatory checksum, which the corruption rule cannot fix up; it
+            // zeroes it instead (RFC 6935 allows zero checksums for tunnels), and this accepts
+            // them. Without it UDP, not natt-monitor, would drop every corrupted packet.
+            set_udp_option(&s, 102, 1, "UDP_NO_CHECK6_RX");
+        }
         s
     })
 }
 
 impl Topology {
     fn new(s: &Scenario) -> Self {
+        let plan = s.addrs();
         let (a, r, b) = (Netns::new("vma"), Netns::new("vmr"), Netns::new("vmb"));
         sh(&[
             "ip", "link", "add", "va", "netns", &a.name, "type", "veth", "peer", "name", "ra",
@@ -240,26 +326,27 @@ impl Topology {
             "netns", &r.name,
         ]);
         for (ns, dev, addr) in [
-            (&a, "va", A),
-            (&r, "ra", R_A),
-            (&r, "rb", R_B),
-            (&b, "vb", B),
+            (&a, "va", plan.a),
+            (&r, "ra", plan.r_a),
+            (&r, "rb", plan.r_b),
+            (&b, "vb", plan.b),
         ] {
-            sh(&[
-                "ip",
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                dev,
-            ]);
+            let cidr = format!("{addr}/{}", plan.prefix);
+            let mut args = vec!["ip", "-n", &ns.name, "addr", "add", &cidr, "dev", dev];
+            if s.v6 {
+                // No duplicate address detection: the address is usable at once.
+                args.push("nodad");
+            }
+            sh(&args);
             sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
         }
-        sh(&["ip", "-n", &a.name, "route", "add", "default", "via", R_A]);
-        sh(&["ip", "-n", &b.name, "route", "add", "default", "via", R_B]);
-        r.enter(|| fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward"));
+        sh(&[
+            "ip", "-n", &a.name, "route", "add", "default", "via", plan.r_a,
+        ]);
+        sh(&[
+            "ip", "-n", &b.name, "route", "add", "default", "via", plan.r_b,
+        ]);
+        r.enter(|| fs::write(plan.forwarding, "1").expect("forwarding"));
         if s.nat {
             ns_sh(
                 &r,
@@ -271,11 +358,12 @@ impl Topology {
         }
         let encap = if s.encap && s.setup != Setup::StrongSwan {
             let gro = s.setup == Setup::Gro;
-            vec![encap_socket(&a, gro), encap_socket(&b, gro)]
+            vec![encap_socket(&a, gro, plan), encap_socket(&b, gro, plan)]
         } else {
             Vec::new()
         };
         Self {
+            addrs: plan,
             a,
             r,
             b,
@@ -284,12 +372,13 @@ impl Topology {
     }
 
     /// The address B sees A's packets come from.
-    fn a_seen_by_b(nat: bool) -> &'static str {
-        if nat { R_B } else { A }
+    fn a_seen_by_b(&self, nat: bool) -> &'static str {
+        if nat { self.addrs.r_b } else { self.addrs.a }
     }
 
     /// SAs and TCP policies on one end: `local`/`remote` as that end addresses them.
     fn sas(ns: &Netns, local: &str, remote: &str, out_spi: &str, in_spi: &str, s: &Scenario) {
+        let any = s.addrs().any;
         let enc: [&str; 3] = match s.cipher {
             Cipher::Null => ["enc", "ecb(cipher_null)", ""],
             Cipher::CbcAes => ["enc", "cbc(aes)", "0x00112233445566778899aabbccddeeff"],
@@ -315,7 +404,7 @@ impl Topology {
             ];
             args.extend_from_slice(&enc);
             if s.encap {
-                args.extend_from_slice(&["encap", "espinudp", "4500", "4500", "0.0.0.0"]);
+                args.extend_from_slice(&["encap", "espinudp", "4500", "4500", any]);
             }
             sh(&args);
         }
@@ -351,8 +440,9 @@ impl Topology {
     /// Makes the SAs; for strongSwan, returns the two charon daemons (kept alive by the caller).
     fn add_sas(&self, s: &Scenario) -> Vec<Daemon> {
         if s.setup == Setup::StrongSwan {
-            let b = start_charon(&self.b, "b", &swanctl_conf(B, "%any", "b", "a"));
-            let a = start_charon(&self.a, "a", &swanctl_conf(A, B, "a", "b"));
+            let x = self.addrs;
+            let b = start_charon(&self.b, "b", &swanctl_conf(x.b, "%any", "b", "a"));
+            let a = start_charon(&self.a, "a", &swanctl_conf(x.a, x.b, "a", "b"));
             let out = Command::new("ip")
                 .args(["netns", "exec", &self.a.name, "swanctl", "--initiate"])
                 .args(["--child", "t", "--timeout", "60", "--uri", &vici_uri("a")])
@@ -369,25 +459,30 @@ impl Topology {
             );
             return vec![a, b];
         }
-        Self::sas(&self.a, A, B, "0x1001", "0x2001", s);
-        Self::sas(&self.b, B, Self::a_seen_by_b(s.nat), "0x2001", "0x1001", s);
+        let x = self.addrs;
+        Self::sas(&self.a, x.a, x.b, "0x1001", "0x2001", s);
+        Self::sas(&self.b, x.b, self.a_seen_by_b(s.nat), "0x2001", "0x1001", s);
         Vec::new()
     }
 
     fn corrupt(&self, s: &Scenario) {
-        let what = if s.encap {
-            "udp dport 4500"
+        let x = self.addrs;
+        let what = if s.encap { "udp dport 4500" } else { x.esp };
+        let (family, saddr, a) = (x.nft_family, x.saddr, x.a);
+        // IPv6: zero the outer UDP checksum too (see `encap_socket`).
+        let zero_udp_csum = if s.v6 && s.encap {
+            " @th,48,16 set 0"
         } else {
-            "ip protocol esp"
+            ""
         };
         ns_sh(
             &self.r,
             &[
                 "nft",
                 &format!(
-                    "add table ip natt; add chain ip natt corrupt {{ type filter hook forward priority 0; }}; \
-                     add rule ip natt corrupt ip saddr {A} {what} meta length > 1000 numgen inc mod {CORRUPT_EVERY} == 0 \
-                     counter @th,{CORRUPT_BIT},32 set 0xdeadbeef"
+                    "add table {family} natt; add chain {family} natt corrupt {{ type filter hook forward priority 0; }}; \
+                     add rule {family} natt corrupt {saddr} {a} {what} meta length > 1000 numgen inc mod {CORRUPT_EVERY} == 0 \
+                     counter @th,{CORRUPT_BIT},32 set 0xdeadbeef{zero_udp_csum}"
                 ),
             ],
         );
@@ -395,7 +490,10 @@ impl Topology {
 
     /// Packets the corruption rule rewrote.
     fn injected(&self) -> u64 {
-        let out = ns_out(&self.r, &["nft", "list", "table", "ip", "natt"]);
+        let out = ns_out(
+            &self.r,
+            &["nft", "list", "table", self.addrs.nft_family, "natt"],
+        );
         out.split_whitespace()
             .skip_while(|w| *w != "packets")
             .nth(1)
@@ -554,7 +652,7 @@ fn stream(t: &Topology, cgroup: &Path, bytes: u64, port: u16) -> (u64, u64) {
         .arg(cgroup)
         .args([
             "--listen",
-            &format!("{B}:{port}"),
+            &Addrs::sock(t.addrs.b, port),
             "--bytes",
             &bytes.to_string(),
         ])
@@ -567,7 +665,7 @@ fn stream(t: &Topology, cgroup: &Path, bytes: u64, port: u16) -> (u64, u64) {
     std::io::Read::read_exact(&mut out, &mut ready).expect("receiver READY");
     let send = Command::new(bin("natt-peer"))
         .args(["send", "--netns", &t.a.name, "--connect"])
-        .arg(format!("{B}:{port}"))
+        .arg(Addrs::sock(t.addrs.b, port))
         .args(["--bytes", &bytes.to_string()])
         .output()
         .expect("natt-peer send");
@@ -611,12 +709,13 @@ struct Measured {
 }
 
 fn expected_nat_residual() -> u16 {
-    let mut p = PeerSpec::new(parse_cidr(R_B).expect("cidr"), Mode::Observe);
+    let x = &V4;
+    let mut p = PeerSpec::new(parse_cidr(x.r_b).expect("cidr"), Mode::Observe);
     p.nat = Some(NatAddresses {
-        original_src: A.parse().expect("ip"),
-        original_dst: B.parse().expect("ip"),
-        observed_src: R_B.parse().expect("ip"),
-        observed_dst: B.parse().expect("ip"),
+        original_src: x.a.parse().expect("ip"),
+        original_dst: x.b.parse().expect("ip"),
+        observed_src: x.r_b.parse().expect("ip"),
+        observed_dst: x.b.parse().expect("ip"),
     });
     p.expected_residual().expect("same family")
 }
@@ -642,7 +741,7 @@ fn run(s: &Scenario) -> Measured {
     }
     // SAs come after the monitor: discovery must pick them up live.
     let charons = t.add_sas(s);
-    let peer = format!("{}/32", Topology::a_seen_by_b(s.nat));
+    let peer = format!("{}/{}", t.a_seen_by_b(s.nat), t.addrs.host_prefix);
     let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}");
     if s.encap {
         wait_until(&t.b, &d, "the SA's peer is discovered", |b| {
@@ -662,6 +761,22 @@ fn run(s: &Scenario) -> Measured {
             metric(&text, &series("checksum_mismatches_total")),
             0,
             "false positives after learning"
+        );
+    }
+    if s.setup == Setup::Gro {
+        // What `natt-monitor check` says on a host in this state (shown in docs/vm-tests.md).
+        let out = Command::new("ip")
+            .args(["netns", "exec", &t.b.name])
+            .arg(bin("natt-monitor"))
+            .arg("check")
+            .output()
+            .expect("natt-monitor check");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("NATT-VM CHECK {line}");
+        }
+        assert!(
+            out.status.success(),
+            "natt-monitor check failed in the guest"
         );
     }
     let aggregated = "natt_monitor_skipped_packets_total{reason=\"aggregated\"}";

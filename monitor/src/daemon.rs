@@ -717,11 +717,15 @@ fn learn_sample(shared: &Shared, m: &Mismatch) {
     if !state.table.is_learning(m.peer_id) {
         return;
     }
+    let outcome = state.learner.sample(m.peer_id, m.residual);
+    if outcome == Outcome::Pending {
+        return;
+    }
     let label = state
         .table
         .get(m.peer_id)
         .map_or_else(String::new, PeerSpec::label);
-    match state.learner.sample(m.peer_id, m.residual) {
+    match outcome {
         Outcome::Pending => {}
         Outcome::Restarted { top } => warn!(
             peer = label,

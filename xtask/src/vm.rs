@@ -585,8 +585,8 @@ fn table(rows: &[Row]) -> String {
 }
 
 /// Runs the suite (or only the scenarios named in `only`); with `out`, also writes the results
-/// table there.
-pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<()> {
+/// table there. Returns how many scenario runs passed.
+pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     need_tools()?;
     let cargo = env!("CARGO");
     crate::run(Command::new(cargo).args([
@@ -653,5 +653,5 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<()> {
     }
     ensure!(fails.is_empty(), "vm-test failures:\n{}", fails.join("\n"));
     std::io::stdout().flush()?;
-    Ok(())
+    Ok(rows.len())
 }

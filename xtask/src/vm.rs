@@ -588,25 +588,21 @@ fn table(rows: &[Row]) -> String {
 /// table there. Returns how many scenario runs passed.
 pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     need_tools()?;
-    let cargo = env!("CARGO");
-    crate::run(Command::new(cargo).args([
+    // The guest runs release builds: faster under TCG, and what users run.
+    crate::cargo(&[
         "build",
         "--release",
         "-p",
         "natt-monitor",
         "--bin",
         "natt-monitor",
-    ]))?;
-    crate::run(Command::new(cargo).args([
-        "build",
-        "--release",
         "-p",
         "natt-monitor-tests",
         "--bin",
         "natt-vm",
         "--bin",
         "natt-peer",
-    ]))?;
+    ])?;
     let root = root();
     let cache = root.join("target/vm");
     fs::create_dir_all(&cache)?;

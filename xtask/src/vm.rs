@@ -192,14 +192,7 @@ fn fetch_kernels(cache: &Path) -> Result<Vec<(String, PathBuf)>> {
                     .current_dir(&dl)
                     .args(["download", &package]),
             )?;
-            let deb = fs::read_dir(&dl)?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(&format!("{package}_")))
-                })
+            let deb = find_deb(&dl, &package)
                 .with_context(|| format!("{package}: no .deb after apt-get download"))?;
             let tmp = cache.join("kernels").join(format!("{release}.partial"));
             fs::create_dir_all(cache.join("kernels"))?;
@@ -213,21 +206,25 @@ fn fetch_kernels(cache: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
+/// The `<package>_<version>_<arch>.deb` that `apt-get download` left in `dir`, if any.
+fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
+    let prefix = format!("{package}_");
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+}
+
 /// Downloads strongSwan's packages (cached) and returns the .deb files.
 fn fetch_strongswan(cache: &Path) -> Result<Vec<PathBuf>> {
     let dir = cache.join("debs/strongswan");
     fs::create_dir_all(&dir)?;
-    let have = |pkg: &str| -> Option<PathBuf> {
-        fs::read_dir(&dir)
-            .ok()?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{pkg}_")))
-            })
-    };
+    let have = |pkg: &str| find_deb(&dir, pkg);
     let missing: Vec<&str> = STRONGSWAN
         .iter()
         .copied()

@@ -93,6 +93,16 @@ pub const fn residual(acc: u64) -> u16 {
     normalize(mem16(!fold(acc)))
 }
 
+/// The checksum field (numeric domain, normalised) of a `CHECKSUM_PARTIAL` segment: before a
+/// device or loopback fills it in, it holds the folded pseudo-header sum, not complemented
+/// (`~tcp_v4_check(len, saddr, daddr, 0)` in the kernel). `pseudo_acc` is the memory-domain sum
+/// of the pseudo-header alone.
+#[inline]
+#[must_use]
+pub const fn partial_field(pseudo_acc: u64) -> u16 {
+    normalize(mem16(fold(pseudo_acc)))
+}
+
 /// Residual an intact segment leaves when a NAT rewrote its addresses: the sender summed
 /// `orig_*`, we sum `seen_*`. Inputs are memory-domain address sums (`addr4_sum`/`addr6_sum`).
 #[must_use]
@@ -136,6 +146,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn partial_field_is_the_uncomplemented_pseudo_header_sum() {
+        // 127.0.0.1 -> 127.0.0.1, TCP, 40 bytes: 0x7f00 + 0x0001 + 0x7f00 + 0x0001 + 0x0006 +
+        // 0x0028 = 0xfe30, by hand.
+        let lo = addr4_sum([127, 0, 0, 1]);
+        assert_eq!(partial_field(lo + lo + proto_len_sum(6, 40)), 0xfe30);
+        // A carry out of the top folds back in: 0xffff + 0x0002 -> 0x0002.
+        let v6 = addr6_sum([0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(partial_field(v6 + proto_len_sum(0, 2)), 0x0002);
+    }
 
     /// Residual of a whole IP packet (no options or extension headers) computed with this
     /// module straight from fixed offsets, so damaged length fields cannot confuse it.

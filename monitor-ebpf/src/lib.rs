@@ -93,11 +93,12 @@ impl PeerStats {
 }
 
 /// Indexes of the global per-CPU `COUNTERS` array. The skip reasons come first, in the order of
-/// `SKIP_REASONS`.
+/// `SKIP_REASONS`; `EventsLost` is last, so `COUNTER_SLOTS` follows from it.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Source address is not a configured or discovered peer.
+    /// Address scope: the source address is not a configured or discovered peer. SA scope: the
+    /// segment came through a NAT-T transport SA, but no peer covers its source address (yet).
     SkipNotInScope = 0,
     /// Not TCP or UDP (ICMP, SCTP, ...), or not IP at all.
     SkipOtherProtocol = 1,
@@ -111,17 +112,30 @@ pub enum Counter {
     SkipUdpChecksumZero = 5,
     /// An IPv6 extension header the verifier does not walk (AH, ESP, mobility, too many).
     SkipUnsupportedExtensionHeader = 6,
-    /// A GRO/GSO aggregate: per-segment checksums were discarded when segments were merged.
+    /// A GRO/GSO aggregate (also BIG TCP's zero IP length): per-segment checksums were
+    /// discarded when segments were merged.
     SkipAggregated = 7,
+    /// SA scope: the segment did not come through IPsec at all (no `sec_path`); the kernel
+    /// checks its checksum itself.
+    SkipNotIpsec = 8,
+    /// SA scope: it came through IPsec, but not through a transport-mode SA with UDP/TCP
+    /// encapsulation (plain ESP, tunnel mode), after which the kernel does check the checksum.
+    SkipIpsecCheckedByKernel = 9,
+    /// Address scope only: UDP to or from port 500 or 4500 (IKE, NAT-T keepalives), which
+    /// arrives in the clear with an ordinary checksum.
+    SkipIke = 10,
+    /// Address scope only: the checksum field holds just the pseudo-header sum
+    /// (`CHECKSUM_PARTIAL`: loopback, veth with tx offload), so there is nothing to verify.
+    SkipPartialChecksum = 11,
     /// Mismatch events that did not fit in the ring buffer.
-    EventsLost = 8,
+    EventsLost = 12,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 9;
+pub const COUNTER_SLOTS: u32 = Counter::EventsLost as u32 + 1;
 
 /// Skip reasons in counter order, with the label value userspace exports for each.
-pub const SKIP_REASONS: [(Counter, &str); 8] = [
+pub const SKIP_REASONS: [(Counter, &str); Counter::EventsLost as usize] = [
     (Counter::SkipNotInScope, "not_in_scope"),
     (Counter::SkipOtherProtocol, "other_protocol"),
     (Counter::SkipFragment, "fragment"),
@@ -133,7 +147,87 @@ pub const SKIP_REASONS: [(Counter, &str); 8] = [
         "unsupported_extension_header",
     ),
     (Counter::SkipAggregated, "aggregated"),
+    (Counter::SkipNotIpsec, "not_ipsec"),
+    (Counter::SkipIpsecCheckedByKernel, "ipsec_checked_by_kernel"),
+    (Counter::SkipIke, "ike"),
+    (Counter::SkipPartialChecksum, "partial_checksum"),
 ];
+
+// Every skip reason sits at its own counter index.
+const _: () = {
+    let mut i = 0;
+    while i < SKIP_REASONS.len() {
+        assert!(SKIP_REASONS[i].0 as usize == i);
+        i += 1;
+    }
+};
+
+/// Largest number of (SA, peer) residuals the `SA_RESIDUALS` map holds: learned NAT residuals
+/// per inbound SA. A VPN concentrator's SAs fit; an insert beyond it is refused and counted by
+/// userspace.
+pub const MAX_SA_RESIDUALS: u32 = 16384;
+
+/// Key of `SA_RESIDUALS`: the SA that decapsulated a segment, and the peer whose statistics it
+/// counts into. Under address scope (no BTF) the SA is unknown and `spi` is 0, so there is one
+/// residual per peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SaKey {
+    /// The SA's SPI as the kernel stores it (network byte order); 0 under address scope.
+    pub spi: u32,
+    /// `PeerValue::id` of the peer that covers the segment's source address.
+    pub peer_id: u32,
+}
+
+/// Value of `SA_RESIDUALS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SaValue {
+    /// The residual intact segments through this SA leave.
+    pub expected_residual: u16,
+    /// Reserved, 0.
+    pub flags: u16,
+}
+
+/// Where this kernel keeps a segment's IPsec state, as byte offsets (and the one size that
+/// changed across kernels) read from its BTF by the daemon and set as a load-time constant. The
+/// chain is `sk_buff.active_extensions` (is a `sec_path` attached?) → `sk_buff.extensions` →
+/// `skb_ext.offset[SKB_EXT_SEC_PATH]` (in 8-byte units) → `sec_path.len` and `xvec[len - 1]`
+/// (the innermost state, the one that decapsulated the segment) → `xfrm_state.encap`,
+/// `props.mode`, `id.spi` and `props.reqid`. All zero (`enabled == 0`) selects address scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecpathLayout {
+    /// Non-zero: scope by the segment's own SA.
+    pub enabled: u32,
+    /// `offsetof(struct sk_buff, active_extensions)` (a `u8`).
+    pub skb_active_extensions: u32,
+    /// `1 << SKB_EXT_SEC_PATH`.
+    pub sec_path_bit: u32,
+    /// `offsetof(struct sk_buff, extensions)` (a pointer).
+    pub skb_extensions: u32,
+    /// `offsetof(struct skb_ext, offset) + SKB_EXT_SEC_PATH` (a `u8`).
+    pub ext_sec_path_offset: u32,
+    /// `offsetof(struct sec_path, len)`.
+    pub sp_len: u32,
+    /// `sizeof(sec_path.len)`: 4 (an `int`) before 7.x, 1 (a `u8`) after.
+    pub sp_len_size: u32,
+    /// `offsetof(struct sec_path, xvec)` (an array of pointers).
+    pub sp_xvec: u32,
+    /// `offsetof(struct xfrm_state, encap)` (a pointer, NULL without encapsulation).
+    pub x_encap: u32,
+    /// `offsetof(struct xfrm_state, props.mode)` (a `u8`).
+    pub x_mode: u32,
+    /// `offsetof(struct xfrm_state, id.spi)` (a `__be32`).
+    pub x_spi: u32,
+    /// `offsetof(struct xfrm_state, props.reqid)` (a `u32`).
+    pub x_reqid: u32,
+}
+
+/// `XFRM_MAX_DEPTH`: the most states one `sec_path` holds.
+pub const XFRM_MAX_DEPTH: u32 = 6;
+/// `XFRM_MODE_TRANSPORT` (uapi).
+pub const XFRM_MODE_TRANSPORT: u8 = 0;
 
 /// IP family tags used in events.
 pub const FAMILY_V4: u8 = 4;
@@ -178,6 +272,12 @@ pub struct MismatchEvent {
     pub residual: u16,
     /// Residual the peer's intact segments leave.
     pub expected_residual: u16,
+    /// SPI of the SA that decapsulated the segment (network byte order); 0 under address scope.
+    pub spi: u32,
+    /// `reqid` of that SA (host order); 0 under address scope.
+    pub reqid: u32,
+    /// Interface the segment arrived on (`skb->skb_iif`).
+    pub ifindex: u32,
     /// Source address; IPv4 uses the first four bytes.
     pub src: [u8; 16],
     /// Destination address; IPv4 uses the first four bytes.
@@ -188,7 +288,12 @@ pub struct MismatchEvent {
 
 // The verifier's error enum and the event must stay small: the event is copied into the ring
 // buffer in place, and the ABI is shared by two compilers.
-const _: () = assert!(size_of::<MismatchEvent>() == 92);
+const _: () = assert!(size_of::<MismatchEvent>() == 104);
+const _: () = assert!(core::mem::offset_of!(MismatchEvent, spi) == 28);
+const _: () = assert!(core::mem::offset_of!(MismatchEvent, src) == 40);
+const _: () = assert!(core::mem::offset_of!(MismatchEvent, payload) == 72);
+const _: () = assert!(size_of::<SaKey>() == 8 && size_of::<SaValue>() == 4);
+const _: () = assert!(size_of::<SecpathLayout>() == 48);
 const _: () = assert!(size_of::<PeerValue>() == 8);
 const _: () = assert!(size_of::<PeerStats>() == 80);
 
@@ -202,4 +307,10 @@ mod user {
     unsafe impl aya::Pod for super::PeerStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MismatchEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SaKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SaValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SecpathLayout {}
 }

@@ -180,15 +180,30 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
         );
     }
 
-    if Path::new("/sys/kernel/btf/vmlinux").exists() {
-        r.push("btf", Status::Ok, "/sys/kernel/btf/vmlinux present");
-    } else {
-        r.push(
-            "btf",
-            Status::Info,
-            "no /sys/kernel/btf/vmlinux; not needed by the verifier (it uses no CO-RE relocations)",
-        );
-    }
+    let btf = Path::new("/sys").join(crate::scope::VMLINUX_BTF);
+    let scope = match crate::scope::layout_from(&btf) {
+        Ok(l) => {
+            r.push(
+                "scope",
+                Status::Ok,
+                format!(
+                    "sa: each segment's IPsec state is read through {} (sec_path.len is {} byte{})",
+                    btf.display(),
+                    l.sp_len_size,
+                    if l.sp_len_size == 1 { "" } else { "s" }
+                ),
+            );
+            crate::scope::Scope::Sa(l)
+        }
+        Err(e) => {
+            r.push(
+                "scope",
+                Status::Info,
+                format!("address (fallback): {e}; plaintext from peers is told apart only by IKE ports and partial checksums"),
+            );
+            crate::scope::Scope::Address
+        }
+    };
 
     let mount = cgroup::cgroup2_mount();
     match &mount {
@@ -196,12 +211,15 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
         None => r.push("cgroup2", Status::Fail, "no cgroup2 mount in /proc/mounts; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"),
     }
 
-    let mut verifier = match Verifier::load() {
+    let mut verifier = match Verifier::load(&scope) {
         Ok(v) => {
             r.push(
                 "bpf program load",
                 Status::Ok,
-                "the kernel verifier accepted natt_verify (cgroup_skb)",
+                format!(
+                    "the kernel verifier accepted natt_verify (cgroup_skb, {} scope)",
+                    scope.as_str()
+                ),
             );
             Some(v)
         }

@@ -52,6 +52,21 @@ pub enum Discover {
     None,
 }
 
+/// Which segments are verified.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeChoice {
+    /// `sa` where the kernel has BTF, else `address` (with a warning).
+    #[default]
+    Auto,
+    /// Exactly the segments a transport-mode SA with UDP/TCP encapsulation decapsulated, read
+    /// from each segment's own IPsec state; residuals are learned per SA.
+    Sa,
+    /// Segments from peer addresses, except IKE ports and partial checksums (kernels without
+    /// BTF; plaintext from a peer can still be mistaken for corrupt).
+    Address,
+}
+
 /// `natt-monitor run`.
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
@@ -66,8 +81,9 @@ pub struct RunArgs {
     pub cgroup: Option<PathBuf>,
 
     /// Source address or prefix of an IPsec NAT-T peer to verify (repeatable), beside the
-    /// discovered ones. Segments from other sources are counted as skipped (reason
-    /// `not_in_scope`) and left alone.
+    /// discovered ones; with NAT addresses in the configuration file it fixes the residual
+    /// exactly. Segments from other sources are counted as skipped (reason `not_in_scope`) and
+    /// left alone.
     #[arg(long = "peer", value_name = "CIDR")]
     pub peers: Vec<String>,
 
@@ -82,6 +98,17 @@ pub struct RunArgs {
     /// kernel has XFRM netlink; given explicitly, a missing XFRM is an error]
     #[arg(long, value_enum)]
     pub discover: Option<Discover>,
+
+    /// Which segments are verified: sa (each segment's own IPsec state, read through the
+    /// kernel's BTF), address (source address, for kernels without BTF), or auto (sa where
+    /// possible). [default: auto]
+    #[arg(long, value_enum)]
+    pub scope: Option<ScopeChoice>,
+
+    /// sysfs root, for /sys/kernel/btf/vmlinux (a container may mount the host's elsewhere).
+    /// [default: /sys]
+    #[arg(long, value_name = "PATH")]
+    pub sys_path: Option<PathBuf>,
 
     /// Address for /metrics and /healthz. [default: 127.0.0.1:9874]
     #[arg(long, value_name = "ADDR")]

@@ -13,7 +13,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    cli::{Discover, LogFormat, RunArgs},
+    cli::{Discover, LogFormat, RunArgs, ScopeChoice},
     events::{LOG_BURST, LOG_PER_SECOND},
     peers::{Mode, NatAddresses, PeerError, PeerSpec, parse_cidr},
 };
@@ -33,6 +33,10 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Peer discovery.
     pub discover: Option<Discover>,
+    /// Scope.
+    pub scope: Option<ScopeChoice>,
+    /// sysfs root.
+    pub sys_path: Option<PathBuf>,
     /// Log format.
     pub log_format: Option<LogFormat>,
     /// procfs root.
@@ -165,6 +169,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// procfs root.
     pub proc_path: PathBuf,
+    /// sysfs root.
+    pub sys_path: PathBuf,
+    /// Scope.
+    pub scope: ScopeChoice,
     /// Log format.
     pub log_format: LogFormat,
     /// Mismatch log burst.
@@ -325,6 +333,12 @@ pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
         discover_required,
         listen,
         proc_path,
+        sys_path: args
+            .sys_path
+            .clone()
+            .or(file.sys_path)
+            .unwrap_or_else(|| PathBuf::from("/sys")),
+        scope: args.scope.or(file.scope).unwrap_or_default(),
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         log_burst,
         log_per_second,

@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use monitor_ebpf::{PROTO_TCP, PROTO_UDP, SKIP_REASONS};
+use monitor_ebpf::{PROTO_TCP, PROTO_UDP, SKIP_REASONS, SaKey};
 use prometheus::IntCounter;
 use tokio::{
     io::unix::AsyncFd,
@@ -31,16 +31,18 @@ use tracing::{error, info, warn};
 
 use crate::{
     check,
-    cli::Discover,
+    cli::{Discover, ScopeChoice},
     config::{ConfigError, Settings},
     ebpf::{EbpfFailure, Verifier},
     events::{Hex, Mismatch, RateLimiter, SUPPRESSED_FLUSH},
     http::{self, Exporter},
-    learn::{Learner, Outcome},
+    learn::Outcome,
     metrics::{Metrics, PeerSnapshot, Snapshot},
     peers::{Mode, PeerError, PeerSpec, PeerTable, Source},
+    residuals::Residuals,
+    scope::{self, LayoutError, Scope},
     snmp,
-    xfrm::{self, Watch, XfrmError},
+    xfrm::{self, Sa, Watch, XfrmError},
 };
 
 /// Re-reads the peer list on SIGHUP (the configuration file and flags).
@@ -110,6 +112,9 @@ pub enum DaemonError {
     /// XFRM discovery could not start.
     #[error("--discover xfrm: {0}")]
     Discovery(#[from] XfrmError),
+    /// `--scope sa` was asked for, but the kernel's BTF does not give the `sec_path` layout.
+    #[error("--scope sa: {0}")]
+    Scope(#[from] LayoutError),
     /// An internal task ended while the daemon was running.
     #[error(
         "internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)"
@@ -175,7 +180,7 @@ impl Health {
 pub const XFRM_RESYNC: Duration = Duration::from_secs(30);
 
 /// The peer set and where it came from. Lock order: `Shared::peers`, then `Shared::verifier`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PeerState {
     /// What the maps hold.
     table: PeerTable,
@@ -183,8 +188,36 @@ struct PeerState {
     statics: Vec<PeerSpec>,
     /// From the kernel's SAs (replaced on every change).
     discovered: Vec<PeerSpec>,
-    /// Residual-learning rounds of the peers that are learning.
-    learner: Learner,
+    /// The inbound SAs whose segments the kernel does not check, from the last dump.
+    sas: Vec<Sa>,
+    /// Learned residuals per (SA, peer) and the learning rounds of the others.
+    residuals: Residuals,
+    /// How segments are scoped.
+    scope: Scope,
+}
+
+impl PeerState {
+    /// Under SA scope every peer without configured NAT addresses learns its residual per SA,
+    /// and a rekey (a new discovery generation) is no reason to forget anything: each SA
+    /// learns, or inherits, its own. Under address scope a static peer without NAT addresses
+    /// has residual 0 and a discovered one learns again when its SAs change.
+    fn scoped(scope: Scope, mut specs: Vec<PeerSpec>) -> Vec<PeerSpec> {
+        if matches!(scope, Scope::Sa(_)) {
+            for p in &mut specs {
+                p.learn = p.nat.is_none();
+                p.generation = 0;
+            }
+        }
+        specs
+    }
+
+    /// The current SAs, each with the peer that counts its segments.
+    fn sas_with_peers(&self) -> Vec<(Sa, u32)> {
+        self.sas
+            .iter()
+            .filter_map(|sa| Some((sa.clone(), self.table.id_for(sa.src)?)))
+            .collect()
+    }
 }
 
 /// State shared by the tasks and the HTTP endpoint.
@@ -217,8 +250,14 @@ fn apply_peers(
     discovered: Option<Vec<PeerSpec>>,
 ) -> Result<(usize, usize), String> {
     let mut state = lock(&shared.peers);
-    let statics = statics.unwrap_or_else(|| state.statics.clone());
-    let discovered = discovered.unwrap_or_else(|| state.discovered.clone());
+    let statics = statics.map_or_else(
+        || state.statics.clone(),
+        |s| PeerState::scoped(state.scope, s),
+    );
+    let discovered = discovered.map_or_else(
+        || state.discovered.clone(),
+        |d| PeerState::scoped(state.scope, d),
+    );
     let old = state.table.clone();
     let new = old
         .reconcile(merge(&statics, &discovered))
@@ -236,12 +275,16 @@ fn apply_peers(
             return Err(format!("{e}; kept the previous peers"));
         }
     }
-    for (id, p) in new.iter() {
-        if new.is_learning(id) && (!old.is_learning(id) || old.get(id) != Some(p)) {
-            state.learner.reset(id);
-        }
+    // A peer whose prefix, mode or NAT addresses changed (or that went) starts over: its
+    // residuals were learned for what it was.
+    let changed: Vec<u32> = old
+        .iter()
+        .filter(|(id, p)| new.get(*id) != Some(*p))
+        .map(|(id, _)| id)
+        .collect();
+    for id in changed {
+        forget_peer(shared, &mut state, id);
     }
-    state.learner.retain(|id| new.is_learning(id));
     let added = new
         .iter()
         .filter(|(_, p)| old.id_of(p.net).is_none())
@@ -256,6 +299,49 @@ fn apply_peers(
     Ok((added, removed))
 }
 
+/// Removes every residual of peer `id` from the map and the daemon's view, and its rounds.
+fn forget_peer(shared: &Shared, state: &mut PeerState, id: u32) {
+    let keys = state.residuals.keys_of_peer(id);
+    let mut v = lock(&shared.verifier);
+    for k in keys {
+        match v.remove_sa_residuals(|x| *x == k) {
+            Ok(_) => state.residuals.removed(&k),
+            Err(e) => warn!(peer_id = id, error = %e, "could not remove a learned residual"),
+        }
+    }
+    state.residuals.reset_peer(id);
+}
+
+/// Brings `SA_RESIDUALS` in step with the current SAs: residuals of SAs that are gone leave,
+/// and new SAs with a known tuple inherit their residual before their first segment.
+fn sync_residuals(shared: &Shared, state: &mut PeerState) {
+    let pairs = state.sas_with_peers();
+    let sync = state.residuals.sync(&pairs);
+    let mut v = lock(&shared.verifier);
+    for k in &sync.remove {
+        match v.remove_sa_residuals(|x| x == k) {
+            Ok(_) => state.residuals.removed(k),
+            Err(e) => warn!(error = %e, "could not remove the residual of a deleted SA"),
+        }
+    }
+    for (k, r) in sync.install {
+        match v.set_sa_residual(k, r) {
+            Ok(()) => {
+                state.residuals.installed(k, r);
+                info!(
+                    spi = %format_args!("{:#010x}", u32::from_be(k.spi)),
+                    peer = state.table.get(k.peer_id).map_or_else(String::new, PeerSpec::label),
+                    residual = %format_args!("{r:#06x}"),
+                    "new SA through a known NAT mapping: verifying it with the residual already learned"
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "could not carry a residual over to a new SA; it will learn");
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep serving.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -264,7 +350,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Exporter for Shared {
     fn scrape(&self) -> String {
         let t0 = Instant::now();
-        let table = lock(&self.peers).table.clone();
+        let (table, learning): (PeerTable, Vec<bool>) = {
+            let st = lock(&self.peers);
+            let learning = st
+                .table
+                .iter()
+                .map(|(id, _)| st.residuals.peer_learning(id))
+                .collect();
+            (st.table.clone(), learning)
+        };
         let mut snap = Snapshot {
             peers_by_source: Source::ALL
                 .iter()
@@ -283,12 +377,12 @@ impl Exporter for Shared {
                     snap.up = false;
                 }
             }
-            for (id, spec) in table.iter() {
+            for ((id, spec), learning) in table.iter().zip(learning) {
                 match v.peer_stats(id) {
                     Ok(stats) => snap.peers.push(PeerSnapshot {
                         label: spec.label(),
                         stats,
-                        learning: table.is_learning(id),
+                        learning,
                     }),
                     Err(e) => {
                         warn!(peer = %spec.net, error = %e, "scrape could not read peer statistics");
@@ -334,14 +428,21 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             addr: settings.listen,
             source,
         })?;
+    let scope = resolve_scope(&settings)?;
     // Discovery starts before anything is attached: the first SA dump is part of the initial
     // peer set, and an explicit --discover xfrm on a kernel without XFRM fails here.
-    let (watch, discovered) = start_discovery(&settings)?;
-    let table = PeerTable::new(merge(&settings.peers, &discovered))?;
+    let (watch, sas) = start_discovery(&settings)?;
+    let statics = PeerState::scoped(scope, settings.peers.clone());
+    let discovered = PeerState::scoped(
+        scope,
+        xfrm::peers_from(&sas, settings.default_mode, |_| true),
+    );
+    let table = PeerTable::new(merge(&statics, &discovered))?;
     let metrics = Metrics::new()?;
+    metrics.set_scope(scope.as_str());
     let suppressed = metrics.log_suppressed();
 
-    let mut verifier = Verifier::load()?;
+    let mut verifier = Verifier::load(&scope)?;
     verifier.set_peers(&table)?;
     let ring = verifier.take_events()?;
     // SAFETY: the ring buffer owns its map fd and keeps it open for as long as the AsyncFd
@@ -376,14 +477,18 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         verifier: Mutex::new(verifier),
         peers: Mutex::new(PeerState {
             table: table.clone(),
-            statics: settings.peers.clone(),
+            statics,
             discovered,
-            learner: Learner::default(),
+            sas,
+            residuals: Residuals::default(),
+            scope,
         }),
         health: Health::new(),
         metrics,
         proc_path: settings.proc_path.clone(),
     });
+    // Remember the tuples of the SAs already there, so their rekeys can inherit residuals.
+    sync_residuals(&shared, &mut lock(&shared.peers));
     shared.health.attached.store(true, Ordering::Relaxed);
     shared.health.mark_drained();
     info!(
@@ -391,6 +496,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         %listen,
         peers = table.len(),
         discover = if watch.is_some() { "xfrm" } else { "none" },
+        %scope,
         "verifier attached at cgroup_skb ingress"
     );
     log_peers(&table);
@@ -471,29 +577,46 @@ fn log_peers(table: &PeerTable) {
                 info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), residual, "verifying peer");
             }
             None => {
-                info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), "verifying peer once its NAT residual is learned");
+                info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), "verifying peer; each SA's NAT residual is learned from its first segments");
             }
         }
+    }
+}
+
+/// SA scope where the kernel's BTF gives the `sec_path` layout; address scope where it does
+/// not (with a warning), or when asked for.
+fn resolve_scope(settings: &Settings) -> Result<Scope, DaemonError> {
+    let btf = settings.sys_path.join(scope::VMLINUX_BTF);
+    match settings.scope {
+        ScopeChoice::Address => Ok(Scope::Address),
+        ScopeChoice::Sa => Ok(Scope::Sa(scope::layout_from(&btf)?)),
+        ScopeChoice::Auto => Ok(scope::layout_from(&btf).map_or_else(
+            |e| {
+                warn!(error = %e, "scoping by source address: this kernel does not say where a segment's IPsec state lies, so plaintext from peers is told apart only by IKE ports and partial checksums (docs/verifier.md)");
+                Scope::Address
+            },
+            Scope::Sa,
+        )),
     }
 }
 
 /// Opens the notification socket first (so no change is missed between the dump and the
 /// subscription), then dumps the SAs. With discovery on by default, a kernel without XFRM
 /// netlink only turns discovery off; asked for explicitly, it is an error.
-fn start_discovery(settings: &Settings) -> Result<(Option<Watch>, Vec<PeerSpec>), DaemonError> {
+fn start_discovery(settings: &Settings) -> Result<(Option<Watch>, Vec<Sa>), DaemonError> {
     if settings.discover == Discover::None {
         return Ok((None, Vec::new()));
     }
     let opened = Watch::open().and_then(|w| xfrm::dump().map(|sas| (w, sas)));
     match opened {
         Ok((w, sas)) => {
-            let peers = xfrm::peers_from(&sas, settings.default_mode, xfrm::is_local);
+            let inbound = xfrm::inbound_natt(&sas, xfrm::is_local);
             info!(
                 sas = sas.len(),
-                peers = peers.len(),
+                natt_inbound = inbound.len(),
                 "XFRM discovery: read the kernel's SAs"
             );
-            Ok((Some(w), peers))
+            Ok((Some(w), inbound))
         }
         Err(e) if !settings.discover_required && matches!(e, XfrmError::Open(_)) => {
             if settings.peers.is_empty() {
@@ -531,12 +654,20 @@ async fn follow_xfrm(
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = watch.get_mut().read_pending().map_err(fail)?;
         }
-        let sas = xfrm::dump().map_err(fail)?;
-        let peers = xfrm::peers_from(&sas, mode, xfrm::is_local);
-        if peers == lock(&shared.peers).discovered {
-            continue;
+        let sas = xfrm::inbound_natt(&xfrm::dump().map_err(fail)?, xfrm::is_local);
+        let peers = xfrm::peers_from(&sas, mode, |_| true);
+        {
+            let mut st = lock(&shared.peers);
+            st.sas = sas;
+            let same = PeerState::scoped(st.scope, peers.clone()) == st.discovered;
+            if same {
+                sync_residuals(&shared, &mut st);
+                continue;
+            }
         }
-        match apply_peers(&shared, None, Some(peers)) {
+        let applied = apply_peers(&shared, None, Some(peers));
+        sync_residuals(&shared, &mut lock(&shared.peers));
+        match applied {
             Ok((added, removed)) => {
                 let table = lock(&shared.peers).table.clone();
                 info!(
@@ -703,6 +834,9 @@ fn log_event(bytes: &[u8], shared: &Shared, limiter: &mut RateLimiter, suppresse
         found = %format_args!("{:#06x}", m.found),
         expected = %format_args!("{:#06x}", m.expected),
         action = if m.dropped { "dropped" } else { "passed" },
+        spi = %format_args!("{:#010x}", m.spi),
+        reqid = m.reqid,
+        iface = %m.iface(),
         payload = %Hex(&m.payload),
         suppressed_before,
         "checksum mismatch"
@@ -710,17 +844,20 @@ fn log_event(bytes: &[u8], shared: &Shared, limiter: &mut RateLimiter, suppresse
 }
 
 /// Feeds one learning segment's residual to the learner; when it settles, installs the residual
-/// so the peer's next segment is verified.
+/// so the SA's next segment is verified.
 fn learn_sample(shared: &Shared, m: &Mismatch) {
     let mut state = lock(&shared.peers);
-    // Samples already in the ring when the peer settled (or was removed) are stale.
-    if !state.table.is_learning(m.peer_id) {
+    // Samples of a peer that no longer learns (reloaded, removed) are stale.
+    if !state.table.learns(m.peer_id) {
         return;
     }
-    let outcome = state.learner.sample(m.peer_id, m.residual);
-    if outcome == Outcome::Pending {
+    let key = SaKey {
+        spi: m.spi.to_be(),
+        peer_id: m.peer_id,
+    };
+    let Some(outcome) = state.residuals.sample(key, m.residual) else {
         return;
-    }
+    };
     let label = state
         .table
         .get(m.peer_id)
@@ -729,22 +866,23 @@ fn learn_sample(shared: &Shared, m: &Mismatch) {
         Outcome::Pending => {}
         Outcome::Restarted { top } => warn!(
             peer = label,
+            spi = %format_args!("{:#010x}", m.spi),
             most_common = %format_args!("{:#06x}", top.0),
             count = top.1,
             window = crate::learn::WINDOW,
             "NAT residual did not settle: no value carried three quarters of the segments; learning again"
         ),
         Outcome::Learned { residual, samples } => {
-            let mut new = state.table.clone();
-            new.set_learned(m.peer_id, residual);
-            match lock(&shared.verifier).set_peers(&new) {
+            match lock(&shared.verifier).set_sa_residual(key, residual) {
                 Ok(()) => {
-                    state.table = new;
+                    state.residuals.installed(key, residual);
                     info!(
                         peer = label,
+                        spi = %format_args!("{:#010x}", m.spi),
+                        reqid = m.reqid,
                         residual = %format_args!("{residual:#06x}"),
                         samples,
-                        "NAT residual learned; verifying this peer from now on"
+                        "NAT residual learned; verifying this SA from now on"
                     );
                 }
                 Err(e) => {

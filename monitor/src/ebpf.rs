@@ -13,15 +13,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
+    maps::{
+        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key,
+    },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId,
     },
 };
 use ipnet::IpNet;
-use monitor_ebpf::{COUNTER_SLOTS, Counter, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue};
+use monitor_ebpf::{
+    COUNTER_SLOTS, Counter, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaValue,
+};
 
-use crate::peers::PeerTable;
+use crate::{peers::PeerTable, scope::Scope};
 
 /// The verifier object, built by build.rs from `monitor-ebpf`.
 pub static VERIFIER_OBJ: &[u8] =
@@ -174,16 +178,17 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// Loads the object and the program into the kernel (not attached yet).
+    /// Loads the object and the program into the kernel (not attached yet), scoped by `scope`.
     ///
     /// # Errors
     /// `EbpfFailure` naming the step that failed, with a privilege hint on EPERM.
-    pub fn load() -> Result<Self, EbpfFailure> {
+    pub fn load(scope: &Scope) -> Result<Self, EbpfFailure> {
         if VERIFIER_OBJ.is_empty() {
             return Err(EbpfFailure::NoObject);
         }
-        raise_memlock_limit();
+        let layout = scope.layout();
         let mut bpf = EbpfLoader::new()
+            .override_global("SECPATH", &layout, true)
             .load(VERIFIER_OBJ)
             .map_err(|source| EbpfFailure::Object { source })?;
         let prog = program(&mut bpf)?;
@@ -332,6 +337,74 @@ impl Verifier {
         Ok(())
     }
 
+    fn sa_residuals(&mut self) -> Result<HashMap<&mut MapData, SaKey, SaValue>, EbpfFailure> {
+        let map = self
+            .bpf
+            .map_mut("SA_RESIDUALS")
+            .ok_or(EbpfFailure::Missing {
+                kind: "map",
+                name: "SA_RESIDUALS",
+            })?;
+        HashMap::try_from(map).map_err(|source| EbpfFailure::Map {
+            what: "opening SA_RESIDUALS".into(),
+            source,
+        })
+    }
+
+    /// Installs the residual intact segments through SA `key` leave: from the next segment on,
+    /// they are verified against it.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map`, e.g. when the map is full.
+    pub fn set_sa_residual(&mut self, key: SaKey, residual: u16) -> Result<(), EbpfFailure> {
+        let value = SaValue {
+            expected_residual: residual,
+            flags: 0,
+        };
+        self.sa_residuals()?
+            .insert(&key, &value, 0)
+            .map_err(|source| EbpfFailure::Map {
+                what: format!(
+                    "installing the residual of SA {:#010x} (peer #{}) in SA_RESIDUALS",
+                    u32::from_be(key.spi),
+                    key.peer_id
+                ),
+                source,
+            })
+    }
+
+    /// Removes the residuals of every key `stale` selects; returns how many went.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map`.
+    pub fn remove_sa_residuals(
+        &mut self,
+        stale: impl Fn(&SaKey) -> bool,
+    ) -> Result<usize, EbpfFailure> {
+        let mut map = self.sa_residuals()?;
+        let keys: Vec<SaKey> = map.keys().filter_map(Result::ok).filter(&stale).collect();
+        for k in &keys {
+            map.remove(k).map_err(|source| EbpfFailure::Map {
+                what: "removing a residual from SA_RESIDUALS".into(),
+                source,
+            })?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Every installed (SA, peer) residual.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map`.
+    pub fn sa_residual_entries(&mut self) -> Result<Vec<(SaKey, u16)>, EbpfFailure> {
+        Ok(self
+            .sa_residuals()?
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.expected_residual))
+            .collect())
+    }
+
     /// Global counters summed over CPUs.
     ///
     /// # Errors
@@ -461,19 +534,4 @@ fn insert_all<K: aya::Pod>(
 
 fn same_key<K: aya::Pod + PartialEq>(a: &Key<K>, b: &Key<K>) -> bool {
     a.prefix_len() == b.prefix_len() && a.data() == b.data()
-}
-
-/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; later ones to the memory cgroup.
-/// Raising it is harmless on new kernels and required on old ones. Failure is not fatal here:
-/// the load that follows reports EPERM with a hint if it matters.
-fn raise_memlock_limit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads a valid, initialised struct.
-    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
-    if ret != 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
-    }
 }

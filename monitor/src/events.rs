@@ -40,6 +40,12 @@ pub struct Mismatch {
     pub learning: bool,
     /// The residual the segment left.
     pub residual: u16,
+    /// SPI of the SA that decapsulated it (host order); 0 under address scope.
+    pub spi: u32,
+    /// `reqid` of that SA; 0 under address scope.
+    pub reqid: u32,
+    /// Interface it arrived on.
+    pub ifindex: u32,
     /// First payload bytes.
     pub payload: Vec<u8>,
 }
@@ -80,8 +86,24 @@ impl Mismatch {
             dropped: ev.action == ACTION_DROPPED,
             learning: ev.action == ACTION_LEARNING,
             residual: ev.residual,
+            spi: u32::from_be(ev.spi),
+            reqid: ev.reqid,
+            ifindex: ev.ifindex,
             payload: ev.payload[..n].to_vec(),
         })
+    }
+
+    /// The receiving interface's name, or its index if it has none (any more).
+    #[must_use]
+    pub fn iface(&self) -> String {
+        let mut buf = [0u8; libc::IF_NAMESIZE];
+        // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname requires.
+        let p = unsafe { libc::if_indextoname(self.ifindex, buf.as_mut_ptr().cast()) };
+        if p.is_null() {
+            return format!("#{}", self.ifindex);
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
     }
 
     /// `src:sport -> dst:dport` with IPv6 brackets.
@@ -189,6 +211,9 @@ mod tests {
             csum_expected: 0x1235,
             residual: 1,
             expected_residual: 0,
+            spi: 0xc1c2_c3c4_u32.to_be(),
+            reqid: 7,
+            ifindex: 1,
             src: [0; 16],
             dst: [0; 16],
             payload: [0; 32],
@@ -207,6 +232,7 @@ mod tests {
             (0xdead_beef, 1432, 0x1234, 0x1235, true)
         );
         assert_eq!(Hex(&m.payload).to_string(), "72756f6b");
+        assert_eq!((m.spi, m.reqid, m.iface().as_str()), (0xc1c2_c3c4, 7, "lo"));
         assert_eq!(Mismatch::decode(&bytes[..10]), None);
     }
 

@@ -1,4 +1,4 @@
-//! Learning a peer's NAT residual from its traffic.
+//! Learning an SA's NAT residual from its traffic.
 //!
 //! Behind a NAT the sender's checksum covers addresses the verifier never sees, so an intact
 //! segment leaves a constant, non-zero residual (DESIGN.md, "Checksum under NAT"). When the
@@ -73,15 +73,23 @@ impl Round {
     }
 }
 
-/// Rounds for every learning peer, keyed by peer id.
-#[derive(Debug, Default)]
-pub struct Learner {
-    rounds: HashMap<u32, Round>,
+/// Rounds for everything still learning, keyed by `K`: the (SA, peer) pair under SA scope.
+#[derive(Debug)]
+pub struct Learner<K> {
+    rounds: HashMap<K, Round>,
 }
 
-impl Learner {
-    /// Adds a sample for peer `id`.
-    pub fn sample(&mut self, id: u32, residual: u16) -> Outcome {
+impl<K> Default for Learner<K> {
+    fn default() -> Self {
+        Self {
+            rounds: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Learner<K> {
+    /// Adds a sample for `id`.
+    pub fn sample(&mut self, id: K, residual: u16) -> Outcome {
         let out = self.rounds.entry(id).or_default().sample(residual);
         if matches!(out, Outcome::Learned { .. }) {
             self.rounds.remove(&id);
@@ -91,13 +99,18 @@ impl Learner {
 
     /// Forgets every peer not in `learning` (peers that were removed, re-numbered or decided),
     /// so memory stays bounded by the number of learning peers.
-    pub fn retain(&mut self, learning: impl Fn(u32) -> bool) {
+    pub fn retain(&mut self, learning: impl Fn(K) -> bool) {
         self.rounds.retain(|id, _| learning(*id));
     }
 
-    /// Starts peer `id` over (its addresses or SA changed).
-    pub fn reset(&mut self, id: u32) {
+    /// Starts `id` over (its addresses or SA changed).
+    pub fn reset(&mut self, id: K) {
         self.rounds.remove(&id);
+    }
+
+    /// True if any open round's key satisfies `f`.
+    pub fn any(&self, f: impl Fn(&K) -> bool) -> bool {
+        self.rounds.keys().any(f)
     }
 }
 
@@ -171,7 +184,7 @@ mod tests {
 
     #[test]
     fn learner_keeps_rounds_per_peer_and_forgets_on_demand() {
-        let mut l = Learner::default();
+        let mut l = Learner::<u32>::default();
         for _ in 0..7 {
             assert_eq!(l.sample(1, 5), Outcome::Pending);
             assert_eq!(l.sample(2, 6), Outcome::Pending);

@@ -15,5 +15,7 @@ pub mod http;
 pub mod learn;
 pub mod metrics;
 pub mod peers;
+pub mod residuals;
+pub mod scope;
 pub mod snmp;
 pub mod xfrm;

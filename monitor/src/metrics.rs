@@ -61,6 +61,7 @@ pub struct Metrics {
     kernel_udp: IntCounter,
     log_suppressed: IntCounter,
     up: IntGauge,
+    scope: IntGaugeVec,
     collect_seconds: Gauge,
     /// Peer labels exported by the previous scrape, so removed peers' series can be dropped.
     /// Also serialises scrapes.
@@ -186,6 +187,17 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            scope: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "natt_monitor_scope",
+                        "1 for the scope in force: sa (each segment's own IPsec state) or address (source address; kernels without BTF).",
+                    ),
+                    &["scope"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             collect_seconds: {
                 let g = Gauge::new(
                     "natt_monitor_scrape_collect_seconds",
@@ -213,6 +225,15 @@ impl Metrics {
             m.peers.with_label_values(&[s.as_str()]).set(0);
         }
         Ok(m)
+    }
+
+    /// Marks `scope` ("sa" or "address") as the one in force.
+    pub fn set_scope(&self, scope: &str) {
+        for s in ["sa", "address"] {
+            self.scope
+                .with_label_values(&[s])
+                .set(i64::from(s == scope));
+        }
     }
 
     /// Counter that the event drain task increments when it withholds a log line.
@@ -380,7 +401,9 @@ mod tests {
     #[test]
     fn golden_exposition() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.golden.prom");
-        let text = Metrics::new().unwrap().render(&sample());
+        let m = Metrics::new().unwrap();
+        m.set_scope("sa");
+        let text = m.render(&sample());
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(path, &text).unwrap();
         }

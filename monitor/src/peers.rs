@@ -199,8 +199,6 @@ impl Source {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerTable {
     peers: std::collections::BTreeMap<u32, PeerSpec>,
-    /// Residuals learned so far, by id, for peers with `learn` set.
-    learned: std::collections::BTreeMap<u32, u16>,
 }
 
 impl PeerTable {
@@ -231,19 +229,10 @@ impl PeerTable {
             p.expected_residual()?;
         }
         let mut out = std::collections::BTreeMap::new();
-        let mut learned = std::collections::BTreeMap::new();
         let mut fresh = Vec::new();
         for p in peers {
             match self.id_of(p.net) {
                 Some(id) => {
-                    // A learned residual stays only while nothing it depends on changed.
-                    if let (Some(r), Some(old)) = (self.learned.get(&id), self.peers.get(&id))
-                        && p.learn
-                        && old.learn
-                        && old.generation == p.generation
-                    {
-                        learned.insert(id, *r);
-                    }
                     out.insert(id, p);
                 }
                 None => fresh.push(p),
@@ -259,38 +248,35 @@ impl PeerTable {
             out.insert(next, p);
             next += 1;
         }
-        Ok(Self {
-            peers: out,
-            learned,
-        })
+        Ok(Self { peers: out })
     }
 
-    /// True while peer `id` is waiting for its residual to be learned.
+    /// True if peer `id`'s residual is learned from traffic (per SA) rather than configured.
     #[must_use]
-    pub fn is_learning(&self, id: u32) -> bool {
-        self.peers
-            .get(&id)
-            .is_some_and(|p| p.learn && !self.learned.contains_key(&id))
+    pub fn learns(&self, id: u32) -> bool {
+        self.peers.get(&id).is_some_and(|p| p.learn)
     }
 
-    /// Records the residual learned for peer `id`; false if `id` is not learning.
-    pub fn set_learned(&mut self, id: u32, residual: u16) -> bool {
-        if !self.is_learning(id) {
-            return false;
-        }
-        self.learned.insert(id, residual);
-        true
-    }
-
-    /// The residual peer `id`'s intact segments leave, if known (configured or learned).
+    /// The configured residual of peer `id`'s intact segments; `None` when it is learned.
     #[must_use]
     pub fn residual(&self, id: u32) -> Option<u16> {
         let p = self.peers.get(&id)?;
         if p.learn {
-            self.learned.get(&id).copied()
+            None
         } else {
             p.expected_residual().ok()
         }
+    }
+
+    /// The id of the peer whose prefix covers `addr` most specifically, as the verifier's LPM
+    /// lookup finds it.
+    #[must_use]
+    pub fn id_for(&self, addr: IpAddr) -> Option<u32> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.net.contains(&addr))
+            .max_by_key(|(_, p)| p.net.prefix_len())
+            .map(|(id, _)| *id)
     }
 
     /// The id of the peer with this prefix, if any.
@@ -337,9 +323,7 @@ impl PeerTable {
     #[must_use]
     pub fn value(&self, id: u32, spec: &PeerSpec) -> PeerValue {
         let (flags, expected_residual) = if spec.learn {
-            self.learned
-                .get(&id)
-                .map_or((PEER_FLAG_LEARN, 0), |r| (0, *r))
+            (PEER_FLAG_LEARN, 0)
         } else {
             (
                 0,
@@ -431,41 +415,22 @@ mod tests {
     }
 
     #[test]
-    fn learned_residuals_survive_reloads_until_the_sa_changes() {
-        let learner = |s: &str, generation: u64| {
-            let mut p = PeerSpec::new(parse_cidr(s).unwrap(), Mode::Enforce);
-            p.learn = true;
-            p.generation = generation;
-            p.source = Source::Xfrm;
-            p
-        };
-        let mut t = PeerTable::new(vec![learner("10.0.0.1", 7), learner("10.0.0.2", 9)]).unwrap();
-        assert!(t.is_learning(0));
-        assert_eq!(t.value(0, t.get(0).unwrap()).flags, PEER_FLAG_LEARN);
-        assert!(t.set_learned(0, 0xabcd));
-        assert!(t.set_learned(1, 0x0102));
-        assert!(!t.set_learned(0, 1), "already decided");
+    fn learning_peers_carry_the_flag_and_lookups_take_the_longest_prefix() {
+        let mut learner = PeerSpec::new(parse_cidr("10.0.0.0/8").unwrap(), Mode::Enforce);
+        learner.learn = true;
+        learner.source = Source::Xfrm;
+        let exact = PeerSpec::new(parse_cidr("10.1.2.3").unwrap(), Mode::Observe);
+        let t = PeerTable::new(vec![learner, exact]).unwrap();
+        assert!(t.learns(0));
+        assert!(!t.learns(1));
         let v = t.value(0, t.get(0).unwrap());
-        assert_eq!(
-            (v.flags, v.expected_residual, v.mode),
-            (0, 0xabcd, MODE_ENFORCE)
-        );
-        // Same SA for .1, a new SA (rekey or new NAT mapping) for .2.
-        let u = t
-            .reconcile(vec![learner("10.0.0.1", 7), learner("10.0.0.2", 10)])
-            .unwrap();
-        assert_eq!(u.residual(0), Some(0xabcd));
-        assert!(u.is_learning(1));
-        assert_eq!(u.residual(1), None);
-        // A static peer is never learning and reports its configured residual.
-        let s = PeerTable::new(vec![PeerSpec::new(
-            parse_cidr("10.0.0.3").unwrap(),
-            Mode::Observe,
-        )])
-        .unwrap();
-        assert!(!s.is_learning(0));
-        assert_eq!(s.residual(0), Some(0));
-        assert_eq!(u.count_by_source(Source::Xfrm), 2);
+        assert_eq!((v.flags, v.mode), (PEER_FLAG_LEARN, MODE_ENFORCE));
+        assert_eq!(t.residual(0), None);
+        assert_eq!(t.residual(1), Some(0));
+        assert_eq!(t.id_for("10.1.2.3".parse().unwrap()), Some(1));
+        assert_eq!(t.id_for("10.9.9.9".parse().unwrap()), Some(0));
+        assert_eq!(t.id_for("192.0.2.1".parse().unwrap()), None);
+        assert_eq!(t.count_by_source(Source::Xfrm), 1);
     }
 
     #[test]

@@ -85,6 +85,15 @@ impl Sa {
     }
 }
 
+/// The inbound (`is_local(dst)`) SAs whose segments skip the checksum check.
+#[must_use]
+pub fn inbound_natt(sas: &[Sa], is_local: impl Fn(IpAddr) -> bool) -> Vec<Sa> {
+    sas.iter()
+        .filter(|s| s.skips_checksums() && is_local(s.dst))
+        .cloned()
+        .collect()
+}
+
 /// The peers the SAs imply: one host prefix per source address of an inbound (`is_local(dst)`)
 /// SA that skips checksums, in `mode`, learning its NAT residual. Its generation hashes the
 /// SAs behind it, so a rekey or a new NAT mapping makes it learn again.

@@ -117,9 +117,42 @@ pub const ADDR6_A: &str = "2001:db8:77::1";
 pub const ADDR6_B: &str = "2001:db8:77::2";
 
 impl Lab {
-    /// Builds the lab with the given MTU on both ends.
+    /// Builds the lab with the given MTU on both ends, the sender's tx checksum offload off (so
+    /// checksums on the wire are complete, as after ESP decapsulation) and the receiver's GRO
+    /// off (so no aggregate hides a segment).
     #[must_use]
     pub fn new(mtu: u32) -> Self {
+        let lab = Self::with_default_offloads(mtu);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lab.a.name,
+            "ethtool",
+            "-K",
+            "va",
+            "tx",
+            "off",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lab.b.name,
+            "ethtool",
+            "-K",
+            "vb",
+            "gro",
+            "off",
+        ]);
+        lab
+    }
+
+    /// The lab with every offload as the kernel sets it for veth: tx checksum offload on, so
+    /// segments reach the receiver `CHECKSUM_PARTIAL`, with only the pseudo-header sum in the
+    /// checksum field (containers and co-located VMs look like this).
+    #[must_use]
+    pub fn with_default_offloads(mtu: u32) -> Self {
         let a = Netns::new("natta");
         let b = Netns::new("nattb");
         let lab = Self { a, b, dev_b: "vb" };
@@ -169,29 +202,8 @@ impl Lab {
                 "nodad",
             ]);
             sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
         }
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &lab.a.name,
-            "ethtool",
-            "-K",
-            "va",
-            "tx",
-            "off",
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &lab.b.name,
-            "ethtool",
-            "-K",
-            "vb",
-            "gro",
-            "off",
-        ]);
         lab
     }
 }
@@ -416,25 +428,32 @@ pub struct StreamResult {
 /// `peer` is the `natt-peer` helper (`env!("CARGO_BIN_EXE_natt-peer")` in a test).
 #[must_use]
 pub fn stream(peer: &str, lab: &Lab, cgroup: &Path, bytes: u64, v6: bool) -> StreamResult {
-    let (listen, connect) = if v6 {
-        (format!("[{ADDR6_B}]:5001"), format!("[{ADDR6_B}]:5001"))
+    let addr = if v6 {
+        format!("[{ADDR6_B}]:5001")
     } else {
-        (format!("{ADDR_B}:5001"), format!("{ADDR_B}:5001"))
+        format!("{ADDR_B}:5001")
     };
+    stream_between(peer, &lab.a, &lab.b, &addr, cgroup, bytes)
+}
+
+/// Sends `bytes` over TCP from a process in `from` to a receiver in `to` (in `cgroup`) that
+/// listens on `addr`; `from` and `to` may be the same namespace (loopback).
+#[must_use]
+pub fn stream_between(
+    peer: &str,
+    from: &Netns,
+    to: &Netns,
+    addr: &str,
+    cgroup: &Path,
+    bytes: u64,
+) -> StreamResult {
+    let (listen, connect) = (addr.to_owned(), addr.to_owned());
     let n = bytes.to_string();
     let cg = cgroup.to_str().expect("utf-8 cgroup path");
     let mut recv = Proc::spawn(
         "natt-peer recv",
         Command::new(peer).args([
-            "recv",
-            "--netns",
-            &lab.b.name,
-            "--cgroup",
-            cg,
-            "--listen",
-            &listen,
-            "--bytes",
-            &n,
+            "recv", "--netns", &to.name, "--cgroup", cg, "--listen", &listen, "--bytes", &n,
         ]),
     );
     recv.wait_for_line("READY");
@@ -443,7 +462,7 @@ pub fn stream(peer: &str, lab: &Lab, cgroup: &Path, bytes: u64, v6: bool) -> Str
         Command::new(peer).args([
             "send",
             "--netns",
-            &lab.a.name,
+            &from.name,
             "--connect",
             &connect,
             "--bytes",

@@ -65,7 +65,7 @@ fn finish(b: etherparse::PacketBuilderStep<etherparse::IpHeaders>, l4: L4, data:
             ])
             .expect("options fit")
             .write(&mut out, data),
-        L4::Udp => b.udp(4500, 53).write(&mut out, data),
+        L4::Udp => b.udp(40001, 53).write(&mut out, data),
     }
     .expect("etherparse builds the frame");
     out

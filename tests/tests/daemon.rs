@@ -243,8 +243,10 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     let lab = Lab::new(1500);
     let cg = Cgroup::new();
     let cgroup = cg.path.to_str().unwrap();
+    // The emulated NAT-T path has no sec_path (this kernel has no ESP), so this runs the
+    // address-scope fallback; the VM suite runs SA scope on real ESP-in-UDP.
     let mut d = Daemon::start(&[
-        "run", "--peer", ADDR_A, "--cgroup", cgroup, "--mode", "enforce",
+        "run", "--peer", ADDR_A, "--cgroup", cgroup, "--mode", "enforce", "--scope", "address",
     ]);
     d.wait_for("verifier attached at cgroup_skb ingress");
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
@@ -404,9 +406,12 @@ fn discovery_alone_is_a_valid_configuration() {
     d.wait_for("verifier attached at cgroup_skb ingress");
     let read = d.messages("XFRM discovery: read the kernel's SAs");
     assert_eq!(read.len(), 1, "{:?}", d.lines.lock().unwrap());
-    assert_eq!(field_u64(&read[0], "peers"), 0);
+    assert_eq!(field_u64(&read[0], "natt_inbound"), 0);
     let attached = &d.messages("verifier attached at cgroup_skb ingress")[0];
     assert_eq!(attached["discover"], "xfrm");
+    // By default the scope comes from each segment's IPsec state wherever the kernel has BTF.
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    assert_eq!(attached["scope"], if btf { "sa" } else { "address" });
     let (code, body) = d.get("/metrics");
     assert_eq!(code, 200);
     assert_eq!(
@@ -488,8 +493,9 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("natt-monitor.toml");
     let write = |peers: &[&str]| {
+        // Emulated NAT-T carries no sec_path: address scope (see above).
         let mut t = format!(
-            "listen = \"127.0.0.1:0\"\ncgroup = \"{}\"\nmode = \"enforce\"\n",
+            "listen = \"127.0.0.1:0\"\ncgroup = \"{}\"\nmode = \"enforce\"\nscope = \"address\"\n",
             cg.path.display()
         );
         for p in peers {

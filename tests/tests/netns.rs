@@ -10,9 +10,12 @@ use monitor_ebpf::{Counter, PROTO_TCP, PROTO_UDP, PeerStats};
 use natt_monitor::{
     ebpf::Verifier,
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
+    scope::{self, Scope},
 };
 use natt_monitor_tests::{
-    net::{ADDR_A, ADDR6_A, Cgroup, InjectStats, Injector, Lab, StreamResult, stream},
+    net::{
+        ADDR_A, ADDR6_A, Cgroup, InjectStats, Injector, Lab, StreamResult, stream, stream_between,
+    },
     skip_unless_root,
 };
 
@@ -28,7 +31,7 @@ struct Run {
 fn run(peer: &str, mode: Mode, every: u32, mtu: u32, bytes: u64, v6: bool) -> Run {
     let lab = Lab::new(mtu);
     let cg = Cgroup::new();
-    let mut v = Verifier::load().expect("load verifier");
+    let mut v = Verifier::load(&Scope::Address).expect("load verifier");
     v.set_peers(&PeerTable::new(vec![PeerSpec::new(parse_cidr(peer).unwrap(), mode)]).unwrap())
         .unwrap();
     v.attach(&cg.path).expect("attach to test cgroup");
@@ -195,4 +198,76 @@ fn an_unconfigured_peer_is_left_alone() {
     );
     // Without a verifier in scope, the emulated NAT-T path hands the corruption to the app.
     assert_eq!(r.stream.differing, r.inject.corrupted);
+}
+
+/// Partial checksums (veth with the sender's tx offload on, as it is by default, and loopback)
+/// and plaintext are never mismatches and never dropped, in either scope, with enforce-mode
+/// peers that cover both the veth peer and loopback. SA scope runs attached at the cgroup2
+/// root, as users run it.
+#[test]
+fn partial_checksums_and_plaintext_are_never_mismatches() {
+    if skip_unless_root("partial_checksums_and_plaintext_are_never_mismatches") {
+        return;
+    }
+    let mut scopes = vec![Scope::Address];
+    match scope::layout_from(&std::path::Path::new("/sys").join(scope::VMLINUX_BTF)) {
+        Ok(l) => scopes.push(Scope::Sa(l)),
+        Err(e) => eprintln!("sa scope not tested: {e}"),
+    }
+    let peer = env!("CARGO_BIN_EXE_natt-peer");
+    for s in scopes {
+        let lab = Lab::with_default_offloads(1500);
+        let cg = Cgroup::new();
+        let mut v = Verifier::load(&s).expect("load verifier");
+        v.set_peers(
+            &PeerTable::new(vec![
+                PeerSpec::new(parse_cidr(ADDR_A).unwrap(), Mode::Enforce),
+                PeerSpec::new(parse_cidr("127.0.0.0/8").unwrap(), Mode::Enforce),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let root = natt_monitor::cgroup::cgroup2_mount().expect("cgroup2 mount");
+        v.attach(if matches!(s, Scope::Sa(_)) {
+            &root
+        } else {
+            &cg.path
+        })
+        .expect("attach");
+        let over_veth = stream(peer, &lab, &cg.path, 2 * MB, false);
+        let over_lo = stream_between(peer, &lab.b, &lab.b, "127.0.0.1:5003", &cg.path, 2 * MB);
+        let c = v.counters().unwrap();
+        let stats = [v.peer_stats(0).unwrap(), v.peer_stats(1).unwrap()];
+        drop(v);
+        eprintln!(
+            "{} scope: veth {over_veth:?}, loopback {over_lo:?}, peers {stats:?}, partial_checksum={} aggregated={} not_ipsec={}",
+            s.as_str(),
+            c.get(Counter::SkipPartialChecksum),
+            c.get(Counter::SkipAggregated),
+            c.get(Counter::SkipNotIpsec)
+        );
+        let whole = StreamResult {
+            received: 2 * MB,
+            differing: 0,
+        };
+        assert_eq!(over_veth, whole, "{} scope, veth", s.as_str());
+        assert_eq!(over_lo, whole, "{} scope, loopback", s.as_str());
+        for st in &stats {
+            assert_eq!(st.mismatches, [0, 0], "{} scope: {stats:?}", s.as_str());
+            assert_eq!(st.drops, [0, 0], "{} scope: {stats:?}", s.as_str());
+        }
+        match s {
+            // Address scope recognises the partial checksums: nothing verified, all exempt.
+            Scope::Address => {
+                assert_eq!(stats[0].verified_packets, [0, 0], "{stats:?}");
+                assert!(c.get(Counter::SkipPartialChecksum) > 0);
+            }
+            // SA scope never looks: no segment came through an SA.
+            Scope::Sa(_) => {
+                assert_eq!(c.get(Counter::SkipPartialChecksum), 0);
+                assert_eq!(stats[0].verified_packets, [0, 0], "{stats:?}");
+                assert!(c.get(Counter::SkipNotIpsec) > 0);
+            }
+        }
+    }
 }

@@ -76,6 +76,9 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
                 ADDR_A,
                 "--mode",
                 "observe",
+                // Emulated NAT-T has no sec_path on this kernel: the address-scope fallback.
+                "--scope",
+                "address",
                 "--cgroup",
                 cg.path.to_str().unwrap(),
             ])

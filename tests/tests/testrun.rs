@@ -6,11 +6,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use monitor_ebpf::{COUNTER_SLOTS, Counter, PROTO_TCP, PROTO_UDP, PeerStats};
+use monitor_ebpf::{COUNTER_SLOTS, Counter, PROTO_TCP, PROTO_UDP, PeerStats, SaKey, csum};
 use natt_monitor::{
     ebpf::{Counters, Verifier},
     events::Mismatch,
     peers::{Mode, NatAddresses, PeerSpec, PeerTable, parse_cidr},
+    scope::{self, Scope},
 };
 use natt_monitor_tests::{
     packets::{ETH, L4, l4_offset, payload, v4, v6, with_ipv4_options, with_ipv6_ext},
@@ -119,6 +120,9 @@ static PLACEHOLDER: std::sync::LazyLock<Mismatch> = std::sync::LazyLock::new(|| 
     dropped: false,
     learning: false,
     residual: 0,
+    spi: 0,
+    reqid: 0,
+    ifindex: 0,
     payload: Vec::new(),
 });
 
@@ -128,8 +132,14 @@ struct Harness {
 }
 
 impl Harness {
+    /// Test-run frames carry no `sec_path`, so the verification core is exercised under
+    /// address scope; `sa_scope_leaves_out_everything_without_a_sec_path` covers the other.
     fn new() -> Self {
-        let mut v = Verifier::load().expect("load verifier");
+        Self::with_scope(&Scope::Address)
+    }
+
+    fn with_scope(scope: &Scope) -> Self {
+        let mut v = Verifier::load(scope).expect("load verifier");
         v.set_peers(&table()).expect("fill peers");
         let ring = v.take_events().expect("event ring");
         Self { v, ring }
@@ -363,7 +373,7 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
             p
         })
         .collect();
-    let mut learning = configured.reconcile(specs).unwrap();
+    let learning = configured.reconcile(specs).unwrap();
     h.v.set_peers(&learning).unwrap();
     let mut f = v4(V4_NAT_ORIG, V4_NAT_ORIG_DST, L4::Tcp, &payload(900));
     f[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
@@ -385,9 +395,13 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         // corrupted one leaves another.
         assert_eq!(ev.residual == want, intact, "{ev:?}");
     }
-    // Once userspace installs the learned residual, the peer is verified and enforced.
-    assert!(learning.set_learned(P_V4_NAT as u32, want));
-    h.v.set_peers(&learning).unwrap();
+    // Once userspace installs the learned residual (address scope: SA 0 of the peer), the
+    // peer is verified and enforced.
+    let key = SaKey {
+        spi: 0,
+        peer_id: P_V4_NAT as u32,
+    };
+    h.v.set_sa_residual(key, want).unwrap();
     assert_eq!(
         h.run(&f),
         Outcome::verified(P_V4_NAT, PROTO_TCP, l4_len(&f))
@@ -502,13 +516,23 @@ fn skips_are_counted_by_reason() {
         Outcome::skipped(Counter::SkipUnsupportedExtensionHeader),
         "AH"
     );
+    // BIG TCP shapes: an IPv6 payload length of 0 and an IPv4 total length of 0 mean an
+    // aggregate past 64 KiB, whose segments' checksums are gone.
     let mut f = v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(8));
     f[ETH + 4] = 0;
     f[ETH + 5] = 0;
     assert_eq!(
         h.run(&f),
-        Outcome::skipped(Counter::SkipUnsupportedExtensionHeader),
-        "jumbo"
+        Outcome::skipped(Counter::SkipAggregated),
+        "ipv6 big tcp"
+    );
+    let mut f = tcp.clone();
+    f[ETH + 2] = 0;
+    f[ETH + 3] = 0;
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipAggregated),
+        "ipv4 big tcp"
     );
 
     // Malformed: IHL < 5, TCP data offset < 5 or past the segment, UDP length wrong.
@@ -590,7 +614,7 @@ fn a_full_ring_buffer_counts_lost_events_and_never_blocks() {
     if skip_unless_root("a_full_ring_buffer_counts_lost_events_and_never_blocks") {
         return;
     }
-    let mut v = Verifier::load().expect("load verifier");
+    let mut v = Verifier::load(&Scope::Address).expect("load verifier");
     v.set_peers(&table()).unwrap();
     let mut ring = v.take_events().unwrap();
     let mut f = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(200));
@@ -623,4 +647,97 @@ fn a_full_ring_buffer_counts_lost_events_and_never_blocks() {
         u64::from(N),
         "every mismatch is either delivered or counted lost"
     );
+}
+
+/// The checksum field of `frame` rewritten to what a `CHECKSUM_PARTIAL` sender leaves there:
+/// the folded pseudo-header sum alone.
+fn as_partial(mut frame: Vec<u8>, field_at: usize) -> Vec<u8> {
+    let off = l4_offset(&frame);
+    let l4 = (frame.len() - off) as u32;
+    let v6 = frame[ETH] >> 4 == 6;
+    let (addrs, proto) = if v6 {
+        let a: [u8; 16] = frame[ETH + 8..ETH + 24].try_into().unwrap();
+        let b: [u8; 16] = frame[ETH + 24..ETH + 40].try_into().unwrap();
+        (csum::addr6_sum(a) + csum::addr6_sum(b), frame[ETH + 6])
+    } else {
+        let a: [u8; 4] = frame[ETH + 12..ETH + 16].try_into().unwrap();
+        let b: [u8; 4] = frame[ETH + 16..ETH + 20].try_into().unwrap();
+        (csum::addr4_sum(a) + csum::addr4_sum(b), frame[ETH + 9])
+    };
+    let field = csum::partial_field(addrs + csum::proto_len_sum(proto, l4));
+    frame[off + field_at..off + field_at + 2].copy_from_slice(&field.to_be_bytes());
+    frame
+}
+
+#[test]
+fn address_scope_leaves_out_ike_ports_and_partial_checksums() {
+    if skip_unless_root("address_scope_leaves_out_ike_ports_and_partial_checksums") {
+        return;
+    }
+    let mut h = Harness::new();
+    // IKE and NAT-T keepalives from a peer arrive in the clear: never a mismatch, even from a
+    // NAT peer whose residual is not 0, and even when the checksum is wrong.
+    for port in [500u16, 4500] {
+        for (dir, at) in [("to", 2), ("from", 0)] {
+            let mut f = v4(V4_NAT_SEEN, LOCAL4, L4::Udp, &payload(60));
+            let off = l4_offset(&f);
+            f[off + at..off + at + 2].copy_from_slice(&port.to_be_bytes());
+            assert_eq!(
+                h.run(&f),
+                Outcome::skipped(Counter::SkipIke),
+                "udp {dir} port {port}"
+            );
+        }
+    }
+    // TCP to port 4500 (ESP-in-TCP is another matter: its segments are decapsulated) is not
+    // exempt: a bad checksum from an observe peer is a mismatch.
+    let mut f = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(60));
+    let off = l4_offset(&f);
+    f[off + 2..off + 4].copy_from_slice(&4500u16.to_be_bytes());
+    assert_eq!(h.run(&f), Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false));
+    // CHECKSUM_PARTIAL segments (loopback, veth with tx offload) hold only the pseudo-header
+    // sum: not verifiable, never dropped, even from an enforce peer.
+    for (frame, at, what) in [
+        (v4(V4_ENFORCE, LOCAL4, L4::Tcp, &payload(300)), 16, "v4 tcp"),
+        (v4(V4_ENFORCE, LOCAL4, L4::Udp, &payload(301)), 6, "v4 udp"),
+        (v6(V6_ENFORCE, LOCAL6, L4::Tcp, &payload(0)), 16, "v6 tcp"),
+        (v6(V6_ENFORCE, LOCAL6, L4::Udp, &payload(77)), 6, "v6 udp"),
+    ] {
+        assert_eq!(
+            h.run(&as_partial(frame, at)),
+            Outcome::skipped(Counter::SkipPartialChecksum),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn sa_scope_leaves_out_everything_without_a_sec_path() {
+    if skip_unless_root("sa_scope_leaves_out_everything_without_a_sec_path") {
+        return;
+    }
+    let btf = std::path::Path::new("/sys").join(scope::VMLINUX_BTF);
+    let layout = match scope::layout_from(&btf) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skipped sa_scope_leaves_out_everything_without_a_sec_path: {e}");
+            return;
+        }
+    };
+    let mut h = Harness::with_scope(&Scope::Sa(layout));
+    // Test-run skbs are built from plain bytes, with no IPsec state: whatever they hold, and
+    // whoever sent them, they are out of scope. Intact, corrupt, partial, from an enforce peer.
+    let clean = v4(V4_ENFORCE, LOCAL4, L4::Tcp, &payload(500));
+    let mut bad = clean.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    for (f, what) in [
+        (clean.clone(), "intact"),
+        (bad, "corrupt"),
+        (as_partial(clean, 16), "partial"),
+        (v6(V6_ENFORCE, LOCAL6, L4::Udp, &payload(9)), "v6 udp"),
+        (v4(V4_OUT_OF_SCOPE, LOCAL4, L4::Tcp, &payload(9)), "no peer"),
+    ] {
+        assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipNotIpsec), "{what}");
+    }
 }

@@ -8,8 +8,11 @@
 //! plaintext after xfrm, which tc and XDP cannot. Returning 0 drops the segment; TCP then
 //! retransmits it because it was never acknowledged.
 //!
-//! Scope comes from userspace (LPM tries keyed by source address), because a `cgroup_skb` program
-//! can see neither `ip_summed` nor the secpath.
+//! Scope comes from each segment's own IPsec state: the program reads the skb's `sec_path` (the
+//! context pointer *is* the kernel's `struct sk_buff`) at offsets the daemon took from the
+//! kernel's BTF, and verifies exactly the segments that a transport-mode SA with UDP/TCP
+//! encapsulation decapsulated. Without BTF it falls back to scope by source address (LPM tries
+//! filled by userspace) with exemptions for IKE ports and partial checksums.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -28,25 +31,51 @@ mod prog {
     use core::{ffi::c_void, ptr::read_volatile};
 
     use aya_ebpf::{
-        EbpfContext as _,
+        EbpfContext as _, Global,
         bindings::__sk_buff,
-        helpers::generated::{bpf_loop, bpf_skb_load_bytes},
+        helpers::{
+            bpf_probe_read_kernel,
+            generated::{bpf_loop, bpf_skb_load_bytes},
+        },
         macros::{cgroup_skb, map},
-        maps::{LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+        maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::SkBuffContext,
     };
     use aya_log_ebpf::warn;
     use monitor_ebpf::{
         ACTION_DROPPED, ACTION_LEARNING, ACTION_PASSED, COUNTER_SLOTS, Counter, EVENT_PAYLOAD_LEN,
-        EVENT_RING_BYTES, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS, MODE_ENFORCE,
-        MismatchEvent, PEER_FLAG_LEARN, PROTO_TCP, PROTO_UDP, PeerKeyV4, PeerKeyV6, PeerStats,
-        PeerValue, csum,
+        EVENT_RING_BYTES, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS,
+        MAX_SA_RESIDUALS, MODE_ENFORCE, MismatchEvent, PEER_FLAG_LEARN, PROTO_TCP, PROTO_UDP,
+        PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaValue, SecpathLayout, XFRM_MAX_DEPTH,
+        XFRM_MODE_TRANSPORT, csum,
     };
+
+    /// Where this kernel keeps the `sec_path`; set by the loader from BTF. All zero: address
+    /// scope. The map behind it is frozen, so the verifier sees constants and prunes the scope
+    /// that is not in use.
+    #[unsafe(no_mangle)]
+    static SECPATH: Global<SecpathLayout> = Global::new(SecpathLayout {
+        enabled: 0,
+        skb_active_extensions: 0,
+        sec_path_bit: 0,
+        skb_extensions: 0,
+        ext_sec_path_offset: 0,
+        sp_len: 0,
+        sp_len_size: 0,
+        sp_xvec: 0,
+        x_encap: 0,
+        x_mode: 0,
+        x_spi: 0,
+        x_reqid: 0,
+    });
 
     #[map]
     static PEERS_V4: LpmTrie<PeerKeyV4, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
     #[map]
     static PEERS_V6: LpmTrie<PeerKeyV6, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+    /// Learned NAT residuals per (SA, peer). Userspace is the only writer.
+    #[map]
+    static SA_RESIDUALS: HashMap<SaKey, SaValue> = HashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
     #[map]
     static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
     #[map]
@@ -65,6 +94,8 @@ mod prog {
     const MAX_EXT_HEADERS: usize = 6;
     const ETH_P_IP: u16 = 0x0800;
     const ETH_P_IPV6: u16 = 0x86dd;
+    const IKE_PORT: u16 = 500;
+    const NATT_PORT: u16 = 4500;
 
     #[derive(Clone, Copy)]
     #[repr(u8)]
@@ -117,11 +148,38 @@ mod prog {
         unsafe { &*ctx.as_ptr().cast::<__sk_buff>() }
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one pass over the headers, in packet order"
-    )]
+    /// The SA that decapsulated a segment: the innermost state of its `sec_path`.
+    #[derive(Clone, Copy)]
+    struct Sa {
+        /// Network byte order, as the kernel keeps it; 0 under address scope.
+        spi: u32,
+        reqid: u32,
+    }
+
+    /// What the L4 header says.
+    struct L4 {
+        /// Segment length (UDP: its own length field, which `udp_rcv` trimmed the skb to).
+        len: u32,
+        hdr_len: u32,
+        field: u16,
+        seq: u32,
+        sport: u16,
+        dport: u16,
+    }
+
     fn try_verify(ctx: &SkBuffContext) -> Result<Verdict, Counter> {
+        let layout = SECPATH.load();
+        // SA scope dismisses everything that did not come through a NAT-T transport SA before
+        // touching a header: one read of `active_extensions` for ordinary traffic.
+        let sa = if layout.enabled != 0 {
+            ipsec_state(ctx, &layout)?
+        } else {
+            Sa { spi: 0, reqid: 0 }
+        };
+        if skb(ctx).gso_segs > 1 {
+            // GRO merged several segments behind one header: their checksums are gone.
+            return Err(Counter::SkipAggregated);
+        }
         let proto = skb(ctx).protocol;
         let l3 = if proto == u32::from(ETH_P_IP.to_be()) {
             parse_v4(ctx)?
@@ -130,38 +188,177 @@ mod prog {
         } else {
             return Err(Counter::SkipOtherProtocol);
         };
-        if skb(ctx).gso_segs > 1 {
-            // GRO merged several segments behind one header: their checksums are gone.
-            return Err(Counter::SkipAggregated);
+        let l4 = parse_l4(ctx, &l3)?;
+        let pseudo = l3.addr_sum + csum::proto_len_sum(l3.proto, l4.len);
+        if layout.enabled == 0 {
+            address_scope_exemptions(&l3, &l4, pseudo)?;
         }
-        let skb_len = ctx.len();
-        let l4_off = l3.l4_off;
-        // L4 header facts: (segment length, header length, checksum field, seq, ports).
-        let (l4_len, hdr_len, field, seq, sport, dport) = if l3.proto == IPPROTO_TCP {
+
+        let Some(data) = sum_range(ctx.as_ptr().cast(), l3.l4_off, l4.len) else {
+            // The headers said the segment was whole, yet a chunk could not be read: worth a
+            // line in the daemon's log (bridged from aya-log), not only a counter.
+            warn!(
+                ctx,
+                "segment of {} bytes at offset {} could not be read whole", l4.len, l3.l4_off
+            );
+            return Err(Counter::SkipTruncated);
+        };
+        let residual = csum::residual(pseudo + data);
+        let peer = l3.peer;
+        let p = if l3.proto == IPPROTO_TCP {
+            PROTO_TCP
+        } else {
+            PROTO_UDP
+        };
+        let expected = if peer.flags & PEER_FLAG_LEARN == 0 {
+            Some(peer.expected_residual)
+        } else {
+            let key = SaKey {
+                spi: sa.spi,
+                peer_id: peer.id,
+            };
+            // SAFETY: the value is copied out at once; userspace may replace it concurrently,
+            // and either version is a valid residual.
+            unsafe { SA_RESIDUALS.get(&key) }.map(|v| v.expected_residual)
+        };
+        let action = match expected {
+            None => {
+                // The residual of this SA is not known yet: report what this segment left and
+                // pass it, neither verified nor a mismatch.
+                count(peer.id, |s| s.learning[p] += 1);
+                ACTION_LEARNING
+            }
+            Some(e) if e == residual => {
+                count(peer.id, |s| {
+                    s.verified_packets[p] += 1;
+                    s.verified_bytes[p] += u64::from(l4.len);
+                });
+                return Ok(Verdict::Pass);
+            }
+            Some(_) if peer.mode == MODE_ENFORCE => {
+                count(peer.id, |s| {
+                    s.mismatches[p] += 1;
+                    s.drops[p] += 1;
+                });
+                ACTION_DROPPED
+            }
+            Some(_) => {
+                count(peer.id, |s| s.mismatches[p] += 1);
+                ACTION_PASSED
+            }
+        };
+        emit(
+            ctx,
+            &l3,
+            &l4,
+            &Mismatch {
+                sa,
+                residual,
+                expected: expected.unwrap_or(0),
+                action,
+            },
+        );
+        Ok(if action == ACTION_DROPPED {
+            Verdict::Drop
+        } else {
+            Verdict::Pass
+        })
+    }
+
+    /// The one place per-peer statistics change.
+    #[inline(always)]
+    fn count(id: u32, f: impl FnOnce(&mut PeerStats)) {
+        if let Some(s) = PEER_STATS.get_ptr_mut(id) {
+            // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
+            f(unsafe { &mut *s });
+        }
+    }
+
+    /// Reads `T` from kernel memory at `addr`.
+    #[inline(always)]
+    fn kread<T>(addr: u64) -> Result<T, Counter> {
+        // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly.
+        unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| Counter::SkipNotIpsec)
+    }
+
+    /// The SA that decapsulated this segment, if its checksum is one the kernel skipped: the
+    /// innermost `xfrm_state` of the skb's `sec_path` is in transport mode with an
+    /// encapsulation template (ESP in UDP or TCP). `esp_input_done2` (net/ipv4/esp4.c,
+    /// net/ipv6/esp6.c) marks exactly those `CHECKSUM_UNNECESSARY`.
+    #[inline(always)]
+    fn ipsec_state(ctx: &SkBuffContext, l: &SecpathLayout) -> Result<Sa, Counter> {
+        let skb = ctx.as_ptr() as u64;
+        let active: u8 = kread(skb + u64::from(l.skb_active_extensions))?;
+        if u32::from(active) & l.sec_path_bit == 0 {
+            return Err(Counter::SkipNotIpsec);
+        }
+        let ext: u64 = kread(skb + u64::from(l.skb_extensions))?;
+        let off: u8 = kread(ext + u64::from(l.ext_sec_path_offset))?;
+        let sp = ext + (u64::from(off) << 3);
+        let len = if l.sp_len_size == 1 {
+            u32::from(kread::<u8>(sp + u64::from(l.sp_len))?)
+        } else {
+            kread::<u32>(sp + u64::from(l.sp_len))?
+        };
+        if len == 0 || len > XFRM_MAX_DEPTH {
+            return Err(Counter::SkipNotIpsec);
+        }
+        let x: u64 = kread(sp + u64::from(l.sp_xvec) + u64::from(len - 1) * 8)?;
+        let encap: u64 = kread(x + u64::from(l.x_encap))?;
+        let mode: u8 = kread(x + u64::from(l.x_mode))?;
+        if encap == 0 || mode != XFRM_MODE_TRANSPORT {
+            return Err(Counter::SkipIpsecCheckedByKernel);
+        }
+        Ok(Sa {
+            spi: kread(x + u64::from(l.x_spi))?,
+            reqid: kread(x + u64::from(l.x_reqid))?,
+        })
+    }
+
+    /// Address scope cannot tell which segments the kernel skipped, so it leaves out the two
+    /// kinds that are certainly plaintext with an ordinary or partial checksum.
+    #[inline(always)]
+    fn address_scope_exemptions(l3: &L3, l4: &L4, pseudo: u64) -> Result<(), Counter> {
+        if l3.proto == IPPROTO_UDP
+            && (matches!(l4.sport, IKE_PORT | NATT_PORT)
+                || matches!(l4.dport, IKE_PORT | NATT_PORT))
+        {
+            return Err(Counter::SkipIke);
+        }
+        if csum::normalize(l4.field) == csum::partial_field(pseudo) {
+            return Err(Counter::SkipPartialChecksum);
+        }
+        Ok(())
+    }
+
+    /// The TCP or UDP header, checked against the lengths the IP header gave.
+    #[inline(always)]
+    fn parse_l4(ctx: &SkBuffContext, l3: &L3) -> Result<L4, Counter> {
+        let l4 = if l3.proto == IPPROTO_TCP {
             if l3.l4_len < 20 {
                 return Err(Counter::SkipMalformed);
             }
             let th: [u8; 20] = ctx
-                .load(l4_off as usize)
+                .load(l3.l4_off as usize)
                 .map_err(|_| Counter::SkipTruncated)?;
             let doff = u32::from(th[12] >> 4) * 4;
             if doff < 20 || doff > l3.l4_len {
                 return Err(Counter::SkipMalformed);
             }
-            (
-                l3.l4_len,
-                doff,
-                u16::from_be_bytes([th[16], th[17]]),
-                u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
-                u16::from_be_bytes([th[0], th[1]]),
-                u16::from_be_bytes([th[2], th[3]]),
-            )
+            L4 {
+                len: l3.l4_len,
+                hdr_len: doff,
+                field: u16::from_be_bytes([th[16], th[17]]),
+                seq: u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
+                sport: u16::from_be_bytes([th[0], th[1]]),
+                dport: u16::from_be_bytes([th[2], th[3]]),
+            }
         } else {
             if l3.l4_len < 8 {
                 return Err(Counter::SkipMalformed);
             }
             let uh: [u8; 8] = ctx
-                .load(l4_off as usize)
+                .load(l3.l4_off as usize)
                 .map_err(|_| Counter::SkipTruncated)?;
             let ulen = u32::from(u16::from_be_bytes([uh[4], uh[5]]));
             // udp_rcv trims the skb to the UDP length before the socket filter runs, so the
@@ -173,108 +370,19 @@ mod prog {
             if field == 0 {
                 return Err(Counter::SkipUdpChecksumZero);
             }
-            (
-                ulen,
-                8,
+            L4 {
+                len: ulen,
+                hdr_len: 8,
                 field,
-                0,
-                u16::from_be_bytes([uh[0], uh[1]]),
-                u16::from_be_bytes([uh[2], uh[3]]),
-            )
+                seq: 0,
+                sport: u16::from_be_bytes([uh[0], uh[1]]),
+                dport: u16::from_be_bytes([uh[2], uh[3]]),
+            }
         };
-        if l4_off + l4_len > skb_len {
+        if l3.l4_off + l4.len > ctx.len() {
             return Err(Counter::SkipTruncated);
         }
-
-        let Some(data) = sum_range(ctx.as_ptr().cast(), l4_off, l4_len) else {
-            // The headers said the segment was whole, yet a chunk could not be read: worth a
-            // line in the daemon's log (bridged from aya-log), not only a counter.
-            warn!(
-                ctx,
-                "segment of {} bytes at offset {} could not be read whole", l4_len, l4_off
-            );
-            return Err(Counter::SkipTruncated);
-        };
-        let acc = l3.addr_sum + csum::proto_len_sum(l3.proto, l4_len) + data;
-        let residual = csum::residual(acc);
-        let peer = l3.peer;
-        let p = if l3.proto == IPPROTO_TCP {
-            PROTO_TCP
-        } else {
-            PROTO_UDP
-        };
-        let stats = PEER_STATS.get_ptr_mut(peer.id);
-        if peer.flags & PEER_FLAG_LEARN != 0 {
-            // The residual is not known yet: report what this segment left and pass it,
-            // neither verified nor a mismatch.
-            if let Some(s) = stats {
-                // SAFETY: per-CPU slot, no re-entry on this CPU.
-                unsafe {
-                    (*s).learning[p] += 1;
-                }
-            }
-            emit(
-                ctx,
-                &l3,
-                &Mismatch {
-                    l4_len,
-                    seq,
-                    sport,
-                    dport,
-                    field,
-                    residual,
-                    action: ACTION_LEARNING,
-                    payload_off: l4_off + hdr_len,
-                    payload_len: 0,
-                },
-            );
-            return Ok(Verdict::Pass);
-        }
-        if residual == peer.expected_residual {
-            if let Some(s) = stats {
-                // SAFETY: per-CPU slot, no re-entry on this CPU.
-                unsafe {
-                    (*s).verified_packets[p] += 1;
-                    (*s).verified_bytes[p] += u64::from(l4_len);
-                }
-            }
-            return Ok(Verdict::Pass);
-        }
-
-        let enforce = peer.mode == MODE_ENFORCE;
-        if let Some(s) = stats {
-            // SAFETY: per-CPU slot, no re-entry on this CPU.
-            unsafe {
-                (*s).mismatches[p] += 1;
-                if enforce {
-                    (*s).drops[p] += 1;
-                }
-            }
-        }
-        emit(
-            ctx,
-            &l3,
-            &Mismatch {
-                l4_len,
-                seq,
-                sport,
-                dport,
-                field,
-                residual,
-                action: if enforce {
-                    ACTION_DROPPED
-                } else {
-                    ACTION_PASSED
-                },
-                payload_off: l4_off + hdr_len,
-                payload_len: l4_len - hdr_len,
-            },
-        );
-        Ok(if enforce {
-            Verdict::Drop
-        } else {
-            Verdict::Pass
-        })
+        Ok(l4)
     }
 
     #[inline(always)]
@@ -290,6 +398,10 @@ mod prog {
         }
         let ihl = u32::from(ip[0] & 0x0f) * 4;
         let tot_len = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if tot_len == 0 {
+            // BIG TCP: an aggregate over 64 KiB carries its length in the skb alone.
+            return Err(Counter::SkipAggregated);
+        }
         if ihl < 20 || tot_len < ihl {
             return Err(Counter::SkipMalformed);
         }
@@ -332,8 +444,9 @@ mod prog {
         }
         let payload_len = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
         if payload_len == 0 {
-            // A jumbogram (RFC 2675) carries its length in a hop-by-hop option.
-            return Err(Counter::SkipUnsupportedExtensionHeader);
+            // BIG TCP (and RFC 2675 jumbograms): an aggregate over 64 KiB; its length is in the
+            // skb (or a hop-by-hop option), and its segments' checksums are gone.
+            return Err(Counter::SkipAggregated);
         }
         let end = 40 + payload_len;
         let mut next = ip[6];
@@ -543,54 +656,52 @@ mod prog {
     }
 
     struct Mismatch {
-        l4_len: u32,
-        seq: u32,
-        sport: u16,
-        dport: u16,
-        field: u16,
+        sa: Sa,
         residual: u16,
+        expected: u16,
         action: u8,
-        payload_off: u32,
-        payload_len: u32,
     }
 
     #[inline(always)]
-    fn emit(ctx: &SkBuffContext, l3: &L3, m: &Mismatch) {
+    fn emit(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
         let Some(mut entry) = EVENTS.reserve::<MismatchEvent>(0) else {
             bump(Counter::EventsLost);
             return;
         };
         let ev = entry.as_mut_ptr();
-        let expected = l3.peer.expected_residual;
         // SAFETY: `ev` is an exclusive, aligned ring-buffer reservation of the event's size.
         unsafe {
             (*ev).peer_id = l3.peer.id;
-            (*ev).l4_len = m.l4_len;
-            (*ev).seq = m.seq;
+            (*ev).l4_len = l4.len;
+            (*ev).seq = l4.seq;
             (*ev).family = l3.family;
             (*ev).proto = l3.proto;
             (*ev).action = m.action;
-            (*ev).sport = m.sport;
-            (*ev).dport = m.dport;
-            (*ev).csum_found = m.field;
+            (*ev).sport = l4.sport;
+            (*ev).dport = l4.dport;
+            (*ev).csum_found = l4.field;
             (*ev).csum_expected =
-                csum::expected_field(m.field, m.residual, expected, l3.proto == IPPROTO_UDP);
+                csum::expected_field(l4.field, m.residual, m.expected, l3.proto == IPPROTO_UDP);
             (*ev).residual = m.residual;
-            (*ev).expected_residual = expected;
+            (*ev).expected_residual = m.expected;
+            (*ev).spi = m.sa.spi;
+            (*ev).reqid = m.sa.reqid;
+            (*ev).ifindex = skb(ctx).ingress_ifindex;
             (*ev).src = l3.src;
             (*ev).dst = l3.dst;
             (*ev).payload = [0; EVENT_PAYLOAD_LEN];
             (*ev).payload_len = 0;
-            if m.payload_len > 0 {
-                let want = if m.payload_len < EVENT_PAYLOAD_LEN as u32 {
-                    m.payload_len
+            let payload_len = l4.len - l4.hdr_len;
+            if m.action != ACTION_LEARNING && payload_len > 0 {
+                let want = if payload_len < EVENT_PAYLOAD_LEN as u32 {
+                    payload_len
                 } else {
                     EVENT_PAYLOAD_LEN as u32
                 };
                 let n = ((want - 1) & (EVENT_PAYLOAD_LEN as u32 - 1)) + 1;
                 if load_into(
                     ctx.as_ptr().cast(),
-                    m.payload_off,
+                    l3.l4_off + l4.hdr_len,
                     (*ev).payload.as_mut_ptr(),
                     n,
                 ) {

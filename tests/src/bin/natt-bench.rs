@@ -38,6 +38,7 @@ use aya::{
 use natt_monitor::{
     ebpf::{TESTBED_OBJ, Verifier},
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
+    scope::Scope,
 };
 use natt_monitor_tests::{
     http_get, monitor_bin,
@@ -179,7 +180,7 @@ where
 }
 
 fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
-    let mut v = Verifier::load().context("loading the verifier")?;
+    let mut v = Verifier::load(&Scope::Address).context("loading the verifier")?;
     let peer = PeerSpec::new(parse_cidr("192.0.2.10")?, Mode::Observe);
     v.set_peers(&PeerTable::new(vec![peer])?)?;
     let mut tb = EbpfLoader::new()
@@ -380,7 +381,7 @@ fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughput> {
             let verifier = if matches!(setting, Setting::Off | Setting::Noop) {
                 None
             } else {
-                let mut v = Verifier::load()?;
+                let mut v = Verifier::load(&Scope::Address)?;
                 let mode = if setting == Setting::Enforce {
                     Mode::Enforce
                 } else {
@@ -607,7 +608,10 @@ fn start_daemon(cgroup: &Path) -> Result<(Daemon, Duration)> {
         .port();
     let t0 = Instant::now();
     let child = Command::new(monitor_bin())
-        .args(["run", "--peer", ADDR_A, "--mode", "observe", "--cgroup"])
+        .args([
+            "run", "--peer", ADDR_A, "--mode", "observe", "--scope", "address",
+        ])
+        .arg("--cgroup")
         .arg(cgroup)
         .args([
             "--listen",

@@ -121,18 +121,20 @@ pub enum Counter {
     /// SA scope: it came through IPsec, but not through a transport-mode SA with UDP/TCP
     /// encapsulation (plain ESP, tunnel mode), after which the kernel does check the checksum.
     SkipIpsecCheckedByKernel = 9,
-    /// Address scope only: UDP to or from port 500 or 4500 (IKE, NAT-T keepalives), which
-    /// arrives in the clear with an ordinary checksum.
+    /// Address scope only: UDP or TCP to or from port 500 or 4500 (IKE, NAT-T keepalives, the
+    /// ESP-in-TCP stream itself), which arrives in the clear with an ordinary checksum.
     SkipIke = 10,
     /// Address scope only: the checksum field holds just the pseudo-header sum
     /// (`CHECKSUM_PARTIAL`: loopback, veth with tx offload), so there is nothing to verify.
     SkipPartialChecksum = 11,
     /// Mismatch events that did not fit in the ring buffer.
     EventsLost = 12,
+    /// `--capture`: mismatching packets that did not fit in the capture ring buffer.
+    CaptureLost = 13,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_SLOTS: u32 = Counter::EventsLost as u32 + 1;
+pub const COUNTER_SLOTS: u32 = Counter::CaptureLost as u32 + 1;
 
 /// Skip reasons in counter order, with the label value userspace exports for each.
 pub const SKIP_REASONS: [(Counter, &str); Counter::EventsLost as usize] = [
@@ -162,20 +164,53 @@ const _: () = {
     }
 };
 
-/// Largest number of (SA, peer) residuals the `SA_RESIDUALS` map holds: learned NAT residuals
-/// per inbound SA. A VPN concentrator's SAs fit; an insert beyond it is refused and counted by
-/// userspace.
+/// Bytes of each mismatching packet, from its IP header on, that `--capture` copies.
+pub const CAPTURE_SNAP: usize = 2048;
+
+/// Capture ring buffer size (bytes, a power of two and a multiple of the page size): about 500
+/// packets between two drains.
+pub const CAPTURE_RING_BYTES: u32 = 1 << 20;
+
+/// One mismatching packet for `--capture`, through the `CAPTURE` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureRecord {
+    /// Length of the whole packet from its IP header (`skb->len`).
+    pub len: u32,
+    /// Bytes of it in `data` (at most `CAPTURE_SNAP`).
+    pub caplen: u32,
+    /// Interface it arrived on.
+    pub ifindex: u32,
+    /// `ACTION_PASSED` or `ACTION_DROPPED`.
+    pub action: u8,
+    /// Padding, 0.
+    pub pad: [u8; 3],
+    /// The packet from its IP header on.
+    pub data: [u8; CAPTURE_SNAP],
+}
+
+/// Largest number of learned residuals the `SA_RESIDUALS` map holds. It is an LRU map: past
+/// this, the least recently used NAT mapping is forgotten (and learned again if it comes back).
 pub const MAX_SA_RESIDUALS: u32 = 16384;
 
-/// Key of `SA_RESIDUALS`: the SA that decapsulated a segment, and the peer whose statistics it
-/// counts into. Under address scope (no BTF) the SA is unknown and `spi` is 0, so there is one
-/// residual per peer.
+/// Key of `SA_RESIDUALS`: what fixes a NAT residual. The residual depends only on the addresses
+/// before and after the NAT, and the NAT mapping is named by the SA's outer addresses (in
+/// transport mode, the segment's own) and its encapsulation ports. Hosts behind one NAT address
+/// differ in the source port; an SA rekeyed through the same mapping keeps the same key, so it
+/// is verified from its first segment. Under address scope the ports are unknown (0): one
+/// residual per address pair.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SaKey {
-    /// The SA's SPI as the kernel stores it (network byte order); 0 under address scope.
-    pub spi: u32,
-    /// `PeerValue::id` of the peer that covers the segment's source address.
+    /// Source address as received; IPv4 uses the first four bytes.
+    pub src: [u8; 16],
+    /// Destination address as received; IPv4 uses the first four bytes.
+    pub dst: [u8; 16],
+    /// The SA's encapsulation source port (network byte order, as the kernel stores it).
+    pub encap_sport: u16,
+    /// The SA's encapsulation destination port (network byte order).
+    pub encap_dport: u16,
+    /// `PeerValue::id` of the peer that covers the source address.
     pub peer_id: u32,
 }
 
@@ -194,7 +229,8 @@ pub struct SaValue {
 /// chain is `sk_buff.active_extensions` (is a `sec_path` attached?) → `sk_buff.extensions` →
 /// `skb_ext.offset[SKB_EXT_SEC_PATH]` (in 8-byte units) → `sec_path.len` and `xvec[len - 1]`
 /// (the innermost state, the one that decapsulated the segment) → `xfrm_state.encap`,
-/// `props.mode`, `id.spi` and `props.reqid`. All zero (`enabled == 0`) selects address scope.
+/// `props.mode`, `id.spi` and `props.reqid`, and the encapsulation ports in `*encap`. All zero
+/// (`enabled == 0`) selects address scope.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SecpathLayout {
@@ -222,6 +258,8 @@ pub struct SecpathLayout {
     pub x_spi: u32,
     /// `offsetof(struct xfrm_state, props.reqid)` (a `u32`).
     pub x_reqid: u32,
+    /// `offsetof(struct xfrm_encap_tmpl, encap_sport)` (a `__be16`, `encap_dport` right after).
+    pub encap_sport: u32,
 }
 
 /// `XFRM_MAX_DEPTH`: the most states one `sec_path` holds.
@@ -272,6 +310,10 @@ pub struct MismatchEvent {
     pub residual: u16,
     /// Residual the peer's intact segments leave.
     pub expected_residual: u16,
+    /// The SA's encapsulation source port (network byte order); 0 under address scope.
+    pub encap_sport: u16,
+    /// The SA's encapsulation destination port (network byte order); 0 under address scope.
+    pub encap_dport: u16,
     /// SPI of the SA that decapsulated the segment (network byte order); 0 under address scope.
     pub spi: u32,
     /// `reqid` of that SA (host order); 0 under address scope.
@@ -288,12 +330,15 @@ pub struct MismatchEvent {
 
 // The verifier's error enum and the event must stay small: the event is copied into the ring
 // buffer in place, and the ABI is shared by two compilers.
-const _: () = assert!(size_of::<MismatchEvent>() == 104);
-const _: () = assert!(core::mem::offset_of!(MismatchEvent, spi) == 28);
-const _: () = assert!(core::mem::offset_of!(MismatchEvent, src) == 40);
-const _: () = assert!(core::mem::offset_of!(MismatchEvent, payload) == 72);
-const _: () = assert!(size_of::<SaKey>() == 8 && size_of::<SaValue>() == 4);
-const _: () = assert!(size_of::<SecpathLayout>() == 48);
+const _: () = assert!(size_of::<MismatchEvent>() == 108);
+const _: () = assert!(core::mem::offset_of!(MismatchEvent, spi) == 32);
+const _: () = assert!(core::mem::offset_of!(MismatchEvent, src) == 44);
+const _: () = assert!(core::mem::offset_of!(MismatchEvent, payload) == 76);
+const _: () = assert!(size_of::<SaKey>() == 40 && size_of::<SaValue>() == 4);
+const _: () = assert!(core::mem::offset_of!(SaKey, peer_id) == 36);
+const _: () = assert!(size_of::<SecpathLayout>() == 52);
+const _: () = assert!(size_of::<CaptureRecord>() == 16 + CAPTURE_SNAP);
+const _: () = assert!(core::mem::offset_of!(CaptureRecord, data) == 16);
 const _: () = assert!(size_of::<PeerValue>() == 8);
 const _: () = assert!(size_of::<PeerStats>() == 80);
 
@@ -313,4 +358,6 @@ mod user {
     unsafe impl aya::Pod for super::SaValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SecpathLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CaptureRecord {}
 }

@@ -110,6 +110,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub sys_path: Option<PathBuf>,
 
+    /// Write every mismatching packet (from its IP header, up to 2048 bytes) to this pcapng
+    /// file, which Wireshark and tshark open. Rate limited (bursts of 100, then 20 a second) and
+    /// bounded by --capture-max-bytes; what is left out is counted in
+    /// `natt_monitor_capture_packets_total`. The file is replaced at start.
+    #[arg(long, value_name = "FILE")]
+    pub capture: Option<PathBuf>,
+
+    /// Size limit of the --capture file, in bytes. [default: 67108864 (64 MiB)]
+    #[arg(long, value_name = "BYTES")]
+    pub capture_max_bytes: Option<u64>,
+
     /// Address for /metrics and /healthz. [default: 127.0.0.1:9874]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,

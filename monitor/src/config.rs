@@ -37,6 +37,10 @@ pub struct FileConfig {
     pub scope: Option<ScopeChoice>,
     /// sysfs root.
     pub sys_path: Option<PathBuf>,
+    /// pcapng file for mismatching packets.
+    pub capture: Option<PathBuf>,
+    /// Its size limit.
+    pub capture_max_bytes: Option<u64>,
     /// Log format.
     pub log_format: Option<LogFormat>,
     /// procfs root.
@@ -149,7 +153,20 @@ pub enum ConfigError {
         /// The file key.
         origin: String,
     },
+    /// A capture file too small to hold its headers and one whole packet.
+    #[error(
+        "{origin}: {value} bytes cannot hold one captured packet; use at least {MIN_CAPTURE_BYTES}"
+    )]
+    CaptureTooSmall {
+        /// The flag or file key.
+        origin: String,
+        /// The value given.
+        value: u64,
+    },
 }
+
+/// The smallest `--capture-max-bytes`: the file's headers and one packet at the snap length.
+pub const MIN_CAPTURE_BYTES: u64 = 4096;
 
 /// Everything `run` needs, resolved from flags and file, before anything touches the kernel.
 #[derive(Clone, Debug)]
@@ -173,6 +190,10 @@ pub struct Settings {
     pub sys_path: PathBuf,
     /// Scope.
     pub scope: ScopeChoice,
+    /// pcapng file for mismatching packets, if any.
+    pub capture: Option<PathBuf>,
+    /// Its size limit in bytes.
+    pub capture_max_bytes: u64,
     /// Log format.
     pub log_format: LogFormat,
     /// Mismatch log burst.
@@ -324,6 +345,20 @@ pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
         });
     }
     let log_per_second = file.log.mismatch_per_second.unwrap_or(LOG_PER_SECOND);
+    let capture_max_bytes = args
+        .capture_max_bytes
+        .or(file.capture_max_bytes)
+        .unwrap_or(crate::capture::DEFAULT_MAX_BYTES);
+    if capture_max_bytes < MIN_CAPTURE_BYTES {
+        return Err(ConfigError::CaptureTooSmall {
+            origin: if args.capture_max_bytes.is_some() {
+                "--capture-max-bytes".to_owned()
+            } else {
+                origin.key("--capture-max-bytes", "capture_max_bytes", false)
+            },
+            value: capture_max_bytes,
+        });
+    }
 
     Ok(Settings {
         cgroup,
@@ -339,6 +374,8 @@ pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
             .or(file.sys_path)
             .unwrap_or_else(|| PathBuf::from("/sys")),
         scope: args.scope.or(file.scope).unwrap_or_default(),
+        capture: args.capture.clone().or(file.capture),
+        capture_max_bytes,
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         log_burst,
         log_per_second,
@@ -450,6 +487,21 @@ mod tests {
                  (expected e.g. 192.0.2.7, 198.51.100.0/24 or 2001:db8::/64)",
                 p.display()
             )
+        );
+
+        let (p, a) = file("capture_max_bytes = 100\n[[peer]]\ncidr = \"192.0.2.1\"\n");
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            format!(
+                "--config {} key `capture_max_bytes`: 100 bytes cannot hold one captured packet; use at least 4096",
+                p.display()
+            )
+        );
+        assert_eq!(
+            resolve(&args(&["--peer", "192.0.2.1", "--capture-max-bytes", "0"]))
+                .unwrap_err()
+                .to_string(),
+            "--capture-max-bytes: 0 bytes cannot hold one captured packet; use at least 4096"
         );
 
         let (p, a) = file("listen = \"localhost\"\n[[peer]]\ncidr = \"192.0.2.1\"\n");

@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use monitor_ebpf::{PROTO_TCP, PROTO_UDP, SKIP_REASONS, SaKey};
+use monitor_ebpf::{PROTO_TCP, PROTO_UDP, SKIP_REASONS};
 use prometheus::IntCounter;
 use tokio::{
     io::unix::AsyncFd,
@@ -30,6 +30,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    capture::Capture,
     check,
     cli::{Discover, ScopeChoice},
     config::{ConfigError, Settings},
@@ -42,7 +43,7 @@ use crate::{
     residuals::Residuals,
     scope::{self, LayoutError, Scope},
     snmp,
-    xfrm::{self, Sa, Watch, XfrmError},
+    xfrm::{self, Watch, XfrmError},
 };
 
 /// Re-reads the peer list on SIGHUP (the configuration file and flags).
@@ -91,6 +92,9 @@ pub enum DaemonError {
     /// Loading, attaching or map access failed.
     #[error(transparent)]
     Ebpf(#[from] EbpfFailure),
+    /// The capture file could not be created.
+    #[error(transparent)]
+    Capture(#[from] crate::capture::CaptureError),
     /// Metrics could not be registered.
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -188,19 +192,17 @@ struct PeerState {
     statics: Vec<PeerSpec>,
     /// From the kernel's SAs (replaced on every change).
     discovered: Vec<PeerSpec>,
-    /// The inbound SAs whose segments the kernel does not check, from the last dump.
-    sas: Vec<Sa>,
-    /// Learned residuals per (SA, peer) and the learning rounds of the others.
+    /// Learned residuals per NAT mapping and the learning rounds of the others.
     residuals: Residuals,
     /// How segments are scoped.
     scope: Scope,
 }
 
 impl PeerState {
-    /// Under SA scope every peer without configured NAT addresses learns its residual per SA,
-    /// and a rekey (a new discovery generation) is no reason to forget anything: each SA
-    /// learns, or inherits, its own. Under address scope a static peer without NAT addresses
-    /// has residual 0 and a discovered one learns again when its SAs change.
+    /// Under SA scope every peer without configured NAT addresses learns its residual per NAT
+    /// mapping, and a rekey (a new discovery generation) is no reason to forget anything: the
+    /// mapping, and with it the residual, stays. Under address scope a static peer without NAT
+    /// addresses has residual 0 and a discovered one learns again when its SAs change.
     fn scoped(scope: Scope, mut specs: Vec<PeerSpec>) -> Vec<PeerSpec> {
         if matches!(scope, Scope::Sa(_)) {
             for p in &mut specs {
@@ -209,14 +211,6 @@ impl PeerState {
             }
         }
         specs
-    }
-
-    /// The current SAs, each with the peer that counts its segments.
-    fn sas_with_peers(&self) -> Vec<(Sa, u32)> {
-        self.sas
-            .iter()
-            .filter_map(|sa| Some((sa.clone(), self.table.id_for(sa.src)?)))
-            .collect()
     }
 }
 
@@ -301,44 +295,12 @@ fn apply_peers(
 
 /// Removes every residual of peer `id` from the map and the daemon's view, and its rounds.
 fn forget_peer(shared: &Shared, state: &mut PeerState, id: u32) {
-    let keys = state.residuals.keys_of_peer(id);
-    let mut v = lock(&shared.verifier);
-    for k in keys {
-        match v.remove_sa_residuals(|x| *x == k) {
-            Ok(_) => state.residuals.removed(&k),
-            Err(e) => warn!(peer_id = id, error = %e, "could not remove a learned residual"),
-        }
+    let keys = state.residuals.forget_peer(id);
+    if keys.is_empty() {
+        return;
     }
-    state.residuals.reset_peer(id);
-}
-
-/// Brings `SA_RESIDUALS` in step with the current SAs: residuals of SAs that are gone leave,
-/// and new SAs with a known tuple inherit their residual before their first segment.
-fn sync_residuals(shared: &Shared, state: &mut PeerState) {
-    let pairs = state.sas_with_peers();
-    let sync = state.residuals.sync(&pairs);
-    let mut v = lock(&shared.verifier);
-    for k in &sync.remove {
-        match v.remove_sa_residuals(|x| x == k) {
-            Ok(_) => state.residuals.removed(k),
-            Err(e) => warn!(error = %e, "could not remove the residual of a deleted SA"),
-        }
-    }
-    for (k, r) in sync.install {
-        match v.set_sa_residual(k, r) {
-            Ok(()) => {
-                state.residuals.installed(k, r);
-                info!(
-                    spi = %format_args!("{:#010x}", u32::from_be(k.spi)),
-                    peer = state.table.get(k.peer_id).map_or_else(String::new, PeerSpec::label),
-                    residual = %format_args!("{r:#06x}"),
-                    "new SA through a known NAT mapping: verifying it with the residual already learned"
-                );
-            }
-            Err(e) => {
-                warn!(error = %e, "could not carry a residual over to a new SA; it will learn");
-            }
-        }
+    if let Err(e) = lock(&shared.verifier).remove_sa_residuals(|k| keys.contains(k)) {
+        warn!(peer_id = id, error = %e, "could not remove learned residuals; the LRU map ages them out");
     }
 }
 
@@ -355,7 +317,7 @@ impl Exporter for Shared {
             let learning = st
                 .table
                 .iter()
-                .map(|(id, _)| st.residuals.peer_learning(id))
+                .map(|(id, p)| st.residuals.peer_learning(id, p.learn))
                 .collect();
             (st.table.clone(), learning)
         };
@@ -431,19 +393,31 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let scope = resolve_scope(&settings)?;
     // Discovery starts before anything is attached: the first SA dump is part of the initial
     // peer set, and an explicit --discover xfrm on a kernel without XFRM fails here.
-    let (watch, sas) = start_discovery(&settings)?;
+    let (watch, discovered) = start_discovery(&settings)?;
     let statics = PeerState::scoped(scope, settings.peers.clone());
-    let discovered = PeerState::scoped(
-        scope,
-        xfrm::peers_from(&sas, settings.default_mode, |_| true),
-    );
+    let discovered = PeerState::scoped(scope, discovered);
     let table = PeerTable::new(merge(&statics, &discovered))?;
     let metrics = Metrics::new()?;
     metrics.set_scope(scope.as_str());
     let suppressed = metrics.log_suppressed();
 
-    let mut verifier = Verifier::load(&scope)?;
+    let mut verifier = Verifier::load_with(&scope, settings.capture.is_some())?;
     verifier.set_peers(&table)?;
+    let capture = match &settings.capture {
+        Some(path) => {
+            let file =
+                Capture::create(path, settings.capture_max_bytes, metrics.capture_results())?;
+            let ring = verifier.take_capture()?;
+            // SAFETY: as for the event ring below.
+            let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::EventFd {
+                what: "capture",
+                source: e.into_parts().1,
+            })?;
+            info!(file = %path.display(), max_bytes = settings.capture_max_bytes, "writing mismatching packets to a pcapng file");
+            Some((ring, file))
+        }
+        None => None,
+    };
     let ring = verifier.take_events()?;
     // SAFETY: the ring buffer owns its map fd and keeps it open for as long as the AsyncFd
     // (which owns the ring buffer) exists, so the registration never outlives the fd.
@@ -479,7 +453,6 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             table: table.clone(),
             statics,
             discovered,
-            sas,
             residuals: Residuals::default(),
             scope,
         }),
@@ -487,8 +460,6 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         metrics,
         proc_path: settings.proc_path.clone(),
     });
-    // Remember the tuples of the SAs already there, so their rekeys can inherit residuals.
-    sync_residuals(&shared, &mut lock(&shared.peers));
     shared.health.attached.store(true, Ordering::Relaxed);
     shared.health.mark_drained();
     info!(
@@ -512,6 +483,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         drain_fault_after,
     ));
     let mut bridge = tokio::spawn(bridge_ebpf_log(ebpf_log));
+    let mut capturing = tokio::spawn(drain_capture(capture));
     let mut server = tokio::spawn(http::serve(
         listener,
         Arc::clone(&shared) as Arc<dyn Exporter>,
@@ -550,6 +522,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             r = &mut bridge => break Err(died("ebpf-log", r)),
             r = &mut server => break Err(died("http", r)),
             r = &mut discovery => break Err(died("xfrm-discovery", r)),
+            r = &mut capturing => break Err(died("capture", r)),
         }
     };
     shared.health.attached.store(false, Ordering::Relaxed);
@@ -557,6 +530,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     bridge.abort();
     server.abort();
     discovery.abort();
+    capturing.abort();
     if let Err(e) = &result {
         error!("{e}");
     }
@@ -603,20 +577,20 @@ fn resolve_scope(settings: &Settings) -> Result<Scope, DaemonError> {
 /// Opens the notification socket first (so no change is missed between the dump and the
 /// subscription), then dumps the SAs. With discovery on by default, a kernel without XFRM
 /// netlink only turns discovery off; asked for explicitly, it is an error.
-fn start_discovery(settings: &Settings) -> Result<(Option<Watch>, Vec<Sa>), DaemonError> {
+fn start_discovery(settings: &Settings) -> Result<(Option<Watch>, Vec<PeerSpec>), DaemonError> {
     if settings.discover == Discover::None {
         return Ok((None, Vec::new()));
     }
     let opened = Watch::open().and_then(|w| xfrm::dump().map(|sas| (w, sas)));
     match opened {
         Ok((w, sas)) => {
-            let inbound = xfrm::inbound_natt(&sas, xfrm::is_local);
+            let peers = xfrm::peers_from(&sas, settings.default_mode, xfrm::is_local);
             info!(
                 sas = sas.len(),
-                natt_inbound = inbound.len(),
+                peers = peers.len(),
                 "XFRM discovery: read the kernel's SAs"
             );
-            Ok((Some(w), inbound))
+            Ok((Some(w), peers))
         }
         Err(e) if !settings.discover_required && matches!(e, XfrmError::Open(_)) => {
             if settings.peers.is_empty() {
@@ -654,20 +628,14 @@ async fn follow_xfrm(
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = watch.get_mut().read_pending().map_err(fail)?;
         }
-        let sas = xfrm::inbound_natt(&xfrm::dump().map_err(fail)?, xfrm::is_local);
-        let peers = xfrm::peers_from(&sas, mode, |_| true);
+        let peers = xfrm::peers_from(&xfrm::dump().map_err(fail)?, mode, xfrm::is_local);
         {
-            let mut st = lock(&shared.peers);
-            st.sas = sas;
-            let same = PeerState::scoped(st.scope, peers.clone()) == st.discovered;
-            if same {
-                sync_residuals(&shared, &mut st);
+            let st = lock(&shared.peers);
+            if PeerState::scoped(st.scope, peers.clone()) == st.discovered {
                 continue;
             }
         }
-        let applied = apply_peers(&shared, None, Some(peers));
-        sync_residuals(&shared, &mut lock(&shared.peers));
-        match applied {
+        match apply_peers(&shared, None, Some(peers)) {
             Ok((added, removed)) => {
                 let table = lock(&shared.peers).table.clone();
                 info!(
@@ -746,6 +714,24 @@ async fn bridge_ebpf_log(
     loop {
         let mut guard = fd.readable_mut().await?;
         guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Writes the capture ring's packets to the pcapng file; without `--capture`, waits forever.
+/// A write error ends the task, which takes the daemon down.
+async fn drain_capture(capture: Option<(AsyncFd<RingBuf<MapData>>, Capture)>) -> io::Result<()> {
+    let Some((mut ring, mut file)) = capture else {
+        return std::future::pending().await;
+    };
+    let fail = |e: crate::capture::CaptureError| io::Error::other(e.to_string());
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        let rb = guard.get_inner_mut();
+        while let Some(item) = rb.next() {
+            file.record(&item).map_err(fail)?;
+        }
+        file.flush().map_err(fail)?;
         guard.clear_ready();
     }
 }
@@ -836,7 +822,7 @@ fn log_event(bytes: &[u8], shared: &Shared, limiter: &mut RateLimiter, suppresse
         action = if m.dropped { "dropped" } else { "passed" },
         spi = %format_args!("{:#010x}", m.spi),
         reqid = m.reqid,
-        iface = %m.iface(),
+        ifindex = m.ifindex,
         payload = %Hex(&m.payload),
         suppressed_before,
         "checksum mismatch"
@@ -851,10 +837,7 @@ fn learn_sample(shared: &Shared, m: &Mismatch) {
     if !state.table.learns(m.peer_id) {
         return;
     }
-    let key = SaKey {
-        spi: m.spi.to_be(),
-        peer_id: m.peer_id,
-    };
+    let key = m.sa_key();
     let Some(outcome) = state.residuals.sample(key, m.residual) else {
         return;
     };
@@ -880,6 +863,7 @@ fn learn_sample(shared: &Shared, m: &Mismatch) {
                         peer = label,
                         spi = %format_args!("{:#010x}", m.spi),
                         reqid = m.reqid,
+                        encap_ports = %format_args!("{}/{}", m.encap_ports.0, m.encap_ports.1),
                         residual = %format_args!("{residual:#06x}"),
                         samples,
                         "NAT residual learned; verifying this SA from now on"

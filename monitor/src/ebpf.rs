@@ -183,12 +183,23 @@ impl Verifier {
     /// # Errors
     /// `EbpfFailure` naming the step that failed, with a privilege hint on EPERM.
     pub fn load(scope: &Scope) -> Result<Self, EbpfFailure> {
+        Self::load_with(scope, false)
+    }
+
+    /// As `load`; with `capture`, every mismatching packet is also copied into the capture ring
+    /// buffer (`take_capture`).
+    ///
+    /// # Errors
+    /// As `load`.
+    pub fn load_with(scope: &Scope, capture: bool) -> Result<Self, EbpfFailure> {
         if VERIFIER_OBJ.is_empty() {
             return Err(EbpfFailure::NoObject);
         }
         let layout = scope.layout();
+        let capture = u32::from(capture);
         let mut bpf = EbpfLoader::new()
             .override_global("SECPATH", &layout, true)
+            .override_global("CAPTURE_ON", &capture, true)
             .load(VERIFIER_OBJ)
             .map_err(|source| EbpfFailure::Object { source })?;
         let prog = program(&mut bpf)?;
@@ -351,8 +362,8 @@ impl Verifier {
         })
     }
 
-    /// Installs the residual intact segments through SA `key` leave: from the next segment on,
-    /// they are verified against it.
+    /// Installs the residual that intact segments through NAT mapping `key` leave: from the
+    /// next segment on, they are verified against it.
     ///
     /// # Errors
     /// `EbpfFailure::Map`, e.g. when the map is full.
@@ -365,9 +376,10 @@ impl Verifier {
             .insert(&key, &value, 0)
             .map_err(|source| EbpfFailure::Map {
                 what: format!(
-                    "installing the residual of SA {:#010x} (peer #{}) in SA_RESIDUALS",
-                    u32::from_be(key.spi),
-                    key.peer_id
+                    "installing a residual for peer #{} (encapsulation ports {}/{}) in SA_RESIDUALS",
+                    key.peer_id,
+                    u16::from_be(key.encap_sport),
+                    u16::from_be(key.encap_dport)
                 ),
                 source,
             })
@@ -390,19 +402,6 @@ impl Verifier {
             })?;
         }
         Ok(keys.len())
-    }
-
-    /// Every installed (SA, peer) residual.
-    ///
-    /// # Errors
-    /// `EbpfFailure::Map`.
-    pub fn sa_residual_entries(&mut self) -> Result<Vec<(SaKey, u16)>, EbpfFailure> {
-        Ok(self
-            .sa_residuals()?
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, v.expected_residual))
-            .collect())
     }
 
     /// Global counters summed over CPUs.
@@ -456,12 +455,24 @@ impl Verifier {
     /// # Errors
     /// `EbpfFailure::Missing` if it was taken already.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
-        let map = self.bpf.take_map("EVENTS").ok_or(EbpfFailure::Missing {
-            kind: "map",
-            name: "EVENTS",
-        })?;
+        self.take_ring("EVENTS")
+    }
+
+    /// Takes the capture ring buffer (once) for the capture task to own.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if it was taken already.
+    pub fn take_capture(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
+        self.take_ring("CAPTURE")
+    }
+
+    fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>, EbpfFailure> {
+        let map = self
+            .bpf
+            .take_map(name)
+            .ok_or(EbpfFailure::Missing { kind: "map", name })?;
         RingBuf::try_from(map).map_err(|source| EbpfFailure::Map {
-            what: "opening EVENTS".into(),
+            what: format!("opening {name}"),
             source,
         })
     }

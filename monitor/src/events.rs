@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monitor_ebpf::{ACTION_DROPPED, ACTION_LEARNING, FAMILY_V4, IPPROTO_TCP, MismatchEvent};
+use monitor_ebpf::{ACTION_DROPPED, ACTION_LEARNING, FAMILY_V4, IPPROTO_TCP, MismatchEvent, SaKey};
 
 /// A decoded mismatch event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,11 +40,14 @@ pub struct Mismatch {
     pub learning: bool,
     /// The residual the segment left.
     pub residual: u16,
+    /// The SA's encapsulation ports (host order); 0 under address scope.
+    pub encap_ports: (u16, u16),
     /// SPI of the SA that decapsulated it (host order); 0 under address scope.
     pub spi: u32,
     /// `reqid` of that SA; 0 under address scope.
     pub reqid: u32,
-    /// Interface it arrived on.
+    /// Index of the interface it arrived on, in the receiving network namespace (which need
+    /// not be natt-monitor's, so no name is looked up).
     pub ifindex: u32,
     /// First payload bytes.
     pub payload: Vec<u8>,
@@ -86,6 +89,7 @@ impl Mismatch {
             dropped: ev.action == ACTION_DROPPED,
             learning: ev.action == ACTION_LEARNING,
             residual: ev.residual,
+            encap_ports: (u16::from_be(ev.encap_sport), u16::from_be(ev.encap_dport)),
             spi: u32::from_be(ev.spi),
             reqid: ev.reqid,
             ifindex: ev.ifindex,
@@ -93,17 +97,26 @@ impl Mismatch {
         })
     }
 
-    /// The receiving interface's name, or its index if it has none (any more).
+    /// The key of this segment's NAT mapping in `SA_RESIDUALS`.
     #[must_use]
-    pub fn iface(&self) -> String {
-        let mut buf = [0u8; libc::IF_NAMESIZE];
-        // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname requires.
-        let p = unsafe { libc::if_indextoname(self.ifindex, buf.as_mut_ptr().cast()) };
-        if p.is_null() {
-            return format!("#{}", self.ifindex);
+    pub fn sa_key(&self) -> SaKey {
+        let bytes = |a: IpAddr| -> [u8; 16] {
+            match a {
+                IpAddr::V4(a) => {
+                    let mut b = [0; 16];
+                    b[..4].copy_from_slice(&a.octets());
+                    b
+                }
+                IpAddr::V6(a) => a.octets(),
+            }
+        };
+        SaKey {
+            src: bytes(self.src),
+            dst: bytes(self.dst),
+            encap_sport: self.encap_ports.0.to_be(),
+            encap_dport: self.encap_ports.1.to_be(),
+            peer_id: self.peer_id,
         }
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
     }
 
     /// `src:sport -> dst:dport` with IPv6 brackets.
@@ -211,6 +224,8 @@ mod tests {
             csum_expected: 0x1235,
             residual: 1,
             expected_residual: 0,
+            encap_sport: 61000u16.to_be(),
+            encap_dport: 4500u16.to_be(),
             spi: 0xc1c2_c3c4_u32.to_be(),
             reqid: 7,
             ifindex: 1,
@@ -232,7 +247,15 @@ mod tests {
             (0xdead_beef, 1432, 0x1234, 0x1235, true)
         );
         assert_eq!(Hex(&m.payload).to_string(), "72756f6b");
-        assert_eq!((m.spi, m.reqid, m.iface().as_str()), (0xc1c2_c3c4, 7, "lo"));
+        assert_eq!((m.spi, m.reqid, m.ifindex), (0xc1c2_c3c4, 7, 1));
+        assert_eq!(m.encap_ports, (61000, 4500));
+        let k = m.sa_key();
+        assert_eq!(&k.src[..4], &[192, 0, 2, 1]);
+        assert_eq!(&k.dst[..4], &[198, 51, 100, 2]);
+        assert_eq!(
+            (k.encap_sport, k.encap_dport, k.peer_id),
+            (ev.encap_sport, ev.encap_dport, 3)
+        );
         assert_eq!(Mismatch::decode(&bytes[..10]), None);
     }
 

@@ -4,6 +4,7 @@
 //! The library holds everything; `main.rs` only parses arguments and calls `daemon::run`, so
 //! tests drive the same code with their own shutdown future.
 
+pub mod capture;
 pub mod cgroup;
 pub mod check;
 pub mod cli;

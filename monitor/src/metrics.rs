@@ -62,6 +62,7 @@ pub struct Metrics {
     log_suppressed: IntCounter,
     up: IntGauge,
     scope: IntGaugeVec,
+    capture: IntCounterVec,
     collect_seconds: Gauge,
     /// Peer labels exported by the previous scrape, so removed peers' series can be dropped.
     /// Also serialises scrapes.
@@ -69,6 +70,9 @@ pub struct Metrics {
 }
 
 const PROTOS: [(usize, &str); 2] = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp")];
+
+/// Values of the `result` label of `natt_monitor_capture_packets_total`.
+pub const CAPTURE_RESULTS: [&str; 4] = ["written", "rate_limited", "file_full", "ring_full"];
 
 fn counter_vec(
     r: &Registry,
@@ -187,6 +191,12 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            capture: counter_vec(
+                &r,
+                "natt_monitor_capture_packets_total",
+                "Mismatching packets for --capture, by result: written to the file, or left out (rate_limited, file_full, ring_full).",
+                &["result"],
+            )?,
             scope: {
                 let g = IntGaugeVec::new(
                     Opts::new(
@@ -221,6 +231,9 @@ impl Metrics {
         for (_, reason) in SKIP_REASONS {
             m.skipped.with_label_values(&[reason]).reset();
         }
+        for result in CAPTURE_RESULTS {
+            m.capture.with_label_values(&[result]).reset();
+        }
         for s in Source::ALL {
             m.peers.with_label_values(&[s.as_str()]).set(0);
         }
@@ -234,6 +247,13 @@ impl Metrics {
                 .with_label_values(&[s])
                 .set(i64::from(s == scope));
         }
+    }
+
+    /// `natt_monitor_capture_packets_total`, which the capture task increments (all results
+    /// but `ring_full`, which comes from the kernel).
+    #[must_use]
+    pub fn capture_results(&self) -> IntCounterVec {
+        self.capture.clone()
     }
 
     /// Counter that the event drain task increments when it withholds a log line.
@@ -296,6 +316,10 @@ impl Metrics {
             );
         }
         set(&self.events_lost, snap.counters.get(Counter::EventsLost));
+        set(
+            &self.capture.with_label_values(&["ring_full"]),
+            snap.counters.get(Counter::CaptureLost),
+        );
         for (source, n) in &snap.peers_by_source {
             self.peers
                 .with_label_values(&[source.as_str()])

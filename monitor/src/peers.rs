@@ -268,17 +268,6 @@ impl PeerTable {
         }
     }
 
-    /// The id of the peer whose prefix covers `addr` most specifically, as the verifier's LPM
-    /// lookup finds it.
-    #[must_use]
-    pub fn id_for(&self, addr: IpAddr) -> Option<u32> {
-        self.peers
-            .iter()
-            .filter(|(_, p)| p.net.contains(&addr))
-            .max_by_key(|(_, p)| p.net.prefix_len())
-            .map(|(id, _)| *id)
-    }
-
     /// The id of the peer with this prefix, if any.
     #[must_use]
     pub fn id_of(&self, net: IpNet) -> Option<u32> {
@@ -415,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn learning_peers_carry_the_flag_and_lookups_take_the_longest_prefix() {
+    fn learning_peers_carry_the_flag() {
         let mut learner = PeerSpec::new(parse_cidr("10.0.0.0/8").unwrap(), Mode::Enforce);
         learner.learn = true;
         learner.source = Source::Xfrm;
@@ -427,9 +416,6 @@ mod tests {
         assert_eq!((v.flags, v.mode), (PEER_FLAG_LEARN, MODE_ENFORCE));
         assert_eq!(t.residual(0), None);
         assert_eq!(t.residual(1), Some(0));
-        assert_eq!(t.id_for("10.1.2.3".parse().unwrap()), Some(1));
-        assert_eq!(t.id_for("10.9.9.9".parse().unwrap()), Some(0));
-        assert_eq!(t.id_for("192.0.2.1".parse().unwrap()), None);
         assert_eq!(t.count_by_source(Source::Xfrm), 1);
     }
 

@@ -1,66 +1,30 @@
-//! Per-SA NAT residuals: which (SA, peer) pairs have a learned residual, the learning rounds of
-//! the others, and what carries over when an SA is rekeyed.
+//! Learned NAT residuals: which NAT mappings have one installed in `SA_RESIDUALS`, and the
+//! learning rounds of the others.
 //!
-//! Under SA scope each inbound SA has its own residual, so hosts that share one NAT address
-//! (each with its own SAs) are verified each against its own. The residual depends only on the
-//! addresses before and after the NAT, so a new SA with the same outer addresses and
-//! encapsulation ports as one already learned (an IKE rekey through the same NAT mapping) takes
-//! its residual at once, before its first segment: a rekey leaves no segment unverified.
-//! Under address scope the SA is unknown (`spi` 0): one residual per peer, as before.
+//! A residual depends only on the addresses before and after the NAT. The verifier keys it by
+//! what names the NAT mapping of the SA that decapsulated the segment (`SaKey`: the addresses as
+//! received, which in transport mode are the SA's outer ones, and the SA's encapsulation ports).
+//! So hosts that share one NAT address (each with its own SAs, told apart by the NAT's source
+//! port) each have their own residual, and an SA rekeyed through the same mapping finds its
+//! residual already installed: a rekey leaves no segment unverified, with no race against the
+//! SA notification. Under address scope the ports are 0: one residual per address pair.
 //!
-//! This is plain state; the daemon applies what it returns to the `SA_RESIDUALS` map.
+//! The map is an LRU hash in the kernel, so it stays bounded without the daemon tracking SA
+//! lifetimes; a peer whose configuration changes has its residuals removed.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-};
+use std::collections::{BTreeMap, HashMap};
 
 use monitor_ebpf::SaKey;
 
-use crate::{
-    learn::{Learner, Outcome},
-    xfrm::Sa,
-};
-
-/// The outer addresses and encapsulation ports of an SA: what fixes its NAT residual.
-pub type Tuple = (IpAddr, IpAddr, u16, u16);
-
-/// Most tuples remembered for carrying residuals over to rekeyed SAs.
-pub const MAX_TUPLES: usize = 16384;
-
-/// What changed in `SA_RESIDUALS` after a new SA list.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct SaSync {
-    /// Residuals to install: rekeyed SAs that inherit a learned residual.
-    pub install: Vec<(SaKey, u16)>,
-    /// Keys whose SA is gone.
-    pub remove: Vec<SaKey>,
-}
+use crate::learn::{Learner, Outcome};
 
 /// The daemon's view of the learned residuals.
 #[derive(Debug, Default)]
 pub struct Residuals {
     learned: BTreeMap<SaKey, u16>,
+    /// Installed residuals per peer id.
+    per_peer: HashMap<u32, usize>,
     learner: Learner<SaKey>,
-    /// Tuple of every SA in the last list, by key.
-    tuples: HashMap<SaKey, Tuple>,
-    /// Residual learned for each tuple, kept after its SA is gone so a rekey can inherit it.
-    by_tuple: HashMap<Tuple, u16>,
-}
-
-/// The SA-scope key of an SA whose segments count into peer `peer_id`.
-#[must_use]
-pub const fn key_of(sa: &Sa, peer_id: u32) -> SaKey {
-    SaKey {
-        // The verifier reads `id.spi` as the kernel stores it, in network byte order.
-        spi: sa.spi.to_be(),
-        peer_id,
-    }
-}
-
-fn tuple_of(sa: &Sa) -> Option<Tuple> {
-    sa.encap
-        .map(|(_, sport, dport)| (sa.src, sa.dst, sport, dport))
 }
 
 impl Residuals {
@@ -82,10 +46,12 @@ impl Residuals {
         self.learned.is_empty()
     }
 
-    /// True while any SA of peer `id` is being learned.
+    /// True while peer `id` (which `learns` its residuals) has nothing learned yet, or any of its
+    /// NAT mappings is being learned: some of its segments are not verified.
     #[must_use]
-    pub fn peer_learning(&self, id: u32) -> bool {
-        self.learner.any(|k| k.peer_id == id)
+    pub fn peer_learning(&self, id: u32, learns: bool) -> bool {
+        (learns && self.per_peer.get(&id).is_none_or(|n| *n == 0))
+            || self.learner.any(|k| k.peer_id == id)
     }
 
     /// Feeds one learning sample. `None` if `key` is already decided (a sample that was in the
@@ -99,61 +65,25 @@ impl Residuals {
 
     /// Records that `key`'s residual is now installed.
     pub fn installed(&mut self, key: SaKey, residual: u16) {
-        self.learned.insert(key, residual);
-        if let Some(t) = self.tuples.get(&key) {
-            if self.by_tuple.len() >= MAX_TUPLES && !self.by_tuple.contains_key(t) {
-                self.by_tuple.clear();
-            }
-            self.by_tuple.insert(*t, residual);
+        if self.learned.insert(key, residual).is_none() {
+            *self.per_peer.entry(key.peer_id).or_default() += 1;
         }
     }
 
-    /// Records that `key` was removed from the map.
-    pub fn removed(&mut self, key: &SaKey) {
-        self.learned.remove(key);
-        self.learner.reset(*key);
-    }
-
-    /// Every key of peer `id` (its prefix changed or went away): to remove from the map.
-    #[must_use]
-    pub fn keys_of_peer(&self, id: u32) -> Vec<SaKey> {
-        self.learned
+    /// Forgets peer `id`: its residuals (returned, to remove from the map) and its rounds.
+    pub fn forget_peer(&mut self, id: u32) -> Vec<SaKey> {
+        self.learner.retain(|k| k.peer_id != id);
+        let keys: Vec<SaKey> = self
+            .learned
             .keys()
             .filter(|k| k.peer_id == id)
             .copied()
-            .collect()
-    }
-
-    /// Forgets the learning rounds of peer `id`.
-    pub fn reset_peer(&mut self, id: u32) {
-        self.learner.retain(|k| k.peer_id != id);
-    }
-
-    /// Takes a new list of the inbound NAT-T SAs, each with the peer that counts it: residuals
-    /// of SAs that are gone are to be removed, and new SAs whose tuple was learned before
-    /// inherit that residual.
-    pub fn sync(&mut self, sas: &[(Sa, u32)]) -> SaSync {
-        self.tuples = sas
-            .iter()
-            .filter_map(|(sa, id)| tuple_of(sa).map(|t| (key_of(sa, *id), t)))
             .collect();
-        let live: BTreeSet<SaKey> = sas.iter().map(|(sa, id)| key_of(sa, *id)).collect();
-        let remove: Vec<SaKey> = self
-            .learned
-            .keys()
-            .filter(|k| k.spi != 0 && !live.contains(k))
-            .copied()
-            .collect();
-        self.learner.retain(|k| k.spi == 0 || live.contains(&k));
-        let install = live
-            .iter()
-            .filter(|k| !self.learned.contains_key(k))
-            .filter_map(|k| {
-                let t = self.tuples.get(k)?;
-                self.by_tuple.get(t).map(|r| (*k, *r))
-            })
-            .collect();
-        SaSync { install, remove }
+        for k in &keys {
+            self.learned.remove(k);
+        }
+        self.per_peer.remove(&id);
+        keys
     }
 }
 
@@ -161,15 +91,16 @@ impl Residuals {
 mod tests {
     use super::*;
 
-    fn sa(src: &str, spi: u32, sport: u16) -> Sa {
-        Sa {
-            src: src.parse().unwrap(),
-            dst: "192.0.2.1".parse().unwrap(),
-            spi,
-            proto: 50,
-            mode: 0,
-            encap: Some((2, sport, 4500)),
-        }
+    fn key(src: [u8; 4], sport: u16, peer_id: u32) -> SaKey {
+        let mut k = SaKey {
+            encap_sport: sport.to_be(),
+            encap_dport: 4500u16.to_be(),
+            peer_id,
+            ..SaKey::default()
+        };
+        k.src[..4].copy_from_slice(&src);
+        k.dst[..4].copy_from_slice(&[192, 0, 2, 1]);
+        k
     }
 
     fn learn(r: &mut Residuals, key: SaKey, residual: u16) {
@@ -190,57 +121,42 @@ mod tests {
     fn hosts_behind_one_nat_keep_their_own_residuals() {
         let mut r = Residuals::default();
         // Two hosts behind 203.0.113.9, told apart by the NAT's source port.
-        let a = sa("203.0.113.9", 0x100, 4500);
-        let b = sa("203.0.113.9", 0x200, 61000);
-        assert_eq!(r.sync(&[(a.clone(), 0), (b.clone(), 0)]), SaSync::default());
-        learn(&mut r, key_of(&a, 0), 0x1111);
-        learn(&mut r, key_of(&b, 0), 0x2222);
-        assert_eq!(r.get(&key_of(&a, 0)), Some(0x1111));
-        assert_eq!(r.get(&key_of(&b, 0)), Some(0x2222));
-        assert!(!r.peer_learning(0));
-        // A late sample of a decided SA is ignored.
-        assert_eq!(r.sample(key_of(&a, 0), 0x9999), None);
-    }
-
-    #[test]
-    fn a_rekeyed_sa_inherits_the_residual_of_its_tuple_and_the_old_one_goes() {
-        let mut r = Residuals::default();
-        let old = sa("203.0.113.9", 0x100, 4500);
-        r.sync(&[(old.clone(), 3)]);
-        learn(&mut r, key_of(&old, 3), 0xabcd);
-        // Make-before-break: the new SA appears beside the old one.
-        let new = sa("203.0.113.9", 0x101, 4500);
-        let other = sa("203.0.113.9", 0x300, 4501);
-        let s = r.sync(&[(old.clone(), 3), (new.clone(), 3), (other.clone(), 3)]);
-        assert_eq!(s.install, vec![(key_of(&new, 3), 0xabcd)]);
-        assert_eq!(s.remove, []);
-        r.installed(key_of(&new, 3), 0xabcd);
-        // Then the old SA is deleted.
-        let s = r.sync(&[(new.clone(), 3), (other, 3)]);
-        assert_eq!(s.remove, vec![key_of(&old, 3)]);
-        r.removed(&key_of(&old, 3));
-        assert_eq!(r.len(), 1);
-        // Break-before-make: the tuple is remembered after its SA is gone.
-        assert_eq!(r.sync(&[]).remove, vec![key_of(&new, 3)]);
-        r.removed(&key_of(&new, 3));
-        let again = sa("203.0.113.9", 0x102, 4500);
-        assert_eq!(
-            r.sync(&[(again.clone(), 3)]).install,
-            vec![(key_of(&again, 3), 0xabcd)]
+        let a = key([203, 0, 113, 9], 4500, 0);
+        let b = key([203, 0, 113, 9], 61000, 0);
+        assert!(r.peer_learning(0, true), "nothing learned yet");
+        assert!(
+            !r.peer_learning(0, false),
+            "a peer with a configured residual"
         );
+        assert_eq!(r.sample(b, 0x2222), Some(Outcome::Pending));
+        assert!(r.peer_learning(0, true));
+        learn(&mut r, a, 0x1111);
+        for _ in 1..crate::learn::AGREE {
+            let _ = r.sample(b, 0x2222);
+        }
+        r.installed(b, 0x2222);
+        assert_eq!(
+            (r.get(&a), r.get(&b), r.len()),
+            (Some(0x1111), Some(0x2222), 2)
+        );
+        assert!(!r.peer_learning(0, true));
+        // A late sample of a decided mapping is ignored.
+        assert_eq!(r.sample(a, 0x9999), None);
     }
 
     #[test]
-    fn address_scope_keys_survive_sa_lists_and_peer_resets_drop_rounds() {
+    fn forgetting_a_peer_returns_its_keys_and_drops_its_rounds() {
         let mut r = Residuals::default();
-        let k = SaKey { spi: 0, peer_id: 1 };
-        learn(&mut r, k, 0x0042);
-        assert_eq!(r.sync(&[]).remove, []);
-        assert_eq!(r.keys_of_peer(1), vec![k]);
-        let k2 = SaKey { spi: 0, peer_id: 2 };
-        assert_eq!(r.sample(k2, 1), Some(Outcome::Pending));
-        assert!(r.peer_learning(2));
-        r.reset_peer(2);
-        assert!(!r.peer_learning(2));
+        let mine = key([198, 51, 100, 1], 4500, 1);
+        let other = key([198, 51, 100, 2], 4500, 2);
+        learn(&mut r, mine, 0x0042);
+        learn(&mut r, other, 0x0043);
+        let pending = key([198, 51, 100, 1], 4501, 1);
+        assert_eq!(r.sample(pending, 7), Some(Outcome::Pending));
+        assert_eq!(r.forget_peer(1), vec![mine]);
+        assert!(r.peer_learning(1, true), "forgotten: learns again");
+        assert!(!r.peer_learning(2, true));
+        assert_eq!((r.get(&mine), r.get(&other)), (None, Some(0x0043)));
+        assert!(!r.is_empty());
     }
 }

@@ -206,6 +206,10 @@ impl Btf<'_> {
                 "`sec_path.xvec` is {xvec_size} bytes, expected XFRM_MAX_DEPTH pointers"
             )));
         }
+        let encap_sport = self.sized("xfrm_encap_tmpl", "encap_sport", 2)?;
+        if self.sized("xfrm_encap_tmpl", "encap_dport", 2)? != encap_sport + 2 {
+            return Err(self.shape("`xfrm_encap_tmpl.encap_dport` does not follow `encap_sport`"));
+        }
         Ok(SecpathLayout {
             enabled: 1,
             skb_active_extensions: self.sized("sk_buff", "active_extensions", 1)?,
@@ -219,6 +223,7 @@ impl Btf<'_> {
             x_mode: self.sized("xfrm_state", "props.mode", 1)?,
             x_spi: self.sized("xfrm_state", "id.spi", 4)?,
             x_reqid: self.sized("xfrm_state", "props.reqid", 4)?,
+            encap_sport,
         })
     }
 }

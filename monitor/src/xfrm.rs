@@ -66,32 +66,22 @@ impl Sa {
                 _ => None,
             }
         };
+        // netlink-packet-xfrm already converts the SPI and the ports to host order.
         let encap = m.nlas.iter().find_map(|a| match a {
-            XfrmAttrs::EncapsulationTemplate(e) => Some((
-                e.encap_type,
-                u16::from_be(e.encap_sport),
-                u16::from_be(e.encap_dport),
-            )),
+            XfrmAttrs::EncapsulationTemplate(e) => {
+                Some((e.encap_type, e.encap_sport, e.encap_dport))
+            }
             _ => None,
         });
         Some(Self {
             src: addr(&info.saddr)?,
             dst: addr(&info.id.daddr)?,
-            spi: u32::from_be(info.id.spi),
+            spi: info.id.spi,
             proto: info.id.proto,
             mode: info.mode,
             encap,
         })
     }
-}
-
-/// The inbound (`is_local(dst)`) SAs whose segments skip the checksum check.
-#[must_use]
-pub fn inbound_natt(sas: &[Sa], is_local: impl Fn(IpAddr) -> bool) -> Vec<Sa> {
-    sas.iter()
-        .filter(|s| s.skips_checksums() && is_local(s.dst))
-        .cloned()
-        .collect()
 }
 
 /// The peers the SAs imply: one host prefix per source address of an inbound (`is_local(dst)`)

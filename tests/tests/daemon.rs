@@ -245,8 +245,19 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     let cgroup = cg.path.to_str().unwrap();
     // The emulated NAT-T path has no sec_path (this kernel has no ESP), so this runs the
     // address-scope fallback; the VM suite runs SA scope on real ESP-in-UDP.
+    let pcap = std::env::temp_dir().join(format!("natt-capture-{}.pcapng", std::process::id()));
     let mut d = Daemon::start(&[
-        "run", "--peer", ADDR_A, "--cgroup", cgroup, "--mode", "enforce", "--scope", "address",
+        "run",
+        "--peer",
+        ADDR_A,
+        "--cgroup",
+        cgroup,
+        "--mode",
+        "enforce",
+        "--scope",
+        "address",
+        "--capture",
+        pcap.to_str().unwrap(),
     ]);
     d.wait_for("verifier attached at cgroup_skb ingress");
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
@@ -314,6 +325,28 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     );
     assert!(metric(&body, "natt_monitor_kernel_tcp_in_csum_errors_total").is_some());
     assert_eq!(d.get("/healthz"), (200, "ok\n".to_owned()));
+    // Every mismatching packet is in the capture file or counted as left out.
+    let capture = |body: &str, result: &str| {
+        metric(
+            body,
+            &format!("natt_monitor_capture_packets_total{{result=\"{result}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("capture {result} in {body}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (written, left_out) = loop {
+        let (_, body) = d.get("/metrics");
+        let written = capture(&body, "written");
+        let left_out = ["rate_limited", "file_full", "ring_full"]
+            .iter()
+            .map(|r| capture(&body, r))
+            .sum::<u64>();
+        if written + left_out == injected || Instant::now() > deadline {
+            break (written, left_out);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(written + left_out, injected, "captured or counted");
     let (status, lines) = d.stop(libc::SIGTERM);
     assert!(status.success(), "exit status {status}: {lines:?}");
 
@@ -356,6 +389,12 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     );
     assert_ne!(first["found"], first["expected"]);
     assert_eq!(first["len"], 1480);
+    // Address scope: no SA; the interface is B's veth, by its index in B's namespace.
+    assert_eq!(
+        (&first["spi"], &first["reqid"]),
+        (&Value::from("0x00000000"), &Value::from(0))
+    );
+    assert_eq!(first["ifindex"], lab.b.enter(|| veth_index(lab.dev_b)));
     let totals = lines
         .iter()
         .find(|v| v["message"] == "peer totals")
@@ -365,6 +404,52 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     assert!(lines.iter().any(|v| v["message"] == "verifier detached"));
     drop(inj);
     assert_no_verifier_loaded();
+    // The capture holds exactly the written packets, each a corrupt TCP segment from A, whole.
+    let packets = captured_packets(&pcap);
+    let _ = std::fs::remove_file(&pcap);
+    assert_eq!(packets.len() as u64, written);
+    assert!(written > 0);
+    for (original_len, data) in &packets {
+        assert_eq!(
+            *original_len as usize,
+            data.len(),
+            "1500-byte packets fit the snap length"
+        );
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(data).expect("an IPv4 header");
+        assert_eq!(ip.source_addr().to_string(), ADDR_A);
+        let tcp = etherparse::TcpHeaderSlice::from_slice(&data[ip.slice().len()..])
+            .expect("a TCP header");
+        let payload = &data[ip.slice().len() + tcp.slice().len()..];
+        let want = tcp
+            .to_header()
+            .calc_checksum_ipv4(&ip.to_header(), payload)
+            .unwrap();
+        assert_ne!(
+            tcp.checksum(),
+            want,
+            "a captured segment whose checksum is right"
+        );
+    }
+}
+
+/// The index of interface `dev` in the calling thread's network namespace.
+fn veth_index(dev: &str) -> u64 {
+    let name = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    u64::from(unsafe { libc::if_nametoindex(name.as_ptr()) })
+}
+
+/// (original length, data) of every packet in a pcapng file.
+fn captured_packets(path: &std::path::Path) -> Vec<(u32, Vec<u8>)> {
+    let file = std::fs::File::open(path).expect("capture file");
+    let mut r = pcap_file::pcapng::PcapNgReader::new(file).expect("a pcapng file");
+    let mut out = Vec::new();
+    while let Some(block) = r.next_block() {
+        if let pcap_file::pcapng::Block::EnhancedPacket(p) = block.expect("a whole block") {
+            out.push((p.original_len, p.data.to_vec()));
+        }
+    }
+    out
 }
 
 #[test]
@@ -406,7 +491,7 @@ fn discovery_alone_is_a_valid_configuration() {
     d.wait_for("verifier attached at cgroup_skb ingress");
     let read = d.messages("XFRM discovery: read the kernel's SAs");
     assert_eq!(read.len(), 1, "{:?}", d.lines.lock().unwrap());
-    assert_eq!(field_u64(&read[0], "natt_inbound"), 0);
+    assert_eq!(field_u64(&read[0], "peers"), 0);
     let attached = &d.messages("verifier attached at cgroup_skb ingress")[0];
     assert_eq!(attached["discover"], "xfrm");
     // By default the scope comes from each segment's IPsec state wherever the kernel has BTF.

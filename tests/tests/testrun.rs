@@ -120,6 +120,7 @@ static PLACEHOLDER: std::sync::LazyLock<Mismatch> = std::sync::LazyLock::new(|| 
     dropped: false,
     learning: false,
     residual: 0,
+    encap_ports: (0, 0),
     spi: 0,
     reqid: 0,
     ifindex: 0,
@@ -395,12 +396,14 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         // corrupted one leaves another.
         assert_eq!(ev.residual == want, intact, "{ev:?}");
     }
-    // Once userspace installs the learned residual (address scope: SA 0 of the peer), the
-    // peer is verified and enforced.
-    let key = SaKey {
-        spi: 0,
+    // Once userspace installs the learned residual (address scope: per address pair, no
+    // encapsulation ports), the peer is verified and enforced.
+    let mut key = SaKey {
         peer_id: P_V4_NAT as u32,
+        ..SaKey::default()
     };
+    key.src[..4].copy_from_slice(&V4_NAT_SEEN.octets());
+    key.dst[..4].copy_from_slice(&LOCAL4.octets());
     h.v.set_sa_residual(key, want).unwrap();
     assert_eq!(
         h.run(&f),
@@ -689,12 +692,17 @@ fn address_scope_leaves_out_ike_ports_and_partial_checksums() {
             );
         }
     }
-    // TCP to port 4500 (ESP-in-TCP is another matter: its segments are decapsulated) is not
-    // exempt: a bad checksum from an observe peer is a mismatch.
-    let mut f = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(60));
-    let off = l4_offset(&f);
-    f[off + 2..off + 4].copy_from_slice(&4500u16.to_be_bytes());
-    assert_eq!(h.run(&f), Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false));
+    // TCP on port 4500 is RFC 8229's ESP-in-TCP stream itself (its payload is ESP): exempt
+    // too. TCP on any other port from an observe peer with a bad checksum is a mismatch.
+    for (port, want) in [
+        (4500u16, Outcome::skipped(Counter::SkipIke)),
+        (4501, Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false)),
+    ] {
+        let mut f = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(60));
+        let off = l4_offset(&f);
+        f[off + 2..off + 4].copy_from_slice(&port.to_be_bytes());
+        assert_eq!(h.run(&f), want, "tcp to port {port}");
+    }
     // CHECKSUM_PARTIAL segments (loopback, veth with tx offload) hold only the pseudo-header
     // sum: not verifiable, never dropped, even from an enforce peer.
     for (frame, at, what) in [

@@ -77,7 +77,7 @@ const STRONGSWAN: &[&str] = &[
 ];
 
 /// Scenarios `natt-vm` runs (it prints one RESULT line for each).
-const SCENARIOS: usize = 9;
+const SCENARIOS: usize = 10;
 /// Longest a guest may run.
 const GUEST_TIMEOUT: Duration = Duration::from_mins(20);
 
@@ -548,7 +548,7 @@ fn boot(
     Ok((rows, fails))
 }
 
-const COLUMNS: [&str; 16] = [
+const COLUMNS: [&str; 19] = [
     "kernel",
     "scenario",
     "mode",
@@ -565,6 +565,9 @@ const COLUMNS: [&str; 16] = [
     "aggregated",
     "aggregated_after_remedy",
     "removed_live",
+    "plaintext",
+    "rekey_learning",
+    "captured",
 ];
 
 fn table(rows: &[Row]) -> String {

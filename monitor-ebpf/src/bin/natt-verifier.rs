@@ -38,16 +38,16 @@ mod prog {
             generated::{bpf_loop, bpf_skb_load_bytes},
         },
         macros::{cgroup_skb, map},
-        maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+        maps::{LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::SkBuffContext,
     };
     use aya_log_ebpf::warn;
     use monitor_ebpf::{
-        ACTION_DROPPED, ACTION_LEARNING, ACTION_PASSED, COUNTER_SLOTS, Counter, EVENT_PAYLOAD_LEN,
-        EVENT_RING_BYTES, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS,
-        MAX_SA_RESIDUALS, MODE_ENFORCE, MismatchEvent, PEER_FLAG_LEARN, PROTO_TCP, PROTO_UDP,
-        PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaValue, SecpathLayout, XFRM_MAX_DEPTH,
-        XFRM_MODE_TRANSPORT, csum,
+        ACTION_DROPPED, ACTION_LEARNING, ACTION_PASSED, CAPTURE_RING_BYTES, CAPTURE_SNAP,
+        COUNTER_SLOTS, CaptureRecord, Counter, EVENT_PAYLOAD_LEN, EVENT_RING_BYTES, FAMILY_V4,
+        FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_PEERS, MAX_SA_RESIDUALS, MODE_ENFORCE,
+        MismatchEvent, PEER_FLAG_LEARN, PROTO_TCP, PROTO_UDP, PeerKeyV4, PeerKeyV6, PeerStats,
+        PeerValue, SaKey, SaValue, SecpathLayout, XFRM_MAX_DEPTH, XFRM_MODE_TRANSPORT, csum,
     };
 
     /// Where this kernel keeps the `sec_path`; set by the loader from BTF. All zero: address
@@ -67,15 +67,25 @@ mod prog {
         x_mode: 0,
         x_spi: 0,
         x_reqid: 0,
+        encap_sport: 0,
     });
 
     #[map]
     static PEERS_V4: LpmTrie<PeerKeyV4, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
     #[map]
     static PEERS_V6: LpmTrie<PeerKeyV6, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
-    /// Learned NAT residuals per (SA, peer). Userspace is the only writer.
+    /// Non-zero: copy every mismatching packet into `CAPTURE` (`--capture`). Set by the loader;
+    /// when 0 the verifier prunes the copy.
+    #[unsafe(no_mangle)]
+    static CAPTURE_ON: Global<u32> = Global::new(0);
+
     #[map]
-    static SA_RESIDUALS: HashMap<SaKey, SaValue> = HashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
+    static CAPTURE: RingBuf = RingBuf::with_byte_size(CAPTURE_RING_BYTES, 0);
+
+    /// Learned NAT residuals per NAT mapping (`SaKey`). Userspace is the only writer.
+    #[map]
+    static SA_RESIDUALS: LruHashMap<SaKey, SaValue> =
+        LruHashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
     #[map]
     static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
     #[map]
@@ -148,12 +158,16 @@ mod prog {
         unsafe { &*ctx.as_ptr().cast::<__sk_buff>() }
     }
 
-    /// The SA that decapsulated a segment: the innermost state of its `sec_path`.
+    /// The SA that decapsulated a segment: the innermost state of its `sec_path`. All zero under
+    /// address scope.
     #[derive(Clone, Copy)]
     struct Sa {
-        /// Network byte order, as the kernel keeps it; 0 under address scope.
+        /// Network byte order, as the kernel keeps it.
         spi: u32,
         reqid: u32,
+        /// Encapsulation ports, network byte order.
+        sport: u16,
+        dport: u16,
     }
 
     /// What the L4 header says.
@@ -174,7 +188,12 @@ mod prog {
         let sa = if layout.enabled != 0 {
             ipsec_state(ctx, &layout)?
         } else {
-            Sa { spi: 0, reqid: 0 }
+            Sa {
+                spi: 0,
+                reqid: 0,
+                sport: 0,
+                dport: 0,
+            }
         };
         if skb(ctx).gso_segs > 1 {
             // GRO merged several segments behind one header: their checksums are gone.
@@ -191,7 +210,7 @@ mod prog {
         let l4 = parse_l4(ctx, &l3)?;
         let pseudo = l3.addr_sum + csum::proto_len_sum(l3.proto, l4.len);
         if layout.enabled == 0 {
-            address_scope_exemptions(&l3, &l4, pseudo)?;
+            address_scope_exemptions(&l4, pseudo)?;
         }
 
         let Some(data) = sum_range(ctx.as_ptr().cast(), l3.l4_off, l4.len) else {
@@ -214,7 +233,10 @@ mod prog {
             Some(peer.expected_residual)
         } else {
             let key = SaKey {
-                spi: sa.spi,
+                src: l3.src,
+                dst: l3.dst,
+                encap_sport: sa.sport,
+                encap_dport: sa.dport,
                 peer_id: peer.id,
             };
             // SAFETY: the value is copied out at once; userspace may replace it concurrently,
@@ -258,6 +280,9 @@ mod prog {
                 action,
             },
         );
+        if action != ACTION_LEARNING && CAPTURE_ON.load() != 0 {
+            capture(ctx, action);
+        }
         Ok(if action == ACTION_DROPPED {
             Verdict::Drop
         } else {
@@ -309,20 +334,22 @@ mod prog {
         if encap == 0 || mode != XFRM_MODE_TRANSPORT {
             return Err(Counter::SkipIpsecCheckedByKernel);
         }
+        let ports: [u16; 2] = kread(encap + u64::from(l.encap_sport))?;
         Ok(Sa {
             spi: kread(x + u64::from(l.x_spi))?,
             reqid: kread(x + u64::from(l.x_reqid))?,
+            sport: ports[0],
+            dport: ports[1],
         })
     }
 
     /// Address scope cannot tell which segments the kernel skipped, so it leaves out the two
-    /// kinds that are certainly plaintext with an ordinary or partial checksum.
+    /// kinds that are certainly plaintext with an ordinary or partial checksum: IKE's ports
+    /// (UDP, and TCP for RFC 8229's ESP-in-TCP stream itself, whose segments carry ESP), and
+    /// the partial-checksum signature.
     #[inline(always)]
-    fn address_scope_exemptions(l3: &L3, l4: &L4, pseudo: u64) -> Result<(), Counter> {
-        if l3.proto == IPPROTO_UDP
-            && (matches!(l4.sport, IKE_PORT | NATT_PORT)
-                || matches!(l4.dport, IKE_PORT | NATT_PORT))
-        {
+    fn address_scope_exemptions(l4: &L4, pseudo: u64) -> Result<(), Counter> {
+        if matches!(l4.sport, IKE_PORT | NATT_PORT) || matches!(l4.dport, IKE_PORT | NATT_PORT) {
             return Err(Counter::SkipIke);
         }
         if csum::normalize(l4.field) == csum::partial_field(pseudo) {
@@ -684,6 +711,8 @@ mod prog {
                 csum::expected_field(l4.field, m.residual, m.expected, l3.proto == IPPROTO_UDP);
             (*ev).residual = m.residual;
             (*ev).expected_residual = m.expected;
+            (*ev).encap_sport = m.sa.sport;
+            (*ev).encap_dport = m.sa.dport;
             (*ev).spi = m.sa.spi;
             (*ev).reqid = m.sa.reqid;
             (*ev).ifindex = skb(ctx).ingress_ifindex;
@@ -708,6 +737,37 @@ mod prog {
                     (*ev).payload_len = n as u8;
                 }
             }
+        }
+        entry.submit(0);
+    }
+
+    /// Copies the packet (from its IP header, up to `CAPTURE_SNAP` bytes) for `--capture`.
+    #[inline(always)]
+    fn capture(ctx: &SkBuffContext, action: u8) {
+        let Some(mut entry) = CAPTURE.reserve::<CaptureRecord>(0) else {
+            bump(Counter::CaptureLost);
+            return;
+        };
+        let rec = entry.as_mut_ptr();
+        let len = ctx.len();
+        let want = if len < CAPTURE_SNAP as u32 {
+            len
+        } else {
+            CAPTURE_SNAP as u32
+        };
+        // [1, CAPTURE_SNAP] in a form the verifier follows (see `sum_chunk`).
+        let n = ((want.wrapping_sub(1)) & (CAPTURE_SNAP as u32 - 1)) + 1;
+        // SAFETY: `rec` is an exclusive ring-buffer reservation of the record's size.
+        unsafe {
+            (*rec).len = len;
+            (*rec).ifindex = skb(ctx).ingress_ifindex;
+            (*rec).action = action;
+            (*rec).pad = [0; 3];
+            (*rec).caplen = if load_into(ctx.as_ptr().cast(), 0, (*rec).data.as_mut_ptr(), n) {
+                n
+            } else {
+                0
+            };
         }
         entry.submit(0);
     }

@@ -5,7 +5,9 @@
 //! Topology per scenario (fresh each time): namespaces A (sender, 10.1.0.1), R (router,
 //! 10.1.0.2 | 10.2.0.1) and B (receiver, 10.2.0.2), transport-mode SAs between A and B, an nft
 //! rule on R that overwrites 32 bits of every Nth large ESP packet and counts what it did, and
-//! natt-monitor in B with no `--peer` at all: it must find the peer from the SAs itself.
+//! natt-monitor in B as users run it: attached at the cgroup2 root (every socket of the guest,
+//! the IKE daemon's included), with no `--peer` at all (it must find the peer from the SAs
+//! itself), default scope and offloads.
 //!
 //! Output protocol, read by the xtask: one `NATT-VM RESULT key=value ...` line per scenario,
 //! `NATT-VM FAIL scenario=... reason=...` for a failed one, and `NATT-VM END passed=N
@@ -94,6 +96,10 @@ const CORRUPT_BIT: u32 = 1600;
 /// The rule corrupts every Nth ESP packet longer than 1000 bytes from A.
 const CORRUPT_EVERY: u32 = 40;
 const STREAM: u64 = 3 << 20;
+/// TCP port that bypasses IPsec, and the UDP port plaintext datagrams go to.
+const PLAINTEXT_PORT: u16 = 6000;
+/// Plaintext UDP datagrams sent from A to B.
+const PLAINTEXT_DATAGRAMS: u64 = 50;
 const WARMUP: u64 = 64 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +120,10 @@ enum Setup {
     /// B's device, `esp4_offload`, `UDP_GRO` on the encapsulation socket), measured before and
     /// after the remedy (`gro_max_size` = MTU).
     Gro,
+    /// Two senders, A and A2, with different private addresses behind R's one masquerading
+    /// address, each with its own SAs to B (told apart on B by reqid and TCP port): each SA
+    /// must be verified against its own residual.
+    SharedNat,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -138,7 +148,7 @@ impl Scenario {
     }
 }
 
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 10] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -220,6 +230,16 @@ const SCENARIOS: [Scenario; 9] = [
         v6: true,
     },
     Scenario {
+        setup: Setup::SharedNat,
+        name: "i-two-behind-one-nat",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
         setup: Setup::Gro,
         name: "g-gro",
         cipher: Cipher::Null,
@@ -294,10 +314,10 @@ fn set_udp_option(s: &UdpSocket, name: libc::c_int, value: libc::c_int, what: &s
     assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
 }
 
-/// UDP 4500 with `UDP_ENCAP_ESPINUDP` (as an IKE daemon sets it), optionally `UDP_GRO` too.
-fn encap_socket(ns: &Netns, gro: bool, addrs: &Addrs) -> UdpSocket {
+/// UDP `port` with `UDP_ENCAP_ESPINUDP` (as an IKE daemon sets it), optionally `UDP_GRO` too.
+fn encap_socket(ns: &Netns, gro: bool, addrs: &Addrs, port: u16) -> UdpSocket {
     ns.enter(|| {
-        let s = UdpSocket::bind(Addrs::sock(addrs.any, 4500)).expect("bind UDP 4500");
+        let s = UdpSocket::bind(Addrs::sock(addrs.any, port)).expect("bind encapsulation port");
         // UDP_GRO first: the kernel picks the encapsulation's GRO handler when UDP_ENCAP is set.
         if gro {
             set_udp_option(&s, 104, 1, "UDP_GRO");
@@ -358,7 +378,10 @@ impl Topology {
         }
         let encap = if s.encap && s.setup != Setup::StrongSwan {
             let gro = s.setup == Setup::Gro;
-            vec![encap_socket(&a, gro, plan), encap_socket(&b, gro, plan)]
+            vec![
+                encap_socket(&a, gro, plan, 4500),
+                encap_socket(&b, gro, plan, 4500),
+            ]
         } else {
             Vec::new()
         };
@@ -378,63 +401,16 @@ impl Topology {
 
     /// SAs and TCP policies on one end: `local`/`remote` as that end addresses them.
     fn sas(ns: &Netns, local: &str, remote: &str, out_spi: &str, in_spi: &str, s: &Scenario) {
-        let any = s.addrs().any;
-        let enc: [&str; 3] = match s.cipher {
-            Cipher::Null => ["enc", "ecb(cipher_null)", ""],
-            Cipher::CbcAes => ["enc", "cbc(aes)", "0x00112233445566778899aabbccddeeff"],
+        let enc: [&str; 2] = match s.cipher {
+            Cipher::Null => NULL_CIPHER,
+            Cipher::CbcAes => ["cbc(aes)", "0x00112233445566778899aabbccddeeff"],
         };
+        let encap = s.encap.then_some((4500, 4500, s.addrs().any));
         for (src, dst, spi) in [(local, remote, out_spi), (remote, local, in_spi)] {
-            let mut args = vec![
-                "ip",
-                "-n",
-                &ns.name,
-                "xfrm",
-                "state",
-                "add",
-                "src",
-                src,
-                "dst",
-                dst,
-                "proto",
-                "esp",
-                "spi",
-                spi,
-                "mode",
-                "transport",
-            ];
-            args.extend_from_slice(&enc);
-            if s.encap {
-                args.extend_from_slice(&["encap", "espinudp", "4500", "4500", any]);
-            }
-            sh(&args);
+            xfrm_state(ns, src, dst, spi, "0", enc, encap);
         }
-        for (src, dst, dir) in [(local, remote, "out"), (remote, local, "in")] {
-            sh(&[
-                "ip",
-                "-n",
-                &ns.name,
-                "xfrm",
-                "policy",
-                "add",
-                "src",
-                src,
-                "dst",
-                dst,
-                "proto",
-                "tcp",
-                "dir",
-                dir,
-                "tmpl",
-                "src",
-                src,
-                "dst",
-                dst,
-                "proto",
-                "esp",
-                "mode",
-                "transport",
-            ]);
-        }
+        tcp_policy(ns, local, remote, "out", None, "0");
+        tcp_policy(ns, remote, local, "in", None, "0");
     }
 
     /// Makes the SAs; for strongSwan, returns the two charon daemons (kept alive by the caller).
@@ -488,17 +464,40 @@ impl Topology {
         );
     }
 
-    /// Packets the corruption rule rewrote.
+    /// Lets TCP to and from `PLAINTEXT_PORT` bypass IPsec on both ends: traffic that no policy
+    /// covers, from the (NAT'd) peer's own address.
+    fn allow_plaintext_tcp(&self, s: &Scenario) {
+        let port = PLAINTEXT_PORT.to_string();
+        let x = self.addrs;
+        for (ns, local, remote) in [(&self.a, x.a, x.b), (&self.b, x.b, self.a_seen_by_b(s.nat))] {
+            for (src, dst, dir, side) in [
+                (local, remote, "out", "dport"),
+                (remote, local, "in", "sport"),
+                (local, remote, "out", "sport"),
+                (remote, local, "in", "dport"),
+            ] {
+                sh(&[
+                    "ip", "-n", &ns.name, "xfrm", "policy", "add", "src", src, "dst", dst, "proto",
+                    "tcp", side, &port, "dir", dir, "priority", "10",
+                ]);
+            }
+        }
+    }
+
+    /// Packets the corruption rules rewrote.
     fn injected(&self) -> u64 {
         let out = ns_out(
             &self.r,
             &["nft", "list", "table", self.addrs.nft_family, "natt"],
         );
-        out.split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no counter in {out}"))
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let counts: Vec<u64> = words
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .map(|w| w[1].parse().unwrap_or_else(|_| panic!("counter in {out}")))
+            .collect();
+        assert!(!counts.is_empty(), "no counter in {out}");
+        counts.iter().sum()
     }
 }
 
@@ -516,6 +515,7 @@ fn swanctl_conf(local: &str, remote: &str, me: &str, them: &str) -> String {
     local_addrs = {local}
     remote_addrs = {remote}
     encap = yes
+    dpd_delay = 2s
     proposals = aes128-sha256-modp2048
     local {{
       auth = psk
@@ -599,14 +599,17 @@ fn start_charon(ns: &Netns, side: &str, swanctl: &str) -> Daemon {
     d
 }
 
-fn start_monitor(b: &Netns, cgroup: &Path, mode: Mode, name: &str) -> Daemon {
+/// natt-monitor in B's network namespace, at the default cgroup (the cgroup2 root: every socket
+/// of the guest) with the default scope.
+fn start_monitor(b: &Netns, mode: Mode, name: &str) -> Daemon {
     let log = PathBuf::from(format!("/tmp/monitor-{name}.log"));
     let child = Command::new("ip")
         .args(["netns", "exec", &b.name])
         .arg(bin("natt-monitor"))
-        .args(["run", "--cgroup"])
-        .arg(cgroup)
+        .arg("run")
         .args(["--listen", "127.0.0.1:9874", "--mode", mode.as_str()])
+        .arg("--capture")
+        .arg(capture_path(name))
         .stdout(Stdio::null())
         .stderr(File::create(&log).expect("monitor log"))
         .spawn()
@@ -617,6 +620,27 @@ fn start_monitor(b: &Netns, cgroup: &Path, mode: Mode, name: &str) -> Daemon {
             .is_ok_and(|(code, _)| code == 200)
     });
     d
+}
+
+/// Where scenario `name`'s monitor writes the mismatching packets.
+fn capture_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/capture-{name}.pcapng"))
+}
+
+/// Packets in scenario `name`'s capture file so far.
+fn captured(name: &str) -> u64 {
+    let file = File::open(capture_path(name)).expect("capture file");
+    let mut r = pcap_file::pcapng::PcapNgReader::new(file).expect("a pcapng file");
+    let mut n = 0;
+    while let Some(block) = r.next_block() {
+        if matches!(
+            block.expect("a whole block"),
+            pcap_file::pcapng::Block::EnhancedPacket(_)
+        ) {
+            n += 1;
+        }
+    }
+    n
 }
 
 fn scrape(b: &Netns) -> String {
@@ -647,6 +671,11 @@ fn wait_until(b: &Netns, d: &Daemon, what: &str, ok: impl Fn(&Netns) -> bool) {
 /// Streams `bytes` of the pattern from A to B's receiver (inside `cgroup`); returns (received,
 /// differing bytes).
 fn stream(t: &Topology, cgroup: &Path, bytes: u64, port: u16) -> (u64, u64) {
+    stream_from(t, &t.a, cgroup, bytes, port)
+}
+
+/// As `stream`, from `from` (A, or A2 in the shared-NAT scenario).
+fn stream_from(t: &Topology, from: &Netns, cgroup: &Path, bytes: u64, port: u16) -> (u64, u64) {
     let mut recv = Command::new(bin("natt-peer"))
         .args(["recv", "--netns", &t.b.name, "--cgroup"])
         .arg(cgroup)
@@ -664,7 +693,7 @@ fn stream(t: &Topology, cgroup: &Path, bytes: u64, port: u16) -> (u64, u64) {
     let mut ready = [0u8; 6];
     std::io::Read::read_exact(&mut out, &mut ready).expect("receiver READY");
     let send = Command::new(bin("natt-peer"))
-        .args(["send", "--netns", &t.a.name, "--connect"])
+        .args(["send", "--netns", &from.name, "--connect"])
         .arg(Addrs::sock(t.addrs.b, port))
         .args(["--bytes", &bytes.to_string()])
         .output()
@@ -706,6 +735,107 @@ struct Measured {
     aggregated_after_remedy: Option<u64>,
     /// `f-strongswan-nat`: the peer disappeared when the IKE SA was torn down.
     removed_live: Option<bool>,
+    /// NAT scenarios: plaintext from the NAT'd peer's address (UDP datagrams received of those
+    /// sent; for manual SAs also a TCP stream on a port no policy covers, byte-exact or not).
+    plaintext: Option<String>,
+    /// Mismatches counted while the plaintext was sent (must be 0).
+    plaintext_mismatches: u64,
+    /// Packets in the `--capture` file at the end.
+    captured: u64,
+    /// `f-strongswan-nat`: segments left unverified for learning after the child SA (and the
+    /// IKE SA) were rekeyed mid-run (0: the new SA inherited the residual), and whether the
+    /// stream after the rekeys was byte-exact.
+    rekey_learning: Option<u64>,
+}
+
+/// Sends `PLAINTEXT_DATAGRAMS` UDP datagrams from A to B (no policy covers UDP) and, with
+/// `tcp`, a TCP stream on a port whose policies bypass IPsec; returns the summary and the
+/// mismatches counted meanwhile.
+fn plaintext(t: &Topology, s: &Scenario, cg: &Path, tcp: bool) -> (String, u64) {
+    let mismatches = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("natt_monitor_checksum_mismatches_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = mismatches(&scrape(&t.b));
+    let x = t.addrs;
+    let rx = t.b.enter(|| {
+        let s = UdpSocket::bind(Addrs::sock(x.b, PLAINTEXT_PORT)).expect("bind plaintext UDP");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        s
+    });
+    t.a.enter(|| {
+        let tx = UdpSocket::bind(Addrs::sock(x.any, 0)).expect("bind sender");
+        for i in 0..PLAINTEXT_DATAGRAMS {
+            let msg = vec![i as u8; 200 + i as usize];
+            tx.send_to(&msg, Addrs::sock(x.b, PLAINTEXT_PORT))
+                .expect("send plaintext datagram");
+        }
+    });
+    let mut got = 0u64;
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = rx.recv(&mut buf) {
+        let i = got;
+        if n == 200 + i as usize && buf[..n].iter().all(|b| *b == i as u8) {
+            got += 1;
+        }
+    }
+    let mut summary = format!("udp={got}/{PLAINTEXT_DATAGRAMS}");
+    if tcp {
+        t.allow_plaintext_tcp(s);
+        let (received, differing) = stream(t, cg, 256 << 10, PLAINTEXT_PORT);
+        summary.push_str(if (received, differing) == (256 << 10, 0) {
+            ",tcp=exact"
+        } else {
+            ",tcp=DAMAGED"
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    (summary, mismatches(&scrape(&t.b)) - before)
+}
+
+/// Streams from A while the child SA and then the IKE SA are rekeyed from A, and waits for B's
+/// SAs to change; returns how many more segments went to learning (0: the new SA was verified
+/// from its first segment), and whether that stream was exact.
+fn rekey_during_stream(t: &Topology, cg: &Path, learning: &str) -> (u64, bool) {
+    const BYTES: u64 = 2 << 20;
+    let l0 = metric(&scrape(&t.b), learning);
+    let spis = |ns: &Netns| ns_out(ns, &["ip", "xfrm", "state"]);
+    let before = spis(&t.b);
+    let (received, differing) = std::thread::scope(|scope| {
+        let streaming = scope.spawn(|| stream(t, cg, BYTES, 5003));
+        std::thread::sleep(Duration::from_millis(300));
+        for what in [["--child", "t"], ["--ike", "natt"]] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &t.a.name, "swanctl", "--rekey"])
+                .args(what)
+                .args(["--uri", &vici_uri("a")])
+                .env("STRONGSWAN_CONF", "/tmp/ss-a/strongswan.conf")
+                .output()
+                .expect("swanctl --rekey");
+            assert!(
+                out.status.success(),
+                "swanctl --rekey {what:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while spis(&t.b) == before {
+            assert!(Instant::now() < deadline, "the child SA was not rekeyed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        streaming.join().expect("stream thread")
+    });
+    // A second stream entirely on the new SA.
+    let (again, bad) = stream(t, cg, 256 << 10, 5004);
+    std::thread::sleep(Duration::from_millis(500));
+    (
+        metric(&scrape(&t.b), learning) - l0,
+        (received, differing, again, bad) == (BYTES, 0, 256 << 10, 0),
+    )
 }
 
 fn expected_nat_residual() -> u16 {
@@ -725,9 +855,12 @@ fn expected_nat_residual() -> u16 {
     reason = "one scenario from set-up to readings, in the order it happens"
 )]
 fn run(s: &Scenario) -> Measured {
+    if s.setup == Setup::SharedNat {
+        return run_shared_nat(s);
+    }
     let t = Topology::new(s);
     let cg = Cgroup::new();
-    let d = start_monitor(&t.b, &cg.path, s.mode, s.name);
+    let d = start_monitor(&t.b, s.mode, s.name);
     if s.setup == Setup::Gro {
         // Before the SAs: a state takes its GRO (offload) handlers when it is created. The
         // module stays loaded for the rest of this boot, so this scenario runs last.
@@ -763,6 +896,13 @@ fn run(s: &Scenario) -> Measured {
             "false positives after learning"
         );
     }
+    // Plaintext from the NAT'd peer, after its SA's residual (non-zero) was learned.
+    let (plaintext, plaintext_mismatches) = if s.nat {
+        let (summary, mismatches) = plaintext(&t, s, &cg.path, s.setup == Setup::Manual);
+        (Some(summary), mismatches)
+    } else {
+        (None, 0)
+    };
     if s.setup == Setup::Gro {
         // What `natt-monitor check` says on a host in this state (shown in docs/vm-tests.md).
         let out = Command::new("ip")
@@ -809,6 +949,8 @@ fn run(s: &Scenario) -> Measured {
         std::thread::sleep(Duration::from_millis(500));
         metric(&scrape(&t.b), aggregated) - g1
     });
+    let rekey = (s.setup == Setup::StrongSwan)
+        .then(|| rekey_during_stream(&t, &cg.path, &series("learning_packets_total")));
     let removed_live = (s.setup == Setup::StrongSwan).then(|| {
         // Tear the IKE SA down from A: B's charon deletes its SAs, the monitor must notice.
         let _ = Command::new("ip")
@@ -860,7 +1002,265 @@ fn run(s: &Scenario) -> Measured {
         aggregated: g1 - g0,
         aggregated_after_remedy,
         removed_live,
+        plaintext,
+        plaintext_mismatches,
+        rekey_learning: rekey.map(|(l, exact)| if exact { l } else { u64::MAX }),
+        captured: captured(s.name),
     }
+}
+
+/// Second sender behind the NAT.
+const A2: &str = "10.3.0.1";
+const R_A2: &str = "10.3.0.2";
+
+/// The null cipher and its empty key, for `xfrm_state`.
+const NULL_CIPHER: [&str; 2] = ["ecb(cipher_null)", ""];
+
+/// `ip xfrm state add` of one transport-mode ESP SA: `enc` is the cipher and key, `encap` the
+/// UDP encapsulation ports and original address (`None`: plain ESP).
+fn xfrm_state(
+    ns: &Netns,
+    src: &str,
+    dst: &str,
+    spi: &str,
+    reqid: &str,
+    enc: [&str; 2],
+    encap: Option<(u16, u16, &str)>,
+) {
+    let ports = encap.map(|(sp, dp, oa)| (sp.to_string(), dp.to_string(), oa));
+    let mut args = vec![
+        "ip",
+        "-n",
+        &ns.name,
+        "xfrm",
+        "state",
+        "add",
+        "src",
+        src,
+        "dst",
+        dst,
+        "proto",
+        "esp",
+        "spi",
+        spi,
+        "reqid",
+        reqid,
+        "mode",
+        "transport",
+        "enc",
+        enc[0],
+        enc[1],
+    ];
+    if let Some((sp, dp, oa)) = &ports {
+        args.extend_from_slice(&["encap", "espinudp", sp, dp, oa]);
+    }
+    sh(&args);
+}
+
+/// One TCP policy, below the plaintext bypass of `allow_plaintext_tcp` (a lower priority number
+/// wins); `port` (with `sport`/`dport`) narrows it, `reqid` picks the SA.
+fn tcp_policy(ns: &Netns, src: &str, dst: &str, dir: &str, port: Option<(&str, u16)>, reqid: &str) {
+    let p;
+    let mut args = vec![
+        "ip", "-n", &ns.name, "xfrm", "policy", "add", "src", src, "dst", dst, "proto", "tcp",
+    ];
+    if let Some((side, port)) = port {
+        p = port.to_string();
+        args.extend_from_slice(&[side, &p]);
+    }
+    args.extend_from_slice(&[
+        "dir",
+        dir,
+        "priority",
+        "100",
+        "tmpl",
+        "src",
+        src,
+        "dst",
+        dst,
+        "proto",
+        "esp",
+        "mode",
+        "transport",
+        "reqid",
+        reqid,
+    ]);
+    sh(&args);
+}
+
+/// Two hosts with different private addresses behind one masquerading NAT, each with its own
+/// SAs to B: A (10.1.0.1, encapsulation port 4500, reqid 1, TCP ports 5000/5001 on B) and A2
+/// (10.3.0.1, port 4501, reqid 2, TCP ports 5100/5101). B sees both as R's address; their NAT
+/// residuals differ, and each SA must be verified against its own.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario from set-up to readings, in the order it happens"
+)]
+fn run_shared_nat(s: &Scenario) -> Measured {
+    let t = Topology::new(s);
+    let x = t.addrs;
+    let a2 = Netns::new("vma2");
+    sh(&[
+        "ip", "link", "add", "va2", "netns", &a2.name, "type", "veth", "peer", "name", "ra2",
+        "netns", &t.r.name,
+    ]);
+    for (ns, dev, addr) in [(&a2, "va2", A2), (&t.r, "ra2", R_A2)] {
+        sh(&[
+            "ip",
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            dev,
+        ]);
+        sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
+    }
+    sh(&["ip", "-n", &a2.name, "route", "add", "default", "via", R_A2]);
+    let _encap2 = encap_socket(&a2, false, x, 4501);
+    let cg = Cgroup::new();
+    let d = start_monitor(&t.b, s.mode, s.name);
+    let nat = x.r_b;
+    // A and A2: one pair of SAs each, every TCP segment to B through them.
+    for (ns, me, spi_out, spi_in, port) in [
+        (&t.a, x.a, "0x1001", "0x2001", 4500),
+        (&a2, A2, "0x1002", "0x2002", 4501),
+    ] {
+        xfrm_state(
+            ns,
+            me,
+            x.b,
+            spi_out,
+            "0",
+            NULL_CIPHER,
+            Some((port, 4500, x.any)),
+        );
+        xfrm_state(
+            ns,
+            x.b,
+            me,
+            spi_in,
+            "0",
+            NULL_CIPHER,
+            Some((4500, port, x.any)),
+        );
+        tcp_policy(ns, me, x.b, "out", None, "0");
+        tcp_policy(ns, x.b, me, "in", None, "0");
+    }
+    // B: both pairs from and to the NAT's address, told apart by reqid; the TCP port picks it.
+    for (spi_in, spi_out, port, reqid, tcp_ports) in [
+        ("0x1001", "0x2001", 4500, "1", [5000, 5001]),
+        ("0x1002", "0x2002", 4501, "2", [5100, 5101]),
+    ] {
+        xfrm_state(
+            &t.b,
+            nat,
+            x.b,
+            spi_in,
+            reqid,
+            NULL_CIPHER,
+            Some((port, 4500, x.any)),
+        );
+        xfrm_state(
+            &t.b,
+            x.b,
+            nat,
+            spi_out,
+            reqid,
+            NULL_CIPHER,
+            Some((4500, port, x.any)),
+        );
+        for p in tcp_ports {
+            tcp_policy(&t.b, nat, x.b, "in", Some(("dport", p)), reqid);
+            tcp_policy(&t.b, x.b, nat, "out", Some(("sport", p)), reqid);
+        }
+    }
+    let peer = format!("{nat}/32");
+    let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}");
+    wait_until(
+        &t.b,
+        &d,
+        "the NAT's address is discovered as one peer",
+        |b| metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1,
+    );
+    for (from, port) in [(&t.a, 5000), (&a2, 5100)] {
+        let (got, bad) = stream_from(&t, from, &cg.path, WARMUP, port);
+        assert_eq!((got, bad), (WARMUP, 0), "warm-up stream to port {port}");
+    }
+    wait_until(&t.b, &d, "both SAs' residuals are learned", |_| {
+        fs::read_to_string(&d.log)
+            .unwrap_or_default()
+            .matches("NAT residual learned")
+            .count()
+            == 2
+    });
+    let aggregated = "natt_monitor_skipped_packets_total{reason=\"aggregated\"}";
+    let kernel = "natt_monitor_kernel_tcp_in_csum_errors_total";
+    let before = scrape(&t.b);
+    t.corrupt(s);
+    ns_sh(
+        &t.r,
+        &[
+            "nft",
+            &format!(
+                "add rule ip natt corrupt ip saddr {A2} udp dport 4500 meta length > 1000 numgen inc mod {CORRUPT_EVERY} == 0 counter @th,{CORRUPT_BIT},32 set 0xdeadbeef"
+            ),
+        ],
+    );
+    let (r1, d1) = stream_from(&t, &t.a, &cg.path, STREAM, 5001);
+    let (r2, d2) = stream_from(&t, &a2, &cg.path, STREAM, 5101);
+    std::thread::sleep(Duration::from_millis(500));
+    let text = scrape(&t.b);
+    let log = fs::read_to_string(&d.log).unwrap_or_default();
+    let mut residuals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("NAT residual learned"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("residual="))
+        })
+        .collect();
+    residuals.sort_unstable();
+    Measured {
+        injected: t.injected(),
+        detected: metric(&text, &series("checksum_mismatches_total")),
+        dropped: metric(&text, &series("dropped_packets_total")),
+        verified: metric(&text, &series("verified_packets_total")),
+        learning: metric(&text, &series("learning_packets_total")),
+        received: r1 + r2,
+        differing: d1 + d2,
+        kernel_csum_errors: metric(&text, kernel) - metric(&before, kernel),
+        xfrm_peers: metric(&text, "natt_monitor_peers{source=\"xfrm\"}"),
+        residual: residuals.join(","),
+        aggregated: metric(&text, aggregated) - metric(&before, aggregated),
+        captured: captured(s.name),
+        ..Measured::default()
+    }
+}
+
+/// The residuals the shared-NAT scenario's two SAs must learn, sorted as their text.
+fn shared_nat_residuals() -> String {
+    let x = &V4;
+    let mut want: Vec<String> = [x.a, A2]
+        .iter()
+        .map(|orig| {
+            let mut p = PeerSpec::new(parse_cidr(x.r_b).expect("cidr"), Mode::Observe);
+            p.nat = Some(NatAddresses {
+                original_src: orig.parse().expect("ip"),
+                original_dst: x.b.parse().expect("ip"),
+                observed_src: x.r_b.parse().expect("ip"),
+                observed_dst: x.b.parse().expect("ip"),
+            });
+            format!("{:#06x}", p.expected_residual().expect("same family"))
+        })
+        .collect();
+    want.sort_unstable();
+    assert_ne!(
+        want[0], want[1],
+        "the two hosts must leave different residuals"
+    );
+    want.join(",")
 }
 
 /// The scenario's claims, as assertions on what it measured.
@@ -887,6 +1287,36 @@ fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
         expect(
             m.removed_live == Some(true),
             "the peer was not removed when its SAs were deleted".into(),
+        );
+    }
+    // Fewer mismatches than the capture's burst: every one is in the file.
+    expect(
+        m.captured == m.detected,
+        format!("captured {} != detected {}", m.captured, m.detected),
+    );
+    if let Some(p) = &m.plaintext {
+        let want = if s.setup == Setup::Manual {
+            format!("udp={PLAINTEXT_DATAGRAMS}/{PLAINTEXT_DATAGRAMS},tcp=exact")
+        } else {
+            format!("udp={PLAINTEXT_DATAGRAMS}/{PLAINTEXT_DATAGRAMS}")
+        };
+        expect(
+            *p == want,
+            format!("plaintext from the peer: {p}, want {want}"),
+        );
+        expect(
+            m.plaintext_mismatches == 0,
+            format!("{} mismatches on plaintext", m.plaintext_mismatches),
+        );
+    }
+    if let Some(l) = m.rekey_learning {
+        expect(
+            l == 0,
+            if l == u64::MAX {
+                "the stream after the rekeys was not byte-exact".to_owned()
+            } else {
+                format!("{l} segments went unverified for learning after the rekey")
+            },
         );
     }
     if let Some(after) = m.aggregated_after_remedy {
@@ -923,7 +1353,11 @@ fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
                 m.kernel_csum_errors
             ),
         );
-        let want = format!("{:#06x}", if s.nat { expected_nat_residual() } else { 0 });
+        let want = if s.setup == Setup::SharedNat {
+            shared_nat_residuals()
+        } else {
+            format!("{:#06x}", if s.nat { expected_nat_residual() } else { 0 })
+        };
         expect(
             m.residual == want,
             format!("learned residual {} != {want}", m.residual),
@@ -946,9 +1380,14 @@ fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
             ),
         );
     }
+    let streamed = if s.setup == Setup::SharedNat {
+        2 * STREAM
+    } else {
+        STREAM
+    };
     expect(
-        m.received == STREAM,
-        format!("received {} of {STREAM}", m.received),
+        m.received == streamed,
+        format!("received {} of {streamed}", m.received),
     );
     let exact_expected =
         !s.corrupt || s.mode == Mode::Enforce || !s.encap || s.setup == Setup::StrongSwan;
@@ -1001,7 +1440,7 @@ fn main() {
             Ok(m) => {
                 let verdict = check(s, &m);
                 println!(
-                    "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} seconds={secs:.1} result={}",
+                    "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} captured={} seconds={secs:.1} result={}",
                     s.name,
                     s.setup,
                     s.mode,
@@ -1027,6 +1466,10 @@ fn main() {
                     m.aggregated_after_remedy
                         .map_or_else(|| "-".to_owned(), |n| n.to_string()),
                     m.removed_live.map_or("-", |r| if r { "yes" } else { "no" }),
+                    m.plaintext.as_deref().unwrap_or("-"),
+                    m.rekey_learning
+                        .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                    m.captured,
                     if verdict.is_ok() { "ok" } else { "FAILED" }
                 );
                 match verdict {

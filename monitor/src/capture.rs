@@ -1,0 +1,275 @@
+//! `--capture FILE`: the mismatching packets themselves, in a pcapng file that Wireshark and
+//! tshark open, and nothing else. Owns the capture ring buffer and the file.
+//!
+//! Bounded on every side: the kernel copies at most `CAPTURE_SNAP` bytes of each packet into a
+//! 1 MiB ring buffer (a full ring is counted, `ring_full`); this module writes at most
+//! `CAPTURE_PER_SECOND` packets a second after a burst of `CAPTURE_BURST` (the rest are counted,
+//! `rate_limited`), and stops writing once the file would pass its size limit (counted,
+//! `file_full`). Every packet the verifier found corrupt is therefore either in the file or in
+//! one of those counts. The link type is raw IP (`LINKTYPE_RAW`): the packets start at their IP
+//! header, as the verifier saw them after decapsulation.
+
+use std::{
+    fs::File,
+    io::{self, BufWriter, Write as _},
+    path::{Path, PathBuf},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use monitor_ebpf::{CAPTURE_SNAP, CaptureRecord};
+use pcap_file::{
+    DataLink,
+    pcapng::{
+        PcapNgWriter,
+        blocks::{
+            enhanced_packet::EnhancedPacketBlock, interface_description::InterfaceDescriptionBlock,
+        },
+    },
+};
+use prometheus::IntCounterVec;
+
+use crate::events::RateLimiter;
+
+/// Packets written at once before the rate applies.
+pub const CAPTURE_BURST: u32 = 100;
+/// Packets written per second after the burst.
+pub const CAPTURE_PER_SECOND: u32 = 20;
+/// Default size limit of the capture file.
+pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+
+/// Why a capture could not start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The file could not be created or written.
+    #[error("--capture {}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The open capture file.
+pub struct Capture {
+    writer: PcapNgWriter<BufWriter<File>>,
+    path: PathBuf,
+    written_bytes: u64,
+    max_bytes: u64,
+    limiter: RateLimiter,
+    results: IntCounterVec,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("path", &self.path)
+            .field("written_bytes", &self.written_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes an enhanced packet block of `caplen` bytes takes (header, padded data, trailer).
+const fn block_bytes(caplen: usize) -> u64 {
+    (32 + caplen.div_ceil(4) * 4) as u64
+}
+
+impl Capture {
+    /// Creates (or truncates) `path` and writes the section and interface headers.
+    /// `results` is `natt_monitor_capture_packets_total`, by `result`.
+    ///
+    /// # Errors
+    /// `CaptureError::File` naming the path.
+    pub fn create(
+        path: &Path,
+        max_bytes: u64,
+        results: IntCounterVec,
+    ) -> Result<Self, CaptureError> {
+        let fail = |source: io::Error| CaptureError::File {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::create(path).map_err(fail)?;
+        let mut writer = PcapNgWriter::new(BufWriter::new(file)).map_err(|e| fail(pcap_io(e)))?;
+        let idb = InterfaceDescriptionBlock {
+            linktype: DataLink::RAW,
+            snaplen: CAPTURE_SNAP as u32,
+            options: vec![],
+        };
+        let header = writer
+            .write_pcapng_block(idb)
+            .map_err(|e| fail(pcap_io(e)))?;
+        writer.get_mut().flush().map_err(fail)?;
+        Ok(Self {
+            writer,
+            path: path.to_owned(),
+            written_bytes: 28 + header as u64,
+            max_bytes,
+            limiter: RateLimiter::new(CAPTURE_PER_SECOND, CAPTURE_BURST),
+            results,
+        })
+    }
+
+    /// Writes one record from the ring buffer (or counts why not).
+    ///
+    /// # Errors
+    /// `CaptureError::File` when writing fails.
+    pub fn record(&mut self, bytes: &[u8]) -> Result<(), CaptureError> {
+        if bytes.len() < size_of::<CaptureRecord>() {
+            tracing::warn!(len = bytes.len(), "short record in the capture ring buffer");
+            return Ok(());
+        }
+        // SAFETY: length checked; CaptureRecord is plain old data valid for any bit pattern.
+        let rec: CaptureRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let caplen = (rec.caplen as usize).min(CAPTURE_SNAP);
+        if self.written_bytes + block_bytes(caplen) > self.max_bytes {
+            self.results.with_label_values(&["file_full"]).inc();
+            return Ok(());
+        }
+        if self.limiter.admit(Instant::now()).is_none() {
+            self.results.with_label_values(&["rate_limited"]).inc();
+            return Ok(());
+        }
+        let block = EnhancedPacketBlock {
+            interface_id: 0,
+            timestamp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+            original_len: rec.len,
+            data: rec.data[..caplen].into(),
+            options: vec![],
+        };
+        let n = self
+            .writer
+            .write_pcapng_block(block)
+            .map_err(|e| self.fail(pcap_io(e)))?;
+        self.written_bytes += n as u64;
+        self.results.with_label_values(&["written"]).inc();
+        Ok(())
+    }
+
+    /// Flushes what was written, so the file is whole between batches.
+    ///
+    /// # Errors
+    /// `CaptureError::File`.
+    pub fn flush(&mut self) -> Result<(), CaptureError> {
+        self.writer.get_mut().flush().map_err(|e| self.fail(e))
+    }
+
+    fn fail(&self, source: io::Error) -> CaptureError {
+        CaptureError::File {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+fn pcap_io(e: pcap_file::PcapError) -> io::Error {
+    match e {
+        pcap_file::PcapError::IoError(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pcap_file::pcapng::{Block, PcapNgReader};
+    use prometheus::Opts;
+
+    use super::*;
+
+    fn results() -> IntCounterVec {
+        IntCounterVec::new(Opts::new("t", "t"), &["result"]).unwrap()
+    }
+
+    fn record(len: u32, fill: u8) -> Vec<u8> {
+        let mut rec = CaptureRecord {
+            len,
+            caplen: len.min(CAPTURE_SNAP as u32),
+            ifindex: 1,
+            action: 1,
+            pad: [0; 3],
+            data: [0; CAPTURE_SNAP],
+        };
+        rec.data[..rec.caplen as usize].fill(fill);
+        // SAFETY: plain old data viewed as bytes.
+        unsafe {
+            std::slice::from_raw_parts((&raw const rec).cast::<u8>(), size_of::<CaptureRecord>())
+        }
+        .to_vec()
+    }
+
+    fn packets(path: &Path) -> Vec<(u32, Vec<u8>)> {
+        let mut r = PcapNgReader::new(File::open(path).unwrap()).unwrap();
+        let mut out = Vec::new();
+        while let Some(b) = r.next_block() {
+            match b.unwrap() {
+                Block::EnhancedPacket(p) => out.push((p.original_len, p.data.to_vec())),
+                Block::InterfaceDescription(i) => assert_eq!(i.linktype, DataLink::RAW),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn writes_packets_then_counts_what_the_size_limit_leaves_out() {
+        let dir = std::env::temp_dir().join(format!("natt-capture-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.pcapng");
+        let res = results();
+        // Room for the headers and exactly two 100-byte packets.
+        let mut c = Capture::create(&path, 28 + 20 + 2 * block_bytes(100), res.clone()).unwrap();
+        c.record(&record(100, 0xaa)).unwrap();
+        c.record(&record(100, 0xbb)).unwrap();
+        c.record(&record(100, 0xcc)).unwrap();
+        // A 9000-byte packet is cut at the snap length, its original length kept.
+        c.record(&record(9000, 0xdd)).unwrap();
+        c.record(&record(10, 0)[..10]).unwrap();
+        c.flush().unwrap();
+        let got = packets(&path);
+        assert_eq!(
+            got,
+            vec![(100, vec![0xaa; 100]), (100, vec![0xbb; 100])],
+            "two packets fit"
+        );
+        assert_eq!(res.with_label_values(&["written"]).get(), 2);
+        assert_eq!(res.with_label_values(&["file_full"]).get(), 2);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            28 + 20 + 2 * block_bytes(100)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_path_that_cannot_be_created_names_the_flag_and_the_path() {
+        let e = Capture::create(Path::new("/nonexistent/dir/bad.pcapng"), 1 << 20, results())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--capture /nonexistent/dir/bad.pcapng: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn the_rate_limit_counts_what_it_leaves_out() {
+        let dir = std::env::temp_dir().join(format!("natt-capture-rl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.pcapng");
+        let res = results();
+        let mut c = Capture::create(&path, 1 << 30, res.clone()).unwrap();
+        let n = u64::from(CAPTURE_BURST) + 7;
+        for _ in 0..n {
+            c.record(&record(60, 1)).unwrap();
+        }
+        c.flush().unwrap();
+        let written = res.with_label_values(&["written"]).get();
+        let limited = res.with_label_values(&["rate_limited"]).get();
+        assert_eq!(written + limited, n);
+        assert!(written >= u64::from(CAPTURE_BURST), "{written}");
+        assert_eq!(packets(&path).len() as u64, written);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

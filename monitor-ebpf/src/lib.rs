@@ -127,10 +127,14 @@ pub enum Counter {
     /// Address scope only: the checksum field holds just the pseudo-header sum
     /// (`CHECKSUM_PARTIAL`: loopback, veth with tx offload), so there is nothing to verify.
     SkipPartialChecksum = 11,
+    /// SA scope: the segment has a `sec_path`, but its state could not be read (a kernel
+    /// layout that BTF described wrongly, or a state torn down under it): not verified. A rising
+    /// count is a bug report, not traffic.
+    SkipIpsecUnreadable = 12,
     /// Mismatch events that did not fit in the ring buffer.
-    EventsLost = 12,
+    EventsLost = 13,
     /// `--capture`: mismatching packets that did not fit in the capture ring buffer.
-    CaptureLost = 13,
+    CaptureLost = 14,
 }
 
 /// Number of slots in `COUNTERS`.
@@ -153,6 +157,7 @@ pub const SKIP_REASONS: [(Counter, &str); Counter::EventsLost as usize] = [
     (Counter::SkipIpsecCheckedByKernel, "ipsec_checked_by_kernel"),
     (Counter::SkipIke, "ike"),
     (Counter::SkipPartialChecksum, "partial_checksum"),
+    (Counter::SkipIpsecUnreadable, "ipsec_unreadable"),
 ];
 
 // Every skip reason sits at its own counter index.

@@ -3,7 +3,7 @@
 //! The kernel-side counters are cumulative per-CPU values; each scrape reads them, sums over
 //! CPUs and sets the exported counters to those totals under one lock, so a scrape is a
 //! consistent snapshot. Label values are bounded: `peer` only ever holds a configured (or
-//! discovered) prefix, `proto` is tcp/udp, `reason` one of eight skip reasons, `source` one of
+//! discovered) prefix, `proto` is tcp/udp, `reason` one of the skip reasons, `source` one of
 //! the peer sources.
 
 use std::{collections::BTreeSet, sync::Mutex};

@@ -245,8 +245,8 @@ mod prog {
         };
         let action = match expected {
             None => {
-                // The residual of this SA is not known yet: report what this segment left and
-                // pass it, neither verified nor a mismatch.
+                // The residual of this NAT mapping is not known yet: report what this segment
+                // left and pass it, neither verified nor a mismatch.
                 count(peer.id, |s| s.learning[p] += 1);
                 ACTION_LEARNING
             }
@@ -303,7 +303,7 @@ mod prog {
     #[inline(always)]
     fn kread<T>(addr: u64) -> Result<T, Counter> {
         // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly.
-        unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| Counter::SkipNotIpsec)
+        unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| Counter::SkipIpsecUnreadable)
     }
 
     /// The SA that decapsulated this segment, if its checksum is one the kernel skipped: the
@@ -326,7 +326,7 @@ mod prog {
             kread::<u32>(sp + u64::from(l.sp_len))?
         };
         if len == 0 || len > XFRM_MAX_DEPTH {
-            return Err(Counter::SkipNotIpsec);
+            return Err(Counter::SkipIpsecUnreadable);
         }
         let x: u64 = kread(sp + u64::from(l.sp_xvec) + u64::from(len - 1) * 8)?;
         let encap: u64 = kread(x + u64::from(l.x_encap))?;

@@ -135,17 +135,19 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
     let mut r = Report::default();
 
     match kernel_release(proc_root) {
-        Some((maj, min, rel)) if (maj, min) >= (5, 17) => {
+        Some((maj, min, rel)) if (maj, min) >= (5, 8) => {
             r.push(
                 "kernel",
                 Status::Ok,
-                format!("{rel} (5.17+ has bpf_loop, ring buffers and bpf_link cgroup attach)"),
+                format!("{rel} (5.8+ has ring buffers, CAP_PERFMON and bpf_link cgroup attach)"),
             );
         }
         Some((_, _, rel)) => r.push(
             "kernel",
             Status::Fail,
-            format!("{rel}: natt-monitor needs 5.17 or newer (bpf_loop)"),
+            format!(
+                "{rel}: natt-monitor needs 5.8 or newer (ring buffers, CAP_PERFMON, bpf_link cgroup attach)"
+            ),
         ),
         None => r.push(
             "kernel",
@@ -212,13 +214,24 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
     }
 
     let mut verifier = match Verifier::load(&scope) {
-        Ok(v) => {
+        Ok(mut v) => {
+            // How close the program is to the verifier's limit on this kernel.
+            let cost = v
+                .program_mut()
+                .ok()
+                .and_then(|p| p.info().ok())
+                .and_then(|i| i.verified_instruction_count())
+                .map_or_else(String::new, |n| {
+                    format!("; {n} of 1000000 instructions processed")
+                });
             r.push(
                 "bpf program load",
                 Status::Ok,
                 format!(
-                    "the kernel verifier accepted natt_verify (cgroup_skb, {} scope)",
-                    scope.as_str()
+                    "the kernel verifier accepted {} (cgroup_skb, {} scope, {} variant{cost})",
+                    v.variant().program(),
+                    scope.as_str(),
+                    v.variant().as_str()
                 ),
             );
             Some(v)

@@ -398,10 +398,11 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let discovered = PeerState::scoped(scope, discovered);
     let table = PeerTable::new(merge(&statics, &discovered))?;
     let metrics = Metrics::new()?;
-    metrics.set_scope(scope.as_str());
     let suppressed = metrics.log_suppressed();
 
     let mut verifier = Verifier::load_with(&scope, settings.capture.is_some())?;
+    metrics.set_program(scope.as_str(), verifier.variant().as_str());
+    let variant = verifier.variant().as_str();
     verifier.set_peers(&table)?;
     let capture = match &settings.capture {
         Some(path) => {
@@ -468,6 +469,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         peers = table.len(),
         discover = if watch.is_some() { "xfrm" } else { "none" },
         %scope,
+        variant,
         "verifier attached at cgroup_skb ingress"
     );
     log_peers(&table);

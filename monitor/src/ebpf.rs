@@ -38,6 +38,41 @@ pub static TESTBED_OBJ: &[u8] =
 /// Name of the `cgroup_skb` program in `VERIFIER_OBJ`.
 pub const PROGRAM: &str = "natt_verify";
 
+/// The same verifier without `bpf_loop`, for kernels before 5.17.
+pub const PROGRAM_COMPAT: &str = "natt_verify_compat";
+
+/// A program that loads only where the kernel has `bpf_loop`: the feature probe.
+const PROBE_BPF_LOOP: &str = "natt_probe_bpf_loop";
+
+/// Which of the verifier's two programs runs: chosen by probing the kernel, not by version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `natt_verify`: one `bpf_loop` callback per chunk (5.17+).
+    BpfLoop,
+    /// `natt_verify_compat`: a bounded loop (5.8 to 5.16).
+    BoundedLoop,
+}
+
+impl Variant {
+    /// Its program's name in the object.
+    #[must_use]
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::BpfLoop => PROGRAM,
+            Self::BoundedLoop => PROGRAM_COMPAT,
+        }
+    }
+
+    /// For logs, `check` and `natt_monitor_program_info`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BpfLoop => "bpf_loop",
+            Self::BoundedLoop => "bounded_loop",
+        }
+    }
+}
+
 /// Failures of the verifier's kernel side, each naming what it was doing.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfFailure {
@@ -63,8 +98,10 @@ pub enum EbpfFailure {
     },
     /// The kernel verifier rejected the program, or loading was not permitted. The message
     /// keeps the verifier log's last lines (its verdict); the whole log is logged at debug level.
-    #[error("loading program `{PROGRAM}` into the kernel: {}{hint}", log_tail(cause), hint = privilege_hint(cause))]
+    #[error("loading program `{program}` into the kernel: {}{hint}", log_tail(cause), hint = privilege_hint(cause))]
     ProgramLoad {
+        /// The program.
+        program: &'static str,
         /// Underlying error (its text includes the whole verifier log).
         cause: ProgramError,
     },
@@ -86,8 +123,10 @@ pub enum EbpfFailure {
         mount: Option<PathBuf>,
     },
     /// Attaching failed.
-    #[error("attaching `{PROGRAM}` to cgroup {} ingress: {source}{hint}", path.display(), hint = privilege_hint(source))]
+    #[error("attaching `{program}` to cgroup {} ingress: {source}{hint}", path.display(), hint = privilege_hint(source))]
     Attach {
+        /// The program.
+        program: &'static str,
         /// The cgroup.
         path: PathBuf,
         /// Underlying error.
@@ -163,6 +202,7 @@ impl Counters {
 /// The loaded (and possibly attached) verifier.
 pub struct Verifier {
     bpf: Ebpf,
+    variant: Variant,
     attached_to: Option<PathBuf>,
     link: Option<CgroupSkbLinkId>,
     /// What `set_peers` last installed.
@@ -192,9 +232,23 @@ impl Verifier {
     /// # Errors
     /// As `load`.
     pub fn load_with(scope: &Scope, capture: bool) -> Result<Self, EbpfFailure> {
+        Self::load_variant(scope, capture, None)
+    }
+
+    /// As `load_with`, with the program variant forced (`Some`, for tests that prove both give
+    /// the same results) or probed (`None`).
+    ///
+    /// # Errors
+    /// As `load`.
+    pub fn load_variant(
+        scope: &Scope,
+        capture: bool,
+        variant: Option<Variant>,
+    ) -> Result<Self, EbpfFailure> {
         if VERIFIER_OBJ.is_empty() {
             return Err(EbpfFailure::NoObject);
         }
+        raise_memlock_limit();
         let layout = scope.layout();
         let capture = u32::from(capture);
         let mut bpf = EbpfLoader::new()
@@ -202,17 +256,31 @@ impl Verifier {
             .override_global("CAPTURE_ON", &capture, true)
             .load(VERIFIER_OBJ)
             .map_err(|source| EbpfFailure::Object { source })?;
-        let prog = program(&mut bpf)?;
-        prog.load().map_err(|cause| {
+        let variant = match variant {
+            Some(v) => v,
+            None => probe_variant(&mut bpf)?,
+        };
+        let name = variant.program();
+        program(&mut bpf, name)?.load().map_err(|cause| {
             tracing::debug!(error = %cause, "the kernel refused the verifier program");
-            EbpfFailure::ProgramLoad { cause }
+            EbpfFailure::ProgramLoad {
+                program: name,
+                cause,
+            }
         })?;
         Ok(Self {
             bpf,
+            variant,
             attached_to: None,
             link: None,
             installed: PeerTable::default(),
         })
+    }
+
+    /// Which program variant is loaded.
+    #[must_use]
+    pub const fn variant(&self) -> Variant {
+        self.variant
     }
 
     /// The `cgroup_skb` program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -220,7 +288,7 @@ impl Verifier {
     /// # Errors
     /// `EbpfFailure::Missing` if the object lacks it.
     pub fn program_mut(&mut self) -> Result<&mut CgroupSkb, EbpfFailure> {
-        program(&mut self.bpf)
+        program(&mut self.bpf, self.variant.program())
     }
 
     /// Attaches to `cgroup` (a cgroup v2 directory) at ingress.
@@ -238,7 +306,8 @@ impl Verifier {
                 mount: crate::cgroup::cgroup2_mount(),
             });
         }
-        let prog = program(&mut self.bpf)?;
+        let name = self.variant.program();
+        let prog = program(&mut self.bpf, name)?;
         // Through bpf_link the kernel always attaches in multi mode and rejects explicit attach
         // flags with EINVAL, so `Single` (flags 0) coexists with other programs here.
         let link = prog
@@ -248,6 +317,7 @@ impl Verifier {
                 CgroupAttachMode::Single,
             )
             .map_err(|source| EbpfFailure::Attach {
+                program: name,
                 path: cgroup.to_owned(),
                 source,
             })?;
@@ -262,7 +332,7 @@ impl Verifier {
             return false;
         };
         self.attached_to = None;
-        if let Err(e) = program(&mut self.bpf).map(|p| p.detach(link)) {
+        if let Err(e) = program(&mut self.bpf, self.variant.program()).map(|p| p.detach(link)) {
             // Dropping the object releases the link anyway.
             tracing::warn!(error = %e, "detaching the verifier failed; it goes when the process exits");
         }
@@ -483,12 +553,26 @@ impl Verifier {
     }
 }
 
-fn program(bpf: &mut Ebpf) -> Result<&mut CgroupSkb, EbpfFailure> {
-    bpf.program_mut(PROGRAM)
+/// `BpfLoop` if the kernel loads the `bpf_loop` probe (which is unloaded again), else
+/// `BoundedLoop`.
+fn probe_variant(bpf: &mut Ebpf) -> Result<Variant, EbpfFailure> {
+    let probe = program(bpf, PROBE_BPF_LOOP)?;
+    if probe.load().is_ok() {
+        if let Err(e) = probe.unload() {
+            tracing::debug!(error = %e, "unloading the bpf_loop probe");
+        }
+        Ok(Variant::BpfLoop)
+    } else {
+        Ok(Variant::BoundedLoop)
+    }
+}
+
+fn program<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, EbpfFailure> {
+    bpf.program_mut(name)
         .and_then(|p| <&mut CgroupSkb>::try_from(p).ok())
         .ok_or(EbpfFailure::Missing {
             kind: "program",
-            name: PROGRAM,
+            name,
         })
 }
 
@@ -545,4 +629,19 @@ fn insert_all<K: aya::Pod>(
 
 fn same_key<K: aya::Pod + PartialEq>(a: &Key<K>, b: &Key<K>) -> bool {
     a.prefix_len() == b.prefix_len() && a.data() == b.data()
+}
+
+/// Kernels before 5.11 (Debian 11's 5.10 among them) charge BPF maps to `RLIMIT_MEMLOCK`, whose
+/// usual 64 KiB or 8 MiB would refuse the ring buffers; later ones charge the memory cgroup and
+/// ignore it. Failure is not fatal here: the load that follows reports EPERM with a hint.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
+    if ret != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
 }

@@ -62,6 +62,7 @@ pub struct Metrics {
     log_suppressed: IntCounter,
     up: IntGauge,
     scope: IntGaugeVec,
+    variant: IntGaugeVec,
     capture: IntCounterVec,
     collect_seconds: Gauge,
     /// Peer labels exported by the previous scrape, so removed peers' series can be dropped.
@@ -197,6 +198,17 @@ impl Metrics {
                 "Mismatching packets for --capture, by result: written to the file, or left out (rate_limited, file_full, ring_full).",
                 &["result"],
             )?,
+            variant: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "natt_monitor_program_variant",
+                        "1 for the verifier program the kernel runs, chosen by probing it: bpf_loop (5.17+) or bounded_loop.",
+                    ),
+                    &["variant"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             scope: {
                 let g = IntGaugeVec::new(
                     Opts::new(
@@ -240,12 +252,18 @@ impl Metrics {
         Ok(m)
     }
 
-    /// Marks `scope` ("sa" or "address") as the one in force.
-    pub fn set_scope(&self, scope: &str) {
+    /// Marks `scope` ("sa" or "address") and the program `variant` (`bpf_loop` or
+    /// `bounded_loop`) as the ones in force.
+    pub fn set_program(&self, scope: &str, variant: &str) {
         for s in ["sa", "address"] {
             self.scope
                 .with_label_values(&[s])
                 .set(i64::from(s == scope));
+        }
+        for v in ["bpf_loop", "bounded_loop"] {
+            self.variant
+                .with_label_values(&[v])
+                .set(i64::from(v == variant));
         }
     }
 
@@ -426,7 +444,7 @@ mod tests {
     fn golden_exposition() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.golden.prom");
         let m = Metrics::new().unwrap();
-        m.set_scope("sa");
+        m.set_program("sa", "bpf_loop");
         let text = m.render(&sample());
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(path, &text).unwrap();

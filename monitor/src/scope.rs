@@ -130,10 +130,27 @@ impl Btf<'_> {
         }
     }
 
+    /// The id of the struct, union or enum called `name`. The name index keeps one id per
+    /// name, and on some kernels (5.10) that is a forward declaration, which has no members:
+    /// then the whole type list is searched for the definition.
     fn type_id(&self, name: &str) -> Result<u32, LayoutError> {
+        let defines = |v: &TypeVariant| {
+            matches!(
+                v,
+                TypeVariant::Struct(_) | TypeVariant::Union(_) | TypeVariant::Enum(_)
+            )
+        };
+        if let Some(id) = self.ti.id_of(name)
+            && self.ti.from_id(id).is_some_and(|v| defines(&v))
+        {
+            return Ok(id);
+        }
         self.ti
-            .id_of(name)
-            .ok_or_else(|| self.shape(format!("no type `{name}`")))
+            .get()
+            .iter()
+            .find(|(id, v)| defines(v) && self.ti.name_of(**id).as_deref() == Some(name))
+            .map(|(id, _)| *id)
+            .ok_or_else(|| self.shape(format!("no struct, union or enum `{name}`")))
     }
 
     /// Byte offset and size of `ty.path` (a dotted member path).

@@ -2,13 +2,13 @@
 //! cost for each, so the margin to the 1M-instruction limit shows in every test log.
 
 use natt_monitor::{
-    ebpf::Verifier,
+    ebpf::{Variant, Verifier},
     scope::{self, Scope},
 };
 use natt_monitor_tests::skip_unless_root;
 
-fn load(scope: &Scope) -> Verifier {
-    Verifier::load(scope).unwrap_or_else(|e| {
+fn load(scope: &Scope, variant: Variant) -> Verifier {
+    Verifier::load_variant(scope, false, Some(variant)).unwrap_or_else(|e| {
         let mut chain = vec![e.to_string()];
         let mut src = std::error::Error::source(&e);
         while let Some(inner) = src {
@@ -19,16 +19,17 @@ fn load(scope: &Scope) -> Verifier {
         let lines: Vec<&str> = text.lines().collect();
         // The verifier log's tail says why it refused.
         panic!(
-            "load ({} scope) failed:\n{}",
+            "load ({} scope, {}) failed:\n{}",
             scope.as_str(),
+            variant.as_str(),
             lines[lines.len().saturating_sub(40)..].join("\n")
         );
     })
 }
 
 #[test]
-fn verifier_program_loads_in_both_scopes_and_reports_its_cost() {
-    if skip_unless_root("verifier_program_loads_in_both_scopes_and_reports_its_cost") {
+fn verifier_program_loads_in_both_scopes_and_variants_and_reports_its_cost() {
+    if skip_unless_root("verifier_program_loads_in_both_scopes_and_variants_and_reports_its_cost") {
         return;
     }
     let mut scopes = vec![Scope::Address];
@@ -37,15 +38,23 @@ fn verifier_program_loads_in_both_scopes_and_reports_its_cost() {
         Err(e) => eprintln!("sa scope not loaded: {e}"),
     }
     for s in &scopes {
-        let mut v = load(s);
-        let info = v.program_mut().unwrap().info().expect("program info");
-        let xlated = info.size_translated().expect("translated size");
-        let verified = info.verified_instruction_count();
-        eprintln!(
-            "natt_verify ({} scope): {} translated instructions, {verified:?} instructions processed by the kernel verifier",
-            s.as_str(),
-            xlated / 8
-        );
-        assert!(xlated > 0);
+        for variant in [Variant::BpfLoop, Variant::BoundedLoop] {
+            let mut v = load(s, variant);
+            let info = v.program_mut().unwrap().info().expect("program info");
+            let xlated = info.size_translated().expect("translated size");
+            let verified = info.verified_instruction_count();
+            eprintln!(
+                "{} ({} scope): {} translated instructions, {verified:?} instructions processed by the kernel verifier",
+                variant.program(),
+                s.as_str(),
+                xlated / 8
+            );
+            assert!(xlated > 0);
+        }
     }
+    // This kernel has bpf_loop: the probe picks the callback variant.
+    assert_eq!(
+        Verifier::load(&Scope::Address).unwrap().variant(),
+        Variant::BpfLoop
+    );
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::programs::{TestRun as _, TestRunOptions};
 use monitor_ebpf::{COUNTER_SLOTS, Counter, PROTO_TCP, PROTO_UDP, PeerStats, SaKey, csum};
 use natt_monitor::{
-    ebpf::{Counters, Verifier},
+    ebpf::{Counters, Variant, Verifier},
     events::Mismatch,
     peers::{Mode, NatAddresses, PeerSpec, PeerTable, parse_cidr},
     scope::{self, Scope},
@@ -140,7 +140,12 @@ impl Harness {
     }
 
     fn with_scope(scope: &Scope) -> Self {
-        let mut v = Verifier::load(scope).expect("load verifier");
+        Self::with(scope, None)
+    }
+
+    /// With the program variant forced: both must give the same results.
+    fn with(scope: &Scope, variant: Option<Variant>) -> Self {
+        let mut v = Verifier::load_variant(scope, false, variant).expect("load verifier");
         v.set_peers(&table()).expect("fill peers");
         let ring = v.take_events().expect("event ring");
         Self { v, ring }
@@ -208,7 +213,12 @@ fn intact_segments_are_verified() {
     if skip_unless_root("intact_segments_are_verified") {
         return;
     }
-    let mut h = Harness::new();
+    for variant in [Variant::BpfLoop, Variant::BoundedLoop] {
+        intact_segments_are_verified_by(&mut Harness::with(&Scope::Address, Some(variant)));
+    }
+}
+
+fn intact_segments_are_verified_by(h: &mut Harness) {
     for n in [
         0usize, 1, 2, 3, 63, 64, 65, 511, 512, 513, 1000, 1001, 1448, 3000,
     ] {
@@ -245,7 +255,15 @@ fn every_single_byte_corruption_of_a_1400_byte_segment_is_detected() {
     if skip_unless_root("every_single_byte_corruption_of_a_1400_byte_segment_is_detected") {
         return;
     }
-    let mut h = Harness::new();
+    for variant in [Variant::BpfLoop, Variant::BoundedLoop] {
+        every_single_byte_corruption_is_detected_by(&mut Harness::with(
+            &Scope::Address,
+            Some(variant),
+        ));
+    }
+}
+
+fn every_single_byte_corruption_is_detected_by(h: &mut Harness) {
     for (src, peer, dropped) in [
         (V4_OBSERVE, P_V4_OBSERVE, false),
         (V4_ENFORCE, P_V4_ENFORCE, true),

@@ -44,8 +44,8 @@ enum Task {
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
-    /// The real IPsec path (root; needs `scripts/setup.sh --test`): boots the Debian bookworm
-    /// and bookworm-backports kernels under QEMU and runs the ESP-in-UDP scenarios with
+    /// The real IPsec path (root; needs `scripts/setup.sh --test`): boots Debian's 5.10, 6.1,
+    /// 6.12 and 7.3 kernels (pinned packages) under QEMU and runs the ESP-in-UDP scenarios with
     /// natt-monitor discovering its peers from the SAs. Downloads are cached in target/vm.
     VmTest {
         /// Also write the result table to this file.

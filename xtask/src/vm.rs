@@ -19,24 +19,62 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-/// A kernel to boot: where its metapackage comes from.
-struct KernelSource {
-    /// Short name for logs.
-    label: &'static str,
-    /// apt suite holding the `linux-image-amd64` version to follow.
-    suite: &'static str,
+/// A kernel to boot, pinned to exact Debian packages so that a new upload to the archive
+/// cannot silently change what the suite tests.
+pub struct KernelSource {
+    /// The suite it comes from, for logs and the result table.
+    pub label: &'static str,
+    /// `uname -r`.
+    pub release: &'static str,
+    /// The packages' Debian version.
+    pub version: &'static str,
+    /// Packages that together hold `vmlinuz` and the modules (from 7.x, `linux-image-<release>`
+    /// is a meta-package: the kernel is in `linux-binary-*`, the modules in `linux-modules-*`).
+    packages: &'static [&'static str],
 }
 
-const KERNELS: [KernelSource; 2] = [
+/// The kernel matrix. To move a pin: `apt-cache show linux-image-amd64/<suite>` (with the
+/// suite's lines in a private sources list, as `fetch_kernels` writes them) names the current
+/// package and version.
+pub const KERNELS: [KernelSource; 4] = [
     KernelSource {
-        label: "bookworm",
-        suite: "bookworm-security",
+        label: "bullseye-security",
+        release: "5.10.0-46-amd64",
+        version: "5.10.262-1",
+        packages: &["linux-image-5.10.0-46-amd64"],
+    },
+    KernelSource {
+        label: "bookworm-security",
+        release: "6.1.0-56-amd64",
+        version: "6.1.192-2",
+        packages: &["linux-image-6.1.0-56-amd64"],
     },
     KernelSource {
         label: "bookworm-backports",
-        suite: "bookworm-backports",
+        release: "6.12.95+deb12-amd64",
+        version: "6.12.95-1~bpo12+1",
+        packages: &["linux-image-6.12.95+deb12-amd64"],
+    },
+    KernelSource {
+        label: "trixie-backports",
+        release: "7.3.4+deb13-amd64",
+        version: "7.3.4-1~bpo13+1",
+        packages: &[
+            "linux-binary-7.3.4+deb13-amd64",
+            "linux-modules-7.3.4+deb13-amd64",
+        ],
     },
 ];
+
+/// A kernel unpacked under `target/vm/kernels`.
+pub struct Kernel {
+    /// Its pin.
+    pub source: &'static KernelSource,
+    /// `vmlinuz`.
+    pub vmlinuz: PathBuf,
+    /// `lib/modules/<release>` (or `usr/lib/modules/<release>`).
+    pub modules: PathBuf,
+}
 
 /// Modules the scenarios need; their dependencies are added from each module's `depends=`.
 const MODULES: &[&str] = &[
@@ -61,6 +99,8 @@ const MODULES: &[&str] = &[
     "nft_nat",
     "nft_masq",
     "nft_numgen",
+    // A module on 5.10, built in later.
+    "nft_counter",
     "nf_conntrack",
     "nf_nat",
 ];
@@ -139,69 +179,83 @@ fn apt(dir: &Path, tool: &str) -> Command {
     c
 }
 
-/// Downloads and unpacks the newest kernel image of each suite; returns (release, directory).
-fn fetch_kernels(cache: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// Downloads (once) and unpacks the pinned packages of each kernel in `kernels`.
+fn fetch_kernels(cache: &Path, kernels: &[&'static KernelSource]) -> Result<Vec<Kernel>> {
     let apt_dir = cache.join("apt");
     for d in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
         fs::create_dir_all(apt_dir.join(d))?;
     }
     let keyring = "signed-by=/usr/share/keyrings/debian-archive-keyring.gpg";
-    fs::write(
-        apt_dir.join("sources.list"),
-        format!(
-            "deb [{keyring}] http://deb.debian.org/debian bookworm main\n\
-             deb [{keyring}] http://deb.debian.org/debian-security bookworm-security main\n\
-             deb [{keyring}] http://deb.debian.org/debian bookworm-backports main\n"
-        ),
-    )?;
-    let updated = run_quiet(apt(&apt_dir, "apt-get").args(["update", "-qq"]));
+    let mut sources = String::new();
+    for (repo, suite) in [
+        ("debian-security", "bullseye-security"),
+        ("debian", "bookworm"),
+        ("debian-security", "bookworm-security"),
+        ("debian", "bookworm-backports"),
+        ("debian", "trixie-backports"),
+    ] {
+        let _ = writeln!(
+            sources,
+            "deb [{keyring}] http://deb.debian.org/{repo} {suite} main"
+        );
+    }
+    fs::write(apt_dir.join("sources.list"), sources)?;
+    let mut updated = false;
     let mut out = Vec::new();
-    for k in KERNELS {
-        let pinned = cache.join(format!("{}.package", k.label));
-        let package = match &updated {
-            Ok(_) => {
-                let show = run_quiet(
-                    apt(&apt_dir, "apt-cache")
-                        .args(["show", &format!("linux-image-amd64/{}", k.suite)]),
-                )?;
-                let dep = show
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Depends: "))
-                    .and_then(|d| d.split([' ', ',']).next())
-                    .with_context(|| format!("no Depends in linux-image-amd64/{}", k.suite))?
-                    .to_owned();
-                fs::write(&pinned, &dep)?;
-                dep
+    for k in kernels {
+        let dir = cache.join("kernels").join(k.release);
+        let stamp = dir.join(".natt-version");
+        if fs::read_to_string(&stamp).ok().as_deref() != Some(k.version) {
+            if !updated {
+                run_quiet(apt(&apt_dir, "apt-get").args(["update", "-qq"]))?;
+                updated = true;
             }
-            // Offline: use what an earlier run resolved and cached.
-            Err(e) => fs::read_to_string(&pinned)
-                .map_err(|_| anyhow::anyhow!("apt-get update failed and nothing is cached: {e}"))?,
-        };
-        let release = package
-            .strip_prefix("linux-image-")
-            .context("unexpected kernel package name")?
-            .to_owned();
-        let dir = cache.join("kernels").join(&release);
-        let vmlinuz = dir.join(format!("boot/vmlinuz-{release}"));
-        if !vmlinuz.exists() {
-            eprintln!("xtask: vm-test: downloading {package} ({})", k.label);
             let dl = cache.join("debs");
             fs::create_dir_all(&dl)?;
-            run_quiet(
-                apt(&apt_dir, "apt-get")
-                    .current_dir(&dl)
-                    .args(["download", &package]),
-            )?;
-            let deb = find_deb(&dl, &package)
-                .with_context(|| format!("{package}: no .deb after apt-get download"))?;
-            let tmp = cache.join("kernels").join(format!("{release}.partial"));
-            fs::create_dir_all(cache.join("kernels"))?;
+            let tmp = cache.join("kernels").join(format!("{}.partial", k.release));
             let _ = fs::remove_dir_all(&tmp);
-            run_quiet(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
+            for package in k.packages {
+                eprintln!(
+                    "xtask: vm-test: downloading {package} {} ({})",
+                    k.version, k.label
+                );
+                run_quiet(
+                    apt(&apt_dir, "apt-get")
+                        .current_dir(&dl)
+                        .args(["download", &format!("{package}={}", k.version)]),
+                )
+                .with_context(|| {
+                    format!(
+                        "{package}={} is no longer in {}: move the pin in xtask/src/vm.rs (KERNELS)",
+                        k.version, k.label
+                    )
+                })?;
+                let deb = find_deb(&dl, package)
+                    .with_context(|| format!("{package}: no .deb after apt-get download"))?;
+                run_quiet(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
+                fs::remove_file(&deb)?;
+            }
+            fs::write(tmp.join(".natt-version"), k.version)?;
+            let _ = fs::remove_dir_all(&dir);
             fs::rename(&tmp, &dir)?;
-            fs::remove_file(&deb)?;
         }
-        out.push((release, dir));
+        let modules = ["lib/modules", "usr/lib/modules"]
+            .iter()
+            .map(|m| dir.join(m).join(k.release))
+            .find(|p| p.join("kernel").is_dir())
+            .with_context(|| format!("{}: no modules directory", k.release))?;
+        let vmlinuz = [
+            dir.join(format!("boot/vmlinuz-{}", k.release)),
+            modules.join("vmlinuz"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("{}: no vmlinuz", k.release))?;
+        out.push(Kernel {
+            source: k,
+            vmlinuz,
+            modules,
+        });
     }
     Ok(out)
 }
@@ -304,8 +358,7 @@ fn visit(
 }
 
 /// Copies the needed modules (decompressed) into `dest` and returns them in load order.
-fn stage_modules(kdir: &Path, release: &str, dest: &Path) -> Result<Vec<String>> {
-    let base = kdir.join("lib/modules").join(release);
+fn stage_modules(base: &Path, dest: &Path) -> Result<Vec<String>> {
     let mut index: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut stack = vec![base.join("kernel")];
     while let Some(d) = stack.pop() {
@@ -401,11 +454,11 @@ sleep 5
 
 fn build_initramfs(
     cache: &Path,
-    release: &str,
-    kdir: &Path,
+    kernel: &Kernel,
     bins: &[(&Path, &str)],
     strongswan: &[PathBuf],
 ) -> Result<PathBuf> {
+    let release = kernel.source.release;
     let rootfs = cache.join(format!("rootfs-{release}"));
     let _ = fs::remove_dir_all(&rootfs);
     for d in [
@@ -437,7 +490,7 @@ fn build_initramfs(
     for elf in &elves {
         stage_libraries(elf, &rootfs, Some(&ipsec))?;
     }
-    let order = stage_modules(kdir, release, &rootfs.join("lib/modules"))?;
+    let order = stage_modules(&kernel.modules, &rootfs.join("lib/modules"))?;
     fs::write(rootfs.join("lib/modules/order"), order.join("\n") + "\n")?;
     let init = rootfs.join("init");
     fs::write(&init, INIT)?;
@@ -458,14 +511,21 @@ fn build_initramfs(
 /// One parsed `NATT-VM RESULT` line.
 type Row = BTreeMap<String, String>;
 
-/// Boots the kernel, streams the console, returns RESULT rows and FAIL lines.
-fn boot(
-    cache: &Path,
-    release: &str,
-    kdir: &Path,
-    initrd: &Path,
-    only: &[String],
-) -> Result<(Vec<Row>, Vec<String>)> {
+/// What one guest reported.
+#[derive(Default)]
+struct Guest {
+    rows: Vec<Row>,
+    fails: Vec<String>,
+    /// `NATT-VM REFUSED`: natt-monitor check refused the kernel, with its FAIL line.
+    refused: Option<String>,
+    /// The verifier's cost from `natt-monitor check`'s load line, if it loaded.
+    verifier_cost: Option<String>,
+}
+
+/// Boots the kernel, streams the console, returns what the guest reported.
+fn boot(cache: &Path, kernel: &Kernel, initrd: &Path, only: &[String]) -> Result<Guest> {
+    let release = kernel.source.release;
+    let version = kernel.source.version;
     let log_path = cache.join(format!("console-{release}.log"));
     let mut log = fs::File::create(&log_path)?;
     let mut child = Command::new("qemu-system-x86_64")
@@ -482,7 +542,7 @@ fn boot(
         .args(["-m", "1024", "-nographic", "-no-reboot", "-nodefaults"])
         .args(["-serial", "stdio", "-display", "none", "-net", "none"])
         .arg("-kernel")
-        .arg(kdir.join(format!("boot/vmlinuz-{release}")))
+        .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
@@ -509,8 +569,7 @@ fn boot(
         unsafe { libc::kill(pid.cast_signed(), libc::SIGKILL) };
         true
     });
-    let mut rows = Vec::new();
-    let mut fails = Vec::new();
+    let mut guest = Guest::default();
     let mut ended = false;
     let out = child.stdout.take().context("qemu stdout")?;
     for line in BufReader::new(out).lines() {
@@ -518,17 +577,27 @@ fn boot(
         let line = line.trim_end_matches('\r');
         writeln!(log, "{line}")?;
         if line.starts_with("NATT-VM") {
-            eprintln!("xtask: vm-test [{release}] {line}");
+            eprintln!("xtask: vm-test [{release} {version}] {line}");
         }
         if let Some(rest) = line.strip_prefix("NATT-VM RESULT ") {
-            rows.push(
-                rest.split_whitespace()
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect(),
-            );
+            let mut row: Row = rest
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            row.insert("version".into(), version.into());
+            guest.rows.push(row);
         } else if line.starts_with("NATT-VM FAIL ") {
-            fails.push(line.to_owned());
+            guest.fails.push(format!("{line} version={version}"));
+        } else if let Some(rest) = line.strip_prefix("NATT-VM REFUSED ") {
+            guest.refused = Some(rest.to_owned());
+        } else if let Some(rest) = line.strip_prefix("NATT-VM CHECK ok    bpf program load")
+            && guest.verifier_cost.is_none()
+        {
+            guest.verifier_cost = rest
+                .split("; ")
+                .nth(1)
+                .map(|c| c.trim_end_matches(')').to_owned());
         } else if line.starts_with("NATT-VM END ") {
             ended = true;
         }
@@ -545,11 +614,12 @@ fn boot(
         "{release}: the guest never finished the suite; console in {}",
         log_path.display()
     );
-    Ok((rows, fails))
+    Ok(guest)
 }
 
-const COLUMNS: [&str; 19] = [
+const COLUMNS: [&str; 20] = [
     "kernel",
+    "version",
     "scenario",
     "mode",
     "cipher",
@@ -584,6 +654,62 @@ fn table(rows: &[Row]) -> String {
     t
 }
 
+/// Checks one kernel's guest: adds its rows, failures and summary line (a kernel that
+/// `natt-monitor check` refuses is a failure).
+fn judge(
+    k: &Kernel,
+    guest: Guest,
+    secs: f64,
+    only: &[String],
+    rows: &mut Vec<Row>,
+    fails: &mut Vec<String>,
+    summary: &mut String,
+) -> Result<()> {
+    let (release, version) = (k.source.release, k.source.version);
+    let cost = guest.verifier_cost.as_deref().unwrap_or("-");
+    if let Some(reason) = &guest.refused {
+        // Every kernel of the matrix must run every scenario.
+        fails.push(format!(
+            "{release} ({version}): natt-monitor check refused the kernel: {reason}"
+        ));
+        let _ = writeln!(
+            summary,
+            "| {} | {release} | {version} | REFUSED: {reason} | - |",
+            k.source.label
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: vm-test: {release} ({version}): {} scenarios in {secs:.0} s; verifier: {cost}",
+        guest.rows.len()
+    );
+    let want = if only.is_empty() {
+        SCENARIOS
+    } else {
+        only.len()
+    };
+    ensure!(
+        guest.rows.len() == want,
+        "{release} ({version}): {} of {want} scenarios reported: {:?}",
+        guest.rows.len(),
+        guest.fails
+    );
+    let ok = guest
+        .rows
+        .iter()
+        .filter(|r| r.get("result").is_some_and(|v| v == "ok"))
+        .count();
+    let _ = writeln!(
+        summary,
+        "| {} | {release} | {version} | {ok} of {} scenarios pass | {cost} |",
+        k.source.label,
+        guest.rows.len()
+    );
+    rows.extend(guest.rows);
+    fails.extend(guest.fails);
+    Ok(())
+}
+
 /// Runs the suite (or only the scenarios named in `only`); with `out`, also writes the results
 /// table there. Returns how many scenario runs passed.
 pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
@@ -615,31 +741,21 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     let bins: Vec<(&Path, &str)> = bins.iter().map(|(p, d)| (p.as_path(), *d)).collect();
     let mut rows = Vec::new();
     let mut fails = Vec::new();
-    let kernels = fetch_kernels(&cache)?;
+    let mut summary = String::new();
+    let matrix: Vec<&'static KernelSource> = KERNELS.iter().collect();
+    let kernels = fetch_kernels(&cache, &matrix)?;
     let strongswan = fetch_strongswan(&cache)?;
-    for (release, kdir) in kernels {
-        let initrd = build_initramfs(&cache, &release, &kdir, &bins, &strongswan)?;
+    for k in &kernels {
+        let initrd = build_initramfs(&cache, k, &bins, &strongswan)?;
         let started = Instant::now();
-        let (r, f) = boot(&cache, &release, &kdir, &initrd, only)?;
-        eprintln!(
-            "xtask: vm-test: {release}: {} scenarios in {:.0} s",
-            r.len(),
-            started.elapsed().as_secs_f64()
-        );
-        let want = if only.is_empty() {
-            SCENARIOS
-        } else {
-            only.len()
-        };
-        ensure!(
-            r.len() == want,
-            "{release}: {} of {want} scenarios reported: {f:?}",
-            r.len()
-        );
-        rows.extend(r);
-        fails.extend(f);
+        let guest = boot(&cache, k, &initrd, only)?;
+        let secs = started.elapsed().as_secs_f64();
+        judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary)?;
     }
-    let t = table(&rows);
+    let t = format!(
+        "| suite | kernel | package version | natt-monitor | verifier |\n|---|---|---|---|---|\n{summary}\n{}",
+        table(&rows)
+    );
     #[expect(clippy::print_stdout, reason = "the suite's result table")]
     {
         println!("{t}");

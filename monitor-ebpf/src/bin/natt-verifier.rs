@@ -28,7 +28,10 @@ fn main() {
     reason = "inlining decides BPF subprogram boundaries and with them the 512-byte stack budget"
 )]
 mod prog {
-    use core::{ffi::c_void, ptr::read_volatile};
+    use core::{
+        ffi::c_void,
+        ptr::{read_volatile, write_volatile},
+    };
 
     use aya_ebpf::{
         EbpfContext as _, Global,
@@ -98,9 +101,6 @@ mod prog {
 
     const CHUNK: u32 = 512;
     const CHUNK_WORDS: usize = CHUNK as usize / 8;
-    const BLOCK: u32 = 64;
-    const BLOCK_WORDS: u32 = BLOCK / 4;
-    const BLOCKS_PER_CHUNK: u32 = CHUNK / BLOCK;
     const MAX_EXT_HEADERS: usize = 6;
     const ETH_P_IP: u16 = 0x0800;
     const ETH_P_IPV6: u16 = 0x86dd;
@@ -128,13 +128,49 @@ mod prog {
         dst: [u8; 16],
     }
 
+    /// The verifier for kernels with `bpf_loop` (5.17+): the segment is summed one chunk per
+    /// callback, which the kernel verifier checks apart from the rest of the program.
     #[cgroup_skb(ingress)]
     #[expect(
         clippy::needless_pass_by_value,
         reason = "signature fixed by aya's #[cgroup_skb]"
     )]
     pub fn natt_verify(ctx: SkBuffContext) -> i32 {
-        match try_verify(&ctx) {
+        verdict(try_verify::<true>(&ctx))
+    }
+
+    /// The same verifier for kernels without `bpf_loop` (5.8 to 5.16): a bounded loop sums the
+    /// chunks, with identical results.
+    #[cgroup_skb(ingress)]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "signature fixed by aya's #[cgroup_skb]"
+    )]
+    pub fn natt_verify_compat(ctx: SkBuffContext) -> i32 {
+        verdict(try_verify::<false>(&ctx))
+    }
+
+    /// Feature probe: loads only where the kernel has `bpf_loop`. Never attached.
+    #[cgroup_skb(ingress)]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "signature fixed by aya's #[cgroup_skb]"
+    )]
+    pub fn natt_probe_bpf_loop(ctx: SkBuffContext) -> i32 {
+        let _ = &ctx;
+        // SAFETY: a valid callback and a null context it never reads.
+        unsafe { bpf_loop(1, probe_callback as *mut c_void, core::ptr::null_mut(), 0) };
+        1
+    }
+
+    #[inline(never)]
+    extern "C" fn probe_callback(_index: u64, _ctx: *mut c_void) -> i64 {
+        1
+    }
+
+    #[inline(always)]
+    fn verdict(r: Result<Verdict, Counter>) -> i32 {
+        match r {
             Ok(Verdict::Pass) => 1,
             Ok(Verdict::Drop) => 0,
             Err(reason) => {
@@ -181,7 +217,8 @@ mod prog {
         dport: u16,
     }
 
-    fn try_verify(ctx: &SkBuffContext) -> Result<Verdict, Counter> {
+    #[inline(always)]
+    fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Counter> {
         let layout = SECPATH.load();
         // SA scope dismisses everything that did not come through a NAT-T transport SA before
         // touching a header: one read of `active_extensions` for ordinary traffic.
@@ -213,7 +250,7 @@ mod prog {
             address_scope_exemptions(&l4, pseudo)?;
         }
 
-        let Some(data) = sum_range(ctx.as_ptr().cast(), l3.l4_off, l4.len) else {
+        let Some(data) = sum_segment::<BPF_LOOP>(ctx, l3.l4_off, l4.len) else {
             // The headers said the segment was whole, yet a chunk could not be read: worth a
             // line in the daemon's log (bridged from aya-log), not only a counter.
             warn!(
@@ -526,43 +563,198 @@ mod prog {
         unsafe { bpf_skb_load_bytes(skb.cast::<c_void>(), off, dst.cast::<c_void>(), n) == 0 }
     }
 
+    /// Zeroes the 64 u64 words of the scratch buffer at `$w` with volatile stores.
+    macro_rules! seq_macro_zero {
+        ($w:ident) => {
+            seq_macro_zero!(@ $w; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23
+                24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50
+                51 52 53 54 55 56 57 58 59 60 61 62 63)
+        };
+        (@ $w:ident; $($i:literal)*) => {
+            $( write_volatile($w.add($i), 0u64); )*
+        };
+    }
+    const _: () = assert!(CHUNK_WORDS == 64);
+
+    /// One per-CPU slot that `opaque` passes values through.
+    #[map]
+    static OPAQUE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+    /// `v`, as a value the verifier cannot relate to anything: a round trip through map memory.
+    ///
+    /// A helper's size argument must be "precise", and the verifier marks precise every value
+    /// it was computed from, back to the segment length. A precise length makes the states at
+    /// each of the summing loop's up to 128 exits differ, and everything after the loop is
+    /// then verified once per exit: that, not the loop, is what exhausts the 1M-instruction
+    /// budget. Sizes derived from the length pass through here and are bounded again after.
+    #[inline(always)]
+    fn opaque(v: u32) -> u32 {
+        match OPAQUE.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
+            Some(p) => unsafe {
+                write_volatile(p, v);
+                read_volatile(p)
+            },
+            // Never taken (index 0 exists); a constant keeps this path from depending on `v`.
+            None => 1,
+        }
+    }
+
+    /// Most 512-byte chunks of one segment: 64 KiB.
+    const MAX_CHUNKS: u32 = 128;
+
+    /// Memory-domain one's-complement sum of `len` (< 64 KiB) bytes at `off` (see `csum`).
+    ///
+    /// A bounded loop (Linux 5.3+) over 512-byte chunks whose body is straight-line code: each
+    /// chunk is copied with `bpf_skb_load_bytes` into the per-CPU scratch buffer (live payloads
+    /// are paged, so most bytes need a copy anyway) and its 128 words are summed unrolled. The
+    /// scratch buffer is zeroed before a short last chunk, so its tail needs no masking and an
+    /// odd length is zero-padded. With no branch inside a chunk and none of `bpf_loop`'s
+    /// callback verification, every kernel's verifier walks each chunk once: about 128 times
+    /// the body for a 64 KiB segment, far from the 1M-instruction limit on 5.10 to 7.x alike.
+    /// Failure is a `None`, decided outside the sum: comparing the sum with a constant would
+    /// mark it precise and defeat state pruning.
+    #[inline(always)]
+    fn sum_range(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
+        let buf = SCRATCH.get_ptr_mut(0)?;
+        let mut even = 0u64;
+        let mut odd = 0u64;
+        let mut ok = true;
+        // Whole chunks: one path per chunk, a constant copy size.
+        let mut start = 0u32;
+        let mut i = 0u32;
+        while i < MAX_CHUNKS && start + CHUNK <= len {
+            if !load_into(skb, off + start, buf.cast(), CHUNK) {
+                ok = false;
+                break;
+            }
+            sum_chunk(buf, &mut even, &mut odd);
+            start += CHUNK;
+            i += 1;
+        }
+        // The last, shorter chunk, over a zeroed buffer so its tail adds nothing.
+        if ok && start < len {
+            // Volatile stores, written out: LLVM would turn a plain zeroing into a call to
+            // `memset`, a byte loop the verifier walks in full.
+            // SAFETY: the scratch value is CHUNK_WORDS u64s.
+            unsafe {
+                let w = buf.cast::<u64>();
+                seq_macro_zero!(w);
+            }
+            // `(n - 1) & 511` + 1 keeps the verifier's view at [1, 512]; LLVM folds a plain
+            // bound check into a form the verifier cannot follow. `opaque` keeps the size's
+            // precision from reaching `len` (see there).
+            let n = ((opaque(len - start) - 1) & (CHUNK - 1)) + 1;
+            if load_into(skb, off + start, buf.cast(), n) {
+                sum_chunk(buf, &mut even, &mut odd);
+            } else {
+                ok = false;
+            }
+        }
+        if ok { Some(even + odd) } else { None }
+    }
+
+    /// The memory-domain sum of the segment, by the variant's summing loop.
+    #[inline(always)]
+    fn sum_segment<const BPF_LOOP: bool>(ctx: &SkBuffContext, off: u32, len: u32) -> Option<u64> {
+        if BPF_LOOP {
+            sum_range_bpf_loop(ctx.as_ptr().cast(), off, len)
+        } else {
+            sum_range(ctx.as_ptr().cast(), off, len)
+        }
+    }
+
     /// State shared with the `bpf_loop` callback; lives on the caller's stack.
     #[repr(C)]
     struct SumCtx {
         skb: *mut __sk_buff,
-        acc: u64,
+        even: u64,
+        odd: u64,
         off: u32,
         len: u32,
         failed: u32,
     }
 
-    /// Memory-domain one's-complement sum of `len` (< 64 KiB) bytes at `off` (see `csum`).
-    ///
-    /// `bpf_loop` (5.17+) runs one callback per 512-byte chunk. The verifier checks the
-    /// callback once instead of walking up to 128 iterations with all their branches, which
-    /// with an open-coded loop blew through the 1M-instruction budget. Failure is reported in
-    /// `failed`, never as a sentinel sum: comparing the sum with a constant would mark it
-    /// "precise" and defeat state pruning.
+    /// As `sum_range`, one `bpf_loop` callback per chunk (5.17+). The callback is straight-line
+    /// but for the short-chunk zeroing, so kernels that verify callbacks until their states
+    /// converge (7.x walks them as loops) settle after a few rounds.
     #[inline(always)]
-    fn sum_range(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
+    fn sum_range_bpf_loop(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
         let mut c = SumCtx {
             skb,
-            acc: 0,
+            even: 0,
+            odd: 0,
             off,
             len,
             failed: 0,
         };
-        let chunks = len.div_ceil(CHUNK);
         // SAFETY: the callback matches bpf_loop's contract and `c` outlives the call.
         unsafe {
             bpf_loop(
-                chunks,
-                sum_chunk as *mut c_void,
+                len.div_ceil(CHUNK),
+                sum_one_chunk as *mut c_void,
                 (&raw mut c).cast::<c_void>(),
                 0,
             );
         }
-        if c.failed != 0 { None } else { Some(c.acc) }
+        if c.failed != 0 {
+            None
+        } else {
+            Some(c.even + c.odd)
+        }
+    }
+
+    /// `bpf_loop` callback: adds chunk `index` (512 bytes, or the shorter last one) into the
+    /// `SumCtx` accumulators.
+    #[inline(never)]
+    extern "C" fn sum_one_chunk(index: u64, ctx: *mut c_void) -> i64 {
+        // SAFETY: `ctx` is the `SumCtx` that `sum_range_bpf_loop` passed to bpf_loop.
+        let st = unsafe { &mut *ctx.cast::<SumCtx>() };
+        let start = (index as u32) * CHUNK;
+        if start >= st.len {
+            return 1;
+        }
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+            st.failed = 1;
+            return 1;
+        };
+        let left = st.len - start;
+        if left < CHUNK {
+            // SAFETY: the scratch value is CHUNK_WORDS u64s (see `sum_range`).
+            unsafe {
+                let w = buf.cast::<u64>();
+                seq_macro_zero!(w);
+            }
+        }
+        let n = if left > CHUNK { CHUNK } else { left };
+        let n = ((opaque(n) - 1) & (CHUNK - 1)) + 1;
+        if !load_into(st.skb, st.off + start, buf.cast(), n) {
+            st.failed = 1;
+            return 1;
+        }
+        let (mut even, mut odd) = (0u64, 0u64);
+        sum_chunk(buf, &mut even, &mut odd);
+        st.even += even;
+        st.odd += odd;
+        0
+    }
+
+    /// Sums the 128 words of the scratch buffer into the two accumulators. Eight blocks written
+    /// out: a nested loop here is what verifiers refuse as "too complex" on some kernels.
+    #[inline(always)]
+    fn sum_chunk(buf: *mut [u64; CHUNK_WORDS], even: &mut u64, odd: &mut u64) {
+        let words = buf.cast::<u32>();
+        // SAFETY: the eight 16-word blocks at 0, 16, .., 112 lie inside the 128-word buffer.
+        unsafe {
+            sum_block(words, even, odd);
+            sum_block(words.add(16), even, odd);
+            sum_block(words.add(32), even, odd);
+            sum_block(words.add(48), even, odd);
+            sum_block(words.add(64), even, odd);
+            sum_block(words.add(80), even, odd);
+            sum_block(words.add(96), even, odd);
+            sum_block(words.add(112), even, odd);
+        }
     }
 
     /// Sums the 16 words of a 64-byte block into two accumulators (two dependency chains, so
@@ -589,97 +781,6 @@ mod prog {
             *even += u64::from(read_volatile(p.add(14)));
             *odd += u64::from(read_volatile(p.add(15)));
         }
-    }
-
-    /// The verifier's limit on a packet pointer's offset (`MAX_PACKET_OFF`). It checks the
-    /// variable part's maximum *plus* the constant part against it, so direct reads start only
-    /// below `MAX_PACKET_OFF - CHUNK`; later chunks of a near-64 KiB segment are copied instead.
-    const MAX_PACKET_OFF: u32 = 0xffff;
-    const MAX_DIRECT_POS: u32 = MAX_PACKET_OFF - CHUNK;
-
-    /// `bpf_loop` callback: sums chunk `index` (512 bytes, or the shorter last one) into
-    /// `SumCtx::acc`.
-    ///
-    /// Whole 64-byte blocks that lie in the skb's linear area are read in place (direct packet
-    /// access, each block bounds-checked against `data_end`). Whatever is left — the last
-    /// partial block, or bytes in paged fragments — is copied into the per-CPU scratch buffer
-    /// with `bpf_skb_load_bytes` and summed there; the last partial word is masked so an odd
-    /// length is zero-padded.
-    #[inline(never)]
-    extern "C" fn sum_chunk(index: u64, ctx: *mut c_void) -> i64 {
-        // SAFETY: `ctx` is the `SumCtx` that `sum_range` passed to bpf_loop.
-        let st = unsafe { &mut *ctx.cast::<SumCtx>() };
-        let start = (index as u32) * CHUNK;
-        if start >= st.len {
-            return 1;
-        }
-        let left = st.len - start;
-        let n = if left > CHUNK { CHUNK } else { left };
-        let mut even = 0u64;
-        let mut odd = 0u64;
-        let mut done = 0u32;
-        let pos = st.off + start;
-        if pos <= MAX_DIRECT_POS {
-            // SAFETY: `st.skb` is the program's context (a valid `__sk_buff`).
-            let (data, end) = unsafe { ((*st.skb).data as usize, (*st.skb).data_end as usize) };
-            let mut p = data + pos as usize;
-            let mut blk = 0;
-            while blk < BLOCKS_PER_CHUNK && done + BLOCK <= n {
-                if p + BLOCK as usize > end {
-                    break;
-                }
-                // SAFETY: `p + 64 <= data_end` was just checked.
-                unsafe { sum_block(p as *const u32, &mut even, &mut odd) };
-                p += BLOCK as usize;
-                done += BLOCK;
-                blk += 1;
-            }
-        }
-        if done < n {
-            // `(rest - 1) & 511` + 1 keeps the verifier's view at [1, 512]; LLVM folds a plain
-            // bound check into a form the verifier cannot follow.
-            let rest = ((n - done - 1) & (CHUNK - 1)) + 1;
-            let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-                st.failed = 1;
-                return 1;
-            };
-            if !load_into(st.skb, pos + done, buf.cast(), rest) {
-                st.failed = 1;
-                return 1;
-            }
-            let base = buf.cast::<u32>();
-            let mut blk = 0u32;
-            while blk < BLOCKS_PER_CHUNK {
-                if rest < (blk + 1) * BLOCK {
-                    break;
-                }
-                // SAFETY: blk < 8, so 16 words at blk * 16 lie inside the 128-word buffer.
-                unsafe { sum_block(base.add((blk * BLOCK_WORDS) as usize), &mut even, &mut odd) };
-                blk += 1;
-            }
-            let rem = rest - blk * BLOCK;
-            if rem != 0 && blk < BLOCKS_PER_CHUNK {
-                // SAFETY: as above; words past `rem` are masked or not read.
-                unsafe {
-                    let p = base.add((blk * BLOCK_WORDS) as usize);
-                    macro_rules! tail_word {
-                        ($($j:literal)*) => {$(
-                            if rem > $j * 4 {
-                                let mut v = read_volatile(p.add($j));
-                                let left = rem - $j * 4;
-                                if left < 4 {
-                                    v &= (1u32 << (left * 8)) - 1;
-                                }
-                                even += u64::from(v);
-                            }
-                        )*};
-                    }
-                    tail_word!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-                }
-            }
-        }
-        st.acc += even + odd;
-        0
     }
 
     struct Mismatch {
@@ -727,7 +828,7 @@ mod prog {
                 } else {
                     EVENT_PAYLOAD_LEN as u32
                 };
-                let n = ((want - 1) & (EVENT_PAYLOAD_LEN as u32 - 1)) + 1;
+                let n = ((opaque(want) - 1) & (EVENT_PAYLOAD_LEN as u32 - 1)) + 1;
                 if load_into(
                     ctx.as_ptr().cast(),
                     l3.l4_off + l4.hdr_len,

@@ -1422,6 +1422,25 @@ fn main() {
         .unwrap_or_default()
         .trim()
         .to_owned();
+    // What `natt-monitor check` says of this kernel. If it refuses the host, no scenario can
+    // run: say why, and end.
+    let probe = Command::new(bin("natt-monitor"))
+        .arg("check")
+        .output()
+        .expect("natt-monitor check");
+    let report = String::from_utf8_lossy(&probe.stdout);
+    for line in report.lines() {
+        println!("NATT-VM CHECK {line}");
+    }
+    if !probe.status.success() {
+        let reason = report
+            .lines()
+            .find(|l| l.starts_with("FAIL"))
+            .unwrap_or("natt-monitor check failed");
+        println!("NATT-VM REFUSED kernel={kernel} reason={reason}");
+        println!("NATT-VM END kernel={kernel} passed=0 failed=0");
+        return;
+    }
     let only: Vec<String> = std::env::args().skip(1).collect();
     let (mut passed, mut failed) = (0, 0);
     for s in SCENARIOS

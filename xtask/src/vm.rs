@@ -214,6 +214,8 @@ fn fetch_kernels(cache: &Path, kernels: &[&'static KernelSource]) -> Result<Vec<
             fs::create_dir_all(&dl)?;
             let tmp = cache.join("kernels").join(format!("{}.partial", k.release));
             let _ = fs::remove_dir_all(&tmp);
+            // dpkg -x creates the target directory but not its parents.
+            fs::create_dir_all(&tmp)?;
             for package in k.packages {
                 eprintln!(
                     "xtask: vm-test: downloading {package} {} ({})",

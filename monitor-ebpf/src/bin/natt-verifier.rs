@@ -198,9 +198,8 @@ mod prog {
     /// address scope.
     #[derive(Clone, Copy)]
     struct Sa {
-        /// Network byte order, as the kernel keeps it.
-        spi: u32,
-        reqid: u32,
+        /// The `struct xfrm_state`'s address; its SPI and reqid are read only for an event.
+        state: u64,
         /// Encapsulation ports, network byte order.
         sport: u16,
         dport: u16,
@@ -226,8 +225,7 @@ mod prog {
             ipsec_state(ctx, &layout)?
         } else {
             Sa {
-                spi: 0,
-                reqid: 0,
+                state: 0,
                 sport: 0,
                 dport: 0,
             }
@@ -373,8 +371,7 @@ mod prog {
         }
         let ports: [u16; 2] = kread(encap + u64::from(l.encap_sport))?;
         Ok(Sa {
-            spi: kread(x + u64::from(l.x_spi))?,
-            reqid: kread(x + u64::from(l.x_reqid))?,
+            state: x,
             sport: ports[0],
             dport: ports[1],
         })
@@ -814,8 +811,14 @@ mod prog {
             (*ev).expected_residual = m.expected;
             (*ev).encap_sport = m.sa.sport;
             (*ev).encap_dport = m.sa.dport;
-            (*ev).spi = m.sa.spi;
-            (*ev).reqid = m.sa.reqid;
+            // Off the verified path: only events name the SA. A read that fails leaves 0.
+            (*ev).spi = 0;
+            (*ev).reqid = 0;
+            if m.sa.state != 0 {
+                let l = SECPATH.load();
+                (*ev).spi = kread(m.sa.state + u64::from(l.x_spi)).unwrap_or(0);
+                (*ev).reqid = kread(m.sa.state + u64::from(l.x_reqid)).unwrap_or(0);
+            }
             (*ev).ifindex = skb(ctx).ingress_ifindex;
             (*ev).src = l3.src;
             (*ev).dst = l3.dst;

@@ -419,12 +419,11 @@ impl Topology {
             let x = self.addrs;
             let b = start_charon(&self.b, "b", &swanctl_conf(x.b, "%any", "b", "a"));
             let a = start_charon(&self.a, "a", &swanctl_conf(x.a, x.b, "a", "b"));
-            let out = Command::new("ip")
-                .args(["netns", "exec", &self.a.name, "swanctl", "--initiate"])
-                .args(["--child", "t", "--timeout", "60", "--uri", &vici_uri("a")])
-                .env("STRONGSWAN_CONF", "/tmp/ss-a/strongswan.conf")
-                .output()
-                .expect("swanctl --initiate");
+            let out = swanctl(
+                &self.a,
+                "a",
+                &["--initiate", "--child", "t", "--timeout", "60"],
+            );
             assert!(
                 out.status.success(),
                 "swanctl --initiate: {}{}; charon a log:\n{}\ncharon b log:\n{}",
@@ -505,6 +504,17 @@ fn vici_uri(side: &str) -> String {
     format!("unix:///tmp/ss-{side}/charon.vici")
 }
 
+/// `swanctl ARGS` in `ns`, talking to that side's charon (its own configuration and socket).
+fn swanctl(ns: &Netns, side: &str, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name, "swanctl"])
+        .args(args)
+        .args(["--uri", &vici_uri(side)])
+        .env("STRONGSWAN_CONF", format!("/tmp/ss-{side}/strongswan.conf"))
+        .output()
+        .unwrap_or_else(|e| panic!("swanctl {args:?}: {e}"))
+}
+
 /// A `swanctl.conf` for one end: `IKEv2` with a pre-shared key, UDP encapsulation forced even
 /// without a NAT, a transport-mode child for TCP, ESP with AES-CBC and HMAC-SHA256.
 fn swanctl_conf(local: &str, remote: &str, me: &str, them: &str) -> String {
@@ -548,7 +558,7 @@ secrets {{
 
 /// Starts charon in `ns` with its own /run (its pid file is fixed) and VICI socket, and loads
 /// `swanctl` into it.
-fn start_charon(ns: &Netns, side: &str, swanctl: &str) -> Daemon {
+fn start_charon(ns: &Netns, side: &str, swanctl_conf: &str) -> Daemon {
     let dir = PathBuf::from(format!("/tmp/ss-{side}"));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("strongSwan dir");
@@ -562,7 +572,7 @@ fn start_charon(ns: &Netns, side: &str, swanctl: &str) -> Daemon {
         ),
     )
     .expect("strongswan.conf");
-    fs::write(dir.join("swanctl.conf"), swanctl).expect("swanctl.conf");
+    fs::write(dir.join("swanctl.conf"), swanctl_conf).expect("swanctl.conf");
     let log = dir.join("charon.stderr");
     let child = Command::new("ip")
         .args(["netns", "exec", &ns.name, "sh", "-c"])
@@ -583,13 +593,12 @@ fn start_charon(ns: &Netns, side: &str, swanctl: &str) -> Daemon {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "swanctl", "--load-all", "--file"])
-        .arg(dir.join("swanctl.conf"))
-        .args(["--uri", &vici_uri(side)])
-        .env("STRONGSWAN_CONF", &conf)
-        .output()
-        .expect("swanctl --load-all");
+    let file = dir.join("swanctl.conf");
+    let out = swanctl(
+        ns,
+        side,
+        &["--load-all", "--file", file.to_str().expect("utf-8 path")],
+    );
     assert!(
         out.status.success(),
         "swanctl --load-all ({side}): {}{}",
@@ -808,13 +817,7 @@ fn rekey_during_stream(t: &Topology, cg: &Path, learning: &str) -> (u64, bool) {
         let streaming = scope.spawn(|| stream(t, cg, BYTES, 5003));
         std::thread::sleep(Duration::from_millis(300));
         for what in [["--child", "t"], ["--ike", "natt"]] {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &t.a.name, "swanctl", "--rekey"])
-                .args(what)
-                .args(["--uri", &vici_uri("a")])
-                .env("STRONGSWAN_CONF", "/tmp/ss-a/strongswan.conf")
-                .output()
-                .expect("swanctl --rekey");
+            let out = swanctl(&t.a, "a", &["--rekey", what[0], what[1]]);
             assert!(
                 out.status.success(),
                 "swanctl --rekey {what:?}: {}{}",
@@ -953,19 +956,11 @@ fn run(s: &Scenario) -> Measured {
         .then(|| rekey_during_stream(&t, &cg.path, &series("learning_packets_total")));
     let removed_live = (s.setup == Setup::StrongSwan).then(|| {
         // Tear the IKE SA down from A: B's charon deletes its SAs, the monitor must notice.
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.a.name,
-                "swanctl",
-                "--terminate",
-                "--ike",
-                "natt",
-            ])
-            .args(["--timeout", "30", "--uri", &vici_uri("a")])
-            .env("STRONGSWAN_CONF", "/tmp/ss-a/strongswan.conf")
-            .output();
+        let _ = swanctl(
+            &t.a,
+            "a",
+            &["--terminate", "--ike", "natt", "--timeout", "30"],
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if metric(&scrape(&t.b), "natt_monitor_peers{source=\"xfrm\"}") == 0 {

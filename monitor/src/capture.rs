@@ -165,6 +165,32 @@ impl Capture {
     }
 }
 
+/// The capture task: writes the capture ring's packets to the file; without `--capture`, waits
+/// forever. A write error ends the task, which takes the daemon down.
+///
+/// # Errors
+/// A failure to wait on the ring or to write the file.
+pub async fn drain(
+    capture: Option<(
+        tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+        Capture,
+    )>,
+) -> io::Result<()> {
+    let Some((mut ring, mut file)) = capture else {
+        return std::future::pending().await;
+    };
+    let fail = |e: CaptureError| io::Error::other(e.to_string());
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        let rb = guard.get_inner_mut();
+        while let Some(item) = rb.next() {
+            file.record(&item).map_err(fail)?;
+        }
+        file.flush().map_err(fail)?;
+        guard.clear_ready();
+    }
+}
+
 fn pcap_io(e: pcap_file::PcapError) -> io::Error {
     match e {
         pcap_file::PcapError::IoError(e) => e,

@@ -9,12 +9,13 @@ use std::{
     io,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{
-        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key,
+        HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key,
     },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId,
@@ -199,19 +200,22 @@ impl Counters {
     }
 }
 
-/// The loaded (and possibly attached) verifier.
+/// The loaded (and possibly attached) verifier: its programs, its cgroup link and the ring
+/// buffers until their tasks take them. The maps it shares with userspace are split by who uses
+/// them: `PeerMaps` (written by one owner) and `Stats` (read by scrapes).
 pub struct Verifier {
     bpf: Ebpf,
     variant: Variant,
     attached_to: Option<PathBuf>,
     link: Option<CgroupSkbLinkId>,
-    /// What `set_peers` last installed.
-    installed: PeerTable,
+    maps: Option<PeerMaps>,
+    stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
+            .field("variant", &self.variant)
             .field("attached_to", &self.attached_to)
             .finish_non_exhaustive()
     }
@@ -268,12 +272,24 @@ impl Verifier {
                 cause,
             }
         })?;
+        let peer_stats = take_map(&mut bpf, "PEER_STATS")?;
+        let stats = Arc::new(Stats {
+            counters: typed(take_map(&mut bpf, "COUNTERS")?, "COUNTERS")?,
+            peers: typed(duplicate(&peer_stats, "PEER_STATS")?, "PEER_STATS")?,
+        });
+        let maps = PeerMaps {
+            v4: typed(take_map(&mut bpf, "PEERS_V4")?, "PEERS_V4")?,
+            v6: typed(take_map(&mut bpf, "PEERS_V6")?, "PEERS_V6")?,
+            stats: typed(peer_stats, "PEER_STATS")?,
+            residuals: typed(take_map(&mut bpf, "SA_RESIDUALS")?, "SA_RESIDUALS")?,
+        };
         Ok(Self {
             bpf,
             variant,
             attached_to: None,
             link: None,
-            installed: PeerTable::default(),
+            maps: Some(maps),
+            stats,
         })
     }
 
@@ -345,19 +361,86 @@ impl Verifier {
         self.attached_to.as_deref()
     }
 
-    /// Makes the peer maps equal to `table`, in an order that keeps every count with its
-    /// prefix: first the prefixes no longer configured leave the tries (their segments stop
-    /// counting), then the statistics of ids that now belong to another prefix are reset, then
-    /// every peer is inserted or updated. Peers that stay are never absent from the maps and
-    /// keep their counts.
+    /// The maps that say what to verify, for callers that keep the verifier (tests, benches).
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` once `take_peer_maps` has taken them.
+    pub fn peer_maps(&mut self) -> Result<&mut PeerMaps, EbpfFailure> {
+        self.maps.as_mut().ok_or(EbpfFailure::Missing {
+            kind: "map",
+            name: "PEERS_V4",
+        })
+    }
+
+    /// Takes the maps that say what to verify (once), for the one task that writes them.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if they were taken already.
+    pub fn take_peer_maps(&mut self) -> Result<PeerMaps, EbpfFailure> {
+        self.maps.take().ok_or(EbpfFailure::Missing {
+            kind: "map",
+            name: "PEERS_V4",
+        })
+    }
+
+    /// The statistics maps, for readers (scrapes) that run alongside the writer.
+    #[must_use]
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Takes the mismatch event ring buffer (once) for a drain task to own.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if it was taken already.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
+        typed(take_map(&mut self.bpf, "EVENTS")?, "EVENTS")
+    }
+
+    /// Takes the capture ring buffer (once) for the capture task to own.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if it was taken already.
+    pub fn take_capture(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
+        typed(take_map(&mut self.bpf, "CAPTURE")?, "CAPTURE")
+    }
+
+    /// The loaded object, for bridging aya-log.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.bpf
+    }
+}
+
+/// The maps that say which segments to verify and against what: the peer tries, the learned
+/// residuals, and the per-peer statistics (reset when an id changes hands). One writer owns
+/// them; in the daemon that is the SA/peer state task.
+pub struct PeerMaps {
+    v4: LpmTrie<MapData, PeerKeyV4, PeerValue>,
+    v6: LpmTrie<MapData, PeerKeyV6, PeerValue>,
+    stats: PerCpuArray<MapData, PeerStats>,
+    residuals: HashMap<MapData, SaKey, SaValue>,
+}
+
+impl std::fmt::Debug for PeerMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerMaps").finish_non_exhaustive()
+    }
+}
+
+impl PeerMaps {
+    /// Makes the peer maps hold `to` instead of `from` (what they held), in an order that keeps
+    /// every count with its prefix: first the prefixes no longer configured leave the tries
+    /// (their segments stop counting), then the statistics of ids that now belong to another
+    /// prefix are reset, then every peer is inserted or updated. Peers that stay are never
+    /// absent from the maps and keep their counts.
     ///
     /// # Errors
     /// `EbpfFailure::Map` naming the step.
-    pub fn set_peers(&mut self, table: &PeerTable) -> Result<(), EbpfFailure> {
+    pub fn set_peers(&mut self, from: &PeerTable, to: &PeerTable) -> Result<(), EbpfFailure> {
         let mut want_v4 = Vec::new();
         let mut want_v6 = Vec::new();
-        for (id, spec) in table.iter() {
-            let value = table.value(id, spec);
+        for (id, spec) in to.iter() {
+            let value = to.value(id, spec);
             match spec.net {
                 IpNet::V4(n) => want_v4.push((
                     Key::new(u32::from(n.prefix_len()), n.network().octets()),
@@ -369,37 +452,22 @@ impl Verifier {
                 )),
             }
         }
-        remove_stale::<PeerKeyV4>(&mut self.bpf, "PEERS_V4", &want_v4)?;
-        remove_stale::<PeerKeyV6>(&mut self.bpf, "PEERS_V6", &want_v6)?;
-        let reused: Vec<u32> = table
+        remove_stale(&mut self.v4, "PEERS_V4", &want_v4)?;
+        remove_stale(&mut self.v6, "PEERS_V6", &want_v6)?;
+        let reused: Vec<u32> = to
             .iter()
-            .filter(|(id, spec)| {
-                self.installed
-                    .get(*id)
-                    .is_none_or(|old| old.net != spec.net)
-            })
+            .filter(|(id, spec)| from.get(*id).is_none_or(|old| old.net != spec.net))
             .map(|(id, _)| id)
             .collect();
         self.reset_stats(&reused)?;
-        insert_all::<PeerKeyV4>(&mut self.bpf, "PEERS_V4", &want_v4)?;
-        insert_all::<PeerKeyV6>(&mut self.bpf, "PEERS_V6", &want_v6)?;
-        self.installed = table.clone();
-        Ok(())
+        insert_all(&mut self.v4, "PEERS_V4", &want_v4)?;
+        insert_all(&mut self.v6, "PEERS_V6", &want_v6)
     }
 
     fn reset_stats(&mut self, ids: &[u32]) -> Result<(), EbpfFailure> {
         if ids.is_empty() {
             return Ok(());
         }
-        let map = self.bpf.map_mut("PEER_STATS").ok_or(EbpfFailure::Missing {
-            kind: "map",
-            name: "PEER_STATS",
-        })?;
-        let mut arr: PerCpuArray<&mut MapData, PeerStats> =
-            PerCpuArray::try_from(map).map_err(|source| EbpfFailure::Map {
-                what: "opening PEER_STATS".into(),
-                source,
-            })?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfFailure::Map {
             what: "counting possible CPUs".into(),
             source: MapError::IoError(e),
@@ -410,26 +478,14 @@ impl Verifier {
                     what: format!("zeroing PEER_STATS[{id}]"),
                     source: MapError::IoError(e),
                 })?;
-            arr.set(id, zeros, 0).map_err(|source| EbpfFailure::Map {
-                what: format!("resetting PEER_STATS[{id}]"),
-                source,
-            })?;
+            self.stats
+                .set(id, zeros, 0)
+                .map_err(|source| EbpfFailure::Map {
+                    what: format!("resetting PEER_STATS[{id}]"),
+                    source,
+                })?;
         }
         Ok(())
-    }
-
-    fn sa_residuals(&mut self) -> Result<HashMap<&mut MapData, SaKey, SaValue>, EbpfFailure> {
-        let map = self
-            .bpf
-            .map_mut("SA_RESIDUALS")
-            .ok_or(EbpfFailure::Missing {
-                kind: "map",
-                name: "SA_RESIDUALS",
-            })?;
-        HashMap::try_from(map).map_err(|source| EbpfFailure::Map {
-            what: "opening SA_RESIDUALS".into(),
-            source,
-        })
     }
 
     /// Installs the residual that intact segments through NAT mapping `key` leave: from the
@@ -442,7 +498,7 @@ impl Verifier {
             expected_residual: residual,
             flags: 0,
         };
-        self.sa_residuals()?
+        self.residuals
             .insert(&key, &value, 0)
             .map_err(|source| EbpfFailure::Map {
                 what: format!(
@@ -463,37 +519,53 @@ impl Verifier {
         &mut self,
         stale: impl Fn(&SaKey) -> bool,
     ) -> Result<usize, EbpfFailure> {
-        let mut map = self.sa_residuals()?;
-        let keys: Vec<SaKey> = map.keys().filter_map(Result::ok).filter(&stale).collect();
+        let keys: Vec<SaKey> = self
+            .residuals
+            .keys()
+            .filter_map(Result::ok)
+            .filter(&stale)
+            .collect();
         for k in &keys {
-            map.remove(k).map_err(|source| EbpfFailure::Map {
-                what: "removing a residual from SA_RESIDUALS".into(),
-                source,
-            })?;
+            self.residuals
+                .remove(k)
+                .map_err(|source| EbpfFailure::Map {
+                    what: "removing a residual from SA_RESIDUALS".into(),
+                    source,
+                })?;
         }
         Ok(keys.len())
     }
+}
 
+/// Read handles on the verifier's statistics: the global counters and the per-peer array (a
+/// second descriptor of the map `PeerMaps` resets). Reads are plain syscalls and take no lock,
+/// so a scrape never waits for a map update.
+pub struct Stats {
+    counters: PerCpuArray<MapData, u64>,
+    peers: PerCpuArray<MapData, PeerStats>,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats").finish_non_exhaustive()
+    }
+}
+
+impl Stats {
     /// Global counters summed over CPUs.
     ///
     /// # Errors
     /// `EbpfFailure::Map` if the map cannot be read.
     pub fn counters(&self) -> Result<Counters, EbpfFailure> {
-        let map = self.bpf.map("COUNTERS").ok_or(EbpfFailure::Missing {
-            kind: "map",
-            name: "COUNTERS",
-        })?;
-        let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| EbpfFailure::Map {
-                what: "opening COUNTERS".into(),
-                source,
-            })?;
         let mut out = Counters::default();
         for (i, slot) in out.slots.iter_mut().enumerate() {
-            let values = arr.get(&(i as u32), 0).map_err(|source| EbpfFailure::Map {
-                what: format!("reading COUNTERS[{i}]"),
-                source,
-            })?;
+            let values = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(|source| EbpfFailure::Map {
+                    what: format!("reading COUNTERS[{i}]"),
+                    source,
+                })?;
             *slot = values.iter().sum();
         }
         Ok(out)
@@ -504,53 +576,45 @@ impl Verifier {
     /// # Errors
     /// `EbpfFailure::Map` if the map cannot be read.
     pub fn peer_stats(&self, id: u32) -> Result<PeerStats, EbpfFailure> {
-        let map = self.bpf.map("PEER_STATS").ok_or(EbpfFailure::Missing {
-            kind: "map",
-            name: "PEER_STATS",
-        })?;
-        let arr: PerCpuArray<&MapData, PeerStats> =
-            PerCpuArray::try_from(map).map_err(|source| EbpfFailure::Map {
-                what: "opening PEER_STATS".into(),
-                source,
-            })?;
-        let values = arr.get(&id, 0).map_err(|source| EbpfFailure::Map {
+        let values = self.peers.get(&id, 0).map_err(|source| EbpfFailure::Map {
             what: format!("reading PEER_STATS[{id}]"),
             source,
         })?;
         Ok(values.iter().fold(PeerStats::default(), PeerStats::merged))
     }
+}
 
-    /// Takes the mismatch event ring buffer (once) for a drain task to own.
-    ///
-    /// # Errors
-    /// `EbpfFailure::Missing` if it was taken already.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
-        self.take_ring("EVENTS")
-    }
+fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<Map, EbpfFailure> {
+    bpf.take_map(name)
+        .ok_or(EbpfFailure::Missing { kind: "map", name })
+}
 
-    /// Takes the capture ring buffer (once) for the capture task to own.
-    ///
-    /// # Errors
-    /// `EbpfFailure::Missing` if it was taken already.
-    pub fn take_capture(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
-        self.take_ring("CAPTURE")
-    }
+/// A map handle of the type `T` expects, or an error naming the map.
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    map: Map,
+    name: &'static str,
+) -> Result<T, EbpfFailure> {
+    T::try_from(map).map_err(|source| EbpfFailure::Map {
+        what: format!("opening {name}"),
+        source,
+    })
+}
 
-    fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>, EbpfFailure> {
-        let map = self
-            .bpf
-            .take_map(name)
-            .ok_or(EbpfFailure::Missing { kind: "map", name })?;
-        RingBuf::try_from(map).map_err(|source| EbpfFailure::Map {
-            what: format!("opening {name}"),
-            source,
-        })
-    }
-
-    /// The loaded object, for bridging aya-log.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.bpf
-    }
+/// A second handle on the same per-CPU array, through a duplicated descriptor.
+fn duplicate(map: &Map, name: &'static str) -> Result<Map, EbpfFailure> {
+    let Map::PerCpuArray(data) = map else {
+        return Err(EbpfFailure::Missing { kind: "map", name });
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(|fd| MapData::from_fd(fd).map_err(io::Error::other))
+        .map_err(|e| EbpfFailure::Map {
+            what: format!("duplicating the descriptor of {name}"),
+            source: MapError::IoError(e),
+        })?;
+    Ok(Map::PerCpuArray(fd))
 }
 
 /// `BpfLoop` if the kernel loads the `bpf_loop` probe (which is unloaded again), else
@@ -576,26 +640,12 @@ fn program<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSk
         })
 }
 
-fn open_trie<'a, K: aya::Pod>(
-    bpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<LpmTrie<&'a mut MapData, K, PeerValue>, EbpfFailure> {
-    let map = bpf
-        .map_mut(name)
-        .ok_or(EbpfFailure::Missing { kind: "map", name })?;
-    LpmTrie::try_from(map).map_err(|source| EbpfFailure::Map {
-        what: format!("opening {name}"),
-        source,
-    })
-}
-
-/// Removes the prefixes of `name` that are not in `want`.
+/// Removes the prefixes of `trie` that are not in `want`.
 fn remove_stale<K: aya::Pod + PartialEq>(
-    bpf: &mut Ebpf,
+    trie: &mut LpmTrie<MapData, K, PeerValue>,
     name: &'static str,
     want: &[(Key<K>, PeerValue)],
 ) -> Result<(), EbpfFailure> {
-    let mut trie = open_trie::<K>(bpf, name)?;
     let stale: Vec<Key<K>> = trie
         .keys()
         .filter_map(Result::ok)
@@ -610,13 +660,12 @@ fn remove_stale<K: aya::Pod + PartialEq>(
     Ok(())
 }
 
-/// Inserts or updates every prefix of `want` in `name`.
+/// Inserts or updates every prefix of `want` in `trie`.
 fn insert_all<K: aya::Pod>(
-    bpf: &mut Ebpf,
+    trie: &mut LpmTrie<MapData, K, PeerValue>,
     name: &'static str,
     want: &[(Key<K>, PeerValue)],
 ) -> Result<(), EbpfFailure> {
-    let mut trie = open_trie::<K>(bpf, name)?;
     for (key, value) in want {
         trie.insert(key, value, 0)
             .map_err(|source| EbpfFailure::Map {

@@ -1,6 +1,6 @@
 //! The `natt-monitor` binary: parse, resolve configuration, set up logging, run.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -64,27 +64,10 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// `NATT_MONITOR_TEST_FAULT=event-drain:<ms>` makes the event-drain task fail after that many
-/// milliseconds. It exists only so the test suite can prove that a dead internal task takes
-/// the daemon down; it is not a user setting.
-fn test_fault() -> anyhow::Result<Option<Duration>> {
-    let Ok(v) = std::env::var("NATT_MONITOR_TEST_FAULT") else {
-        return Ok(None);
-    };
-    let ms = v
-        .strip_prefix("event-drain:")
-        .and_then(|ms| ms.parse().ok())
-        .with_context(|| {
-            format!("NATT_MONITOR_TEST_FAULT={v}: expected event-drain:<milliseconds>")
-        })?;
-    Ok(Some(Duration::from_millis(ms)))
-}
-
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     // Everything in the configuration is checked before logging starts or the kernel is
     // touched, so a typo never leaves anything attached.
     let settings = config::resolve(args)?;
-    let drain_fault_after = test_fault()?;
     init_logging(settings.log_format);
     let reload_args = args.clone();
     let config = RunConfig {
@@ -92,7 +75,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         reload: Some(Box::new(move || {
             config::resolve(&reload_args).map(|s| s.peers)
         })),
-        drain_fault_after,
+        listener: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

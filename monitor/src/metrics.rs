@@ -1,17 +1,20 @@
 //! Prometheus metrics. Names, units and labels are contracts (DESIGN.md, docs/metrics.md).
 //!
-//! The kernel-side counters are cumulative per-CPU values; each scrape reads them, sums over
-//! CPUs and sets the exported counters to those totals under one lock, so a scrape is a
-//! consistent snapshot. Label values are bounded: `peer` only ever holds a configured (or
-//! discovered) prefix, `proto` is tcp/udp, `reason` one of the skip reasons, `source` one of
-//! the peer sources.
-
-use std::{collections::BTreeSet, sync::Mutex};
+//! Owns the registry and the exposition. Everything that counts in the kernel is read at
+//! scrape time, through a `prometheus::core::Collector` (`ScrapeCollector`) that asks a
+//! `Readings` source for one `Snapshot` and builds fresh metric families from it: nothing is
+//! copied into long-lived counters, and a peer that is gone simply is not in the next scrape.
+//! Counters kept by the process itself (suppressed log lines, capture results) are ordinary
+//! registered metrics. Label values are bounded: `peer` only ever holds a configured or
+//! discovered prefix, `proto` is tcp/udp, `reason` one of the skip reasons, `source` one of the
+//! peer sources, `result` one of `CAPTURE_RESULTS`.
 
 use monitor_ebpf::{Counter, PROTO_TCP, PROTO_UDP, PeerStats, SKIP_REASONS};
 use prometheus::{
     Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
+    core::{Collector, Desc},
+    proto::MetricFamily,
 };
 
 use crate::{ebpf::Counters, peers::Source, snmp::KernelCsumErrors};
@@ -36,7 +39,7 @@ pub struct Snapshot {
     pub counters: Counters,
     /// Number of peers per source.
     pub peers_by_source: Vec<(Source, usize)>,
-    /// The kernel's own checksum error counters, if readable.
+    /// The kernel's own checksum error counters, if readable (absent from the scrape if not).
     pub kernel: Option<KernelCsumErrors>,
     /// Attached and draining.
     pub up: bool,
@@ -44,231 +47,112 @@ pub struct Snapshot {
     pub collect_seconds: f64,
 }
 
-/// The registry and every metric natt-monitor exports.
-#[derive(Debug)]
-pub struct Metrics {
-    registry: Registry,
-    verified_packets: IntCounterVec,
-    verified_bytes: IntCounterVec,
-    mismatches: IntCounterVec,
-    dropped: IntCounterVec,
-    learning_packets: IntCounterVec,
-    peer_learning: IntGaugeVec,
-    skipped: IntCounterVec,
-    events_lost: IntCounter,
-    peers: IntGaugeVec,
-    kernel_tcp: IntCounter,
-    kernel_udp: IntCounter,
-    log_suppressed: IntCounter,
-    up: IntGauge,
-    scope: IntGaugeVec,
-    variant: IntGaugeVec,
-    capture: IntCounterVec,
-    collect_seconds: Gauge,
-    /// Peer labels exported by the previous scrape, so removed peers' series can be dropped.
-    /// Also serialises scrapes.
-    exported: Mutex<BTreeSet<String>>,
+/// Where a scrape's readings come from: the daemon reads the kernel's maps; tests give fixed
+/// snapshots.
+pub trait Readings: Send + Sync + 'static {
+    /// Reads everything once. Called on every scrape, on the blocking pool.
+    fn read(&self) -> Snapshot;
 }
-
-const PROTOS: [(usize, &str); 2] = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp")];
 
 /// Values of the `result` label of `natt_monitor_capture_packets_total`.
 pub const CAPTURE_RESULTS: [&str; 4] = ["written", "rate_limited", "file_full", "ring_full"];
 
-fn counter_vec(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntCounterVec, prometheus::Error> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
+const PROTOS: [(usize, &str); 2] = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp")];
+
+/// The registry and the process-side counters.
+pub struct Metrics {
+    registry: Registry,
+    log_suppressed: IntCounter,
+    capture: IntCounterVec,
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
-    let c = IntCounter::new(name, help)?;
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn register<C: Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C, prometheus::Error> {
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
 impl Metrics {
-    /// Registers every metric; error counters and per-reason/per-source series start at 0 so
-    /// alert rules can use `rate()` from the first scrape.
+    /// Registers every metric. `scope` ("sa" or "address") and `variant` (`bpf_loop` or
+    /// `bounded_loop`) are fixed for the life of the process.
     ///
     /// # Errors
     /// Only on a programming error (duplicate or invalid metric names).
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one declaration per exported metric, with its help text"
-    )]
-    pub fn new() -> Result<Self, prometheus::Error> {
+    pub fn new(
+        readings: Box<dyn Readings>,
+        scope: &str,
+        variant: &str,
+    ) -> Result<Self, prometheus::Error> {
         let r = Registry::new();
-        let pp = &["peer", "proto"];
-        let m = Self {
-            verified_packets: counter_vec(
-                &r,
-                "natt_monitor_verified_packets_total",
-                "Segments from a peer whose TCP/UDP checksum natt-monitor recomputed and found correct.",
-                pp,
+        let info = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "natt_monitor_build_info",
+                    "Always 1; labels carry the natt-monitor version.",
+                ),
+                &["version"],
             )?,
-            verified_bytes: counter_vec(
-                &r,
-                "natt_monitor_verified_bytes_total",
-                "L4 bytes (header and payload) of the verified segments.",
-                pp,
-            )?,
-            mismatches: counter_vec(
-                &r,
-                "natt_monitor_checksum_mismatches_total",
-                "Segments from a peer whose recomputed checksum did not match: corrupted after decapsulation.",
-                pp,
-            )?,
-            dropped: counter_vec(
-                &r,
-                "natt_monitor_dropped_packets_total",
-                "Mismatching segments dropped in enforce mode, so that TCP retransmits them.",
-                pp,
-            )?,
-            learning_packets: counter_vec(
-                &r,
-                "natt_monitor_learning_packets_total",
-                "Segments passed unverified while the peer's NAT residual was being learned.",
-                pp,
-            )?,
-            peer_learning: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "natt_monitor_peer_learning",
-                        "1 while the peer's NAT residual is being learned (its segments are not verified yet), else 0.",
-                    ),
-                    &["peer"],
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            skipped: counter_vec(
-                &r,
-                "natt_monitor_skipped_packets_total",
-                "Packets seen by the verifier but not verified, by reason.",
-                &["reason"],
-            )?,
-            events_lost: counter(
-                &r,
-                "natt_monitor_events_lost_total",
-                "Mismatch events that did not fit in the ring buffer; the mismatch is still counted.",
-            )?,
-            peers: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "natt_monitor_peers",
-                        "Peers in the verifier's scope, by where they came from.",
-                    ),
-                    &["source"],
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            kernel_tcp: counter(
-                &r,
-                "natt_monitor_kernel_tcp_in_csum_errors_total",
-                "The kernel's own count of TCP segments with bad checksums (Tcp InCsumErrors in /proc/net/snmp); it never includes NAT-T segments.",
-            )?,
-            kernel_udp: counter(
-                &r,
-                "natt_monitor_kernel_udp_in_csum_errors_total",
-                "The kernel's own count of UDP datagrams with bad checksums (Udp InCsumErrors in /proc/net/snmp).",
-            )?,
-            log_suppressed: counter(
-                &r,
-                "natt_monitor_log_lines_suppressed_total",
-                "Mismatch log lines withheld by the log rate limit; the mismatches are still counted.",
-            )?,
-            up: {
-                let g = IntGauge::new(
-                    "natt_monitor_up",
-                    "1 while the verifier is attached and its event loop is draining, else 0.",
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            capture: counter_vec(
-                &r,
-                "natt_monitor_capture_packets_total",
-                "Mismatching packets for --capture, by result: written to the file, or left out (rate_limited, file_full, ring_full).",
-                &["result"],
-            )?,
-            variant: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "natt_monitor_program_variant",
-                        "1 for the verifier program the kernel runs, chosen by probing it: bpf_loop (5.17+) or bounded_loop.",
-                    ),
-                    &["variant"],
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            scope: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "natt_monitor_scope",
-                        "1 for the scope in force: sa (each segment's own IPsec state) or address (source address; kernels without BTF).",
-                    ),
-                    &["scope"],
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            collect_seconds: {
-                let g = Gauge::new(
-                    "natt_monitor_scrape_collect_seconds",
-                    "Seconds this scrape spent reading the verifier's maps and /proc.",
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            registry: r,
-            exported: Mutex::new(BTreeSet::new()),
-        };
-        let info = IntGaugeVec::new(
-            Opts::new(
-                "natt_monitor_build_info",
-                "Always 1; labels carry the natt-monitor version.",
-            ),
-            &["version"],
         )?;
-        m.registry.register(Box::new(info.clone()))?;
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        for (_, reason) in SKIP_REASONS {
-            m.skipped.with_label_values(&[reason]).reset();
-        }
-        for result in CAPTURE_RESULTS {
-            m.capture.with_label_values(&[result]).reset();
-        }
-        for s in Source::ALL {
-            m.peers.with_label_values(&[s.as_str()]).set(0);
-        }
-        Ok(m)
-    }
-
-    /// Marks `scope` ("sa" or "address") and the program `variant` (`bpf_loop` or
-    /// `bounded_loop`) as the ones in force.
-    pub fn set_program(&self, scope: &str, variant: &str) {
+        let scopes = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "natt_monitor_scope",
+                    "1 for the scope in force: sa (each segment's own IPsec state) or address (source address; kernels without BTF).",
+                ),
+                &["scope"],
+            )?,
+        )?;
         for s in ["sa", "address"] {
-            self.scope
-                .with_label_values(&[s])
-                .set(i64::from(s == scope));
+            scopes.with_label_values(&[s]).set(i64::from(s == scope));
         }
+        let variants = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "natt_monitor_program_variant",
+                    "1 for the verifier program the kernel runs, chosen by probing it: bpf_loop (5.17+) or bounded_loop.",
+                ),
+                &["variant"],
+            )?,
+        )?;
         for v in ["bpf_loop", "bounded_loop"] {
-            self.variant
+            variants
                 .with_label_values(&[v])
                 .set(i64::from(v == variant));
         }
+        let log_suppressed = register(
+            &r,
+            IntCounter::new(
+                "natt_monitor_log_lines_suppressed_total",
+                "Mismatch log lines withheld by the log rate limit; the mismatches are still counted.",
+            )?,
+        )?;
+        // Not registered: the scrape collector merges these with the kernel's ring_full count
+        // into one family.
+        let capture = IntCounterVec::new(Opts::new("capture", "capture"), &["result"])?;
+        let descs = Families::new()?.descs();
+        r.register(Box::new(ScrapeCollector {
+            readings,
+            capture: capture.clone(),
+            descs,
+        }))?;
+        Ok(Self {
+            registry: r,
+            log_suppressed,
+            capture,
+        })
     }
 
-    /// `natt_monitor_capture_packets_total`, which the capture task increments (all results
-    /// but `ring_full`, which comes from the kernel).
+    /// The capture task's counts of `natt_monitor_capture_packets_total` (every result but
+    /// `ring_full`, which the kernel counts).
     #[must_use]
     pub fn capture_results(&self) -> IntCounterVec {
         self.capture.clone()
@@ -280,75 +164,9 @@ impl Metrics {
         self.log_suppressed.clone()
     }
 
-    /// Applies a snapshot and returns the text exposition.
+    /// Reads everything and returns the text exposition.
     #[must_use]
-    pub fn render(&self, snap: &Snapshot) -> String {
-        let mut exported = self
-            .exported
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let set = |c: &IntCounter, v: u64| {
-            c.reset();
-            c.inc_by(v);
-        };
-        let now: BTreeSet<String> = snap.peers.iter().map(|p| p.label.clone()).collect();
-        for gone in exported.difference(&now) {
-            let _ = self.peer_learning.remove_label_values(&[gone]);
-            for (_, proto) in PROTOS {
-                for v in [
-                    &self.verified_packets,
-                    &self.verified_bytes,
-                    &self.mismatches,
-                    &self.dropped,
-                    &self.learning_packets,
-                ] {
-                    let _ = v.remove_label_values(&[gone, proto]);
-                }
-            }
-        }
-        for peer in &snap.peers {
-            let s = &peer.stats;
-            self.peer_learning
-                .with_label_values(&[peer.label.as_str()])
-                .set(i64::from(peer.learning));
-            for (p, proto) in PROTOS {
-                let l = [peer.label.as_str(), proto];
-                set(
-                    &self.verified_packets.with_label_values(&l),
-                    s.verified_packets[p],
-                );
-                set(
-                    &self.verified_bytes.with_label_values(&l),
-                    s.verified_bytes[p],
-                );
-                set(&self.mismatches.with_label_values(&l), s.mismatches[p]);
-                set(&self.dropped.with_label_values(&l), s.drops[p]);
-                set(&self.learning_packets.with_label_values(&l), s.learning[p]);
-            }
-        }
-        *exported = now;
-        for (counter, reason) in SKIP_REASONS {
-            set(
-                &self.skipped.with_label_values(&[reason]),
-                snap.counters.get(counter),
-            );
-        }
-        set(&self.events_lost, snap.counters.get(Counter::EventsLost));
-        set(
-            &self.capture.with_label_values(&["ring_full"]),
-            snap.counters.get(Counter::CaptureLost),
-        );
-        for (source, n) in &snap.peers_by_source {
-            self.peers
-                .with_label_values(&[source.as_str()])
-                .set(i64::try_from(*n).unwrap_or(i64::MAX));
-        }
-        if let Some(k) = snap.kernel {
-            set(&self.kernel_tcp, k.tcp);
-            set(&self.kernel_udp, k.udp);
-        }
-        self.up.set(i64::from(snap.up));
-        self.collect_seconds.set(snap.collect_seconds);
+    pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -356,8 +174,226 @@ impl Metrics {
     }
 }
 
+/// Builds the kernel-side families from a fresh `Snapshot` on every scrape.
+struct ScrapeCollector {
+    readings: Box<dyn Readings>,
+    capture: IntCounterVec,
+    descs: Vec<Desc>,
+}
+
+impl Collector for ScrapeCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snap = self.readings.read();
+        match Families::new() {
+            Ok(f) => f.filled(&snap, &self.capture),
+            Err(e) => {
+                // The same definitions were registered at start-up, so this cannot happen.
+                tracing::error!(error = %e, "building the scrape's metric families");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The metrics read from the kernel, defined once for `desc` and built afresh per scrape.
+struct Families {
+    verified_packets: IntCounterVec,
+    verified_bytes: IntCounterVec,
+    mismatches: IntCounterVec,
+    dropped: IntCounterVec,
+    learning_packets: IntCounterVec,
+    peer_learning: IntGaugeVec,
+    skipped: IntCounterVec,
+    events_lost: IntCounter,
+    capture: IntCounterVec,
+    peers: IntGaugeVec,
+    kernel_tcp: IntCounter,
+    kernel_udp: IntCounter,
+    up: IntGauge,
+    collect_seconds: Gauge,
+}
+
+fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
+    IntCounterVec::new(Opts::new(name, help), &["peer", "proto"])
+}
+
+impl Families {
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            verified_packets: per_peer(
+                "natt_monitor_verified_packets_total",
+                "Segments from a peer whose TCP/UDP checksum natt-monitor recomputed and found correct.",
+            )?,
+            verified_bytes: per_peer(
+                "natt_monitor_verified_bytes_total",
+                "L4 bytes (header and payload) of the verified segments.",
+            )?,
+            mismatches: per_peer(
+                "natt_monitor_checksum_mismatches_total",
+                "Segments from a peer whose recomputed checksum did not match: corrupted after decapsulation.",
+            )?,
+            dropped: per_peer(
+                "natt_monitor_dropped_packets_total",
+                "Mismatching segments dropped in enforce mode, so that TCP retransmits them.",
+            )?,
+            learning_packets: per_peer(
+                "natt_monitor_learning_packets_total",
+                "Segments passed unverified while the peer's NAT residual was being learned.",
+            )?,
+            peer_learning: IntGaugeVec::new(
+                Opts::new(
+                    "natt_monitor_peer_learning",
+                    "1 while the peer's NAT residual is being learned (its segments are not verified yet), else 0.",
+                ),
+                &["peer"],
+            )?,
+            skipped: IntCounterVec::new(
+                Opts::new(
+                    "natt_monitor_skipped_packets_total",
+                    "Packets seen by the verifier but not verified, by reason.",
+                ),
+                &["reason"],
+            )?,
+            events_lost: IntCounter::new(
+                "natt_monitor_events_lost_total",
+                "Mismatch events that did not fit in the ring buffer; the mismatch is still counted.",
+            )?,
+            capture: IntCounterVec::new(
+                Opts::new(
+                    "natt_monitor_capture_packets_total",
+                    "Mismatching packets for --capture, by result: written to the file, or left out (rate_limited, file_full, ring_full).",
+                ),
+                &["result"],
+            )?,
+            peers: IntGaugeVec::new(
+                Opts::new(
+                    "natt_monitor_peers",
+                    "Peers in the verifier's scope, by where they came from.",
+                ),
+                &["source"],
+            )?,
+            kernel_tcp: IntCounter::new(
+                "natt_monitor_kernel_tcp_in_csum_errors_total",
+                "The kernel's own count of TCP segments with bad checksums (Tcp InCsumErrors in /proc/net/snmp); it never includes NAT-T segments.",
+            )?,
+            kernel_udp: IntCounter::new(
+                "natt_monitor_kernel_udp_in_csum_errors_total",
+                "The kernel's own count of UDP datagrams with bad checksums (Udp InCsumErrors in /proc/net/snmp).",
+            )?,
+            up: IntGauge::new(
+                "natt_monitor_up",
+                "1 while the verifier is attached and its event loop is draining, else 0.",
+            )?,
+            collect_seconds: Gauge::new(
+                "natt_monitor_scrape_collect_seconds",
+                "Seconds this scrape spent reading the verifier's maps and /proc.",
+            )?,
+        })
+    }
+
+    fn collectors(&self) -> [&dyn Collector; 14] {
+        [
+            &self.verified_packets,
+            &self.verified_bytes,
+            &self.mismatches,
+            &self.dropped,
+            &self.learning_packets,
+            &self.peer_learning,
+            &self.skipped,
+            &self.events_lost,
+            &self.capture,
+            &self.peers,
+            &self.kernel_tcp,
+            &self.kernel_udp,
+            &self.up,
+            &self.collect_seconds,
+        ]
+    }
+
+    fn descs(&self) -> Vec<Desc> {
+        self.collectors()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect()
+    }
+
+    /// The families of `snap`. The per-reason, per-result and per-source series are always
+    /// present (0 until something counts), so alert rules can use `rate()` from the first
+    /// scrape; the kernel's own counters are absent when /proc could not be read.
+    fn filled(self, snap: &Snapshot, capture: &IntCounterVec) -> Vec<MetricFamily> {
+        let counter = |c: &IntCounter, v: u64| c.inc_by(v);
+        for peer in &snap.peers {
+            let s = &peer.stats;
+            self.peer_learning
+                .with_label_values(&[peer.label.as_str()])
+                .set(i64::from(peer.learning));
+            for (p, proto) in PROTOS {
+                let l = [peer.label.as_str(), proto];
+                for (vec, value) in [
+                    (&self.verified_packets, s.verified_packets[p]),
+                    (&self.verified_bytes, s.verified_bytes[p]),
+                    (&self.mismatches, s.mismatches[p]),
+                    (&self.dropped, s.drops[p]),
+                    (&self.learning_packets, s.learning[p]),
+                ] {
+                    counter(&vec.with_label_values(&l), value);
+                }
+            }
+        }
+        for (c, reason) in SKIP_REASONS {
+            counter(
+                &self.skipped.with_label_values(&[reason]),
+                snap.counters.get(c),
+            );
+        }
+        counter(&self.events_lost, snap.counters.get(Counter::EventsLost));
+        for result in CAPTURE_RESULTS {
+            let v = if result == "ring_full" {
+                snap.counters.get(Counter::CaptureLost)
+            } else {
+                capture.with_label_values(&[result]).get()
+            };
+            counter(&self.capture.with_label_values(&[result]), v);
+        }
+        for source in Source::ALL {
+            let n = snap
+                .peers_by_source
+                .iter()
+                .find(|(s, _)| *s == source)
+                .map_or(0, |(_, n)| *n);
+            self.peers
+                .with_label_values(&[source.as_str()])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let mut skip = Vec::new();
+        match snap.kernel {
+            Some(k) => {
+                counter(&self.kernel_tcp, k.tcp);
+                counter(&self.kernel_udp, k.udp);
+            }
+            None => skip.extend([
+                "natt_monitor_kernel_tcp_in_csum_errors_total",
+                "natt_monitor_kernel_udp_in_csum_errors_total",
+            ]),
+        }
+        self.up.set(i64::from(snap.up));
+        self.collect_seconds.set(snap.collect_seconds);
+        self.collectors()
+            .iter()
+            .flat_map(|c| c.collect())
+            .filter(|mf| !skip.contains(&mf.name()))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     fn sample() -> Snapshot {
@@ -401,10 +437,28 @@ mod tests {
         }
     }
 
+    /// Readings a test changes between scrapes.
+    #[derive(Clone, Default)]
+    struct Fixed(Arc<Mutex<Snapshot>>);
+
+    impl Readings for Fixed {
+        fn read(&self) -> Snapshot {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    fn metrics(snap: Snapshot) -> (Metrics, Fixed) {
+        let fixed = Fixed(Arc::new(Mutex::new(snap)));
+        let m = Metrics::new(Box::new(fixed.clone()), "sa", "bpf_loop").unwrap();
+        (m, fixed)
+    }
+
     #[test]
     fn renders_every_contract_metric_with_exact_values() {
-        let m = Metrics::new().unwrap();
-        let text = m.render(&sample());
+        let (m, _) = metrics(sample());
+        m.log_suppressed().inc_by(2);
+        m.capture_results().with_label_values(&["written"]).inc();
+        let text = m.render();
         for line in [
             "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 10",
             "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"udp\"} 2",
@@ -422,8 +476,12 @@ mod tests {
             "natt_monitor_peer_learning{peer=\"192.0.2.0/24\"} 0",
             "natt_monitor_kernel_tcp_in_csum_errors_total 4",
             "natt_monitor_kernel_udp_in_csum_errors_total 5",
-            "natt_monitor_log_lines_suppressed_total 0",
+            "natt_monitor_log_lines_suppressed_total 2",
+            "natt_monitor_capture_packets_total{result=\"written\"} 1",
+            "natt_monitor_capture_packets_total{result=\"ring_full\"} 0",
             "natt_monitor_up 1",
+            "natt_monitor_scope{scope=\"sa\"} 1",
+            "natt_monitor_program_variant{variant=\"bounded_loop\"} 0",
             "# HELP natt_monitor_up 1 while the verifier is attached and its event loop is draining, else 0.",
             "# TYPE natt_monitor_verified_packets_total counter",
         ] {
@@ -443,9 +501,8 @@ mod tests {
     #[test]
     fn golden_exposition() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.golden.prom");
-        let m = Metrics::new().unwrap();
-        m.set_program("sa", "bpf_loop");
-        let text = m.render(&sample());
+        let (m, _) = metrics(sample());
+        let text = m.render();
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(path, &text).unwrap();
         }
@@ -457,19 +514,26 @@ mod tests {
     }
 
     #[test]
-    fn removed_peers_disappear_and_counts_follow_the_kernel() {
-        let m = Metrics::new().unwrap();
-        let mut s = sample();
-        let _ = m.render(&s);
-        s.peers.truncate(1);
-        s.peers[0].stats.verified_packets[0] = 25;
-        s.up = false;
-        let text = m.render(&s);
+    fn each_scrape_reads_afresh_so_removed_peers_disappear() {
+        let (m, fixed) = metrics(sample());
+        assert!(m.render().contains("2001:db8::/32"));
+        {
+            let mut s = fixed.0.lock().unwrap();
+            s.peers.truncate(1);
+            s.peers[0].stats.verified_packets[0] = 25;
+            s.up = false;
+            s.kernel = None;
+        }
+        let text = m.render();
         assert!(!text.contains("2001:db8::/32"), "{text}");
         assert!(!text.contains("203.0.113.9/32"), "{text}");
         assert!(text.contains(
             "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 25"
         ));
         assert!(text.contains("natt_monitor_up 0"));
+        assert!(
+            !text.contains("natt_monitor_kernel_tcp_in_csum_errors_total"),
+            "unreadable /proc: absent, not 0\n{text}"
+        );
     }
 }

@@ -45,16 +45,21 @@ fn run_variant(
     let lab = Lab::new(mtu);
     let cg = Cgroup::new();
     let mut v = Verifier::load_variant(&Scope::Address, false, variant).expect("load verifier");
-    v.set_peers(&PeerTable::new(vec![PeerSpec::new(parse_cidr(peer).unwrap(), mode)]).unwrap())
+    v.peer_maps()
+        .unwrap()
+        .set_peers(
+            &PeerTable::default(),
+            &PeerTable::new(vec![PeerSpec::new(parse_cidr(peer).unwrap(), mode)]).unwrap(),
+        )
         .unwrap();
     v.attach(&cg.path).expect("attach to test cgroup");
     let inj = Injector::attach(&lab.b, lab.dev_b, every);
     let s = stream(env!("CARGO_BIN_EXE_natt-peer"), &lab, &cg.path, bytes, v6);
-    let c = v.counters().unwrap();
+    let c = v.stats().counters().unwrap();
     let r = Run {
         stream: s,
         inject: inj.stats(),
-        peer: v.peer_stats(0).unwrap(),
+        peer: v.stats().peer_stats(0).unwrap(),
         not_in_scope: c.get(Counter::SkipNotInScope),
         aggregated: c.get(Counter::SkipAggregated),
     };
@@ -248,14 +253,17 @@ fn partial_checksums_and_plaintext_are_never_mismatches() {
         let lab = Lab::with_default_offloads(1500);
         let cg = Cgroup::new();
         let mut v = Verifier::load(&s).expect("load verifier");
-        v.set_peers(
-            &PeerTable::new(vec![
-                PeerSpec::new(parse_cidr(ADDR_A).unwrap(), Mode::Enforce),
-                PeerSpec::new(parse_cidr("127.0.0.0/8").unwrap(), Mode::Enforce),
-            ])
-            .unwrap(),
-        )
-        .unwrap();
+        v.peer_maps()
+            .unwrap()
+            .set_peers(
+                &PeerTable::default(),
+                &PeerTable::new(vec![
+                    PeerSpec::new(parse_cidr(ADDR_A).unwrap(), Mode::Enforce),
+                    PeerSpec::new(parse_cidr("127.0.0.0/8").unwrap(), Mode::Enforce),
+                ])
+                .unwrap(),
+            )
+            .unwrap();
         let root = natt_monitor::cgroup::cgroup2_mount().expect("cgroup2 mount");
         v.attach(if matches!(s, Scope::Sa(_)) {
             &root
@@ -265,8 +273,11 @@ fn partial_checksums_and_plaintext_are_never_mismatches() {
         .expect("attach");
         let over_veth = stream(peer, &lab, &cg.path, 2 * MB, false);
         let over_lo = stream_between(peer, &lab.b, &lab.b, "127.0.0.1:5003", &cg.path, 2 * MB);
-        let c = v.counters().unwrap();
-        let stats = [v.peer_stats(0).unwrap(), v.peer_stats(1).unwrap()];
+        let c = v.stats().counters().unwrap();
+        let stats = [
+            v.stats().peer_stats(0).unwrap(),
+            v.stats().peer_stats(1).unwrap(),
+        ];
         drop(v);
         eprintln!(
             "{} scope: veth {over_veth:?}, loopback {over_lo:?}, peers {stats:?}, partial_checksum={} aggregated={} not_ipsec={}",

@@ -146,7 +146,10 @@ impl Harness {
     /// With the program variant forced: both must give the same results.
     fn with(scope: &Scope, variant: Option<Variant>) -> Self {
         let mut v = Verifier::load_variant(scope, false, variant).expect("load verifier");
-        v.set_peers(&table()).expect("fill peers");
+        v.peer_maps()
+            .unwrap()
+            .set_peers(&PeerTable::default(), &table())
+            .expect("fill peers");
         let ring = v.take_events().expect("event ring");
         Self { v, ring }
     }
@@ -161,10 +164,10 @@ impl Harness {
     }
 
     fn snapshot(&self) -> (Counters, [PeerStats; PEERS]) {
-        let c = self.v.counters().unwrap();
+        let c = self.v.stats().counters().unwrap();
         let mut p = [PeerStats::default(); PEERS];
         for (i, s) in p.iter_mut().enumerate() {
-            *s = self.v.peer_stats(i as u32).unwrap();
+            *s = self.v.stats().peer_stats(i as u32).unwrap();
         }
         (c, p)
     }
@@ -393,7 +396,10 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         })
         .collect();
     let learning = configured.reconcile(specs).unwrap();
-    h.v.set_peers(&learning).unwrap();
+    h.v.peer_maps()
+        .unwrap()
+        .set_peers(&configured, &learning)
+        .unwrap();
     let mut f = v4(V4_NAT_ORIG, V4_NAT_ORIG_DST, L4::Tcp, &payload(900));
     f[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
     f[ETH + 16..ETH + 20].copy_from_slice(&LOCAL4.octets());
@@ -422,7 +428,7 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
     };
     key.src[..4].copy_from_slice(&V4_NAT_SEEN.octets());
     key.dst[..4].copy_from_slice(&LOCAL4.octets());
-    h.v.set_sa_residual(key, want).unwrap();
+    h.v.peer_maps().unwrap().set_sa_residual(key, want).unwrap();
     assert_eq!(
         h.run(&f),
         Outcome::verified(P_V4_NAT, PROTO_TCP, l4_len(&f))
@@ -636,7 +642,10 @@ fn a_full_ring_buffer_counts_lost_events_and_never_blocks() {
         return;
     }
     let mut v = Verifier::load(&Scope::Address).expect("load verifier");
-    v.set_peers(&table()).unwrap();
+    v.peer_maps()
+        .unwrap()
+        .set_peers(&PeerTable::default(), &table())
+        .unwrap();
     let mut ring = v.take_events().unwrap();
     let mut f = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(200));
     let last = f.len() - 1;
@@ -655,8 +664,12 @@ fn a_full_ring_buffer_counts_lost_events_and_never_blocks() {
         assert!(Mismatch::decode(&item).is_some());
         delivered += 1;
     }
-    let events_lost = v.counters().unwrap().get(Counter::EventsLost);
-    let counted = v.peer_stats(P_V4_OBSERVE as u32).unwrap().mismatches[PROTO_TCP];
+    let events_lost = v.stats().counters().unwrap().get(Counter::EventsLost);
+    let counted = v
+        .stats()
+        .peer_stats(P_V4_OBSERVE as u32)
+        .unwrap()
+        .mismatches[PROTO_TCP];
     assert_eq!(counted, u64::from(N));
     assert!(
         events_lost > 0,

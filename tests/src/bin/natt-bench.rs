@@ -182,7 +182,8 @@ where
 fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
     let mut v = Verifier::load(&Scope::Address).context("loading the verifier")?;
     let peer = PeerSpec::new(parse_cidr("192.0.2.10")?, Mode::Observe);
-    v.set_peers(&PeerTable::new(vec![peer])?)?;
+    v.peer_maps()?
+        .set_peers(&PeerTable::default(), &PeerTable::new(vec![peer])?)?;
     let mut tb = EbpfLoader::new()
         .load(TESTBED_OBJ)
         .context("loading the testbed object")?;
@@ -224,7 +225,7 @@ fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
         ));
     }
     // Every run of the verifier must have verified (not skipped, not mismatched) its segment.
-    let s = v.peer_stats(0)?;
+    let s = v.stats().peer_stats(0)?;
     let expected = u64::from(repeat) * (rounds as u64) * sizes.len() as u64;
     if s.verified_packets[0] != expected || s.mismatches[0] != 0 {
         bail!(
@@ -387,10 +388,10 @@ fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughput> {
                 } else {
                     Mode::Observe
                 };
-                v.set_peers(&PeerTable::new(vec![PeerSpec::new(
-                    parse_cidr(ADDR_A)?,
-                    mode,
-                )])?)?;
+                v.peer_maps()?.set_peers(
+                    &PeerTable::default(),
+                    &PeerTable::new(vec![PeerSpec::new(parse_cidr(ADDR_A)?, mode)])?,
+                )?;
                 v.attach(&cg.path)?;
                 Some(v)
             };
@@ -402,7 +403,7 @@ fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughput> {
             drop(noop);
             gbps[i].push(bps / 1e9);
             if let Some(mut v) = verifier {
-                let s = v.peer_stats(0)?;
+                let s = v.stats().peer_stats(0)?;
                 let info: ProgramInfo = v.program_mut()?.info()?;
                 if setting == Setting::Observe {
                     let bytes = s.verified_bytes[0] as f64;

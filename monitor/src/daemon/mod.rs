@@ -1,0 +1,480 @@
+//! The daemon's start-up order, its supervision and its error type.
+//!
+//! All or nothing, and fail fast. `run` checks privileges, binds the endpoint, resolves the
+//! scope, reads the SAs, loads the program, installs the peers and attaches last, so every
+//! failure before that returns an error with nothing attached. Then each concern runs as its
+//! own task with narrow handles:
+//!
+//! | task | module | owns |
+//! |---|---|---|
+//! | `sa-state` | `state` | the peer table, learned residuals, the peer maps (only writer) |
+//! | `event-drain` | `drain` | the mismatch ring, the log budget; feeds health |
+//! | `ebpf-log` | `drain` | the aya-log ring |
+//! | `capture` | `crate::capture` | the capture ring and the pcapng file |
+//! | `http` | `crate::http` + `exporter` | the listener; scrapes read the kernel |
+//! | `xfrm-discovery` | `discovery` | the XFRM notification socket |
+//! | `sighup` | `reload` | the SIGHUP stream |
+//!
+//! Every task is supervised: if one ends while running, with an error or not, `run` returns
+//! `DaemonError::TaskDied` naming it, the program is detached and the process exits non-zero.
+//! `/healthz` and `natt_monitor_up` are true only while the program is attached and the drain
+//! has completed a pass within `HEALTH_MAX_AGE`. There is no zombie mode.
+
+pub mod discovery;
+pub mod drain;
+pub mod exporter;
+pub mod health;
+pub mod reload;
+pub mod state;
+
+use std::{collections::HashMap, future::Future, io, net::TcpListener, sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+pub use health::HEALTH_MAX_AGE;
+use monitor_ebpf::{PROTO_TCP, PROTO_UDP, SKIP_REASONS};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+    task::JoinSet,
+};
+use tracing::{error, info, warn};
+
+use self::{
+    drain::Drain,
+    exporter::{Endpoint, KernelReadings},
+    health::Health,
+    state::{SaState, View},
+};
+use crate::{
+    capture::Capture,
+    check,
+    cli::ScopeChoice,
+    config::{ConfigError, Settings},
+    ebpf::{EbpfFailure, Stats, Verifier},
+    events::RateLimiter,
+    http,
+    metrics::Metrics,
+    peers::{PeerError, PeerSpec, PeerTable},
+    scope::{self, LayoutError, Scope},
+    xfrm::XfrmError,
+};
+
+/// Re-reads the peer list on SIGHUP (the configuration file and flags).
+pub type Reloader = Box<dyn Fn() -> Result<Vec<PeerSpec>, ConfigError> + Send + Sync>;
+
+/// Everything `run` needs.
+pub struct RunConfig {
+    /// Resolved settings.
+    pub settings: Settings,
+    /// Called on SIGHUP; `None` ignores SIGHUP with a log line.
+    pub reload: Option<Reloader>,
+    /// A socket the caller bound already (a test, or a supervisor that passes sockets), served
+    /// instead of binding `settings.listen`.
+    pub listener: Option<TcpListener>,
+}
+
+impl std::fmt::Debug for RunConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunConfig")
+            .field("settings", &self.settings)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the daemon stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Missing privileges.
+    #[error("natt-monitor needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN), or root; this process lacks {}", missing.join(", "))]
+    Privileges {
+        /// The missing capability names.
+        missing: Vec<&'static str>,
+    },
+    /// The listen address could not be bound.
+    #[error("--listen {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer set is invalid.
+    #[error(transparent)]
+    Peers(#[from] PeerError),
+    /// Loading, attaching or map access failed.
+    #[error(transparent)]
+    Ebpf(#[from] EbpfFailure),
+    /// The capture file could not be created.
+    #[error(transparent)]
+    Capture(#[from] crate::capture::CaptureError),
+    /// Metrics could not be registered.
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A ring buffer could not be registered with the runtime.
+    #[error("watching the {what} ring buffer: {source}")]
+    EventFd {
+        /// Which one.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The eBPF log bridge could not be set up.
+    #[error("bridging the eBPF program's log (aya-log): {0}")]
+    EbpfLog(String),
+    /// A signal handler could not be installed.
+    #[error("installing the SIGHUP handler: {0}")]
+    Signal(#[source] io::Error),
+    /// XFRM discovery could not start.
+    #[error("--discover xfrm: {0}")]
+    Discovery(#[from] XfrmError),
+    /// `--scope sa` was asked for, but the kernel's BTF does not give the `sec_path` layout.
+    #[error("--scope sa: {0}")]
+    Scope(#[from] LayoutError),
+    /// An internal task ended while the daemon was running.
+    #[error(
+        "internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)"
+    )]
+    TaskDied {
+        /// Which task.
+        task: &'static str,
+        /// What happened to it.
+        reason: String,
+    },
+}
+
+/// The supervised tasks: any one ending is a failure of the daemon.
+struct Tasks {
+    set: JoinSet<(&'static str, io::Result<()>)>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        Self {
+            set: JoinSet::new(),
+            names: HashMap::new(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = io::Result<()>> + Send + 'static,
+    ) {
+        let h = self.set.spawn(async move { (name, task.await) });
+        self.names.insert(h.id(), name);
+    }
+
+    fn spawn_blocking(
+        &mut self,
+        name: &'static str,
+        task: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) {
+        let h = self.set.spawn_blocking(move || (name, task()));
+        self.names.insert(h.id(), name);
+    }
+
+    /// Waits for the next task to end and says which and how.
+    async fn next_end(&mut self) -> (&'static str, String, bool) {
+        match self.set.join_next().await {
+            Some(Ok((name, Ok(())))) => (name, "returned".into(), true),
+            Some(Ok((name, Err(e)))) => (name, e.to_string(), false),
+            Some(Err(e)) => (
+                self.names.get(&e.id()).copied().unwrap_or("unknown"),
+                e.to_string(),
+                false,
+            ),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The first task that ends, as an error.
+    async fn first_death(&mut self) -> DaemonError {
+        let (task, reason, _) = self.next_end().await;
+        DaemonError::TaskDied { task, reason }
+    }
+
+    /// Waits up to `limit` for `task` to end by itself (its clean exit); another task ending
+    /// first, or `task` failing, is an error.
+    async fn finish(&mut self, task: &'static str, limit: Duration) -> Result<(), DaemonError> {
+        match tokio::time::timeout(limit, self.next_end()).await {
+            Ok((name, _, true)) if name == task => Ok(()),
+            Ok((name, reason, _)) => Err(DaemonError::TaskDied { task: name, reason }),
+            Err(_) => Err(DaemonError::TaskDied {
+                task,
+                reason: format!(
+                    "did not finish its final drain within {} s",
+                    limit.as_secs()
+                ),
+            }),
+        }
+    }
+}
+
+/// Registers a ring buffer or socket with the runtime. Only for types that own their
+/// descriptor (ring buffers, the aya-log reader, the XFRM socket).
+fn watch_fd<T: std::os::fd::AsRawFd>(
+    what: &'static str,
+    inner: T,
+) -> Result<AsyncFd<T>, DaemonError> {
+    // SAFETY: every `T` passed here owns its descriptor and keeps it open, unchanged, for as
+    // long as it exists; the AsyncFd owns the `T`, so the registration never outlives the fd.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| DaemonError::EventFd {
+        what,
+        source: e.into_parts().1,
+    })
+}
+
+/// Runs until `shutdown` resolves (clean exit) or an internal task fails (error).
+///
+/// # Errors
+/// `DaemonError` naming the failed step or task.
+pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let Running {
+        mut verifier,
+        mut tasks,
+        stop_drain,
+        health,
+        stats,
+        view,
+    } = start(config)?;
+    let result = tokio::select! {
+        () = shutdown => {
+            info!("shutdown requested");
+            // Let the drain empty the ring and report what the log limit suppressed.
+            let _ = stop_drain.send(());
+            tasks.finish("event-drain", Duration::from_secs(5)).await
+        }
+        e = tasks.first_death() => Err(e),
+    };
+    health.set_attached(false);
+    // Aborts the tasks; the state task ends once the last handle is dropped with them.
+    tasks.set.shutdown().await;
+    if let Err(e) = &result {
+        error!("{e}");
+    }
+    log_totals(&stats, &view.borrow());
+    if verifier.detach() {
+        info!("verifier detached");
+    }
+    result
+}
+
+/// The daemon once started: what `run` supervises and tears down.
+struct Running {
+    verifier: Verifier,
+    tasks: Tasks,
+    stop_drain: tokio::sync::oneshot::Sender<()>,
+    health: Arc<Health>,
+    stats: Arc<Stats>,
+    view: watch::Receiver<Arc<View>>,
+}
+
+/// The start-up order: privileges, endpoint, scope, first SA dump, load, peers, rings, attach,
+/// tasks. Every error before `attach` leaves nothing attached; the `Verifier` going out of
+/// scope unloads what was loaded.
+fn start(config: RunConfig) -> Result<Running, DaemonError> {
+    let RunConfig {
+        settings,
+        reload,
+        listener,
+    } = config;
+    let missing = check::missing_capabilities(&settings.proc_path);
+    if !missing.is_empty() {
+        return Err(DaemonError::Privileges { missing });
+    }
+    let listen_err = |source| DaemonError::Listen {
+        addr: settings.listen,
+        source,
+    };
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(settings.listen).map_err(listen_err)?,
+    };
+    let listen = listener.local_addr().map_err(listen_err)?;
+    let scope = resolve_scope(&settings)?;
+    // Discovery starts before anything is attached: the first SA dump is part of the initial
+    // peer set, and an explicit --discover xfrm on a kernel without XFRM fails here.
+    let (watch, discovered) = discovery::start(&settings)?;
+    let mut k = Loaded::load(&settings, scope, discovered)?;
+    let watch = watch
+        .map(|w| watch_fd("XFRM notification", w))
+        .transpose()?;
+    let hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+    // Attach last: the peer map is complete before the first segment meets the program.
+    k.verifier.attach(&settings.cgroup)?;
+    k.health.set_attached(true);
+    k.health.mark_drained();
+    let table = k.view.borrow().table.clone();
+    info!(
+        cgroup = %settings.cgroup.display(),
+        %listen,
+        peers = table.len(),
+        discover = if watch.is_some() { "xfrm" } else { "none" },
+        %scope,
+        variant = k.verifier.variant().as_str(),
+        "verifier attached at cgroup_skb ingress"
+    );
+    log_peers(&table);
+
+    let (handle, inbox) = SaState::channel();
+    let mut tasks = Tasks::new();
+    let sa_state = k.sa_state;
+    tasks.spawn_blocking("sa-state", move || sa_state.run(inbox));
+    let (stop_drain, stop_rx) = tokio::sync::oneshot::channel();
+    let drain = Drain {
+        ring: k.events,
+        state: handle.clone(),
+        view: k.view.clone(),
+        limiter: RateLimiter::new(settings.log_per_second, settings.log_burst),
+        suppressed: k.metrics.log_suppressed(),
+        health: Arc::clone(&k.health),
+    };
+    tasks.spawn("event-drain", drain.run(stop_rx));
+    tasks.spawn("ebpf-log", drain::bridge_ebpf_log(k.ebpf_log));
+    tasks.spawn("capture", crate::capture::drain(k.capture));
+    let endpoint = Endpoint {
+        metrics: k.metrics,
+        health: Arc::clone(&k.health),
+    };
+    tasks.spawn("http", http::serve(listener, Arc::new(endpoint)));
+    tasks.spawn(
+        "xfrm-discovery",
+        discovery::follow(watch, handle.clone(), settings.default_mode),
+    );
+    tasks.spawn("sighup", reload::follow(hup, reload, handle));
+    Ok(Running {
+        verifier: k.verifier,
+        tasks,
+        stop_drain,
+        health: k.health,
+        stats: k.stats,
+        view: k.view,
+    })
+}
+
+/// The program loaded with its peers installed and its rings open, not attached yet.
+struct Loaded {
+    verifier: Verifier,
+    sa_state: SaState,
+    view: watch::Receiver<Arc<View>>,
+    health: Arc<Health>,
+    stats: Arc<Stats>,
+    metrics: Metrics,
+    events: AsyncFd<RingBuf<MapData>>,
+    capture: Option<(AsyncFd<RingBuf<MapData>>, Capture)>,
+    ebpf_log: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Loaded {
+    fn load(
+        settings: &Settings,
+        scope: Scope,
+        discovered: Vec<PeerSpec>,
+    ) -> Result<Self, DaemonError> {
+        let mut verifier = Verifier::load_with(&scope, settings.capture.is_some())?;
+        let (sa_state, view) = SaState::start(
+            verifier.take_peer_maps()?,
+            scope,
+            settings.peers.clone(),
+            discovered,
+        )?;
+        let health = Arc::new(Health::default());
+        let stats = verifier.stats();
+        let metrics = Metrics::new(
+            Box::new(KernelReadings {
+                stats: Arc::clone(&stats),
+                view: view.clone(),
+                health: Arc::clone(&health),
+                proc_path: settings.proc_path.clone(),
+            }),
+            scope.as_str(),
+            verifier.variant().as_str(),
+        )?;
+        let capture = match &settings.capture {
+            Some(path) => {
+                let file =
+                    Capture::create(path, settings.capture_max_bytes, metrics.capture_results())?;
+                let ring = watch_fd("capture", verifier.take_capture()?)?;
+                info!(file = %path.display(), max_bytes = settings.capture_max_bytes, "writing mismatching packets to a pcapng file");
+                Some((ring, file))
+            }
+            None => None,
+        };
+        let events = watch_fd("mismatch event", verifier.take_events()?)?;
+        let ebpf_log = aya_log::EbpfLogger::init(verifier.ebpf_mut())
+            .map_err(|e| DaemonError::EbpfLog(e.to_string()))?;
+        let ebpf_log = watch_fd("aya-log", ebpf_log)?;
+        Ok(Self {
+            verifier,
+            sa_state,
+            view,
+            health,
+            stats,
+            metrics,
+            events,
+            capture,
+            ebpf_log,
+        })
+    }
+}
+
+/// One line per peer: what is verified and how.
+pub fn log_peers(table: &PeerTable) {
+    for (id, p) in table.iter() {
+        match table.residual(id) {
+            Some(residual) => {
+                info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), residual, "verifying peer");
+            }
+            None => {
+                info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), "verifying peer; each SA's NAT residual is learned from its first segments");
+            }
+        }
+    }
+}
+
+/// SA scope where the kernel's BTF gives the `sec_path` layout; address scope where it does
+/// not (with a warning), or when asked for.
+fn resolve_scope(settings: &Settings) -> Result<Scope, DaemonError> {
+    let btf = settings.sys_path.join(scope::VMLINUX_BTF);
+    match settings.scope {
+        ScopeChoice::Address => Ok(Scope::Address),
+        ScopeChoice::Sa => Ok(Scope::Sa(scope::layout_from(&btf)?)),
+        ScopeChoice::Auto => Ok(scope::layout_from(&btf).map_or_else(
+            |e| {
+                warn!(error = %e, "scoping by source address: this kernel does not say where a segment's IPsec state lies, so plaintext from peers is told apart only by IKE ports and partial checksums (docs/verifier.md)");
+                Scope::Address
+            },
+            Scope::Sa,
+        )),
+    }
+}
+
+fn log_totals(stats: &Stats, view: &View) {
+    for (id, p) in view.table.iter() {
+        match stats.peer_stats(id) {
+            Ok(s) => info!(
+                peer = %p.net,
+                verified_tcp = s.verified_packets[PROTO_TCP],
+                verified_udp = s.verified_packets[PROTO_UDP],
+                mismatches = s.mismatches[PROTO_TCP] + s.mismatches[PROTO_UDP],
+                learning = s.learning[PROTO_TCP] + s.learning[PROTO_UDP],
+                dropped = s.drops[PROTO_TCP] + s.drops[PROTO_UDP],
+                "peer totals"
+            ),
+            Err(e) => warn!(peer = %p.net, error = %e, "could not read peer totals"),
+        }
+    }
+    if let Ok(c) = stats.counters() {
+        for (counter, reason) in SKIP_REASONS {
+            let n = c.get(counter);
+            if n > 0 {
+                info!(reason, packets = n, "skipped totals");
+            }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! SIGHUP: re-reading the static peers.
+//!
+//! Owns the SIGHUP stream and the caller's `Reloader`. A reload that fails (a bad file, a peer
+//! set the maps refuse) keeps the current peers and says why; it never takes the daemon down.
+
+use std::io;
+
+use tokio::signal::unix::Signal;
+use tracing::{error, info, warn};
+
+use crate::daemon::{Reloader, log_peers, state::StateHandle};
+
+/// Applies the reloaded peer list on every SIGHUP.
+///
+/// # Errors
+/// Never while the signal stream lives; its end ends the task.
+pub async fn follow(
+    mut hup: Signal,
+    reload: Option<Reloader>,
+    state: StateHandle,
+) -> io::Result<()> {
+    while hup.recv().await.is_some() {
+        let Some(reload) = &reload else {
+            warn!("SIGHUP ignored: no configuration to re-read");
+            continue;
+        };
+        let specs = match reload() {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "reload failed; keeping the current peers");
+                continue;
+            }
+        };
+        match state.replace_static(specs).await {
+            Ok(applied) => {
+                info!(
+                    peers = applied.table.len(),
+                    added = applied.added,
+                    removed = applied.removed,
+                    "reloaded peers on SIGHUP"
+                );
+                log_peers(&applied.table);
+            }
+            Err(e) => error!(error = %e, "reload failed; keeping the current peers"),
+        }
+    }
+    Err(io::Error::other("the SIGHUP stream ended"))
+}

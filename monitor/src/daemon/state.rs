@@ -1,0 +1,400 @@
+//! The SA/peer state: which peers are verified, in which mode, and the NAT residuals learned
+//! for them.
+//!
+//! Owns the static peers (flags and configuration file), the peers discovered from the kernel's
+//! SAs, the merged peer table, the learned residuals with their learning rounds, and the kernel
+//! maps that hold all of it (`PeerMaps`). It is the only writer of those maps. Other tasks send
+//! it commands through a `StateHandle`; it runs on a blocking thread, so map updates never stall
+//! the async runtime. After every change it publishes a `View` that the drain (log labels) and
+//! the scrape (peer labels, learning flags) read without a lock.
+
+use std::{collections::BTreeSet, io, sync::Arc};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    daemon::DaemonError,
+    ebpf::PeerMaps,
+    events::Mismatch,
+    learn::{Outcome, WINDOW},
+    peers::{PeerSpec, PeerTable},
+    residuals::Residuals,
+    scope::Scope,
+};
+
+/// What the drain and the scrape see of the state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// The peers in the maps.
+    pub table: PeerTable,
+    /// Ids of the peers some of whose segments are not verified yet (learning).
+    pub learning: BTreeSet<u32>,
+}
+
+impl View {
+    /// The label of peer `id`, or `#id` for one that is gone.
+    #[must_use]
+    pub fn label(&self, id: u32) -> String {
+        self.table
+            .get(id)
+            .map_or_else(|| format!("#{id}"), PeerSpec::label)
+    }
+}
+
+/// The outcome of replacing a peer list.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// Peers that were not there before.
+    pub added: usize,
+    /// Peers that went.
+    pub removed: usize,
+    /// The peers now in the maps.
+    pub table: PeerTable,
+}
+
+#[derive(Debug)]
+enum Command {
+    Static(Vec<PeerSpec>, oneshot::Sender<Result<Applied, String>>),
+    Discovered(
+        Vec<PeerSpec>,
+        oneshot::Sender<Result<Option<Applied>, String>>,
+    ),
+    Sample(Box<Mismatch>),
+}
+
+/// How the other tasks talk to the state. Cheap to clone; the state task ends when every
+/// handle is gone.
+#[derive(Clone, Debug)]
+pub struct StateHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+/// The state task is gone (it failed, or the daemon is stopping).
+const GONE: &str = "the SA/peer state task has stopped";
+
+impl StateHandle {
+    /// Replaces the static peers (on SIGHUP). On error the previous peers stay.
+    ///
+    /// # Errors
+    /// Why the new list was refused or could not be installed.
+    pub async fn replace_static(&self, specs: Vec<PeerSpec>) -> Result<Applied, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Static(specs, reply))
+            .await
+            .map_err(|_| GONE.to_owned())?;
+        rx.await.map_err(|_| GONE.to_owned())?
+    }
+
+    /// Replaces the discovered peers; `Ok(None)` when they did not change.
+    ///
+    /// # Errors
+    /// As `replace_static`.
+    pub async fn replace_discovered(
+        &self,
+        specs: Vec<PeerSpec>,
+    ) -> Result<Option<Applied>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Discovered(specs, reply))
+            .await
+            .map_err(|_| GONE.to_owned())?;
+        rx.await.map_err(|_| GONE.to_owned())?
+    }
+
+    /// Hands over one learning sample. Waits while the state is busy (the drain slows down
+    /// rather than losing samples).
+    ///
+    /// # Errors
+    /// When the state task is gone.
+    pub async fn sample(&self, m: Mismatch) -> io::Result<()> {
+        self.tx
+            .send(Command::Sample(Box::new(m)))
+            .await
+            .map_err(|_| io::Error::other(GONE))
+    }
+}
+
+/// The receiving end of a `StateHandle`, for `SaState::run`.
+#[derive(Debug)]
+pub struct Inbox(mpsc::Receiver<Command>);
+
+/// Commands waiting for the state task; a full queue makes senders wait.
+const QUEUE: usize = 1024;
+
+/// The state itself; `run` it on a blocking thread.
+pub struct SaState {
+    maps: PeerMaps,
+    table: PeerTable,
+    statics: Vec<PeerSpec>,
+    discovered: Vec<PeerSpec>,
+    residuals: Residuals,
+    scope: Scope,
+    view: watch::Sender<Arc<View>>,
+}
+
+impl std::fmt::Debug for SaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaState")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The peers to verify: every static peer, then each discovered peer whose address no static
+/// prefix already covers (an operator's explicit entry wins over discovery).
+fn merge(statics: &[PeerSpec], discovered: &[PeerSpec]) -> Vec<PeerSpec> {
+    let mut out = statics.to_vec();
+    out.extend(
+        discovered
+            .iter()
+            .filter(|d| !statics.iter().any(|s| s.net.contains(&d.net.addr())))
+            .cloned(),
+    );
+    out
+}
+
+/// Under SA scope every peer without configured NAT addresses learns its residual per NAT
+/// mapping, and a rekey (a new discovery generation) is no reason to forget anything: the
+/// mapping, and with it the residual, stays. Under address scope a static peer without NAT
+/// addresses has residual 0 and a discovered one learns again when its SAs change.
+fn scoped(scope: Scope, mut specs: Vec<PeerSpec>) -> Vec<PeerSpec> {
+    if matches!(scope, Scope::Sa(_)) {
+        for p in &mut specs {
+            p.learn = p.nat.is_none();
+            p.generation = 0;
+        }
+    }
+    specs
+}
+
+impl SaState {
+    /// Builds the first peer table and installs it in `maps`.
+    ///
+    /// # Errors
+    /// `DaemonError::Peers` for an invalid peer set, `DaemonError::Ebpf` if the maps refuse it.
+    pub fn start(
+        mut maps: PeerMaps,
+        scope: Scope,
+        statics: Vec<PeerSpec>,
+        discovered: Vec<PeerSpec>,
+    ) -> Result<(Self, watch::Receiver<Arc<View>>), DaemonError> {
+        let statics = scoped(scope, statics);
+        let discovered = scoped(scope, discovered);
+        let table = PeerTable::new(merge(&statics, &discovered))?;
+        maps.set_peers(&PeerTable::default(), &table)?;
+        let (view, rx) = watch::channel(Arc::new(View::default()));
+        let state = Self {
+            maps,
+            table,
+            statics,
+            discovered,
+            residuals: Residuals::default(),
+            scope,
+            view,
+        };
+        state.publish();
+        Ok((state, rx))
+    }
+
+    /// The handle to send commands with, and the inbox `run` serves.
+    #[must_use]
+    pub fn channel() -> (StateHandle, Inbox) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (StateHandle { tx }, Inbox(rx))
+    }
+
+    /// Serves commands until every handle is gone. Blocking: run it on its own thread.
+    ///
+    /// # Errors
+    /// None today: a map update that fails keeps the previous peers and is reported to the
+    /// sender. The signature lets the supervisor treat this like every other task.
+    pub fn run(mut self, inbox: Inbox) -> io::Result<()> {
+        let Inbox(mut rx) = inbox;
+        while let Some(cmd) = rx.blocking_recv() {
+            match cmd {
+                Command::Static(specs, reply) => {
+                    let _ = reply.send(self.apply(Some(specs), None));
+                }
+                Command::Discovered(specs, reply) => {
+                    let out = if scoped(self.scope, specs.clone()) == self.discovered {
+                        Ok(None)
+                    } else {
+                        self.apply(None, Some(specs)).map(Some)
+                    };
+                    let _ = reply.send(out);
+                }
+                Command::Sample(m) => self.sample(&m),
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let learning = self
+            .table
+            .iter()
+            .filter(|(id, p)| self.residuals.peer_learning(*id, p.learn))
+            .map(|(id, _)| id)
+            .collect();
+        self.view.send_replace(Arc::new(View {
+            table: self.table.clone(),
+            learning,
+        }));
+    }
+
+    /// Replaces the static or the discovered peers: reconciles ids, updates the maps
+    /// (restoring the old set if that fails) and restarts learning for peers that changed.
+    fn apply(
+        &mut self,
+        statics: Option<Vec<PeerSpec>>,
+        discovered: Option<Vec<PeerSpec>>,
+    ) -> Result<Applied, String> {
+        let statics = statics.map_or_else(|| self.statics.clone(), |s| scoped(self.scope, s));
+        let discovered =
+            discovered.map_or_else(|| self.discovered.clone(), |d| scoped(self.scope, d));
+        let old = self.table.clone();
+        let new = old
+            .reconcile(merge(&statics, &discovered))
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = self.maps.set_peers(&old, &new) {
+            // The maps may now be partly updated; put the old table back so they match what
+            // the metrics and logs believe.
+            if let Err(e2) = self.maps.set_peers(&old, &old) {
+                return Err(format!(
+                    "{e}; restoring the previous peers failed too: {e2}"
+                ));
+            }
+            return Err(format!("{e}; kept the previous peers"));
+        }
+        // A peer whose prefix, mode or NAT addresses changed (or that went) starts over: its
+        // residuals were learned for what it was.
+        let changed: Vec<u32> = old
+            .iter()
+            .filter(|(id, p)| new.get(*id) != Some(*p))
+            .map(|(id, _)| id)
+            .collect();
+        for id in changed {
+            self.forget_peer(id);
+        }
+        let added = new
+            .iter()
+            .filter(|(_, p)| old.id_of(p.net).is_none())
+            .count();
+        let removed = old
+            .iter()
+            .filter(|(_, p)| new.id_of(p.net).is_none())
+            .count();
+        self.table = new;
+        self.statics = statics;
+        self.discovered = discovered;
+        self.publish();
+        Ok(Applied {
+            added,
+            removed,
+            table: self.table.clone(),
+        })
+    }
+
+    /// Removes every residual of peer `id` from the map and from memory, and its rounds.
+    fn forget_peer(&mut self, id: u32) {
+        let keys = self.residuals.forget_peer(id);
+        if keys.is_empty() {
+            return;
+        }
+        if let Err(e) = self.maps.remove_sa_residuals(|k| keys.contains(k)) {
+            warn!(peer_id = id, error = %e, "could not remove learned residuals; the LRU map ages them out");
+        }
+    }
+
+    /// Feeds one learning segment's residual to the learner; when it settles, installs the
+    /// residual so the SA's next segment is verified.
+    fn sample(&mut self, m: &Mismatch) {
+        // Samples of a peer that no longer learns (reloaded, removed) are stale.
+        if !self.table.learns(m.peer_id) {
+            return;
+        }
+        let key = m.sa_key();
+        let Some(outcome) = self.residuals.sample(key, m.residual) else {
+            return;
+        };
+        let label = self
+            .table
+            .get(m.peer_id)
+            .map_or_else(String::new, PeerSpec::label);
+        match outcome {
+            Outcome::Pending => {}
+            Outcome::Restarted { top } => warn!(
+                peer = label,
+                spi = %format_args!("{:#010x}", m.spi),
+                most_common = %format_args!("{:#06x}", top.0),
+                count = top.1,
+                window = WINDOW,
+                "NAT residual did not settle: no value carried three quarters of the segments; learning again"
+            ),
+            Outcome::Learned { residual, samples } => {
+                match self.maps.set_sa_residual(key, residual) {
+                    Ok(()) => {
+                        self.residuals.installed(key, residual);
+                        self.publish();
+                        info!(
+                            peer = label,
+                            spi = %format_args!("{:#010x}", m.spi),
+                            reqid = m.reqid,
+                            encap_ports = %format_args!("{}/{}", m.encap_ports.0, m.encap_ports.1),
+                            residual = %format_args!("{residual:#06x}"),
+                            samples,
+                            "NAT residual learned; verifying this SA from now on"
+                        );
+                    }
+                    Err(e) => {
+                        error!(peer = label, error = %e, "could not install the learned residual; still learning");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peers::{Mode, Source, parse_cidr};
+
+    fn spec(net: &str, source: Source) -> PeerSpec {
+        let mut p = PeerSpec::new(parse_cidr(net).unwrap(), Mode::Observe);
+        p.source = source;
+        p
+    }
+
+    #[test]
+    fn static_prefixes_win_over_discovered_addresses_they_cover() {
+        let statics = [spec("192.0.2.0/24", Source::Static)];
+        let discovered = [
+            spec("192.0.2.9", Source::Xfrm),
+            spec("198.51.100.7", Source::Xfrm),
+        ];
+        let merged: Vec<String> = merge(&statics, &discovered)
+            .iter()
+            .map(PeerSpec::label)
+            .collect();
+        assert_eq!(merged, ["192.0.2.0/24", "198.51.100.7/32"]);
+    }
+
+    #[test]
+    fn sa_scope_learns_every_peer_without_nat_addresses() {
+        let mut p = spec("192.0.2.9", Source::Xfrm);
+        p.generation = 42;
+        let layout = monitor_ebpf::SecpathLayout {
+            enabled: 1,
+            ..Default::default()
+        };
+        let out = scoped(Scope::Sa(layout), vec![p.clone()]);
+        assert!(out[0].learn);
+        assert_eq!(out[0].generation, 0);
+        let out = scoped(Scope::Address, vec![p]);
+        assert!(!out[0].learn);
+        assert_eq!(out[0].generation, 42);
+    }
+}

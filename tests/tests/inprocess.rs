@@ -1,0 +1,156 @@
+//! The daemon's library entry point, `daemon::run`, driven in process (root only): a clean
+//! shutdown, and an internal task that dies under it. Faults come through the test's own
+//! handles, never through a hook in the daemon: here the test shuts down the listening socket it
+//! handed to `run`, so the HTTP task's accept fails as it would if the socket broke.
+
+use std::{
+    net::TcpListener,
+    os::fd::AsRawFd as _,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use clap::Parser as _;
+use natt_monitor::{
+    cli::{Cli, Command},
+    config,
+    daemon::{self, DaemonError, RunConfig},
+};
+use natt_monitor_tests::{http_get, net::Cgroup, skip_unless_root};
+
+/// Starts `run` on its own thread and runtime with `args` (as after `natt-monitor`) and a
+/// listener the test keeps a handle on; returns the thread, the listener's twin and the base
+/// URL.
+fn start(
+    args: &[&str],
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+) -> (JoinHandle<Result<(), DaemonError>>, TcpListener, String) {
+    let cli = Cli::try_parse_from(std::iter::once("natt-monitor").chain(args.iter().copied()))
+        .expect("arguments");
+    let Command::Run(run_args) = cli.command else {
+        panic!("not a run command");
+    };
+    let settings = config::resolve(&run_args).expect("settings");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let twin = listener.try_clone().expect("dup listener");
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = RunConfig {
+        settings,
+        reload: None,
+        listener: Some(listener),
+    };
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(daemon::run(config, async {
+                let _ = shutdown.await;
+            }))
+    });
+    (thread, twin, url)
+}
+
+/// `run` with one static peer, no discovery, attached to `cg`.
+fn start_one_peer(
+    cg: &Cgroup,
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+) -> (JoinHandle<Result<(), DaemonError>>, TcpListener, String) {
+    let path = cg.path.to_str().unwrap();
+    start(
+        &[
+            "run",
+            "--peer",
+            "192.0.2.1",
+            "--discover",
+            "none",
+            "--cgroup",
+            path,
+        ],
+        shutdown,
+    )
+}
+
+/// Waits until `/healthz` answers 200 (the program is attached and the drain runs).
+fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((200, body)) = http_get(&format!("{url}/healthz")) {
+            assert_eq!(body, "ok\n");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url}/healthz never became 200");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn join_within(t: JoinHandle<Result<(), DaemonError>>, limit: Duration) -> Result<(), DaemonError> {
+    let deadline = Instant::now() + limit;
+    while !t.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "daemon::run did not return within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.join().expect("daemon thread panicked")
+}
+
+fn verifier_loaded() -> bool {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.name_as_str() == Some("natt_verify"))
+}
+
+#[test]
+fn shutdown_returns_ok_and_detaches() {
+    if skip_unless_root("shutdown_returns_ok_and_detaches") {
+        return;
+    }
+    let cg = Cgroup::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (thread, _twin, url) = start_one_peer(&cg, stopped);
+    wait_healthy(&url);
+    let (status, body) = http_get(&format!("{url}/metrics")).unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "natt_monitor_up 1",
+        "natt_monitor_peers{source=\"static\"} 1",
+        "natt_monitor_peers{source=\"xfrm\"} 0",
+        "natt_monitor_verified_packets_total{peer=\"192.0.2.1/32\",proto=\"tcp\"} 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?}:\n{body}");
+    }
+    assert!(verifier_loaded(), "attached while running");
+    stop.send(()).unwrap();
+    join_within(thread, Duration::from_secs(10)).expect("clean shutdown");
+    assert!(
+        !verifier_loaded(),
+        "natt_verify still loaded after run returned"
+    );
+}
+
+#[test]
+fn a_dead_internal_task_takes_the_daemon_down() {
+    if skip_unless_root("a_dead_internal_task_takes_the_daemon_down") {
+        return;
+    }
+    let cg = Cgroup::new();
+    let (_stop, stopped) = tokio::sync::oneshot::channel();
+    let (thread, twin, url) = start_one_peer(&cg, stopped);
+    wait_healthy(&url);
+    // SAFETY: shutdown(2) on a descriptor this test owns; the daemon's copy shares the socket.
+    let rc = unsafe { libc::shutdown(twin.as_raw_fd(), libc::SHUT_RDWR) };
+    assert_eq!(rc, 0, "shutdown: {}", std::io::Error::last_os_error());
+    let err = join_within(thread, Duration::from_secs(10))
+        .expect_err("a dead task must end run with an error");
+    assert_eq!(
+        err.to_string(),
+        "internal task `http` stopped: Invalid argument (os error 22); exiting so the failure is visible (the program is detached)"
+    );
+    assert!(matches!(err, DaemonError::TaskDied { task: "http", .. }));
+    assert!(
+        !verifier_loaded(),
+        "natt_verify still loaded after run returned"
+    );
+}

@@ -8,10 +8,16 @@
 #   scripts/setup.sh --bench  # plus what `cargo xtask bench` needs (iperf3, tshark)
 set -euo pipefail
 
-STABLE=1.99.1
-# eBPF toolchain: LLVM 22.1.7 like bpf-linker's. Newer nightlies use LLVM 23 and fail to link.
-# (The 06-24 and 06-25 nightlies are the same compiler; 06-24 also ships clippy and rustfmt.)
-NIGHTLY=nightly-2026-06-24
+# The toolchains are pinned in one place each: rust-toolchain.toml (userspace) and
+# monitor-ebpf/rust-toolchain.toml (eBPF, whose LLVM must match bpf-linker's).
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+channel_of() { sed -n 's/^channel = "\(.*\)"$/\1/p' "$1"; }
+STABLE=$(channel_of "$ROOT/rust-toolchain.toml")
+NIGHTLY=$(channel_of "$ROOT/monitor-ebpf/rust-toolchain.toml")
+if [ -z "$STABLE" ] || [ -z "$NIGHTLY" ]; then
+  echo "setup.sh: no channel in rust-toolchain.toml or monitor-ebpf/rust-toolchain.toml" >&2
+  exit 1
+fi
 BPF_LINKER_VERSION=0.13.0
 LLVM=22
 

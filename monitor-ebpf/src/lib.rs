@@ -18,26 +18,96 @@ pub const EVENT_PAYLOAD_LEN: usize = 32;
 /// Ring buffer size for mismatch events (bytes, a power of two and a multiple of the page size).
 pub const EVENT_RING_BYTES: u32 = 256 * 1024;
 
-/// Protocol index into per-peer statistics.
-pub const PROTO_TCP: usize = 0;
-/// Protocol index into per-peer statistics.
-pub const PROTO_UDP: usize = 1;
-/// Number of protocol slots.
-pub const PROTO_COUNT: usize = 2;
+/// Index of a protocol in the per-peer statistics arrays.
+#[repr(usize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP.
+    Tcp = 0,
+    /// UDP.
+    Udp = 1,
+}
 
-/// IANA protocol numbers the verifier understands.
+impl Proto {
+    /// Both, in index order.
+    pub const ALL: [Self; PROTO_COUNT] = [Self::Tcp, Self::Udp];
+
+    /// The label value: "tcp" or "udp".
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// Number of protocol slots.
+pub const PROTO_COUNT: usize = Proto::Udp as usize + 1;
+
+/// IANA protocol numbers the verifier understands (wire values, not ours).
 pub const IPPROTO_TCP: u8 = 6;
-/// IANA protocol numbers the verifier understands.
+/// IANA protocol numbers the verifier understands (wire values, not ours).
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Per-peer verification mode.
-pub const MODE_OBSERVE: u8 = 0;
-/// Per-peer verification mode: drop mismatching segments so TCP retransmits them.
-pub const MODE_ENFORCE: u8 = 1;
+/// What the verifier does with a peer's mismatching segments (`PeerValue::mode`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerMode {
+    /// Count and report; deliver the segment.
+    Observe = 0,
+    /// Count, report and drop, so that TCP retransmits the segment.
+    Enforce = 1,
+}
 
-/// `PeerValue::flags` bit: the peer's NAT residual is not known yet. The verifier neither
-/// verifies nor drops its segments; it counts them as learning and reports each one's residual
-/// to userspace (an `ACTION_LEARNING` event) until userspace has settled on the residual.
+/// What happened to a mismatching segment (`MismatchEvent::action`, `CaptureRecord::action`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Delivered (observe mode).
+    Passed = 0,
+    /// Dropped (enforce mode).
+    Dropped = 1,
+}
+
+impl Action {
+    /// The action a record carries; `None` for a value no program writes.
+    #[must_use]
+    pub const fn from_abi(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Passed),
+            1 => Some(Self::Dropped),
+            _ => None,
+        }
+    }
+}
+
+/// The IP family of a record's addresses.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4: the first four bytes of each address.
+    V4 = 4,
+    /// IPv6.
+    V6 = 6,
+}
+
+impl Family {
+    /// The family a record carries; `None` for a value no program writes.
+    #[must_use]
+    pub const fn from_abi(v: u8) -> Option<Self> {
+        match v {
+            4 => Some(Self::V4),
+            6 => Some(Self::V6),
+            _ => None,
+        }
+    }
+}
+
+/// `PeerValue::flags` bit: the peer's NAT residuals are learned per NAT mapping. Until a
+/// mapping's residual is in `SA_RESIDUALS`, the verifier neither verifies nor drops its
+/// segments; it counts them as learning and sends each one's residual to userspace (a
+/// `LearningSample`).
 pub const PEER_FLAG_LEARN: u8 = 1;
 
 /// Value of the peer LPM tries: what the verifier needs to know about a peer.
@@ -46,7 +116,7 @@ pub const PEER_FLAG_LEARN: u8 = 1;
 pub struct PeerValue {
     /// Dense id in `0..MAX_PEERS`; indexes `PEER_STATS`.
     pub id: u32,
-    /// `MODE_OBSERVE` or `MODE_ENFORCE`.
+    /// A `PeerMode`.
     pub mode: u8,
     /// `PEER_FLAG_*` bits.
     pub flags: u8,
@@ -60,7 +130,7 @@ pub type PeerKeyV4 = [u8; 4];
 /// IPv6 LPM trie key data (address in network byte order).
 pub type PeerKeyV6 = [u8; 16];
 
-/// Per-CPU, per-peer statistics, indexed by `PeerValue::id`. Arrays are indexed by `PROTO_*`.
+/// Per-CPU, per-peer statistics, indexed by `PeerValue::id`. Arrays are indexed by `Proto`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerStats {
@@ -135,10 +205,13 @@ pub enum Counter {
     EventsLost = 13,
     /// `--capture`: mismatching packets that did not fit in the capture ring buffer.
     CaptureLost = 14,
+    /// Learning samples that did not fit in the learning ring buffer (learning then takes more
+    /// segments).
+    LearningLost = 15,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_SLOTS: u32 = Counter::CaptureLost as u32 + 1;
+pub const COUNTER_SLOTS: u32 = Counter::LearningLost as u32 + 1;
 
 /// Skip reasons in counter order, with the label value userspace exports for each.
 pub const SKIP_REASONS: [(Counter, &str); Counter::EventsLost as usize] = [
@@ -186,7 +259,7 @@ pub struct CaptureRecord {
     pub caplen: u32,
     /// Interface it arrived on.
     pub ifindex: u32,
-    /// `ACTION_PASSED` or `ACTION_DROPPED`.
+    /// An `Action`.
     pub action: u8,
     /// Padding, 0.
     pub pad: [u8; 3],
@@ -272,19 +345,6 @@ pub const XFRM_MAX_DEPTH: u32 = 6;
 /// `XFRM_MODE_TRANSPORT` (uapi).
 pub const XFRM_MODE_TRANSPORT: u8 = 0;
 
-/// IP family tags used in events.
-pub const FAMILY_V4: u8 = 4;
-/// IP family tags used in events.
-pub const FAMILY_V6: u8 = 6;
-
-/// What the verifier did with a mismatching segment.
-pub const ACTION_PASSED: u8 = 0;
-/// What the verifier did with a mismatching segment.
-pub const ACTION_DROPPED: u8 = 1;
-/// Not a mismatch: a segment from a peer whose residual is being learned (`PEER_FLAG_LEARN`),
-/// passed unverified; `residual` is what it left.
-pub const ACTION_LEARNING: u8 = 2;
-
 /// One checksum mismatch, sent through the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,11 +355,11 @@ pub struct MismatchEvent {
     pub l4_len: u32,
     /// TCP sequence number (host order); 0 for UDP.
     pub seq: u32,
-    /// `FAMILY_V4` or `FAMILY_V6`.
+    /// A `Family`.
     pub family: u8,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
-    /// `ACTION_PASSED`, `ACTION_DROPPED` or `ACTION_LEARNING`.
+    /// An `Action`.
     pub action: u8,
     /// Number of valid bytes in `payload`.
     pub payload_len: u8,
@@ -333,19 +393,90 @@ pub struct MismatchEvent {
     pub payload: [u8; EVENT_PAYLOAD_LEN],
 }
 
-// The verifier's error enum and the event must stay small: the event is copied into the ring
-// buffer in place, and the ABI is shared by two compilers.
-const _: () = assert!(size_of::<MismatchEvent>() == 108);
-const _: () = assert!(core::mem::offset_of!(MismatchEvent, spi) == 32);
-const _: () = assert!(core::mem::offset_of!(MismatchEvent, src) == 44);
-const _: () = assert!(core::mem::offset_of!(MismatchEvent, payload) == 76);
-const _: () = assert!(size_of::<SaKey>() == 40 && size_of::<SaValue>() == 4);
-const _: () = assert!(core::mem::offset_of!(SaKey, peer_id) == 36);
-const _: () = assert!(size_of::<SecpathLayout>() == 52);
-const _: () = assert!(size_of::<CaptureRecord>() == 16 + CAPTURE_SNAP);
-const _: () = assert!(core::mem::offset_of!(CaptureRecord, data) == 16);
-const _: () = assert!(size_of::<PeerValue>() == 8);
-const _: () = assert!(size_of::<PeerStats>() == 80);
+/// Ring buffer size for learning samples (bytes, a power of two and a multiple of the page
+/// size): about 1,200 samples between two drains.
+pub const LEARNING_RING_BYTES: u32 = 64 * 1024;
+
+/// One learning sample, through the `LEARNING` ring buffer: a segment through a NAT mapping
+/// whose residual is not known yet, passed unverified. Separate from mismatches, so neither
+/// kind can crowd the other out of its ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearningSample {
+    /// The mapping, exactly as the verifier looked it up in `SA_RESIDUALS`.
+    pub key: SaKey,
+    /// The residual this segment left.
+    pub residual: u16,
+    /// A `Family`.
+    pub family: u8,
+    /// Padding, 0.
+    pub pad: u8,
+    /// SPI of the SA that decapsulated the segment (network byte order); 0 under address scope.
+    pub spi: u32,
+    /// `reqid` of that SA; 0 under address scope.
+    pub reqid: u32,
+}
+
+// The layout is shared by two compilers (rustc for bpfel and for the host) and read from raw
+// ring-buffer and map bytes: every field's offset is pinned here, so a reordering fails the
+// build instead of corrupting records.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(size_of::<PeerValue>() == 8);
+    assert!(offset_of!(PeerValue, mode) == 4 && offset_of!(PeerValue, flags) == 5);
+    assert!(offset_of!(PeerValue, expected_residual) == 6);
+    assert!(size_of::<PeerStats>() == 80);
+    assert!(offset_of!(PeerStats, verified_bytes) == 16 && offset_of!(PeerStats, mismatches) == 32);
+    assert!(offset_of!(PeerStats, drops) == 48 && offset_of!(PeerStats, learning) == 64);
+    assert!(size_of::<MismatchEvent>() == 108);
+    assert!(offset_of!(MismatchEvent, l4_len) == 4 && offset_of!(MismatchEvent, seq) == 8);
+    assert!(offset_of!(MismatchEvent, family) == 12 && offset_of!(MismatchEvent, proto) == 13);
+    assert!(offset_of!(MismatchEvent, action) == 14);
+    assert!(offset_of!(MismatchEvent, payload_len) == 15);
+    assert!(offset_of!(MismatchEvent, sport) == 16 && offset_of!(MismatchEvent, dport) == 18);
+    assert!(offset_of!(MismatchEvent, csum_found) == 20);
+    assert!(offset_of!(MismatchEvent, csum_expected) == 22);
+    assert!(offset_of!(MismatchEvent, residual) == 24);
+    assert!(offset_of!(MismatchEvent, expected_residual) == 26);
+    assert!(offset_of!(MismatchEvent, encap_sport) == 28);
+    assert!(offset_of!(MismatchEvent, encap_dport) == 30);
+    assert!(offset_of!(MismatchEvent, spi) == 32 && offset_of!(MismatchEvent, reqid) == 36);
+    assert!(offset_of!(MismatchEvent, ifindex) == 40 && offset_of!(MismatchEvent, src) == 44);
+    assert!(offset_of!(MismatchEvent, dst) == 60 && offset_of!(MismatchEvent, payload) == 76);
+    assert!(size_of::<SaKey>() == 40 && size_of::<SaValue>() == 4);
+    assert!(offset_of!(SaKey, dst) == 16 && offset_of!(SaKey, encap_sport) == 32);
+    assert!(offset_of!(SaKey, encap_dport) == 34 && offset_of!(SaKey, peer_id) == 36);
+    assert!(offset_of!(SaValue, flags) == 2);
+    assert!(size_of::<LearningSample>() == 52);
+    assert!(offset_of!(LearningSample, residual) == 40);
+    assert!(offset_of!(LearningSample, family) == 42 && offset_of!(LearningSample, pad) == 43);
+    assert!(offset_of!(LearningSample, spi) == 44 && offset_of!(LearningSample, reqid) == 48);
+    assert!(size_of::<SecpathLayout>() == 52);
+    assert!(offset_of!(SecpathLayout, sp_len_size) == 24);
+    assert!(offset_of!(SecpathLayout, encap_sport) == 48);
+    assert!(size_of::<CaptureRecord>() == 16 + CAPTURE_SNAP);
+    assert!(offset_of!(CaptureRecord, caplen) == 4 && offset_of!(CaptureRecord, ifindex) == 8);
+    assert!(offset_of!(CaptureRecord, action) == 12 && offset_of!(CaptureRecord, data) == 16);
+    assert!(size_of::<Action>() == 1 && size_of::<Family>() == 1 && size_of::<PeerMode>() == 1);
+};
+
+/// Slots of the test injector's `INJECT_STATS` array (`natt-testbed`); userspace sums them over
+/// CPUs, except `MaxL4Len`, whose largest value counts.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectSlot {
+    /// TCP/UDP segments marked `CHECKSUM_UNNECESSARY`.
+    Marked = 0,
+    /// TCP segments with payload.
+    DataSegments = 1,
+    /// Segments whose payload was corrupted.
+    Corrupted = 2,
+    /// The longest L4 length seen.
+    MaxL4Len = 3,
+}
+
+/// Number of slots in `INJECT_STATS`.
+pub const INJECT_SLOTS: u32 = InjectSlot::MaxL4Len as u32 + 1;
 
 #[cfg(feature = "user")]
 mod user {
@@ -365,4 +496,6 @@ mod user {
     unsafe impl aya::Pod for super::SecpathLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CaptureRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LearningSample {}
 }

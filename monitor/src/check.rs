@@ -1,11 +1,7 @@
 //! `natt-monitor check`: can this host run the verifier? Each probe prints one line; the
 //! command fails if any required probe fails.
 
-use std::{
-    fmt::Write as _,
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fmt::Write as _, fs, path::Path};
 
 use crate::{cgroup, ebpf::Verifier};
 
@@ -124,14 +120,14 @@ fn kernel_release(proc_root: &Path) -> Option<(u32, u32, String)> {
     Some((major, minor, rel))
 }
 
-/// Runs every probe. `cgroup_dir` overrides the temporary cgroup used for the attach test.
+/// Runs every probe, reading the kernel's state under `proc_root` and `sys_root` (normally
+/// `/proc` and `/sys`). `cgroup_dir` overrides the temporary cgroup used for the attach test.
 #[must_use]
 #[expect(
     clippy::too_many_lines,
     reason = "a flat list of probes reads best in order"
 )]
-pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
-    let proc_root = Path::new("/proc");
+pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) -> Report {
     let mut r = Report::default();
 
     match kernel_release(proc_root) {
@@ -152,7 +148,10 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
         None => r.push(
             "kernel",
             Status::Info,
-            "could not read /proc/sys/kernel/osrelease",
+            format!(
+                "could not read {}",
+                proc_root.join("sys/kernel/osrelease").display()
+            ),
         ),
     }
 
@@ -178,11 +177,14 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
         r.push(
             "capabilities",
             Status::Info,
-            "could not read CapEff from /proc/self/status",
+            format!(
+                "could not read CapEff from {}",
+                proc_root.join("self/status").display()
+            ),
         );
     }
 
-    let btf = Path::new("/sys").join(crate::scope::VMLINUX_BTF);
+    let btf = sys_root.join(crate::scope::VMLINUX_BTF);
     let scope = match crate::scope::layout_from(&btf) {
         Ok(l) => {
             r.push(
@@ -207,10 +209,17 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
         }
     };
 
-    let mount = cgroup::cgroup2_mount();
+    let mount = cgroup::cgroup2_mount_in(proc_root);
     match &mount {
         Some(m) => r.push("cgroup2", Status::Ok, format!("mounted at {}", m.display())),
-        None => r.push("cgroup2", Status::Fail, "no cgroup2 mount in /proc/mounts; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"),
+        None => r.push(
+            "cgroup2",
+            Status::Fail,
+            format!(
+                "no cgroup2 mount in {}; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)",
+                proc_root.join("mounts").display()
+            ),
+        ),
     }
 
     let mut verifier = match Verifier::load(&scope) {
@@ -277,7 +286,7 @@ pub fn run_checks(cgroup_dir: Option<&Path>) -> Report {
 
     let esp: Vec<String> = ["esp4", "esp6", "esp4_offload", "esp6_offload"]
         .iter()
-        .filter(|m| PathBuf::from("/sys/module").join(m).exists())
+        .filter(|m| sys_root.join("module").join(m).exists())
         .map(ToString::to_string)
         .collect();
     r.push(

@@ -13,7 +13,6 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    cli::{Discover, LogFormat, RunArgs, ScopeChoice},
     events::{LOG_BURST, LOG_PER_SECOND},
     peers::{Mode, NatAddresses, PeerError, PeerSpec, parse_cidr},
 };
@@ -21,40 +20,127 @@ use crate::{
 /// Default `--listen` address: loopback only, on natt-monitor's fixed port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9874";
 
-/// The configuration file's schema. Unknown keys are errors.
-#[derive(Debug, Default, Deserialize)]
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Where peers come from besides --peer and [[peer]].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discover {
+    /// The kernel's inbound ESP-in-UDP (and ESP-in-TCP) transport-mode SAs, followed live.
+    Xfrm,
+    /// Static peers only.
+    None,
+}
+
+/// Which segments are verified.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeChoice {
+    /// `sa` where the kernel has BTF, else `address` (with a warning).
+    #[default]
+    Auto,
+    /// Exactly the segments a transport-mode SA with UDP/TCP encapsulation decapsulated, read
+    /// from each segment's own IPsec state; residuals are learned per SA.
+    Sa,
+    /// Segments from peer addresses, except IKE ports and partial checksums (kernels without
+    /// BTF; plaintext from a peer can still be mistaken for corrupt).
+    Address,
+}
+
+/// The options of `natt-monitor run`, declared once for both sources: each is a flag
+/// (`--sys-path`) and a key of the configuration file (`sys_path`), unless marked as one or the
+/// other. Unknown file keys are errors.
+#[derive(Clone, Debug, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// cgroup v2 directory to attach to.
+pub struct RunOptions {
+    /// TOML configuration file (see docs/configuration.md). Flags given on the command line
+    /// override its keys; --peer flags are added to its [[peer]] entries. SIGHUP re-reads it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// cgroup v2 directory whose sockets are verified. Default: the cgroup2 mount point (every
+    /// socket on the host), found in /proc/mounts.
+    #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// Default mode for peers that do not set one.
+
+    /// Source address or prefix of an IPsec NAT-T peer to verify (repeatable), beside the
+    /// discovered ones; with NAT addresses in the configuration file it fixes the residual
+    /// exactly. Segments from other sources are counted as skipped (reason `not_in_scope`) and
+    /// left alone.
+    #[arg(long = "peer", value_name = "CIDR")]
+    #[serde(skip)]
+    pub peers: Vec<String>,
+
+    /// Default mode for peers that set none. observe: count and log mismatches. enforce: also
+    /// drop them so TCP retransmits. [default: observe]
+    #[arg(long, value_enum)]
     pub mode: Option<Mode>,
-    /// Metrics listen address.
-    pub listen: Option<String>,
-    /// Peer discovery.
+
+    /// Peer discovery. xfrm: every source address of this host's inbound transport-mode SAs with
+    /// UDP/TCP encapsulation becomes a peer (learning its NAT residual from traffic), following
+    /// SA add/delete/expire live. none: only --peer and [[peer]]. [default: xfrm when the
+    /// kernel has XFRM netlink; given explicitly, a missing XFRM is an error]
+    #[arg(long, value_enum)]
     pub discover: Option<Discover>,
-    /// Scope.
+
+    /// Which segments are verified: sa (each segment's own IPsec state, read through the
+    /// kernel's BTF), address (source address, for kernels without BTF), or auto (sa where
+    /// possible). [default: auto]
+    #[arg(long, value_enum)]
     pub scope: Option<ScopeChoice>,
-    /// sysfs root.
+
+    /// sysfs root, for /sys/kernel/btf/vmlinux (a container may mount the host's elsewhere).
+    /// [default: /sys]
+    #[arg(long, value_name = "PATH")]
     pub sys_path: Option<PathBuf>,
-    /// pcapng file for mismatching packets.
+
+    /// Write every mismatching packet (from its IP header, up to 2048 bytes) to this pcapng
+    /// file, which Wireshark and tshark open. Rate limited (bursts of 100, then 20 a second) and
+    /// bounded by --capture-max-bytes; what is left out is counted in
+    /// `natt_monitor_capture_packets_total`. The file is replaced at start.
+    #[arg(long, value_name = "FILE")]
     pub capture: Option<PathBuf>,
-    /// Its size limit.
+
+    /// Size limit of the --capture file, in bytes. [default: 67108864 (64 MiB)]
+    #[arg(long, value_name = "BYTES")]
     pub capture_max_bytes: Option<u64>,
-    /// Log format.
+
+    /// Address for /metrics and /healthz. [default: 127.0.0.1:9874]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Log format. [default: text]
+    #[arg(long, value_enum, env = "NATT_MONITOR_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// procfs root.
+
+    /// procfs root, for /proc/net/snmp and /proc/mounts (a container may mount the host's
+    /// elsewhere). [default: /proc]
+    #[arg(long, value_name = "PATH")]
     pub proc_path: Option<PathBuf>,
-    /// Mismatch log budget.
+
+    /// File only: the `[log]` table (mismatch log budget).
+    #[arg(skip)]
     #[serde(default)]
     pub log: FileLog,
-    /// Peers.
+
+    /// File only: the `[[peer]]` entries.
+    #[arg(skip)]
     #[serde(default, rename = "peer")]
-    pub peers: Vec<FilePeer>,
+    pub peer_entries: Vec<FilePeer>,
 }
 
 /// `[log]` table.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileLog {
     /// Mismatch lines allowed at once.
@@ -64,7 +150,7 @@ pub struct FileLog {
 }
 
 /// One `[[peer]]` entry.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilePeer {
     /// Source address or prefix.
@@ -225,7 +311,7 @@ impl fmt::Debug for Origin<'_> {
 ///
 /// # Errors
 /// `ConfigError::Read` or `ConfigError::Parse`.
-pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+pub fn read_file(path: &Path) -> Result<RunOptions, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -245,10 +331,10 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     clippy::too_many_lines,
     reason = "precedence is easiest to audit key by key in one place"
 )]
-pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
+pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
     let file = match &args.config {
         Some(p) => read_file(p)?,
-        None => FileConfig::default(),
+        None => RunOptions::default(),
     };
     let origin = Origin {
         file: args.config.as_deref(),
@@ -257,7 +343,7 @@ pub fn resolve(args: &RunArgs) -> Result<Settings, ConfigError> {
 
     let mut peers = Vec::new();
     let mut origins = Vec::new();
-    for (i, fp) in file.peers.iter().enumerate() {
+    for (i, fp) in file.peer_entries.iter().enumerate() {
         let at = format!(
             "--config {} [[peer]] #{} (cidr = {:?})",
             args.config
@@ -413,7 +499,7 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
 
-    fn args(extra: &[&str]) -> RunArgs {
+    fn args(extra: &[&str]) -> RunOptions {
         let mut v = vec!["natt-monitor", "run"];
         v.extend_from_slice(extra);
         match Cli::try_parse_from(v).unwrap().command {
@@ -422,7 +508,7 @@ mod tests {
         }
     }
 
-    fn file(text: &str) -> (PathBuf, RunArgs) {
+    fn file(text: &str) -> (PathBuf, RunOptions) {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("natt-config-{}-{n}", std::process::id()));
@@ -470,6 +556,47 @@ mod tests {
             "observe",
         ]);
         assert_eq!(resolve(&a).unwrap().peers[0].mode, Mode::Observe);
+    }
+
+    #[test]
+    fn flags_and_file_keys_are_one_schema() {
+        // Every option but the flag-only ones is also a file key, under its snake_case name.
+        let (_, a) = file(
+            "cgroup = \"/\"\nmode = \"enforce\"\ndiscover = \"none\"\nscope = \"address\"\n\
+             sys_path = \"/s\"\ncapture = \"/c.pcapng\"\ncapture_max_bytes = 5000\n\
+             listen = \"127.0.0.1:2\"\nlog_format = \"json\"\nproc_path = \"/proc\"\n\
+             [[peer]]\ncidr = \"192.0.2.1\"\n",
+        );
+        let s = resolve(&a).unwrap();
+        assert_eq!(
+            (
+                s.default_mode,
+                s.discover,
+                s.scope,
+                s.sys_path.to_str(),
+                s.capture.as_deref().and_then(Path::to_str),
+                s.capture_max_bytes,
+                s.listen.to_string(),
+                s.log_format,
+            ),
+            (
+                Mode::Enforce,
+                Discover::None,
+                ScopeChoice::Address,
+                Some("/s"),
+                Some("/c.pcapng"),
+                5000,
+                "127.0.0.1:2".to_owned(),
+                LogFormat::Json,
+            )
+        );
+        // The flag-only options are not file keys.
+        for key in ["config = \"x.toml\"", "peers = [\"192.0.2.1\"]"] {
+            let (_, a) = file(&format!("{key}\n[[peer]]\ncidr = \"192.0.2.1\"\n"));
+            let e = resolve(&a).unwrap_err().to_string();
+            let name = key.split(' ').next().unwrap();
+            assert!(e.contains(&format!("unknown field `{name}`")), "{e}");
+        }
     }
 
     #[test]

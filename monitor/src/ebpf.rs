@@ -397,6 +397,14 @@ impl Verifier {
         typed(take_map(&mut self.bpf, "EVENTS")?, "EVENTS")
     }
 
+    /// Takes the learning-sample ring buffer (once) for a drain task to own.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if it was taken already.
+    pub fn take_learning(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
+        typed(take_map(&mut self.bpf, "LEARNING")?, "LEARNING")
+    }
+
     /// Takes the capture ring buffer (once) for the capture task to own.
     ///
     /// # Errors

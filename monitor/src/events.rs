@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monitor_ebpf::{ACTION_DROPPED, ACTION_LEARNING, FAMILY_V4, IPPROTO_TCP, MismatchEvent, SaKey};
+use monitor_ebpf::{Action, Family, IPPROTO_TCP, LearningSample, MismatchEvent, SaKey};
 
 /// A decoded mismatch event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,8 +36,6 @@ pub struct Mismatch {
     pub expected: u16,
     /// Whether the segment was dropped (enforce mode).
     pub dropped: bool,
-    /// Not a mismatch: a residual sample from a peer still being learned.
-    pub learning: bool,
     /// The residual the segment left.
     pub residual: u16,
     /// The SA's encapsulation ports (host order); 0 under address scope.
@@ -54,22 +52,13 @@ pub struct Mismatch {
 }
 
 impl Mismatch {
-    /// Decodes a raw ring-buffer record; `None` if it is not a whole event.
+    /// Decodes a raw record of the `EVENTS` ring; `None` if it is not a whole, valid event.
     #[must_use]
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < size_of::<MismatchEvent>() {
-            return None;
-        }
-        // SAFETY: length checked; MismatchEvent is plain old data valid for any bit pattern, and
-        // read_unaligned copes with the ring buffer's 8-byte alignment.
-        let ev: MismatchEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let addr = |a: [u8; 16]| -> IpAddr {
-            if ev.family == FAMILY_V4 {
-                IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
-            } else {
-                IpAddr::V6(Ipv6Addr::from(a))
-            }
-        };
+        let ev: MismatchEvent = record(bytes)?;
+        let family = Family::from_abi(ev.family)?;
+        let action = Action::from_abi(ev.action)?;
+        let addr = |a| address(family, a);
         let n = usize::from(ev.payload_len).min(ev.payload.len());
         Some(Self {
             peer_id: ev.peer_id,
@@ -86,8 +75,7 @@ impl Mismatch {
             len: ev.l4_len,
             found: ev.csum_found,
             expected: ev.csum_expected,
-            dropped: ev.action == ACTION_DROPPED,
-            learning: ev.action == ACTION_LEARNING,
+            dropped: action == Action::Dropped,
             residual: ev.residual,
             encap_ports: (u16::from_be(ev.encap_sport), u16::from_be(ev.encap_dport)),
             spi: u32::from_be(ev.spi),
@@ -95,28 +83,6 @@ impl Mismatch {
             ifindex: ev.ifindex,
             payload: ev.payload[..n].to_vec(),
         })
-    }
-
-    /// The key of this segment's NAT mapping in `SA_RESIDUALS`.
-    #[must_use]
-    pub fn sa_key(&self) -> SaKey {
-        let bytes = |a: IpAddr| -> [u8; 16] {
-            match a {
-                IpAddr::V4(a) => {
-                    let mut b = [0; 16];
-                    b[..4].copy_from_slice(&a.octets());
-                    b
-                }
-                IpAddr::V6(a) => a.octets(),
-            }
-        };
-        SaKey {
-            src: bytes(self.src),
-            dst: bytes(self.dst),
-            encap_sport: self.encap_ports.0.to_be(),
-            encap_dport: self.encap_ports.1.to_be(),
-            peer_id: self.peer_id,
-        }
     }
 
     /// `src:sport -> dst:dport` with IPv6 brackets.
@@ -130,6 +96,67 @@ impl Mismatch {
             "{} -> {}",
             ep(self.src, self.sport),
             ep(self.dst, self.dport)
+        )
+    }
+}
+
+/// A ring-buffer record as `T`; `None` if it is too short.
+fn record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; `T` is plain old data valid for any bit pattern, and
+    // read_unaligned copes with the ring buffer's 8-byte alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+fn address(family: Family, a: [u8; 16]) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(a)),
+    }
+}
+
+/// A decoded learning sample: the residual one segment left through a NAT mapping whose
+/// residual is still being learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Learning {
+    /// The mapping, as the verifier looks it up in `SA_RESIDUALS`.
+    pub key: SaKey,
+    /// The residual the segment left.
+    pub residual: u16,
+    /// SPI of the SA (host order); 0 under address scope.
+    pub spi: u32,
+    /// `reqid` of the SA; 0 under address scope.
+    pub reqid: u32,
+}
+
+impl Learning {
+    /// Decodes a raw record of the `LEARNING` ring; `None` if it is not a whole, valid sample.
+    #[must_use]
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let s: LearningSample = record(bytes)?;
+        Family::from_abi(s.family)?;
+        Some(Self {
+            key: s.key,
+            residual: s.residual,
+            spi: u32::from_be(s.spi),
+            reqid: s.reqid,
+        })
+    }
+
+    /// The peer the mapping counts under.
+    #[must_use]
+    pub const fn peer_id(&self) -> u32 {
+        self.key.peer_id
+    }
+
+    /// The SA's encapsulation ports (host order); 0 under address scope.
+    #[must_use]
+    pub const fn encap_ports(&self) -> (u16, u16) {
+        (
+            u16::from_be(self.key.encap_sport),
+            u16::from_be(self.key.encap_dport),
         )
     }
 }
@@ -214,9 +241,9 @@ mod tests {
             peer_id: 3,
             l4_len: 1432,
             seq: 0xdead_beef,
-            family: FAMILY_V4,
+            family: Family::V4 as u8,
             proto: IPPROTO_TCP,
-            action: ACTION_DROPPED,
+            action: Action::Dropped as u8,
             payload_len: 4,
             sport: 40000,
             dport: 2181,
@@ -249,14 +276,50 @@ mod tests {
         assert_eq!(Hex(&m.payload).to_string(), "72756f6b");
         assert_eq!((m.spi, m.reqid, m.ifindex), (0xc1c2_c3c4, 7, 1));
         assert_eq!(m.encap_ports, (61000, 4500));
-        let k = m.sa_key();
-        assert_eq!(&k.src[..4], &[192, 0, 2, 1]);
-        assert_eq!(&k.dst[..4], &[198, 51, 100, 2]);
-        assert_eq!(
-            (k.encap_sport, k.encap_dport, k.peer_id),
-            (ev.encap_sport, ev.encap_dport, 3)
-        );
         assert_eq!(Mismatch::decode(&bytes[..10]), None);
+        // A value no program writes is not a mismatch.
+        ev.action = 7;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<MismatchEvent>())
+        };
+        assert_eq!(Mismatch::decode(bytes), None);
+    }
+
+    #[test]
+    fn decodes_a_learning_sample() {
+        let mut key = SaKey {
+            encap_sport: 61000u16.to_be(),
+            encap_dport: 4500u16.to_be(),
+            peer_id: 2,
+            ..SaKey::default()
+        };
+        key.src[..4].copy_from_slice(&[203, 0, 113, 9]);
+        let s = LearningSample {
+            key,
+            residual: 0xbeef,
+            family: Family::V4 as u8,
+            pad: 0,
+            spi: 0xc1c2_c3c4_u32.to_be(),
+            reqid: 9,
+        };
+        // SAFETY: plain old data viewed as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const s).cast::<u8>(), size_of::<LearningSample>())
+        };
+        let l = Learning::decode(bytes).unwrap();
+        assert_eq!(
+            (
+                l.key,
+                l.residual,
+                l.spi,
+                l.reqid,
+                l.peer_id(),
+                l.encap_ports()
+            ),
+            (key, 0xbeef, 0xc1c2_c3c4, 9, 2, (61000, 4500))
+        );
+        assert_eq!(Learning::decode(&bytes[..51]), None);
     }
 
     #[test]

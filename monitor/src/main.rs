@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use natt_monitor::{
     check,
-    cli::{Cli, Command, LogFormat, RunArgs},
-    config,
+    cli::{Cli, Command},
+    config::{self, LogFormat, RunOptions},
     daemon::{self, RunConfig},
 };
 use tracing_subscriber::EnvFilter;
@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => {
-            let report = check::run_checks(args.cgroup.as_deref());
+            let report = check::run_checks(args.cgroup.as_deref(), &args.proc_path, &args.sys_path);
             #[expect(clippy::print_stdout, reason = "the report is the command's output")]
             {
                 print!("{}", report.render());
@@ -64,7 +64,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(args: &RunArgs) -> anyhow::Result<()> {
+fn run(args: &RunOptions) -> anyhow::Result<()> {
     // Everything in the configuration is checked before logging starts or the kernel is
     // touched, so a typo never leaves anything attached.
     let settings = config::resolve(args)?;

@@ -9,7 +9,7 @@
 //! discovered prefix, `proto` is tcp/udp, `reason` one of the skip reasons, `source` one of the
 //! peer sources, `result` one of `CAPTURE_RESULTS`.
 
-use monitor_ebpf::{Counter, PROTO_TCP, PROTO_UDP, PeerStats, SKIP_REASONS};
+use monitor_ebpf::{Counter, PeerStats, Proto, SKIP_REASONS};
 use prometheus::{
     Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -56,8 +56,6 @@ pub trait Readings: Send + Sync + 'static {
 
 /// Values of the `result` label of `natt_monitor_capture_packets_total`.
 pub const CAPTURE_RESULTS: [&str; 4] = ["written", "rate_limited", "file_full", "ring_full"];
-
-const PROTOS: [(usize, &str); 2] = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp")];
 
 /// The registry and the process-side counters.
 pub struct Metrics {
@@ -209,6 +207,7 @@ struct Families {
     peer_learning: IntGaugeVec,
     skipped: IntCounterVec,
     events_lost: IntCounter,
+    learning_lost: IntCounter,
     capture: IntCounterVec,
     peers: IntGaugeVec,
     kernel_tcp: IntCounter,
@@ -262,6 +261,10 @@ impl Families {
                 "natt_monitor_events_lost_total",
                 "Mismatch events that did not fit in the ring buffer; the mismatch is still counted.",
             )?,
+            learning_lost: IntCounter::new(
+                "natt_monitor_learning_samples_lost_total",
+                "Learning samples that did not fit in their ring buffer; learning a NAT residual then takes more segments.",
+            )?,
             capture: IntCounterVec::new(
                 Opts::new(
                     "natt_monitor_capture_packets_total",
@@ -295,7 +298,7 @@ impl Families {
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 14] {
+    fn collectors(&self) -> [&dyn Collector; 15] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -305,6 +308,7 @@ impl Families {
             &self.peer_learning,
             &self.skipped,
             &self.events_lost,
+            &self.learning_lost,
             &self.capture,
             &self.peers,
             &self.kernel_tcp,
@@ -331,8 +335,8 @@ impl Families {
             self.peer_learning
                 .with_label_values(&[peer.label.as_str()])
                 .set(i64::from(peer.learning));
-            for (p, proto) in PROTOS {
-                let l = [peer.label.as_str(), proto];
+            for proto in Proto::ALL {
+                let (p, l) = (proto as usize, [peer.label.as_str(), proto.as_str()]);
                 for (vec, value) in [
                     (&self.verified_packets, s.verified_packets[p]),
                     (&self.verified_bytes, s.verified_bytes[p]),
@@ -351,6 +355,10 @@ impl Families {
             );
         }
         counter(&self.events_lost, snap.counters.get(Counter::EventsLost));
+        counter(
+            &self.learning_lost,
+            snap.counters.get(Counter::LearningLost),
+        );
         for result in CAPTURE_RESULTS {
             let v = if result == "ring_full" {
                 snap.counters.get(Counter::CaptureLost)
@@ -411,6 +419,7 @@ mod tests {
         let mut c = Counters::default();
         c.slots[Counter::SkipNotInScope as usize] = 7;
         c.slots[Counter::EventsLost as usize] = 1;
+        c.slots[Counter::LearningLost as usize] = 2;
         Snapshot {
             peers: vec![
                 PeerSnapshot {
@@ -469,6 +478,7 @@ mod tests {
             "natt_monitor_skipped_packets_total{reason=\"not_in_scope\"} 7",
             "natt_monitor_skipped_packets_total{reason=\"aggregated\"} 0",
             "natt_monitor_events_lost_total 1",
+            "natt_monitor_learning_samples_lost_total 2",
             "natt_monitor_peers{source=\"static\"} 2",
             "natt_monitor_peers{source=\"xfrm\"} 1",
             "natt_monitor_learning_packets_total{peer=\"203.0.113.9/32\",proto=\"tcp\"} 5",

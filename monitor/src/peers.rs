@@ -6,7 +6,7 @@
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use ipnet::IpNet;
-use monitor_ebpf::{MAX_PEERS, MODE_ENFORCE, MODE_OBSERVE, PEER_FLAG_LEARN, PeerValue, csum};
+use monitor_ebpf::{MAX_PEERS, PEER_FLAG_LEARN, PeerMode, PeerValue, csum};
 
 /// What the verifier does with a mismatching segment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -24,8 +24,8 @@ impl Mode {
     #[must_use]
     pub const fn abi(self) -> u8 {
         match self {
-            Self::Observe => MODE_OBSERVE,
-            Self::Enforce => MODE_ENFORCE,
+            Self::Observe => PeerMode::Observe as u8,
+            Self::Enforce => PeerMode::Enforce as u8,
         }
     }
 
@@ -413,7 +413,10 @@ mod tests {
         assert!(t.learns(0));
         assert!(!t.learns(1));
         let v = t.value(0, t.get(0).unwrap());
-        assert_eq!((v.flags, v.mode), (PEER_FLAG_LEARN, MODE_ENFORCE));
+        assert_eq!(
+            (v.flags, v.mode),
+            (PEER_FLAG_LEARN, PeerMode::Enforce as u8)
+        );
         assert_eq!(t.residual(0), None);
         assert_eq!(t.residual(1), Some(0));
         assert_eq!(t.count_by_source(Source::Xfrm), 1);

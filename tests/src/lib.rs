@@ -8,6 +8,7 @@
 
 pub mod net;
 pub mod packets;
+pub mod vm_scenarios;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -62,4 +63,42 @@ pub fn skip_unless_root(test: &str) -> bool {
         return true;
     }
     false
+}
+
+/// A child process that is killed and reaped when dropped, so a failing test never leaves a
+/// daemon, an IKE daemon or a server running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The integer value of one exact series (`name{labels}`, as exposed) in a Prometheus text
+/// exposition; `None` if it is absent or not an integer.
+#[must_use]
+pub fn metric(body: &str, series: &str) -> Option<u64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

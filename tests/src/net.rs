@@ -18,6 +18,7 @@ use aya::{
     maps::{MapData, PerCpuArray},
     programs::{SchedClassifier, TcAttachType, tc},
 };
+use monitor_ebpf::InjectSlot;
 use natt_monitor::ebpf::TESTBED_OBJ;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -398,18 +399,18 @@ impl Injector {
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.bpf.map("INJECT_STATS").expect("map"))
                 .expect("per-cpu array");
-        let sum = |i: u32| arr.get(&i, 0).expect("read").iter().sum::<u64>();
+        let sum = |i: InjectSlot| arr.get(&(i as u32), 0).expect("read").iter().sum::<u64>();
         let max = arr
-            .get(&3, 0)
+            .get(&(InjectSlot::MaxL4Len as u32), 0)
             .expect("read")
             .iter()
             .copied()
             .max()
             .unwrap_or(0);
         InjectStats {
-            marked: sum(0),
-            data_segments: sum(1),
-            corrupted: sum(2),
+            marked: sum(InjectSlot::Marked),
+            data_segments: sum(InjectSlot::DataSegments),
+            corrupted: sum(InjectSlot::Corrupted),
             max_l4_len: max,
         }
     }

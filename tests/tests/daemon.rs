@@ -7,13 +7,13 @@
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use natt_monitor_tests::{
-    http_get, monitor_bin,
+    KillOnDrop, http_get, metric, monitor_bin,
     net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
     skip_unless_root,
 };
@@ -108,7 +108,7 @@ fn assert_no_verifier_loaded() {
 }
 
 struct Daemon {
-    child: Child,
+    child: KillOnDrop,
     lines: Arc<Mutex<Vec<Value>>>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -135,7 +135,7 @@ impl Daemon {
             }
         });
         Self {
-            child,
+            child: KillOnDrop(child),
             lines,
             reader: Some(reader),
         }
@@ -210,19 +210,6 @@ impl Daemon {
         self.signal(signal);
         self.wait_exit(Duration::from_secs(10))
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The value of one exact series line (`name{labels}`) in a text exposition.
-fn metric(body: &str, series: &str) -> Option<u64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn field_u64(v: &Value, k: &str) -> u64 {
@@ -677,4 +664,47 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
     drop(inj);
     std::fs::remove_dir_all(&dir).unwrap();
     assert_no_verifier_loaded();
+}
+
+#[test]
+fn check_reads_the_proc_and_sys_roots_it_is_given() {
+    if skip_unless_root("check_reads_the_proc_and_sys_roots_it_is_given") {
+        return;
+    }
+    // A host as a container might present it: an old kernel, no capabilities, no cgroup2, no
+    // BTF, one ESP module.
+    let dir = std::env::temp_dir().join(format!("natt-check-roots-{}", std::process::id()));
+    let (proc_root, sys_root) = (dir.join("proc"), dir.join("sys"));
+    std::fs::create_dir_all(proc_root.join("sys/kernel")).unwrap();
+    std::fs::create_dir_all(proc_root.join("self")).unwrap();
+    std::fs::create_dir_all(sys_root.join("module/esp4")).unwrap();
+    std::fs::write(proc_root.join("sys/kernel/osrelease"), "5.4.0-fixture\n").unwrap();
+    std::fs::write(
+        proc_root.join("self/status"),
+        "Name:\tnatt-monitor\nCapEff:\t0000000000000000\n",
+    )
+    .unwrap();
+    std::fs::write(proc_root.join("mounts"), "proc /proc proc rw 0 0\n").unwrap();
+    let out = Command::new(monitor_bin())
+        .args(["check", "--proc-path"])
+        .arg(&proc_root)
+        .arg("--sys-path")
+        .arg(&sys_root)
+        .output()
+        .expect("spawn natt-monitor check");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let p = proc_root.display();
+    let s = sys_root.display();
+    for line in [
+        "FAIL  kernel                 5.4.0-fixture: natt-monitor needs 5.8 or newer (ring buffers, CAP_PERFMON, bpf_link cgroup attach)".to_owned(),
+        "FAIL  capabilities           missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN: run as root or grant them (see docs/install.md)".to_owned(),
+        format!("info  scope                  address (fallback): reading BTF from {s}/kernel/btf/vmlinux: no such file (the kernel was built without CONFIG_DEBUG_INFO_BTF); plaintext from peers is told apart only by IKE ports and partial checksums"),
+        format!("FAIL  cgroup2                no cgroup2 mount in {p}/mounts; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"),
+        "info  esp modules            loaded: esp4".to_owned(),
+        "natt-monitor cannot run on this host; fix the FAIL lines above".to_owned(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
 }

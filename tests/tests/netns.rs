@@ -6,7 +6,7 @@
 //! These tests share kernel state (namespaces, cgroups); run them with `--test-threads=1`
 //! (`cargo xtask test` does).
 
-use monitor_ebpf::{Counter, PROTO_TCP, PROTO_UDP, PeerStats};
+use monitor_ebpf::{Counter, PeerStats, Proto};
 use natt_monitor::{
     ebpf::{Variant, Verifier},
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
@@ -91,11 +91,13 @@ const MB: u64 = 1 << 20;
 fn assert_enforced(r: &Run, bytes: u64) {
     assert!(r.inject.corrupted > 0, "the injector corrupted something");
     assert_eq!(
-        r.peer.mismatches[PROTO_TCP], r.inject.corrupted,
+        r.peer.mismatches[Proto::Tcp as usize],
+        r.inject.corrupted,
         "mismatches == injected"
     );
     assert_eq!(
-        r.peer.drops[PROTO_TCP], r.inject.corrupted,
+        r.peer.drops[Proto::Tcp as usize],
+        r.inject.corrupted,
         "every mismatch dropped"
     );
     assert_eq!(
@@ -130,12 +132,15 @@ fn clean_stream_has_no_mismatches() {
     assert_eq!(r.peer.drops, [0, 0]);
     assert_eq!(r.aggregated, 0, "GRO is off on the receiver");
     // Every marked segment (data, SYN, ACKs, FIN) reached the verifier and was verified.
-    assert_eq!(r.peer.verified_packets[PROTO_TCP], r.inject.marked);
+    assert_eq!(
+        r.peer.verified_packets[Proto::Tcp as usize],
+        r.inject.marked
+    );
     assert!(
-        r.peer.verified_bytes[PROTO_TCP] > 4 * MB,
+        r.peer.verified_bytes[Proto::Tcp as usize] > 4 * MB,
         "payload plus headers"
     );
-    assert_eq!(r.peer.verified_packets[PROTO_UDP], 0);
+    assert_eq!(r.peer.verified_packets[Proto::Udp as usize], 0);
 }
 
 #[test]
@@ -146,7 +151,8 @@ fn observe_mode_detects_every_injected_corruption_and_the_app_sees_it() {
     let r = run(ADDR_A, Mode::Observe, 50, 1500, 4 * MB, false);
     assert!(r.inject.corrupted > 0);
     assert_eq!(
-        r.peer.mismatches[PROTO_TCP], r.inject.corrupted,
+        r.peer.mismatches[Proto::Tcp as usize],
+        r.inject.corrupted,
         "mismatches == injected"
     );
     assert_eq!(r.peer.drops, [0, 0]);
@@ -162,7 +168,7 @@ fn observe_mode_detects_every_injected_corruption_and_the_app_sees_it() {
         r.inject.corrupted
     );
     assert_eq!(
-        r.peer.verified_packets[PROTO_TCP] + r.peer.mismatches[PROTO_TCP],
+        r.peer.verified_packets[Proto::Tcp as usize] + r.peer.mismatches[Proto::Tcp as usize],
         r.inject.marked
     );
 }
@@ -207,7 +213,9 @@ fn segments_up_to_64k_are_verified() {
             r.inject.max_l4_len
         );
         assert!(
-            r.peer.verified_bytes[PROTO_TCP] / r.peer.verified_packets[PROTO_TCP] > 20_000,
+            r.peer.verified_bytes[Proto::Tcp as usize]
+                / r.peer.verified_packets[Proto::Tcp as usize]
+                > 20_000,
             "large segments verified"
         );
         assert_enforced(&r, 16 * MB);

@@ -5,12 +5,12 @@
 use std::{
     net::TcpListener,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use natt_monitor_tests::{
-    http_get, monitor_bin,
+    KillOnDrop, http_get, monitor_bin,
     net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
     skip_unless_root,
 };
@@ -46,15 +46,6 @@ fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
 fn prometheus_sees_the_mismatches_and_fires_the_alert() {
@@ -68,7 +59,7 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     let cg = Cgroup::new();
 
     let monitor_port = free_port();
-    let monitor = Killed(
+    let monitor = KillOnDrop(
         Command::new(monitor_bin())
             .args([
                 "run",
@@ -110,7 +101,7 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     .unwrap();
     let prom_port = free_port();
     let prom = format!("http://127.0.0.1:{prom_port}");
-    let _prometheus = Killed(
+    let _prometheus = KillOnDrop(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(

@@ -6,10 +6,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use monitor_ebpf::{COUNTER_SLOTS, Counter, PROTO_TCP, PROTO_UDP, PeerStats, SaKey, csum};
+use monitor_ebpf::{COUNTER_SLOTS, Counter, PeerStats, Proto, SaKey, csum};
 use natt_monitor::{
     ebpf::{Counters, Variant, Verifier},
-    events::Mismatch,
+    events::{Learning, Mismatch},
     peers::{Mode, NatAddresses, PeerSpec, PeerTable, parse_cidr},
     scope::{self, Scope},
 };
@@ -63,6 +63,8 @@ struct Outcome {
     verdict: u32,
     /// Mismatch events that reached the ring buffer (compared by count only).
     events: Vec<Mismatch>,
+    /// Learning samples that reached their ring buffer (compared exactly).
+    learning: Vec<Learning>,
     counters: [u64; COUNTER_SLOTS as usize],
     peers: [PeerStats; PEERS],
 }
@@ -71,6 +73,7 @@ impl PartialEq for Outcome {
     fn eq(&self, o: &Self) -> bool {
         self.verdict == o.verdict
             && self.events.len() == o.events.len()
+            && self.learning == o.learning
             && self.counters == o.counters
             && self.peers == o.peers
     }
@@ -81,6 +84,7 @@ impl Outcome {
         Self {
             verdict,
             events: Vec::new(),
+            learning: Vec::new(),
             counters: [0; COUNTER_SLOTS as usize],
             peers: [PeerStats::default(); PEERS],
         }
@@ -118,7 +122,6 @@ static PLACEHOLDER: std::sync::LazyLock<Mismatch> = std::sync::LazyLock::new(|| 
     found: 0,
     expected: 0,
     dropped: false,
-    learning: false,
     residual: 0,
     encap_ports: (0, 0),
     spi: 0,
@@ -130,6 +133,7 @@ static PLACEHOLDER: std::sync::LazyLock<Mismatch> = std::sync::LazyLock::new(|| 
 struct Harness {
     v: Verifier,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
+    learning: aya::maps::RingBuf<aya::maps::MapData>,
 }
 
 impl Harness {
@@ -151,7 +155,8 @@ impl Harness {
             .set_peers(&PeerTable::default(), &table())
             .expect("fill peers");
         let ring = v.take_events().expect("event ring");
-        Self { v, ring }
+        let learning = v.take_learning().expect("learning ring");
+        Self { v, ring, learning }
     }
 
     /// Decoded mismatch events emitted since the last call.
@@ -159,6 +164,15 @@ impl Harness {
         let mut out = Vec::new();
         while let Some(item) = self.ring.next() {
             out.push(Mismatch::decode(&item).expect("whole event"));
+        }
+        out
+    }
+
+    /// Decoded learning samples sent since the last call.
+    fn drain_learning(&mut self) -> Vec<Learning> {
+        let mut out = Vec::new();
+        while let Some(item) = self.learning.next() {
+            out.push(Learning::decode(&item).expect("whole sample"));
         }
         out
     }
@@ -183,9 +197,11 @@ impl Harness {
             })
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()));
         let events = self.drain_events();
+        let learning = self.drain_learning();
         let (c1, p1) = self.snapshot();
         let mut out = Outcome::zero(r.return_value);
         out.events = events;
+        out.learning = learning;
         for i in 0..COUNTER_SLOTS as usize {
             out.counters[i] = c1.slots[i] - c0.slots[i];
         }
@@ -227,9 +243,9 @@ fn intact_segments_are_verified_by(h: &mut Harness) {
     ] {
         let data = payload(n);
         for (l4, proto) in [
-            (L4::Tcp, PROTO_TCP),
-            (L4::TcpWithOptions, PROTO_TCP),
-            (L4::Udp, PROTO_UDP),
+            (L4::Tcp, Proto::Tcp as usize),
+            (L4::TcpWithOptions, Proto::Tcp as usize),
+            (L4::Udp, Proto::Udp as usize),
         ] {
             let f = v4(V4_OBSERVE, LOCAL4, l4, &data);
             assert_eq!(
@@ -281,7 +297,7 @@ fn every_single_byte_corruption_is_detected_by(h: &mut Harness) {
             f[pos] ^= 0x01;
             assert_eq!(
                 h.run(&f),
-                Outcome::mismatch(peer, PROTO_TCP, dropped),
+                Outcome::mismatch(peer, Proto::Tcp as usize, dropped),
                 "byte {} of the segment",
                 pos - off
             );
@@ -298,7 +314,7 @@ fn every_single_byte_corruption_is_detected_by(h: &mut Harness) {
         f[pos] ^= 0xa5;
         assert_eq!(
             h.run(&f),
-            Outcome::mismatch(P_V6_ENFORCE, PROTO_UDP, true),
+            Outcome::mismatch(P_V6_ENFORCE, Proto::Udp as usize, true),
             "byte {} of the datagram",
             pos - off
         );
@@ -322,7 +338,10 @@ fn mismatch_events_carry_flow_seq_and_checksums() {
     let mut f = clean.clone();
     f[off + 16] ^= 0xff; // corrupt the checksum field itself
     let out = h.run(&f);
-    assert_eq!(out, Outcome::mismatch(P_V4_ENFORCE, PROTO_TCP, true));
+    assert_eq!(
+        out,
+        Outcome::mismatch(P_V4_ENFORCE, Proto::Tcp as usize, true)
+    );
     let m = &out.events[0];
     assert_eq!(m.flow(), "198.51.100.7:40000 -> 192.168.1.1:2181");
     assert_eq!(
@@ -340,7 +359,10 @@ fn nat_peers_use_their_residual() {
         return;
     }
     let mut h = Harness::new();
-    for (l4, proto) in [(L4::Tcp, PROTO_TCP), (L4::Udp, PROTO_UDP)] {
+    for (l4, proto) in [
+        (L4::Tcp, Proto::Tcp as usize),
+        (L4::Udp, Proto::Udp as usize),
+    ] {
         // Sender computed the checksum over its original addresses; a NAT then rewrote both.
         let mut f = v4(V4_NAT_ORIG, V4_NAT_ORIG_DST, l4, &payload(777));
         f[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
@@ -370,7 +392,10 @@ fn nat_peers_use_their_residual() {
     // A NAT-shifted segment from a peer configured without NAT is a mismatch.
     let mut f = v4(V4_NAT_ORIG, LOCAL4, L4::Tcp, &payload(100));
     f[ETH + 12..ETH + 16].copy_from_slice(&V4_OBSERVE.octets());
-    assert_eq!(h.run(&f), Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false));
+    assert_eq!(
+        h.run(&f),
+        Outcome::mismatch(P_V4_OBSERVE, Proto::Tcp as usize, false)
+    );
 }
 
 #[test]
@@ -406,34 +431,41 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
     let mut bad = f.clone();
     let last = bad.len() - 1;
     bad[last] ^= 0x10;
-    for (frame, intact) in [(&f, true), (&bad, false)] {
-        let out = h.run(frame);
-        // Passed, not verified, not a mismatch, not dropped (even in enforce mode).
-        let mut expect = Outcome::zero(PASS);
-        expect.peers[P_V4_NAT].learning[PROTO_TCP] = 1;
-        expect.events = vec![PLACEHOLDER.clone()];
-        assert_eq!(out, expect);
-        let ev = &out.events[0];
-        assert!(ev.learning, "{ev:?}");
-        assert_eq!(ev.peer_id, P_V4_NAT as u32);
-        // The intact segment leaves exactly the residual the NAT addresses imply; the
-        // corrupted one leaves another.
-        assert_eq!(ev.residual == want, intact, "{ev:?}");
-    }
-    // Once userspace installs the learned residual (address scope: per address pair, no
-    // encapsulation ports), the peer is verified and enforced.
+    // Address scope: the mapping is the address pair, with no encapsulation ports.
     let mut key = SaKey {
         peer_id: P_V4_NAT as u32,
         ..SaKey::default()
     };
     key.src[..4].copy_from_slice(&V4_NAT_SEEN.octets());
     key.dst[..4].copy_from_slice(&LOCAL4.octets());
+    for (frame, intact) in [(&f, true), (&bad, false)] {
+        let out = h.run(frame);
+        // Passed, not verified, not a mismatch, not dropped (even in enforce mode), and one
+        // learning sample, not a mismatch event.
+        let mut expect = Outcome::zero(PASS);
+        expect.peers[P_V4_NAT].learning[Proto::Tcp as usize] = 1;
+        let residual = out.learning.first().map_or(0, |l| l.residual);
+        expect.learning = vec![Learning {
+            key,
+            residual,
+            spi: 0,
+            reqid: 0,
+        }];
+        assert_eq!(out, expect);
+        // The intact segment leaves exactly the residual the NAT addresses imply; the
+        // corrupted one leaves another.
+        assert_eq!(residual == want, intact, "{out:?}");
+    }
+    // Once userspace installs the learned residual, the peer is verified and enforced.
     h.v.peer_maps().unwrap().set_sa_residual(key, want).unwrap();
     assert_eq!(
         h.run(&f),
-        Outcome::verified(P_V4_NAT, PROTO_TCP, l4_len(&f))
+        Outcome::verified(P_V4_NAT, Proto::Tcp as usize, l4_len(&f))
     );
-    assert_eq!(h.run(&bad), Outcome::mismatch(P_V4_NAT, PROTO_TCP, true));
+    assert_eq!(
+        h.run(&bad),
+        Outcome::mismatch(P_V4_NAT, Proto::Tcp as usize, true)
+    );
 }
 
 #[test]
@@ -447,21 +479,24 @@ fn headers_the_verifier_walks() {
         v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(300)),
         &[1, 1, 1, 0, 1, 1, 1, 0],
     );
-    assert_eq!(h.run(&f), Outcome::verified(P_V4_OBSERVE, PROTO_TCP, 320));
+    assert_eq!(
+        h.run(&f),
+        Outcome::verified(P_V4_OBSERVE, Proto::Tcp as usize, 320)
+    );
     // Corruption after IPv4 options is still found at the right offset.
     let mut bad = f.clone();
     let n = bad.len();
     bad[n - 3] ^= 1;
     assert_eq!(
         h.run(&bad),
-        Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false)
+        Outcome::mismatch(P_V4_OBSERVE, Proto::Tcp as usize, false)
     );
     // IPv6 hop-by-hop, destination options and routing headers are walked.
     for kind in [0u8, 60, 43] {
         let f = with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Udp, &payload(99)), kind);
         assert_eq!(
             h.run(&f),
-            Outcome::verified(P_V6_OBSERVE, PROTO_UDP, 107),
+            Outcome::verified(P_V6_OBSERVE, Proto::Udp as usize, 107),
             "ext header {kind}"
         );
     }
@@ -471,7 +506,7 @@ fn headers_the_verifier_walks() {
     );
     assert_eq!(
         h.run(&f),
-        Outcome::verified(P_V6_OBSERVE, PROTO_TCP, 30),
+        Outcome::verified(P_V6_OBSERVE, Proto::Tcp as usize, 30),
         "two ext headers"
     );
 }
@@ -630,7 +665,7 @@ fn skips_are_counted_by_reason() {
     ctx[164..168].copy_from_slice(&1u32.to_ne_bytes());
     assert_eq!(
         h.run_with_ctx(&tcp, Some(&ctx)),
-        Outcome::verified(P_V4_OBSERVE, PROTO_TCP, 120),
+        Outcome::verified(P_V4_OBSERVE, Proto::Tcp as usize, 120),
         "one segment"
     );
 }
@@ -669,7 +704,7 @@ fn a_full_ring_buffer_counts_lost_events_and_never_blocks() {
         .stats()
         .peer_stats(P_V4_OBSERVE as u32)
         .unwrap()
-        .mismatches[PROTO_TCP];
+        .mismatches[Proto::Tcp as usize];
     assert_eq!(counted, u64::from(N));
     assert!(
         events_lost > 0,
@@ -727,7 +762,10 @@ fn address_scope_leaves_out_ike_ports_and_partial_checksums() {
     // too. TCP on any other port from an observe peer with a bad checksum is a mismatch.
     for (port, want) in [
         (4500u16, Outcome::skipped(Counter::SkipIke)),
-        (4501, Outcome::mismatch(P_V4_OBSERVE, PROTO_TCP, false)),
+        (
+            4501,
+            Outcome::mismatch(P_V4_OBSERVE, Proto::Tcp as usize, false),
+        ),
     ] {
         let mut f = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(60));
         let off = l4_offset(&f);

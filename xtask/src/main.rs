@@ -20,8 +20,18 @@ use clap::{Parser, Subcommand};
 
 mod vm;
 
-/// Pinned in scripts/setup.sh and monitor/build.rs.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-06-24";
+/// The eBPF toolchain, pinned in `monitor-ebpf/rust-toolchain.toml` (and only there).
+fn ebpf_toolchain() -> Result<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../monitor-ebpf/rust-toolchain.toml"
+    );
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("channel = \"")?.strip_suffix('"'))
+        .map(str::to_owned)
+        .with_context(|| format!("{path}: no `channel = \"...\"` line"))
+}
 
 #[derive(Parser)]
 #[command(
@@ -81,7 +91,8 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn lint() -> Result<()> {
-    run(Command::new("rustup").args(["run", EBPF_TOOLCHAIN, "cargo", "fmt", "--all", "--check"]))?;
+    let nightly = ebpf_toolchain()?;
+    run(Command::new("rustup").args(["run", &nightly, "cargo", "fmt", "--all", "--check"]))?;
     cargo(&[
         "clippy",
         "--workspace",
@@ -93,7 +104,7 @@ fn lint() -> Result<()> {
     run(Command::new("rustup")
         .args([
             "run",
-            EBPF_TOOLCHAIN,
+            &nightly,
             "cargo",
             "clippy",
             "-p",

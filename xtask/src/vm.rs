@@ -116,8 +116,9 @@ const STRONGSWAN: &[&str] = &[
     "libstrongswan",
 ];
 
-/// Scenarios `natt-vm` runs (it prints one RESULT line for each).
-const SCENARIOS: usize = 10;
+/// The scenario names, shared with `natt-vm` (which prints one RESULT line for each).
+#[path = "../../tests/src/vm_scenarios.rs"]
+mod scenarios;
 /// Longest a guest may run.
 const GUEST_TIMEOUT: Duration = Duration::from_mins(20);
 
@@ -686,7 +687,7 @@ fn judge(
         guest.rows.len()
     );
     let want = if only.is_empty() {
-        SCENARIOS
+        scenarios::NAMES.len()
     } else {
         only.len()
     };
@@ -715,6 +716,7 @@ fn judge(
 /// Runs the suite (or only the scenarios named in `only`); with `out`, also writes the results
 /// table there. Returns how many scenario runs passed.
 pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
+    scenarios::check_selection(only).map_err(|e| anyhow::anyhow!("vm-test: {e}"))?;
     need_tools()?;
     // The guest runs release builds: faster under TCG, and what users run.
     crate::cargo(&[

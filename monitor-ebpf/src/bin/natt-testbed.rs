@@ -30,7 +30,7 @@ mod prog {
         maps::PerCpuArray,
         programs::{SkBuffContext, TcContext},
     };
-    use monitor_ebpf::{IPPROTO_TCP, IPPROTO_UDP};
+    use monitor_ebpf::{INJECT_SLOTS, IPPROTO_TCP, IPPROTO_UDP, InjectSlot};
 
     /// Corrupt every Nth TCP data segment (per CPU); 0 disables corruption.
     #[unsafe(no_mangle)]
@@ -39,14 +39,8 @@ mod prog {
     #[unsafe(no_mangle)]
     static MARK_UNNECESSARY: Global<u32> = Global::new(1);
 
-    /// Slots of `INJECT_STATS`; userspace sums them over CPUs (max for `MAX_L4_LEN`).
-    pub const MARKED: u32 = 0;
-    pub const DATA_SEGMENTS: u32 = 1;
-    pub const CORRUPTED: u32 = 2;
-    pub const MAX_L4_LEN: u32 = 3;
-
     #[map]
-    static INJECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+    static INJECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(INJECT_SLOTS, 0);
 
     const ETH_HLEN: usize = 14;
 
@@ -60,8 +54,8 @@ mod prog {
         TC_ACT_OK
     }
 
-    fn slot(i: u32) -> Option<*mut u64> {
-        INJECT_STATS.get_ptr_mut(i)
+    fn slot(i: InjectSlot) -> Option<*mut u64> {
+        INJECT_STATS.get_ptr_mut(i as u32)
     }
 
     fn try_inject(ctx: &TcContext) -> Result<(), i64> {
@@ -86,7 +80,7 @@ mod prog {
         if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
             return Ok(());
         }
-        if let Some(m) = slot(MAX_L4_LEN) {
+        if let Some(m) = slot(InjectSlot::MaxL4Len) {
             // SAFETY: per-CPU slot.
             unsafe {
                 if (l4_len as u64) > *m {
@@ -100,7 +94,7 @@ mod prog {
             let payload = l4_len.saturating_sub(doff);
             if payload > 0 {
                 let every = u64::from(CORRUPT_EVERY.load());
-                let n = slot(DATA_SEGMENTS).map_or(0, |p| {
+                let n = slot(InjectSlot::DataSegments).map_or(0, |p| {
                     // SAFETY: per-CPU slot.
                     unsafe {
                         *p += 1;
@@ -112,7 +106,7 @@ mod prog {
                     let b: u8 = ctx.load(at)?;
                     // Flags 0: do not touch skb->csum or the L4 checksum. That is the fault.
                     ctx.store(at, &(b ^ 0x5a), 0)?;
-                    if let Some(p) = slot(CORRUPTED) {
+                    if let Some(p) = slot(InjectSlot::Corrupted) {
                         // SAFETY: per-CPU slot.
                         unsafe { *p += 1 };
                     }
@@ -128,7 +122,7 @@ mod prog {
                 )
             };
             if r == 0
-                && let Some(p) = slot(MARKED)
+                && let Some(p) = slot(InjectSlot::Marked)
             {
                 // SAFETY: per-CPU slot.
                 unsafe { *p += 1 };

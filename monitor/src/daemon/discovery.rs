@@ -11,8 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
 use crate::{
-    cli::Discover,
-    config::Settings,
+    config::{Discover, Settings},
     daemon::{DaemonError, log_peers, state::StateHandle},
     peers::{Mode, PeerSpec, Source},
     xfrm::{self, Watch, XfrmError},

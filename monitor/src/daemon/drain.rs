@@ -1,7 +1,8 @@
 //! The event drain: the verifier's mismatch ring buffer and its aya-log ring.
 //!
-//! Owns the mismatch ring, the log rate limiter and the suppressed-line counter. Each mismatch
-//! becomes one WARN line within the log budget; each learning sample goes to the SA/peer state.
+//! Owns the mismatch ring, the learning-sample ring, the log rate limiter and the
+//! suppressed-line counter. Each mismatch becomes one WARN line within the log budget; each
+//! learning sample goes to the SA/peer state.
 //! Every completed pass, with or without events, is what keeps the daemon healthy: if this
 //! loop stops, `/healthz` and `natt_monitor_up` say so within `HEALTH_MAX_AGE`.
 
@@ -24,7 +25,7 @@ use crate::{
         health::Health,
         state::{StateHandle, View},
     },
-    events::{Hex, Mismatch, RateLimiter, SUPPRESSED_FLUSH},
+    events::{Hex, Learning, Mismatch, RateLimiter, SUPPRESSED_FLUSH},
 };
 
 /// How often the drain loop wakes even without events, proving it is alive.
@@ -33,7 +34,9 @@ pub const DRAIN_TICK: Duration = Duration::from_secs(1);
 /// The drain task's handles.
 pub struct Drain {
     /// The mismatch ring buffer.
-    pub ring: AsyncFd<RingBuf<MapData>>,
+    pub events: AsyncFd<RingBuf<MapData>>,
+    /// The learning-sample ring buffer.
+    pub learning: AsyncFd<RingBuf<MapData>>,
     /// Where learning samples go.
     pub state: StateHandle,
     /// Peer labels for the log lines.
@@ -52,77 +55,98 @@ impl std::fmt::Debug for Drain {
     }
 }
 
+/// Copies every record out of `rb`, so its read position advances before the records are
+/// handled (a learning sample may wait for the state task).
+fn take_all(rb: &mut RingBuf<MapData>) -> Vec<Vec<u8>> {
+    std::iter::from_fn(|| rb.next().map(|r| r.to_vec())).collect()
+}
+
 impl Drain {
-    /// Drains until `stop`; then drains what is left, reports suppressed lines and returns.
+    /// Drains both rings until `stop`; then drains what is left, reports suppressed lines and
+    /// returns.
     ///
     /// # Errors
-    /// A failure to wait on the ring, or the state task being gone.
-    pub async fn run(mut self, mut stop: oneshot::Receiver<()>) -> io::Result<()> {
-        let mut last_event = Instant::now();
+    /// A failure to wait on a ring, or the state task being gone.
+    pub async fn run(self, mut stop: oneshot::Receiver<()>) -> io::Result<()> {
+        let Self {
+            mut events,
+            mut learning,
+            state,
+            view,
+            mut limiter,
+            suppressed,
+            health,
+        } = self;
+        let mut log = Log {
+            view,
+            limiter: &mut limiter,
+            suppressed,
+            last_event: Instant::now(),
+        };
         loop {
-            let ready = tokio::select! {
-                r = tokio::time::timeout(DRAIN_TICK, self.ring.readable_mut()) => r,
-                _ = &mut stop => {
-                    let records: Vec<Vec<u8>> = {
-                        let rb = self.ring.get_mut();
-                        std::iter::from_fn(|| rb.next().map(|r| r.to_vec())).collect()
-                    };
+            tokio::select! {
+                r = events.readable_mut() => {
+                    let mut guard = r?;
+                    let records = take_all(guard.get_inner_mut());
+                    guard.clear_ready();
                     for r in records {
-                        self.record(&r).await?;
+                        log.mismatch(&r);
                     }
-                    let pending = self.limiter.pending_suppressed();
+                }
+                r = learning.readable_mut() => {
+                    let mut guard = r?;
+                    let records = take_all(guard.get_inner_mut());
+                    guard.clear_ready();
+                    for r in records {
+                        sample(&state, &r).await?;
+                    }
+                }
+                () = tokio::time::sleep(DRAIN_TICK) => log.flush_suppressed(),
+                _ = &mut stop => {
+                    for r in take_all(learning.get_mut()) {
+                        sample(&state, &r).await?;
+                    }
+                    for r in take_all(events.get_mut()) {
+                        log.mismatch(&r);
+                    }
+                    let pending = log.limiter.pending_suppressed();
                     if pending > 0 {
                         warn!(suppressed = pending, "mismatch log lines suppressed by the rate limit");
                     }
                     return Ok(());
                 }
-            };
-            match ready {
-                Ok(guard) => {
-                    let mut guard = guard?;
-                    // Copy the records out so the ring's read position advances before the
-                    // (possibly waiting) hand-over of learning samples.
-                    let records: Vec<Vec<u8>> = {
-                        let rb = guard.get_inner_mut();
-                        std::iter::from_fn(|| rb.next().map(|r| r.to_vec())).collect()
-                    };
-                    guard.clear_ready();
-                    if !records.is_empty() {
-                        last_event = Instant::now();
-                    }
-                    for r in records {
-                        self.record(&r).await?;
-                    }
-                }
-                Err(_elapsed) => {
-                    let pending = self.limiter.pending_suppressed();
-                    if pending > 0 && last_event.elapsed() >= SUPPRESSED_FLUSH {
-                        warn!(
-                            suppressed = pending,
-                            "mismatch log lines suppressed by the rate limit"
-                        );
-                        self.limiter.clear_suppressed();
-                    }
-                }
             }
-            self.health.mark_drained();
+            health.mark_drained();
         }
     }
+}
 
-    async fn record(&mut self, bytes: &[u8]) -> io::Result<()> {
+async fn sample(state: &StateHandle, bytes: &[u8]) -> io::Result<()> {
+    let Some(l) = Learning::decode(bytes) else {
+        warn!(len = bytes.len(), "bad record in the learning ring buffer");
+        return Ok(());
+    };
+    state.sample(l).await
+}
+
+/// The mismatch log and its budget.
+struct Log<'a> {
+    view: watch::Receiver<Arc<View>>,
+    limiter: &'a mut RateLimiter,
+    suppressed: IntCounter,
+    last_event: Instant,
+}
+
+impl Log<'_> {
+    fn mismatch(&mut self, bytes: &[u8]) {
+        self.last_event = Instant::now();
         let Some(m) = Mismatch::decode(bytes) else {
-            warn!(
-                len = bytes.len(),
-                "short record in the mismatch ring buffer"
-            );
-            return Ok(());
+            warn!(len = bytes.len(), "bad record in the mismatch ring buffer");
+            return;
         };
-        if m.learning {
-            return self.state.sample(m).await;
-        }
         let Some(suppressed_before) = self.limiter.admit(Instant::now()) else {
             self.suppressed.inc();
-            return Ok(());
+            return;
         };
         let peer = self.view.borrow().label(m.peer_id);
         warn!(
@@ -141,7 +165,18 @@ impl Drain {
             suppressed_before,
             "checksum mismatch"
         );
-        Ok(())
+    }
+
+    /// After a quiet spell, reports the lines the budget withheld on their own.
+    fn flush_suppressed(&mut self) {
+        let pending = self.limiter.pending_suppressed();
+        if pending > 0 && self.last_event.elapsed() >= SUPPRESSED_FLUSH {
+            warn!(
+                suppressed = pending,
+                "mismatch log lines suppressed by the rate limit"
+            );
+            self.limiter.clear_suppressed();
+        }
     }
 }
 

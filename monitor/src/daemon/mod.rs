@@ -31,7 +31,7 @@ use std::{collections::HashMap, future::Future, io, net::TcpListener, sync::Arc,
 
 use aya::maps::{MapData, RingBuf};
 pub use health::HEALTH_MAX_AGE;
-use monitor_ebpf::{PROTO_TCP, PROTO_UDP, SKIP_REASONS};
+use monitor_ebpf::{Proto, SKIP_REASONS};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -49,8 +49,7 @@ use self::{
 use crate::{
     capture::Capture,
     check,
-    cli::ScopeChoice,
-    config::{ConfigError, Settings},
+    config::{ConfigError, ScopeChoice, Settings},
     ebpf::{EbpfFailure, Stats, Verifier},
     events::RateLimiter,
     http,
@@ -327,7 +326,8 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     tasks.spawn_blocking("sa-state", move || sa_state.run(inbox));
     let (stop_drain, stop_rx) = tokio::sync::oneshot::channel();
     let drain = Drain {
-        ring: k.events,
+        events: k.events,
+        learning: k.learning,
         state: handle.clone(),
         view: k.view.clone(),
         limiter: RateLimiter::new(settings.log_per_second, settings.log_burst),
@@ -366,6 +366,7 @@ struct Loaded {
     stats: Arc<Stats>,
     metrics: Metrics,
     events: AsyncFd<RingBuf<MapData>>,
+    learning: AsyncFd<RingBuf<MapData>>,
     capture: Option<(AsyncFd<RingBuf<MapData>>, Capture)>,
     ebpf_log: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -406,6 +407,7 @@ impl Loaded {
             None => None,
         };
         let events = watch_fd("mismatch event", verifier.take_events()?)?;
+        let learning = watch_fd("learning sample", verifier.take_learning()?)?;
         let ebpf_log = aya_log::EbpfLogger::init(verifier.ebpf_mut())
             .map_err(|e| DaemonError::EbpfLog(e.to_string()))?;
         let ebpf_log = watch_fd("aya-log", ebpf_log)?;
@@ -417,6 +419,7 @@ impl Loaded {
             stats,
             metrics,
             events,
+            learning,
             capture,
             ebpf_log,
         })
@@ -459,11 +462,11 @@ fn log_totals(stats: &Stats, view: &View) {
         match stats.peer_stats(id) {
             Ok(s) => info!(
                 peer = %p.net,
-                verified_tcp = s.verified_packets[PROTO_TCP],
-                verified_udp = s.verified_packets[PROTO_UDP],
-                mismatches = s.mismatches[PROTO_TCP] + s.mismatches[PROTO_UDP],
-                learning = s.learning[PROTO_TCP] + s.learning[PROTO_UDP],
-                dropped = s.drops[PROTO_TCP] + s.drops[PROTO_UDP],
+                verified_tcp = s.verified_packets[Proto::Tcp as usize],
+                verified_udp = s.verified_packets[Proto::Udp as usize],
+                mismatches = s.mismatches.iter().sum::<u64>(),
+                learning = s.learning.iter().sum::<u64>(),
+                dropped = s.drops.iter().sum::<u64>(),
                 "peer totals"
             ),
             Err(e) => warn!(peer = %p.net, error = %e, "could not read peer totals"),

@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::{
     daemon::DaemonError,
     ebpf::PeerMaps,
-    events::Mismatch,
+    events::Learning,
     learn::{Outcome, WINDOW},
     peers::{PeerSpec, PeerTable},
     residuals::Residuals,
@@ -60,7 +60,7 @@ enum Command {
         Vec<PeerSpec>,
         oneshot::Sender<Result<Option<Applied>, String>>,
     ),
-    Sample(Box<Mismatch>),
+    Sample(Learning),
 }
 
 /// How the other tasks talk to the state. Cheap to clone; the state task ends when every
@@ -108,9 +108,9 @@ impl StateHandle {
     ///
     /// # Errors
     /// When the state task is gone.
-    pub async fn sample(&self, m: Mismatch) -> io::Result<()> {
+    pub async fn sample(&self, s: Learning) -> io::Result<()> {
         self.tx
-            .send(Command::Sample(Box::new(m)))
+            .send(Command::Sample(s))
             .await
             .map_err(|_| io::Error::other(GONE))
     }
@@ -225,7 +225,7 @@ impl SaState {
                     };
                     let _ = reply.send(out);
                 }
-                Command::Sample(m) => self.sample(&m),
+                Command::Sample(s) => self.sample(&s),
             }
         }
         Ok(())
@@ -310,18 +310,18 @@ impl SaState {
 
     /// Feeds one learning segment's residual to the learner; when it settles, installs the
     /// residual so the SA's next segment is verified.
-    fn sample(&mut self, m: &Mismatch) {
+    fn sample(&mut self, m: &Learning) {
         // Samples of a peer that no longer learns (reloaded, removed) are stale.
-        if !self.table.learns(m.peer_id) {
+        if !self.table.learns(m.peer_id()) {
             return;
         }
-        let key = m.sa_key();
+        let key = m.key;
         let Some(outcome) = self.residuals.sample(key, m.residual) else {
             return;
         };
         let label = self
             .table
-            .get(m.peer_id)
+            .get(m.peer_id())
             .map_or_else(String::new, PeerSpec::label);
         match outcome {
             Outcome::Pending => {}
@@ -342,7 +342,7 @@ impl SaState {
                             peer = label,
                             spi = %format_args!("{:#010x}", m.spi),
                             reqid = m.reqid,
-                            encap_ports = %format_args!("{}/{}", m.encap_ports.0, m.encap_ports.1),
+                            encap_ports = %format_args!("{}/{}", m.encap_ports().0, m.encap_ports().1),
                             residual = %format_args!("{residual:#06x}"),
                             samples,
                             "NAT residual learned; verifying this SA from now on"

@@ -41,7 +41,7 @@ use natt_monitor::{
     scope::Scope,
 };
 use natt_monitor_tests::{
-    http_get, monitor_bin,
+    KillOnDrop, http_get, metric, monitor_bin,
     net::{ADDR_A, ADDR_B, Cgroup, Injector, Lab, Netns, Proc},
     packets::{L4, payload, v4},
 };
@@ -585,21 +585,9 @@ fn vm_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn metric(body: &str, series: &str) -> Option<u64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 struct Daemon {
-    child: std::process::Child,
+    child: KillOnDrop,
     port: u16,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Starts the release daemon; returns it and the time until /healthz answered 200.
@@ -624,7 +612,10 @@ fn start_daemon(cgroup: &Path) -> Result<(Daemon, Duration)> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting natt-monitor")?;
-    let d = Daemon { child, port };
+    let d = Daemon {
+        child: KillOnDrop(child),
+        port,
+    };
     loop {
         if let Ok((200, _)) = http_get(&format!("http://127.0.0.1:{port}/healthz")) {
             return Ok((d, t0.elapsed()));

@@ -1,0 +1,70 @@
+//! Every map of the verifier object and its load-time constants.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use monitor_ebpf::{
+    CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, LEARNING_RING_BYTES, MAX_PEERS,
+    MAX_SA_RESIDUALS, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaValue, SecpathLayout,
+};
+
+use crate::sum::CHUNK_WORDS;
+
+/// Where this kernel keeps the `sec_path`; set by the loader from BTF. All zero: address
+/// scope. The map behind it is frozen, so the verifier sees constants and prunes the scope
+/// that is not in use.
+#[unsafe(no_mangle)]
+pub static SECPATH: Global<SecpathLayout> = Global::new(SecpathLayout {
+    enabled: 0,
+    skb_active_extensions: 0,
+    sec_path_bit: 0,
+    skb_extensions: 0,
+    ext_sec_path_offset: 0,
+    sp_len: 0,
+    sp_len_size: 0,
+    sp_xvec: 0,
+    x_encap: 0,
+    x_mode: 0,
+    x_spi: 0,
+    x_reqid: 0,
+    encap_sport: 0,
+});
+
+/// Non-zero: copy every mismatching packet into `CAPTURE` (`--capture`). Set by the loader;
+/// when 0 the verifier prunes the copy.
+#[unsafe(no_mangle)]
+pub static CAPTURE_ON: Global<u32> = Global::new(0);
+
+/// Address scope: the peers by source prefix. SA scope: which peer a segment counts under.
+#[map]
+pub static PEERS_V4: LpmTrie<PeerKeyV4, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+/// As `PEERS_V4`, for IPv6.
+#[map]
+pub static PEERS_V6: LpmTrie<PeerKeyV6, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+/// Learned NAT residuals per NAT mapping (`SaKey`). Userspace is the only writer.
+#[map]
+pub static SA_RESIDUALS: LruHashMap<SaKey, SaValue> =
+    LruHashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
+/// Per-peer statistics, indexed by `PeerValue::id`.
+#[map]
+pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+/// Global counters, indexed by `Counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+/// Mismatch events.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+/// Learning samples.
+#[map]
+pub static LEARNING: RingBuf = RingBuf::with_byte_size(LEARNING_RING_BYTES, 0);
+/// Mismatching packets for `--capture`.
+#[map]
+pub static CAPTURE: RingBuf = RingBuf::with_byte_size(CAPTURE_RING_BYTES, 0);
+/// 512-byte bounce buffer for `bpf_skb_load_bytes`: the BPF stack is only 512 bytes.
+#[map]
+pub static SCRATCH: PerCpuArray<[u64; CHUNK_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+/// One per-CPU slot that `sum::opaque` passes values through.
+#[map]
+pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,230 @@
+//! The IP and L4 headers, each checked against the lengths the one before gave. Every failure
+//! is a skip reason.
+
+use aya_ebpf::{
+    EbpfContext as _, bindings::__sk_buff, maps::lpm_trie::Key, programs::SkBuffContext,
+};
+use monitor_ebpf::{Counter, Family, IPPROTO_TCP, IPPROTO_UDP, PeerValue, csum};
+
+use crate::maps::{PEERS_V4, PEERS_V6};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv6 extension headers walked before giving up.
+const MAX_EXT_HEADERS: usize = 6;
+
+/// What the IP layer told us about the L4 segment.
+pub struct L3 {
+    pub family: Family,
+    pub proto: u8,
+    pub l4_off: u32,
+    /// L4 length from the IP header (may exceed the skb when UDP trimmed it).
+    pub l4_len: u32,
+    pub peer: PeerValue,
+    pub addr_sum: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// What the L4 header says.
+pub struct L4 {
+    /// Segment length (UDP: its own length field, which `udp_rcv` trimmed the skb to).
+    pub len: u32,
+    pub hdr_len: u32,
+    pub field: u16,
+    pub seq: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[inline(always)]
+pub fn skb(ctx: &SkBuffContext) -> &__sk_buff {
+    // SAFETY: the kernel hands the program a valid `__sk_buff` for its whole run.
+    unsafe { &*ctx.as_ptr().cast::<__sk_buff>() }
+}
+
+/// The IP header of either family, and the peer its source address falls under.
+#[inline(always)]
+pub fn parse_l3(ctx: &SkBuffContext) -> Result<L3, Counter> {
+    if skb(ctx).gso_segs > 1 {
+        // GRO merged several segments behind one header: their checksums are gone.
+        return Err(Counter::SkipAggregated);
+    }
+    let proto = skb(ctx).protocol;
+    if proto == u32::from(ETH_P_IP.to_be()) {
+        parse_v4(ctx)
+    } else if proto == u32::from(ETH_P_IPV6.to_be()) {
+        parse_v6(ctx)
+    } else {
+        Err(Counter::SkipOtherProtocol)
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &SkBuffContext) -> Result<L3, Counter> {
+    let ip: [u8; 20] = ctx.load(0).map_err(|_| Counter::SkipTruncated)?;
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    let dst = [ip[16], ip[17], ip[18], ip[19]];
+    let peer = *PEERS_V4
+        .get(&Key::new(32, src))
+        .ok_or(Counter::SkipNotInScope)?;
+    if ip[0] >> 4 != 4 {
+        return Err(Counter::SkipMalformed);
+    }
+    let ihl = u32::from(ip[0] & 0x0f) * 4;
+    let tot_len = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if tot_len == 0 {
+        // BIG TCP: an aggregate over 64 KiB carries its length in the skb alone.
+        return Err(Counter::SkipAggregated);
+    }
+    if ihl < 20 || tot_len < ihl {
+        return Err(Counter::SkipMalformed);
+    }
+    // More-fragments flag or a non-zero offset. Reassembled datagrams have both cleared.
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return Err(Counter::SkipFragment);
+    }
+    let proto = ip[9];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(Counter::SkipOtherProtocol);
+    }
+    let mut s = [0u8; 16];
+    let mut d = [0u8; 16];
+    s[..4].copy_from_slice(&src);
+    d[..4].copy_from_slice(&dst);
+    Ok(L3 {
+        family: Family::V4,
+        proto,
+        l4_off: ihl,
+        l4_len: tot_len - ihl,
+        peer,
+        addr_sum: csum::addr4_sum(src) + csum::addr4_sum(dst),
+        src: s,
+        dst: d,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &SkBuffContext) -> Result<L3, Counter> {
+    let ip: [u8; 40] = ctx.load(0).map_err(|_| Counter::SkipTruncated)?;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&ip[8..24]);
+    dst.copy_from_slice(&ip[24..40]);
+    let peer = *PEERS_V6
+        .get(&Key::new(128, src))
+        .ok_or(Counter::SkipNotInScope)?;
+    if ip[0] >> 4 != 6 {
+        return Err(Counter::SkipMalformed);
+    }
+    let payload_len = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+    if payload_len == 0 {
+        // BIG TCP (and RFC 2675 jumbograms): an aggregate over 64 KiB; its length is in the
+        // skb (or a hop-by-hop option), and its segments' checksums are gone.
+        return Err(Counter::SkipAggregated);
+    }
+    let end = 40 + payload_len;
+    let (proto, off) = walk_extension_headers(ctx, ip[6])?;
+    if off > end {
+        return Err(Counter::SkipMalformed);
+    }
+    Ok(L3 {
+        family: Family::V6,
+        proto,
+        l4_off: off,
+        l4_len: end - off,
+        peer,
+        addr_sum: csum::addr6_sum(src) + csum::addr6_sum(dst),
+        src,
+        dst,
+    })
+}
+
+/// Follows IPv6 extension headers from `next` (the fixed header's next-header field) to TCP or
+/// UDP; returns the L4 protocol and its offset.
+#[inline(always)]
+fn walk_extension_headers(ctx: &SkBuffContext, mut next: u8) -> Result<(u8, u32), Counter> {
+    let mut off: u32 = 40;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_TCP | IPPROTO_UDP => return Ok((next, off)),
+            // Hop-by-hop, routing and destination options share one layout.
+            0 | 43 | 60 => {
+                let h: [u8; 2] = ctx.load(off as usize).map_err(|_| Counter::SkipTruncated)?;
+                next = h[0];
+                off += (u32::from(h[1]) + 1) * 8;
+            }
+            44 => return Err(Counter::SkipFragment),
+            // ESP, AH, mobility, HIP, shim6, experimental: not decapsulated or not walkable.
+            50 | 51 | 135 | 139 | 140 | 253 | 254 => {
+                return Err(Counter::SkipUnsupportedExtensionHeader);
+            }
+            _ => return Err(Counter::SkipOtherProtocol),
+        }
+    }
+    Err(Counter::SkipUnsupportedExtensionHeader)
+}
+
+/// The TCP or UDP header, checked against the lengths the IP header gave.
+#[inline(always)]
+pub fn parse_l4(ctx: &SkBuffContext, l3: &L3) -> Result<L4, Counter> {
+    let l4 = if l3.proto == IPPROTO_TCP {
+        parse_tcp(ctx, l3)?
+    } else {
+        parse_udp(ctx, l3)?
+    };
+    if l3.l4_off + l4.len > ctx.len() {
+        return Err(Counter::SkipTruncated);
+    }
+    Ok(l4)
+}
+
+#[inline(always)]
+fn parse_tcp(ctx: &SkBuffContext, l3: &L3) -> Result<L4, Counter> {
+    if l3.l4_len < 20 {
+        return Err(Counter::SkipMalformed);
+    }
+    let th: [u8; 20] = ctx
+        .load(l3.l4_off as usize)
+        .map_err(|_| Counter::SkipTruncated)?;
+    let doff = u32::from(th[12] >> 4) * 4;
+    if doff < 20 || doff > l3.l4_len {
+        return Err(Counter::SkipMalformed);
+    }
+    Ok(L4 {
+        len: l3.l4_len,
+        hdr_len: doff,
+        field: u16::from_be_bytes([th[16], th[17]]),
+        seq: u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
+        sport: u16::from_be_bytes([th[0], th[1]]),
+        dport: u16::from_be_bytes([th[2], th[3]]),
+    })
+}
+
+#[inline(always)]
+fn parse_udp(ctx: &SkBuffContext, l3: &L3) -> Result<L4, Counter> {
+    if l3.l4_len < 8 {
+        return Err(Counter::SkipMalformed);
+    }
+    let uh: [u8; 8] = ctx
+        .load(l3.l4_off as usize)
+        .map_err(|_| Counter::SkipTruncated)?;
+    let ulen = u32::from(u16::from_be_bytes([uh[4], uh[5]]));
+    // udp_rcv trims the skb to the UDP length before the socket filter runs, so the UDP
+    // length, not the IP length, bounds the datagram.
+    if ulen < 8 || ulen > l3.l4_len {
+        return Err(Counter::SkipMalformed);
+    }
+    let field = u16::from_be_bytes([uh[6], uh[7]]);
+    if field == 0 {
+        return Err(Counter::SkipUdpChecksumZero);
+    }
+    Ok(L4 {
+        len: ulen,
+        hdr_len: 8,
+        field,
+        seq: 0,
+        sport: u16::from_be_bytes([uh[0], uh[1]]),
+        dport: u16::from_be_bytes([uh[2], uh[3]]),
+    })
+}

@@ -1,0 +1,129 @@
+//! What the verifier tells userspace, each through its own ring buffer: mismatch events,
+//! learning samples and, with `--capture`, the mismatching packets. A full ring is counted.
+
+use aya_ebpf::{EbpfContext as _, programs::SkBuffContext};
+use monitor_ebpf::{
+    Action, CAPTURE_SNAP, CaptureRecord, Counter, EVENT_PAYLOAD_LEN, IPPROTO_UDP, LearningSample,
+    MismatchEvent, SaKey, csum,
+};
+
+use crate::{
+    maps::{CAPTURE, EVENTS, LEARNING, SECPATH},
+    parse::{L3, L4, skb},
+    scope::{Sa, sa_identity},
+    stats::bump,
+    sum::{load_into, opaque},
+};
+
+/// A mismatch: the segment's residual against the one its NAT mapping leaves.
+pub struct Mismatch {
+    pub sa: Sa,
+    pub residual: u16,
+    pub expected: u16,
+    pub action: Action,
+}
+
+/// Sends one mismatch event, with the first payload bytes for the log line.
+#[inline(always)]
+pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
+    let Some(mut entry) = EVENTS.reserve::<MismatchEvent>(0) else {
+        bump(Counter::EventsLost);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // Off the verified path: only reports name the SA.
+    let (spi, reqid) = sa_identity(&m.sa, &SECPATH.load());
+    // SAFETY: `ev` is an exclusive, aligned ring-buffer reservation of the event's size.
+    unsafe {
+        (*ev).peer_id = l3.peer.id;
+        (*ev).l4_len = l4.len;
+        (*ev).seq = l4.seq;
+        (*ev).family = l3.family as u8;
+        (*ev).proto = l3.proto;
+        (*ev).action = m.action as u8;
+        (*ev).sport = l4.sport;
+        (*ev).dport = l4.dport;
+        (*ev).csum_found = l4.field;
+        (*ev).csum_expected =
+            csum::expected_field(l4.field, m.residual, m.expected, l3.proto == IPPROTO_UDP);
+        (*ev).residual = m.residual;
+        (*ev).expected_residual = m.expected;
+        (*ev).encap_sport = m.sa.sport;
+        (*ev).encap_dport = m.sa.dport;
+        (*ev).spi = spi;
+        (*ev).reqid = reqid;
+        (*ev).ifindex = skb(ctx).ingress_ifindex;
+        (*ev).src = l3.src;
+        (*ev).dst = l3.dst;
+        (*ev).payload = [0; EVENT_PAYLOAD_LEN];
+        (*ev).payload_len = 0;
+        let payload_len = l4.len - l4.hdr_len;
+        if payload_len > 0 {
+            let want = if payload_len < EVENT_PAYLOAD_LEN as u32 {
+                payload_len
+            } else {
+                EVENT_PAYLOAD_LEN as u32
+            };
+            let n = ((opaque(want) - 1) & (EVENT_PAYLOAD_LEN as u32 - 1)) + 1;
+            if load_into(
+                ctx.as_ptr().cast(),
+                l3.l4_off + l4.hdr_len,
+                (*ev).payload.as_mut_ptr(),
+                n,
+            ) {
+                (*ev).payload_len = n as u8;
+            }
+        }
+    }
+    entry.submit(0);
+}
+
+/// Sends the residual a segment left through a NAT mapping that is still being learned.
+#[inline(always)]
+pub fn learning(l3: &L3, key: &SaKey, sa: &Sa, residual: u16) {
+    let Some(mut entry) = LEARNING.reserve::<LearningSample>(0) else {
+        bump(Counter::LearningLost);
+        return;
+    };
+    let (spi, reqid) = sa_identity(sa, &SECPATH.load());
+    entry.write(LearningSample {
+        key: *key,
+        residual,
+        family: l3.family as u8,
+        pad: 0,
+        spi,
+        reqid,
+    });
+    entry.submit(0);
+}
+
+/// Copies the packet (from its IP header, up to `CAPTURE_SNAP` bytes) for `--capture`.
+#[inline(always)]
+pub fn capture(ctx: &SkBuffContext, action: Action) {
+    let Some(mut entry) = CAPTURE.reserve::<CaptureRecord>(0) else {
+        bump(Counter::CaptureLost);
+        return;
+    };
+    let rec = entry.as_mut_ptr();
+    let len = ctx.len();
+    let want = if len < CAPTURE_SNAP as u32 {
+        len
+    } else {
+        CAPTURE_SNAP as u32
+    };
+    // [1, CAPTURE_SNAP] in a form the verifier follows (see `sum::sum_range`).
+    let n = ((want.wrapping_sub(1)) & (CAPTURE_SNAP as u32 - 1)) + 1;
+    // SAFETY: `rec` is an exclusive ring-buffer reservation of the record's size.
+    unsafe {
+        (*rec).len = len;
+        (*rec).ifindex = skb(ctx).ingress_ifindex;
+        (*rec).action = action as u8;
+        (*rec).pad = [0; 3];
+        (*rec).caplen = if load_into(ctx.as_ptr().cast(), 0, (*rec).data.as_mut_ptr(), n) {
+            n
+        } else {
+            0
+        };
+    }
+    entry.submit(0);
+}

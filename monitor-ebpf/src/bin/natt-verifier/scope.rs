@@ -1,0 +1,103 @@
+//! Which segments are the verifier's: those whose checksum the kernel skipped.
+//!
+//! SA scope reads the segment's own IPsec state (its `sec_path`); address scope, for kernels
+//! without BTF, leaves out what is certainly plaintext.
+
+use aya_ebpf::{EbpfContext as _, helpers::bpf_probe_read_kernel, programs::SkBuffContext};
+use monitor_ebpf::{Counter, SecpathLayout, XFRM_MAX_DEPTH, XFRM_MODE_TRANSPORT, csum};
+
+use crate::parse::L4;
+
+const IKE_PORT: u16 = 500;
+const NATT_PORT: u16 = 4500;
+
+/// The SA that decapsulated a segment: the innermost state of its `sec_path`. All zero under
+/// address scope.
+#[derive(Clone, Copy)]
+pub struct Sa {
+    /// The `struct xfrm_state`'s address; its SPI and reqid are read only for a report.
+    pub state: u64,
+    /// Encapsulation source port, network byte order.
+    pub sport: u16,
+    /// Encapsulation destination port, network byte order.
+    pub dport: u16,
+}
+
+impl Sa {
+    /// Address scope: no SA is known.
+    pub const NONE: Self = Self {
+        state: 0,
+        sport: 0,
+        dport: 0,
+    };
+}
+
+/// Reads `T` from kernel memory at `addr`.
+#[inline(always)]
+pub fn kread<T>(addr: u64) -> Result<T, Counter> {
+    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| Counter::SkipIpsecUnreadable)
+}
+
+/// The SA that decapsulated this segment, if its checksum is one the kernel skipped: the
+/// innermost `xfrm_state` of the skb's `sec_path` is in transport mode with an encapsulation
+/// template (ESP in UDP or TCP). `esp_input_done2` (net/ipv4/esp4.c, net/ipv6/esp6.c) marks
+/// exactly those `CHECKSUM_UNNECESSARY`. Ordinary traffic costs one read.
+#[inline(always)]
+pub fn ipsec_state(ctx: &SkBuffContext, l: &SecpathLayout) -> Result<Sa, Counter> {
+    let skb = ctx.as_ptr() as u64;
+    let active: u8 = kread(skb + u64::from(l.skb_active_extensions))?;
+    if u32::from(active) & l.sec_path_bit == 0 {
+        return Err(Counter::SkipNotIpsec);
+    }
+    let ext: u64 = kread(skb + u64::from(l.skb_extensions))?;
+    let off: u8 = kread(ext + u64::from(l.ext_sec_path_offset))?;
+    let sp = ext + (u64::from(off) << 3);
+    let len = if l.sp_len_size == 1 {
+        u32::from(kread::<u8>(sp + u64::from(l.sp_len))?)
+    } else {
+        kread::<u32>(sp + u64::from(l.sp_len))?
+    };
+    if len == 0 || len > XFRM_MAX_DEPTH {
+        return Err(Counter::SkipIpsecUnreadable);
+    }
+    let x: u64 = kread(sp + u64::from(l.sp_xvec) + u64::from(len - 1) * 8)?;
+    let encap: u64 = kread(x + u64::from(l.x_encap))?;
+    let mode: u8 = kread(x + u64::from(l.x_mode))?;
+    if encap == 0 || mode != XFRM_MODE_TRANSPORT {
+        return Err(Counter::SkipIpsecCheckedByKernel);
+    }
+    let ports: [u16; 2] = kread(encap + u64::from(l.encap_sport))?;
+    Ok(Sa {
+        state: x,
+        sport: ports[0],
+        dport: ports[1],
+    })
+}
+
+/// The SA's SPI and reqid, for a report; 0 where they cannot be read or no SA is known.
+#[inline(always)]
+pub fn sa_identity(sa: &Sa, l: &SecpathLayout) -> (u32, u32) {
+    if sa.state == 0 {
+        return (0, 0);
+    }
+    (
+        kread(sa.state + u64::from(l.x_spi)).unwrap_or(0),
+        kread(sa.state + u64::from(l.x_reqid)).unwrap_or(0),
+    )
+}
+
+/// Address scope cannot tell which segments the kernel skipped, so it leaves out the two kinds
+/// that are certainly plaintext with an ordinary or partial checksum: IKE's ports (UDP, and TCP
+/// for RFC 8229's ESP-in-TCP stream itself, whose segments carry ESP), and the partial-checksum
+/// signature.
+#[inline(always)]
+pub fn address_scope_exemptions(l4: &L4, pseudo: u64) -> Result<(), Counter> {
+    if matches!(l4.sport, IKE_PORT | NATT_PORT) || matches!(l4.dport, IKE_PORT | NATT_PORT) {
+        return Err(Counter::SkipIke);
+    }
+    if csum::normalize(l4.field) == csum::partial_field(pseudo) {
+        return Err(Counter::SkipPartialChecksum);
+    }
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! The one place the verifier's counters and per-peer statistics change.
+
+use monitor_ebpf::{Counter, PeerStats};
+
+use crate::maps::{COUNTERS, PEER_STATS};
+
+/// Adds one to a global counter (a skip reason or a lost record).
+#[inline(always)]
+pub fn bump(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Applies `f` to peer `id`'s statistics on this CPU.
+#[inline(always)]
+pub fn count(id: u32, f: impl FnOnce(&mut PeerStats)) {
+    if let Some(s) = PEER_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
+        f(unsafe { &mut *s });
+    }
+}

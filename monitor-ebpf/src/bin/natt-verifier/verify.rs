@@ -1,0 +1,148 @@
+//! The verifier program, in two loop shapes with identical results: `natt_verify` (one
+//! `bpf_loop` callback per chunk, 5.17+) and `natt_verify_compat` (a bounded loop, 5.8 to
+//! 5.16). The loader probes the kernel and loads one of them.
+
+use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
+use aya_log_ebpf::warn;
+use monitor_ebpf::{Action, Counter, IPPROTO_TCP, PEER_FLAG_LEARN, PeerMode, Proto, SaKey, csum};
+
+use crate::{
+    maps::{CAPTURE_ON, SA_RESIDUALS, SECPATH},
+    parse::{parse_l3, parse_l4},
+    report::{self, Mismatch},
+    scope::{Sa, address_scope_exemptions, ipsec_state},
+    stats::{bump, count},
+    sum::sum_segment,
+};
+
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+const _: () = assert!(size_of::<Verdict>() <= 8 && size_of::<Counter>() <= 8);
+
+/// The verifier for kernels with `bpf_loop` (5.17+): the segment is summed one chunk per
+/// callback, which the kernel verifier checks apart from the rest of the program.
+#[cgroup_skb(ingress)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "signature fixed by aya's #[cgroup_skb]"
+)]
+pub fn natt_verify(ctx: SkBuffContext) -> i32 {
+    verdict(try_verify::<true>(&ctx))
+}
+
+/// The same verifier for kernels without `bpf_loop` (5.8 to 5.16): a bounded loop sums the
+/// chunks, with identical results.
+#[cgroup_skb(ingress)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "signature fixed by aya's #[cgroup_skb]"
+)]
+pub fn natt_verify_compat(ctx: SkBuffContext) -> i32 {
+    verdict(try_verify::<false>(&ctx))
+}
+
+#[inline(always)]
+fn verdict(r: Result<Verdict, Counter>) -> i32 {
+    match r {
+        Ok(Verdict::Pass) => 1,
+        Ok(Verdict::Drop) => 0,
+        Err(reason) => {
+            bump(reason);
+            1
+        }
+    }
+}
+
+#[inline(always)]
+fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Counter> {
+    let layout = SECPATH.load();
+    // SA scope dismisses everything that did not come through a NAT-T transport SA before
+    // touching a header: one read of `active_extensions` for ordinary traffic.
+    let sa = if layout.enabled != 0 {
+        ipsec_state(ctx, &layout)?
+    } else {
+        Sa::NONE
+    };
+    let l3 = parse_l3(ctx)?;
+    let l4 = parse_l4(ctx, &l3)?;
+    let pseudo = l3.addr_sum + csum::proto_len_sum(l3.proto, l4.len);
+    if layout.enabled == 0 {
+        address_scope_exemptions(&l4, pseudo)?;
+    }
+    let Some(data) = sum_segment::<BPF_LOOP>(ctx, l3.l4_off, l4.len) else {
+        // The headers said the segment was whole, yet a chunk could not be read: worth a line
+        // in the daemon's log (bridged from aya-log), not only a counter.
+        warn!(
+            ctx,
+            "segment of {} bytes at offset {} could not be read whole", l4.len, l3.l4_off
+        );
+        return Err(Counter::SkipTruncated);
+    };
+    let residual = csum::residual(pseudo + data);
+    let peer = l3.peer;
+    let p = if l3.proto == IPPROTO_TCP {
+        Proto::Tcp
+    } else {
+        Proto::Udp
+    } as usize;
+    let expected = if peer.flags & PEER_FLAG_LEARN == 0 {
+        peer.expected_residual
+    } else {
+        let key = SaKey {
+            src: l3.src,
+            dst: l3.dst,
+            encap_sport: sa.sport,
+            encap_dport: sa.dport,
+            peer_id: peer.id,
+        };
+        // SAFETY: the value is copied out at once; userspace may replace it concurrently,
+        // and either version is a valid residual.
+        let Some(v) = (unsafe { SA_RESIDUALS.get(&key) }) else {
+            // This NAT mapping's residual is not known yet: report what this segment left and
+            // pass it, neither verified nor a mismatch.
+            count(peer.id, |s| s.learning[p] += 1);
+            report::learning(&l3, &key, &sa, residual);
+            return Ok(Verdict::Pass);
+        };
+        v.expected_residual
+    };
+    if expected == residual {
+        count(peer.id, |s| {
+            s.verified_packets[p] += 1;
+            s.verified_bytes[p] += u64::from(l4.len);
+        });
+        return Ok(Verdict::Pass);
+    }
+    let action = if peer.mode == PeerMode::Enforce as u8 {
+        count(peer.id, |s| {
+            s.mismatches[p] += 1;
+            s.drops[p] += 1;
+        });
+        Action::Dropped
+    } else {
+        count(peer.id, |s| s.mismatches[p] += 1);
+        Action::Passed
+    };
+    report::mismatch(
+        ctx,
+        &l3,
+        &l4,
+        &Mismatch {
+            sa,
+            residual,
+            expected,
+            action,
+        },
+    );
+    if CAPTURE_ON.load() != 0 {
+        report::capture(ctx, action);
+    }
+    Ok(match action {
+        Action::Dropped => Verdict::Drop,
+        Action::Passed => Verdict::Pass,
+    })
+}

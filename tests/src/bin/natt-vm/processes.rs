@@ -1,0 +1,96 @@
+//! The processes a scenario runs: natt-monitor itself (and what it reports), killed on drop.
+
+use std::{
+    fs::{self, File},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use natt_monitor::peers::Mode;
+use natt_monitor_tests::{KillOnDrop, http_get, net::Netns};
+
+use crate::plan::METRICS;
+
+/// A child process killed on drop; its stderr goes to a file shown on failure.
+pub(crate) struct Daemon {
+    /// Held for its drop, which kills the process.
+    pub(crate) _process: KillOnDrop,
+    pub(crate) log: PathBuf,
+}
+
+pub(crate) fn bin(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .expect("current exe")
+        .with_file_name(name)
+}
+
+/// natt-monitor in B's network namespace, at the default cgroup (the cgroup2 root: every socket
+/// of the guest) with the default scope.
+pub(crate) fn start_monitor(b: &Netns, mode: Mode, name: &str) -> Daemon {
+    let log = PathBuf::from(format!("/tmp/monitor-{name}.log"));
+    let child = Command::new("ip")
+        .args(["netns", "exec", &b.name])
+        .arg(bin("natt-monitor"))
+        .arg("run")
+        .args(["--listen", "127.0.0.1:9874", "--mode", mode.as_str()])
+        .arg("--capture")
+        .arg(capture_path(name))
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).expect("monitor log"))
+        .spawn()
+        .expect("spawn natt-monitor");
+    let d = Daemon {
+        _process: KillOnDrop(child),
+        log,
+    };
+    wait_until(b, &d, "/healthz answers 200", |_| {
+        b.enter(|| http_get(&format!("{METRICS}/healthz")))
+            .is_ok_and(|(code, _)| code == 200)
+    });
+    d
+}
+
+/// Where scenario `name`'s monitor writes the mismatching packets.
+pub(crate) fn capture_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/capture-{name}.pcapng"))
+}
+
+/// Packets in scenario `name`'s capture file so far.
+pub(crate) fn captured(name: &str) -> u64 {
+    let file = File::open(capture_path(name)).expect("capture file");
+    let mut r = pcap_file::pcapng::PcapNgReader::new(file).expect("a pcapng file");
+    let mut n = 0;
+    while let Some(block) = r.next_block() {
+        if matches!(
+            block.expect("a whole block"),
+            pcap_file::pcapng::Block::EnhancedPacket(_)
+        ) {
+            n += 1;
+        }
+    }
+    n
+}
+
+pub(crate) fn scrape(b: &Netns) -> String {
+    b.enter(|| http_get(&format!("{METRICS}/metrics")))
+        .expect("scrape /metrics")
+        .1
+}
+
+/// The value of the series `series` (name with labels, exactly as exposed), 0 if absent.
+pub(crate) fn metric(text: &str, series: &str) -> u64 {
+    natt_monitor_tests::metric(text, series).unwrap_or(0)
+}
+
+pub(crate) fn wait_until(b: &Netns, d: &Daemon, what: &str, ok: impl Fn(&Netns) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok(b) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}; monitor log:\n{}",
+            fs::read_to_string(&d.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

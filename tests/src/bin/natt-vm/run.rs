@@ -1,0 +1,216 @@
+//! Running one scenario and measuring what natt-monitor and the kernel saw.
+
+use std::{
+    fs,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use natt_monitor::peers::{Mode, NatAddresses, PeerSpec, parse_cidr};
+use natt_monitor_tests::net::{Cgroup, sh};
+
+use crate::{
+    plan::{STREAM, V4, WARMUP},
+    processes::{bin, captured, metric, scrape, start_monitor, wait_until},
+    scenarios::{Scenario, Setup},
+    shared_nat::run_shared_nat,
+    strongswan::swanctl,
+    topology::{Topology, ns_sh},
+    traffic::{plaintext, rekey_during_stream, stream},
+};
+
+/// What one scenario measured.
+#[derive(Debug, Default)]
+pub(crate) struct Measured {
+    pub(crate) injected: u64,
+    pub(crate) detected: u64,
+    pub(crate) dropped: u64,
+    pub(crate) verified: u64,
+    pub(crate) learning: u64,
+    pub(crate) received: u64,
+    pub(crate) differing: u64,
+    pub(crate) kernel_csum_errors: u64,
+    pub(crate) xfrm_peers: u64,
+    pub(crate) residual: String,
+    /// Segments skipped as GRO aggregates during the main stream.
+    pub(crate) aggregated: u64,
+    /// `g-gro`: aggregates during a second stream, after `gro_max_size` = MTU.
+    pub(crate) aggregated_after_remedy: Option<u64>,
+    /// `f-strongswan-nat`: the peer disappeared when the IKE SA was torn down.
+    pub(crate) removed_live: Option<bool>,
+    /// NAT scenarios: plaintext from the NAT'd peer's address (UDP datagrams received of those
+    /// sent; for manual SAs also a TCP stream on a port no policy covers, byte-exact or not).
+    pub(crate) plaintext: Option<String>,
+    /// Mismatches counted while the plaintext was sent (must be 0).
+    pub(crate) plaintext_mismatches: u64,
+    /// Packets in the `--capture` file at the end.
+    pub(crate) captured: u64,
+    /// `f-strongswan-nat`: segments left unverified for learning after the child SA (and the
+    /// IKE SA) were rekeyed mid-run (0: the new SA inherited the residual), and whether the
+    /// stream after the rekeys was byte-exact.
+    pub(crate) rekey_learning: Option<u64>,
+}
+
+pub(crate) fn expected_nat_residual() -> u16 {
+    let x = &V4;
+    let mut p = PeerSpec::new(parse_cidr(x.r_b).expect("cidr"), Mode::Observe);
+    p.nat = Some(NatAddresses {
+        original_src: x.a.parse().expect("ip"),
+        original_dst: x.b.parse().expect("ip"),
+        observed_src: x.r_b.parse().expect("ip"),
+        observed_dst: x.b.parse().expect("ip"),
+    });
+    p.expected_residual().expect("same family")
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario from set-up to readings, in the order it happens"
+)]
+pub(crate) fn run(s: &Scenario) -> Measured {
+    if s.setup == Setup::SharedNat {
+        return run_shared_nat(s);
+    }
+    let t = Topology::new(s);
+    let cg = Cgroup::new();
+    let d = start_monitor(&t.b, s.mode, s.name);
+    if s.setup == Setup::Gro {
+        // Before the SAs: a state takes its GRO (offload) handlers when it is created. The
+        // module stays loaded for the rest of this boot, so this scenario runs last.
+        if !Path::new("/sys/module/esp4_offload").exists() {
+            sh(&["insmod", "/lib/modules/extra/esp4_offload.ko"]);
+        }
+        ns_sh(&t.b, &["ethtool", "-K", "vb", "gro", "on"]);
+        // veth hands a packet to the peer's GRO only if the sending device does not do TSO
+        // (or the packet comes from a local socket): R forwards, so R's side must not.
+        ns_sh(&t.r, &["ethtool", "-K", "rb", "tso", "off"]);
+    }
+    // SAs come after the monitor: discovery must pick them up live.
+    let charons = t.add_sas(s);
+    let peer = format!("{}/{}", t.a_seen_by_b(s.nat), t.addrs.host_prefix);
+    let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}");
+    if s.encap {
+        wait_until(&t.b, &d, "the SA's peer is discovered", |b| {
+            metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1
+        });
+        // Clean warm-up traffic so the residual is learned before anything is corrupted.
+        let (got, bad) = stream(&t, &cg.path, WARMUP, 5000);
+        assert_eq!((got, bad), (WARMUP, 0), "warm-up stream");
+        wait_until(&t.b, &d, "the NAT residual is learned", |b| {
+            metric(
+                &scrape(b),
+                &format!("natt_monitor_peer_learning{{peer=\"{peer}\"}}"),
+            ) == 0
+        });
+        let text = scrape(&t.b);
+        assert_eq!(
+            metric(&text, &series("checksum_mismatches_total")),
+            0,
+            "false positives after learning"
+        );
+    }
+    // Plaintext from the NAT'd peer, after its SA's residual (non-zero) was learned.
+    let (plaintext, plaintext_mismatches) = if s.nat {
+        let (summary, mismatches) = plaintext(&t, s, &cg.path, s.setup == Setup::Manual);
+        (Some(summary), mismatches)
+    } else {
+        (None, 0)
+    };
+    if s.setup == Setup::Gro {
+        // What `natt-monitor check` says on a host in this state (shown in docs/vm-tests.md).
+        let out = Command::new("ip")
+            .args(["netns", "exec", &t.b.name])
+            .arg(bin("natt-monitor"))
+            .arg("check")
+            .output()
+            .expect("natt-monitor check");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("NATT-VM CHECK {line}");
+        }
+        assert!(
+            out.status.success(),
+            "natt-monitor check failed in the guest"
+        );
+    }
+    let aggregated = "natt_monitor_skipped_packets_total{reason=\"aggregated\"}";
+    let before = scrape(&t.b);
+    let k0 = metric(&before, "natt_monitor_kernel_tcp_in_csum_errors_total");
+    let g0 = metric(&before, aggregated);
+    if s.corrupt {
+        t.corrupt(s);
+    }
+    let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
+    // Give the drain loop a moment, then read everything once.
+    std::thread::sleep(Duration::from_millis(500));
+    let text = scrape(&t.b);
+    let g1 = metric(&text, aggregated);
+    let aggregated_after_remedy = (s.setup == Setup::Gro).then(|| {
+        // The remedy the runbook gives: GRO stays on, but nothing grows past one MTU.
+        sh(&[
+            "ip",
+            "-n",
+            &t.b.name,
+            "link",
+            "set",
+            "dev",
+            "vb",
+            "gro_max_size",
+            "1500",
+        ]);
+        let (got, bad) = stream(&t, &cg.path, STREAM, 5002);
+        assert_eq!((got, bad), (STREAM, 0), "stream after the remedy");
+        std::thread::sleep(Duration::from_millis(500));
+        metric(&scrape(&t.b), aggregated) - g1
+    });
+    let rekey = (s.setup == Setup::StrongSwan)
+        .then(|| rekey_during_stream(&t, &cg.path, &series("learning_packets_total")));
+    let removed_live = (s.setup == Setup::StrongSwan).then(|| {
+        // Tear the IKE SA down from A: B's charon deletes its SAs, the monitor must notice.
+        let _ = swanctl(
+            &t.a,
+            "a",
+            &["--terminate", "--ike", "natt", "--timeout", "30"],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if metric(&scrape(&t.b), "natt_monitor_peers{source=\"xfrm\"}") == 0 {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    drop(charons);
+    let log = fs::read_to_string(&d.log).unwrap_or_default();
+    let residual = log
+        .lines()
+        .find(|l| l.contains("NAT residual learned"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("residual="))
+        })
+        .unwrap_or("-")
+        .to_owned();
+    Measured {
+        injected: if s.corrupt { t.injected() } else { 0 },
+        detected: metric(&text, &series("checksum_mismatches_total")),
+        dropped: metric(&text, &series("dropped_packets_total")),
+        verified: metric(&text, &series("verified_packets_total")),
+        learning: metric(&text, &series("learning_packets_total")),
+        received,
+        differing,
+        kernel_csum_errors: metric(&text, "natt_monitor_kernel_tcp_in_csum_errors_total") - k0,
+        xfrm_peers: metric(&text, "natt_monitor_peers{source=\"xfrm\"}"),
+        residual,
+        aggregated: g1 - g0,
+        aggregated_after_remedy,
+        removed_live,
+        plaintext,
+        plaintext_mismatches,
+        rekey_learning: rekey.map(|(l, exact)| if exact { l } else { u64::MAX }),
+        captured: captured(s.name),
+    }
+}

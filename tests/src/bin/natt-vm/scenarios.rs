@@ -1,0 +1,154 @@
+//! The scenario matrix: what each scenario sets up and asserts.
+
+use natt_monitor::peers::Mode;
+
+use crate::plan::{Addrs, V4, V6};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cipher {
+    Null,
+    CbcAes,
+}
+
+/// Who makes the SAs and what else is special.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Setup {
+    /// `ip xfrm state/policy` by hand, encapsulation sockets held by the driver.
+    Manual,
+    /// strongSwan's `charon` in A and B negotiates the SAs (`IKEv2`, PSK, forced UDP encapsulation,
+    /// transport mode), with AES-GCM: ESP's own integrity check catches wire corruption.
+    StrongSwan,
+    /// As `Manual`, then the conditions under which 6.12 merges decapsulated segments (GRO on
+    /// B's device, `esp4_offload`, `UDP_GRO` on the encapsulation socket), measured before and
+    /// after the remedy (`gro_max_size` = MTU).
+    Gro,
+    /// Two senders, A and A2, with different private addresses behind R's one masquerading
+    /// address, each with its own SAs to B (told apart on B by reqid and TCP port): each SA
+    /// must be verified against its own residual.
+    SharedNat,
+}
+
+#[derive(Clone, Copy, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each flag is an independent axis of the scenario matrix"
+)]
+pub(crate) struct Scenario {
+    pub(crate) name: &'static str,
+    pub(crate) setup: Setup,
+    pub(crate) cipher: Cipher,
+    pub(crate) mode: Mode,
+    pub(crate) encap: bool,
+    pub(crate) nat: bool,
+    pub(crate) corrupt: bool,
+    pub(crate) v6: bool,
+}
+
+impl Scenario {
+    pub(crate) const fn addrs(&self) -> &'static Addrs {
+        if self.v6 { &V6 } else { &V4 }
+    }
+}
+
+pub(crate) const SCENARIOS: [Scenario; 10] = [
+    Scenario {
+        setup: Setup::Manual,
+        name: "a-clean",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: false,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "b-observe-null",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "b-observe-cbc-aes",
+        cipher: Cipher::CbcAes,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "c-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "d-nat-learned",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "e-plain-esp",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: false,
+        nat: false,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::StrongSwan,
+        name: "f-strongswan-nat",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "h-ipv6-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        v6: true,
+    },
+    Scenario {
+        setup: Setup::SharedNat,
+        name: "i-two-behind-one-nat",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Gro,
+        name: "g-gro",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: false,
+        v6: false,
+    },
+];

@@ -1,0 +1,328 @@
+//! The namespaces, routes, NAT and corruption rule of one scenario, and the hand-made SAs.
+
+use std::{fs, net::UdpSocket, os::fd::AsRawFd as _, process::Command};
+
+use natt_monitor_tests::net::{Netns, sh};
+
+use crate::{
+    plan::{Addrs, CORRUPT_BIT, CORRUPT_EVERY, NULL_CIPHER, PLAINTEXT_PORT},
+    processes::Daemon,
+    scenarios::{Cipher, Scenario, Setup},
+    strongswan::{start_charon, swanctl, swanctl_conf},
+};
+
+pub(crate) fn ns_sh(ns: &Netns, args: &[&str]) {
+    let mut v = vec!["ip", "netns", "exec", ns.name.as_str()];
+    v.extend_from_slice(args);
+    sh(&v);
+}
+
+pub(crate) fn ns_out(ns: &Netns, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub(crate) struct Topology {
+    pub(crate) addrs: &'static Addrs,
+    pub(crate) a: Netns,
+    pub(crate) r: Netns,
+    pub(crate) b: Netns,
+    /// UDP 4500 sockets with `UDP_ENCAP_ESPINUDP`, one per end; ESP-in-UDP is only decapsulated
+    /// while such a socket exists.
+    pub(crate) _encap: Vec<UdpSocket>,
+}
+
+pub(crate) fn set_udp_option(s: &UdpSocket, name: libc::c_int, value: libc::c_int, what: &str) {
+    // SAFETY: valid socket fd and a c_int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_UDP,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
+}
+
+/// UDP `port` with `UDP_ENCAP_ESPINUDP` (as an IKE daemon sets it), optionally `UDP_GRO` too.
+pub(crate) fn encap_socket(ns: &Netns, gro: bool, addrs: &Addrs, port: u16) -> UdpSocket {
+    ns.enter(|| {
+        let s = UdpSocket::bind(Addrs::sock(addrs.any, port)).expect("bind encapsulation port");
+        // UDP_GRO first: the kernel picks the encapsulation's GRO handler when UDP_ENCAP is set.
+        if gro {
+            set_udp_option(&s, 104, 1, "UDP_GRO");
+        }
+        set_udp_option(&s, 100, 2, "UDP_ENCAP = UDP_ENCAP_ESPINUDP");
+        if addrs.host_prefix == 128 {
+            // IPv6 UDP carries a mandatory checksum, which the corruption rule cannot fix up; it
+            // zeroes it instead (RFC 6935 allows zero checksums for tunnels), and this accepts
+            // them. Without it UDP, not natt-monitor, would drop every corrupted packet.
+            set_udp_option(&s, 102, 1, "UDP_NO_CHECK6_RX");
+        }
+        s
+    })
+}
+
+impl Topology {
+    pub(crate) fn new(s: &Scenario) -> Self {
+        let plan = s.addrs();
+        let (a, r, b) = (Netns::new("vma"), Netns::new("vmr"), Netns::new("vmb"));
+        sh(&[
+            "ip", "link", "add", "va", "netns", &a.name, "type", "veth", "peer", "name", "ra",
+            "netns", &r.name,
+        ]);
+        sh(&[
+            "ip", "link", "add", "vb", "netns", &b.name, "type", "veth", "peer", "name", "rb",
+            "netns", &r.name,
+        ]);
+        for (ns, dev, addr) in [
+            (&a, "va", plan.a),
+            (&r, "ra", plan.r_a),
+            (&r, "rb", plan.r_b),
+            (&b, "vb", plan.b),
+        ] {
+            let cidr = format!("{addr}/{}", plan.prefix);
+            let mut args = vec!["ip", "-n", &ns.name, "addr", "add", &cidr, "dev", dev];
+            if s.v6 {
+                // No duplicate address detection: the address is usable at once.
+                args.push("nodad");
+            }
+            sh(&args);
+            sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
+        }
+        sh(&[
+            "ip", "-n", &a.name, "route", "add", "default", "via", plan.r_a,
+        ]);
+        sh(&[
+            "ip", "-n", &b.name, "route", "add", "default", "via", plan.r_b,
+        ]);
+        r.enter(|| fs::write(plan.forwarding, "1").expect("forwarding"));
+        if s.nat {
+            ns_sh(
+                &r,
+                &[
+                    "nft",
+                    "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname rb masquerade",
+                ],
+            );
+        }
+        let encap = if s.encap && s.setup != Setup::StrongSwan {
+            let gro = s.setup == Setup::Gro;
+            vec![
+                encap_socket(&a, gro, plan, 4500),
+                encap_socket(&b, gro, plan, 4500),
+            ]
+        } else {
+            Vec::new()
+        };
+        Self {
+            addrs: plan,
+            a,
+            r,
+            b,
+            _encap: encap,
+        }
+    }
+
+    /// The address B sees A's packets come from.
+    pub(crate) fn a_seen_by_b(&self, nat: bool) -> &'static str {
+        if nat { self.addrs.r_b } else { self.addrs.a }
+    }
+
+    /// SAs and TCP policies on one end: `local`/`remote` as that end addresses them.
+    pub(crate) fn sas(
+        ns: &Netns,
+        local: &str,
+        remote: &str,
+        out_spi: &str,
+        in_spi: &str,
+        s: &Scenario,
+    ) {
+        let enc: [&str; 2] = match s.cipher {
+            Cipher::Null => NULL_CIPHER,
+            Cipher::CbcAes => ["cbc(aes)", "0x00112233445566778899aabbccddeeff"],
+        };
+        let encap = s.encap.then_some((4500, 4500, s.addrs().any));
+        for (src, dst, spi) in [(local, remote, out_spi), (remote, local, in_spi)] {
+            xfrm_state(ns, src, dst, spi, "0", enc, encap);
+        }
+        tcp_policy(ns, local, remote, "out", None, "0");
+        tcp_policy(ns, remote, local, "in", None, "0");
+    }
+
+    /// Makes the SAs; for strongSwan, returns the two charon daemons (kept alive by the caller).
+    pub(crate) fn add_sas(&self, s: &Scenario) -> Vec<Daemon> {
+        if s.setup == Setup::StrongSwan {
+            let x = self.addrs;
+            let b = start_charon(&self.b, "b", &swanctl_conf(x.b, "%any", "b", "a"));
+            let a = start_charon(&self.a, "a", &swanctl_conf(x.a, x.b, "a", "b"));
+            let out = swanctl(
+                &self.a,
+                "a",
+                &["--initiate", "--child", "t", "--timeout", "60"],
+            );
+            assert!(
+                out.status.success(),
+                "swanctl --initiate: {}{}; charon a log:\n{}\ncharon b log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                fs::read_to_string("/tmp/ss-a/charon.log").unwrap_or_default(),
+                fs::read_to_string("/tmp/ss-b/charon.log").unwrap_or_default(),
+            );
+            return vec![a, b];
+        }
+        let x = self.addrs;
+        Self::sas(&self.a, x.a, x.b, "0x1001", "0x2001", s);
+        Self::sas(&self.b, x.b, self.a_seen_by_b(s.nat), "0x2001", "0x1001", s);
+        Vec::new()
+    }
+
+    pub(crate) fn corrupt(&self, s: &Scenario) {
+        let x = self.addrs;
+        let what = if s.encap { "udp dport 4500" } else { x.esp };
+        let (family, saddr, a) = (x.nft_family, x.saddr, x.a);
+        // IPv6: zero the outer UDP checksum too (see `encap_socket`).
+        let zero_udp_csum = if s.v6 && s.encap {
+            " @th,48,16 set 0"
+        } else {
+            ""
+        };
+        ns_sh(
+            &self.r,
+            &[
+                "nft",
+                &format!(
+                    "add table {family} natt; add chain {family} natt corrupt {{ type filter hook forward priority 0; }}; \
+                     add rule {family} natt corrupt {saddr} {a} {what} meta length > 1000 numgen inc mod {CORRUPT_EVERY} == 0 \
+                     counter @th,{CORRUPT_BIT},32 set 0xdeadbeef{zero_udp_csum}"
+                ),
+            ],
+        );
+    }
+
+    /// Lets TCP to and from `PLAINTEXT_PORT` bypass IPsec on both ends: traffic that no policy
+    /// covers, from the (NAT'd) peer's own address.
+    pub(crate) fn allow_plaintext_tcp(&self, s: &Scenario) {
+        let port = PLAINTEXT_PORT.to_string();
+        let x = self.addrs;
+        for (ns, local, remote) in [(&self.a, x.a, x.b), (&self.b, x.b, self.a_seen_by_b(s.nat))] {
+            for (src, dst, dir, side) in [
+                (local, remote, "out", "dport"),
+                (remote, local, "in", "sport"),
+                (local, remote, "out", "sport"),
+                (remote, local, "in", "dport"),
+            ] {
+                sh(&[
+                    "ip", "-n", &ns.name, "xfrm", "policy", "add", "src", src, "dst", dst, "proto",
+                    "tcp", side, &port, "dir", dir, "priority", "10",
+                ]);
+            }
+        }
+    }
+
+    /// Packets the corruption rules rewrote.
+    pub(crate) fn injected(&self) -> u64 {
+        let out = ns_out(
+            &self.r,
+            &["nft", "list", "table", self.addrs.nft_family, "natt"],
+        );
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let counts: Vec<u64> = words
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .map(|w| w[1].parse().unwrap_or_else(|_| panic!("counter in {out}")))
+            .collect();
+        assert!(!counts.is_empty(), "no counter in {out}");
+        counts.iter().sum()
+    }
+}
+
+/// `ip xfrm state add` of one transport-mode ESP SA: `enc` is the cipher and key, `encap` the
+/// UDP encapsulation ports and original address (`None`: plain ESP).
+pub(crate) fn xfrm_state(
+    ns: &Netns,
+    src: &str,
+    dst: &str,
+    spi: &str,
+    reqid: &str,
+    enc: [&str; 2],
+    encap: Option<(u16, u16, &str)>,
+) {
+    let ports = encap.map(|(sp, dp, oa)| (sp.to_string(), dp.to_string(), oa));
+    let mut args = vec![
+        "ip",
+        "-n",
+        &ns.name,
+        "xfrm",
+        "state",
+        "add",
+        "src",
+        src,
+        "dst",
+        dst,
+        "proto",
+        "esp",
+        "spi",
+        spi,
+        "reqid",
+        reqid,
+        "mode",
+        "transport",
+        "enc",
+        enc[0],
+        enc[1],
+    ];
+    if let Some((sp, dp, oa)) = &ports {
+        args.extend_from_slice(&["encap", "espinudp", sp, dp, oa]);
+    }
+    sh(&args);
+}
+
+/// One TCP policy, below the plaintext bypass of `allow_plaintext_tcp` (a lower priority number
+/// wins); `port` (with `sport`/`dport`) narrows it, `reqid` picks the SA.
+pub(crate) fn tcp_policy(
+    ns: &Netns,
+    src: &str,
+    dst: &str,
+    dir: &str,
+    port: Option<(&str, u16)>,
+    reqid: &str,
+) {
+    let p;
+    let mut args = vec![
+        "ip", "-n", &ns.name, "xfrm", "policy", "add", "src", src, "dst", dst, "proto", "tcp",
+    ];
+    if let Some((side, port)) = port {
+        p = port.to_string();
+        args.extend_from_slice(&[side, &p]);
+    }
+    args.extend_from_slice(&[
+        "dir",
+        dir,
+        "priority",
+        "100",
+        "tmpl",
+        "src",
+        src,
+        "dst",
+        dst,
+        "proto",
+        "esp",
+        "mode",
+        "transport",
+        "reqid",
+        reqid,
+    ]);
+    sh(&args);
+}

@@ -1,0 +1,164 @@
+//! Judging one scenario: every claim as an exact comparison.
+
+use natt_monitor::peers::Mode;
+
+use crate::{
+    plan::{PLAINTEXT_DATAGRAMS, STREAM},
+    run::{Measured, expected_nat_residual},
+    scenarios::{Scenario, Setup},
+    shared_nat::shared_nat_residuals,
+};
+
+/// The scenario's claims, as assertions on what it measured.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one expectation per claim, read top to bottom against the scenario table"
+)]
+pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let mut expect = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    if s.corrupt {
+        expect(m.injected > 0, "the rule corrupted nothing".into());
+    }
+    if s.setup == Setup::StrongSwan {
+        // ESP authenticates: the corrupted packets die in ESP, never reaching the verifier.
+        expect(
+            m.detected == 0,
+            format!("{} mismatches behind an authenticated SA", m.detected),
+        );
+        expect(
+            m.removed_live == Some(true),
+            "the peer was not removed when its SAs were deleted".into(),
+        );
+    }
+    // Fewer mismatches than the capture's burst: every one is in the file.
+    expect(
+        m.captured == m.detected,
+        format!("captured {} != detected {}", m.captured, m.detected),
+    );
+    if let Some(p) = &m.plaintext {
+        let want = if s.setup == Setup::Manual {
+            format!("udp={PLAINTEXT_DATAGRAMS}/{PLAINTEXT_DATAGRAMS},tcp=exact")
+        } else {
+            format!("udp={PLAINTEXT_DATAGRAMS}/{PLAINTEXT_DATAGRAMS}")
+        };
+        expect(
+            *p == want,
+            format!("plaintext from the peer: {p}, want {want}"),
+        );
+        expect(
+            m.plaintext_mismatches == 0,
+            format!("{} mismatches on plaintext", m.plaintext_mismatches),
+        );
+    }
+    if let Some(l) = m.rekey_learning {
+        expect(
+            l == 0,
+            if l == u64::MAX {
+                "the stream after the rekeys was not byte-exact".to_owned()
+            } else {
+                format!("{l} segments went unverified for learning after the rekey")
+            },
+        );
+    }
+    if let Some(after) = m.aggregated_after_remedy {
+        expect(
+            after == 0,
+            format!("{after} aggregates after gro_max_size = MTU"),
+        );
+    } else if s.encap {
+        expect(
+            m.aggregated == 0,
+            format!("{} GRO aggregates without GRO conditions", m.aggregated),
+        );
+    }
+    if s.encap {
+        expect(
+            m.xfrm_peers == 1,
+            format!("xfrm peers {} != 1", m.xfrm_peers),
+        );
+        if s.setup != Setup::StrongSwan {
+            expect(
+                m.detected == m.injected,
+                format!("detected {} != injected {}", m.detected, m.injected),
+            );
+        }
+        expect(m.verified > 0, "nothing verified".into());
+        expect(
+            m.learning >= 8,
+            format!("learned from {} < 8 segments", m.learning),
+        );
+        expect(
+            m.kernel_csum_errors == 0,
+            format!(
+                "kernel counted {} checksum errors on a NAT-T path",
+                m.kernel_csum_errors
+            ),
+        );
+        let want = if s.setup == Setup::SharedNat {
+            shared_nat_residuals()
+        } else {
+            format!("{:#06x}", if s.nat { expected_nat_residual() } else { 0 })
+        };
+        expect(
+            m.residual == want,
+            format!("learned residual {} != {want}", m.residual),
+        );
+    } else {
+        // Plain ESP: not a NAT-T SA, so not in scope; the kernel checks and drops.
+        expect(
+            m.xfrm_peers == 0,
+            format!("xfrm peers {} != 0", m.xfrm_peers),
+        );
+        expect(
+            m.detected == 0 && m.verified == 0,
+            "plain ESP was verified".into(),
+        );
+        expect(
+            m.kernel_csum_errors == m.injected,
+            format!(
+                "kernel dropped {} != injected {}",
+                m.kernel_csum_errors, m.injected
+            ),
+        );
+    }
+    let streamed = if s.setup == Setup::SharedNat {
+        2 * STREAM
+    } else {
+        STREAM
+    };
+    expect(
+        m.received == streamed,
+        format!("received {} of {streamed}", m.received),
+    );
+    let exact_expected =
+        !s.corrupt || s.mode == Mode::Enforce || !s.encap || s.setup == Setup::StrongSwan;
+    if exact_expected {
+        expect(m.differing == 0, format!("{} bytes differ", m.differing));
+        expect(
+            m.dropped == m.detected,
+            format!("dropped {} != detected {}", m.dropped, m.detected),
+        );
+    } else {
+        expect(
+            m.differing >= m.injected,
+            format!(
+                "the application saw {} differing bytes for {} corruptions",
+                m.differing, m.injected
+            ),
+        );
+        expect(
+            m.dropped == 0,
+            format!("observe mode dropped {}", m.dropped),
+        );
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}

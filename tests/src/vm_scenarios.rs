@@ -1,0 +1,33 @@
+//! The VM suite's scenario names, in the order `natt-vm` runs them. `natt-vm` runs exactly
+//! these (it checks its own list against this one), and `cargo xtask vm-test` counts and
+//! selects by them; xtask includes this file by path, so it stays free of the test crate's
+//! dependencies. docs/vm-tests.md says what each one proves.
+
+/// Every scenario.
+pub const NAMES: [&str; 10] = [
+    "a-clean",
+    "b-observe-null",
+    "b-observe-cbc-aes",
+    "c-enforce",
+    "d-nat-learned",
+    "e-plain-esp",
+    "f-strongswan-nat",
+    "h-ipv6-enforce",
+    "i-two-behind-one-nat",
+    "g-gro",
+];
+
+/// Checks `--only` names against the list: an unknown name is an error naming it and the
+/// scenarios that exist.
+///
+/// # Errors
+/// The first unknown name.
+pub fn check_selection(only: &[String]) -> Result<(), String> {
+    match only.iter().find(|n| !NAMES.contains(&n.as_str())) {
+        Some(bad) => Err(format!(
+            "no VM scenario named `{bad}`; the scenarios are: {}",
+            NAMES.join(", ")
+        )),
+        None => Ok(()),
+    }
+}

@@ -6,7 +6,7 @@
 //! - `cargo xtask lint`: rustfmt check and clippy (workspace, then the eBPF crate for the BPF
 //!   target, since feature unification hides BPF-only code from the workspace pass).
 //! - `cargo xtask bench`: release builds, then the benchmark suite (root); writes
-//!   docs/benchmarks.md.
+//!   docs/benchmarks-results.md (the prose is docs/benchmarks.md).
 //!
 //! Install prerequisites first with `scripts/setup.sh --test` (or `--bench`); it is idempotent.
 
@@ -66,13 +66,13 @@ enum Task {
     },
     /// Benchmarks (root; needs `scripts/setup.sh --bench`): BPF test runs against the kernel's
     /// checksum, iperf3 throughput, tshark, a corruption storm, the daemon's footprint. Writes
-    /// docs/benchmarks.md. Takes about 10 minutes.
+    /// docs/benchmarks-results.md. Takes about 10 minutes.
     Bench {
         /// Short runs to check the harness; the report says its numbers are not reportable.
         #[arg(long)]
         quick: bool,
         /// Where to write the report.
-        #[arg(long, default_value = "docs/benchmarks.md")]
+        #[arg(long, default_value = "docs/benchmarks-results.md")]
         out: String,
     },
 }
@@ -230,9 +230,9 @@ fn bench(quick: bool, out: &str) -> Result<()> {
         "build",
         "--release",
         "-p",
-        "natt-monitor-tests",
-        "--bin",
         "natt-bench",
+        "-p",
+        "natt-monitor-tests",
         "--bin",
         "natt-peer",
     ])?;

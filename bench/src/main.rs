@@ -1,0 +1,147 @@
+//! `natt-bench`: the benchmark suite behind `cargo xtask bench` (root only).
+//!
+//! Everything is measured side by side in one run, alternating the variants, and reported as
+//! medians with min–max, because these machines are noisy:
+//! 1. per-segment cost in `BPF_PROG_TEST_RUN`: the verifier vs the kernel's own checksum
+//!    (`bpf_csum_diff` in a tc program) vs no-op programs (fixed hook cost);
+//! 2. TCP throughput over veth with iperf3: no program, observe, enforce; CPU per verified GB
+//!    from the kernel's BPF run-time statistics;
+//! 3. the capture alternative: tshark validating TCP checksums on the receiving interface;
+//! 4. a corruption storm: every segment corrupted for 30 s against the real daemon;
+//! 5. the daemon's footprint.
+//!
+//! Writes the results (`--out`, default docs/benchmarks-results.md) and prints them. The method
+//! and the reading of the numbers are prose, in docs/benchmarks.md.
+#![expect(clippy::print_stdout, reason = "the report is the program's output")]
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "counts far below 2^52 become f64 for ratios"
+)]
+#![allow(
+    clippy::many_single_char_names,
+    clippy::similar_names,
+    reason = "measurement code names its samples after the report's sections (m, t, c, s, f)"
+)]
+
+mod daemon;
+mod footprint;
+mod micro;
+mod report;
+mod stats;
+mod storm;
+mod throughput;
+mod tshark;
+
+use std::{fs, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    footprint::footprint, micro::micro, report::report, storm::storm, throughput::throughput,
+    tshark::capture,
+};
+
+pub(crate) struct Args {
+    pub(crate) out: PathBuf,
+    pub(crate) quick: bool,
+    pub(crate) micro_only: bool,
+}
+
+pub(crate) fn parse_args() -> Result<Args> {
+    let mut out = PathBuf::from("docs/benchmarks-results.md");
+    let mut quick = false;
+    let mut micro_only = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--out" => out = it.next().context("--out needs a path")?.into(),
+            "--quick" => quick = true,
+            "--micro-only" => micro_only = true,
+            "-h" | "--help" => {
+                println!(
+                    "natt-bench [--out FILE] [--quick] [--micro-only]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written"
+                );
+                std::process::exit(0);
+            }
+            other => {
+                bail!("unknown argument {other:?} (expected --out FILE, --quick or --micro-only)")
+            }
+        }
+    }
+    Ok(Args {
+        out,
+        quick,
+        micro_only,
+    })
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("natt-bench needs root (BPF, namespaces, cgroups)");
+    }
+    for tool in ["iperf3", "tshark", "ss"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            bail!("{tool} is not installed; run scripts/setup.sh --bench");
+        }
+    }
+    let (rounds, repeat, secs, storm_secs) = if args.quick {
+        (3, 20_000, 2, 5)
+    } else {
+        (5, 200_000, 10, 30)
+    };
+    eprintln!("natt-bench: 1/5 BPF_PROG_TEST_RUN");
+    let m = micro(rounds, repeat)?;
+    if args.micro_only {
+        for (size, ver, ker, nskb, ntc) in &m.rows {
+            println!(
+                "{size} B: verifier {} ns, kernel csum {} ns, noop skb {} ns, noop tc {} ns",
+                ver.fmt(1),
+                ker.fmt(1),
+                nskb.fmt(1),
+                ntc.fmt(1)
+            );
+        }
+        println!(
+            "per byte above hook cost: verifier {:.3} ns/B, kernel {:.3} ns/B, ratio {:.2}",
+            m.verifier_per_byte,
+            m.kernel_per_byte,
+            m.verifier_per_byte / m.kernel_per_byte
+        );
+        println!(
+            "marginal per byte (1500 -> 3600 B): verifier {:.3} ns/B, kernel {:.3} ns/B, ratio {:.2}",
+            m.verifier_marginal,
+            m.kernel_marginal,
+            m.verifier_marginal / m.kernel_marginal
+        );
+        return Ok(());
+    }
+    eprintln!("natt-bench: 2/5 iperf3 throughput");
+    let t = vec![
+        throughput(1500, rounds, secs)?,
+        throughput(9000, rounds, secs)?,
+    ];
+    eprintln!("natt-bench: 3/5 tshark");
+    let c = capture(
+        if args.quick { 1 } else { 3 },
+        if args.quick { 2 } else { 5 },
+    )?;
+    eprintln!("natt-bench: 4/5 corruption storm");
+    let s = storm(storm_secs)?;
+    eprintln!("natt-bench: 5/5 footprint");
+    let f = footprint(rounds)?;
+    let cmd = if args.quick {
+        "cargo xtask bench --quick"
+    } else {
+        "cargo xtask bench"
+    };
+    let text = report(&args, &m, &t, &c, &s, &f, cmd);
+    fs::write(&args.out, &text).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("{text}");
+    Ok(())
+}

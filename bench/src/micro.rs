@@ -1,0 +1,111 @@
+//! Suite 1: per-segment cost in `BPF_PROG_TEST_RUN`: the verifier against the kernel's own checksum and no-op programs.
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    EbpfLoader,
+    programs::{CgroupSkb, SchedClassifier, TestRunOptions},
+};
+use natt_monitor::{
+    ebpf::{TESTBED_OBJ, Verifier},
+    peers::{Mode, PeerSpec, PeerTable, parse_cidr},
+    scope::Scope,
+};
+use natt_monitor_tests::packets::{L4, payload, v4};
+
+use crate::stats::{Stat, stat};
+
+pub(crate) struct Micro {
+    /// IP packet sizes and, per size: verifier, kernel csum, noop skb, noop tc (ns/run).
+    pub(crate) rows: Vec<(usize, Stat, Stat, Stat, Stat)>,
+    pub(crate) verifier_per_byte: f64,
+    pub(crate) kernel_per_byte: f64,
+    /// Marginal cost per byte between the 1500 and 3600-byte rows: the per-byte work alone,
+    /// without either program's fixed per-segment cost.
+    pub(crate) verifier_marginal: f64,
+    pub(crate) kernel_marginal: f64,
+}
+
+/// Mean ns of one run of `prog` on `frame`, over `repeat` runs (the kernel reports the mean).
+pub(crate) fn run_ns<P>(prog: &P, frame: &[u8], repeat: u32) -> Result<f64>
+where
+    for<'a> P: aya::programs::TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    Ok(r.duration.as_secs_f64() * 1e9)
+}
+
+pub(crate) fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
+    let mut v = Verifier::load(&Scope::Address).context("loading the verifier")?;
+    let peer = PeerSpec::new(parse_cidr("192.0.2.10")?, Mode::Observe);
+    v.peer_maps()?
+        .set_peers(&PeerTable::default(), &PeerTable::new(vec![peer])?)?;
+    let mut tb = EbpfLoader::new()
+        .load(TESTBED_OBJ)
+        .context("loading the testbed object")?;
+    for name in ["natt_kernel_csum", "natt_noop_tc"] {
+        let p: &mut SchedClassifier = tb.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    let p: &mut CgroupSkb = tb
+        .program_mut("natt_noop_skb")
+        .context("natt_noop_skb")?
+        .try_into()?;
+    p.load()?;
+
+    let sizes = [64usize, 512, 1500, 3600];
+    let mut rows = Vec::new();
+    for &size in &sizes {
+        let frame = v4(
+            "192.0.2.10".parse()?,
+            "192.0.2.20".parse()?,
+            L4::Tcp,
+            &payload(size - 40),
+        );
+        let mut samples: [Vec<f64>; 4] = Default::default();
+        for _ in 0..rounds {
+            samples[0].push(run_ns(v.program_mut()?, &frame, repeat)?);
+            for (i, name) in [(1, "natt_kernel_csum"), (3, "natt_noop_tc")] {
+                let p: &SchedClassifier = tb.program(name).context(name)?.try_into()?;
+                samples[i].push(run_ns(p, &frame, repeat)?);
+            }
+            let p: &CgroupSkb = tb.program("natt_noop_skb").context("noop")?.try_into()?;
+            samples[2].push(run_ns(p, &frame, repeat)?);
+        }
+        rows.push((
+            size,
+            stat(&samples[0]),
+            stat(&samples[1]),
+            stat(&samples[2]),
+            stat(&samples[3]),
+        ));
+    }
+    // Every run of the verifier must have verified (not skipped, not mismatched) its segment.
+    let s = v.stats().peer_stats(0)?;
+    let expected = u64::from(repeat) * (rounds as u64) * sizes.len() as u64;
+    if s.verified_packets[0] != expected || s.mismatches[0] != 0 {
+        bail!(
+            "the verifier verified {} of {expected} segments ({} mismatches): benchmark input is wrong",
+            s.verified_packets[0],
+            s.mismatches[0]
+        );
+    }
+    // Per-byte cost above the fixed hook cost, from the largest size (L4 bytes = size - 20).
+    let (size, ver, ker, nskb, ntc) = rows[rows.len() - 1];
+    let l4 = (size - 20) as f64;
+    let (small, ver_s, ker_s, _, _) = rows[rows.len() - 2];
+    let span = (size - small) as f64;
+    Ok(Micro {
+        verifier_per_byte: (ver.median - nskb.median) / l4,
+        kernel_per_byte: (ker.median - ntc.median) / l4,
+        verifier_marginal: (ver.median - ver_s.median) / span,
+        kernel_marginal: (ker.median - ker_s.median) / span,
+        rows,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Throughput with iperf3

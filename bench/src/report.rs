@@ -1,0 +1,253 @@
+//! The markdown report.
+
+use std::fmt::Write as _;
+
+use crate::{
+    Args,
+    footprint::Footprint,
+    micro::Micro,
+    stats::{Stat, machine},
+    storm::Storm,
+    throughput::{Setting, Throughput},
+    tshark::Capture,
+};
+
+#[expect(clippy::too_many_lines, reason = "the report, in the order it is read")]
+pub(crate) fn report(
+    args: &Args,
+    m: &Micro,
+    t: &[Throughput],
+    c: &Capture,
+    s: &Storm,
+    f: &Footprint,
+    cmd: &str,
+) -> String {
+    let mut r = String::new();
+    let per_byte_ratio = m.verifier_per_byte / m.kernel_per_byte;
+    let marginal_ratio = m.verifier_marginal / m.kernel_marginal;
+    let t1500 = &t[0];
+    let ratio = |tp: &Throughput, s: Setting| {
+        tp.gbps
+            .iter()
+            .find(|(x, _)| *x == s)
+            .map_or(f64::NAN, |(_, st)| st.median)
+            / tp.gbps
+                .iter()
+                .find(|(x, _)| *x == Setting::Off)
+                .map_or(f64::NAN, |(_, st)| st.median)
+    };
+    let _ = writeln!(r, "# Benchmark results\n");
+    if args.quick {
+        let _ = writeln!(
+            r,
+            "**Quick run (`--quick`): short durations, for checking the harness only. Do not quote these numbers.**\n"
+        );
+    }
+    let _ = writeln!(
+        r,
+        "Machine: {}. Produced by `{cmd}`; medians with (min–max) of alternated runs. What each suite measures, and how to read it: [benchmarks.md](benchmarks.md).\n",
+        machine()
+    );
+    let _ = writeln!(r, "## Headline\n");
+    let _ = writeln!(r, "| what | result | target |");
+    let _ = writeln!(r, "|---|---|---|");
+    let _ = writeln!(
+        r,
+        "| verifier cost per byte vs the kernel's checksum, marginal (1500 → 3600 B segments) | {:.3} vs {:.3} ns/B = **{marginal_ratio:.2}x** | ≤ 1.2x |",
+        m.verifier_marginal, m.kernel_marginal
+    );
+    let _ = writeln!(
+        r,
+        "| the same, averaged over a {} B segment above the no-op hook (includes the verifier's fixed per-segment cost) | {:.3} vs {:.3} ns/B = **{per_byte_ratio:.2}x** | |",
+        m.rows[m.rows.len() - 1].0,
+        m.verifier_per_byte,
+        m.kernel_per_byte
+    );
+    let _ = writeln!(
+        r,
+        "| TCP throughput, MTU 1500, observe / no program | **{:.2}** | ≥ 0.85 |",
+        ratio(t1500, Setting::Observe)
+    );
+    let _ = writeln!(
+        r,
+        "| TCP throughput, MTU 1500, enforce / no program | **{:.2}** | ≥ 0.85 |",
+        ratio(t1500, Setting::Enforce)
+    );
+    let _ = writeln!(
+        r,
+        "| CPU per verified GB: natt-monitor (BPF run time) vs tshark | {:.3} vs {:.1} CPU-s = **{:.0}x less** | ≥ 10x less |",
+        t1500.cpu_per_gb.median,
+        c.cpu_per_gb.median,
+        c.cpu_per_gb.median / t1500.cpu_per_gb.median
+    );
+    let _ = writeln!(
+        r,
+        "| segments missed: natt-monitor vs tshark | {} of {} vs {:.1}% | 0 missed |",
+        t1500.segments.0 - t1500.segments.1.min(t1500.segments.0),
+        t1500.segments.0,
+        c.missed.median * 100.0
+    );
+    let _ = writeln!(
+        r,
+        "| corruption storm: mismatches counted / injected | {} / {} | equal |",
+        s.mismatches, s.injected
+    );
+    let _ = writeln!(
+        r,
+        "| daemon RSS idle / peak under the storm | {:.1} MiB / {:.1} MiB | bounded |",
+        f.rss_idle_kib.median / 1024.0,
+        s.rss_peak_kib as f64 / 1024.0
+    );
+    let _ = writeln!(r);
+
+    let _ = writeln!(r, "## 1. Per-segment cost (BPF_PROG_TEST_RUN)\n");
+    let _ = writeln!(
+        r,
+        "| IP bytes | verifier ns | kernel csum ns | no-op cgroup_skb ns | no-op tc ns |"
+    );
+    let _ = writeln!(r, "|---|---|---|---|---|");
+    for (size, ver, ker, nskb, ntc) in &m.rows {
+        let _ = writeln!(
+            r,
+            "| {size} | {} | {} | {} | {} |",
+            ver.fmt(1),
+            ker.fmt(1),
+            nskb.fmt(1),
+            ntc.fmt(1)
+        );
+    }
+    let _ = writeln!(
+        r,
+        "\nPer byte above the hook cost ({} B): verifier {:.3} ns/B, kernel checksum {:.3} ns/B, ratio {per_byte_ratio:.2}. Marginal, from 1500 to 3600 B: verifier {:.3} ns/B, kernel checksum {:.3} ns/B, ratio {marginal_ratio:.2}.\n",
+        m.rows[m.rows.len() - 1].0,
+        m.verifier_per_byte,
+        m.kernel_per_byte,
+        m.verifier_marginal,
+        m.kernel_marginal
+    );
+
+    let _ = writeln!(r, "## 2. TCP throughput over veth (iperf3)\n");
+    let _ = writeln!(r, "| MTU | setting | Gbit/s | ratio to no program |");
+    let _ = writeln!(r, "|---|---|---|---|");
+    for tp in t {
+        for (setting, st) in &tp.gbps {
+            let _ = writeln!(
+                r,
+                "| {} | {} | {} | {:.2} |",
+                tp.mtu,
+                setting.name(),
+                st.fmt(2),
+                ratio(tp, *setting)
+            );
+        }
+    }
+    let _ = writeln!(
+        r,
+        "\nCPU per verified GB, from the kernel's BPF run-time statistics (observe mode):\n"
+    );
+    for tp in t {
+        let _ = writeln!(
+            r,
+            "- MTU {}: {} CPU-seconds; {} of {} received segments verified.",
+            tp.mtu,
+            tp.cpu_per_gb.fmt(3),
+            tp.segments.1,
+            tp.segments.0
+        );
+    }
+
+    let _ = writeln!(r, "## 3. The capture alternative: tshark\n");
+    let _ = writeln!(r, "| | natt-monitor (observe) | tshark |");
+    let _ = writeln!(r, "|---|---|---|");
+    let _ = writeln!(
+        r,
+        "| CPU-seconds per verified GB | {} | {} |",
+        t1500.cpu_per_gb.fmt(3),
+        c.cpu_per_gb.fmt(1)
+    );
+    let _ = writeln!(
+        r,
+        "| segments missed | {} of {} | {} % |",
+        t1500.segments.0 - t1500.segments.1.min(t1500.segments.0),
+        t1500.segments.0,
+        Stat {
+            median: c.missed.median * 100.0,
+            min: c.missed.min * 100.0,
+            max: c.missed.max * 100.0
+        }
+        .fmt(1)
+    );
+    let _ = writeln!(
+        r,
+        "| throughput while measuring (Gbit/s) | {} | {} |\n",
+        t1500
+            .gbps
+            .iter()
+            .find(|(x, _)| *x == Setting::Observe)
+            .map_or_else(|| "?".to_owned(), |(_, st)| st.fmt(2)),
+        c.gbps.fmt(2)
+    );
+
+    let _ = writeln!(r, "## 4. Corruption storm\n");
+    let _ = writeln!(r, "{} s at {:.2} Gbit/s.\n", s.secs, s.gbps);
+    let _ = writeln!(r, "| | |");
+    let _ = writeln!(r, "|---|---|");
+    let _ = writeln!(r, "| corrupted segments injected | {} |", s.injected);
+    let _ = writeln!(
+        r,
+        "| `natt_monitor_checksum_mismatches_total` | {} |",
+        s.mismatches
+    );
+    let _ = writeln!(
+        r,
+        "| `natt_monitor_events_lost_total` (ring buffer full; counts stay exact) | {} |",
+        s.events_lost
+    );
+    let _ = writeln!(
+        r,
+        "| `natt_monitor_log_lines_suppressed_total` | {} |",
+        s.log_suppressed
+    );
+    let _ = writeln!(
+        r,
+        "| scrapes answered | {} of {} |",
+        s.scrapes_ok, s.scrapes
+    );
+    let _ = writeln!(r, "| scrape latency (ms) | {} |", s.scrape_ms.fmt(1));
+    let _ = writeln!(r, "| daemon CPU | {:.1} % of one core |", s.cpu_percent);
+    let _ = writeln!(
+        r,
+        "| daemon peak RSS | {:.1} MiB |\n",
+        s.rss_peak_kib as f64 / 1024.0
+    );
+
+    let _ = writeln!(r, "## 5. Daemon footprint\n");
+    let _ = writeln!(r, "| | |");
+    let _ = writeln!(r, "|---|---|");
+    let _ = writeln!(
+        r,
+        "| release binary (with the embedded eBPF object) | {:.1} MiB |",
+        f.binary_kib as f64 / 1024.0
+    );
+    let _ = writeln!(
+        r,
+        "| start-up to attached and healthy | {} ms |",
+        f.startup_ms.fmt(0)
+    );
+    let _ = writeln!(
+        r,
+        "| RSS idle | {} MiB |",
+        Stat {
+            median: f.rss_idle_kib.median / 1024.0,
+            min: f.rss_idle_kib.min / 1024.0,
+            max: f.rss_idle_kib.max / 1024.0
+        }
+        .fmt(1)
+    );
+    let _ = writeln!(
+        r,
+        "| RSS peak under the storm | {:.1} MiB |",
+        s.rss_peak_kib as f64 / 1024.0
+    );
+    r
+}

@@ -1,0 +1,120 @@
+//! Suite 4: a corruption storm against the real daemon.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use natt_monitor_tests::{
+    http_get, metric,
+    net::{ADDR_A, ADDR_B, Cgroup, Injector, Lab, Proc},
+};
+
+use crate::{
+    daemon::{start_daemon, vm_kib},
+    stats::{Stat, stat},
+    tshark::proc_cpu_seconds,
+};
+
+pub(crate) struct Storm {
+    pub(crate) secs: u32,
+    pub(crate) injected: u64,
+    pub(crate) mismatches: u64,
+    pub(crate) events_lost: u64,
+    pub(crate) log_suppressed: u64,
+    pub(crate) scrapes_ok: usize,
+    pub(crate) scrapes: usize,
+    pub(crate) scrape_ms: Stat,
+    pub(crate) cpu_percent: f64,
+    pub(crate) rss_peak_kib: u64,
+    pub(crate) gbps: f64,
+}
+
+pub(crate) fn storm(secs: u32) -> Result<Storm> {
+    let lab = Lab::new(1500);
+    let cg = Cgroup::new();
+    let (d, _) = start_daemon(&cg.path)?;
+    let pid = d.child.id();
+    let inj = Injector::attach(&lab.b, lab.dev_b, 1);
+    // natt-peer rather than iperf3: iperf3's control connection would be corrupted too.
+    let peer = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join("natt-peer");
+    let cg_path = cg.path.to_str().context("cgroup path")?;
+    let listen = format!("{ADDR_B}:5002");
+    let mut recv = Proc::spawn(
+        "natt-peer recv",
+        Command::new(&peer).args([
+            "recv",
+            "--netns",
+            &lab.b.name,
+            "--cgroup",
+            cg_path,
+            "--listen",
+            &listen,
+            "--bytes",
+            "0",
+        ]),
+    );
+    recv.wait_for_line("READY");
+    let cpu0 = proc_cpu_seconds(pid);
+    let t0 = Instant::now();
+    let send = Proc::spawn(
+        "natt-peer send",
+        Command::new(&peer).args([
+            "send",
+            "--netns",
+            &lab.a.name,
+            "--connect",
+            &listen,
+            "--seconds",
+            &secs.to_string(),
+        ]),
+    );
+    let mut scrapes = Vec::new();
+    while t0.elapsed() < Duration::from_secs(u64::from(secs)) {
+        let t = Instant::now();
+        let ok = matches!(
+            http_get(&format!("http://127.0.0.1:{}/metrics", d.port)),
+            Ok((200, _))
+        );
+        scrapes.push(ok.then(|| t.elapsed().as_secs_f64() * 1e3));
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
+    }
+    let _ = send.finish(Duration::from_secs(30));
+    let out = recv.finish(Duration::from_secs(30));
+    let received: u64 = out
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("received="))
+        .and_then(|v| v.parse().ok())
+        .context("natt-peer received count")?;
+    let bps = received as f64 * 8.0 / t0.elapsed().as_secs_f64();
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = proc_cpu_seconds(pid) - cpu0;
+    // Let the daemon drain, then read its counters.
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, body) =
+        http_get(&format!("http://127.0.0.1:{}/metrics", d.port)).map_err(anyhow::Error::msg)?;
+    let series = format!("{{peer=\"{ADDR_A}/32\",proto=\"tcp\"}}");
+    let ok: Vec<f64> = scrapes.iter().flatten().copied().collect();
+    Ok(Storm {
+        secs,
+        injected: inj.stats().corrupted,
+        mismatches: metric(
+            &body,
+            &format!("natt_monitor_checksum_mismatches_total{series}"),
+        )
+        .context("mismatches")?,
+        events_lost: metric(&body, "natt_monitor_events_lost_total").context("events lost")?,
+        log_suppressed: metric(&body, "natt_monitor_log_lines_suppressed_total")
+            .context("suppressed")?,
+        scrapes_ok: ok.len(),
+        scrapes: scrapes.len(),
+        scrape_ms: stat(if ok.is_empty() { &[f64::NAN] } else { &ok }),
+        cpu_percent: 100.0 * cpu / wall,
+        rss_peak_kib: vm_kib(pid, "VmHWM:"),
+        gbps: bps / 1e9,
+    })
+}

@@ -3,7 +3,11 @@
 
 use std::{fmt::Write as _, fs, path::Path};
 
-use crate::{cgroup, ebpf::Verifier};
+use crate::{
+    cgroup,
+    ebpf::Verifier,
+    features::{Features, Probe as Feature},
+};
 
 /// Outcome of one probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,15 +113,9 @@ fn effective_caps(proc_root: &Path) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-fn kernel_release(proc_root: &Path) -> Option<(u32, u32, String)> {
+fn kernel_release(proc_root: &Path) -> Option<String> {
     let rel = fs::read_to_string(proc_root.join("sys/kernel/osrelease")).ok()?;
-    let rel = rel.trim().to_owned();
-    let mut it = rel
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty());
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next()?.parse().ok()?;
-    Some((major, minor, rel))
+    Some(rel.trim().to_owned())
 }
 
 /// Runs every probe, reading the kernel's state under `proc_root` and `sys_root` (normally
@@ -130,29 +128,29 @@ fn kernel_release(proc_root: &Path) -> Option<(u32, u32, String)> {
 pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) -> Report {
     let mut r = Report::default();
 
-    match kernel_release(proc_root) {
-        Some((maj, min, rel)) if (maj, min) >= (5, 8) => {
-            r.push(
-                "kernel",
-                Status::Ok,
-                format!("{rel} (5.8+ has ring buffers, CAP_PERFMON and bpf_link cgroup attach)"),
-            );
-        }
-        Some((_, _, rel)) => r.push(
-            "kernel",
-            Status::Fail,
-            format!(
-                "{rel}: natt-monitor needs 5.8 or newer (ring buffers, CAP_PERFMON, bpf_link cgroup attach)"
-            ),
+    r.push(
+        "kernel",
+        Status::Info,
+        kernel_release(proc_root).map_or_else(
+            || {
+                format!(
+                    "could not read {}",
+                    proc_root.join("sys/kernel/osrelease").display()
+                )
+            },
+            |rel| format!("{rel} (judged by the probes below, not by its version)"),
         ),
-        None => r.push(
-            "kernel",
-            Status::Info,
-            format!(
-                "could not read {}",
-                proc_root.join("sys/kernel/osrelease").display()
-            ),
-        ),
+    );
+    let features = Features::probe();
+    for (name, probe, meaning) in features.describe() {
+        let required = name == "ring buffer";
+        let (status, detail) = match probe {
+            Feature::Present => (Status::Ok, format!("present: {meaning}")),
+            Feature::Absent if required => (Status::Fail, format!("absent: {meaning}")),
+            Feature::Absent => (Status::Info, format!("absent: {meaning}")),
+            Feature::Unknown(why) => (Status::Info, format!("could not probe ({why}): {meaning}")),
+        };
+        r.push(name, status, detail);
     }
 
     if effective_caps(proc_root).is_some() {
@@ -186,6 +184,14 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
 
     let btf = sys_root.join(crate::scope::VMLINUX_BTF);
     let scope = match crate::scope::layout_from(&btf) {
+        _ if features.probe_read_kernel == Feature::Absent => {
+            r.push(
+                "scope",
+                Status::Info,
+                "address (fallback): no bpf_probe_read_kernel for cgroup_skb, so a segment's IPsec state cannot be read; plaintext from peers is told apart only by IKE ports and partial checksums",
+            );
+            crate::scope::Scope::Address
+        }
         Ok(l) => {
             r.push(
                 "scope",

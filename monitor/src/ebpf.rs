@@ -42,9 +42,6 @@ pub const PROGRAM: &str = "natt_verify";
 /// The same verifier without `bpf_loop`, for kernels before 5.17.
 pub const PROGRAM_COMPAT: &str = "natt_verify_compat";
 
-/// A program that loads only where the kernel has `bpf_loop`: the feature probe.
-const PROBE_BPF_LOOP: &str = "natt_probe_bpf_loop";
-
 /// Which of the verifier's two programs runs: chosen by probing the kernel, not by version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
@@ -260,10 +257,7 @@ impl Verifier {
             .override_global("CAPTURE_ON", &capture, true)
             .load(VERIFIER_OBJ)
             .map_err(|source| EbpfFailure::Object { source })?;
-        let variant = match variant {
-            Some(v) => v,
-            None => probe_variant(&mut bpf)?,
-        };
+        let variant = variant.unwrap_or_else(|| crate::features::Features::probe().variant());
         let name = variant.program();
         program(&mut bpf, name)?.load().map_err(|cause| {
             tracing::debug!(error = %cause, "the kernel refused the verifier program");
@@ -623,20 +617,6 @@ fn duplicate(map: &Map, name: &'static str) -> Result<Map, EbpfFailure> {
             source: MapError::IoError(e),
         })?;
     Ok(Map::PerCpuArray(fd))
-}
-
-/// `BpfLoop` if the kernel loads the `bpf_loop` probe (which is unloaded again), else
-/// `BoundedLoop`.
-fn probe_variant(bpf: &mut Ebpf) -> Result<Variant, EbpfFailure> {
-    let probe = program(bpf, PROBE_BPF_LOOP)?;
-    if probe.load().is_ok() {
-        if let Err(e) = probe.unload() {
-            tracing::debug!(error = %e, "unloading the bpf_loop probe");
-        }
-        Ok(Variant::BpfLoop)
-    } else {
-        Ok(Variant::BoundedLoop)
-    }
 }
 
 fn program<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, EbpfFailure> {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod events;
+pub mod features;
 pub mod http;
 pub mod learn;
 pub mod metrics;

@@ -671,8 +671,9 @@ fn check_reads_the_proc_and_sys_roots_it_is_given() {
     if skip_unless_root("check_reads_the_proc_and_sys_roots_it_is_given") {
         return;
     }
-    // A host as a container might present it: an old kernel, no capabilities, no cgroup2, no
-    // BTF, one ESP module.
+    // A host as a container might present it: an old kernel release, no capabilities, no
+    // cgroup2, no BTF, one ESP module. The release is only reported: what the kernel can do is
+    // probed, and this kernel's probes pass.
     let dir = std::env::temp_dir().join(format!("natt-check-roots-{}", std::process::id()));
     let (proc_root, sys_root) = (dir.join("proc"), dir.join("sys"));
     std::fs::create_dir_all(proc_root.join("sys/kernel")).unwrap();
@@ -698,11 +699,12 @@ fn check_reads_the_proc_and_sys_roots_it_is_given() {
     let p = proc_root.display();
     let s = sys_root.display();
     for line in [
-        "FAIL  kernel                 5.4.0-fixture: natt-monitor needs 5.8 or newer (ring buffers, CAP_PERFMON, bpf_link cgroup attach)".to_owned(),
+        "info  kernel                 5.4.0-fixture (judged by the probes below, not by its version)".to_owned(),
         "FAIL  capabilities           missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN: run as root or grant them (see docs/install.md)".to_owned(),
         format!("info  scope                  address (fallback): reading BTF from {s}/kernel/btf/vmlinux: no such file (the kernel was built without CONFIG_DEBUG_INFO_BTF); plaintext from peers is told apart only by IKE ports and partial checksums"),
         format!("FAIL  cgroup2                no cgroup2 mount in {p}/mounts; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"),
         "info  esp modules            loaded: esp4".to_owned(),
+        "ok    ring buffer            present: BPF_MAP_TYPE_RINGBUF carries mismatch events, learning samples and captures (required)".to_owned(),
         "natt-monitor cannot run on this host; fix the FAIL lines above".to_owned(),
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

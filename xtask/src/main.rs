@@ -234,6 +234,8 @@ fn bench(quick: bool, out: &str) -> Result<()> {
         "-p",
         "natt-monitor-tests",
         "--bin",
+        "natt-bench",
+        "--bin",
         "natt-peer",
     ])?;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -28,6 +28,9 @@ pub struct KernelSource {
     pub release: &'static str,
     /// The packages' Debian version.
     pub version: &'static str,
+    /// The program variant natt-monitor must choose by probing this kernel (`bpf_loop` arrived
+    /// in 5.17).
+    pub variant: &'static str,
     /// Packages that together hold `vmlinuz` and the modules (from 7.x, `linux-image-<release>`
     /// is a meta-package: the kernel is in `linux-binary-*`, the modules in `linux-modules-*`).
     packages: &'static [&'static str],
@@ -41,24 +44,28 @@ pub const KERNELS: [KernelSource; 4] = [
         label: "bullseye-security",
         release: "5.10.0-46-amd64",
         version: "5.10.262-1",
+        variant: "bounded_loop",
         packages: &["linux-image-5.10.0-46-amd64"],
     },
     KernelSource {
         label: "bookworm-security",
         release: "6.1.0-56-amd64",
         version: "6.1.192-2",
+        variant: "bpf_loop",
         packages: &["linux-image-6.1.0-56-amd64"],
     },
     KernelSource {
         label: "bookworm-backports",
         release: "6.12.95+deb12-amd64",
         version: "6.12.95-1~bpo12+1",
+        variant: "bpf_loop",
         packages: &["linux-image-6.12.95+deb12-amd64"],
     },
     KernelSource {
         label: "trixie-backports",
         release: "7.3.4+deb13-amd64",
         version: "7.3.4-1~bpo13+1",
+        variant: "bpf_loop",
         packages: &[
             "linux-binary-7.3.4+deb13-amd64",
             "linux-modules-7.3.4+deb13-amd64",
@@ -523,6 +530,8 @@ struct Guest {
     refused: Option<String>,
     /// The verifier's cost from `natt-monitor check`'s load line, if it loaded.
     verifier_cost: Option<String>,
+    /// The program variant that line names.
+    variant: Option<String>,
 }
 
 /// Boots the kernel, streams the console, returns what the guest reported.
@@ -601,6 +610,11 @@ fn boot(cache: &Path, kernel: &Kernel, initrd: &Path, only: &[String]) -> Result
                 .split("; ")
                 .nth(1)
                 .map(|c| c.trim_end_matches(')').to_owned());
+            guest.variant = rest
+                .split(" variant")
+                .next()
+                .and_then(|h| h.rsplit(", ").next())
+                .map(str::to_owned);
         } else if line.starts_with("NATT-VM END ") {
             ended = true;
         }
@@ -677,15 +691,22 @@ fn judge(
         ));
         let _ = writeln!(
             summary,
-            "| {} | {release} | {version} | REFUSED: {reason} | - |",
+            "| {} | {release} | {version} | REFUSED: {reason} | - | - |",
             k.source.label
         );
         return Ok(());
     }
+    let variant = guest.variant.as_deref().unwrap_or("-");
     eprintln!(
-        "xtask: vm-test: {release} ({version}): {} scenarios in {secs:.0} s; verifier: {cost}",
+        "xtask: vm-test: {release} ({version}): {} scenarios in {secs:.0} s; {variant} variant; verifier: {cost}",
         guest.rows.len()
     );
+    if variant != k.source.variant {
+        fails.push(format!(
+            "{release} ({version}): natt-monitor chose the {variant} variant; probing this kernel must choose {}",
+            k.source.variant
+        ));
+    }
     let want = if only.is_empty() {
         scenarios::NAMES.len()
     } else {
@@ -704,7 +725,7 @@ fn judge(
         .count();
     let _ = writeln!(
         summary,
-        "| {} | {release} | {version} | {ok} of {} scenarios pass | {cost} |",
+        "| {} | {release} | {version} | {ok} of {} scenarios pass | {variant} | {cost} |",
         k.source.label,
         guest.rows.len()
     );
@@ -757,7 +778,7 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
         judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary)?;
     }
     let t = format!(
-        "| suite | kernel | package version | natt-monitor | verifier |\n|---|---|---|---|---|\n{summary}\n{}",
+        "| suite | kernel | package version | natt-monitor | program variant | verifier |\n|---|---|---|---|---|---|\n{summary}\n{}",
         table(&rows)
     );
     #[expect(clippy::print_stdout, reason = "the suite's result table")]

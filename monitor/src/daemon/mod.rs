@@ -50,8 +50,9 @@ use crate::{
     capture::Capture,
     check,
     config::{ConfigError, ScopeChoice, Settings},
-    ebpf::{EbpfFailure, Stats, Verifier},
+    ebpf::{EbpfFailure, Stats, Variant, Verifier},
     events::RateLimiter,
+    features::{Features, Probe},
     http,
     metrics::Metrics,
     peers::{PeerError, PeerSpec, PeerTable},
@@ -133,6 +134,17 @@ pub enum DaemonError {
     /// `--scope sa` was asked for, but the kernel's BTF does not give the `sec_path` layout.
     #[error("--scope sa: {0}")]
     Scope(#[from] LayoutError),
+    /// `--scope sa` was asked for, but the program cannot read kernel memory on this kernel.
+    #[error(
+        "--scope sa: this kernel does not offer bpf_probe_read_kernel to cgroup_skb programs (Linux 5.5+), so a segment's IPsec state cannot be read; use --scope address"
+    )]
+    NoProbeRead,
+    /// The kernel lacks something the verifier cannot run without.
+    #[error("this kernel lacks {feature}, which natt-monitor needs; see `natt-monitor check`")]
+    Kernel {
+        /// What is missing.
+        feature: &'static str,
+    },
     /// An internal task ended while the daemon was running.
     #[error(
         "internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)"
@@ -295,11 +307,19 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         None => TcpListener::bind(settings.listen).map_err(listen_err)?,
     };
     let listen = listener.local_addr().map_err(listen_err)?;
-    let scope = resolve_scope(&settings)?;
+    // Probe what the kernel offers before anything is loaded: a missing feature is named, not
+    // left to surface as a verifier error.
+    let features = Features::probe();
+    if features.ring_buffer == Probe::Absent {
+        return Err(DaemonError::Kernel {
+            feature: "BPF ring buffers (BPF_MAP_TYPE_RINGBUF, Linux 5.8+)",
+        });
+    }
+    let scope = resolve_scope(&settings, &features)?;
     // Discovery starts before anything is attached: the first SA dump is part of the initial
     // peer set, and an explicit --discover xfrm on a kernel without XFRM fails here.
     let (watch, discovered) = discovery::start(&settings)?;
-    let mut k = Loaded::load(&settings, scope, discovered)?;
+    let mut k = Loaded::load(&settings, scope, features.variant(), discovered)?;
     let watch = watch
         .map(|w| watch_fd("XFRM notification", w))
         .transpose()?;
@@ -375,9 +395,11 @@ impl Loaded {
     fn load(
         settings: &Settings,
         scope: Scope,
+        variant: Variant,
         discovered: Vec<PeerSpec>,
     ) -> Result<Self, DaemonError> {
-        let mut verifier = Verifier::load_with(&scope, settings.capture.is_some())?;
+        let mut verifier =
+            Verifier::load_variant(&scope, settings.capture.is_some(), Some(variant))?;
         let (sa_state, view) = SaState::start(
             verifier.take_peer_maps()?,
             scope,
@@ -442,11 +464,17 @@ pub fn log_peers(table: &PeerTable) {
 
 /// SA scope where the kernel's BTF gives the `sec_path` layout; address scope where it does
 /// not (with a warning), or when asked for.
-fn resolve_scope(settings: &Settings) -> Result<Scope, DaemonError> {
+fn resolve_scope(settings: &Settings, features: &Features) -> Result<Scope, DaemonError> {
     let btf = settings.sys_path.join(scope::VMLINUX_BTF);
+    let readable = !matches!(features.probe_read_kernel, Probe::Absent);
     match settings.scope {
         ScopeChoice::Address => Ok(Scope::Address),
+        ScopeChoice::Sa if !readable => Err(DaemonError::NoProbeRead),
         ScopeChoice::Sa => Ok(Scope::Sa(scope::layout_from(&btf)?)),
+        ScopeChoice::Auto if !readable => {
+            warn!("scoping by source address: this kernel does not offer bpf_probe_read_kernel to cgroup_skb programs, so a segment's IPsec state cannot be read (docs/verifier.md)");
+            Ok(Scope::Address)
+        }
         ScopeChoice::Auto => Ok(scope::layout_from(&btf).map_or_else(
             |e| {
                 warn!(error = %e, "scoping by source address: this kernel does not say where a segment's IPsec state lies, so plaintext from peers is told apart only by IKE ports and partial checksums (docs/verifier.md)");

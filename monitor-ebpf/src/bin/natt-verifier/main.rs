@@ -14,8 +14,9 @@
 //! encapsulation decapsulated. Without BTF it falls back to scope by source address (LPM tries
 //! filled by userspace) with exemptions for IKE ports and partial checksums.
 //!
-//! One object, three programs, one file each: `verify.rs` (the verifier, in its `bpf_loop` and
-//! bounded-loop shapes), `probe.rs` (the `bpf_loop` feature probe). The rest is shared:
+//! One object, one program in two loop shapes (`verify.rs`: `natt_verify` with `bpf_loop`,
+//! `natt_verify_compat` with a bounded loop; the loader probes the kernel for `bpf_loop` and loads
+//! one). The rest is shared, one concern per module:
 //!
 //! | module | what |
 //! |---|---|
@@ -45,8 +46,6 @@ fn main() {
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
-#[cfg(target_arch = "bpf")]
-mod probe;
 #[cfg(target_arch = "bpf")]
 mod report;
 #[cfg(target_arch = "bpf")]

@@ -226,14 +226,17 @@ impl Tasks {
     }
 }
 
-/// Registers a ring buffer or socket with the runtime. Only for types that own their
-/// descriptor (ring buffers, the aya-log reader, the XFRM socket).
-fn watch_fd<T: std::os::fd::AsRawFd>(
-    what: &'static str,
-    inner: T,
-) -> Result<AsyncFd<T>, DaemonError> {
-    // SAFETY: every `T` passed here owns its descriptor and keeps it open, unchanged, for as
-    // long as it exists; the AsyncFd owns the `T`, so the registration never outlives the fd.
+/// Types that own their descriptor and keep it open, unchanged, for as long as they exist: the
+/// only ones `watch_fd` registers.
+trait OwnsFd: std::os::fd::AsRawFd {}
+impl OwnsFd for RingBuf<MapData> {}
+impl OwnsFd for aya_log::EbpfLogger<&'static dyn log::Log> {}
+impl OwnsFd for crate::xfrm::Watch {}
+
+/// Registers a ring buffer, the aya-log reader or the XFRM socket with the runtime.
+fn watch_fd<T: OwnsFd>(what: &'static str, inner: T) -> Result<AsyncFd<T>, DaemonError> {
+    // SAFETY: `T: OwnsFd` owns its descriptor and keeps it open, unchanged, for as long as it
+    // exists; the AsyncFd owns the `T`, so the registration never outlives the fd.
     unsafe { AsyncFd::register(inner) }.map_err(|e| DaemonError::EventFd {
         what,
         source: e.into_parts().1,

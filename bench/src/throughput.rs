@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     programs::{CgroupSkb, ProgramInfo},
 };
 use natt_monitor::{
@@ -26,8 +26,12 @@ pub(crate) enum Setting {
     Off,
     /// A `cgroup_skb` program that accepts everything: the floor any such hook costs.
     Noop,
+    /// Every segment verified (address scope, the sender configured as a peer).
     Observe,
     Enforce,
+    /// The monitor as installed by default (SA scope), with traffic outside IPsec: every
+    /// segment is dismissed after one read of its `sec_path` flag.
+    OutOfScope,
 }
 
 impl Setting {
@@ -35,8 +39,9 @@ impl Setting {
         match self {
             Self::Off => "no program",
             Self::Noop => "no-op cgroup_skb program",
-            Self::Observe => "observe",
-            Self::Enforce => "enforce",
+            Self::Observe => "observe, every segment verified",
+            Self::Enforce => "enforce, every segment verified",
+            Self::OutOfScope => "SA scope, traffic outside IPsec",
         }
     }
 }
@@ -112,10 +117,63 @@ pub(crate) fn tcp_in_segs(ns: &Netns) -> Result<u64> {
 pub(crate) struct Throughput {
     pub(crate) mtu: u32,
     pub(crate) gbps: Vec<(Setting, Stat)>,
+    /// Live BPF run time per packet (kernel run-time statistics), per program setting.
+    pub(crate) ns_per_packet: Vec<(Setting, Stat)>,
+    /// Mean L4 bytes of the verified segments.
+    pub(crate) segment_bytes: f64,
     /// BPF CPU seconds per verified GB, in observe mode.
     pub(crate) cpu_per_gb: Stat,
     /// Segments received vs verified over all observe runs.
     pub(crate) segments: (u64, u64),
+}
+
+/// Attaches what `setting` runs to `cg`: the no-op program, or the verifier (address scope
+/// with the sender as its peer, or SA scope for traffic outside IPsec).
+fn attach(
+    setting: Setting,
+    cg: &Cgroup,
+    sa_scope: Scope,
+) -> Result<(Option<Ebpf>, Option<Verifier>)> {
+    if setting == Setting::Noop {
+        let mut tb = EbpfLoader::new().load(TESTBED_OBJ)?;
+        let p: &mut CgroupSkb = tb
+            .program_mut("natt_noop_skb")
+            .context("natt_noop_skb")?
+            .try_into()?;
+        p.load()?;
+        let cgroup = fs::File::open(&cg.path)?;
+        p.attach(
+            &cgroup,
+            aya::programs::CgroupSkbAttachType::Ingress,
+            aya::programs::CgroupAttachMode::Single,
+        )?;
+        return Ok((Some(tb), None));
+    }
+    if setting == Setting::Off {
+        return Ok((None, None));
+    }
+    let scope = if setting == Setting::OutOfScope {
+        sa_scope
+    } else {
+        Scope::Address
+    };
+    let mut v = Verifier::load(&scope)?;
+    let mode = if setting == Setting::Enforce {
+        Mode::Enforce
+    } else {
+        Mode::Observe
+    };
+    v.peer_maps()?.set_peers(
+        &PeerTable::default(),
+        &PeerTable::new(vec![PeerSpec::new(parse_cidr(ADDR_A)?, mode)])?,
+    )?;
+    v.attach(&cg.path)?;
+    Ok((None, Some(v)))
+}
+
+/// The program's mean run time per packet over its life, from the kernel's statistics.
+fn per_packet_ns(info: &ProgramInfo) -> f64 {
+    info.run_time().as_nanos() as f64 / info.run_count().max(1) as f64
 }
 
 pub(crate) fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughput> {
@@ -127,59 +185,49 @@ pub(crate) fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughpu
         Setting::Noop,
         Setting::Observe,
         Setting::Enforce,
+        Setting::OutOfScope,
     ];
     let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
     let mut cpu = Vec::new();
     let (mut received, mut verified) = (0u64, 0u64);
+    let mut verified_bytes = 0u64;
+    let sa_scope = Scope::Sa(natt_monitor::scope::layout_from(
+        &Path::new("/sys").join(natt_monitor::scope::VMLINUX_BTF),
+    )?);
     for _ in 0..rounds {
         for (i, &setting) in settings.iter().enumerate() {
-            let mut noop = None;
-            if setting == Setting::Noop {
-                let mut tb = EbpfLoader::new().load(TESTBED_OBJ)?;
-                let p: &mut CgroupSkb = tb
-                    .program_mut("natt_noop_skb")
-                    .context("natt_noop_skb")?
-                    .try_into()?;
-                p.load()?;
-                let cgroup = fs::File::open(&cg.path)?;
-                p.attach(
-                    &cgroup,
-                    aya::programs::CgroupSkbAttachType::Ingress,
-                    aya::programs::CgroupAttachMode::Single,
-                )?;
-                noop = Some(tb);
-            }
-            let verifier = if matches!(setting, Setting::Off | Setting::Noop) {
-                None
-            } else {
-                let mut v = Verifier::load(&Scope::Address)?;
-                let mode = if setting == Setting::Enforce {
-                    Mode::Enforce
-                } else {
-                    Mode::Observe
-                };
-                v.peer_maps()?.set_peers(
-                    &PeerTable::default(),
-                    &PeerTable::new(vec![PeerSpec::new(parse_cidr(ADDR_A)?, mode)])?,
-                )?;
-                v.attach(&cg.path)?;
-                Some(v)
-            };
+            let (mut noop, verifier) = attach(setting, &cg, sa_scope)?;
             let server = iperf_server(&lab, &cg.path)?;
             let segs0 = tcp_in_segs(&lab.b)?;
             let bps = iperf_client(&lab, secs)?;
             let segs = tcp_in_segs(&lab.b)? - segs0;
             let _ = server.finish(Duration::from_secs(10));
+            if let Some(tb) = noop.as_mut() {
+                let p: &mut CgroupSkb = tb
+                    .program_mut("natt_noop_skb")
+                    .context("natt_noop_skb")?
+                    .try_into()?;
+                ns[i].push(per_packet_ns(&p.info()?));
+            }
             drop(noop);
             gbps[i].push(bps / 1e9);
             if let Some(mut v) = verifier {
                 let s = v.stats().peer_stats(0)?;
                 let info: ProgramInfo = v.program_mut()?.info()?;
+                ns[i].push(per_packet_ns(&info));
                 if setting == Setting::Observe {
                     let bytes = s.verified_bytes[0] as f64;
                     cpu.push(info.run_time().as_secs_f64() / (bytes / 1e9));
                     received += segs;
                     verified += s.verified_packets[0];
+                    verified_bytes += s.verified_bytes[0];
+                }
+                if setting == Setting::OutOfScope && s.verified_packets[0] != 0 {
+                    bail!(
+                        "SA scope verified {} segments that came through no SA",
+                        s.verified_packets[0]
+                    );
                 }
                 if s.mismatches[0] != 0 {
                     bail!(
@@ -197,6 +245,13 @@ pub(crate) fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughpu
             .zip(&gbps)
             .map(|(s, v)| (*s, stat(v)))
             .collect(),
+        ns_per_packet: settings
+            .iter()
+            .zip(&ns)
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(s, v)| (*s, stat(v)))
+            .collect(),
+        segment_bytes: verified_bytes as f64 / verified.max(1) as f64,
         cpu_per_gb: stat(&cpu),
         segments: (received, verified),
     })

@@ -55,10 +55,20 @@ impl std::fmt::Debug for Drain {
     }
 }
 
-/// Copies every record out of `rb`, so its read position advances before the records are
-/// handled (a learning sample may wait for the state task).
-fn take_all(rb: &mut RingBuf<MapData>) -> Vec<Vec<u8>> {
-    std::iter::from_fn(|| rb.next().map(|r| r.to_vec())).collect()
+/// Decodes every learning sample in `rb`, so the ring's read position advances before the
+/// samples are handed to the state task (which may make the drain wait).
+fn take_samples(rb: &mut RingBuf<MapData>) -> Vec<Learning> {
+    std::iter::from_fn(|| {
+        rb.next().map(|r| {
+            let l = Learning::decode(&r);
+            if l.is_none() {
+                warn!(len = r.len(), "bad record in the learning ring buffer");
+            }
+            l
+        })
+    })
+    .flatten()
+    .collect()
 }
 
 impl Drain {
@@ -73,41 +83,43 @@ impl Drain {
             mut learning,
             state,
             view,
-            mut limiter,
+            limiter,
             suppressed,
             health,
         } = self;
         let mut log = Log {
             view,
-            limiter: &mut limiter,
+            limiter,
             suppressed,
             last_event: Instant::now(),
         };
         loop {
             tokio::select! {
                 r = events.readable_mut() => {
+                    // Logged in place: nothing here waits, so no record is copied.
                     let mut guard = r?;
-                    let records = take_all(guard.get_inner_mut());
-                    guard.clear_ready();
-                    for r in records {
-                        log.mismatch(&r);
+                    let rb = guard.get_inner_mut();
+                    while let Some(item) = rb.next() {
+                        log.mismatch(&item);
                     }
+                    guard.clear_ready();
                 }
                 r = learning.readable_mut() => {
                     let mut guard = r?;
-                    let records = take_all(guard.get_inner_mut());
+                    let samples = take_samples(guard.get_inner_mut());
                     guard.clear_ready();
-                    for r in records {
-                        sample(&state, &r).await?;
+                    for l in samples {
+                        state.sample(l).await?;
                     }
                 }
                 () = tokio::time::sleep(DRAIN_TICK) => log.flush_suppressed(),
                 _ = &mut stop => {
-                    for r in take_all(learning.get_mut()) {
-                        sample(&state, &r).await?;
+                    for l in take_samples(learning.get_mut()) {
+                        state.sample(l).await?;
                     }
-                    for r in take_all(events.get_mut()) {
-                        log.mismatch(&r);
+                    let rb = events.get_mut();
+                    while let Some(item) = rb.next() {
+                        log.mismatch(&item);
                     }
                     let pending = log.limiter.pending_suppressed();
                     if pending > 0 {
@@ -121,30 +133,23 @@ impl Drain {
     }
 }
 
-async fn sample(state: &StateHandle, bytes: &[u8]) -> io::Result<()> {
-    let Some(l) = Learning::decode(bytes) else {
-        warn!(len = bytes.len(), "bad record in the learning ring buffer");
-        return Ok(());
-    };
-    state.sample(l).await
-}
-
 /// The mismatch log and its budget.
-struct Log<'a> {
+struct Log {
     view: watch::Receiver<Arc<View>>,
-    limiter: &'a mut RateLimiter,
+    limiter: RateLimiter,
     suppressed: IntCounter,
     last_event: Instant,
 }
 
-impl Log<'_> {
+impl Log {
     fn mismatch(&mut self, bytes: &[u8]) {
-        self.last_event = Instant::now();
+        let now = Instant::now();
+        self.last_event = now;
         let Some(m) = Mismatch::decode(bytes) else {
             warn!(len = bytes.len(), "bad record in the mismatch ring buffer");
             return;
         };
-        let Some(suppressed_before) = self.limiter.admit(Instant::now()) else {
+        let Some(suppressed_before) = self.limiter.admit(now) else {
             self.suppressed.inc();
             return;
         };

@@ -45,33 +45,51 @@ pub(crate) struct Args {
     pub(crate) out: PathBuf,
     pub(crate) quick: bool,
     pub(crate) micro_only: bool,
+    pub(crate) live_only: bool,
+    /// `--baseline-object`: an earlier build's verifier object, measured beside this one.
+    pub(crate) baseline: Option<PathBuf>,
 }
 
 pub(crate) fn parse_args() -> Result<Args> {
     let mut out = PathBuf::from("docs/benchmarks-results.md");
     let mut quick = false;
     let mut micro_only = false;
+    let mut live_only = false;
+    let mut baseline = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => out = it.next().context("--out needs a path")?.into(),
             "--quick" => quick = true,
             "--micro-only" => micro_only = true,
+            "--live-only" => live_only = true,
+            "--baseline-object" => {
+                baseline = Some(PathBuf::from(
+                    it.next().context("--baseline-object needs a path")?,
+                ));
+            }
             "-h" | "--help" => {
                 println!(
-                    "natt-bench [--out FILE] [--quick] [--micro-only]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written"
+                    "natt-bench [--out FILE] [--quick] [--micro-only | --live-only] [--baseline-object FILE]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written\n  --live-only: only the live paged-payload path (iperf3 at MTU 1500 with the kernel's BPF\n    statistics), printed, no report written\n  --baseline-object FILE: also measure this verifier object (an earlier build's\n    natt-verifier, same map ABI) beside the current one, in suites 1 and 2"
                 );
                 std::process::exit(0);
             }
             other => {
-                bail!("unknown argument {other:?} (expected --out FILE, --quick or --micro-only)")
+                bail!(
+                    "unknown argument {other:?} (expected --out FILE, --quick, --micro-only, --live-only or --baseline-object FILE)"
+                )
             }
         }
+    }
+    if micro_only && live_only {
+        bail!("--micro-only and --live-only exclude each other");
     }
     Ok(Args {
         out,
         quick,
         micro_only,
+        live_only,
+        baseline,
     })
 }
 
@@ -90,13 +108,24 @@ fn main() -> Result<()> {
             bail!("{tool} is not installed; run scripts/setup.sh --bench");
         }
     }
+    let baseline = args
+        .baseline
+        .as_ref()
+        .map(|p| fs::read(p).with_context(|| format!("--baseline-object {}", p.display())))
+        .transpose()?;
+    let baseline = baseline.as_deref();
     let (rounds, repeat, secs, storm_secs) = if args.quick {
         (3, 20_000, 2, 5)
     } else {
         (5, 200_000, 10, 30)
     };
+    if args.live_only {
+        let t = throughput(1500, rounds, secs, baseline)?;
+        print!("{}", report::live_table(&t));
+        return Ok(());
+    }
     eprintln!("natt-bench: 1/5 BPF_PROG_TEST_RUN");
-    let m = micro(rounds, repeat)?;
+    let m = micro(rounds, repeat, baseline)?;
     if args.micro_only {
         for (size, ver, ker, nskb, ntc) in &m.rows {
             println!(
@@ -105,6 +134,13 @@ fn main() -> Result<()> {
                 ker.fmt(1),
                 nskb.fmt(1),
                 ntc.fmt(1)
+            );
+        }
+        for ((size, ver, ..), (_, base)) in m.rows.iter().zip(&m.baseline) {
+            println!(
+                "{size} B: baseline verifier {} ns, this build {} ns",
+                base.fmt(1),
+                ver.fmt(1)
             );
         }
         println!(
@@ -123,8 +159,8 @@ fn main() -> Result<()> {
     }
     eprintln!("natt-bench: 2/5 iperf3 throughput");
     let t = vec![
-        throughput(1500, rounds, secs)?,
-        throughput(9000, rounds, secs)?,
+        throughput(1500, rounds, secs, baseline)?,
+        throughput(9000, rounds, secs, baseline)?,
     ];
     eprintln!("natt-bench: 3/5 tshark");
     let c = capture(

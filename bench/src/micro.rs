@@ -23,6 +23,9 @@ pub(crate) struct Micro {
     /// without either program's fixed per-segment cost.
     pub(crate) verifier_marginal: f64,
     pub(crate) kernel_marginal: f64,
+    /// With `--baseline-object`: per size, the baseline verifier's ns/run, measured alternately
+    /// with the others.
+    pub(crate) baseline: Vec<(usize, Stat)>,
 }
 
 /// Mean ns of one run of `prog` on `frame`, over `repeat` runs (the kernel reports the mean).
@@ -38,11 +41,35 @@ where
     Ok(r.duration.as_secs_f64() * 1e9)
 }
 
-pub(crate) fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
-    let mut v = Verifier::load(&Scope::Address).context("loading the verifier")?;
+/// The verifier with 192.0.2.10 as its observed peer, from this build or `object`.
+fn peered_verifier(object: Option<&[u8]>) -> Result<Verifier> {
+    let mut v = match object {
+        Some(obj) => Verifier::load_object(obj, &Scope::Address, false, None)
+            .context("loading the --baseline-object verifier")?,
+        None => Verifier::load(&Scope::Address).context("loading the verifier")?,
+    };
     let peer = PeerSpec::new(parse_cidr("192.0.2.10")?, Mode::Observe);
     v.peer_maps()?
         .set_peers(&PeerTable::default(), &PeerTable::new(vec![peer])?)?;
+    Ok(v)
+}
+
+/// Every run of `v` must have verified (not skipped, not mismatched) its segment.
+fn check_verified(v: &Verifier, expected: u64, what: &str) -> Result<()> {
+    let s = v.stats().peer_stats(0)?;
+    if s.verified_packets[0] != expected || s.mismatches[0] != 0 {
+        bail!(
+            "{what} verified {} of {expected} segments ({} mismatches): benchmark input is wrong",
+            s.verified_packets[0],
+            s.mismatches[0]
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn micro(rounds: usize, repeat: u32, baseline: Option<&[u8]>) -> Result<Micro> {
+    let mut v = peered_verifier(None)?;
+    let mut base = baseline.map(|obj| peered_verifier(Some(obj))).transpose()?;
     let mut tb = EbpfLoader::new()
         .load(TESTBED_OBJ)
         .context("loading the testbed object")?;
@@ -58,6 +85,7 @@ pub(crate) fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
 
     let sizes = [64usize, 512, 1500, 3600];
     let mut rows = Vec::new();
+    let mut base_rows = Vec::new();
     for &size in &sizes {
         let frame = v4(
             "192.0.2.10".parse()?,
@@ -65,9 +93,12 @@ pub(crate) fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
             L4::Tcp,
             &payload(size - 40),
         );
-        let mut samples: [Vec<f64>; 4] = Default::default();
+        let mut samples: [Vec<f64>; 5] = Default::default();
         for _ in 0..rounds {
             samples[0].push(run_ns(v.program_mut()?, &frame, repeat)?);
+            if let Some(b) = base.as_mut() {
+                samples[4].push(run_ns(b.program_mut()?, &frame, repeat)?);
+            }
             for (i, name) in [(1, "natt_kernel_csum"), (3, "natt_noop_tc")] {
                 let p: &SchedClassifier = tb.program(name).context(name)?.try_into()?;
                 samples[i].push(run_ns(p, &frame, repeat)?);
@@ -82,16 +113,14 @@ pub(crate) fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
             stat(&samples[2]),
             stat(&samples[3]),
         ));
+        if base.is_some() {
+            base_rows.push((size, stat(&samples[4])));
+        }
     }
-    // Every run of the verifier must have verified (not skipped, not mismatched) its segment.
-    let s = v.stats().peer_stats(0)?;
     let expected = u64::from(repeat) * (rounds as u64) * sizes.len() as u64;
-    if s.verified_packets[0] != expected || s.mismatches[0] != 0 {
-        bail!(
-            "the verifier verified {} of {expected} segments ({} mismatches): benchmark input is wrong",
-            s.verified_packets[0],
-            s.mismatches[0]
-        );
+    check_verified(&v, expected, "the verifier")?;
+    if let Some(b) = &base {
+        check_verified(b, expected, "the baseline verifier")?;
     }
     // Per-byte cost above the fixed hook cost, from the largest size (L4 bytes = size - 20).
     let (size, ver, ker, nskb, ntc) = rows[rows.len() - 1];
@@ -104,6 +133,7 @@ pub(crate) fn micro(rounds: usize, repeat: u32) -> Result<Micro> {
         verifier_marginal: (ver.median - ver_s.median) / span,
         kernel_marginal: (ker.median - ker_s.median) / span,
         rows,
+        baseline: base_rows,
     })
 }
 

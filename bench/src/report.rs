@@ -63,36 +63,47 @@ pub(crate) fn report(
         m.verifier_per_byte,
         m.kernel_per_byte
     );
-    let _ = writeln!(
-        r,
-        "| TCP throughput, MTU 1500, observe / no program | **{:.2}** | ≥ 0.85 |",
-        ratio(t1500, Setting::Observe)
-    );
-    let _ = writeln!(
-        r,
-        "| TCP throughput, MTU 1500, enforce / no program | **{:.2}** | ≥ 0.85 |",
-        ratio(t1500, Setting::Enforce)
-    );
     let live = |tp: &Throughput, s: Setting| {
         tp.ns_per_packet
             .iter()
             .find(|(x, _)| *x == s)
             .map_or(f64::NAN, |(_, st)| st.median)
     };
+    let of_noop = |s: Setting| ratio(t1500, s) / ratio(t1500, Setting::Noop);
     let _ = writeln!(
         r,
-        "| live BPF time per verified {:.0}-byte segment (observe) vs the no-op hook | {:.0} vs {:.0} ns | |",
+        "| TCP throughput, MTU 1500, every segment verified / no-op hook: observe; enforce | **{:.2}**; **{:.2}** | ≥ 0.90 |",
+        of_noop(Setting::Observe),
+        of_noop(Setting::Enforce)
+    );
+    // The live target: the hook's own cost plus 1.5x the kernel's csum_partial over the same
+    // bytes (its marginal per-byte cost from suite 1, times the live segments' mean length).
+    let target = live(t1500, Setting::Noop) + 1.5 * m.kernel_marginal * t1500.segment_bytes;
+    let _ = writeln!(
+        r,
+        "| live BPF time per verified {:.0}-byte segment (observe); floor: the segment copied out, not summed; the no-op hook | **{:.0}**; {:.0}; {:.0} ns | ≤ {target:.0} ns (no-op + 1.5x `csum_partial`) |",
         t1500.segment_bytes,
         live(t1500, Setting::Observe),
+        live(t1500, Setting::CopyOnly),
         live(t1500, Setting::Noop)
     );
     let _ = writeln!(
         r,
-        "| traffic outside IPsec under SA scope: throughput / no-op hook; BPF time vs the no-op hook | **{:.2}**; {:.0} vs {:.0} ns | ≥ 0.98; within 15 ns |",
-        ratio(t1500, Setting::OutOfScope) / ratio(t1500, Setting::Noop),
+        "| traffic outside IPsec under SA scope: throughput / no-op hook; BPF time; floor: one kernel read; the no-op hook | **{:.2}**; **{:.0}**; {:.0}; {:.0} ns | ≥ 0.98; ≤ no-op + 15 ns |",
+        of_noop(Setting::OutOfScope),
         live(t1500, Setting::OutOfScope),
+        live(t1500, Setting::ProbeRead),
         live(t1500, Setting::Noop)
     );
+    if let Some(base) = &t1500.cpu_per_gb_baseline {
+        let _ = writeln!(
+            r,
+            "| CPU per verified GB, MTU 1500: this build vs the `--baseline-object` build, same rounds | {:.3} vs {:.3} CPU-s = **{:.2}x** | ≤ 0.5x |",
+            t1500.cpu_per_gb.median,
+            base.median,
+            t1500.cpu_per_gb.median / base.median
+        );
+    }
     let _ = writeln!(
         r,
         "| CPU per verified GB: natt-monitor (BPF run time) vs tshark | {:.3} vs {:.1} CPU-s = **{:.0}x less** | ≥ 10x less |",
@@ -146,6 +157,27 @@ pub(crate) fn report(
         m.kernel_marginal
     );
 
+    if !m.baseline.is_empty() {
+        let _ = writeln!(
+            r,
+            "Against the `--baseline-object` verifier, measured alternately in the same rounds:\n"
+        );
+        let _ = writeln!(
+            r,
+            "| IP bytes | baseline verifier ns | this build's verifier ns | this build / baseline |"
+        );
+        let _ = writeln!(r, "|---|---|---|---|");
+        for ((size, ver, ..), (_, base)) in m.rows.iter().zip(&m.baseline) {
+            let _ = writeln!(
+                r,
+                "| {size} | {} | {} | {:.2} |",
+                base.fmt(1),
+                ver.fmt(1),
+                ver.median / base.median
+            );
+        }
+        let _ = writeln!(r);
+    }
     let _ = writeln!(r, "## 2. TCP throughput over veth (iperf3)\n");
     let _ = writeln!(r, "| MTU | setting | Gbit/s | ratio to no program |");
     let _ = writeln!(r, "|---|---|---|---|");
@@ -309,5 +341,59 @@ pub(crate) fn report(
         "| RSS peak under the storm | {:.1} MiB |",
         s.rss_peak_kib as f64 / 1024.0
     );
+    r
+}
+
+/// The live paged-payload figures of one throughput run (`natt-bench --live-only`): throughput
+/// and the kernel's BPF time per packet for each setting, against the no-op hook.
+pub(crate) fn live_table(tp: &Throughput) -> String {
+    let median = |v: &[(Setting, Stat)], s: Setting| {
+        v.iter()
+            .find(|(x, _)| *x == s)
+            .map_or(f64::NAN, |(_, st)| st.median)
+    };
+    let noop_gbps = median(&tp.gbps, Setting::Noop);
+    let noop_ns = median(&tp.ns_per_packet, Setting::Noop);
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
+        "Live path, MTU {}: verified segments averaged {:.0} L4 bytes (payload in page fragments)\n",
+        tp.mtu, tp.segment_bytes
+    );
+    let _ = writeln!(
+        r,
+        "| setting | Gbit/s | / no-op hook | BPF ns per packet | above the no-op hook |"
+    );
+    let _ = writeln!(r, "|---|---|---|---|---|");
+    for (setting, st) in &tp.gbps {
+        let ns = tp.ns_per_packet.iter().find(|(x, _)| x == setting);
+        let _ = writeln!(
+            r,
+            "| {} | {} | {:.2} | {} | {} |",
+            setting.name(),
+            st.fmt(2),
+            st.median / noop_gbps,
+            ns.map_or_else(|| "–".to_owned(), |(_, s)| s.fmt(0)),
+            ns.map_or_else(
+                || "–".to_owned(),
+                |(_, s)| format!("{:.0}", s.median - noop_ns)
+            ),
+        );
+    }
+    let _ = writeln!(
+        r,
+        "\nCPU per verified GB (observe): {} CPU-seconds; {} of {} received segments verified.",
+        tp.cpu_per_gb.fmt(3),
+        tp.segments.1,
+        tp.segments.0
+    );
+    if let Some(base) = &tp.cpu_per_gb_baseline {
+        let _ = writeln!(
+            r,
+            "CPU per verified GB of the baseline object: {} CPU-seconds (this build / baseline: {:.2}).",
+            base.fmt(3),
+            tp.cpu_per_gb.median / base.median
+        );
+    }
     r
 }

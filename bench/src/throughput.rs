@@ -26,12 +26,18 @@ pub(crate) enum Setting {
     Off,
     /// A `cgroup_skb` program that accepts everything: the floor any such hook costs.
     Noop,
+    /// One `bpf_probe_read_kernel` of the skb: the floor under SA scope's dismissal.
+    ProbeRead,
+    /// The segment copied out of the skb and not summed: the floor under the per-byte cost.
+    CopyOnly,
     /// Every segment verified (address scope, the sender configured as a peer).
     Observe,
     Enforce,
     /// The monitor as installed by default (SA scope), with traffic outside IPsec: every
     /// segment is dismissed after one read of its `sec_path` flag.
     OutOfScope,
+    /// `Observe` with the verifier object given by `--baseline-object` (an earlier build).
+    Baseline,
 }
 
 impl Setting {
@@ -39,9 +45,22 @@ impl Setting {
         match self {
             Self::Off => "no program",
             Self::Noop => "no-op cgroup_skb program",
+            Self::ProbeRead => "floor: one kernel read, nothing else",
+            Self::CopyOnly => "floor: segment copied out, not summed",
             Self::Observe => "observe, every segment verified",
             Self::Enforce => "enforce, every segment verified",
             Self::OutOfScope => "SA scope, traffic outside IPsec",
+            Self::Baseline => "baseline object, observe, every segment verified",
+        }
+    }
+
+    /// The testbed program that is this setting, if it is one.
+    const fn testbed(self) -> Option<&'static str> {
+        match self {
+            Self::Noop => Some("natt_noop_skb"),
+            Self::ProbeRead => Some("natt_probe_read_skb"),
+            Self::CopyOnly => Some("natt_copy_skb"),
+            _ => None,
         }
     }
 }
@@ -123,23 +142,24 @@ pub(crate) struct Throughput {
     pub(crate) segment_bytes: f64,
     /// BPF CPU seconds per verified GB, in observe mode.
     pub(crate) cpu_per_gb: Stat,
+    /// The same for the `--baseline-object` verifier, when one is given.
+    pub(crate) cpu_per_gb_baseline: Option<Stat>,
     /// Segments received vs verified over all observe runs.
     pub(crate) segments: (u64, u64),
 }
 
-/// Attaches what `setting` runs to `cg`: the no-op program, or the verifier (address scope
-/// with the sender as its peer, or SA scope for traffic outside IPsec).
+/// Attaches what `setting` runs to `cg`: a testbed program, or the verifier (address scope
+/// with the sender as its peer, from this build or the baseline object, or SA scope for traffic
+/// outside IPsec).
 fn attach(
     setting: Setting,
     cg: &Cgroup,
     sa_scope: Scope,
+    baseline: Option<&[u8]>,
 ) -> Result<(Option<Ebpf>, Option<Verifier>)> {
-    if setting == Setting::Noop {
+    if let Some(name) = setting.testbed() {
         let mut tb = EbpfLoader::new().load(TESTBED_OBJ)?;
-        let p: &mut CgroupSkb = tb
-            .program_mut("natt_noop_skb")
-            .context("natt_noop_skb")?
-            .try_into()?;
+        let p: &mut CgroupSkb = tb.program_mut(name).context(name)?.try_into()?;
         p.load()?;
         let cgroup = fs::File::open(&cg.path)?;
         p.attach(
@@ -157,7 +177,11 @@ fn attach(
     } else {
         Scope::Address
     };
-    let mut v = Verifier::load(&scope)?;
+    let mut v = match (setting, baseline) {
+        (Setting::Baseline, Some(obj)) => Verifier::load_object(obj, &scope, false, None)
+            .context("loading the --baseline-object verifier")?,
+        _ => Verifier::load(&scope)?,
+    };
     let mode = if setting == Setting::Enforce {
         Mode::Enforce
     } else {
@@ -176,20 +200,31 @@ fn per_packet_ns(info: &ProgramInfo) -> f64 {
     info.run_time().as_nanos() as f64 / info.run_count().max(1) as f64
 }
 
-pub(crate) fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughput> {
+pub(crate) fn throughput(
+    mtu: u32,
+    rounds: usize,
+    secs: u32,
+    baseline: Option<&[u8]>,
+) -> Result<Throughput> {
     let lab = Lab::new(mtu);
     let cg = Cgroup::new();
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
-    let settings = [
+    let mut settings = vec![
         Setting::Off,
         Setting::Noop,
+        Setting::ProbeRead,
+        Setting::CopyOnly,
         Setting::Observe,
         Setting::Enforce,
         Setting::OutOfScope,
     ];
+    if baseline.is_some() {
+        settings.push(Setting::Baseline);
+    }
     let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
     let mut cpu = Vec::new();
+    let mut cpu_base = Vec::new();
     let (mut received, mut verified) = (0u64, 0u64);
     let mut verified_bytes = 0u64;
     let sa_scope = Scope::Sa(natt_monitor::scope::layout_from(
@@ -197,28 +232,28 @@ pub(crate) fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughpu
     )?);
     for _ in 0..rounds {
         for (i, &setting) in settings.iter().enumerate() {
-            let (mut noop, verifier) = attach(setting, &cg, sa_scope)?;
+            let (mut testbed, verifier) = attach(setting, &cg, sa_scope, baseline)?;
             let server = iperf_server(&lab, &cg.path)?;
             let segs0 = tcp_in_segs(&lab.b)?;
             let bps = iperf_client(&lab, secs)?;
             let segs = tcp_in_segs(&lab.b)? - segs0;
             let _ = server.finish(Duration::from_secs(10));
-            if let Some(tb) = noop.as_mut() {
-                let p: &mut CgroupSkb = tb
-                    .program_mut("natt_noop_skb")
-                    .context("natt_noop_skb")?
-                    .try_into()?;
+            if let (Some(tb), Some(name)) = (testbed.as_mut(), setting.testbed()) {
+                let p: &mut CgroupSkb = tb.program_mut(name).context(name)?.try_into()?;
                 ns[i].push(per_packet_ns(&p.info()?));
             }
-            drop(noop);
+            drop(testbed);
             gbps[i].push(bps / 1e9);
             if let Some(mut v) = verifier {
                 let s = v.stats().peer_stats(0)?;
                 let info: ProgramInfo = v.program_mut()?.info()?;
                 ns[i].push(per_packet_ns(&info));
+                let per_gb = info.run_time().as_secs_f64() / (s.verified_bytes[0] as f64 / 1e9);
+                if setting == Setting::Baseline {
+                    cpu_base.push(per_gb);
+                }
                 if setting == Setting::Observe {
-                    let bytes = s.verified_bytes[0] as f64;
-                    cpu.push(info.run_time().as_secs_f64() / (bytes / 1e9));
+                    cpu.push(per_gb);
                     received += segs;
                     verified += s.verified_packets[0];
                     verified_bytes += s.verified_bytes[0];
@@ -253,6 +288,7 @@ pub(crate) fn throughput(mtu: u32, rounds: usize, secs: u32) -> Result<Throughpu
             .collect(),
         segment_bytes: verified_bytes as f64 / verified.max(1) as f64,
         cpu_per_gb: stat(&cpu),
+        cpu_per_gb_baseline: (!cpu_base.is_empty()).then(|| stat(&cpu_base)),
         segments: (received, verified),
     })
 }

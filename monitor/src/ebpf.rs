@@ -249,13 +249,27 @@ impl Verifier {
         if VERIFIER_OBJ.is_empty() {
             return Err(EbpfFailure::NoObject);
         }
+        Self::load_object(VERIFIER_OBJ, scope, capture, variant)
+    }
+
+    /// As `load_variant`, from another build's verifier object with the same map ABI (the
+    /// benchmarks compare the current program against an earlier revision's side by side).
+    ///
+    /// # Errors
+    /// As `load`.
+    pub fn load_object(
+        object: &[u8],
+        scope: &Scope,
+        capture: bool,
+        variant: Option<Variant>,
+    ) -> Result<Self, EbpfFailure> {
         raise_memlock_limit();
         let layout = scope.layout();
         let capture = u32::from(capture);
         let mut bpf = EbpfLoader::new()
             .override_global("SECPATH", &layout, true)
             .override_global("CAPTURE_ON", &capture, true)
-            .load(VERIFIER_OBJ)
+            .load(object)
             .map_err(|source| EbpfFailure::Object { source })?;
         let variant = variant.unwrap_or_else(|| crate::features::Features::probe().variant());
         let name = variant.program();

@@ -74,6 +74,10 @@ enum Task {
         /// Where to write the report.
         #[arg(long, default_value = "docs/benchmarks-results.md")]
         out: String,
+        /// An earlier build's verifier object (`target/release/build/natt-monitor-*/out/
+        /// natt-verifier` of that checkout), measured beside this build's for a before/after.
+        #[arg(long, value_name = "FILE")]
+        baseline_object: Option<String>,
     },
 }
 
@@ -217,7 +221,7 @@ fn test(no_lint: bool) -> Result<()> {
     result
 }
 
-fn bench(quick: bool, out: &str) -> Result<()> {
+fn bench(quick: bool, out: &str, baseline_object: Option<&str>) -> Result<()> {
     cargo(&[
         "build",
         "--release",
@@ -245,6 +249,9 @@ fn bench(quick: bool, out: &str) -> Result<()> {
     if quick {
         cmd.arg("--quick");
     }
+    if let Some(obj) = baseline_object {
+        cmd.args(["--baseline-object", obj]);
+    }
     run(&mut cmd)
 }
 
@@ -253,6 +260,10 @@ fn main() -> Result<()> {
         Task::Test { no_lint } => test(no_lint),
         Task::Lint => lint(),
         Task::VmTest { out, only } => vm::vm_test(out.as_deref(), &only).map(|_| ()),
-        Task::Bench { quick, out } => bench(quick, &out),
+        Task::Bench {
+            quick,
+            out,
+            baseline_object,
+        } => bench(quick, &out, baseline_object.as_deref()),
     }
 }

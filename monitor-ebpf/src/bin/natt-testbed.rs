@@ -7,7 +7,9 @@
 //! checksum — the "corrupted after the integrity check" fault — and counts exactly what it did.
 //!
 //! Benchmark references (`cargo xtask bench`): `natt_noop_skb` and `natt_noop_tc` measure the
-//! fixed cost of each hook; `natt_kernel_csum` sums an IPv4 frame's L4 segment with
+//! fixed cost of each hook; `natt_copy_skb` (copying a live segment out of the skb) and
+//! `natt_probe_read_skb` (one read of kernel memory) are the floors under the verifier's
+//! per-byte cost and under SA scope's dismissal of traffic outside IPsec; `natt_kernel_csum` sums an IPv4 frame's L4 segment with
 //! `bpf_csum_diff`, i.e. the kernel's own optimised `csum_partial`, over the same bytes the
 //! verifier sums.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -25,7 +27,10 @@ mod prog {
     use aya_ebpf::{
         EbpfContext as _, Global,
         bindings::{__sk_buff, BPF_CSUM_LEVEL_INC, TC_ACT_OK},
-        helpers::generated::{bpf_csum_diff, bpf_csum_level},
+        helpers::{
+            bpf_probe_read_kernel,
+            generated::{bpf_csum_diff, bpf_csum_level, bpf_skb_load_bytes},
+        },
         macros::{cgroup_skb, classifier, map},
         maps::PerCpuArray,
         programs::{SkBuffContext, TcContext},
@@ -134,6 +139,54 @@ mod prog {
     /// Fixed cost of a `cgroup_skb` program: accept everything.
     #[cgroup_skb(ingress)]
     pub fn natt_noop_skb(_ctx: SkBuffContext) -> i32 {
+        1
+    }
+
+    /// 2 KiB bounce buffer of `natt_copy_skb`.
+    #[map]
+    static COPY_BUF: PerCpuArray<[u64; 256]> = PerCpuArray::with_max_entries(1, 0);
+
+    /// The live-path floor of reading a segment at all: copies the whole packet out of the skb
+    /// (page fragments and all) with `bpf_skb_load_bytes` in 2 KiB pieces, as the verifier's
+    /// summing loop does, and sums nothing.
+    #[cgroup_skb(ingress)]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "signature fixed by aya's #[cgroup_skb]"
+    )]
+    pub fn natt_copy_skb(ctx: SkBuffContext) -> i32 {
+        let Some(buf) = COPY_BUF.get_ptr_mut(0) else {
+            return 1;
+        };
+        let skb = ctx.as_ptr();
+        let len = ctx.len();
+        let mut start = 0u32;
+        let mut i = 0u32;
+        while i < 32 && start + 2048 <= len {
+            // SAFETY: the buffer holds 2048 bytes; the helper bounds-checks the skb side.
+            unsafe { bpf_skb_load_bytes(skb, start, buf.cast(), 2048) };
+            start += 2048;
+            i += 1;
+        }
+        if start < len {
+            // [1, 2048] in a form the verifier follows.
+            let n = ((len - start - 1) & 2047) + 1;
+            // SAFETY: as above, `n` is at most the buffer's size.
+            unsafe { bpf_skb_load_bytes(skb, start, buf.cast(), n) };
+        }
+        1
+    }
+
+    /// The floor of dismissing a segment by its IPsec state: one `bpf_probe_read_kernel` of
+    /// one byte of the skb, as SA scope's first read, and nothing else.
+    #[cgroup_skb(ingress)]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "signature fixed by aya's #[cgroup_skb]"
+    )]
+    pub fn natt_probe_read_skb(ctx: SkBuffContext) -> i32 {
+        // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly.
+        let _ = unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u8) };
         1
     }
 

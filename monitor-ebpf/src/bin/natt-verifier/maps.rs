@@ -32,6 +32,21 @@ pub static SECPATH: Global<SecpathLayout> = Global::new(SecpathLayout {
     encap_sport: 0,
 });
 
+/// One field of `SECPATH`, read where it is used. The loader rewrites the value, so reads are
+/// volatile; `Global::load` would copy all thirteen fields on every packet, although traffic
+/// outside IPsec needs three of them.
+macro_rules! secpath {
+    ($field:ident) => {
+        // SAFETY: `Global<T>` is a transparent `MaybeUninit<T>` that the loader initialises.
+        unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!(
+                (*(&raw const $crate::maps::SECPATH).cast::<monitor_ebpf::SecpathLayout>()).$field
+            ))
+        }
+    };
+}
+pub(crate) use secpath;
+
 /// Non-zero: copy every mismatching packet into `CAPTURE` (`--capture`). Set by the loader;
 /// when 0 the verifier prunes the copy.
 #[unsafe(no_mangle)]
@@ -62,7 +77,7 @@ pub static LEARNING: RingBuf = RingBuf::with_byte_size(LEARNING_RING_BYTES, 0);
 /// Mismatching packets for `--capture`.
 #[map]
 pub static CAPTURE: RingBuf = RingBuf::with_byte_size(CAPTURE_RING_BYTES, 0);
-/// 512-byte bounce buffer for `bpf_skb_load_bytes`: the BPF stack is only 512 bytes.
+/// 2 KiB bounce buffer for `bpf_skb_load_bytes` (see `sum`): the BPF stack is only 512 bytes.
 #[map]
 pub static SCRATCH: PerCpuArray<[u64; CHUNK_WORDS]> = PerCpuArray::with_max_entries(1, 0);
 /// One per-CPU slot that `sum::opaque` passes values through.

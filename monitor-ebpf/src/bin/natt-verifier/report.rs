@@ -8,7 +8,7 @@ use monitor_ebpf::{
 };
 
 use crate::{
-    maps::{CAPTURE, EVENTS, LEARNING, SECPATH},
+    maps::{CAPTURE, EVENTS, LEARNING},
     parse::{L3, L4, skb},
     scope::{Sa, sa_identity},
     stats::bump,
@@ -32,7 +32,7 @@ pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
     };
     let ev = entry.as_mut_ptr();
     // Off the verified path: only reports name the SA.
-    let (spi, reqid) = sa_identity(&m.sa, &SECPATH.load());
+    let (spi, reqid) = sa_identity(&m.sa);
     // SAFETY: `ev` is an exclusive, aligned ring-buffer reservation of the event's size.
     unsafe {
         (*ev).peer_id = l3.peer.id;
@@ -85,7 +85,7 @@ pub fn learning(l3: &L3, key: &SaKey, sa: &Sa, residual: u16) {
         bump(Counter::LearningLost);
         return;
     };
-    let (spi, reqid) = sa_identity(sa, &SECPATH.load());
+    let (spi, reqid) = sa_identity(sa);
     entry.write(LearningSample {
         key: *key,
         residual,
@@ -111,7 +111,7 @@ pub fn capture(ctx: &SkBuffContext, action: Action) {
     } else {
         CAPTURE_SNAP as u32
     };
-    // [1, CAPTURE_SNAP] in a form the verifier follows (see `sum::sum_range`).
+    // [1, CAPTURE_SNAP] in a form the verifier follows (see `sum::add_chunk`).
     let n = ((want.wrapping_sub(1)) & (CAPTURE_SNAP as u32 - 1)) + 1;
     // SAFETY: `rec` is an exclusive ring-buffer reservation of the record's size.
     unsafe {

@@ -4,9 +4,9 @@
 //! without BTF, leaves out what is certainly plaintext.
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_probe_read_kernel, programs::SkBuffContext};
-use monitor_ebpf::{Counter, SecpathLayout, XFRM_MAX_DEPTH, XFRM_MODE_TRANSPORT, csum};
+use monitor_ebpf::{Counter, XFRM_MAX_DEPTH, XFRM_MODE_TRANSPORT, csum};
 
-use crate::parse::L4;
+use crate::{maps::secpath, parse::L4};
 
 const IKE_PORT: u16 = 500;
 const NATT_PORT: u16 = 4500;
@@ -44,30 +44,30 @@ pub fn kread<T>(addr: u64) -> Result<T, Counter> {
 /// template (ESP in UDP or TCP). `esp_input_done2` (net/ipv4/esp4.c, net/ipv6/esp6.c) marks
 /// exactly those `CHECKSUM_UNNECESSARY`. Ordinary traffic costs one read.
 #[inline(always)]
-pub fn ipsec_state(ctx: &SkBuffContext, l: &SecpathLayout) -> Result<Sa, Counter> {
+pub fn ipsec_state(ctx: &SkBuffContext) -> Result<Sa, Counter> {
     let skb = ctx.as_ptr() as u64;
-    let active: u8 = kread(skb + u64::from(l.skb_active_extensions))?;
-    if u32::from(active) & l.sec_path_bit == 0 {
+    let active: u8 = kread(skb + u64::from(secpath!(skb_active_extensions)))?;
+    if u32::from(active) & secpath!(sec_path_bit) == 0 {
         return Err(Counter::SkipNotIpsec);
     }
-    let ext: u64 = kread(skb + u64::from(l.skb_extensions))?;
-    let off: u8 = kread(ext + u64::from(l.ext_sec_path_offset))?;
+    let ext: u64 = kread(skb + u64::from(secpath!(skb_extensions)))?;
+    let off: u8 = kread(ext + u64::from(secpath!(ext_sec_path_offset)))?;
     let sp = ext + (u64::from(off) << 3);
-    let len = if l.sp_len_size == 1 {
-        u32::from(kread::<u8>(sp + u64::from(l.sp_len))?)
+    let len = if secpath!(sp_len_size) == 1 {
+        u32::from(kread::<u8>(sp + u64::from(secpath!(sp_len)))?)
     } else {
-        kread::<u32>(sp + u64::from(l.sp_len))?
+        kread::<u32>(sp + u64::from(secpath!(sp_len)))?
     };
     if len == 0 || len > XFRM_MAX_DEPTH {
         return Err(Counter::SkipIpsecUnreadable);
     }
-    let x: u64 = kread(sp + u64::from(l.sp_xvec) + u64::from(len - 1) * 8)?;
-    let encap: u64 = kread(x + u64::from(l.x_encap))?;
-    let mode: u8 = kread(x + u64::from(l.x_mode))?;
+    let x: u64 = kread(sp + u64::from(secpath!(sp_xvec)) + u64::from(len - 1) * 8)?;
+    let encap: u64 = kread(x + u64::from(secpath!(x_encap)))?;
+    let mode: u8 = kread(x + u64::from(secpath!(x_mode)))?;
     if encap == 0 || mode != XFRM_MODE_TRANSPORT {
         return Err(Counter::SkipIpsecCheckedByKernel);
     }
-    let ports: [u16; 2] = kread(encap + u64::from(l.encap_sport))?;
+    let ports: [u16; 2] = kread(encap + u64::from(secpath!(encap_sport)))?;
     Ok(Sa {
         state: x,
         sport: ports[0],
@@ -77,13 +77,13 @@ pub fn ipsec_state(ctx: &SkBuffContext, l: &SecpathLayout) -> Result<Sa, Counter
 
 /// The SA's SPI and reqid, for a report; 0 where they cannot be read or no SA is known.
 #[inline(always)]
-pub fn sa_identity(sa: &Sa, l: &SecpathLayout) -> (u32, u32) {
+pub fn sa_identity(sa: &Sa) -> (u32, u32) {
     if sa.state == 0 {
         return (0, 0);
     }
     (
-        kread(sa.state + u64::from(l.x_spi)).unwrap_or(0),
-        kread(sa.state + u64::from(l.x_reqid)).unwrap_or(0),
+        kread(sa.state + u64::from(secpath!(x_spi))).unwrap_or(0),
+        kread(sa.state + u64::from(secpath!(x_reqid))).unwrap_or(0),
     )
 }
 

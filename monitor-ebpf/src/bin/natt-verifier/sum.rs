@@ -1,6 +1,7 @@
-//! The one's-complement sum of a segment, in 512-byte chunks copied to a per-CPU scratch
-//! buffer. Two loop shapes with identical results: one `bpf_loop` callback per chunk (5.17+),
-//! or a bounded loop (5.8 to 5.16). See docs/verifier.md for why the code has this shape.
+//! The one's-complement sum of a segment, in chunks of up to 2 KiB copied to a per-CPU scratch
+//! buffer with one `bpf_skb_load_bytes` each. Two loop shapes with identical results: one
+//! `bpf_loop` callback per chunk (5.17+), or a bounded loop (5.8 to 5.16). See docs/verifier.md
+//! for why the code has this shape.
 
 use core::{
     ffi::c_void,
@@ -16,10 +17,14 @@ use aya_ebpf::{
 
 use crate::maps::{OPAQUE, SCRATCH};
 
-/// Bytes summed per chunk.
-pub const CHUNK: u32 = 512;
+/// Most bytes copied and summed per chunk: a whole MTU-1500 segment in one copy.
+pub const CHUNK: u32 = 2048;
 /// The chunk in u64 words: the scratch buffer's size.
 pub const CHUNK_WORDS: usize = CHUNK as usize / 8;
+/// Bytes per block, the unit in which a chunk is summed (and its tail zero-padded).
+const BLOCK: u32 = 64;
+/// Most chunks of one segment: 64 KiB.
+const MAX_CHUNKS: u32 = 32;
 
 /// Copies `n` bytes at `off` into `dst`; the caller keeps `n` within `dst` in a form the
 /// verifier can see.
@@ -30,26 +35,13 @@ pub fn load_into(skb: *mut __sk_buff, off: u32, dst: *mut u8, n: u32) -> bool {
     unsafe { bpf_skb_load_bytes(skb.cast::<c_void>(), off, dst.cast::<c_void>(), n) == 0 }
 }
 
-/// Zeroes the 64 u64 words of the scratch buffer at `$w` with volatile stores.
-macro_rules! seq_macro_zero {
-    ($w:ident) => {
-        seq_macro_zero!(@ $w; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23
-            24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50
-            51 52 53 54 55 56 57 58 59 60 61 62 63)
-    };
-    (@ $w:ident; $($i:literal)*) => {
-        $( write_volatile($w.add($i), 0u64); )*
-    };
-}
-const _: () = assert!(CHUNK_WORDS == 64);
-
 /// `v`, as a value the verifier cannot relate to anything: a round trip through map memory.
 ///
 /// A helper's size argument must be "precise", and the verifier marks precise every value
 /// it was computed from, back to the segment length. A precise length makes the states at
-/// each of the summing loop's up to 128 exits differ, and everything after the loop is
-/// then verified once per exit: that, not the loop, is what exhausts the 1M-instruction
-/// budget. Sizes derived from the length pass through here and are bounded again after.
+/// each exit of the summing loop differ, and everything after the loop is then verified once
+/// per exit: that, not the loop, is what exhausts the 1M-instruction budget. Sizes derived
+/// from the length pass through here and are bounded again after.
 #[inline(always)]
 pub fn opaque(v: u32) -> u32 {
     match OPAQUE.get_ptr_mut(0) {
@@ -63,58 +55,80 @@ pub fn opaque(v: u32) -> u32 {
     }
 }
 
-/// Most 512-byte chunks of one segment: 64 KiB.
-const MAX_CHUNKS: u32 = 128;
-
-/// Memory-domain one's-complement sum of `len` (< 64 KiB) bytes at `off` (see `csum`).
+/// Adds chunk `start` of the `len`-byte range at `off` (`start < len`) to `sum`: copies up to
+/// `CHUNK` bytes into the scratch buffer with one helper call and sums them.
 ///
-/// A bounded loop (Linux 5.3+) over 512-byte chunks whose body is straight-line code: each
-/// chunk is copied with `bpf_skb_load_bytes` into the per-CPU scratch buffer (live payloads
-/// are paged, so most bytes need a copy anyway) and its 128 words are summed unrolled. The
-/// scratch buffer is zeroed before a short last chunk, so its tail needs no masking and an
-/// odd length is zero-padded. With no branch inside a chunk and none of `bpf_loop`'s
-/// callback verification, every kernel's verifier walks each chunk once: about 128 times
-/// the body for a 64 KiB segment, far from the 1M-instruction limit on 5.10 to 7.x alike.
-/// Failure is a `None`, decided outside the sum: comparing the sum with a constant would
-/// mark it precise and defeat state pruning.
+/// The block holding the chunk's last byte is zeroed before the copy, so the bytes past the
+/// chunk's end in that block add nothing (an odd length is zero-padded the same way), and only
+/// the blocks the chunk reaches are summed. A chunk of `n` bytes thus costs one copy, eight
+/// stores and `ceil(n / 64)` block sums, whatever its length. Failure is `false`, decided
+/// outside the sum: comparing the sum with a constant would mark it precise and defeat state
+/// pruning.
+#[inline(always)]
+fn add_chunk(skb: *mut __sk_buff, off: u32, len: u32, start: u32, sum: &mut u64) -> bool {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let left = len - start;
+    // `opaque` keeps the sizes' precision from reaching `len` (see there); `(k - 1) & (CHUNK
+    // - 1)` keeps the verifier's view of each within the buffer (LLVM folds a plain bound
+    // check into a form the verifier cannot follow).
+    let last = (opaque(if left < CHUNK { left } else { CHUNK }) - 1) & (CHUNK - 1);
+    let n = last + 1;
+    let blocks = (last / BLOCK) + 1;
+    let words = buf.cast::<u64>();
+    // SAFETY: `last & !(BLOCK - 1)` is a block offset inside the CHUNK-byte buffer.
+    unsafe {
+        let tail = words.add(((last & !(BLOCK - 1)) / 8) as usize);
+        zero_block(tail);
+    }
+    if !load_into(skb, off + start, buf.cast(), n) {
+        return false;
+    }
+    *sum += sum_blocks::<true>(words, blocks);
+    true
+}
+
+/// Zeroes the 8 u64 words at `w` with volatile stores: LLVM turns a plain zeroing into a call
+/// to `memset`, a byte loop.
+#[inline(always)]
+unsafe fn zero_block(w: *mut u64) {
+    // SAFETY: the caller guarantees 64 writable bytes at `w`.
+    unsafe {
+        write_volatile(w, 0);
+        write_volatile(w.add(1), 0);
+        write_volatile(w.add(2), 0);
+        write_volatile(w.add(3), 0);
+        write_volatile(w.add(4), 0);
+        write_volatile(w.add(5), 0);
+        write_volatile(w.add(6), 0);
+        write_volatile(w.add(7), 0);
+    }
+}
+
+/// Memory-domain one's-complement sum of `len` (< 64 KiB) bytes at `off` (see `csum`): a
+/// bounded loop (Linux 5.3+) over the whole chunks, whose body is straight-line code, then the
+/// short last chunk. Each whole chunk is one path, so every kernel's verifier walks each chunk
+/// once: far from the 1M-instruction limit on 5.10 to 7.x alike. (A body with the short
+/// chunk's forward exits costs this shape's verification about three times as much.)
 #[inline(always)]
 fn sum_range(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
     let buf = SCRATCH.get_ptr_mut(0)?;
-    let mut even = 0u64;
-    let mut odd = 0u64;
-    let mut ok = true;
-    // Whole chunks: one path per chunk, a constant copy size.
+    let mut sum = 0u64;
     let mut start = 0u32;
     let mut i = 0u32;
     while i < MAX_CHUNKS && start + CHUNK <= len {
         if !load_into(skb, off + start, buf.cast(), CHUNK) {
-            ok = false;
-            break;
+            return None;
         }
-        sum_chunk(buf, &mut even, &mut odd);
+        sum += sum_whole_chunk(buf.cast());
         start += CHUNK;
         i += 1;
     }
-    // The last, shorter chunk, over a zeroed buffer so its tail adds nothing.
-    if ok && start < len {
-        // Volatile stores, written out: LLVM would turn a plain zeroing into a call to
-        // `memset`, a byte loop the verifier walks in full.
-        // SAFETY: the scratch value is CHUNK_WORDS u64s.
-        unsafe {
-            let w = buf.cast::<u64>();
-            seq_macro_zero!(w);
-        }
-        // `(n - 1) & 511` + 1 keeps the verifier's view at [1, 512]; LLVM folds a plain
-        // bound check into a form the verifier cannot follow. `opaque` keeps the size's
-        // precision from reaching `len` (see there).
-        let n = ((opaque(len - start) - 1) & (CHUNK - 1)) + 1;
-        if load_into(skb, off + start, buf.cast(), n) {
-            sum_chunk(buf, &mut even, &mut odd);
-        } else {
-            ok = false;
-        }
+    if start < len && !add_chunk(skb, off, len, start, &mut sum) {
+        return None;
     }
-    if ok { Some(even + odd) } else { None }
+    Some(sum)
 }
 
 /// The memory-domain sum of the segment, by the variant's summing loop.
@@ -127,26 +141,25 @@ pub fn sum_segment<const BPF_LOOP: bool>(ctx: &SkBuffContext, off: u32, len: u32
     }
 }
 
-/// State shared with the `bpf_loop` callback; lives on the caller's stack.
+/// State shared with the `bpf_loop` callback; lives on the caller's stack. The two zeroed
+/// fields are apart so that LLVM initialises them with stores, not a `memset` call.
 #[repr(C)]
 struct SumCtx {
     skb: *mut __sk_buff,
-    even: u64,
-    odd: u64,
+    sum: u64,
     off: u32,
     len: u32,
-    failed: u32,
+    failed: u64,
 }
 
-/// As `sum_range`, one `bpf_loop` callback per chunk (5.17+). The callback is straight-line
-/// but for the short-chunk zeroing, so kernels that verify callbacks until their states
-/// converge (7.x walks them as loops) settle after a few rounds.
+/// As `sum_range`, one `bpf_loop` callback per chunk (5.17+). The callback's only branches
+/// are forward ones, so kernels that verify callbacks until their states converge (7.x walks
+/// them as loops) settle after a few rounds.
 #[inline(always)]
 fn sum_range_bpf_loop(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
     let mut c = SumCtx {
         skb,
-        even: 0,
-        odd: 0,
+        sum: 0,
         off,
         len,
         failed: 0,
@@ -160,15 +173,10 @@ fn sum_range_bpf_loop(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
             0,
         );
     }
-    if c.failed != 0 {
-        None
-    } else {
-        Some(c.even + c.odd)
-    }
+    if c.failed != 0 { None } else { Some(c.sum) }
 }
 
-/// `bpf_loop` callback: adds chunk `index` (512 bytes, or the shorter last one) into the
-/// `SumCtx` accumulators.
+/// `bpf_loop` callback: adds chunk `index` into the `SumCtx` accumulator.
 #[inline(never)]
 extern "C" fn sum_one_chunk(index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `SumCtx` that `sum_range_bpf_loop` passed to bpf_loop.
@@ -177,71 +185,84 @@ extern "C" fn sum_one_chunk(index: u64, ctx: *mut c_void) -> i64 {
     if start >= st.len {
         return 1;
     }
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-        st.failed = 1;
-        return 1;
-    };
-    let left = st.len - start;
-    if left < CHUNK {
-        // SAFETY: the scratch value is CHUNK_WORDS u64s (see `sum_range`).
-        unsafe {
-            let w = buf.cast::<u64>();
-            seq_macro_zero!(w);
-        }
-    }
-    let n = if left > CHUNK { CHUNK } else { left };
-    let n = ((opaque(n) - 1) & (CHUNK - 1)) + 1;
-    if !load_into(st.skb, st.off + start, buf.cast(), n) {
+    let mut sum = 0u64;
+    if !add_chunk(st.skb, st.off, st.len, start, &mut sum) {
         st.failed = 1;
         return 1;
     }
-    let (mut even, mut odd) = (0u64, 0u64);
-    sum_chunk(buf, &mut even, &mut odd);
-    st.even += even;
-    st.odd += odd;
+    st.sum += sum;
     0
 }
 
-/// Sums the 128 words of the scratch buffer into the two accumulators. Eight blocks written
-/// out: a nested loop here is what verifiers refuse as "too complex" on some kernels.
-#[inline(always)]
-fn sum_chunk(buf: *mut [u64; CHUNK_WORDS], even: &mut u64, odd: &mut u64) {
-    let words = buf.cast::<u32>();
-    // SAFETY: the eight 16-word blocks at 0, 16, .., 112 lie inside the 128-word buffer.
-    unsafe {
-        sum_block(words, even, odd);
-        sum_block(words.add(16), even, odd);
-        sum_block(words.add(32), even, odd);
-        sum_block(words.add(48), even, odd);
-        sum_block(words.add(64), even, odd);
-        sum_block(words.add(80), even, odd);
-        sum_block(words.add(96), even, odd);
-        sum_block(words.add(112), even, odd);
-    }
+/// `sum_blocks` over a whole chunk, as a function of its own: inlined beside the short
+/// chunk's copy, LLVM spills the caller's values past the 512-byte BPF stack.
+#[inline(never)]
+fn sum_whole_chunk(words: *const u64) -> u64 {
+    sum_blocks::<false>(words, CHUNK / BLOCK)
 }
 
-/// Sums the 16 words of a 64-byte block into two accumulators (two dependency chains, so
-/// the JIT's adds overlap). Volatile reads keep LLVM from hoisting every load of an
-/// unrolled chunk ahead of the adds, which spills past the 512-byte BPF stack.
+/// Sums the first `blocks` (1 to 32) 64-byte blocks at `words` (all 32 unless `PARTIAL`):
+/// returns the integer sum of their 32-bit words (at most 512 words below 2^32, so it cannot
+/// overflow).
+///
+/// BPF has no add-with-carry, so the buffer is read as u64 words and each word is added whole
+/// into `wide` (wrapping) while its upper half is added into `high`. The sum of the lower
+/// halves is then `wide - (high << 32)`, exact modulo 2^64, and the 32-bit word sum is that
+/// plus `high`: one load and three ALU operations per 8 bytes, in two dependency chains,
+/// against two loads and two adds for 32-bit loads. The blocks are BPF assembly: in plain
+/// Rust, LLVM reassociates the two chains, keeps every loaded word alive for the second one,
+/// and spills them past the 512-byte BPF stack. Written out, with a forward exit after each
+/// block: a loop here is what verifiers refuse as "too complex" on some kernels.
 #[inline(always)]
-unsafe fn sum_block(p: *const u32, even: &mut u64, odd: &mut u64) {
-    // SAFETY: the caller guarantees 64 readable bytes at `p`.
+fn sum_blocks<const PARTIAL: bool>(words: *const u64, blocks: u32) -> u64 {
+    let (mut wide, mut high) = (0u64, 0u64);
+    macro_rules! blocks {
+        ($($i:literal)*) => {
+            $(
+                if !PARTIAL || blocks > $i {
+                    // SAFETY: block $i of the CHUNK-byte buffer (32 blocks of 8 words).
+                    unsafe { sum_block(words.add($i * 8), &mut wide, &mut high) };
+                }
+            )*
+        };
+    }
+    blocks!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31);
+    wide.wrapping_sub(high << 32) + high
+}
+const _: () = assert!(CHUNK / BLOCK == 32 && CHUNK.is_power_of_two());
+
+/// The BPF instructions that add the u64 word at byte offset `$off` of `{p}` (see `sum_blocks`).
+macro_rules! add_word {
+    ($off:literal) => {
+        concat!(
+            "{w} = *(u64 *)({p} + ",
+            $off,
+            ")\n{wide} += {w}\n{w} >>= 32\n{high} += {w}\n"
+        )
+    };
+}
+
+/// Adds the 8 u64 words of the 64-byte block at `p` into `wide` (whole, wrapping) and `high`
+/// (upper halves).
+#[inline(always)]
+unsafe fn sum_block(p: *const u64, wide: &mut u64, high: &mut u64) {
+    // SAFETY: the caller guarantees 64 readable bytes at `p`; the instructions only read them
+    // and write the named registers.
     unsafe {
-        *even += u64::from(read_volatile(p));
-        *odd += u64::from(read_volatile(p.add(1)));
-        *even += u64::from(read_volatile(p.add(2)));
-        *odd += u64::from(read_volatile(p.add(3)));
-        *even += u64::from(read_volatile(p.add(4)));
-        *odd += u64::from(read_volatile(p.add(5)));
-        *even += u64::from(read_volatile(p.add(6)));
-        *odd += u64::from(read_volatile(p.add(7)));
-        *even += u64::from(read_volatile(p.add(8)));
-        *odd += u64::from(read_volatile(p.add(9)));
-        *even += u64::from(read_volatile(p.add(10)));
-        *odd += u64::from(read_volatile(p.add(11)));
-        *even += u64::from(read_volatile(p.add(12)));
-        *odd += u64::from(read_volatile(p.add(13)));
-        *even += u64::from(read_volatile(p.add(14)));
-        *odd += u64::from(read_volatile(p.add(15)));
+        core::arch::asm!(
+            add_word!(0),
+            add_word!(8),
+            add_word!(16),
+            add_word!(24),
+            add_word!(32),
+            add_word!(40),
+            add_word!(48),
+            add_word!(56),
+            p = in(reg) p,
+            w = out(reg) _,
+            wide = inout(reg) *wide,
+            high = inout(reg) *high,
+            options(nostack, readonly, preserves_flags),
+        );
     }
 }

@@ -7,7 +7,7 @@ use aya_log_ebpf::warn;
 use monitor_ebpf::{Action, Counter, IPPROTO_TCP, PEER_FLAG_LEARN, PeerMode, Proto, SaKey, csum};
 
 use crate::{
-    maps::{CAPTURE_ON, SA_RESIDUALS, SECPATH},
+    maps::{CAPTURE_ON, SA_RESIDUALS, secpath},
     parse::{parse_l3, parse_l4},
     report::{self, Mismatch},
     scope::{Sa, address_scope_exemptions, ipsec_state},
@@ -59,18 +59,18 @@ fn verdict(r: Result<Verdict, Counter>) -> i32 {
 
 #[inline(always)]
 fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Counter> {
-    let layout = SECPATH.load();
+    let sa_scope = secpath!(enabled) != 0;
     // SA scope dismisses everything that did not come through a NAT-T transport SA before
     // touching a header: one read of `active_extensions` for ordinary traffic.
-    let sa = if layout.enabled != 0 {
-        ipsec_state(ctx, &layout)?
+    let sa = if sa_scope {
+        ipsec_state(ctx)?
     } else {
         Sa::NONE
     };
     let l3 = parse_l3(ctx)?;
     let l4 = parse_l4(ctx, &l3)?;
     let pseudo = l3.addr_sum + csum::proto_len_sum(l3.proto, l4.len);
-    if layout.enabled == 0 {
+    if !sa_scope {
         address_scope_exemptions(&l4, pseudo)?;
     }
     let Some(data) = sum_segment::<BPF_LOOP>(ctx, l3.l4_off, l4.len) else {

@@ -187,15 +187,23 @@ impl Harness {
     }
 
     fn run_with_ctx(&mut self, frame: &[u8], ctx: Option<&[u8]>) -> Outcome {
+        self.try_run(frame, ctx)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()))
+    }
+
+    /// As `run_with_ctx`; `Err` when the kernel refuses the frame before the program runs.
+    fn try_run(
+        &mut self,
+        frame: &[u8],
+        ctx: Option<&[u8]>,
+    ) -> Result<Outcome, aya::programs::ProgramError> {
         let (c0, p0) = self.snapshot();
         let prog = self.v.program_mut().unwrap();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                ctx_in: ctx,
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()));
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: ctx,
+            ..TestRunOptions::default()
+        })?;
         let events = self.drain_events();
         let learning = self.drain_learning();
         let (c1, p1) = self.snapshot();
@@ -215,7 +223,7 @@ impl Harness {
                 out.peers[i].learning[k] = b.learning[k] - a.learning[k];
             }
         }
-        out
+        Ok(out)
     }
 
     fn run(&mut self, frame: &[u8]) -> Outcome {
@@ -819,5 +827,273 @@ fn sa_scope_leaves_out_everything_without_a_sec_path() {
         (v4(V4_OUT_OF_SCOPE, LOCAL4, L4::Tcp, &payload(9)), "no peer"),
     ] {
         assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipNotIpsec), "{what}");
+    }
+}
+
+/// What a malformed-corpus case must give.
+enum Expect {
+    /// The kernel refuses the frame before the program runs: a test run only, since such a
+    /// packet never reaches a socket.
+    Refused,
+    /// The verdict and the exact change of every counter.
+    Is(Box<Outcome>),
+}
+
+/// An IPv4 TCP frame from the observed peer with explicit options (checksum correct).
+fn v4_tcp_options(opts: &[etherparse::TcpOptionElement], data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(V4_OBSERVE.octets(), LOCAL4.octets(), 64)
+        .tcp(40000, 2181, 7, 64240)
+        .options(opts)
+        .expect("options fit")
+        .write(&mut out, data)
+        .expect("etherparse builds the frame");
+    out
+}
+
+/// Sets the IPv4 total length, or the IPv6 payload length, of `frame`.
+fn set_ip_len(mut frame: Vec<u8>, len: u16) -> Vec<u8> {
+    let at = if frame[12..14] == [0x08, 0x00] { 2 } else { 4 };
+    frame[ETH + at..ETH + at + 2].copy_from_slice(&len.to_be_bytes());
+    frame
+}
+
+fn ip_len(frame: &[u8]) -> u16 {
+    let at = if frame[12..14] == [0x08, 0x00] { 2 } else { 4 };
+    u16::from_be_bytes([frame[ETH + at], frame[ETH + at + 1]])
+}
+
+/// Appends `n` bytes behind the IP packet, as link-layer padding does.
+fn with_trailer(mut frame: Vec<u8>, n: usize) -> Vec<u8> {
+    frame.extend(std::iter::repeat_n(0xa5, n));
+    frame
+}
+
+/// The malformed-packet corpus: every case is a frame and its exact verdict and reason.
+#[expect(clippy::too_many_lines, reason = "the corpus reads best as one table")]
+fn malformed_corpus() -> Vec<(String, Vec<u8>, Expect)> {
+    use Expect::Refused;
+    use etherparse::TcpOptionElement::Noop;
+    let is = |o: Outcome| Expect::Is(Box::new(o));
+    let mut cases: Vec<(String, Vec<u8>, Expect)> = Vec::new();
+    let tcp = Proto::Tcp as usize;
+    let udp = Proto::Udp as usize;
+
+    // Headers cut at every byte, for each family and transport, with IPv4 options and with
+    // IPv6 extension headers: a frame without its whole fixed IP header never reaches the
+    // program; any other cut leaves a segment shorter than its headers say.
+    let bases = [
+        (
+            "v4 tcp+options",
+            v4(V4_OBSERVE, LOCAL4, L4::TcpWithOptions, &payload(16)),
+            20,
+        ),
+        ("v4 udp", v4(V4_OBSERVE, LOCAL4, L4::Udp, &payload(16)), 20),
+        (
+            "v4 ip-options tcp",
+            with_ipv4_options(v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(16)), &[1, 1, 1, 0]),
+            20,
+        ),
+        (
+            "v6 tcp+options",
+            v6(V6_OBSERVE, LOCAL6, L4::TcpWithOptions, &payload(16)),
+            40,
+        ),
+        (
+            "v6 hop-by-hop+dest-options udp",
+            with_ipv6_ext(
+                with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Udp, &payload(16)), 60),
+                0,
+            ),
+            40,
+        ),
+    ];
+    for (name, frame, fixed) in &bases {
+        for cut in ETH..frame.len() {
+            let expect = if cut < ETH + fixed {
+                Refused
+            } else {
+                is(Outcome::skipped(Counter::SkipTruncated))
+            };
+            cases.push((
+                format!("{name} cut to {cut} bytes"),
+                frame[..cut].to_vec(),
+                expect,
+            ));
+        }
+    }
+
+    // IPv4 header lengths against the packet.
+    let bare = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &[]);
+    let mut f = bare.clone();
+    f[ETH] = 0x4f; // IHL 15: a 60-byte header in a 40-byte packet
+    cases.push((
+        "IHL past the total length".into(),
+        f.clone(),
+        is(Outcome::skipped(Counter::SkipMalformed)),
+    ));
+    let f = set_ip_len(f, 60); // ... and a total length that covers it, past the frame
+    cases.push((
+        "IHL and total length past the frame".into(),
+        f,
+        is(Outcome::skipped(Counter::SkipMalformed)),
+    ));
+    let with100 = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(100));
+    let n = ip_len(&with100);
+    cases.push((
+        "total length one past the frame".into(),
+        set_ip_len(with100.clone(), n + 1),
+        is(Outcome::skipped(Counter::SkipTruncated)),
+    ));
+    cases.push((
+        "total length 65535".into(),
+        set_ip_len(with100.clone(), 0xffff),
+        is(Outcome::skipped(Counter::SkipTruncated)),
+    ));
+    cases.push((
+        "total length below the header".into(),
+        set_ip_len(with100.clone(), 19),
+        is(Outcome::skipped(Counter::SkipMalformed)),
+    ));
+    cases.push((
+        "total length leaves no TCP header".into(),
+        set_ip_len(with100.clone(), 39),
+        is(Outcome::skipped(Counter::SkipMalformed)),
+    ));
+    // Bytes behind the IP packet (link padding) are not part of the segment.
+    cases.push((
+        "v4: 6 bytes behind the packet".into(),
+        with_trailer(with100.clone(), 6),
+        is(Outcome::verified(P_V4_OBSERVE, tcp, 120)),
+    ));
+    let v6_100 = v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(100));
+    cases.push((
+        "v6: 6 bytes behind the packet".into(),
+        with_trailer(v6_100.clone(), 6),
+        is(Outcome::verified(P_V6_OBSERVE, tcp, 120)),
+    ));
+    let n = ip_len(&v6_100);
+    cases.push((
+        "v6 payload length one past the frame".into(),
+        set_ip_len(v6_100, n + 1),
+        is(Outcome::skipped(Counter::SkipTruncated)),
+    ));
+
+    // IPv6 extension-header chains, up to the walk's limit and one beyond it.
+    let kinds = [0u8, 60, 43, 60, 43, 60, 43];
+    for k in 0..=kinds.len() {
+        let mut f = v6(V6_OBSERVE, LOCAL6, L4::Udp, &payload(30));
+        for &kind in &kinds[..k] {
+            f = with_ipv6_ext(f, kind);
+        }
+        let expect = if k <= MAX_EXT_HEADERS {
+            Outcome::verified(P_V6_OBSERVE, udp, 38)
+        } else {
+            Outcome::skipped(Counter::SkipUnsupportedExtensionHeader)
+        };
+        cases.push((format!("{k} extension headers"), f, is(expect)));
+    }
+    // An extension header whose length runs past the IPv6 payload.
+    let mut f = with_ipv6_ext(v6(V6_OBSERVE, LOCAL6, L4::Udp, &payload(30)), 60);
+    f[ETH + 41] = 255;
+    cases.push((
+        "extension header longer than the payload".into(),
+        f,
+        is(Outcome::skipped(Counter::SkipMalformed)),
+    ));
+
+    // Zero-length payloads.
+    for (l4, proto, len) in [
+        (L4::Tcp, tcp, 20),
+        (L4::TcpWithOptions, tcp, 40),
+        (L4::Udp, udp, 8),
+    ] {
+        cases.push((
+            format!("v4 {l4:?} without payload"),
+            v4(V4_OBSERVE, LOCAL4, l4, &[]),
+            is(Outcome::verified(P_V4_OBSERVE, proto, len)),
+        ));
+        cases.push((
+            format!("v6 {l4:?} without payload"),
+            v6(V6_OBSERVE, LOCAL6, l4, &[]),
+            is(Outcome::verified(P_V6_OBSERVE, proto, len)),
+        ));
+    }
+
+    // TCP options: the longest header (data offset 15), alone and with data; a data offset past
+    // the segment.
+    cases.push((
+        "data offset 15, no data".into(),
+        v4_tcp_options(&vec![Noop; 40], &[]),
+        is(Outcome::verified(P_V4_OBSERVE, tcp, 60)),
+    ));
+    cases.push((
+        "data offset 15 and 10 bytes".into(),
+        v4_tcp_options(&vec![Noop; 40], &payload(10)),
+        is(Outcome::verified(P_V4_OBSERVE, tcp, 70)),
+    ));
+    let mut f = v4(V4_OBSERVE, LOCAL4, L4::Tcp, &payload(30));
+    f[ETH + 20 + 12] = 0xf0;
+    cases.push((
+        "data offset 15 in a 50-byte segment".into(),
+        f,
+        is(Outcome::skipped(Counter::SkipMalformed)),
+    ));
+
+    // UDP length against the IP payload: shorter is legal (the rest is not the datagram's);
+    // longer, or below the header, is not.
+    let u = v4(V4_OBSERVE, LOCAL4, L4::Udp, &payload(20));
+    let n = ip_len(&u);
+    let f = set_ip_len(with_trailer(u.clone(), 12), n + 12);
+    cases.push((
+        "UDP length 12 short of the IP payload".into(),
+        f,
+        is(Outcome::verified(P_V4_OBSERVE, udp, 28)),
+    ));
+    let e = v4(V4_OBSERVE, LOCAL4, L4::Udp, &[]);
+    let n = ip_len(&e);
+    let f = set_ip_len(with_trailer(e, 20), n + 20);
+    cases.push((
+        "UDP length 8 in a 28-byte IP payload".into(),
+        f,
+        is(Outcome::verified(P_V4_OBSERVE, udp, 8)),
+    ));
+    for (ulen, name) in [(29u16, "one past"), (0, "zero"), (7, "below the header")] {
+        let mut f = u.clone();
+        f[ETH + 24..ETH + 26].copy_from_slice(&ulen.to_be_bytes());
+        cases.push((
+            format!("UDP length {name}"),
+            f,
+            is(Outcome::skipped(Counter::SkipMalformed)),
+        ));
+    }
+    cases
+}
+
+/// The verifier walks at most this many IPv6 extension headers (docs/verifier.md).
+const MAX_EXT_HEADERS: usize = 6;
+
+#[test]
+fn malformed_packet_corpus() {
+    if skip_unless_root("malformed_packet_corpus") {
+        return;
+    }
+    for variant in [Variant::BpfLoop, Variant::BoundedLoop] {
+        let mut h = Harness::with(&Scope::Address, Some(variant));
+        let corpus = malformed_corpus();
+        for (name, frame, expect) in &corpus {
+            let got = h.try_run(frame, None);
+            match (expect, got) {
+                (Expect::Refused, Err(_)) => {}
+                (Expect::Refused, Ok(o)) => panic!("{name}: the kernel ran the program: {o:?}"),
+                (Expect::Is(want), Ok(o)) => assert_eq!(&o, &**want, "{name} ({variant:?})"),
+                (Expect::Is(_), Err(e)) => panic!("{name}: refused by the kernel: {e}"),
+            }
+        }
+        eprintln!(
+            "{} corpus cases, each with its exact verdict ({variant:?})",
+            corpus.len()
+        );
     }
 }

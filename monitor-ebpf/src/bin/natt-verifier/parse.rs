@@ -10,7 +10,7 @@ use crate::maps::{PEERS_V4, PEERS_V6};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-/// IPv6 extension headers walked before giving up.
+/// IPv6 extension headers walked before giving up; a seventh is `unsupported`.
 const MAX_EXT_HEADERS: usize = 6;
 
 /// What the IP layer told us about the L4 segment.
@@ -163,7 +163,8 @@ fn parse_v6(ctx: &SkBuffContext) -> Result<L3, Counter> {
 #[inline(always)]
 fn walk_extension_headers(ctx: &SkBuffContext, mut next: u8) -> Result<(u8, u32), Counter> {
     let mut off: u32 = 40;
-    for _ in 0..MAX_EXT_HEADERS {
+    // Each round reads one header: up to MAX_EXT_HEADERS extension headers, then the transport.
+    for _ in 0..=MAX_EXT_HEADERS {
         match next {
             IPPROTO_TCP | IPPROTO_UDP => return Ok((next, off)),
             // Hop-by-hop, routing and destination options share one layout.

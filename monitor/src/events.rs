@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monitor_ebpf::{Action, Family, IPPROTO_TCP, LearningSample, MismatchEvent, SaKey};
+use monitor_ebpf::{
+    Action, Family, IPPROTO_TCP, IPPROTO_UDP, LearningSample, MismatchEvent, SaKey,
+};
 
 /// A decoded mismatch event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +60,9 @@ impl Mismatch {
         let ev: MismatchEvent = record(bytes)?;
         let family = Family::from_abi(ev.family)?;
         let action = Action::from_abi(ev.action)?;
+        if ev.proto != IPPROTO_TCP && ev.proto != IPPROTO_UDP {
+            return None;
+        }
         let addr = |a| address(family, a);
         let n = usize::from(ev.payload_len).min(ev.payload.len());
         Some(Self {

@@ -13,6 +13,8 @@ pub mod daemon;
 pub mod ebpf;
 pub mod events;
 pub mod features;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod learn;
 pub mod metrics;

@@ -55,7 +55,7 @@ impl Sa {
             && matches!(self.encap, Some((t, _, _)) if t == UDP_ENCAP_ESPINUDP || t == TCP_ENCAP_ESPINTCP)
     }
 
-    fn from_message(m: &netlink_packet_xfrm::state::ModifyMessage) -> Option<Self> {
+    pub(crate) fn from_message(m: &netlink_packet_xfrm::state::ModifyMessage) -> Option<Self> {
         let info = &m.user_sa_info;
         let addr = |a: &netlink_packet_xfrm::Address| -> Option<IpAddr> {
             match i32::from(info.family) {
@@ -146,8 +146,30 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> XfrmError {
 
 const RECV_BUF: usize = 64 * 1024;
 
-/// Splits one datagram into its netlink messages and decodes them.
-fn messages(buf: &[u8]) -> Result<Vec<NetlinkMessage<XfrmMessage>>, XfrmError> {
+/// One message of an SA dump, as `dump` needs it.
+pub(crate) enum DumpItem {
+    /// An SA (`XFRM_MSG_NEWSA`).
+    Sa(Box<netlink_packet_xfrm::state::ModifyMessage>),
+    /// The end of the dump.
+    Done,
+    /// `NLMSG_ERROR` with this (negative errno) code; 0 is an acknowledgement.
+    Error(i32),
+    /// Anything else, ignored.
+    Other,
+}
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const XFRM_MSG_NEWSA: u16 = 16;
+/// `sizeof(struct xfrm_usersa_info)`: an SA message's fixed part.
+const SA_INFO_LEN: usize = 224;
+
+/// Splits one datagram into its netlink messages and decodes the ones a dump carries.
+///
+/// Lengths are checked here before netlink-packet-xfrm sees a message: its parser indexes an SA
+/// message's fixed part without checking its length and panics on a short one (found by
+/// `fuzz.rs`). A panic it has anyway is caught and reported as an undecodable message.
+pub(crate) fn messages(buf: &[u8]) -> Result<Vec<DumpItem>, XfrmError> {
     let mut out = Vec::new();
     let mut off = 0;
     while off + 16 <= buf.len() {
@@ -158,9 +180,40 @@ fn messages(buf: &[u8]) -> Result<Vec<NetlinkMessage<XfrmMessage>>, XfrmError> {
                 buf.len()
             )));
         }
-        let m = NetlinkMessage::<XfrmMessage>::deserialize(&buf[off..off + len])
-            .map_err(|e| XfrmError::Decode(e.to_string()))?;
-        out.push(m);
+        let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        let body = &buf[off + 16..off + len];
+        out.push(match kind {
+            NLMSG_DONE => DumpItem::Done,
+            NLMSG_ERROR => {
+                let code = body.get(..4).ok_or_else(|| {
+                    XfrmError::Decode(format!("an error message of {} bytes", body.len()))
+                })?;
+                DumpItem::Error(i32::from_ne_bytes([code[0], code[1], code[2], code[3]]))
+            }
+            XFRM_MSG_NEWSA => {
+                if body.len() < SA_INFO_LEN {
+                    return Err(XfrmError::Decode(format!(
+                        "an SA message of {} bytes, shorter than xfrm_usersa_info ({SA_INFO_LEN})",
+                        body.len()
+                    )));
+                }
+                let message = &buf[off..off + len];
+                let parsed = std::panic::catch_unwind(|| {
+                    NetlinkMessage::<XfrmMessage>::deserialize(message)
+                })
+                .map_err(|_| {
+                    XfrmError::Decode("netlink-packet-xfrm failed on an SA message".into())
+                })?
+                .map_err(|e| XfrmError::Decode(e.to_string()))?;
+                match parsed.payload {
+                    NetlinkPayload::InnerMessage(XfrmMessage::AddSa(m)) => {
+                        DumpItem::Sa(Box::new(m))
+                    }
+                    _ => DumpItem::Other,
+                }
+            }
+            _ => DumpItem::Other,
+        });
         off += (len + 3) & !3;
     }
     Ok(out)
@@ -192,15 +245,15 @@ pub fn dump() -> Result<Vec<Sa>, XfrmError> {
         buf.clear();
         sock.recv(&mut buf, 0).map_err(io_err("recv"))?;
         for m in messages(&buf)? {
-            match m.payload {
-                NetlinkPayload::Done(_) => return Ok(sas),
-                NetlinkPayload::Error(e) => {
-                    return Err(XfrmError::Refused(format!("{:?}", e.code)));
+            match m {
+                DumpItem::Done => return Ok(sas),
+                DumpItem::Error(0) | DumpItem::Other => {}
+                DumpItem::Error(code) => {
+                    return Err(XfrmError::Refused(
+                        io::Error::from_raw_os_error(code.saturating_neg()).to_string(),
+                    ));
                 }
-                NetlinkPayload::InnerMessage(XfrmMessage::AddSa(m)) => {
-                    sas.extend(Sa::from_message(&m));
-                }
-                _ => {}
+                DumpItem::Sa(m) => sas.extend(Sa::from_message(&m)),
             }
         }
     }
@@ -327,6 +380,21 @@ mod tests {
         assert_ne!(
             generation(std::slice::from_ref(&first)),
             generation(&[first, second])
+        );
+    }
+
+    #[test]
+    fn a_short_sa_message_is_refused_not_a_panic() {
+        // What fuzzing found: netlink-packet-xfrm 0.5 panics on this; `messages` refuses it.
+        let mut m = vec![0u8; 16 + 39];
+        m[..4].copy_from_slice(&55u32.to_ne_bytes());
+        m[4..6].copy_from_slice(&XFRM_MSG_NEWSA.to_ne_bytes());
+        let Err(e) = messages(&m) else {
+            panic!("a 39-byte SA message decoded");
+        };
+        assert_eq!(
+            e.to_string(),
+            "undecodable XFRM netlink message: an SA message of 39 bytes, shorter than xfrm_usersa_info (224)"
         );
     }
 

@@ -30,6 +30,9 @@ pub(crate) enum Setting {
     ProbeRead,
     /// The segment copied out of the skb and not summed: the floor under the per-byte cost.
     CopyOnly,
+    /// The segment copied out and summed with the verifier's block sum, nothing else: the floor
+    /// of a verifier without fixed work.
+    CopySum,
     /// Every segment verified (address scope, the sender configured as a peer).
     Observe,
     Enforce,
@@ -47,6 +50,7 @@ impl Setting {
             Self::Noop => "no-op cgroup_skb program",
             Self::ProbeRead => "floor: one kernel read, nothing else",
             Self::CopyOnly => "floor: segment copied out, not summed",
+            Self::CopySum => "floor: segment copied out and summed, nothing else",
             Self::Observe => "observe, every segment verified",
             Self::Enforce => "enforce, every segment verified",
             Self::OutOfScope => "SA scope, traffic outside IPsec",
@@ -60,6 +64,7 @@ impl Setting {
             Self::Noop => Some("natt_noop_skb"),
             Self::ProbeRead => Some("natt_probe_read_skb"),
             Self::CopyOnly => Some("natt_copy_skb"),
+            Self::CopySum => Some("natt_copy_sum_skb"),
             _ => None,
         }
     }
@@ -214,6 +219,7 @@ pub(crate) fn throughput(
         Setting::Noop,
         Setting::ProbeRead,
         Setting::CopyOnly,
+        Setting::CopySum,
         Setting::Observe,
         Setting::Enforce,
         Setting::OutOfScope,

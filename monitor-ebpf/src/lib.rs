@@ -5,7 +5,10 @@
 //! tests). The `user` feature adds `aya::Pod` so userspace can read these types from maps and
 //! ring buffers; the BPF build never pulls in `aya`.
 #![cfg_attr(not(test), no_std)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
+#[cfg(target_arch = "bpf")]
+pub mod blocksum;
 pub mod csum;
 
 /// Largest number of peers (static and discovered) the maps hold. Peer ids index the per-peer

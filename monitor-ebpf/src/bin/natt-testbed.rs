@@ -7,7 +7,8 @@
 //! checksum — the "corrupted after the integrity check" fault — and counts exactly what it did.
 //!
 //! Benchmark references (`cargo xtask bench`): `natt_noop_skb` and `natt_noop_tc` measure the
-//! fixed cost of each hook; `natt_copy_skb` (copying a live segment out of the skb) and
+//! fixed cost of each hook; `natt_copy_skb` (copying a live segment out of the skb),
+//! `natt_copy_sum_skb` (copying and summing it with the verifier's block sum) and
 //! `natt_probe_read_skb` (one read of kernel memory) are the floors under the verifier's
 //! per-byte cost and under SA scope's dismissal of traffic outside IPsec; `natt_kernel_csum` sums an IPv4 frame's L4 segment with
 //! `bpf_csum_diff`, i.e. the kernel's own optimised `csum_partial`, over the same bytes the
@@ -35,7 +36,10 @@ mod prog {
         maps::PerCpuArray,
         programs::{SkBuffContext, TcContext},
     };
-    use monitor_ebpf::{INJECT_SLOTS, IPPROTO_TCP, IPPROTO_UDP, InjectSlot};
+    use monitor_ebpf::{
+        INJECT_SLOTS, IPPROTO_TCP, IPPROTO_UDP, InjectSlot,
+        blocksum::{MAX_BLOCKS, sum_blocks},
+    };
 
     /// Corrupt every Nth TCP data segment (per CPU); 0 disables corruption.
     #[unsafe(no_mangle)]
@@ -155,26 +159,69 @@ mod prog {
         reason = "signature fixed by aya's #[cgroup_skb]"
     )]
     pub fn natt_copy_skb(ctx: SkBuffContext) -> i32 {
+        copy_out::<false>(&ctx);
+        1
+    }
+
+    /// The floor of a verifier with no fixed work: the packet copied out as `natt_copy_skb`
+    /// does and summed with the verifier's own block sum, nothing else.
+    #[cgroup_skb(ingress)]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "signature fixed by aya's #[cgroup_skb]"
+    )]
+    pub fn natt_copy_sum_skb(ctx: SkBuffContext) -> i32 {
+        let sum = copy_out::<true>(&ctx);
+        if let Some(out) = CSUM_OUT.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot.
+            unsafe { *out = sum };
+        }
+        1
+    }
+
+    /// Copies the packet out in 2 KiB pieces; with `SUM`, sums each piece's blocks (the last
+    /// block of a short piece zeroed first, as the verifier does) and returns the total.
+    #[inline]
+    fn copy_out<const SUM: bool>(ctx: &SkBuffContext) -> u64 {
         let Some(buf) = COPY_BUF.get_ptr_mut(0) else {
-            return 1;
+            return 0;
         };
+        let words = buf.cast::<u64>();
         let skb = ctx.as_ptr();
         let len = ctx.len();
+        let mut sum = 0u64;
         let mut start = 0u32;
         let mut i = 0u32;
         while i < 32 && start + 2048 <= len {
             // SAFETY: the buffer holds 2048 bytes; the helper bounds-checks the skb side.
             unsafe { bpf_skb_load_bytes(skb, start, buf.cast(), 2048) };
+            if SUM {
+                // SAFETY: the buffer is MAX_BLOCKS blocks.
+                sum += unsafe { sum_blocks::<false>(words, MAX_BLOCKS) };
+            }
             start += 2048;
             i += 1;
         }
         if start < len {
             // [1, 2048] in a form the verifier follows.
-            let n = ((len - start - 1) & 2047) + 1;
-            // SAFETY: as above, `n` is at most the buffer's size.
-            unsafe { bpf_skb_load_bytes(skb, start, buf.cast(), n) };
+            let last = (len - start - 1) & 2047;
+            if SUM {
+                // SAFETY: the block holding the last byte lies in the buffer.
+                unsafe {
+                    let tail = words.add(((last & !63) / 8) as usize);
+                    for k in 0..8 {
+                        core::ptr::write_volatile(tail.add(k), 0);
+                    }
+                }
+            }
+            // SAFETY: as above, `last + 1` is at most the buffer's size.
+            unsafe { bpf_skb_load_bytes(skb, start, buf.cast(), last + 1) };
+            if SUM {
+                // SAFETY: as above.
+                sum += unsafe { sum_blocks::<true>(words, last / 64 + 1) };
+            }
         }
-        1
+        sum
     }
 
     /// The floor of dismissing a segment by its IPsec state: one `bpf_probe_read_kernel` of

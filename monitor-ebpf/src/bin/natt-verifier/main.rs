@@ -28,9 +28,6 @@
 //! | `report` | mismatch events, learning samples, captured packets |
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// The summing loop is written in BPF assembly (`sum.rs`): LLVM reassociates the two
-// accumulator chains of a plain-Rust version and spills a chunk's loads past the BPF stack.
-#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![cfg_attr(
     target_arch = "bpf",
     expect(

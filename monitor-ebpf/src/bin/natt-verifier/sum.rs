@@ -14,6 +14,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_skb_load_bytes},
     programs::SkBuffContext,
 };
+use monitor_ebpf::blocksum::{BLOCK, MAX_BLOCKS, sum_blocks};
 
 use crate::maps::{OPAQUE, SCRATCH};
 
@@ -21,8 +22,7 @@ use crate::maps::{OPAQUE, SCRATCH};
 pub const CHUNK: u32 = 2048;
 /// The chunk in u64 words: the scratch buffer's size.
 pub const CHUNK_WORDS: usize = CHUNK as usize / 8;
-/// Bytes per block, the unit in which a chunk is summed (and its tail zero-padded).
-const BLOCK: u32 = 64;
+const _: () = assert!(CHUNK == MAX_BLOCKS * BLOCK && CHUNK.is_power_of_two());
 /// Most chunks of one segment: 64 KiB.
 const MAX_CHUNKS: u32 = 32;
 
@@ -85,7 +85,8 @@ fn add_chunk(skb: *mut __sk_buff, off: u32, len: u32, start: u32, sum: &mut u64)
     if !load_into(skb, off + start, buf.cast(), n) {
         return false;
     }
-    *sum += sum_blocks::<true>(words, blocks);
+    // SAFETY: as in `sum_whole_chunk`.
+    *sum += unsafe { sum_blocks::<true>(words, blocks) };
     true
 }
 
@@ -198,71 +199,6 @@ extern "C" fn sum_one_chunk(index: u64, ctx: *mut c_void) -> i64 {
 /// chunk's copy, LLVM spills the caller's values past the 512-byte BPF stack.
 #[inline(never)]
 fn sum_whole_chunk(words: *const u64) -> u64 {
-    sum_blocks::<false>(words, CHUNK / BLOCK)
-}
-
-/// Sums the first `blocks` (1 to 32) 64-byte blocks at `words` (all 32 unless `PARTIAL`):
-/// returns the integer sum of their 32-bit words (at most 512 words below 2^32, so it cannot
-/// overflow).
-///
-/// BPF has no add-with-carry, so the buffer is read as u64 words and each word is added whole
-/// into `wide` (wrapping) while its upper half is added into `high`. The sum of the lower
-/// halves is then `wide - (high << 32)`, exact modulo 2^64, and the 32-bit word sum is that
-/// plus `high`: one load and three ALU operations per 8 bytes, in two dependency chains,
-/// against two loads and two adds for 32-bit loads. The blocks are BPF assembly: in plain
-/// Rust, LLVM reassociates the two chains, keeps every loaded word alive for the second one,
-/// and spills them past the 512-byte BPF stack. Written out, with a forward exit after each
-/// block: a loop here is what verifiers refuse as "too complex" on some kernels.
-#[inline(always)]
-fn sum_blocks<const PARTIAL: bool>(words: *const u64, blocks: u32) -> u64 {
-    let (mut wide, mut high) = (0u64, 0u64);
-    macro_rules! blocks {
-        ($($i:literal)*) => {
-            $(
-                if !PARTIAL || blocks > $i {
-                    // SAFETY: block $i of the CHUNK-byte buffer (32 blocks of 8 words).
-                    unsafe { sum_block(words.add($i * 8), &mut wide, &mut high) };
-                }
-            )*
-        };
-    }
-    blocks!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31);
-    wide.wrapping_sub(high << 32) + high
-}
-const _: () = assert!(CHUNK / BLOCK == 32 && CHUNK.is_power_of_two());
-
-/// The BPF instructions that add the u64 word at byte offset `$off` of `{p}` (see `sum_blocks`).
-macro_rules! add_word {
-    ($off:literal) => {
-        concat!(
-            "{w} = *(u64 *)({p} + ",
-            $off,
-            ")\n{wide} += {w}\n{w} >>= 32\n{high} += {w}\n"
-        )
-    };
-}
-
-/// Adds the 8 u64 words of the 64-byte block at `p` into `wide` (whole, wrapping) and `high`
-/// (upper halves).
-#[inline(always)]
-unsafe fn sum_block(p: *const u64, wide: &mut u64, high: &mut u64) {
-    // SAFETY: the caller guarantees 64 readable bytes at `p`; the instructions only read them
-    // and write the named registers.
-    unsafe {
-        core::arch::asm!(
-            add_word!(0),
-            add_word!(8),
-            add_word!(16),
-            add_word!(24),
-            add_word!(32),
-            add_word!(40),
-            add_word!(48),
-            add_word!(56),
-            p = in(reg) p,
-            w = out(reg) _,
-            wide = inout(reg) *wide,
-            high = inout(reg) *high,
-            options(nostack, readonly, preserves_flags),
-        );
-    }
+    // SAFETY: `words` is the CHUNK-byte scratch buffer, MAX_BLOCKS blocks.
+    unsafe { sum_blocks::<false>(words, CHUNK / BLOCK) }
 }

@@ -236,12 +236,13 @@ pub const LOG_PER_SECOND: u32 = 5;
 /// How long an idle limiter waits before the suppressed count is flushed on its own.
 pub const SUPPRESSED_FLUSH: Duration = Duration::from_secs(10);
 
+/// Records as the verifier writes them, for tests and the fuzz corpus's seeds.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod samples {
+    use monitor_ebpf::{Action, Family, IPPROTO_TCP, LearningSample, MismatchEvent, SaKey};
 
-    #[test]
-    fn decodes_an_ipv4_event() {
+    /// An IPv4 TCP mismatch, dropped, through an SA with NAT-T ports.
+    pub(crate) fn mismatch() -> MismatchEvent {
         let mut ev = MismatchEvent {
             peer_id: 3,
             l4_len: 1432,
@@ -268,11 +269,45 @@ mod tests {
         ev.src[..4].copy_from_slice(&[192, 0, 2, 1]);
         ev.dst[..4].copy_from_slice(&[198, 51, 100, 2]);
         ev.payload[..4].copy_from_slice(b"ruok");
-        // SAFETY: plain old data viewed as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<MismatchEvent>())
+        ev
+    }
+
+    /// A learning sample from 203.0.113.9 behind a NAT.
+    pub(crate) fn learning() -> LearningSample {
+        let mut key = SaKey {
+            encap_sport: 61000u16.to_be(),
+            encap_dport: 4500u16.to_be(),
+            peer_id: 2,
+            ..SaKey::default()
         };
-        let m = Mismatch::decode(bytes).unwrap();
+        key.src[..4].copy_from_slice(&[203, 0, 113, 9]);
+        LearningSample {
+            key,
+            residual: 0xbeef,
+            family: Family::V4 as u8,
+            pad: 0,
+            spi: 0xc1c2_c3c4_u32.to_be(),
+            reqid: 9,
+        }
+    }
+
+    /// `v`'s bytes, as the ring buffer carries them.
+    pub(crate) fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: plain old data viewed as bytes.
+        unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_an_ipv4_event() {
+        let mut ev = samples::mismatch();
+        let bytes = samples::bytes_of(&ev);
+        let m = Mismatch::decode(&bytes).unwrap();
         assert_eq!(m.flow(), "192.0.2.1:40000 -> 198.51.100.2:2181");
         assert_eq!(
             (m.seq, m.len, m.found, m.expected, m.dropped),
@@ -284,35 +319,15 @@ mod tests {
         assert_eq!(Mismatch::decode(&bytes[..10]), None);
         // A value no program writes is not a mismatch.
         ev.action = 7;
-        // SAFETY: as above.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<MismatchEvent>())
-        };
-        assert_eq!(Mismatch::decode(bytes), None);
+        assert_eq!(Mismatch::decode(&samples::bytes_of(&ev)), None);
     }
 
     #[test]
     fn decodes_a_learning_sample() {
-        let mut key = SaKey {
-            encap_sport: 61000u16.to_be(),
-            encap_dport: 4500u16.to_be(),
-            peer_id: 2,
-            ..SaKey::default()
-        };
-        key.src[..4].copy_from_slice(&[203, 0, 113, 9]);
-        let s = LearningSample {
-            key,
-            residual: 0xbeef,
-            family: Family::V4 as u8,
-            pad: 0,
-            spi: 0xc1c2_c3c4_u32.to_be(),
-            reqid: 9,
-        };
-        // SAFETY: plain old data viewed as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&raw const s).cast::<u8>(), size_of::<LearningSample>())
-        };
-        let l = Learning::decode(bytes).unwrap();
+        let s = samples::learning();
+        let key = s.key;
+        let bytes = samples::bytes_of(&s);
+        let l = Learning::decode(&bytes).unwrap();
         assert_eq!(
             (
                 l.key,

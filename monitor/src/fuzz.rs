@@ -13,9 +13,9 @@
 use std::{
     fs,
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::PathBuf,
-    sync::{Arc, LazyLock},
+    sync::LazyLock,
     time::Duration,
 };
 
@@ -26,7 +26,7 @@ use crate::{
     cli::Cli,
     config::resolve,
     events::{Learning, Mismatch},
-    http::{Exporter, serve},
+    http,
     xfrm::{self, Sa},
 };
 
@@ -218,30 +218,8 @@ fn toml_file() -> impl Strategy<Value = Vec<u8>> {
 // ---------------------------------------------------------------------------------------------
 // The metrics endpoint
 
-struct Stub;
-
-impl Exporter for Stub {
-    fn scrape(&self) -> String {
-        "natt_monitor_up 1\n".into()
-    }
-    fn health(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// One endpoint for every HTTP case, on its own runtime.
-static ENDPOINT: LazyLock<std::net::SocketAddr> = LazyLock::new(|| {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(serve(listener, Arc::new(Stub))).unwrap();
-    });
-    addr
-});
+/// One endpoint for every HTTP case.
+static ENDPOINT: LazyLock<std::net::SocketAddr> = LazyLock::new(http::testing::start);
 
 /// Sends `request` as one connection's bytes and reads what comes back (bounded by a timeout).
 /// With `end`, the client then closes its side, as a client that sent all it had does; hyper
@@ -276,7 +254,7 @@ fn check_http(request: &[u8]) {
     );
     let scrape = String::from_utf8_lossy(&scrape);
     assert!(
-        scrape.starts_with("HTTP/1.1 200 ") && scrape.ends_with("natt_monitor_up 1\n"),
+        scrape.starts_with("HTTP/1.1 200 ") && scrape.ends_with(http::testing::BODY),
         "{scrape}"
     );
 }
@@ -415,40 +393,12 @@ fn write_seeds() {
     write_netlink_seeds();
 }
 
-fn bytes_of<T>(v: &T) -> Vec<u8> {
-    // SAFETY: plain old data viewed as bytes.
-    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
-        .to_vec()
-}
-
 fn write_record_seeds() {
-    use monitor_ebpf::{Action, Family, IPPROTO_TCP, SaKey};
-    let mut ev = MismatchEvent {
-        peer_id: 3,
-        l4_len: 1432,
-        seq: 0xdead_beef,
-        family: Family::V4 as u8,
-        proto: IPPROTO_TCP,
-        action: Action::Dropped as u8,
-        payload_len: 4,
-        sport: 40000,
-        dport: 2181,
-        csum_found: 0x1234,
-        csum_expected: 0x1235,
-        residual: 1,
-        expected_residual: 0,
-        encap_sport: 61000u16.to_be(),
-        encap_dport: 4500u16.to_be(),
-        spi: 0xc1c2_c3c4_u32.to_be(),
-        reqid: 7,
-        ifindex: 1,
-        src: [0; 16],
-        dst: [0; 16],
-        payload: [0; 32],
-    };
-    ev.src[..4].copy_from_slice(&[192, 0, 2, 1]);
-    ev.dst[..4].copy_from_slice(&[198, 51, 100, 2]);
-    ev.payload[..4].copy_from_slice(b"ruok");
+    use monitor_ebpf::Family;
+
+    use crate::events::samples::{bytes_of, learning, mismatch};
+
+    let ev = mismatch();
     write_seed(
         "records",
         "mismatch-v4.hex",
@@ -476,19 +426,7 @@ fn write_record_seeds() {
         "mismatch-icmp.hex",
         &hex(&bytes_of(&bad), "a protocol no program writes"),
     );
-    let sample = LearningSample {
-        key: SaKey {
-            encap_sport: 61000u16.to_be(),
-            encap_dport: 4500u16.to_be(),
-            peer_id: 2,
-            ..SaKey::default()
-        },
-        residual: 0xbeef,
-        family: Family::V4 as u8,
-        pad: 0,
-        spi: 0xc1c2_c3c4_u32.to_be(),
-        reqid: 9,
-    };
+    let sample = learning();
     write_seed(
         "records",
         "learning-v4.hex",

@@ -28,10 +28,14 @@ pub trait Exporter: Send + Sync + 'static {
     fn health(&self) -> Result<(), String>;
 }
 
-/// At most this many connections are served at once; more wait in the accept queue.
-const MAX_CONNECTIONS: usize = 32;
+/// At most this many connections are served at once; more wait in the accept queue. With
+/// `MAX_REQUEST_BUF` this bounds what clients can make the endpoint hold (4 MiB), while
+/// idle or slow clients would need hundreds of connections to keep a scrape waiting.
+const MAX_CONNECTIONS: usize = 256;
 /// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes of request one connection buffers; longer headers are answered with 431.
+const MAX_REQUEST_BUF: usize = 16 * 1024;
 
 const INDEX: &str = "<html><head><title>natt-monitor</title></head><body>\
 <h1>natt-monitor</h1><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/healthz\">healthz</a></p>\
@@ -57,6 +61,7 @@ pub async fn serve(listener: StdListener, exporter: Arc<dyn Exporter>) -> std::i
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_BUF)
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
@@ -113,4 +118,108 @@ async fn handle(
             "not found; try /metrics or /healthz\n".into(),
         ),
     })
+}
+
+/// A served endpoint for tests, with a fixed scrape body.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::net::SocketAddr;
+
+    use super::{Arc, Exporter, StdListener, serve};
+
+    /// What `Stub` serves at `/metrics`.
+    pub(crate) const BODY: &str = "natt_monitor_up 1\n";
+
+    struct Stub;
+
+    impl Exporter for Stub {
+        fn scrape(&self) -> String {
+            BODY.into()
+        }
+        fn health(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// Serves `Stub` on a loopback port, on a runtime of its own, for the test's life.
+    pub(crate) fn start() -> SocketAddr {
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(serve(listener, Arc::new(Stub)))
+                .unwrap();
+        });
+        addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, TcpStream},
+        time::Instant,
+    };
+
+    use super::{
+        testing::{BODY, start},
+        *,
+    };
+
+    /// One request on its own connection; the whole reply.
+    fn request(addr: SocketAddr, req: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(req);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    const SCRAPE: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+    #[test]
+    fn slow_clients_and_oversized_requests_do_not_stop_scrapes() {
+        let addr = start();
+        // 200 clients that open a request and never finish its headers.
+        let idle: Vec<TcpStream> = (0..200)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").unwrap();
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        let reply = request(addr, SCRAPE);
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(reply.ends_with(BODY), "{reply}");
+        assert!(
+            t.elapsed() < HEADER_TIMEOUT,
+            "a scrape behind 200 slow clients took {:?}",
+            t.elapsed()
+        );
+        // A header past the buffer limit is refused, not buffered.
+        let mut big = b"GET /metrics HTTP/1.1\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 1 << 20));
+        big.extend_from_slice(b"\r\n\r\n");
+        let reply = request(addr, &big);
+        assert!(
+            reply.starts_with("HTTP/1.1 431 Request Header Fields Too Large"),
+            "{reply}"
+        );
+        // The slow clients are cut off at the header timeout, and scrapes go on.
+        let mut first = &idle[0];
+        let mut rest = Vec::new();
+        first.set_read_timeout(Some(HEADER_TIMEOUT * 3)).unwrap();
+        let _ = first.read_to_end(&mut rest);
+        assert!(
+            t.elapsed() < HEADER_TIMEOUT * 3,
+            "a slow client was never cut off"
+        );
+        assert!(request(addr, SCRAPE).starts_with("HTTP/1.1 200 OK"));
+    }
 }

@@ -110,8 +110,8 @@ unsafe fn zero_block(w: *mut u64) {
 /// Memory-domain one's-complement sum of `len` (< 64 KiB) bytes at `off` (see `csum`): a
 /// bounded loop (Linux 5.3+) over the whole chunks, whose body is straight-line code, then the
 /// short last chunk. Each whole chunk is one path, so every kernel's verifier walks each chunk
-/// once: far from the 1M-instruction limit on 5.10 to 7.x alike. (A body with the short
-/// chunk's forward exits costs this shape's verification about three times as much.)
+/// once: far from the 1M-instruction limit on 5.10 to 7.x alike. (A body that also took the
+/// short chunk's forward exits cost this shape's verification almost twice as much.)
 #[inline(always)]
 fn sum_range(skb: *mut __sk_buff, off: u32, len: u32) -> Option<u64> {
     let buf = SCRATCH.get_ptr_mut(0)?;

@@ -162,6 +162,19 @@ impl Metrics {
         self.log_suppressed.clone()
     }
 
+    /// Adds the `process_*` metrics every Prometheus client library exports (CPU seconds,
+    /// resident and virtual memory, open and maximum file descriptors, start time), read from
+    /// /proc at each scrape. Not part of `new`, whose exposition is a byte-exact golden file.
+    ///
+    /// # Errors
+    /// Only on a programming error (registered twice).
+    pub fn with_process_metrics(self) -> Result<Self, prometheus::Error> {
+        self.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(self)
+    }
+
     /// Reads everything and returns the text exposition.
     #[must_use]
     pub fn render(&self) -> String {

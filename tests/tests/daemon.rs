@@ -311,6 +311,10 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
         Some(0)
     );
     assert!(metric(&body, "natt_monitor_kernel_tcp_in_csum_errors_total").is_some());
+    // The standard process metrics, as any Prometheus client exports them.
+    let rss = metric(&body, "process_resident_memory_bytes").expect("process metrics");
+    assert!((1 << 20..1 << 30).contains(&rss), "resident memory {rss}");
+    assert!(metric(&body, "process_open_fds").is_some_and(|n| n > 3));
     assert_eq!(d.get("/healthz"), (200, "ok\n".to_owned()));
     // Every mismatching packet is in the capture file or counted as left out.
     let capture = |body: &str, result: &str| {

@@ -420,7 +420,8 @@ impl Loaded {
             }),
             scope.as_str(),
             verifier.variant().as_str(),
-        )?;
+        )?
+        .with_process_metrics()?;
         let capture = match &settings.capture {
             Some(path) => {
                 let file =

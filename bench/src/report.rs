@@ -26,16 +26,8 @@ pub(crate) fn report(
     let per_byte_ratio = m.verifier_per_byte / m.kernel_per_byte;
     let marginal_ratio = m.verifier_marginal / m.kernel_marginal;
     let t1500 = &t[0];
-    let ratio = |tp: &Throughput, s: Setting| {
-        tp.gbps
-            .iter()
-            .find(|(x, _)| *x == s)
-            .map_or(f64::NAN, |(_, st)| st.median)
-            / tp.gbps
-                .iter()
-                .find(|(x, _)| *x == Setting::Off)
-                .map_or(f64::NAN, |(_, st)| st.median)
-    };
+    let ratio =
+        |tp: &Throughput, s: Setting| median_of(&tp.gbps, s) / median_of(&tp.gbps, Setting::Off);
     let _ = writeln!(r, "# Benchmark results\n");
     if args.quick {
         let _ = writeln!(
@@ -63,12 +55,7 @@ pub(crate) fn report(
         m.verifier_per_byte,
         m.kernel_per_byte
     );
-    let live = |tp: &Throughput, s: Setting| {
-        tp.ns_per_packet
-            .iter()
-            .find(|(x, _)| *x == s)
-            .map_or(f64::NAN, |(_, st)| st.median)
-    };
+    let live = |tp: &Throughput, s: Setting| median_of(&tp.ns_per_packet, s);
     let of_noop = |s: Setting| ratio(t1500, s) / ratio(t1500, Setting::Noop);
     let _ = writeln!(
         r,
@@ -350,16 +337,18 @@ pub(crate) fn report(
     r
 }
 
+/// The median `s` measured, or NaN where it was not measured.
+fn median_of(v: &[(Setting, Stat)], s: Setting) -> f64 {
+    v.iter()
+        .find(|(x, _)| *x == s)
+        .map_or(f64::NAN, |(_, st)| st.median)
+}
+
 /// The live paged-payload figures of one throughput run (`natt-bench --live-only`): throughput
 /// and the kernel's BPF time per packet for each setting, against the no-op hook.
 pub(crate) fn live_table(tp: &Throughput) -> String {
-    let median = |v: &[(Setting, Stat)], s: Setting| {
-        v.iter()
-            .find(|(x, _)| *x == s)
-            .map_or(f64::NAN, |(_, st)| st.median)
-    };
-    let noop_gbps = median(&tp.gbps, Setting::Noop);
-    let noop_ns = median(&tp.ns_per_packet, Setting::Noop);
+    let noop_gbps = median_of(&tp.gbps, Setting::Noop);
+    let noop_ns = median_of(&tp.ns_per_packet, Setting::Noop);
     let mut r = String::new();
     let _ = writeln!(
         r,

@@ -118,6 +118,63 @@ fn kernel_release(proc_root: &Path) -> Option<String> {
     Some(rel.trim().to_owned())
 }
 
+/// What is pinned in `dir`: the link (its program, cgroup and whether it is attached) and the
+/// maps. Informational: a running or stopped daemon leaves these on purpose.
+pub fn pinned(r: &mut Report, dir: &Path, cgroup_mount: Option<&Path>) {
+    use crate::pin::{self, Link};
+    if !pin::is_bpffs(dir.parent().unwrap_or(dir)) {
+        r.push(
+            "pinned",
+            Status::Info,
+            format!(
+                "nothing: {} is not on bpffs (run mounts bpffs at {} when the pin path lies below it)",
+                dir.display(),
+                pin::BPFFS_ROOT
+            ),
+        );
+        return;
+    }
+    let maps = pin::pinned_maps(dir);
+    let link = match Link::open(&dir.join(pin::LINK_FILE)) {
+        Ok(l) => match l.info() {
+            Ok(i) if i.attached() => {
+                let at = cgroup_mount
+                    .filter(|m| {
+                        fs::File::open(m)
+                            .and_then(|f| pin::cgroup_id(&f))
+                            .is_ok_and(|id| id == i.cgroup_id)
+                    })
+                    .map_or_else(
+                        || format!("cgroup id {}", i.cgroup_id),
+                        |m| m.display().to_string(),
+                    );
+                format!(
+                    "link {} runs program id {} at {at} ingress",
+                    i.id, i.prog_id
+                )
+            }
+            Ok(i) => format!("link {} is detached (its cgroup went)", i.id),
+            Err(e) => format!("the link cannot be read: {e}"),
+        },
+        Err(_) => "no link".to_owned(),
+    };
+    r.push(
+        "pinned",
+        Status::Info,
+        if maps.is_empty() && link == "no link" {
+            format!("nothing at {}", dir.display())
+        } else {
+            format!(
+                "{}: {link}; {} of {} maps ({}); `natt-monitor detach` removes them",
+                dir.display(),
+                maps.len(),
+                pin::PINNED_MAPS.len(),
+                maps.join(", ")
+            )
+        },
+    );
+}
+
 /// Runs every probe, reading the kernel's state under `proc_root` and `sys_root` (normally
 /// `/proc` and `/sys`). `cgroup_dir` overrides the temporary cgroup used for the attach test.
 #[must_use]

@@ -16,7 +16,8 @@ Examples:
   natt-monitor run --peer 198.51.100.0/24 --peer 2001:db8:7::/48
   natt-monitor run                      # peers from this host's NAT-T SAs (XFRM)
   natt-monitor run --discover none --peer 192.0.2.10 --mode enforce \
-      --cgroup /sys/fs/cgroup/unified/zookeeper.slice")]
+      --cgroup /sys/fs/cgroup/unified/zookeeper.slice
+  natt-monitor detach                   # remove the verifier that `run` left pinned")]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -30,6 +31,18 @@ pub enum Command {
     Run(RunOptions),
     /// Probe whether this host can run the verifier; exits non-zero if it cannot.
     Check(CheckArgs),
+    /// Detach the pinned verifier and remove its link and maps from bpffs. `run` leaves them
+    /// attached when it exits (so that a restart has no gap); this is how to remove it for good.
+    /// A daemon still running notices within a second and exits with an error.
+    Detach(DetachArgs),
+}
+
+/// `natt-monitor detach`.
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// The pin directory `run` used (its --pin-path).
+    #[arg(long, value_name = "DIR", default_value = crate::pin::DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
 }
 
 /// `natt-monitor check`.
@@ -47,4 +60,8 @@ pub struct CheckArgs {
     /// sysfs root, for the kernel's BTF and loaded modules.
     #[arg(long, value_name = "PATH", default_value = "/sys")]
     pub sys_path: PathBuf,
+
+    /// Pin directory whose pinned verifier to report.
+    #[arg(long, value_name = "DIR", default_value = crate::pin::DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
 }

@@ -128,6 +128,15 @@ pub struct RunOptions {
     #[arg(long, value_name = "PATH")]
     pub proc_path: Option<PathBuf>,
 
+    /// bpffs directory where the verifier's link and maps are pinned, so that they outlive the
+    /// daemon: a restart or upgrade adopts them without a gap and the counts continue, and
+    /// while no daemon runs the program keeps verifying (and in enforce mode dropping).
+    /// `natt-monitor detach` removes them. `none`: nothing pinned, and the program goes with
+    /// the process. bpffs is mounted at /sys/fs/bpf if nothing is. [default:
+    /// /sys/fs/bpf/natt-monitor]
+    #[arg(long, value_name = "DIR|none")]
+    pub pin_path: Option<String>,
+
     /// File only: the `[log]` table (mismatch log budget).
     #[arg(skip)]
     #[serde(default)]
@@ -239,6 +248,14 @@ pub enum ConfigError {
         /// The file key.
         origin: String,
     },
+    /// A pin path that is neither absolute nor `none`.
+    #[error("{origin}: `{value}` is not an absolute directory path or `none`")]
+    PinPath {
+        /// The flag or file key.
+        origin: String,
+        /// What was given.
+        value: String,
+    },
     /// A capture file too small to hold its headers and one whole packet.
     #[error(
         "{origin}: {value} bytes cannot hold one captured packet; use at least {MIN_CAPTURE_BYTES}"
@@ -282,6 +299,8 @@ pub struct Settings {
     pub capture_max_bytes: u64,
     /// Log format.
     pub log_format: LogFormat,
+    /// Where the link and maps are pinned; `None` pins nothing.
+    pub pin: Option<PathBuf>,
     /// Mismatch log burst.
     pub log_burst: u32,
     /// Mismatch log lines per second.
@@ -446,6 +465,12 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         });
     }
 
+    let pin = match (&args.pin_path, &file.pin_path) {
+        (Some(p), _) => pin_path(p, "--pin-path".to_owned())?,
+        (None, Some(p)) => pin_path(p, origin.key("--pin-path", "pin_path", false))?,
+        (None, None) => Some(PathBuf::from(crate::pin::DEFAULT_PIN_PATH)),
+    };
+
     Ok(Settings {
         cgroup,
         peers,
@@ -463,9 +488,26 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         capture: args.capture.clone().or(file.capture),
         capture_max_bytes,
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        pin,
         log_burst,
         log_per_second,
     })
+}
+
+/// `none`, or an absolute directory.
+fn pin_path(value: &str, origin: String) -> Result<Option<PathBuf>, ConfigError> {
+    if value == "none" {
+        return Ok(None);
+    }
+    let path = PathBuf::from(value);
+    if path.is_absolute() && path.parent().is_some() {
+        Ok(Some(path))
+    } else {
+        Err(ConfigError::PinPath {
+            origin,
+            value: value.to_owned(),
+        })
+    }
 }
 
 fn nat_of(fp: &FilePeer, net: ipnet::IpNet, at: &str) -> Result<Option<NatAddresses>, ConfigError> {
@@ -504,7 +546,7 @@ mod tests {
         v.extend_from_slice(extra);
         match Cli::try_parse_from(v).unwrap().command {
             Command::Run(a) => a,
-            Command::Check(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 
@@ -565,9 +607,10 @@ mod tests {
             "cgroup = \"/\"\nmode = \"enforce\"\ndiscover = \"none\"\nscope = \"address\"\n\
              sys_path = \"/s\"\ncapture = \"/c.pcapng\"\ncapture_max_bytes = 5000\n\
              listen = \"127.0.0.1:2\"\nlog_format = \"json\"\nproc_path = \"/proc\"\n\
-             [[peer]]\ncidr = \"192.0.2.1\"\n",
+             pin_path = \"none\"\n[[peer]]\ncidr = \"192.0.2.1\"\n",
         );
         let s = resolve(&a).unwrap();
+        assert_eq!(s.pin, None);
         assert_eq!(
             (
                 s.default_mode,
@@ -677,6 +720,28 @@ mod tests {
         assert_eq!(
             resolve(&a).unwrap_err().to_string(),
             "--cgroup /nonexistent/cg: no such directory"
+        );
+        // Pinning is on by default; --pin-path moves it or turns it off.
+        let s = resolve(&args(&["--cgroup", "/"])).unwrap();
+        assert_eq!(
+            s.pin.as_deref(),
+            Some(Path::new("/sys/fs/bpf/natt-monitor"))
+        );
+        let s = resolve(&args(&["--cgroup", "/", "--pin-path", "/sys/fs/bpf/x"])).unwrap();
+        assert_eq!(s.pin.as_deref(), Some(Path::new("/sys/fs/bpf/x")));
+        assert_eq!(
+            resolve(&args(&["--cgroup", "/", "--pin-path", "natt"]))
+                .unwrap_err()
+                .to_string(),
+            "--pin-path: `natt` is not an absolute directory path or `none`"
+        );
+        let (p, a) = file("pin_path = \"/\"\n[[peer]]\ncidr = \"192.0.2.1\"\n");
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            format!(
+                "--config {} key `pin_path`: `/` is not an absolute directory path or `none`",
+                p.display()
+            )
         );
         let a = args(&["--config", "/nonexistent/natt.toml", "--peer", "192.0.2.1"]);
         assert_eq!(

@@ -1,8 +1,10 @@
 //! Loading, attaching and reading the in-kernel verifier.
 //!
 //! All-or-nothing: a `Verifier` owns the loaded object and its cgroup link. The link is a
-//! `bpf_link` (kernel 5.7+), so dropping the `Verifier` — or the process dying for any reason —
-//! detaches the program; nothing is left half-attached.
+//! `bpf_link` (kernel 5.7+), so dropping the `Verifier`, or the process dying for any reason,
+//! detaches the program; nothing is left half-attached. The exception is a pinned verifier
+//! (`load_pinned`, `attach_pinned`): its link and maps live in bpffs and outlive the process on
+//! purpose, so that the next daemon adopts them (`crate::pin`).
 
 use std::{
     fs::File,
@@ -17,16 +19,18 @@ use aya::{
     maps::{
         HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key,
     },
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId,
-    },
+    programs::{CgroupSkb, ProgramError},
 };
 use ipnet::IpNet;
 use monitor_ebpf::{
     COUNTER_SLOTS, Counter, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaValue,
 };
 
-use crate::{peers::PeerTable, scope::Scope};
+use crate::{
+    peers::PeerTable,
+    pin::{self, Link},
+    scope::Scope,
+};
 
 /// The verifier object, built by build.rs from `monitor-ebpf`.
 pub static VERIFIER_OBJ: &[u8] =
@@ -121,7 +125,7 @@ pub enum EbpfFailure {
         mount: Option<PathBuf>,
     },
     /// Attaching failed.
-    #[error("attaching `{program}` to cgroup {} ingress: {source}{hint}", path.display(), hint = privilege_hint(source))]
+    #[error("attaching `{program}` to cgroup {} ingress: {source}{hint}", path.display(), hint = if source.raw_os_error() == Some(libc::EPERM) { PRIVILEGE_HINT } else { "" })]
     Attach {
         /// The program.
         program: &'static str,
@@ -129,7 +133,18 @@ pub enum EbpfFailure {
         path: PathBuf,
         /// Underlying error.
         #[source]
-        source: ProgramError,
+        source: io::Error,
+    },
+    /// A step with the pinned link or maps failed.
+    #[error("{what} ({}): {source}", path.display())]
+    Pin {
+        /// What was being done.
+        what: &'static str,
+        /// The pin.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
     },
     /// Updating or reading a map failed.
     #[error("{what}: {source}")]
@@ -204,7 +219,8 @@ pub struct Verifier {
     bpf: Ebpf,
     variant: Variant,
     attached_to: Option<PathBuf>,
-    link: Option<CgroupSkbLinkId>,
+    link: Option<Link>,
+    pinned: bool,
     maps: Option<PeerMaps>,
     stats: Arc<Stats>,
 }
@@ -214,8 +230,58 @@ impl std::fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("variant", &self.variant)
             .field("attached_to", &self.attached_to)
+            .field("pinned", &self.pinned)
             .finish_non_exhaustive()
     }
+}
+
+/// Where a pinned verifier's maps came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinnedMaps {
+    /// Nothing was pinned: new maps, now pinned.
+    Created,
+    /// The pinned maps were opened: their counts, peers and residuals continue.
+    Adopted,
+    /// The pinned maps did not fit this build's (an upgrade that changed their layout or size):
+    /// they were replaced by new ones, and the counts start again. The text says why.
+    Replaced(String),
+}
+
+/// How `attach_pinned` put the program in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// No link was pinned: a new one, now pinned.
+    New,
+    /// The pinned link now runs this program instead of `old_prog_id`, swapped atomically.
+    Replaced {
+        /// The program it ran before.
+        old_prog_id: u32,
+    },
+    /// The pinned link was detached, or attached to another cgroup: a new link took its place
+    /// (attached before the old one was detached).
+    Relinked {
+        /// Whether the old link was still attached (elsewhere).
+        was_attached: bool,
+    },
+}
+
+/// An object loaded, with its maps pinned in `pins` when given.
+fn load_maps(
+    object: &[u8],
+    layout: &monitor_ebpf::SecpathLayout,
+    capture: u32,
+    pins: Option<&Path>,
+) -> Result<Ebpf, EbpfError> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global("SECPATH", layout, true)
+        .override_global("CAPTURE_ON", &capture, true);
+    if let Some(dir) = pins {
+        for name in pin::PINNED_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    loader.load(object)
 }
 
 impl Verifier {
@@ -252,6 +318,54 @@ impl Verifier {
         Self::load_object(VERIFIER_OBJ, scope, capture, variant)
     }
 
+    /// As `load_variant`, with the stateful maps (`pin::PINNED_MAPS`) pinned in `dir`: opened
+    /// when they are there (adopted), created and pinned when not, and replaced when they do not
+    /// fit this build. Attach with `attach_pinned`.
+    ///
+    /// # Errors
+    /// As `load`, and `EbpfFailure::Pin` when an unfit pin cannot be removed.
+    pub fn load_pinned(
+        scope: &Scope,
+        capture: bool,
+        variant: Option<Variant>,
+        dir: &Path,
+    ) -> Result<(Self, PinnedMaps), EbpfFailure> {
+        if VERIFIER_OBJ.is_empty() {
+            return Err(EbpfFailure::NoObject);
+        }
+        raise_memlock_limit();
+        let layout = scope.layout();
+        let capture = u32::from(capture);
+        let existing = pin::pinned_maps(dir);
+        let (bpf, origin) = match load_maps(VERIFIER_OBJ, &layout, capture, Some(dir)) {
+            Ok(bpf) if existing.is_empty() => (bpf, PinnedMaps::Created),
+            Ok(bpf) => (bpf, PinnedMaps::Adopted),
+            Err(pinned) if !existing.is_empty() => {
+                // Does the object load without the pins? Then the pins are what did not fit.
+                drop(
+                    load_maps(VERIFIER_OBJ, &layout, capture, None)
+                        .map_err(|source| EbpfFailure::Object { source })?,
+                );
+                let why = pinned.to_string();
+                for name in existing {
+                    let path = dir.join(name);
+                    std::fs::remove_file(&path).map_err(|source| EbpfFailure::Pin {
+                        what: "removing a pinned map that does not fit this build",
+                        path,
+                        source,
+                    })?;
+                }
+                let bpf = load_maps(VERIFIER_OBJ, &layout, capture, Some(dir))
+                    .map_err(|source| EbpfFailure::Object { source })?;
+                (bpf, PinnedMaps::Replaced(why))
+            }
+            Err(source) => return Err(EbpfFailure::Object { source }),
+        };
+        let mut verifier = Self::finish_load(bpf, variant)?;
+        verifier.pinned = true;
+        Ok((verifier, origin))
+    }
+
     /// As `load_variant`, from another build's verifier object with the same map ABI (the
     /// benchmarks compare the current program against an earlier revision's side by side).
     ///
@@ -264,13 +378,13 @@ impl Verifier {
         variant: Option<Variant>,
     ) -> Result<Self, EbpfFailure> {
         raise_memlock_limit();
-        let layout = scope.layout();
-        let capture = u32::from(capture);
-        let mut bpf = EbpfLoader::new()
-            .override_global("SECPATH", &layout, true)
-            .override_global("CAPTURE_ON", &capture, true)
-            .load(object)
+        let bpf = load_maps(object, &scope.layout(), u32::from(capture), None)
             .map_err(|source| EbpfFailure::Object { source })?;
+        Self::finish_load(bpf, variant)
+    }
+
+    /// Loads the program of the object whose maps exist, and takes the shared maps.
+    fn finish_load(mut bpf: Ebpf, variant: Option<Variant>) -> Result<Self, EbpfFailure> {
         let variant = variant.unwrap_or_else(|| crate::features::Features::probe().variant());
         let name = variant.program();
         program(&mut bpf, name)?.load().map_err(|cause| {
@@ -296,6 +410,7 @@ impl Verifier {
             variant,
             attached_to: None,
             link: None,
+            pinned: false,
             maps: Some(maps),
             stats,
         })
@@ -315,51 +430,148 @@ impl Verifier {
         program(&mut self.bpf, self.variant.program())
     }
 
-    /// Attaches to `cgroup` (a cgroup v2 directory) at ingress.
+    /// Attaches to `cgroup` (a cgroup v2 directory) at ingress. The link goes with the
+    /// `Verifier`.
     ///
     /// # Errors
     /// `OpenCgroup`, `NotCgroup2` or `Attach`.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), EbpfFailure> {
-        let file = File::open(cgroup).map_err(|source| EbpfFailure::OpenCgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
-        if !crate::cgroup::is_cgroup2(&file) {
-            return Err(EbpfFailure::NotCgroup2 {
-                path: cgroup.to_owned(),
-                mount: crate::cgroup::cgroup2_mount(),
-            });
-        }
-        let name = self.variant.program();
-        let prog = program(&mut self.bpf, name)?;
-        // Through bpf_link the kernel always attaches in multi mode and rejects explicit attach
-        // flags with EINVAL, so `Single` (flags 0) coexists with other programs here.
-        let link = prog
-            .attach(
-                file.as_fd(),
-                CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(|source| EbpfFailure::Attach {
-                program: name,
-                path: cgroup.to_owned(),
-                source,
-            })?;
+        let file = open_cgroup(cgroup)?;
+        let link = self.new_link(&file, cgroup)?;
         self.link = Some(link);
         self.attached_to = Some(cgroup.to_owned());
         Ok(())
     }
 
-    /// Detaches the program (it stays loaded); returns whether it was attached.
+    /// A new link of this program at `file`'s ingress. Through `bpf_link` the kernel attaches
+    /// in multi-program mode, so the verifier coexists with other programs there.
+    fn new_link(&mut self, file: &File, cgroup: &Path) -> Result<Link, EbpfFailure> {
+        let name = self.variant.program();
+        let prog = program(&mut self.bpf, name)?;
+        let fd = prog.fd().map_err(|cause| EbpfFailure::ProgramLoad {
+            program: name,
+            cause,
+        })?;
+        Link::attach_ingress(fd.as_fd(), file.as_fd()).map_err(|source| EbpfFailure::Attach {
+            program: name,
+            path: cgroup.to_owned(),
+            source,
+        })
+    }
+
+    /// Attaches to `cgroup` at ingress through the link pinned in `dir`, and pins it there if
+    /// none is. A pinned link attached to this cgroup is kept and made to run this program
+    /// (`BPF_LINK_UPDATE`): no segment passes unverified between the old program and this one.
+    ///
+    /// # Errors
+    /// As `attach`, and `Pin` when the pinned link cannot be read, updated or replaced.
+    pub fn attach_pinned(&mut self, cgroup: &Path, dir: &Path) -> Result<Attached, EbpfFailure> {
+        let file = open_cgroup(cgroup)?;
+        let want = pin::cgroup_id(&file).map_err(|source| EbpfFailure::OpenCgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let path = dir.join(pin::LINK_FILE);
+        let pin_err = |what: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| EbpfFailure::Pin { what, path, source }
+        };
+        let (link, how) = match Link::open(&path) {
+            Ok(old) => {
+                let info = old
+                    .info()
+                    .map_err(pin_err("reading the pinned link", &path))?;
+                if info.attached() && info.cgroup_id == want && info.cgroup_ingress {
+                    let name = self.variant.program();
+                    let prog = program(&mut self.bpf, name)?;
+                    let fd = prog.fd().map_err(|cause| EbpfFailure::ProgramLoad {
+                        program: name,
+                        cause,
+                    })?;
+                    old.update(fd.as_fd())
+                        .map_err(pin_err("replacing the pinned link's program", &path))?;
+                    (
+                        old,
+                        Attached::Replaced {
+                            old_prog_id: info.prog_id,
+                        },
+                    )
+                } else {
+                    // The new link first, so the cgroup is never without a verifier.
+                    let new = self.new_link(&file, cgroup)?;
+                    if info.attached() {
+                        old.detach()
+                            .map_err(pin_err("detaching the pinned link", &path))?;
+                    }
+                    std::fs::remove_file(&path)
+                        .map_err(pin_err("removing the old link's pin", &path))?;
+                    new.pin(&path).map_err(pin_err("pinning the link", &path))?;
+                    (
+                        new,
+                        Attached::Relinked {
+                            was_attached: info.attached(),
+                        },
+                    )
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let new = self.new_link(&file, cgroup)?;
+                new.pin(&path).map_err(pin_err("pinning the link", &path))?;
+                (new, Attached::New)
+            }
+            Err(source) => {
+                return Err(EbpfFailure::Pin {
+                    what: "opening the pinned link",
+                    path,
+                    source,
+                });
+            }
+        };
+        self.link = Some(link);
+        self.attached_to = Some(cgroup.to_owned());
+        self.pinned = true;
+        Ok(how)
+    }
+
+    /// True when the link and maps are pinned and the link still attaches the program: they
+    /// outlive this `Verifier` and the process.
+    #[must_use]
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+            && self
+                .link
+                .as_ref()
+                .is_some_and(|l| l.info().is_ok_and(|i| i.attached()))
+    }
+
+    /// A second descriptor of the link, for a task that watches it stays attached.
+    ///
+    /// # Errors
+    /// `Pin` when the descriptor cannot be duplicated; `Missing` when not attached.
+    pub fn link_handle(&self) -> Result<Link, EbpfFailure> {
+        let link = self.link.as_ref().ok_or(EbpfFailure::Missing {
+            kind: "link",
+            name: "cgroup ingress",
+        })?;
+        link.try_clone().map_err(|source| EbpfFailure::Pin {
+            what: "duplicating the link's descriptor",
+            path: self.attached_to.clone().unwrap_or_default(),
+            source,
+        })
+    }
+
+    /// Detaches the program (it stays loaded); returns whether it was attached. A pinned link
+    /// is left in place (closing this descriptor does not detach it): `pin::detach` removes it.
     pub fn detach(&mut self) -> bool {
         let Some(link) = self.link.take() else {
             return false;
         };
         self.attached_to = None;
-        if let Err(e) = program(&mut self.bpf, self.variant.program()).map(|p| p.detach(link)) {
-            // Dropping the object releases the link anyway.
-            tracing::warn!(error = %e, "detaching the verifier failed; it goes when the process exits");
+        if self.pinned {
+            return false;
         }
+        // Closing the only descriptor of an unpinned link detaches it.
+        drop(link);
         true
     }
 
@@ -504,6 +716,47 @@ impl PeerMaps {
         Ok(())
     }
 
+    /// What the maps hold, for a daemon that adopts pinned ones: every peer prefix with its map
+    /// value, and every installed residual.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map` when a map cannot be read.
+    pub fn contents(&self) -> Result<MapContents, EbpfFailure> {
+        let read = |name: &'static str| {
+            move |source| EbpfFailure::Map {
+                what: format!("reading the pinned {name}"),
+                source,
+            }
+        };
+        let mut peers = Vec::new();
+        for entry in &self.v4 {
+            let (k, v) = entry.map_err(read("PEERS_V4"))?;
+            let net =
+                ipnet::Ipv4Net::new(k.data().into(), u8::try_from(k.prefix_len()).unwrap_or(32))
+                    .map_err(|e| EbpfFailure::Map {
+                        what: format!("reading the pinned PEERS_V4: {e}"),
+                        source: MapError::IoError(io::Error::other("bad prefix length")),
+                    })?;
+            peers.push((IpNet::V4(net), v));
+        }
+        for entry in &self.v6 {
+            let (k, v) = entry.map_err(read("PEERS_V6"))?;
+            let net =
+                ipnet::Ipv6Net::new(k.data().into(), u8::try_from(k.prefix_len()).unwrap_or(128))
+                    .map_err(|e| EbpfFailure::Map {
+                    what: format!("reading the pinned PEERS_V6: {e}"),
+                    source: MapError::IoError(io::Error::other("bad prefix length")),
+                })?;
+            peers.push((IpNet::V6(net), v));
+        }
+        let mut residuals = Vec::new();
+        for entry in &self.residuals {
+            let (k, v) = entry.map_err(read("SA_RESIDUALS"))?;
+            residuals.push((k, v.expected_residual));
+        }
+        Ok(MapContents { peers, residuals })
+    }
+
     /// Installs the residual that intact segments through NAT mapping `key` leave: from the
     /// next segment on, they are verified against it.
     ///
@@ -553,6 +806,15 @@ impl PeerMaps {
     }
 }
 
+/// What pinned maps held when a daemon adopted them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    /// Every peer prefix with its map value (id, mode, flags, residual).
+    pub peers: Vec<(IpNet, PeerValue)>,
+    /// Every installed residual.
+    pub residuals: Vec<(SaKey, u16)>,
+}
+
 /// Read handles on the verifier's statistics: the global counters and the per-peer array (a
 /// second descriptor of the map `PeerMaps` resets). Reads are plain syscalls and take no lock,
 /// so a scrape never waits for a map update.
@@ -598,6 +860,21 @@ impl Stats {
         })?;
         Ok(values.iter().fold(PeerStats::default(), PeerStats::merged))
     }
+}
+
+/// Opens a cgroup v2 directory.
+fn open_cgroup(cgroup: &Path) -> Result<File, EbpfFailure> {
+    let file = File::open(cgroup).map_err(|source| EbpfFailure::OpenCgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    if !crate::cgroup::is_cgroup2(&file) {
+        return Err(EbpfFailure::NotCgroup2 {
+            path: cgroup.to_owned(),
+            mount: crate::cgroup::cgroup2_mount(),
+        });
+    }
+    Ok(file)
 }
 
 fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<Map, EbpfFailure> {

@@ -19,6 +19,7 @@ pub mod http;
 pub mod learn;
 pub mod metrics;
 pub mod peers;
+pub mod pin;
 pub mod residuals;
 pub mod scope;
 pub mod snmp;

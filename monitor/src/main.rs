@@ -16,7 +16,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => {
-            let report = check::run_checks(args.cgroup.as_deref(), &args.proc_path, &args.sys_path);
+            let mut report =
+                check::run_checks(args.cgroup.as_deref(), &args.proc_path, &args.sys_path);
+            check::pinned(
+                &mut report,
+                &args.pin_path,
+                natt_monitor::cgroup::cgroup2_mount_in(&args.proc_path).as_deref(),
+            );
             #[expect(clippy::print_stdout, reason = "the report is the command's output")]
             {
                 print!("{}", report.render());
@@ -27,6 +33,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::Detach(args) => match natt_monitor::pin::detach(&args.pin_path) {
+            Ok(removed) => {
+                #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+                {
+                    print!("{}", removed.render(&args.pin_path));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("natt-monitor: error: {}", render_error(&e.into()));
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -81,22 +100,31 @@ fn run(args: &RunOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(daemon::run(config, shutdown_signal()))?;
+    rt.block_on(async {
+        // Handlers first: a SIGTERM during start-up then ends the daemon cleanly once it is up,
+        // instead of killing it by the default action.
+        let stop = shutdown_signal();
+        daemon::run(config, stop).await
+    })?;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either signal.
+fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without handlers the default action (terminate) still applies, and the bpf_link is
-        // released with the process.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without handlers the default action (terminate) still applies; an unpinned
+            // bpf_link is released with the process, a pinned one stays.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

@@ -210,6 +210,25 @@ impl PeerTable {
         Self::default().reconcile(peers)
     }
 
+    /// The prefixes a pinned peer map held, under the ids it gave them: what `reconcile` starts
+    /// from when a daemon adopts pinned maps, so that every prefix that stays keeps its id and
+    /// with it its counts. Only the prefix and mode of each entry are known.
+    #[must_use]
+    pub fn pinned(entries: &[(IpNet, PeerValue)]) -> Self {
+        let peers = entries
+            .iter()
+            .map(|(net, v)| {
+                let mode = if v.mode == Mode::Enforce.abi() {
+                    Mode::Enforce
+                } else {
+                    Mode::Observe
+                };
+                (v.id, PeerSpec::new(*net, mode))
+            })
+            .collect();
+        Self { peers }
+    }
+
     /// The table for a new peer list: peers whose prefix is already here keep their id, new
     /// ones take the lowest free ids.
     ///

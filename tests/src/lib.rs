@@ -102,3 +102,46 @@ pub fn metric(body: &str, series: &str) -> Option<u64> {
             .ok()
     })
 }
+
+/// A pin directory of the test's own (`--pin-path`), below /sys/fs/bpf, so that a test never
+/// adopts or removes a verifier that a daemon outside the suite pinned. Dropping it detaches
+/// whatever is pinned there and removes the pins, even when the test failed.
+#[derive(Debug)]
+pub struct PinDir {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    /// A new, unused path (the daemon creates it, mounting bpffs if needed).
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            path: PathBuf::from(format!(
+                "{}/{}",
+                natt_monitor::pin::BPFFS_ROOT,
+                net::unique("natt-test-")
+            )),
+        }
+    }
+
+    /// The path as an argument.
+    #[must_use]
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("utf-8 pin path")
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = natt_monitor::pin::detach(&self.path) {
+            eprintln!("cleaning up {}: {e}", self.path.display());
+        }
+    }
+}

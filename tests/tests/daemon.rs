@@ -1,5 +1,7 @@
 //! The `natt-monitor` binary end to end (root only): argument errors, a real run against the
-//! namespace lab with JSON logs, and clean detach on SIGTERM and SIGINT.
+//! namespace lab with JSON logs, detach on exit without pinning, and with pinning (the default)
+//! a verifier that outlives the daemon, is adopted by the next one without a gap, and is
+//! removed by `natt-monitor detach`.
 //!
 //! The binary comes from `NATT_MONITOR_BIN` (set by `cargo xtask test`) or the target directory
 //! next to this test executable.
@@ -7,13 +9,14 @@
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader},
+    os::unix::process::ExitStatusExt as _,
     process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use natt_monitor_tests::{
-    KillOnDrop, http_get, metric, monitor_bin,
+    KillOnDrop, PinDir, http_get, metric, monitor_bin,
     net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
     skip_unless_root,
 };
@@ -111,14 +114,27 @@ struct Daemon {
     child: KillOnDrop,
     lines: Arc<Mutex<Vec<Value>>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Dropped after the process is killed: detaches what it left pinned.
+    _pins: Option<PinDir>,
 }
 
 impl Daemon {
+    /// Runs `natt-monitor` with `args`, JSON logs, a free port unless `--listen` or `--config`
+    /// is given, and a pin directory of its own (removed on drop) unless `--pin-path` is.
     fn start(args: &[&str]) -> Self {
+        let pins = (!args.contains(&"--pin-path")).then(PinDir::new);
+        Self::start_pinned(args, pins)
+    }
+
+    /// As `start`, pinning in `pins` (which the caller may share with a later daemon).
+    fn start_pinned(args: &[&str], pins: Option<PinDir>) -> Self {
         let mut cmd = Command::new(monitor_bin());
         cmd.args(args).args(["--log-format", "json"]);
         if !args.contains(&"--listen") && !args.iter().any(|a| a.starts_with("--config")) {
             cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        if let Some(p) = &pins {
+            cmd.args(["--pin-path", p.arg()]);
         }
         let mut child = cmd
             .stdout(Stdio::null())
@@ -138,6 +154,7 @@ impl Daemon {
             child: KillOnDrop(child),
             lines,
             reader: Some(reader),
+            _pins: pins,
         }
     }
 
@@ -240,6 +257,10 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
         "address",
         "--capture",
         pcap.to_str().unwrap(),
+        // Without pinning the program goes with the process (what this test asserts at the
+        // end); the pinned default is tested below.
+        "--pin-path",
+        "none",
     ]);
     d.wait_for("verifier attached at cgroup_skb ingress");
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
@@ -443,24 +464,291 @@ fn captured_packets(path: &std::path::Path) -> Vec<(u32, Vec<u8>)> {
     out
 }
 
+/// `natt-monitor` with `args`, to completion: (exit code, stdout).
+fn output_of(args: &[&str]) -> (i32, String) {
+    let out = Command::new(monitor_bin())
+        .args(args)
+        .output()
+        .expect("spawn natt-monitor");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
-fn sigint_also_detaches_cleanly() {
-    if skip_unless_root("sigint_also_detaches_cleanly") {
+fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
+    if skip_unless_root("sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it") {
         return;
     }
     let cg = Cgroup::new();
+    let pins = PinDir::new();
     let mut d = Daemon::start(&[
         "run",
         "--peer",
         "2001:db8::/32",
         "--cgroup",
         cg.path.to_str().unwrap(),
+        "--pin-path",
+        pins.arg(),
     ]);
     d.wait_for("verifier attached at cgroup_skb ingress");
     let (status, lines) = d.stop(libc::SIGINT);
     assert!(status.success(), "exit status {status}: {lines:?}");
-    assert!(lines.iter().any(|v| v["message"] == "verifier detached"));
+    assert!(lines.iter().any(|v| v["message"]
+        == "the verifier stays attached, pinned with its maps: the next natt-monitor adopts it; `natt-monitor detach` removes it"));
+    assert!(!lines.iter().any(|v| v["message"] == "verifier detached"));
+    let link = natt_monitor::pin::Link::open(&pins.path.join("link")).expect("a pinned link");
+    let info = link.info().expect("link info");
+    drop(link);
+    assert!(info.attached(), "{info:?}");
+    // `check` reports it, naming the program and the cgroup by id (a test cgroup is not the
+    // cgroup2 mount).
+    let (code, out) = output_of(&["check", "--pin-path", pins.arg()]);
+    assert_eq!(code, 0, "{out}");
+    let pinned = out
+        .lines()
+        .find(|l| l.starts_with("info  pinned"))
+        .unwrap_or_else(|| panic!("no pinned line in {out}"));
+    assert!(
+        pinned.contains(&format!(
+            "{}: link {} runs program id {} at cgroup id ",
+            pins.arg(),
+            info.id,
+            info.prog_id
+        )) && pinned.contains(
+            "7 of 7 maps (PEERS_V4, PEERS_V6, PEER_STATS, COUNTERS, SA_RESIDUALS, EVENTS, LEARNING)"
+        ),
+        "{pinned}"
+    );
+    // `detach` removes it all, and says what it removed; a second time there is nothing.
+    let (code, out) = output_of(&["detach", "--pin-path", pins.arg()]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        format!(
+            "detached link {} (program id {}) from cgroup id {}\n\
+             removed maps: PEERS_V4, PEERS_V6, PEER_STATS, COUNTERS, SA_RESIDUALS, EVENTS, LEARNING\n\
+             removed {}\n",
+            info.id,
+            info.prog_id,
+            info.cgroup_id,
+            pins.arg()
+        )
+    );
     assert_no_verifier_loaded();
+    assert_eq!(
+        output_of(&["detach", "--pin-path", pins.arg()]),
+        (0, format!("nothing pinned at {}\n", pins.arg()))
+    );
+}
+
+#[test]
+fn the_units_three_capabilities_suffice_to_pin_adopt_and_detach() {
+    if skip_unless_root("the_units_three_capabilities_suffice_to_pin_adopt_and_detach") {
+        return;
+    }
+    // As deploy/systemd/natt-monitor.service runs it: uid 0 holding only CAP_BPF, CAP_PERFMON
+    // and CAP_NET_ADMIN, so no CAP_DAC_OVERRIDE to reach into bpffs and no CAP_SYS_ADMIN to
+    // mount it (systemd mounts it at boot; here the test does).
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    natt_monitor::pin::prepare(&pins.path).expect("bpffs");
+    std::fs::remove_dir(&pins.path).expect("the daemon creates the directory itself");
+    let restricted = |args: &[&str]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--bounding-set=-all,+bpf,+perfmon,+net_admin",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(monitor_bin())
+        .args(args);
+        cmd
+    };
+    let run = [
+        "run",
+        "--peer",
+        "192.0.2.1",
+        "--discover",
+        "none",
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--pin-path",
+        pins.arg(),
+    ];
+    for (round, message) in [
+        "pinned the verifier's link and maps: they outlive this process",
+        "adopted the pinned link: its program was replaced by this one in one atomic update, with no segment unverified",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut child = KillOnDrop(
+            restricted(&run)
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("setpriv"),
+        );
+        let err = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(err).lines().map_while(Result::ok);
+        let seen: Vec<String> = lines
+            .by_ref()
+            .take_while(|l| !l.contains("verifier attached at cgroup_skb ingress"))
+            .collect();
+        assert!(
+            seen.iter().any(|l| l.contains(message)),
+            "round {round}: no {message:?} in {seen:?}"
+        );
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        let rest: Vec<String> = lines.collect();
+        assert!(status.success(), "round {round}: {status}: {rest:?}");
+    }
+    let out = restricted(&["detach", "--pin-path", pins.arg()])
+        .output()
+        .expect("setpriv");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("detached link "), "{text}");
+    assert_no_verifier_loaded();
+}
+
+/// Long enough that the kill and the restart happen while it flows (about 2 s here).
+const RESTART_BYTES: u64 = 1 << 30;
+
+/// The TCP mismatch and drop counts of the one peer `192.0.2.1/32` in a scrape.
+fn tcp_counts(body: &str) -> (u64, u64, u64) {
+    let peer = "peer=\"192.0.2.1/32\",proto=\"tcp\"";
+    let get = |name: &str| {
+        metric(body, &format!("natt_monitor_{name}{{{peer}}}"))
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+    };
+    (
+        get("verified_packets_total"),
+        get("checksum_mismatches_total"),
+        get("dropped_packets_total"),
+    )
+}
+
+#[test]
+fn sigkill_mid_stream_in_enforce_mode_loses_no_protection_and_no_count() {
+    if skip_unless_root("sigkill_mid_stream_in_enforce_mode_loses_no_protection_and_no_count") {
+        return;
+    }
+    let lab = Lab::new(1500);
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    let args = [
+        "run",
+        "--peer",
+        ADDR_A,
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--mode",
+        "enforce",
+        "--scope",
+        "address",
+        "--pin-path",
+        pins.arg(),
+    ];
+    let mut first = Daemon::start(&args);
+    first.wait_for("verifier attached at cgroup_skb ingress");
+    let inj = Injector::attach(&lab.b, lab.dev_b, 50);
+    let peer = env!("CARGO_BIN_EXE_natt-peer");
+    let sender = std::thread::scope(|scope| {
+        let streaming = scope.spawn(|| stream(peer, &lab, &cg.path, RESTART_BYTES, false));
+        // Corruption is being dropped under the first daemon...
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let at_kill = loop {
+            let (_, body) = first.get("/metrics");
+            let counts = tcp_counts(&body);
+            if counts.2 >= 20 {
+                break counts;
+            }
+            assert!(Instant::now() < deadline, "no drops within 20 s: {body}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // ...when it is killed without a chance to clean up.
+        first.signal(libc::SIGKILL);
+        let (status, _) = first.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        let corrupted_at_kill = inj.stats().corrupted;
+        // No daemon runs: the pinned program keeps verifying and dropping.
+        std::thread::sleep(Duration::from_millis(300));
+        let corrupted_while_down = inj.stats().corrupted - corrupted_at_kill;
+        let mut second = Daemon::start(&args);
+        second.wait_for("verifier attached at cgroup_skb ingress");
+        assert_eq!(
+            second
+                .messages("adopting the pinned maps: counts, peers and learned residuals continue")
+                .len(),
+            1
+        );
+        let adopted = second.messages("adopted the pinned link: its program was replaced by this one in one atomic update, with no segment unverified");
+        assert_eq!(adopted.len(), 1, "{:?}", second.lines.lock().unwrap());
+        // The counts continued: nothing was reset, and what happened while no daemon ran is in.
+        let (_, body) = second.get("/metrics");
+        let after = tcp_counts(&body);
+        assert!(
+            after.0 > at_kill.0 && after.1 > at_kill.1 && after.2 > at_kill.2,
+            "counts at the kill {at_kill:?}, after the restart {after:?}"
+        );
+        assert!(
+            !streaming.is_finished(),
+            "the stream ended before the second daemon adopted the verifier; make it longer"
+        );
+        let s = streaming.join().expect("stream thread");
+        // Not one corrupted byte reached the application, and nothing was lost.
+        assert_eq!(
+            s,
+            StreamResult {
+                received: RESTART_BYTES,
+                differing: 0
+            }
+        );
+        eprintln!(
+            "corrupted: {} in all, {corrupted_while_down} in the 300 ms without a daemon; counts at the kill {at_kill:?}, after the restart {after:?}",
+            inj.stats().corrupted
+        );
+        assert!(
+            corrupted_while_down > 0,
+            "traffic flowed while no daemon ran"
+        );
+        second
+    });
+    let injected = inj.stats().corrupted;
+    // Across both daemons and the gap between them, every injected corruption was counted and
+    // dropped, and the second daemon reports all of it.
+    let (_, body) = sender.get("/metrics");
+    let (_, mismatches, dropped) = tcp_counts(&body);
+    let partial = metric(
+        &body,
+        "natt_monitor_skipped_packets_total{reason=\"partial_checksum\"}",
+    )
+    .unwrap_or(0);
+    assert!(
+        mismatches <= injected && mismatches + partial >= injected,
+        "mismatches {mismatches} for {injected} injected ({partial} look-alike partial-checksum skips)"
+    );
+    assert_eq!(dropped, mismatches, "every mismatch dropped");
+    let (status, lines) = sender.stop(libc::SIGTERM);
+    assert!(status.success(), "{lines:?}");
+    let totals = lines
+        .iter()
+        .find(|v| v["message"] == "peer totals")
+        .expect("peer totals line");
+    assert_eq!(field_u64(totals, "mismatches"), mismatches);
+    assert_eq!(field_u64(totals, "dropped"), dropped);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The daemon's library entry point, `daemon::run`, driven in process (root only): a clean
-//! shutdown, and an internal task that dies under it. Faults come through the test's own
-//! handles, never through a hook in the daemon: here the test shuts down the listening socket it
-//! handed to `run`, so the HTTP task's accept fails as it would if the socket broke.
+//! shutdown that detaches an unpinned verifier, and an internal task that dies under a pinned
+//! one, which stays. Faults come through the test's own handles, never through a hook in the
+//! daemon: here the test shuts down the listening socket it handed to `run`, so the HTTP task's
+//! accept fails as it would if the socket broke.
 
 use std::{
     net::TcpListener,
@@ -16,7 +17,7 @@ use natt_monitor::{
     config,
     daemon::{self, DaemonError, RunConfig},
 };
-use natt_monitor_tests::{http_get, net::Cgroup, skip_unless_root};
+use natt_monitor_tests::{PinDir, http_get, net::Cgroup, skip_unless_root};
 
 /// Starts `run` on its own thread and runtime with `args` (as after `natt-monitor`) and a
 /// listener the test keeps a handle on; returns the thread, the listener's twin and the base
@@ -51,9 +52,11 @@ fn start(
     (thread, twin, url)
 }
 
-/// `run` with one static peer, no discovery, attached to `cg`.
+/// `run` with one static peer, no discovery, attached to `cg`, pinned in `pin_path` (`none`:
+/// not pinned).
 fn start_one_peer(
     cg: &Cgroup,
+    pin_path: &str,
     shutdown: tokio::sync::oneshot::Receiver<()>,
 ) -> (JoinHandle<Result<(), DaemonError>>, TcpListener, String) {
     let path = cg.path.to_str().unwrap();
@@ -66,6 +69,8 @@ fn start_one_peer(
             "none",
             "--cgroup",
             path,
+            "--pin-path",
+            pin_path,
         ],
         shutdown,
     )
@@ -103,13 +108,13 @@ fn verifier_loaded() -> bool {
 }
 
 #[test]
-fn shutdown_returns_ok_and_detaches() {
-    if skip_unless_root("shutdown_returns_ok_and_detaches") {
+fn shutdown_returns_ok_and_detaches_when_not_pinned() {
+    if skip_unless_root("shutdown_returns_ok_and_detaches_when_not_pinned") {
         return;
     }
     let cg = Cgroup::new();
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let (thread, _twin, url) = start_one_peer(&cg, stopped);
+    let (thread, _twin, url) = start_one_peer(&cg, "none", stopped);
     wait_healthy(&url);
     let (status, body) = http_get(&format!("{url}/metrics")).unwrap();
     assert_eq!(status, 200);
@@ -136,8 +141,9 @@ fn a_dead_internal_task_takes_the_daemon_down() {
         return;
     }
     let cg = Cgroup::new();
+    let pins = PinDir::new();
     let (_stop, stopped) = tokio::sync::oneshot::channel();
-    let (thread, twin, url) = start_one_peer(&cg, stopped);
+    let (thread, twin, url) = start_one_peer(&cg, pins.arg(), stopped);
     wait_healthy(&url);
     // SAFETY: shutdown(2) on a descriptor this test owns; the daemon's copy shares the socket.
     let rc = unsafe { libc::shutdown(twin.as_raw_fd(), libc::SHUT_RDWR) };
@@ -146,11 +152,18 @@ fn a_dead_internal_task_takes_the_daemon_down() {
         .expect_err("a dead task must end run with an error");
     assert_eq!(
         err.to_string(),
-        "internal task `http` stopped: Invalid argument (os error 22); exiting so the failure is visible (the program is detached)"
+        "internal task `http` stopped: Invalid argument (os error 22); exiting so the failure is visible"
     );
     assert!(matches!(err, DaemonError::TaskDied { task: "http", .. }));
+    // Pinned, the verifier outlives the failed daemon: the cgroup stays protected until the
+    // next one adopts it. Dropping the pin directory detaches it.
+    assert!(
+        verifier_loaded(),
+        "the pinned verifier stays after a failure"
+    );
+    drop(pins);
     assert!(
         !verifier_loaded(),
-        "natt_verify still loaded after run returned"
+        "natt_verify still loaded after its pins were removed"
     );
 }

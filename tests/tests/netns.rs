@@ -8,11 +8,12 @@
 
 use monitor_ebpf::{Counter, PeerStats, Proto, SKIP_REASONS};
 use natt_monitor::{
-    ebpf::{Variant, Verifier},
+    ebpf::{Attached, PinnedMaps, Variant, Verifier},
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
     scope::{self, Scope},
 };
 use natt_monitor_tests::{
+    PinDir,
     net::{
         ADDR_A, ADDR6_A, Cgroup, InjectStats, Injector, Lab, StreamResult, stream, stream_between,
     },
@@ -61,10 +62,22 @@ fn run_variant(
     v.attach(&cg.path).expect("attach to test cgroup");
     let inj = Injector::attach(&lab.b, lab.dev_b, every);
     let s = stream(env!("CARGO_BIN_EXE_natt-peer"), &lab, &cg.path, bytes, v6);
+    let r = readings(&v, s, inj.stats());
+    drop(inj);
+    drop(v);
+    log_run(
+        &format!("peer={peer} mode={mode} every={every} mtu={mtu}"),
+        &r,
+    );
+    r
+}
+
+/// What the verifier of peer id 0 counted, beside what the stream and the injector saw.
+fn readings(v: &Verifier, stream: StreamResult, inject: InjectStats) -> Run {
     let c = v.stats().counters().unwrap();
-    let r = Run {
-        stream: s,
-        inject: inj.stats(),
+    Run {
+        stream,
+        inject,
         peer: v.stats().peer_stats(0).unwrap(),
         not_in_scope: c.get(Counter::SkipNotInScope),
         aggregated: c.get(Counter::SkipAggregated),
@@ -74,11 +87,12 @@ fn run_variant(
             .map(|&(reason, name)| (name, c.get(reason)))
             .filter(|&(_, n)| n > 0)
             .collect(),
-    };
-    drop(inj);
-    drop(v);
+    }
+}
+
+fn log_run(what: &str, r: &Run) {
     eprintln!(
-        "peer={peer} mode={mode} every={every} mtu={mtu}: app received={} differing={}; injector marked={} data={} corrupted={} max_l4={}; \
+        "{what}: app received={} differing={}; injector marked={} data={} corrupted={} max_l4={}; \
          verifier verified={:?} bytes={:?} mismatches={:?} drops={:?} skipped={:?}",
         r.stream.received,
         r.stream.differing,
@@ -92,7 +106,6 @@ fn run_variant(
         r.peer.drops,
         r.skips
     );
-    r
 }
 
 /// Nothing dropped the corruption, so the application received it: one flipped byte per
@@ -131,22 +144,25 @@ fn assert_accounted(r: &Run) {
 const MB: u64 = 1 << 20;
 
 /// Enforce mode's contract: every injected corruption detected and dropped, and TCP's
-/// retransmissions deliver the whole stream byte for byte.
+/// retransmissions deliver the whole stream byte for byte. The one exception is address scope's
+/// look-alike partial-checksum skip (1 segment in 65,536, `assert_accounted`): a corrupted
+/// segment it lets through reaches the application, so the bytes that differ are at most the
+/// corrupted segments that were not mismatches (0 in most runs; a 1 GiB stream has about 12
+/// such skips, of which a corrupted one now and then).
 fn assert_enforced(r: &Run, bytes: u64) {
     assert!(r.inject.corrupted > 0, "the injector corrupted something");
     assert_accounted(r);
+    let tcp = Proto::Tcp as usize;
     assert_eq!(
-        r.peer.drops[Proto::Tcp as usize],
-        r.peer.mismatches[Proto::Tcp as usize],
+        r.peer.drops[tcp], r.peer.mismatches[tcp],
         "every mismatch dropped"
     );
-    assert_eq!(
-        r.stream,
-        StreamResult {
-            received: bytes,
-            differing: 0
-        },
-        "TCP retransmitted every drop"
+    let let_through = r.inject.corrupted - r.peer.mismatches[tcp];
+    assert_eq!(r.stream.received, bytes, "TCP retransmitted every drop");
+    assert!(
+        r.stream.differing <= let_through,
+        "{} bytes differ, but only {let_through} corrupted segments were not dropped",
+        r.stream.differing
     );
 }
 
@@ -201,6 +217,89 @@ fn enforce_mode_drops_corruption_and_tcp_delivers_a_byte_exact_stream() {
     }
     let r = run(ADDR_A, Mode::Enforce, 50, 1500, 8 * MB, false);
     assert_enforced(&r, 8 * MB);
+}
+
+/// Long enough that the upgrade happens while it flows (about 2 s here).
+const UPGRADE_BYTES: u64 = 1 << 30;
+
+/// An upgrade while traffic flows: the previous build's program (here the bounded-loop variant,
+/// another program with the same maps) runs pinned in enforce mode; its process exits; the new
+/// build adopts the pinned maps and swaps its program into the pinned link in one
+/// `BPF_LINK_UPDATE`. The stream arrives byte for byte, and the counts of both programs add up
+/// to exactly what was injected.
+#[test]
+fn an_upgrade_swaps_the_pinned_program_mid_stream_without_a_gap() {
+    if skip_unless_root("an_upgrade_swaps_the_pinned_program_mid_stream_without_a_gap") {
+        return;
+    }
+    let lab = Lab::new(1500);
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    natt_monitor::pin::prepare(&pins.path).expect("pin directory");
+    let load = |variant| {
+        Verifier::load_pinned(&Scope::Address, false, Some(variant), &pins.path)
+            .expect("load pinned")
+    };
+    let (mut old, origin) = load(Variant::BoundedLoop);
+    assert_eq!(origin, PinnedMaps::Created);
+    let table = PeerTable::new(vec![PeerSpec::new(
+        parse_cidr(ADDR_A).unwrap(),
+        Mode::Enforce,
+    )])
+    .unwrap();
+    old.peer_maps()
+        .unwrap()
+        .set_peers(&PeerTable::default(), &table)
+        .unwrap();
+    assert_eq!(
+        old.attach_pinned(&cg.path, &pins.path).unwrap(),
+        Attached::New
+    );
+    let old_id = old.program_mut().unwrap().info().unwrap().id();
+    let inj = Injector::attach(&lab.b, lab.dev_b, 50);
+    let tcp = Proto::Tcp as usize;
+    let (s, new) = std::thread::scope(|scope| {
+        let streaming = scope.spawn(|| {
+            stream(
+                env!("CARGO_BIN_EXE_natt-peer"),
+                &lab,
+                &cg.path,
+                UPGRADE_BYTES,
+                false,
+            )
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while old.stats().peer_stats(0).unwrap().drops[tcp] < 20 {
+            assert!(std::time::Instant::now() < deadline, "no drops within 20 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The old daemon exits: its descriptors close, the pins keep link and maps.
+        drop(old);
+        let (mut new, origin) = load(Variant::BpfLoop);
+        assert_eq!(origin, PinnedMaps::Adopted);
+        let contents = new.peer_maps().unwrap().contents().unwrap();
+        assert_eq!(contents.peers.len(), 1);
+        assert_eq!(contents.peers[0].0, parse_cidr(ADDR_A).unwrap());
+        assert_eq!(contents.peers[0].1, table.value(0, table.get(0).unwrap()));
+        assert_eq!(
+            new.attach_pinned(&cg.path, &pins.path).unwrap(),
+            Attached::Replaced {
+                old_prog_id: old_id
+            }
+        );
+        assert!(
+            !streaming.is_finished(),
+            "the stream ended before the upgrade; make it longer"
+        );
+        (streaming.join().expect("stream thread"), new)
+    });
+    let mut new = new;
+    let new_id = new.program_mut().unwrap().info().unwrap().id();
+    let link = natt_monitor::pin::Link::open(&pins.path.join("link")).unwrap();
+    assert_eq!(link.info().unwrap().prog_id, new_id);
+    let r = readings(&new, s, inj.stats());
+    log_run("upgrade from bounded_loop to bpf_loop", &r);
+    assert_enforced(&r, UPGRADE_BYTES);
 }
 
 #[test]

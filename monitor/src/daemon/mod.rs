@@ -14,11 +14,18 @@
 //! | `http` | `crate::http` + `exporter` | the listener; scrapes read the kernel |
 //! | `xfrm-discovery` | `discovery` | the XFRM notification socket |
 //! | `sighup` | `reload` | the SIGHUP stream |
+//! | `link-watch` | `mod` | a descriptor of the link, to notice a detach from outside |
 //!
 //! Every task is supervised: if one ends while running, with an error or not, `run` returns
-//! `DaemonError::TaskDied` naming it, the program is detached and the process exits non-zero.
-//! `/healthz` and `natt_monitor_up` are true only while the program is attached and the drain
-//! has completed a pass within `HEALTH_MAX_AGE`. There is no zombie mode.
+//! `DaemonError::TaskDied` naming it and the process exits non-zero. `/healthz` and
+//! `natt_monitor_up` are true only while the program is attached and the drain has completed a
+//! pass within `HEALTH_MAX_AGE`. There is no zombie mode.
+//!
+//! With pinning (the default, `--pin-path`) the program, its link and its stateful maps live
+//! in bpffs and stay when the daemon exits, for any reason: the cgroup stays verified (and in
+//! enforce mode protected), the counts keep accumulating, and the next daemon adopts them
+//! without a gap. Nobody serves `natt_monitor_up` meanwhile, so its absence alert fires.
+//! `natt-monitor detach` removes them. Without pinning the program goes with the process.
 
 pub mod discovery;
 pub mod drain;
@@ -50,7 +57,7 @@ use crate::{
     capture::Capture,
     check,
     config::{ConfigError, ScopeChoice, Settings},
-    ebpf::{EbpfFailure, Stats, Variant, Verifier},
+    ebpf::{Attached, EbpfFailure, MapContents, PinnedMaps, Stats, Variant, Verifier},
     events::RateLimiter,
     features::{Features, Probe},
     http,
@@ -145,10 +152,11 @@ pub enum DaemonError {
         /// What is missing.
         feature: &'static str,
     },
+    /// The pin directory cannot be used.
+    #[error(transparent)]
+    Pin(#[from] crate::pin::PinError),
     /// An internal task ended while the daemon was running.
-    #[error(
-        "internal task `{task}` stopped: {reason}; exiting so the failure is visible (the program is detached)"
-    )]
+    #[error("internal task `{task}` stopped: {reason}; exiting so the failure is visible")]
     TaskDied {
         /// Which task.
         task: &'static str,
@@ -272,7 +280,12 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         error!("{e}");
     }
     log_totals(&stats, &view.borrow());
-    if verifier.detach() {
+    if verifier.is_pinned() {
+        info!(
+            cgroup = %verifier.attached_to().map_or_else(String::new, |p| p.display().to_string()),
+            "the verifier stays attached, pinned with its maps: the next natt-monitor adopts it; `natt-monitor detach` removes it"
+        );
+    } else if verifier.detach() {
         info!("verifier detached");
     }
     result
@@ -322,13 +335,28 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     // Discovery starts before anything is attached: the first SA dump is part of the initial
     // peer set, and an explicit --discover xfrm on a kernel without XFRM fails here.
     let (watch, discovered) = discovery::start(&settings)?;
+    if let Some(dir) = &settings.pin
+        && crate::pin::prepare(dir)?
+    {
+        info!(
+            at = crate::pin::BPFFS_ROOT,
+            "mounted bpffs to pin the verifier in"
+        );
+    }
     let mut k = Loaded::load(&settings, scope, features.variant(), discovered)?;
     let watch = watch
         .map(|w| watch_fd("XFRM notification", w))
         .transpose()?;
     let hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     // Attach last: the peer map is complete before the first segment meets the program.
-    k.verifier.attach(&settings.cgroup)?;
+    match &settings.pin {
+        Some(dir) => {
+            let how = k.verifier.attach_pinned(&settings.cgroup, dir)?;
+            log_pinned(dir, how);
+        }
+        None => k.verifier.attach(&settings.cgroup)?,
+    }
+    let link = k.verifier.link_handle()?;
     k.health.set_attached(true);
     k.health.mark_drained();
     let table = k.view.borrow().table.clone();
@@ -370,6 +398,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         discovery::follow(watch, handle.clone(), settings.default_mode),
     );
     tasks.spawn("sighup", reload::follow(hup, reload, handle));
+    tasks.spawn("link-watch", watch_link(link));
     Ok(Running {
         verifier: k.verifier,
         tasks,
@@ -401,13 +430,40 @@ impl Loaded {
         variant: Variant,
         discovered: Vec<PeerSpec>,
     ) -> Result<Self, DaemonError> {
-        let mut verifier =
-            Verifier::load_variant(&scope, settings.capture.is_some(), Some(variant))?;
+        let capture = settings.capture.is_some();
+        let (mut verifier, prior) = match &settings.pin {
+            Some(dir) => {
+                let (mut v, origin) = Verifier::load_pinned(&scope, capture, Some(variant), dir)?;
+                let prior = match origin {
+                    PinnedMaps::Created => MapContents::default(),
+                    PinnedMaps::Adopted => {
+                        let prior = v.peer_maps()?.contents()?;
+                        info!(
+                            pin_path = %dir.display(),
+                            peers = prior.peers.len(),
+                            residuals = prior.residuals.len(),
+                            "adopting the pinned maps: counts, peers and learned residuals continue"
+                        );
+                        prior
+                    }
+                    PinnedMaps::Replaced(why) => {
+                        warn!(pin_path = %dir.display(), reason = %why, "the pinned maps do not fit this build; replaced them, so the counts start again");
+                        MapContents::default()
+                    }
+                };
+                (v, prior)
+            }
+            None => (
+                Verifier::load_variant(&scope, capture, Some(variant))?,
+                MapContents::default(),
+            ),
+        };
         let (sa_state, view) = SaState::start(
             verifier.take_peer_maps()?,
             scope,
             settings.peers.clone(),
             discovered,
+            &prior,
         )?;
         let health = Arc::new(Health::default());
         let stats = verifier.stats();
@@ -449,6 +505,44 @@ impl Loaded {
             capture,
             ebpf_log,
         })
+    }
+}
+
+/// How often `link-watch` asks the kernel whether the link is still attached.
+const LINK_WATCH_PERIOD: Duration = Duration::from_secs(1);
+
+/// Ends with an error once the link no longer attaches the program (`natt-monitor detach`,
+/// `bpftool link detach`, or the cgroup removed): the daemon must not report a verifier that
+/// no longer runs.
+async fn watch_link(link: crate::pin::Link) -> io::Result<()> {
+    let mut tick = tokio::time::interval(LINK_WATCH_PERIOD);
+    loop {
+        tick.tick().await;
+        let info = link.info()?;
+        if !info.attached() {
+            return Err(io::Error::other(
+                "the verifier's link was detached from outside this daemon (natt-monitor detach, bpftool, or its cgroup removed)",
+            ));
+        }
+    }
+}
+
+fn log_pinned(dir: &std::path::Path, how: Attached) {
+    let pin_path = dir.display();
+    match how {
+        Attached::New => {
+            info!(%pin_path, "pinned the verifier's link and maps: they outlive this process");
+        }
+        Attached::Replaced { old_prog_id } => info!(
+            %pin_path,
+            old_prog_id,
+            "adopted the pinned link: its program was replaced by this one in one atomic update, with no segment unverified"
+        ),
+        Attached::Relinked { was_attached } => warn!(
+            %pin_path,
+            was_attached,
+            "the pinned link did not attach this cgroup; attached a new one in its place"
+        ),
     }
 }
 

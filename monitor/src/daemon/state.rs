@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     daemon::DaemonError,
-    ebpf::PeerMaps,
+    ebpf::{MapContents, PeerMaps},
     events::Learning,
     learn::{Outcome, WINDOW},
     peers::{PeerSpec, PeerTable},
@@ -170,7 +170,10 @@ fn scoped(scope: Scope, mut specs: Vec<PeerSpec>) -> Vec<PeerSpec> {
 }
 
 impl SaState {
-    /// Builds the first peer table and installs it in `maps`.
+    /// Builds the first peer table and installs it in `maps`. `prior` is what pinned maps
+    /// held when they were adopted (empty for new maps): a prefix that stays keeps its id and
+    /// counts, and its residuals stay installed if its map value is unchanged; the residuals of
+    /// peers that went or changed are removed.
     ///
     /// # Errors
     /// `DaemonError::Peers` for an invalid peer set, `DaemonError::Ebpf` if the maps refuse it.
@@ -179,18 +182,39 @@ impl SaState {
         scope: Scope,
         statics: Vec<PeerSpec>,
         discovered: Vec<PeerSpec>,
+        prior: &MapContents,
     ) -> Result<(Self, watch::Receiver<Arc<View>>), DaemonError> {
         let statics = scoped(scope, statics);
         let discovered = scoped(scope, discovered);
-        let table = PeerTable::new(merge(&statics, &discovered))?;
-        maps.set_peers(&PeerTable::default(), &table)?;
+        let before = PeerTable::pinned(&prior.peers);
+        let table = before.reconcile(merge(&statics, &discovered))?;
+        maps.set_peers(&before, &table)?;
+        let unchanged: BTreeSet<u32> = prior
+            .peers
+            .iter()
+            .filter(|(net, v)| {
+                table
+                    .get(v.id)
+                    .is_some_and(|p| p.net == *net && table.value(v.id, p) == *v)
+            })
+            .map(|(_, v)| v.id)
+            .collect();
+        let mut residuals = Residuals::default();
+        for (key, residual) in &prior.residuals {
+            if unchanged.contains(&key.peer_id) {
+                residuals.installed(*key, *residual);
+            }
+        }
+        if prior.residuals.len() > residuals.len() {
+            maps.remove_sa_residuals(|k| !unchanged.contains(&k.peer_id))?;
+        }
         let (view, rx) = watch::channel(Arc::new(View::default()));
         let state = Self {
             maps,
             table,
             statics,
             discovered,
-            residuals: Residuals::default(),
+            residuals,
             scope,
             view,
         };

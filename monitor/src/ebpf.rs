@@ -722,36 +722,19 @@ impl PeerMaps {
     /// # Errors
     /// `EbpfFailure::Map` when a map cannot be read.
     pub fn contents(&self) -> Result<MapContents, EbpfFailure> {
-        let read = |name: &'static str| {
-            move |source| EbpfFailure::Map {
-                what: format!("reading the pinned {name}"),
-                source,
-            }
-        };
         let mut peers = Vec::new();
-        for entry in &self.v4 {
-            let (k, v) = entry.map_err(read("PEERS_V4"))?;
-            let net =
-                ipnet::Ipv4Net::new(k.data().into(), u8::try_from(k.prefix_len()).unwrap_or(32))
-                    .map_err(|e| EbpfFailure::Map {
-                        what: format!("reading the pinned PEERS_V4: {e}"),
-                        source: MapError::IoError(io::Error::other("bad prefix length")),
-                    })?;
-            peers.push((IpNet::V4(net), v));
-        }
-        for entry in &self.v6 {
-            let (k, v) = entry.map_err(read("PEERS_V6"))?;
-            let net =
-                ipnet::Ipv6Net::new(k.data().into(), u8::try_from(k.prefix_len()).unwrap_or(128))
-                    .map_err(|e| EbpfFailure::Map {
-                    what: format!("reading the pinned PEERS_V6: {e}"),
-                    source: MapError::IoError(io::Error::other("bad prefix length")),
-                })?;
-            peers.push((IpNet::V6(net), v));
-        }
+        trie_contents(&self.v4, "PEERS_V4", &mut peers, |a, len| {
+            ipnet::Ipv4Net::new(a.into(), len).ok().map(IpNet::V4)
+        })?;
+        trie_contents(&self.v6, "PEERS_V6", &mut peers, |a, len| {
+            ipnet::Ipv6Net::new(a.into(), len).ok().map(IpNet::V6)
+        })?;
         let mut residuals = Vec::new();
         for entry in &self.residuals {
-            let (k, v) = entry.map_err(read("SA_RESIDUALS"))?;
+            let (k, v) = entry.map_err(|source| EbpfFailure::Map {
+                what: "reading the pinned SA_RESIDUALS".into(),
+                source,
+            })?;
             residuals.push((k, v.expected_residual));
         }
         Ok(MapContents { peers, residuals })
@@ -917,6 +900,34 @@ fn program<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSk
             kind: "program",
             name,
         })
+}
+
+/// Appends every prefix of `trie` with its value to `out`; `net` makes an `IpNet` of a key's
+/// address and prefix length (`None` for a length out of range).
+fn trie_contents<K: aya::Pod>(
+    trie: &LpmTrie<MapData, K, PeerValue>,
+    name: &'static str,
+    out: &mut Vec<(IpNet, PeerValue)>,
+    net: impl Fn(K, u8) -> Option<IpNet>,
+) -> Result<(), EbpfFailure> {
+    for entry in trie {
+        let (key, value) = entry.map_err(|source| EbpfFailure::Map {
+            what: format!("reading the pinned {name}"),
+            source,
+        })?;
+        let len = key.prefix_len();
+        let prefix = u8::try_from(len)
+            .ok()
+            .and_then(|l| net(key.data(), l))
+            .ok_or_else(|| EbpfFailure::Map {
+                what: format!("reading the pinned {name}"),
+                source: MapError::IoError(io::Error::other(format!(
+                    "prefix length {len} out of range"
+                ))),
+            })?;
+        out.push((prefix, value));
+    }
+    Ok(())
 }
 
 /// Removes the prefixes of `trie` that are not in `want`.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use natt_monitor_tests::{
-    KillOnDrop, http_get, monitor_bin,
+    KillOnDrop, PinDir, http_get, monitor_bin,
     net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
     skip_unless_root,
 };
@@ -59,6 +59,8 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     let cg = Cgroup::new();
 
     let monitor_port = free_port();
+    // Its own pin directory, detached after the daemon is killed (declared first, dropped last).
+    let pins = PinDir::new();
     let monitor = KillOnDrop(
         Command::new(monitor_bin())
             .args([
@@ -74,6 +76,7 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
                 cg.path.to_str().unwrap(),
             ])
             .args(["--listen", &format!("127.0.0.1:{monitor_port}")])
+            .args(["--pin-path", pins.arg()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

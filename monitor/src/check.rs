@@ -118,6 +118,36 @@ fn kernel_release(proc_root: &Path) -> Option<String> {
     Some(rel.trim().to_owned())
 }
 
+/// Validates a configuration file as `run --config FILE` reads it, without flags or
+/// environment variables, and summarises what it configures.
+///
+/// # Errors
+/// The `ConfigError` that `run` would stop with.
+pub fn config_summary(path: &Path) -> Result<String, crate::config::ConfigError> {
+    use clap::ValueEnum as _;
+    let s = crate::config::resolve(&crate::config::RunOptions {
+        config: Some(path.to_owned()),
+        ..crate::config::RunOptions::default()
+    })?;
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map_or_else(String::new, |v| v.get_name().to_owned())
+    };
+    Ok(format!(
+        "ok    config                 {}: {} static peer{}, discover {}, default mode {}, scope {}, cgroup {}, listen {}, pin path {}\nthe configuration is valid\n",
+        path.display(),
+        s.peers.len(),
+        if s.peers.len() == 1 { "" } else { "s" },
+        name(s.discover.to_possible_value()),
+        s.default_mode,
+        name(s.scope.to_possible_value()),
+        s.cgroup.display(),
+        s.listen,
+        s.pin
+            .as_deref()
+            .map_or_else(|| "none".to_owned(), |p| p.display().to_string()),
+    ))
+}
+
 /// What is pinned in `dir`: the link (its program, cgroup and whether it is attached) and the
 /// maps. Informational: a running or stopped daemon leaves these on purpose.
 pub fn pinned(r: &mut Report, dir: &Path, cgroup_mount: Option<&Path>) {

@@ -13,6 +13,7 @@ use crate::config::RunOptions;
 #[command(name = "natt-monitor", version, about, long_about = None, after_help = "\
 Examples:
   natt-monitor check
+  natt-monitor check --config /etc/natt-monitor/natt-monitor.toml
   natt-monitor run --peer 198.51.100.0/24 --peer 2001:db8:7::/48
   natt-monitor run                      # peers from this host's NAT-T SAs (XFRM)
   natt-monitor run --discover none --peer 192.0.2.10 --mode enforce \
@@ -48,6 +49,12 @@ pub struct DetachArgs {
 /// `natt-monitor check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// Validate this configuration file instead of probing the host, as `run --config` would
+    /// read it (flags and environment variables are not applied). Prints a summary and exits 0,
+    /// or names the key at fault and exits 78. The systemd unit runs it before a reload.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// cgroup v2 directory to test-attach to. Default: a temporary child of the cgroup2 mount.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,

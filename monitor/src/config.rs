@@ -31,6 +31,37 @@ pub enum LogFormat {
     Json,
 }
 
+/// Least severe log level written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Failures only.
+    Error,
+    /// Failures and warnings (a mismatch is a warning).
+    Warn,
+    /// Also start-up, peers, learning and reloads.
+    #[default]
+    Info,
+    /// Also the verifier log and per-step detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// As a tracing filter directive.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
 /// Where peers come from besides --peer and [[peer]].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -64,13 +95,13 @@ pub enum ScopeChoice {
 pub struct RunOptions {
     /// TOML configuration file (see docs/configuration.md). Flags given on the command line
     /// override its keys; --peer flags are added to its [[peer]] entries. SIGHUP re-reads it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "NATT_MONITOR_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
     /// cgroup v2 directory whose sockets are verified. Default: the cgroup2 mount point (every
     /// socket on the host), found in /proc/mounts.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "NATT_MONITOR_CGROUP")]
     pub cgroup: Option<PathBuf>,
 
     /// Source address or prefix of an IPsec NAT-T peer to verify (repeatable), beside the
@@ -83,49 +114,54 @@ pub struct RunOptions {
 
     /// Default mode for peers that set none. observe: count and log mismatches. enforce: also
     /// drop them so TCP retransmits. [default: observe]
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "NATT_MONITOR_MODE")]
     pub mode: Option<Mode>,
 
     /// Peer discovery. xfrm: every source address of this host's inbound transport-mode SAs with
     /// UDP/TCP encapsulation becomes a peer (learning its NAT residual from traffic), following
     /// SA add/delete/expire live. none: only --peer and [[peer]]. [default: xfrm when the
     /// kernel has XFRM netlink; given explicitly, a missing XFRM is an error]
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "NATT_MONITOR_DISCOVER")]
     pub discover: Option<Discover>,
 
     /// Which segments are verified: sa (each segment's own IPsec state, read through the
     /// kernel's BTF), address (source address, for kernels without BTF), or auto (sa where
     /// possible). [default: auto]
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "NATT_MONITOR_SCOPE")]
     pub scope: Option<ScopeChoice>,
 
     /// sysfs root, for /sys/kernel/btf/vmlinux (a container may mount the host's elsewhere).
     /// [default: /sys]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "NATT_MONITOR_SYS_PATH")]
     pub sys_path: Option<PathBuf>,
 
     /// Write every mismatching packet (from its IP header, up to 2048 bytes) to this pcapng
     /// file, which Wireshark and tshark open. Rate limited (bursts of 100, then 20 a second) and
     /// bounded by --capture-max-bytes; what is left out is counted in
     /// `natt_monitor_capture_packets_total`. The file is replaced at start.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "NATT_MONITOR_CAPTURE")]
     pub capture: Option<PathBuf>,
 
     /// Size limit of the --capture file, in bytes. [default: 67108864 (64 MiB)]
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", env = "NATT_MONITOR_CAPTURE_MAX_BYTES")]
     pub capture_max_bytes: Option<u64>,
 
     /// Address for /metrics and /healthz. [default: 127.0.0.1:9874]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "NATT_MONITOR_LISTEN")]
     pub listen: Option<String>,
 
     /// Log format. [default: text]
     #[arg(long, value_enum, env = "NATT_MONITOR_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
 
+    /// Least severe log level written. `NATT_MONITOR_LOG`, a full tracing filter (e.g.
+    /// `info,natt_monitor::daemon=debug`), overrides it when set. [default: info]
+    #[arg(long, value_enum, env = "NATT_MONITOR_LOG_LEVEL")]
+    pub log_level: Option<LogLevel>,
+
     /// procfs root, for /proc/net/snmp and /proc/mounts (a container may mount the host's
     /// elsewhere). [default: /proc]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "NATT_MONITOR_PROC_PATH")]
     pub proc_path: Option<PathBuf>,
 
     /// bpffs directory where the verifier's link and maps are pinned, so that they outlive the
@@ -134,7 +170,7 @@ pub struct RunOptions {
     /// `natt-monitor detach` removes them. `none`: nothing pinned, and the program goes with
     /// the process. bpffs is mounted at /sys/fs/bpf if nothing is. [default:
     /// /sys/fs/bpf/natt-monitor]
-    #[arg(long, value_name = "DIR|none")]
+    #[arg(long, value_name = "DIR|none", env = "NATT_MONITOR_PIN_PATH")]
     pub pin_path: Option<String>,
 
     /// File only: the `[log]` table (mismatch log budget).
@@ -268,6 +304,10 @@ pub enum ConfigError {
     },
 }
 
+/// The exit status of a configuration error (`EX_CONFIG` from sysexits.h), for `run` and
+/// `check --config`. The systemd unit lists it in `RestartPreventExitStatus=`.
+pub const EXIT_CONFIG: u8 = 78;
+
 /// The smallest `--capture-max-bytes`: the file's headers and one packet at the snap length.
 pub const MIN_CAPTURE_BYTES: u64 = 4096;
 
@@ -299,6 +339,8 @@ pub struct Settings {
     pub capture_max_bytes: u64,
     /// Log format.
     pub log_format: LogFormat,
+    /// Log level.
+    pub log_level: LogLevel,
     /// Where the link and maps are pinned; `None` pins nothing.
     pub pin: Option<PathBuf>,
     /// Mismatch log burst.
@@ -488,6 +530,7 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         capture: args.capture.clone().or(file.capture),
         capture_max_bytes,
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        log_level: args.log_level.or(file.log_level).unwrap_or_default(),
         pin,
         log_burst,
         log_per_second,
@@ -607,10 +650,10 @@ mod tests {
             "cgroup = \"/\"\nmode = \"enforce\"\ndiscover = \"none\"\nscope = \"address\"\n\
              sys_path = \"/s\"\ncapture = \"/c.pcapng\"\ncapture_max_bytes = 5000\n\
              listen = \"127.0.0.1:2\"\nlog_format = \"json\"\nproc_path = \"/proc\"\n\
-             pin_path = \"none\"\n[[peer]]\ncidr = \"192.0.2.1\"\n",
+             pin_path = \"none\"\nlog_level = \"debug\"\n[[peer]]\ncidr = \"192.0.2.1\"\n",
         );
         let s = resolve(&a).unwrap();
-        assert_eq!(s.pin, None);
+        assert_eq!((s.pin, s.log_level), (None, LogLevel::Debug));
         assert_eq!(
             (
                 s.default_mode,

@@ -135,6 +135,15 @@ pub enum EbpfFailure {
         #[source]
         source: io::Error,
     },
+    /// A descriptor could not be duplicated.
+    #[error("{what}: {source}")]
+    Descriptor {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A step with the pinned link or maps failed.
     #[error("{what} ({}): {source}", path.display())]
     Pin {
@@ -533,6 +542,23 @@ impl Verifier {
         Ok(how)
     }
 
+    /// A descriptor of the loaded program, e.g. for its run statistics.
+    ///
+    /// # Errors
+    /// `ProgramLoad` if it is not loaded, `Descriptor` if it cannot be duplicated.
+    pub fn program_fd(&mut self) -> Result<aya::programs::ProgramFd, EbpfFailure> {
+        let name = self.variant.program();
+        let prog = program(&mut self.bpf, name)?;
+        let fd = prog.fd().map_err(|cause| EbpfFailure::ProgramLoad {
+            program: name,
+            cause,
+        })?;
+        fd.try_clone().map_err(|source| EbpfFailure::Descriptor {
+            what: "duplicating the program's descriptor",
+            source,
+        })
+    }
+
     /// True when the link and maps are pinned and the link still attaches the program: they
     /// outlive this `Verifier` and the process.
     #[must_use]
@@ -547,15 +573,14 @@ impl Verifier {
     /// A second descriptor of the link, for a task that watches it stays attached.
     ///
     /// # Errors
-    /// `Pin` when the descriptor cannot be duplicated; `Missing` when not attached.
+    /// `Descriptor` when the descriptor cannot be duplicated; `Missing` when not attached.
     pub fn link_handle(&self) -> Result<Link, EbpfFailure> {
         let link = self.link.as_ref().ok_or(EbpfFailure::Missing {
             kind: "link",
             name: "cgroup ingress",
         })?;
-        link.try_clone().map_err(|source| EbpfFailure::Pin {
+        link.try_clone().map_err(|source| EbpfFailure::Descriptor {
             what: "duplicating the link's descriptor",
-            path: self.attached_to.clone().unwrap_or_default(),
             source,
         })
     }

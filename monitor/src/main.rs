@@ -7,7 +7,7 @@ use clap::Parser as _;
 use natt_monitor::{
     check,
     cli::{Cli, Command},
-    config::{self, LogFormat, RunOptions},
+    config::{self, LogFormat, LogLevel, RunOptions},
     daemon::{self, RunConfig},
 };
 use tracing_subscriber::EnvFilter;
@@ -15,6 +15,22 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Check(args) if args.config.is_some() => {
+            let path = args.config.unwrap_or_default();
+            match check::config_summary(&path) {
+                Ok(summary) => {
+                    #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+                    {
+                        print!("{summary}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("natt-monitor: error: {e}");
+                    ExitCode::from(config::EXIT_CONFIG)
+                }
+            }
+        }
         Command::Check(args) => {
             let mut report =
                 check::run_checks(args.cgroup.as_deref(), &args.proc_path, &args.sys_path);
@@ -50,10 +66,30 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("natt-monitor: error: {}", render_error(&e));
-                ExitCode::FAILURE
+                // A configuration error stays one until someone edits the configuration:
+                // systemd's RestartPreventExitStatus= keeps it from restarting in a loop.
+                if is_config_error(&e) {
+                    ExitCode::from(config::EXIT_CONFIG)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         },
     }
+}
+
+/// True for errors in the flags, environment or file (as opposed to the host or the kernel).
+fn is_config_error(e: &anyhow::Error) -> bool {
+    use natt_monitor::{daemon::DaemonError as D, ebpf::EbpfFailure, pin::PinError};
+    e.downcast_ref::<config::ConfigError>().is_some()
+        || matches!(
+            e.downcast_ref::<D>(),
+            Some(
+                D::Peers(_)
+                    | D::Ebpf(EbpfFailure::NotCgroup2 { .. })
+                    | D::Pin(PinError::NotBpffs { .. })
+            )
+        )
 }
 
 /// The error and its causes on one line, skipping causes whose text the message already has
@@ -70,9 +106,9 @@ fn render_error(e: &anyhow::Error) -> String {
     msg
 }
 
-fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_env("NATT_MONITOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, level: LogLevel) {
+    let filter = EnvFilter::try_from_env("NATT_MONITOR_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(level.as_str()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -87,7 +123,7 @@ fn run(args: &RunOptions) -> anyhow::Result<()> {
     // Everything in the configuration is checked before logging starts or the kernel is
     // touched, so a typo never leaves anything attached.
     let settings = config::resolve(args)?;
-    init_logging(settings.log_format);
+    init_logging(settings.log_format, settings.log_level);
     let reload_args = args.clone();
     let config = RunConfig {
         settings,

@@ -45,6 +45,17 @@ pub struct Snapshot {
     pub up: bool,
     /// Seconds spent reading the kernel for this scrape.
     pub collect_seconds: f64,
+    /// The verifier program's run statistics, when they could be read (absent if not).
+    pub program: Option<ProgramStats>,
+}
+
+/// The verifier program's run statistics and whether the kernel is counting them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgramStats {
+    /// Runs and run time.
+    pub runs: crate::pin::ProgramRuns,
+    /// `kernel.bpf_stats_enabled` is 1: without it both counts stay 0.
+    pub stats_enabled: bool,
 }
 
 /// Where a scrape's readings come from: the daemon reads the kernel's maps; tests give fixed
@@ -62,6 +73,31 @@ pub struct Metrics {
     registry: Registry,
     log_suppressed: IntCounter,
     capture: IntCounterVec,
+    reload: ReloadMetrics,
+    discovery_errors: IntCounter,
+}
+
+/// The outcome of the last configuration (re)load, as Prometheus reports its own.
+#[derive(Clone, Debug)]
+pub struct ReloadMetrics {
+    successful: IntGauge,
+    success_time: Gauge,
+}
+
+impl ReloadMetrics {
+    /// Records a load that succeeded now.
+    pub fn succeeded(&self) {
+        self.successful.set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.success_time.set(now);
+    }
+
+    /// Records a reload that failed (the previous peers stay).
+    pub fn failed(&self) {
+        self.successful.set(0);
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -133,6 +169,37 @@ impl Metrics {
                 "Mismatch log lines withheld by the log rate limit; the mismatches are still counted.",
             )?,
         )?;
+        let reload = ReloadMetrics {
+            successful: register(
+                &r,
+                IntGauge::new(
+                    "natt_monitor_config_last_reload_successful",
+                    "1 if the last load of the configuration (at start or on SIGHUP) succeeded, 0 if the last reload failed and the previous peers stayed.",
+                )?,
+            )?,
+            success_time: register(
+                &r,
+                Gauge::new(
+                    "natt_monitor_config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last successful load of the configuration.",
+                )?,
+            )?,
+        };
+        let discovery_errors = register(
+            &r,
+            IntCounter::new(
+                "natt_monitor_discovery_errors_total",
+                "XFRM discovery passes whose SAs could not be applied (e.g. more peers than the limit); the previous peers stay until a later pass succeeds.",
+            )?,
+        )?;
+        register(
+            &r,
+            IntGauge::new(
+                "natt_monitor_peers_limit",
+                "The most peers the verifier's maps hold (static and discovered); a peer set past it is refused and counted as a discovery or reload error.",
+            )?,
+        )?
+        .set(i64::from(monitor_ebpf::MAX_PEERS));
         // Not registered: the scrape collector merges these with the kernel's ring_full count
         // into one family.
         let capture = IntCounterVec::new(Opts::new("capture", "capture"), &["result"])?;
@@ -146,7 +213,21 @@ impl Metrics {
             registry: r,
             log_suppressed,
             capture,
+            reload,
+            discovery_errors,
         })
+    }
+
+    /// The configuration load gauges, for start-up and the SIGHUP task.
+    #[must_use]
+    pub fn reload(&self) -> ReloadMetrics {
+        self.reload.clone()
+    }
+
+    /// The discovery error counter, for the discovery task.
+    #[must_use]
+    pub fn discovery_errors(&self) -> IntCounter {
+        self.discovery_errors.clone()
     }
 
     /// The capture task's counts of `natt_monitor_capture_packets_total` (every result but
@@ -227,6 +308,9 @@ struct Families {
     kernel_udp: IntCounter,
     up: IntGauge,
     collect_seconds: Gauge,
+    program_run_seconds: prometheus::Counter,
+    program_runs: IntCounter,
+    bpf_stats: IntGauge,
 }
 
 fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
@@ -308,10 +392,22 @@ impl Families {
                 "natt_monitor_scrape_collect_seconds",
                 "Seconds this scrape spent reading the verifier's maps and /proc.",
             )?,
+            program_run_seconds: prometheus::Counter::new(
+                "natt_monitor_program_run_seconds_total",
+                "Time the kernel spent running the verifier program, while kernel.bpf_stats_enabled is 1.",
+            )?,
+            program_runs: IntCounter::new(
+                "natt_monitor_program_runs_total",
+                "Runs of the verifier program (one per packet at the cgroup's ingress), while kernel.bpf_stats_enabled is 1.",
+            )?,
+            bpf_stats: IntGauge::new(
+                "natt_monitor_bpf_stats_enabled",
+                "1 while kernel.bpf_stats_enabled is 1, so that the program's run counts grow; else 0.",
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 15] {
+    fn collectors(&self) -> [&dyn Collector; 18] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -328,6 +424,9 @@ impl Families {
             &self.kernel_udp,
             &self.up,
             &self.collect_seconds,
+            &self.program_run_seconds,
+            &self.program_runs,
+            &self.bpf_stats,
         ]
     }
 
@@ -401,6 +500,23 @@ impl Families {
                 "natt_monitor_kernel_udp_in_csum_errors_total",
             ]),
         }
+        match snap.program {
+            Some(p) => {
+                #[expect(
+                    clippy::cast_precision_loss,
+                    reason = "seconds as a float, exact to the microsecond for centuries"
+                )]
+                self.program_run_seconds
+                    .inc_by(p.runs.run_time_ns as f64 / 1e9);
+                counter(&self.program_runs, p.runs.runs);
+                self.bpf_stats.set(i64::from(p.stats_enabled));
+            }
+            None => skip.extend([
+                "natt_monitor_program_run_seconds_total",
+                "natt_monitor_program_runs_total",
+                "natt_monitor_bpf_stats_enabled",
+            ]),
+        }
         self.up.set(i64::from(snap.up));
         self.collect_seconds.set(snap.collect_seconds);
         self.collectors()
@@ -456,6 +572,13 @@ mod tests {
             kernel: Some(KernelCsumErrors { tcp: 4, udp: 5 }),
             up: true,
             collect_seconds: 0.000_25,
+            program: Some(ProgramStats {
+                runs: crate::pin::ProgramRuns {
+                    run_time_ns: 1_500_000_000,
+                    runs: 6_000_000,
+                },
+                stats_enabled: true,
+            }),
         }
     }
 
@@ -480,8 +603,15 @@ mod tests {
         let (m, _) = metrics(sample());
         m.log_suppressed().inc_by(2);
         m.capture_results().with_label_values(&["written"]).inc();
+        m.discovery_errors().inc();
         let text = m.render();
         for line in [
+            "natt_monitor_program_runs_total 6000000",
+            "natt_monitor_program_run_seconds_total 1.5",
+            "natt_monitor_bpf_stats_enabled 1",
+            "natt_monitor_discovery_errors_total 1",
+            "natt_monitor_peers_limit 1024",
+            "natt_monitor_config_last_reload_successful 0",
             "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 10",
             "natt_monitor_verified_packets_total{peer=\"192.0.2.0/24\",proto=\"udp\"} 2",
             "natt_monitor_verified_bytes_total{peer=\"192.0.2.0/24\",proto=\"tcp\"} 14800",
@@ -534,6 +664,51 @@ mod tests {
             text, golden,
             "regenerate with UPDATE_GOLDEN=1 if the change is intended"
         );
+    }
+
+    #[test]
+    fn reload_outcome_and_unreadable_program_stats() {
+        let (m, fixed) = metrics(sample());
+        let reload = m.reload();
+        reload.succeeded();
+        let text = m.render();
+        assert!(
+            text.lines()
+                .any(|l| l == "natt_monitor_config_last_reload_successful 1")
+        );
+        let at: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("natt_monitor_config_last_reload_success_timestamp_seconds ")
+            })
+            .unwrap()
+            .parse()
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((now - 60.0..=now).contains(&at), "{at} vs {now}");
+        // A failed reload keeps the time of the last success.
+        reload.failed();
+        let text = m.render();
+        assert!(
+            text.lines()
+                .any(|l| l == "natt_monitor_config_last_reload_successful 0")
+        );
+        assert!(text.contains(&format!(
+            "natt_monitor_config_last_reload_success_timestamp_seconds {at}"
+        )));
+        // Program statistics that could not be read are absent, not 0.
+        fixed.0.lock().unwrap().program = None;
+        let text = m.render();
+        for name in [
+            "natt_monitor_program_runs_total",
+            "natt_monitor_program_run_seconds_total",
+            "natt_monitor_bpf_stats_enabled",
+        ] {
+            assert!(!text.contains(name), "{name} in\n{text}");
+        }
     }
 
     #[test]

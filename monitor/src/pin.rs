@@ -237,6 +237,37 @@ impl Link {
     }
 }
 
+/// How often the kernel ran a program and for how long in all (`bpf_prog_info.run_cnt` and
+/// `run_time_ns`, Linux 5.1+), as `ebpf_exporter` reports them. Both stay 0 unless BPF statistics
+/// are on (`sysctl kernel.bpf_stats_enabled=1`), which costs two clock reads per run.
+///
+/// # Errors
+/// The kernel's refusal.
+pub fn program_runs(prog: BorrowedFd<'_>) -> io::Result<ProgramRuns> {
+    // struct bpf_prog_info up to run_cnt: run_time_ns at byte 192, run_cnt at 200 (offsets
+    // checked with offsetof against linux/bpf.h).
+    let mut info = [0u8; 208];
+    let mut attr = Attr::new();
+    attr.u32_at(0, fd_u32(prog))
+        .u32_at(4, 208)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().unwrap_or_default());
+    Ok(ProgramRuns {
+        run_time_ns: u64_at(192),
+        runs: u64_at(200),
+    })
+}
+
+/// A program's run statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramRuns {
+    /// Nanoseconds spent in the program.
+    pub run_time_ns: u64,
+    /// Runs.
+    pub runs: u64,
+}
+
 /// The id the kernel gives a cgroup2 directory (its inode number), as `LinkInfo` reports it.
 ///
 /// # Errors

@@ -65,6 +65,7 @@ pub async fn follow(
     watch: Option<AsyncFd<Watch>>,
     state: StateHandle,
     mode: Mode,
+    errors: prometheus::IntCounter,
 ) -> io::Result<()> {
     let Some(mut watch) = watch else {
         return std::future::pending().await;
@@ -101,6 +102,7 @@ pub async fn follow(
                 log_peers(&applied.table);
             }
             Err(e) => {
+                errors.inc();
                 error!(error = %e, "XFRM discovery could not update the peers; will retry on the next change");
             }
         }

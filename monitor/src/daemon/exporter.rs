@@ -4,7 +4,7 @@
 //! descriptors, without a lock), the state's published `View`, the health flags and
 //! /proc/net/snmp, once per scrape.
 
-use std::{path::PathBuf, sync::Arc, time::Instant};
+use std::{os::fd::AsFd as _, path::PathBuf, sync::Arc, time::Instant};
 
 use tokio::sync::watch;
 use tracing::warn;
@@ -13,9 +13,9 @@ use crate::{
     daemon::{health::Health, state::View},
     ebpf::Stats,
     http::Exporter,
-    metrics::{Metrics, PeerSnapshot, Readings, Snapshot},
+    metrics::{Metrics, PeerSnapshot, ProgramStats, Readings, Snapshot},
     peers::Source,
-    snmp,
+    pin, snmp,
 };
 
 /// The kernel's side of a scrape.
@@ -29,6 +29,8 @@ pub struct KernelReadings {
     pub health: Arc<Health>,
     /// Root of /proc.
     pub proc_path: PathBuf,
+    /// A descriptor of the verifier program, for its run statistics.
+    pub program: aya::programs::ProgramFd,
 }
 
 impl Readings for KernelReadings {
@@ -64,6 +66,15 @@ impl Readings for KernelReadings {
                 }
             }
         }
+        snap.program = pin::program_runs(self.program.as_fd())
+            .map(|runs| ProgramStats {
+                runs,
+                stats_enabled: std::fs::read_to_string(
+                    self.proc_path.join("sys/kernel/bpf_stats_enabled"),
+                )
+                .is_ok_and(|v| v.trim() == "1"),
+            })
+            .ok();
         snap.collect_seconds = t0.elapsed().as_secs_f64();
         snap
     }

@@ -32,6 +32,19 @@ impl Default for Health {
 }
 
 impl Health {
+    /// Attached, with a last drain pass older than `HEALTH_MAX_AGE`: a stalled drain.
+    #[cfg(test)]
+    pub(crate) fn stalled() -> Self {
+        let h = Self {
+            start: Instant::now()
+                .checked_sub(HEALTH_MAX_AGE + Duration::from_secs(1))
+                .expect("uptime"),
+            ..Self::default()
+        };
+        h.set_attached(true);
+        h
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }

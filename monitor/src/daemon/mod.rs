@@ -15,6 +15,7 @@
 //! | `xfrm-discovery` | `discovery` | the XFRM notification socket |
 //! | `sighup` | `reload` | the SIGHUP stream |
 //! | `link-watch` | `mod` | a descriptor of the link, to notice a detach from outside |
+//! | `systemd-notify` | `notify` | `READY=1`, then `WATCHDOG=1` while healthy (under systemd) |
 //!
 //! Every task is supervised: if one ends while running, with an error or not, `run` returns
 //! `DaemonError::TaskDied` naming it and the process exits non-zero. `/healthz` and
@@ -31,6 +32,7 @@ pub mod discovery;
 pub mod drain;
 pub mod exporter;
 pub mod health;
+pub mod notify;
 pub mod reload;
 pub mod state;
 
@@ -152,6 +154,9 @@ pub enum DaemonError {
         /// What is missing.
         feature: &'static str,
     },
+    /// `NOTIFY_SOCKET` names a socket that cannot be used.
+    #[error("NOTIFY_SOCKET: {0}")]
+    Notify(#[source] io::Error),
     /// The pin directory cannot be used.
     #[error(transparent)]
     Pin(#[from] crate::pin::PinError),
@@ -256,6 +261,9 @@ fn watch_fd<T: OwnsFd>(what: &'static str, inner: T) -> Result<AsyncFd<T>, Daemo
 /// # Errors
 /// `DaemonError` naming the failed step or task.
 pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let notifier = notify::Notifier::from_env()
+        .map_err(DaemonError::Notify)?
+        .map(Arc::new);
     let Running {
         mut verifier,
         mut tasks,
@@ -264,6 +272,16 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         stats,
         view,
     } = start(config)?;
+    if let Some(n) = &notifier {
+        let (n, h) = (Arc::clone(n), Arc::clone(&health));
+        tasks.spawn("systemd-notify", async move {
+            n.send("READY=1")?;
+            match notify::watchdog_interval() {
+                Some(every) => notify::watchdog(n, h, every).await,
+                None => std::future::pending().await,
+            }
+        });
+    }
     let result = tokio::select! {
         () = shutdown => {
             info!("shutdown requested");
@@ -274,6 +292,9 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         e = tasks.first_death() => Err(e),
     };
     health.set_attached(false);
+    if let Some(n) = &notifier {
+        let _ = n.send("STOPPING=1");
+    }
     // Aborts the tasks; the state task ends once the last handle is dropped with them.
     tasks.set.shutdown().await;
     if let Err(e) = &result {
@@ -349,14 +370,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         .transpose()?;
     let hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     // Attach last: the peer map is complete before the first segment meets the program.
-    match &settings.pin {
-        Some(dir) => {
-            let how = k.verifier.attach_pinned(&settings.cgroup, dir)?;
-            log_pinned(dir, how);
-        }
-        None => k.verifier.attach(&settings.cgroup)?,
-    }
-    let link = k.verifier.link_handle()?;
+    let link = attach(&mut k.verifier, &settings)?;
     k.health.set_attached(true);
     k.health.mark_drained();
     let table = k.view.borrow().table.clone();
@@ -388,6 +402,9 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     tasks.spawn("event-drain", drain.run(stop_rx));
     tasks.spawn("ebpf-log", drain::bridge_ebpf_log(k.ebpf_log));
     tasks.spawn("capture", crate::capture::drain(k.capture));
+    let reloads = k.metrics.reload();
+    reloads.succeeded();
+    let discovery_errors = k.metrics.discovery_errors();
     let endpoint = Endpoint {
         metrics: k.metrics,
         health: Arc::clone(&k.health),
@@ -395,9 +412,14 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     tasks.spawn("http", http::serve(listener, Arc::new(endpoint)));
     tasks.spawn(
         "xfrm-discovery",
-        discovery::follow(watch, handle.clone(), settings.default_mode),
+        discovery::follow(
+            watch,
+            handle.clone(),
+            settings.default_mode,
+            discovery_errors,
+        ),
     );
-    tasks.spawn("sighup", reload::follow(hup, reload, handle));
+    tasks.spawn("sighup", reload::follow(hup, reload, handle, reloads));
     tasks.spawn("link-watch", watch_link(link));
     Ok(Running {
         verifier: k.verifier,
@@ -467,12 +489,14 @@ impl Loaded {
         )?;
         let health = Arc::new(Health::default());
         let stats = verifier.stats();
+        let program = verifier.program_fd()?;
         let metrics = Metrics::new(
             Box::new(KernelReadings {
                 stats: Arc::clone(&stats),
                 view: view.clone(),
                 health: Arc::clone(&health),
                 proc_path: settings.proc_path.clone(),
+                program,
             }),
             scope.as_str(),
             verifier.variant().as_str(),
@@ -506,6 +530,19 @@ impl Loaded {
             ebpf_log,
         })
     }
+}
+
+/// Attaches at the configured cgroup, through the pinned link when pinning (swapping the
+/// program behind it if one is there); returns a descriptor of the link for `link-watch`.
+fn attach(verifier: &mut Verifier, settings: &Settings) -> Result<crate::pin::Link, DaemonError> {
+    match &settings.pin {
+        Some(dir) => {
+            let how = verifier.attach_pinned(&settings.cgroup, dir)?;
+            log_pinned(dir, how);
+        }
+        None => verifier.attach(&settings.cgroup)?,
+    }
+    Ok(verifier.link_handle()?)
 }
 
 /// How often `link-watch` asks the kernel whether the link is still attached.

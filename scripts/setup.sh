@@ -46,6 +46,8 @@ if [ "$want_test" = 1 ]; then
   # guest's initramfs, xz for compressed modules. (qemu-system-x86 replaces a backported
   # qemu-utils if one is installed; the suite needs neither qemu-img nor qemu-nbd.)
   pkgs+=(qemu-system-x86 busybox-static nftables xz-utils)
+  # cargo xtask dist (run by the tests): strip for the static binary, file for its check.
+  pkgs+=(binutils file)
 fi
 if [ "$want_bench" = 1 ]; then
   pkgs+=(iperf3 tshark)

@@ -36,6 +36,40 @@ pub enum Command {
     /// attached when it exits (so that a restart has no gap); this is how to remove it for good.
     /// A daemon still running notices within a second and exits with an error.
     Detach(DetachArgs),
+    /// Write the man pages and shell completions into a directory (for packaging).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+/// `natt-monitor generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Directory to write into: `man/*.1` and `completions/` (bash, zsh, fish).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// Writes `natt-monitor.1` and one page per subcommand (`natt-monitor-run.1`, ...) into
+/// `out/man`, and the bash, zsh and fish completions into `out/completions`.
+///
+/// # Errors
+/// When a file cannot be written.
+pub fn generate(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory as _;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "natt-monitor", &completions)?;
+    }
+    Ok(())
 }
 
 /// `natt-monitor detach`.

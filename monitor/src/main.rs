@@ -62,6 +62,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Generate(args) => match natt_monitor::cli::generate(&args.out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "natt-monitor: error: writing into {}: {e}",
+                    args.out.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

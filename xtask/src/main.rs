@@ -5,6 +5,8 @@
 //! - `cargo xtask vm-test`: the real ESP-in-UDP path under QEMU with Debian's kernels.
 //! - `cargo xtask lint`: rustfmt check and clippy (workspace, then the eBPF crate for the BPF
 //!   target, since feature unification hides BPF-only code from the workspace pass).
+//! - `cargo xtask dist`: the static binary, the .deb and the container build context in
+//!   target/dist (the image too, where a container engine answers).
 //! - `cargo xtask bench`: release builds, then the benchmark suite (root); writes
 //!   docs/benchmarks-results.md (the prose is docs/benchmarks.md).
 //!
@@ -18,6 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod dist;
 mod vm;
 
 /// The eBPF toolchain, pinned in `monitor-ebpf/rust-toolchain.toml` (and only there).
@@ -54,6 +57,10 @@ enum Task {
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
+    /// Builds what operators install into target/dist: the statically linked binary, the .deb
+    /// (binary, systemd unit, example configuration, man pages, completions, licences) and the
+    /// container build context (FROM scratch), plus the image where `docker info` answers.
+    Dist,
     /// The real IPsec path (root; needs `scripts/setup.sh --test`): boots Debian's 5.10, 6.1,
     /// 6.12 and 7.3 kernels (pinned packages) under QEMU and runs the ESP-in-UDP scenarios with
     /// natt-monitor discovering its peers from the SAs. Downloads are cached in target/vm.
@@ -82,7 +89,13 @@ enum Task {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    run(Command::new(env!("CARGO")).args(args))
+    cargo_with_env(args, &[])
+}
+
+fn cargo_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    run(Command::new(env!("CARGO"))
+        .args(args)
+        .envs(env.iter().copied()))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -138,10 +151,14 @@ struct Tally {
     failed: u64,
 }
 
-/// Runs `cargo test` with `args`, echoing its output and adding up its `test result:` lines.
-fn cargo_test(args: &[&str], tally: &mut Tally) -> Result<()> {
+/// Runs `cargo test` with `args` (and `env`), echoing its output and adding up its
+/// `test result:` lines.
+fn cargo_test(args: &[&str], env: &[(&str, &str)], tally: &mut Tally) -> Result<()> {
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.arg("test").args(args).stdout(Stdio::piped());
+    cmd.arg("test")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped());
     eprintln!("xtask: running {cmd:?}");
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let out = child.stdout.take().context("cargo test stdout")?;
@@ -181,13 +198,16 @@ fn test(no_lint: bool) -> Result<()> {
     let mut tally = Tally::default();
     let result = (|| {
         // Kernel-free unit and property tests.
-        cargo_test(&["-p", "monitor-ebpf", "--lib"], &mut tally)?;
+        cargo_test(&["-p", "monitor-ebpf", "--lib"], &[], &mut tally)?;
         cargo_test(
             &["-p", "natt-monitor", "--lib", "--bins", "--tests"],
+            &[],
             &mut tally,
         )?;
-        // The daemon tests run the real binary.
+        // The daemon tests run the real binary; the package test installs the .deb.
         cargo(&["build", "-p", "natt-monitor", "--bin", "natt-monitor"])?;
+        let dist = dist::dist()?;
+        let dist = dist.to_str().context("a UTF-8 target path")?;
         // Root-only tests: shared kernel state, so one at a time. --nocapture keeps the
         // measured counts and any SKIP reasons in the log.
         cargo_test(
@@ -201,6 +221,7 @@ fn test(no_lint: bool) -> Result<()> {
                 "--test-threads=1",
                 "--nocapture",
             ],
+            &[("NATT_DIST_DIR", dist)],
             &mut tally,
         )?;
         // The real ESP-in-UDP path, in QEMU with Debian's kernels.
@@ -259,6 +280,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Test { no_lint } => test(no_lint),
         Task::Lint => lint(),
+        Task::Dist => dist::dist().map(drop),
         Task::VmTest { out, only } => vm::vm_test(out.as_deref(), &only).map(|_| ()),
         Task::Bench {
             quick,

@@ -1,0 +1,231 @@
+//! The packaged artifacts of `cargo xtask dist` (root only): the static binary needs no dynamic
+//! loader, the .deb installs into an empty root with dpkg, and natt-monitor runs from that root
+//! (chrooted, with the host's /proc and /sys): `check --config` on the packaged configuration
+//! and a short run that attaches, serves /metrics and exits cleanly.
+//!
+//! `cargo xtask test` builds the artifacts first and names them in `NATT_DIST_DIR`; without it,
+//! the test looks in target/dist and skips, saying why, when nothing was built there.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use natt_monitor_tests::{KillOnDrop, http_get, metric, net::Cgroup, skip_unless_root};
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The dist directory, or `None` (with the reason printed) when the test cannot run.
+fn dist_dir(test: &str) -> Option<PathBuf> {
+    let (dir, required) = match std::env::var_os("NATT_DIST_DIR") {
+        Some(d) => (PathBuf::from(d), true),
+        None => (
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dist"),
+            false,
+        ),
+    };
+    let deb = dir.join(format!("natt-monitor_{VERSION}_amd64.deb"));
+    if deb.exists() {
+        return Some(dir);
+    }
+    assert!(!required, "NATT_DIST_DIR has no {}", deb.display());
+    eprintln!(
+        "SKIP {test}: no {} (run `cargo xtask dist`; `cargo xtask test` does)",
+        deb.display()
+    );
+    None
+}
+
+fn out(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// An empty root with a dpkg database, and the host's /proc and /sys bound into it; unmounted
+/// and removed on drop.
+struct Root {
+    dir: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl Root {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("natt-deb-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in [
+            "var/lib/dpkg/info",
+            "var/lib/dpkg/updates",
+            "proc",
+            "sys",
+            "tmp",
+        ] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        for f in ["var/lib/dpkg/status", "var/lib/dpkg/available"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        Self {
+            dir,
+            mounts: Vec::new(),
+        }
+    }
+
+    fn bind(&mut self, what: &str) {
+        let at = self.dir.join(what.trim_start_matches('/'));
+        out(Command::new("mount").args(["--rbind", what]).arg(&at));
+        self.mounts.push(at);
+    }
+
+    fn chroot(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("chroot");
+        cmd.arg(&self.dir).arg("/usr/bin/natt-monitor").args(args);
+        cmd
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").args(["-R", "-l"]).arg(m).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Every file the package promises is in `root`, the unit pointing at the packaged binary.
+fn assert_installed(root: &Path) {
+    for f in [
+        "usr/bin/natt-monitor",
+        "lib/systemd/system/natt-monitor.service",
+        "etc/natt-monitor/natt-monitor.toml",
+        "usr/share/man/man1/natt-monitor.1.gz",
+        "usr/share/man/man1/natt-monitor-run.1.gz",
+        "usr/share/bash-completion/completions/natt-monitor",
+        "usr/share/zsh/vendor-completions/_natt-monitor",
+        "usr/share/fish/vendor_completions.d/natt-monitor.fish",
+        "usr/share/doc/natt-monitor/copyright",
+        "usr/share/doc/natt-monitor/LICENSE-MIT",
+        "usr/share/doc/natt-monitor/LICENSE-APACHE",
+    ] {
+        assert!(root.join(f).is_file(), "{f} not installed");
+    }
+    let unit =
+        std::fs::read_to_string(root.join("lib/systemd/system/natt-monitor.service")).unwrap();
+    assert!(
+        unit.contains(
+            "ExecStart=/usr/bin/natt-monitor run --config /etc/natt-monitor/natt-monitor.toml"
+        ),
+        "{unit}"
+    );
+}
+
+#[test]
+fn the_static_binary_needs_no_loader() {
+    let Some(dist) = dist_dir("the_static_binary_needs_no_loader") else {
+        return;
+    };
+    let file = out(Command::new("file").arg(dist.join("natt-monitor")));
+    assert!(
+        file.contains("statically linked") || file.contains("static-pie linked"),
+        "{file}"
+    );
+    let version = out(Command::new(dist.join("natt-monitor")).arg("--version"));
+    assert_eq!(version, format!("natt-monitor {VERSION}\n"));
+}
+
+#[test]
+fn the_deb_installs_into_a_clean_root_and_runs_from_it() {
+    if skip_unless_root("the_deb_installs_into_a_clean_root_and_runs_from_it") {
+        return;
+    }
+    let Some(dist) = dist_dir("the_deb_installs_into_a_clean_root_and_runs_from_it") else {
+        return;
+    };
+    let deb = dist.join(format!("natt-monitor_{VERSION}_amd64.deb"));
+    let info = out(Command::new("dpkg-deb").arg("--field").arg(&deb));
+    for line in [
+        "Package: natt-monitor".to_owned(),
+        format!("Version: {VERSION}"),
+        "Architecture: amd64".to_owned(),
+    ] {
+        assert!(info.lines().any(|l| l == line), "{line} in {info}");
+    }
+    let mut root = Root::new();
+    out(Command::new("dpkg")
+        .arg(format!("--root={}", root.dir.display()))
+        .args(["--log=/dev/null", "--force-script-chrootless", "--install"])
+        .arg(&deb)
+        .env("DPKG_ROOT", &root.dir));
+    let status = out(Command::new("dpkg")
+        .arg(format!("--root={}", root.dir.display()))
+        .args(["--status", "natt-monitor"]));
+    assert!(
+        status.lines().any(|l| l == "Status: install ok installed"),
+        "{status}"
+    );
+    assert!(
+        status.lines().any(|l| l
+            .trim_start()
+            .starts_with("/etc/natt-monitor/natt-monitor.toml ")),
+        "the configuration is a conffile: {status}"
+    );
+    assert_installed(&root.dir);
+    // Run from the installed root: the binary alone, with the host's kernel interfaces.
+    root.bind("/proc");
+    root.bind("/sys");
+    let check =
+        out(&mut root.chroot(&["check", "--config", "/etc/natt-monitor/natt-monitor.toml"]));
+    assert!(check.starts_with("ok    config                 /etc/natt-monitor/natt-monitor.toml: 4 static peers, discover xfrm, default mode observe, scope auto, cgroup /sys/fs/cgroup"), "{check}");
+    assert!(check.ends_with("\nthe configuration is valid\n"), "{check}");
+    let cg = Cgroup::new();
+    let mut child = KillOnDrop(
+        root.chroot(&[
+            "run",
+            "--peer",
+            "192.0.2.1",
+            "--discover",
+            "none",
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--pin-path",
+            "none",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chroot natt-monitor run"),
+    );
+    let err = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(err).lines().map_while(Result::ok);
+    // The daemon logs the line or exits (ending the stream), so this does not hang.
+    let attached = lines
+        .by_ref()
+        .find(|l| l.contains("verifier attached at cgroup_skb ingress"))
+        .expect("an attached line");
+    let v: serde_json::Value = serde_json::from_str(&attached).expect("json");
+    let listen = v["listen"].as_str().expect("listen");
+    let (code, body) = http_get(&format!("http://{listen}/metrics")).expect("scrape");
+    assert_eq!(code, 200);
+    assert_eq!(metric(&body, "natt_monitor_up"), Some(1), "{body}");
+    assert!(body.contains(&format!(
+        "natt_monitor_build_info{{version=\"{VERSION}\"}} 1"
+    )));
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let rest: Vec<String> = lines.collect();
+    assert!(
+        rest.iter().any(|l| l.contains("verifier detached")),
+        "{rest:?}"
+    );
+}

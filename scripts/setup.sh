@@ -47,7 +47,8 @@ if [ "$want_test" = 1 ]; then
   # qemu-utils if one is installed; the suite needs neither qemu-img nor qemu-nbd.)
   pkgs+=(qemu-system-x86 busybox-static nftables xz-utils)
   # cargo xtask dist (run by the tests): strip for the static binary, file for its check.
-  pkgs+=(binutils file)
+  # openssl and curl: a test certificate and real TLS handshakes against the endpoint.
+  pkgs+=(binutils file openssl curl)
 fi
 if [ "$want_bench" = 1 ]; then
   pkgs+=(iperf3 tshark)

@@ -150,6 +150,16 @@ pub struct RunOptions {
     #[arg(long, value_name = "ADDR", env = "NATT_MONITOR_LISTEN")]
     pub listen: Option<String>,
 
+    /// TLS and basic authentication for /metrics and /healthz: a YAML file in the format of
+    /// the Prometheus exporter-toolkit (`tls_server_config`, `basic_auth_users` with bcrypt
+    /// hashes). See docs/metrics.md. [default: none: plain HTTP, no authentication]
+    #[arg(
+        long = "web.config.file",
+        value_name = "FILE",
+        env = "NATT_MONITOR_WEB_CONFIG_FILE"
+    )]
+    pub web_config_file: Option<PathBuf>,
+
     /// Log format. [default: text]
     #[arg(long, value_enum, env = "NATT_MONITOR_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -284,6 +294,9 @@ pub enum ConfigError {
         /// The file key.
         origin: String,
     },
+    /// The web configuration file is unusable.
+    #[error(transparent)]
+    Web(#[from] crate::webconfig::WebConfigError),
     /// A pin path that is neither absolute nor `none`.
     #[error("{origin}: `{value}` is not an absolute directory path or `none`")]
     PinPath {
@@ -343,6 +356,8 @@ pub struct Settings {
     pub log_level: LogLevel,
     /// Where the link and maps are pinned; `None` pins nothing.
     pub pin: Option<PathBuf>,
+    /// TLS and authentication of the endpoint (`--web.config.file`), loaded and checked.
+    pub web: Option<crate::webconfig::WebConfig>,
     /// Mismatch log burst.
     pub log_burst: u32,
     /// Mismatch log lines per second.
@@ -513,6 +528,13 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         (None, None) => Some(PathBuf::from(crate::pin::DEFAULT_PIN_PATH)),
     };
 
+    let web = args
+        .web_config_file
+        .clone()
+        .or(file.web_config_file)
+        .map(|p| crate::webconfig::WebConfig::load(&p))
+        .transpose()?;
+
     Ok(Settings {
         cgroup,
         peers,
@@ -532,6 +554,7 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         log_level: args.log_level.or(file.log_level).unwrap_or_default(),
         pin,
+        web,
         log_burst,
         log_per_second,
     })

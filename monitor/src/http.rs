@@ -2,7 +2,9 @@
 //!
 //! hyper's HTTP/1 server on tokio. Scrapes read kernel maps, which are blocking syscalls, so
 //! they run on the blocking pool. Connections are capped and slow clients time out, so a
-//! misbehaving scraper cannot exhaust the daemon.
+//! misbehaving scraper cannot exhaust the daemon. With `--web.config.file` the endpoint speaks
+//! TLS and asks for basic authentication (`crate::webconfig`); a TLS handshake must finish
+//! within the header timeout too.
 
 use std::{convert::Infallible, net::TcpListener as StdListener, sync::Arc, time::Duration};
 
@@ -10,12 +12,18 @@ use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::{CONTENT_TYPE, HeaderValue},
+    header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE},
     server::conn::http1,
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::Semaphore,
+};
+
+use crate::webconfig::WebConfig;
 
 /// What the endpoint serves; implemented by the daemon.
 pub trait Exporter: Send + Sync + 'static {
@@ -45,10 +53,15 @@ const INDEX: &str = "<html><head><title>natt-monitor</title></head><body>\
 ///
 /// # Errors
 /// The accept error, or failure to register the listener with tokio.
-pub async fn serve(listener: StdListener, exporter: Arc<dyn Exporter>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: StdListener,
+    exporter: Arc<dyn Exporter>,
+    web: Arc<WebConfig>,
+) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let tls = web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
         let permit = Arc::clone(&slots)
             .acquire_owned()
@@ -56,18 +69,37 @@ pub async fn serve(listener: StdListener, exporter: Arc<dyn Exporter>) -> std::i
             .map_err(std::io::Error::other)?;
         let (stream, _) = listener.accept().await?;
         let exporter = Arc::clone(&exporter);
+        let web = Arc::clone(&web);
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, Arc::clone(&exporter)));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_REQUEST_BUF)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "metrics connection ended with an error");
+            match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection(stream, exporter, web).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+                None => connection(stream, exporter, web).await,
             }
             drop(permit);
         });
+    }
+}
+
+/// One HTTP/1 connection over `io` (TCP, or TLS over TCP).
+async fn connection<I>(io: I, exporter: Arc<dyn Exporter>, web: Arc<WebConfig>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(req, Arc::clone(&exporter), Arc::clone(&web)));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BUF)
+        .serve_connection(TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "metrics connection ended with an error");
     }
 }
 
@@ -82,7 +114,33 @@ fn response(status: StatusCode, content_type: &'static str, body: String) -> Res
 async fn handle(
     req: Request<Incoming>,
     exporter: Arc<dyn Exporter>,
+    web: Arc<WebConfig>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    // /healthz answers without credentials, so that probes (kubelet, load balancers) need none;
+    // it says only whether the verifier is attached and draining.
+    if web.requires_auth() && req.uri().path() != "/healthz" {
+        let header = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // bcrypt is slow on purpose: off the runtime.
+        let ok = tokio::task::spawn_blocking(move || web.authorized(header.as_deref()))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            let mut r = response(
+                StatusCode::UNAUTHORIZED,
+                "text/plain; charset=utf-8",
+                "unauthorized\n".into(),
+            );
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"natt-monitor\""),
+            );
+            return Ok(r);
+        }
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -150,7 +208,7 @@ pub(crate) mod testing {
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(serve(listener, Arc::new(Stub)))
+                .block_on(serve(listener, Arc::new(Stub), Arc::default()))
                 .unwrap();
         });
         addr

@@ -23,4 +23,5 @@ pub mod pin;
 pub mod residuals;
 pub mod scope;
 pub mod snmp;
+pub mod webconfig;
 pub mod xfrm;

@@ -687,6 +687,129 @@ fn systemd_hears_ready_once_attached_then_watchdog_then_stopping() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// A self-signed certificate for 127.0.0.1 in `dir` (`cert.pem`, key `key.pem`); returns the
+/// certificate's path.
+fn self_signed(dir: &std::path::Path) -> std::path::PathBuf {
+    let key = dir.join("key.pem");
+    let cert = dir.join("cert.pem");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=natt-monitor test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cert
+}
+
+#[test]
+fn tls_and_basic_auth_from_the_web_config_file() {
+    if skip_unless_root("tls_and_basic_auth_from_the_web_config_file") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("natt-web-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = self_signed(&dir);
+    // Relative paths, as exporter-toolkit resolves them: against the file's directory.
+    let hash = bcrypt::hash("right horse battery", 4).unwrap();
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\nbasic_auth_users:\n  prometheus: {hash}\n"
+        ),
+    )
+    .unwrap();
+    let cg = Cgroup::new();
+    let mut d = Daemon::start(&[
+        "run",
+        "--peer",
+        "192.0.2.1",
+        "--discover",
+        "none",
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--web.config.file",
+        web.to_str().unwrap(),
+    ]);
+    d.wait_for("verifier attached at cgroup_skb ingress");
+    let url = format!("https://{}/metrics", d.addr());
+    // (curl's exit code, the HTTP status it printed, the body).
+    let curl = |extra: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (out.status.code(), code.to_owned(), body.to_owned())
+    };
+    let ca = cert.to_str().unwrap();
+    let (rc, code, body) = curl(&["--cacert", ca]);
+    assert_eq!(
+        (rc, code.as_str(), body.as_str()),
+        (Some(0), "401", "unauthorized\n")
+    );
+    let (_, code, _) = curl(&["--cacert", ca, "-u", "prometheus:wrong horse"]);
+    assert_eq!(code, "401");
+    let (_, code, _) = curl(&["--cacert", ca, "-u", "grafana:right horse battery"]);
+    assert_eq!(code, "401");
+    let (rc, code, body) = curl(&["--cacert", ca, "-u", "prometheus:right horse battery"]);
+    assert_eq!((rc, code.as_str()), (Some(0), "200"));
+    assert!(body.lines().any(|l| l == "natt_monitor_up 1"), "{body}");
+    // Probes need no credentials: /healthz answers without them (over TLS).
+    let health = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", ca])
+        .arg(format!("https://{}/healthz", d.addr()))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "ok\n");
+    // The handshake is real: without the CA the certificate does not verify (curl exit 60), and
+    // plain HTTP gets no HTTP answer from the TLS port.
+    let (rc, _, _) = curl(&[]);
+    assert_eq!(rc, Some(60));
+    let plain = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://{}/metrics", d.addr()))
+        .output()
+        .expect("curl");
+    assert_ne!(plain.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "000");
+    drop(d);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Sets a sysctl for the life of the guard, then puts the old value back.
 struct Sysctl {
     path: &'static str,

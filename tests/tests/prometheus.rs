@@ -11,7 +11,7 @@ use std::{
 
 use natt_monitor_tests::{
     KillOnDrop, PinDir, http_get, monitor_bin,
-    net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
+    net::{ADDR_A, Cgroup, Injector, Lab, stream},
     skip_unless_root,
 };
 use serde_json::Value;
@@ -136,12 +136,14 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     );
     let injected = inj.stats().corrupted;
     assert!(injected > 0);
-    assert_eq!(
-        s,
-        StreamResult {
-            received: 2 << 20,
-            differing: injected
-        }
+    // Observe mode: the corruption reaches the application, one byte per corrupted segment,
+    // but for a corrupted retransmission of data the receiver already has, which TCP discards
+    // (veth reorders now and then under load; at most a couple per run, as in netns.rs).
+    assert_eq!(s.received, 2 << 20);
+    assert!(
+        s.differing <= injected && s.differing + 2 >= injected,
+        "{} bytes differ for {injected} corrupted segments",
+        s.differing
     );
 
     let query = format!(

@@ -409,7 +409,8 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         metrics: k.metrics,
         health: Arc::clone(&k.health),
     };
-    tasks.spawn("http", http::serve(listener, Arc::new(endpoint)));
+    let web = Arc::new(settings.web.clone().unwrap_or_default());
+    tasks.spawn("http", http::serve(listener, Arc::new(endpoint), web));
     tasks.spawn(
         "xfrm-discovery",
         discovery::follow(

@@ -49,6 +49,8 @@ if [ "$want_test" = 1 ]; then
   # cargo xtask dist (run by the tests): strip for the static binary, file for its check.
   # openssl and curl: a test certificate and real TLS handshakes against the endpoint.
   pkgs+=(binutils file openssl curl)
+  # jsonnet: the mixin that generates the rule pack and the dashboard.
+  pkgs+=(jsonnet)
 fi
 if [ "$want_bench" = 1 ]; then
   pkgs+=(iperf3 tshark)

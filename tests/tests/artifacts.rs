@@ -29,7 +29,7 @@ fn promtool(args: &[&str], stdin_file: Option<&Path>) -> String {
 #[test]
 fn rule_pack_is_valid() {
     let out = promtool(&["check", "rules", "natt-monitor.rules.yml"], None);
-    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
 }
 
 #[test]
@@ -84,6 +84,138 @@ fn rules_and_dashboard_use_only_exported_metrics() {
     )
     .expect("dashboard is valid JSON");
     assert_eq!(dashboard["uid"], "natt-monitor");
+}
+
+/// `jsonnet` run in deploy/mixin with `args`; its
+/// output.
+fn jsonnet(args: &[&str]) -> String {
+    let out = Command::new("jsonnet")
+        .current_dir(docs().join("../deploy/mixin"))
+        .args(args)
+        .output()
+        .expect("jsonnet (scripts/setup.sh --test installs it)");
+    assert!(
+        out.status.success(),
+        "jsonnet {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The comment the generated rule pack starts with.
+const RULES_HEADER: &str = "\
+# natt-monitor alert rule pack, generated from the mixin in deploy/mixin (jsonnet -S
+# deploy/mixin/rules.jsonnet): edit the mixin, not this file. tests/tests/artifacts.rs fails when
+# the two differ; UPDATE_GENERATED=1 cargo test -p natt-monitor-tests --test artifacts rewrites it.
+# Load it into Prometheus (rule_files) and route by `severity`; runbook: docs/runbook.md. For
+# another job name or cluster label, build your own from the mixin's _config.
+";
+
+/// Compares a checked-in generated file with what the mixin generates now; rewrites it under
+/// `UPDATE_GENERATED`.
+fn assert_generated(path: &Path, want: &str) {
+    if std::env::var_os("UPDATE_GENERATED").is_some() {
+        std::fs::write(path, want).unwrap();
+        return;
+    }
+    let have = std::fs::read_to_string(path).unwrap();
+    assert!(
+        have == want,
+        "{} is stale: the mixin generates something else; UPDATE_GENERATED=1 cargo test -p natt-monitor-tests --test artifacts",
+        path.display()
+    );
+}
+
+#[test]
+fn the_rule_pack_and_the_dashboard_are_the_mixins() {
+    let rules = format!("{RULES_HEADER}{}", jsonnet(&["-S", "rules.jsonnet"]));
+    assert_generated(&docs().join("alerts/natt-monitor.rules.yml"), &rules);
+    let dashboard = jsonnet(&["dashboard.jsonnet"]);
+    assert_generated(
+        &docs().join("../deploy/grafana/natt-monitor.json"),
+        &dashboard,
+    );
+}
+
+#[test]
+fn the_mixin_follows_a_non_default_job_name() {
+    let rules = jsonnet(&[
+        "-S",
+        "-e",
+        "std.manifestYamlDoc(((import 'mixin.libsonnet') + { _config+:: { selector: 'job=\"ipsec-verifier\"' } }).prometheusAlerts, quote_keys=false)",
+    ]);
+    assert!(
+        rules.contains("up{job=\\\"ipsec-verifier\\\"} == 0"),
+        "{rules}"
+    );
+    let dir = std::env::temp_dir().join(format!("natt-custom-job-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("natt-monitor.custom-job.rules.yml"), rules).unwrap();
+    std::fs::copy(
+        docs().join("alerts/natt-monitor.custom-job.test.yml"),
+        dir.join("natt-monitor.custom-job.test.yml"),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .current_dir(&dir)
+        .args(["test", "rules", "natt-monitor.custom-job.test.yml"])
+        .output()
+        .expect("promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success() && text.contains("SUCCESS"), "{text}");
+}
+
+/// One mismatch shows red: every number on the dashboard turns red from 1; every query is
+/// filtered by the cluster, job and instance variables.
+#[test]
+fn the_dashboard_shows_one_mismatch_red_and_filters_by_job_and_cluster() {
+    let d: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(docs().join("../deploy/grafana/natt-monitor.json")).unwrap(),
+    )
+    .unwrap();
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "cluster", "job", "instance"]);
+    let panels = d["panels"].as_array().unwrap();
+    let mut stats = 0;
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(
+                expr.contains("cluster=~\"$cluster\",job=~\"$job\",instance=~\"$instance\""),
+                "{expr}"
+            );
+        }
+        if p["type"] == "stat" {
+            stats += 1;
+            let steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"]
+                .as_array()
+                .unwrap();
+            assert_eq!(steps.last().unwrap()["color"], "red", "{}", p["title"]);
+            assert_eq!(steps.last().unwrap()["value"], 1, "{}", p["title"]);
+        }
+    }
+    assert_eq!(stats, 6);
+    let titles: Vec<&str> = panels
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for want in [
+        "Learning: segments passed unverified",
+        "Peers (SAs) by source, and the limit",
+        "Unverifiable and skipped traffic by reason",
+    ] {
+        assert!(titles.contains(&want), "no panel {want:?}");
+    }
 }
 
 /// The shipped systemd unit passes `systemd-analyze verify` (with `ExecStart` pointed at the

@@ -232,7 +232,10 @@ fn the_service_monitor_scrapes_the_pods_as_job_natt_monitor() {
     // rule pack's NattMonitorDown alert watches.
     assert_eq!(s(svc, &["metadata", "name"]), "natt-monitor");
     let rules = std::fs::read_to_string(repo().join("docs/alerts/natt-monitor.rules.yml")).unwrap();
-    assert!(rules.contains("up{job=\"natt-monitor\"} == 0"));
+    assert!(
+        rules.contains(r#"expr: "up{job=\"natt-monitor\"} == 0""#),
+        "{rules}"
+    );
     // The credentials and CA come from the Secrets the pod and docs/install.md name.
     assert_eq!(
         s(ep, &["basicAuth", "password", "name"]),

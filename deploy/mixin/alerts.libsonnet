@@ -1,0 +1,130 @@
+// natt-monitor's alerts. Severity follows harm: corruption that reached an application is
+// critical; corruption that enforce mode dropped is a warning (TCP retransmitted it).
+{
+  local c = self._config,
+  local sel = c.selector,
+  // Kept in every aggregation, so that alerts from different clusters and jobs stay apart.
+  local by(extra) = std.join(', ', [c.clusterLabel, 'job', 'instance'] + extra),
+  local groupLabels = by([]),
+  local alert(name, severity, expr, for_, summary, description) = {
+    alert: name,
+    expr: expr,
+    'for': for_,
+    labels: { severity: severity },
+    annotations: {
+      summary: summary,
+      description: description,
+      runbook_url: '%s#%s' % [c.runbookURLBase, std.asciiLower(name)],
+    },
+  },
+
+  prometheusAlerts+:: {
+    groups+: [{
+      name: 'natt-monitor',
+      rules: [
+        alert(
+          'NattMonitorChecksumMismatch',
+          'critical',
+          |||
+            sum by (%(g)s) (increase(natt_monitor_checksum_mismatches_total{%(s)s}[10m]))
+            - sum by (%(g)s) (increase(natt_monitor_dropped_packets_total{%(s)s}[10m]))
+            > 0
+          ||| % { g: by(['peer', 'proto']), s: sel },
+          c.mismatchFor,
+          'Corrupted {{ $labels.proto }} segments from IPsec peer {{ $labels.peer }} reached applications on {{ $labels.instance }}',
+          '{{ printf "%.0f" $value }} {{ $labels.proto }} segments from {{ $labels.peer }} arrived on {{ $labels.instance }} in the last 10 minutes with a wrong checksum after IPsec decapsulation, and were delivered: the kernel does not check these, and the peer is in observe mode.',
+        ),
+        alert(
+          'NattMonitorEnforcementDrops',
+          'warning',
+          'sum by (%s) (increase(natt_monitor_dropped_packets_total{%s}[10m])) > 0' % [by(['peer']), sel],
+          c.dropsFor,
+          'natt-monitor dropped corrupted segments from {{ $labels.peer }} on {{ $labels.instance }}',
+          'Enforce mode dropped {{ printf "%.0f" $value }} segments from {{ $labels.peer }} in the last 10 minutes so that TCP would retransmit them. Applications were protected, but something between decryption and the socket is corrupting data.',
+        ),
+        alert(
+          'NattMonitorDetached',
+          'critical',
+          'natt_monitor_up{%s} == 0' % sel,
+          c.detachedFor,
+          'natt-monitor on {{ $labels.instance }} is not verifying',
+          'natt_monitor_up has been 0 for a minute: the verifier is not attached or its event loop is not draining. Checksums after IPsec decapsulation are unchecked on this host.',
+        ),
+        alert(
+          'NattMonitorDown',
+          'critical',
+          'up{%s} == 0' % sel,
+          c.downFor,
+          'natt-monitor on {{ $labels.instance }} cannot be scraped',
+          'Prometheus has not reached natt-monitor on {{ $labels.instance }} for 2 minutes. The daemon exits on any internal failure, so this usually means it is not running. The pinned verifier keeps checking and counting meanwhile, but nothing reports it.',
+        ),
+        // Absent: the job has no target at all (removed from service discovery, or never
+        // deployed where it should be).
+        alert(
+          'NattMonitorAbsent',
+          'critical',
+          'absent(up{%s})' % sel,
+          c.downFor,
+          'natt-monitor has no scrape target',
+          'No target matches {%s}: natt-monitor is not deployed, or service discovery lost it. Nothing reports whether IPsec traffic is being verified.' % sel,
+        ),
+        alert(
+          'NattMonitorEventsLost',
+          'warning',
+          'increase(natt_monitor_events_lost_total{%s}[10m]) > 0' % sel,
+          c.eventsLostFor,
+          'natt-monitor on {{ $labels.instance }} is losing mismatch events',
+          '{{ printf "%.0f" $value }} mismatch events did not fit in the ring buffer in the last 10 minutes. The mismatch counters are still exact; the per-segment log lines for those events are missing.',
+        ),
+        alert(
+          'NattMonitorPeerNoLongerVerified',
+          'warning',
+          |||
+            sum by (%(g)s) (rate(natt_monitor_verified_packets_total{%(s)s}[15m])) == 0
+            and on (%(g)s)
+            sum by (%(g)s) (rate(natt_monitor_verified_packets_total{%(s)s}[6h] offset 15m)) > 0
+          ||| % { g: by(['peer']), s: sel },
+          c.noLongerVerifiedFor,
+          'Traffic from {{ $labels.peer }} on {{ $labels.instance }} is no longer verified',
+          'natt-monitor verified segments from {{ $labels.peer }} in the hours before, but none in the last 15 minutes. Either the peer went quiet, or its traffic now bypasses the verifier (aggregated by GRO, moved to another address, or out of scope).',
+        ),
+        alert(
+          'NattMonitorUnverifiableTraffic',
+          'warning',
+          'rate(natt_monitor_skipped_packets_total{%s,reason="aggregated"}[10m]) > 0' % sel,
+          c.unverifiableFor,
+          'GRO aggregates hide segments from natt-monitor on {{ $labels.instance }}',
+          '{{ $value | humanize }} packets per second reach sockets as GRO aggregates whose per-segment checksums are gone, so they cannot be verified. See the runbook for the device setting that stops it.',
+        ),
+        alert(
+          'NattMonitorResidualNotLearned',
+          'warning',
+          |||
+            sum by (%(g)s) (increase(natt_monitor_learning_packets_total{%(s)s}[15m])) > %(n)d
+            and on (%(g)s)
+            max by (%(g)s) (natt_monitor_peer_learning{%(s)s}) == 1
+          ||| % { g: by(['peer']), s: sel, n: c.learningSegments },
+          c.learningFor,
+          'natt-monitor cannot learn the NAT residual of {{ $labels.peer }} on {{ $labels.instance }}',
+          '{{ $labels.peer }} sent {{ printf "%.0f" $value }} segments in the last 15 minutes while natt-monitor was still learning its NAT residual, so none of them was verified. Its segments do not agree on one residual: several NATs behind one prefix, or corruption from the start.',
+        ),
+        alert(
+          'NattMonitorConfigReloadFailed',
+          'warning',
+          'natt_monitor_config_last_reload_successful{%s} == 0' % sel,
+          c.reloadFailedFor,
+          'natt-monitor on {{ $labels.instance }} could not reload its configuration',
+          "The last reload (SIGHUP) of natt-monitor's configuration failed, so it still verifies the peers of the configuration before. The journal names the file key at fault.",
+        ),
+        alert(
+          'NattMonitorPeerLimitReached',
+          'warning',
+          'sum by (%(g)s) (natt_monitor_peers{%(s)s}) >= on (%(g)s) max by (%(g)s) (natt_monitor_peers_limit{%(s)s})' % { g: groupLabels, s: sel },
+          c.peerLimitFor,
+          'natt-monitor on {{ $labels.instance }} holds as many peers as it can',
+          "natt-monitor verifies {{ printf \"%.0f\" $value }} peers, its limit. A further peer set is refused: new SAs' peers are not verified (counted in natt_monitor_discovery_errors_total) until some go.",
+        ),
+      ],
+    }],
+  },
+}

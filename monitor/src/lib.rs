@@ -20,6 +20,7 @@ pub mod learn;
 pub mod metrics;
 pub mod peers;
 pub mod pin;
+pub mod privileges;
 pub mod residuals;
 pub mod scope;
 pub mod snmp;

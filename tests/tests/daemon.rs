@@ -604,6 +604,17 @@ fn the_units_three_capabilities_suffice_to_pin_adopt_and_detach() {
             seen.iter().any(|l| l.contains(message)),
             "round {round}: no {message:?} in {seen:?}"
         );
+        // Once attached, the running daemon holds only CAP_BPF (bit 39) and CAP_NET_ADMIN
+        // (bit 12): CAP_PERFMON went after the load.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        for set in ["CapEff:", "CapPrm:"] {
+            let line = status.lines().find(|l| l.starts_with(set)).unwrap();
+            assert_eq!(
+                line.split_whitespace().nth(1),
+                Some("0000008000001000"),
+                "round {round}: {line}"
+            );
+        }
         // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
         let status = child.wait().unwrap();

@@ -534,7 +534,8 @@ impl Loaded {
 }
 
 /// Attaches at the configured cgroup, through the pinned link when pinning (swapping the
-/// program behind it if one is there); returns a descriptor of the link for `link-watch`.
+/// program behind it if one is there), then drops `CAP_PERFMON`, which only loading needed
+/// (`crate::privileges`); returns a descriptor of the link for `link-watch`.
 fn attach(verifier: &mut Verifier, settings: &Settings) -> Result<crate::pin::Link, DaemonError> {
     match &settings.pin {
         Some(dir) => {
@@ -542,6 +543,11 @@ fn attach(verifier: &mut Verifier, settings: &Settings) -> Result<crate::pin::Li
             log_pinned(dir, how);
         }
         None => verifier.attach(&settings.cgroup)?,
+    }
+    match crate::privileges::drop_capability(crate::privileges::CAP_PERFMON) {
+        Ok(true) => info!("dropped CAP_PERFMON: only loading the program needed it"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "could not drop CAP_PERFMON"),
     }
     Ok(verifier.link_handle()?)
 }

@@ -456,11 +456,7 @@ impl Verifier {
     /// in multi-program mode, so the verifier coexists with other programs there.
     fn new_link(&mut self, file: &File, cgroup: &Path) -> Result<Link, EbpfFailure> {
         let name = self.variant.program();
-        let prog = program(&mut self.bpf, name)?;
-        let fd = prog.fd().map_err(|cause| EbpfFailure::ProgramLoad {
-            program: name,
-            cause,
-        })?;
+        let fd = self.loaded_fd()?;
         Link::attach_ingress(fd.as_fd(), file.as_fd()).map_err(|source| EbpfFailure::Attach {
             program: name,
             path: cgroup.to_owned(),
@@ -491,13 +487,7 @@ impl Verifier {
                     .info()
                     .map_err(pin_err("reading the pinned link", &path))?;
                 if info.attached() && info.cgroup_id == want && info.cgroup_ingress {
-                    let name = self.variant.program();
-                    let prog = program(&mut self.bpf, name)?;
-                    let fd = prog.fd().map_err(|cause| EbpfFailure::ProgramLoad {
-                        program: name,
-                        cause,
-                    })?;
-                    old.update(fd.as_fd())
+                    old.update(self.loaded_fd()?.as_fd())
                         .map_err(pin_err("replacing the pinned link's program", &path))?;
                     (
                         old,
@@ -542,21 +532,28 @@ impl Verifier {
         Ok(how)
     }
 
+    /// The loaded program's descriptor.
+    fn loaded_fd(&mut self) -> Result<&aya::programs::ProgramFd, EbpfFailure> {
+        let name = self.variant.program();
+        program(&mut self.bpf, name)?
+            .fd()
+            .map_err(|cause| EbpfFailure::ProgramLoad {
+                program: name,
+                cause,
+            })
+    }
+
     /// A descriptor of the loaded program, e.g. for its run statistics.
     ///
     /// # Errors
     /// `ProgramLoad` if it is not loaded, `Descriptor` if it cannot be duplicated.
     pub fn program_fd(&mut self) -> Result<aya::programs::ProgramFd, EbpfFailure> {
-        let name = self.variant.program();
-        let prog = program(&mut self.bpf, name)?;
-        let fd = prog.fd().map_err(|cause| EbpfFailure::ProgramLoad {
-            program: name,
-            cause,
-        })?;
-        fd.try_clone().map_err(|source| EbpfFailure::Descriptor {
-            what: "duplicating the program's descriptor",
-            source,
-        })
+        self.loaded_fd()?
+            .try_clone()
+            .map_err(|source| EbpfFailure::Descriptor {
+                what: "duplicating the program's descriptor",
+                source,
+            })
     }
 
     /// True when the link and maps are pinned and the link still attaches the program: they

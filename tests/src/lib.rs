@@ -145,3 +145,20 @@ impl Drop for PinDir {
         }
     }
 }
+
+/// `run` arguments the daemon tests share: the one static peer 192.0.2.1, no discovery,
+/// attached to `cgroup`, then `extra`.
+#[must_use]
+pub fn one_peer_run<'a>(cgroup: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "run",
+        "--peer",
+        "192.0.2.1",
+        "--discover",
+        "none",
+        "--cgroup",
+        cgroup,
+    ];
+    args.extend_from_slice(extra);
+    args
+}

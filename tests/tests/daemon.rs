@@ -18,7 +18,7 @@ use std::{
 use natt_monitor_tests::{
     KillOnDrop, PinDir, http_get, metric, monitor_bin,
     net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
-    skip_unless_root,
+    one_peer_run, skip_unless_root,
 };
 use serde_json::Value;
 
@@ -566,21 +566,17 @@ fn the_units_three_capabilities_suffice_to_pin_adopt_and_detach() {
         .args(args);
         cmd
     };
-    let run = [
-        "run",
-        "--peer",
-        "192.0.2.1",
-        "--discover",
-        "none",
-        "--cgroup",
+    let run = one_peer_run(
         cg.path.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-        "--pin-path",
-        pins.arg(),
-    ];
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--pin-path",
+            pins.arg(),
+        ],
+    );
     for (round, message) in [
         "pinned the verifier's link and maps: they outlive this process",
         "adopted the pinned link: its program was replaced by this one in one atomic update, with no segment unverified",
@@ -650,19 +646,10 @@ fn systemd_hears_ready_once_attached_then_watchdog_then_stopping() {
     let cg = Cgroup::new();
     let pins = PinDir::new();
     let mut cmd = Command::new(monitor_bin());
-    cmd.args([
-        "run",
-        "--peer",
-        "192.0.2.1",
-        "--discover",
-        "none",
-        "--cgroup",
+    cmd.args(one_peer_run(
         cg.path.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--pin-path",
-        pins.arg(),
-    ])
+        &["--listen", "127.0.0.1:0", "--pin-path", pins.arg()],
+    ))
     .env("NOTIFY_SOCKET", &path)
     .env("WATCHDOG_USEC", "200000")
     .stderr(Stdio::null());
@@ -753,17 +740,10 @@ fn tls_and_basic_auth_from_the_web_config_file() {
     )
     .unwrap();
     let cg = Cgroup::new();
-    let mut d = Daemon::start(&[
-        "run",
-        "--peer",
-        "192.0.2.1",
-        "--discover",
-        "none",
-        "--cgroup",
+    let mut d = Daemon::start(&one_peer_run(
         cg.path.to_str().unwrap(),
-        "--web.config.file",
-        web.to_str().unwrap(),
-    ]);
+        &["--web.config.file", web.to_str().unwrap()],
+    ));
     d.wait_for("verifier attached at cgroup_skb ingress");
     let url = format!("https://{}/metrics", d.addr());
     // (curl's exit code, the HTTP status it printed, the body).

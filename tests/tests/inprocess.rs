@@ -17,7 +17,7 @@ use natt_monitor::{
     config,
     daemon::{self, DaemonError, RunConfig},
 };
-use natt_monitor_tests::{PinDir, http_get, net::Cgroup, skip_unless_root};
+use natt_monitor_tests::{PinDir, http_get, net::Cgroup, one_peer_run, skip_unless_root};
 
 /// Starts `run` on its own thread and runtime with `args` (as after `natt-monitor`) and a
 /// listener the test keeps a handle on; returns the thread, the listener's twin and the base
@@ -59,19 +59,8 @@ fn start_one_peer(
     pin_path: &str,
     shutdown: tokio::sync::oneshot::Receiver<()>,
 ) -> (JoinHandle<Result<(), DaemonError>>, TcpListener, String) {
-    let path = cg.path.to_str().unwrap();
     start(
-        &[
-            "run",
-            "--peer",
-            "192.0.2.1",
-            "--discover",
-            "none",
-            "--cgroup",
-            path,
-            "--pin-path",
-            pin_path,
-        ],
+        &one_peer_run(cg.path.to_str().unwrap(), &["--pin-path", pin_path]),
         shutdown,
     )
 }

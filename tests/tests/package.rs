@@ -12,7 +12,9 @@ use std::{
     process::{Command, Stdio},
 };
 
-use natt_monitor_tests::{KillOnDrop, http_get, metric, net::Cgroup, skip_unless_root};
+use natt_monitor_tests::{
+    KillOnDrop, http_get, metric, net::Cgroup, one_peer_run, skip_unless_root,
+};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -186,21 +188,17 @@ fn the_deb_installs_into_a_clean_root_and_runs_from_it() {
     assert!(check.ends_with("\nthe configuration is valid\n"), "{check}");
     let cg = Cgroup::new();
     let mut child = KillOnDrop(
-        root.chroot(&[
-            "run",
-            "--peer",
-            "192.0.2.1",
-            "--discover",
-            "none",
-            "--cgroup",
+        root.chroot(&one_peer_run(
             cg.path.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--pin-path",
-            "none",
-        ])
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--pin-path",
+                "none",
+            ],
+        ))
         .stderr(Stdio::piped())
         .spawn()
         .expect("chroot natt-monitor run"),

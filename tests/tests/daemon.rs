@@ -91,11 +91,21 @@ fn bad_arguments_fail_before_anything_is_attached() {
             "unexpected argument '--peers' found",
         ),
     ];
+    // These runs pin at the default path: the `/tmp` case loads (and pins) before its attach
+    // fails, and must leave nothing pinned behind.
+    let default_pins = std::path::Path::new(natt_monitor::pin::DEFAULT_PIN_PATH);
+    let pinned_before = default_pins.exists();
     for (args, want_code, want) in cases {
         let (code, err) = run_to_end(args);
         assert_eq!(code, want_code, "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: expected {want:?} in:\n{err}");
     }
+    assert_eq!(
+        default_pins.exists(),
+        pinned_before,
+        "a failed start left pins in {}",
+        default_pins.display()
+    );
     assert_no_verifier_loaded();
 }
 

@@ -371,6 +371,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     let hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     // Attach last: the peer map is complete before the first segment meets the program.
     let link = attach(&mut k.verifier, &settings)?;
+    k.created.keep();
     k.health.set_attached(true);
     k.health.mark_drained();
     let table = k.view.borrow().table.clone();
@@ -432,9 +433,32 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     })
 }
 
+/// Map pins this start created. If the start fails before the program is attached, they are
+/// removed when this is dropped, so that a failed start leaves nothing pinned. Pins a start
+/// adopted are never removed here: they belong to the verifier that still runs.
+struct CreatedPins(Option<std::path::PathBuf>);
+
+impl CreatedPins {
+    /// The program is attached: the pins stay.
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CreatedPins {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take()
+            && let Err(e) = crate::pin::detach(&dir)
+        {
+            warn!(error = %e, "could not remove the maps this failed start pinned");
+        }
+    }
+}
+
 /// The program loaded with its peers installed and its rings open, not attached yet.
 struct Loaded {
     verifier: Verifier,
+    created: CreatedPins,
     sa_state: SaState,
     view: watch::Receiver<Arc<View>>,
     health: Arc<Health>,
@@ -454,11 +478,15 @@ impl Loaded {
         discovered: Vec<PeerSpec>,
     ) -> Result<Self, DaemonError> {
         let capture = settings.capture.is_some();
+        let mut created = CreatedPins(None);
         let (mut verifier, prior) = match &settings.pin {
             Some(dir) => {
                 let (mut v, origin) = Verifier::load_pinned(&scope, capture, Some(variant), dir)?;
                 let prior = match origin {
-                    PinnedMaps::Created => MapContents::default(),
+                    PinnedMaps::Created => {
+                        created = CreatedPins(Some(dir.clone()));
+                        MapContents::default()
+                    }
                     PinnedMaps::Adopted => {
                         let prior = v.peer_maps()?.contents()?;
                         info!(
@@ -520,6 +548,7 @@ impl Loaded {
         let ebpf_log = watch_fd("aya-log", ebpf_log)?;
         Ok(Self {
             verifier,
+            created,
             sa_state,
             view,
             health,

@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 10] = [
+pub const NAMES: [&str; 11] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -14,6 +14,7 @@ pub const NAMES: [&str; 10] = [
     "f-strongswan-nat",
     "h-ipv6-enforce",
     "i-two-behind-one-nat",
+    "j-sigkill-restart",
     "g-gro",
 ];
 

@@ -22,6 +22,7 @@ use std::io::Write as _;
 
 mod plan;
 mod processes;
+mod restart;
 mod run;
 mod scenarios;
 mod shared_nat;
@@ -34,8 +35,8 @@ use std::{fs, process::Command, time::Instant};
 
 use crate::{
     processes::bin,
-    run::run,
-    scenarios::{Cipher, SCENARIOS, Setup},
+    run::{Measured, run},
+    scenarios::{Cipher, SCENARIOS, Scenario, Setup},
     verdict::check,
 };
 
@@ -85,39 +86,7 @@ fn main() {
         }) {
             Ok(m) => {
                 let verdict = check(s, &m);
-                println!(
-                    "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} captured={} seconds={secs:.1} result={}",
-                    s.name,
-                    s.setup,
-                    s.mode,
-                    if s.setup == Setup::StrongSwan {
-                        "AesCbcHmacSha256"
-                    } else {
-                        match s.cipher {
-                            Cipher::Null => "Null",
-                            Cipher::CbcAes => "CbcAes",
-                        }
-                    },
-                    m.injected,
-                    m.detected,
-                    m.dropped,
-                    m.verified,
-                    m.learning,
-                    m.residual,
-                    m.received,
-                    m.differing,
-                    m.kernel_csum_errors,
-                    m.xfrm_peers,
-                    m.aggregated,
-                    m.aggregated_after_remedy
-                        .map_or_else(|| "-".to_owned(), |n| n.to_string()),
-                    m.removed_live.map_or("-", |r| if r { "yes" } else { "no" }),
-                    m.plaintext.as_deref().unwrap_or("-"),
-                    m.rekey_learning
-                        .map_or_else(|| "-".to_owned(), |n| n.to_string()),
-                    m.captured,
-                    if verdict.is_ok() { "ok" } else { "FAILED" }
-                );
+                println!("{}", result_line(&kernel, s, &m, secs, verdict.is_ok()));
                 match verdict {
                     Ok(()) => passed += 1,
                     Err(e) => {
@@ -141,6 +110,46 @@ fn main() {
         let _ = std::io::stdout().flush();
     }
     println!("NATT-VM END kernel={kernel} passed={passed} failed={failed}");
+}
+
+/// The scenario's `NATT-VM RESULT` line.
+fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
+    format!(
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} restart={} captured={} seconds={secs:.1} result={}",
+        s.name,
+        s.setup,
+        s.mode,
+        if s.setup == Setup::StrongSwan {
+            "AesCbcHmacSha256"
+        } else {
+            match s.cipher {
+                Cipher::Null => "Null",
+                Cipher::CbcAes => "CbcAes",
+            }
+        },
+        m.injected,
+        m.detected,
+        m.dropped,
+        m.verified,
+        m.learning,
+        m.residual,
+        m.received,
+        m.differing,
+        m.kernel_csum_errors,
+        m.xfrm_peers,
+        m.aggregated,
+        m.aggregated_after_remedy
+            .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+        m.removed_live.map_or("-", |r| if r { "yes" } else { "no" }),
+        m.plaintext.as_deref().unwrap_or("-"),
+        m.rekey_learning
+            .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+        m.restart
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), restart::Restart::summary),
+        m.captured,
+        if ok { "ok" } else { "FAILED" }
+    )
 }
 
 #[cfg(test)]

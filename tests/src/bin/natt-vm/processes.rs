@@ -14,8 +14,8 @@ use crate::plan::METRICS;
 
 /// A child process killed on drop; its stderr goes to a file shown on failure.
 pub(crate) struct Daemon {
-    /// Held for its drop, which kills the process.
-    pub(crate) _process: KillOnDrop,
+    /// Killed on drop.
+    pub(crate) process: KillOnDrop,
     pub(crate) log: PathBuf,
 }
 
@@ -28,6 +28,11 @@ pub(crate) fn bin(name: &str) -> PathBuf {
 /// natt-monitor in B's network namespace, at the default cgroup (the cgroup2 root: every socket
 /// of the guest) with the default scope.
 pub(crate) fn start_monitor(b: &Netns, mode: Mode, name: &str) -> Daemon {
+    start_monitor_with(b, mode, name, &[])
+}
+
+/// As `start_monitor`, with `extra` arguments to `run`.
+pub(crate) fn start_monitor_with(b: &Netns, mode: Mode, name: &str, extra: &[&str]) -> Daemon {
     let log = PathBuf::from(format!("/tmp/monitor-{name}.log"));
     let child = Command::new("ip")
         .args(["netns", "exec", &b.name])
@@ -36,12 +41,13 @@ pub(crate) fn start_monitor(b: &Netns, mode: Mode, name: &str) -> Daemon {
         .args(["--listen", "127.0.0.1:9874", "--mode", mode.as_str()])
         .arg("--capture")
         .arg(capture_path(name))
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(File::create(&log).expect("monitor log"))
         .spawn()
         .expect("spawn natt-monitor");
     let d = Daemon {
-        _process: KillOnDrop(child),
+        process: KillOnDrop(child),
         log,
     };
     wait_until(b, &d, "/healthz answers 200", |_| {

@@ -12,7 +12,8 @@ use natt_monitor_tests::net::{Cgroup, sh};
 
 use crate::{
     plan::{STREAM, V4, WARMUP},
-    processes::{bin, captured, metric, scrape, start_monitor, wait_until},
+    processes::{bin, captured, metric, scrape, start_monitor, start_monitor_with, wait_until},
+    restart::{Pins, Restart, finish, stream_through_restart},
     scenarios::{Scenario, Setup},
     shared_nat::run_shared_nat,
     strongswan::swanctl,
@@ -50,6 +51,8 @@ pub(crate) struct Measured {
     /// IKE SA) were rekeyed mid-run (0: the new SA inherited the residual), and whether the
     /// stream after the rekeys was byte-exact.
     pub(crate) rekey_learning: Option<u64>,
+    /// `j-sigkill-restart`: what the SIGKILL and the second start did.
+    pub(crate) restart: Option<Restart>,
 }
 
 pub(crate) fn expected_nat_residual() -> u16 {
@@ -74,7 +77,14 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     }
     let t = Topology::new(s);
     let cg = Cgroup::new();
-    let d = start_monitor(&t.b, s.mode, s.name);
+    // Before the daemon, so that it is dropped after it: detaches what the daemons pinned.
+    let pins = (s.setup == Setup::Restart).then(Pins::mount);
+    let mut d = if pins.is_some() {
+        let args = Pins::args();
+        start_monitor_with(&t.b, s.mode, s.name, &[&args[0], &args[1]])
+    } else {
+        start_monitor(&t.b, s.mode, s.name)
+    };
     if s.setup == Setup::Gro {
         // Before the SAs: a state takes its GRO (offload) handlers when it is created. The
         // module stays loaded for the rest of this boot, so this scenario runs last.
@@ -89,7 +99,10 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     // SAs come after the monitor: discovery must pick them up live.
     let charons = t.add_sas(s);
     let peer = format!("{}/{}", t.a_seen_by_b(s.nat), t.addrs.host_prefix);
-    let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}");
+    let series_of = |name: &str, proto: &str| {
+        format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"{proto}\"}}")
+    };
+    let series = |name: &str| series_of(name, "tcp");
     if s.encap {
         wait_until(&t.b, &d, "the SA's peer is discovered", |b| {
             metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1
@@ -140,10 +153,22 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     if s.corrupt {
         t.corrupt(s);
     }
-    let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
+    let (received, differing, restarted) = if pins.is_some() {
+        let dropped = series("dropped_packets_total");
+        let (received, differing, r, second) =
+            stream_through_restart(&t, s, &cg.path, &mut d, &dropped);
+        (received, differing, Some((r, second)))
+    } else {
+        let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
+        (received, differing, None)
+    };
     // Give the drain loop a moment, then read everything once.
     std::thread::sleep(Duration::from_millis(500));
     let text = scrape(&t.b);
+    let restart = restarted.map(|(mut r, second)| {
+        finish(second, &text, series_of, &mut r);
+        r
+    });
     let g1 = metric(&text, aggregated);
     let aggregated_after_remedy = (s.setup == Setup::Gro).then(|| {
         // The remedy the runbook gives: GRO stays on, but nothing grows past one MTU.
@@ -211,6 +236,12 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         plaintext,
         plaintext_mismatches,
         rekey_learning: rekey.map(|(l, exact)| if exact { l } else { u64::MAX }),
-        captured: captured(s.name),
+        // The first daemon died by SIGKILL with its capture file in any state: the second's.
+        captured: if restart.is_some() {
+            captured(&format!("{}-restarted", s.name))
+        } else {
+            captured(s.name)
+        },
+        restart,
     }
 }

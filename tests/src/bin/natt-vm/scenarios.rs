@@ -2,7 +2,7 @@
 
 use natt_monitor::peers::Mode;
 
-use crate::plan::{Addrs, V4, V6};
+use crate::plan::{Addrs, RESTART_STREAM, STREAM, V4, V6};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Cipher {
@@ -26,6 +26,10 @@ pub(crate) enum Setup {
     /// address, each with its own SAs to B (told apart on B by reqid and TCP port): each SA
     /// must be verified against its own residual.
     SharedNat,
+    /// As `Manual`, with the verifier pinned on a bpffs that outlives the daemon: mid-stream,
+    /// in enforce mode, the daemon is killed with SIGKILL and started again, and the new one
+    /// adopts the pinned link and maps.
+    Restart,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -48,9 +52,18 @@ impl Scenario {
     pub(crate) const fn addrs(&self) -> &'static Addrs {
         if self.v6 { &V6 } else { &V4 }
     }
+
+    /// Bytes of the main stream (per sender).
+    pub(crate) const fn stream_bytes(&self) -> u64 {
+        match self.setup {
+            // Long enough to be flowing still when the second daemon has adopted the verifier.
+            Setup::Restart => RESTART_STREAM,
+            _ => STREAM,
+        }
+    }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 10] = [
+pub(crate) const SCENARIOS: [Scenario; 11] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -134,6 +147,16 @@ pub(crate) const SCENARIOS: [Scenario; 10] = [
     Scenario {
         setup: Setup::SharedNat,
         name: "i-two-behind-one-nat",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Restart,
+        name: "j-sigkill-restart",
         cipher: Cipher::Null,
         mode: Mode::Enforce,
         encap: true,

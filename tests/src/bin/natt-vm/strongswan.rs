@@ -94,7 +94,7 @@ pub(crate) fn start_charon(ns: &Netns, side: &str, swanctl_conf: &str) -> Daemon
         .spawn()
         .expect("spawn charon");
     let d = Daemon {
-        _process: KillOnDrop(child),
+        process: KillOnDrop(child),
         log,
     };
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -109,6 +109,14 @@
           '{{ $labels.peer }} sent {{ printf "%.0f" $value }} segments in the last 15 minutes while natt-monitor was still learning its NAT residual, so none of them was verified. Its segments do not agree on one residual: several NATs behind one prefix, or corruption from the start.',
         ),
         alert(
+          'NattMonitorResidualWithdrawn',
+          'warning',
+          'sum by (%(g)s) (increase(natt_monitor_residuals_withdrawn_total{%(s)s}[1h])) > 0' % { g: groupLabels, s: sel },
+          c.residualWithdrawnFor,
+          'natt-monitor withdrew a learned NAT residual on {{ $labels.instance }}',
+          'natt-monitor withdrew {{ printf "%.0f" $value }} learned NAT residual(s) in the last hour: distinct segments of one mapping all mismatched with one other value while none verified, so the residual it had learned refused intact traffic (in enforce mode those segments were dropped until it was withdrawn). A flood through the SA while it learned is the likely cause; the journal names the peer and SPI.',
+        ),
+        alert(
           'NattMonitorConfigReloadFailed',
           'warning',
           'natt_monitor_config_last_reload_successful{%s} == 0' % sel,

@@ -21,6 +21,7 @@
     learningFor: '15m',
     reloadFailedFor: '5m',
     peerLimitFor: '5m',
+    residualWithdrawnFor: '0m',
     // Segments a peer may send unverified in 15 minutes while its residual is being learned.
     learningSegments: 200,
 

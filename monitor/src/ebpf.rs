@@ -785,6 +785,21 @@ impl PeerMaps {
             })
     }
 
+    /// Verified segments (both protocols) of peer `id`, summed over CPUs.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map` if the map cannot be read.
+    pub fn verified(&self, id: u32) -> Result<u64, EbpfFailure> {
+        let values = self.stats.get(&id, 0).map_err(|source| EbpfFailure::Map {
+            what: format!("reading PEER_STATS[{id}]"),
+            source,
+        })?;
+        Ok(values
+            .iter()
+            .map(|s| s.verified_packets.iter().sum::<u64>())
+            .sum())
+    }
+
     /// Removes the residuals of every key `stale` selects; returns how many went.
     ///
     /// # Errors

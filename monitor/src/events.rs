@@ -40,6 +40,10 @@ pub struct Mismatch {
     pub dropped: bool,
     /// The residual the segment left.
     pub residual: u16,
+    /// The residual it was verified against: the one intact segments of its mapping leave.
+    pub expected_residual: u16,
+    /// The NAT mapping, as the verifier looks it up in `SA_RESIDUALS`.
+    pub key: SaKey,
     /// The SA's encapsulation ports (host order); 0 under address scope.
     pub encap_ports: (u16, u16),
     /// SPI of the SA that decapsulated it (host order); 0 under address scope.
@@ -82,12 +86,32 @@ impl Mismatch {
             expected: ev.csum_expected,
             dropped: action == Action::Dropped,
             residual: ev.residual,
+            expected_residual: ev.expected_residual,
+            key: SaKey {
+                src: ev.src,
+                dst: ev.dst,
+                encap_sport: ev.encap_sport,
+                encap_dport: ev.encap_dport,
+                peer_id: ev.peer_id,
+            },
             encap_ports: (u16::from_be(ev.encap_sport), u16::from_be(ev.encap_dport)),
             spi: u32::from_be(ev.spi),
             reqid: ev.reqid,
             ifindex: ev.ifindex,
             payload: ev.payload[..n].to_vec(),
         })
+    }
+
+    /// What tells this segment apart from others of its mapping: ports and TCP sequence
+    /// number, or for UDP the checksum field and length.
+    #[must_use]
+    pub fn segment(&self) -> crate::residuals::Segment {
+        let which = if self.proto == "tcp" {
+            self.seq
+        } else {
+            (u32::from(self.found) << 16) | (self.len & 0xffff)
+        };
+        (self.sport, self.dport, which)
     }
 
     /// `src:sport -> dst:dport` with IPv6 brackets.

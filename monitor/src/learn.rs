@@ -182,6 +182,68 @@ mod tests {
         assert_eq!(r.total, 1);
     }
 
+    /// Feeds `pattern` (true: a flood segment with a chosen residual, false: an intact one)
+    /// repeated to `n` segments; returns every non-pending outcome with its 1-based position.
+    fn flood(pattern: &[bool], n: usize) -> Vec<(usize, Outcome)> {
+        const FLOOD: u16 = 0x0bad;
+        const INTACT: u16 = 0x1234;
+        let mut r = Round::default();
+        (0..n)
+            .filter_map(|i| {
+                let v = if pattern[i % pattern.len()] {
+                    FLOOD
+                } else {
+                    INTACT
+                };
+                let o = r.sample(v);
+                (o != Outcome::Pending).then_some((i + 1, o))
+            })
+            .collect()
+    }
+
+    /// The bound of docs/configuration.md, "Learning under attack": a flood below three
+    /// quarters of the round is never learned, whichever segment comes first.
+    #[test]
+    fn a_flood_below_three_quarters_of_the_round_is_never_learned() {
+        // A quarter, flood first: the intact value wins at 12 segments (9 intact).
+        assert_eq!(
+            flood(&[true, false, false, false], 12),
+            [(
+                12,
+                Outcome::Learned {
+                    residual: 0x1234,
+                    samples: 12
+                }
+            )]
+        );
+        // Half: nothing wins; the round restarts at 64 (a tie goes to the lower value).
+        assert_eq!(
+            flood(&[true, false], 128),
+            [
+                (64, Outcome::Restarted { top: (0x0bad, 32) }),
+                (128, Outcome::Restarted { top: (0x0bad, 32) })
+            ]
+        );
+        // Two thirds, two flood segments before each intact one: still nothing.
+        assert_eq!(
+            flood(&[true, true, false], 64),
+            [(64, Outcome::Restarted { top: (0x0bad, 43) })]
+        );
+        // Three quarters from the start is the boundary: the flood is learned (at 10 segments,
+        // 8 of them its own). No rule that learns from traffic can tell that from a NAT; a
+        // residual learned so is withdrawn once it refuses intact traffic (residuals.rs).
+        assert_eq!(
+            flood(&[true, true, true, false], 10),
+            [(
+                10,
+                Outcome::Learned {
+                    residual: 0x0bad,
+                    samples: 10
+                }
+            )]
+        );
+    }
+
     #[test]
     fn learner_keeps_rounds_per_peer_and_forgets_on_demand() {
         let mut l = Learner::<u32>::default();

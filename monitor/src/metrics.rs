@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub collect_seconds: f64,
     /// The verifier program's run statistics, when they could be read (absent if not).
     pub program: Option<ProgramStats>,
+    /// Learned residuals withdrawn because they refused their mapping's intact traffic.
+    pub residuals_withdrawn: u64,
 }
 
 /// The verifier program's run statistics and whether the kernel is counting them.
@@ -311,6 +313,7 @@ struct Families {
     program_run_seconds: prometheus::Counter,
     program_runs: IntCounter,
     bpf_stats: IntGauge,
+    residuals_withdrawn: IntCounter,
 }
 
 fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
@@ -404,10 +407,14 @@ impl Families {
                 "natt_monitor_bpf_stats_enabled",
                 "1 while kernel.bpf_stats_enabled is 1, so that the program's run counts grow; else 0.",
             )?,
+            residuals_withdrawn: IntCounter::new(
+                "natt_monitor_residuals_withdrawn_total",
+                "Learned NAT residuals withdrawn because their mapping's segments all mismatched with one other value and none verified; the mapping learns again.",
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 18] {
+    fn collectors(&self) -> [&dyn Collector; 19] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -427,6 +434,7 @@ impl Families {
             &self.program_run_seconds,
             &self.program_runs,
             &self.bpf_stats,
+            &self.residuals_withdrawn,
         ]
     }
 
@@ -467,6 +475,7 @@ impl Families {
             );
         }
         counter(&self.events_lost, snap.counters.get(Counter::EventsLost));
+        counter(&self.residuals_withdrawn, snap.residuals_withdrawn);
         counter(
             &self.learning_lost,
             snap.counters.get(Counter::LearningLost),
@@ -579,6 +588,7 @@ mod tests {
                 },
                 stats_enabled: true,
             }),
+            residuals_withdrawn: 1,
         }
     }
 

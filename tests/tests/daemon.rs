@@ -17,7 +17,7 @@ use std::{
 
 use natt_monitor_tests::{
     KillOnDrop, PinDir, http_get, metric, monitor_bin,
-    net::{ADDR_A, Cgroup, Injector, Lab, StreamResult, stream},
+    net::{ADDR_A, ADDR_B, Cgroup, Injector, Lab, StreamResult, stream, stream_between},
     one_peer_run, skip_unless_root,
 };
 use serde_json::Value;
@@ -1305,4 +1305,133 @@ fn check_reads_the_proc_and_sys_roots_it_is_given() {
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }
+}
+
+/// Rewrites every residual in the pinned `SA_RESIDUALS` of `pins` to `residual`, as if the
+/// mapping had learned it from a flood.
+fn poison_pinned_residuals(pins: &std::path::Path, residual: u16) -> usize {
+    let data = aya::maps::MapData::from_pin(pins.join("SA_RESIDUALS")).expect("pinned residuals");
+    let mut map: aya::maps::HashMap<_, monitor_ebpf::SaKey, monitor_ebpf::SaValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("an LRU hash");
+    let keys: Vec<_> = map.keys().map(Result::unwrap).collect();
+    for k in &keys {
+        let value = monitor_ebpf::SaValue {
+            expected_residual: residual,
+            flags: 0,
+        };
+        map.insert(k, &value, 0).expect("rewrite the residual");
+    }
+    keys.len()
+}
+
+const WITHDRAWN: &str = "learned NAT residual withdrawn: distinct segments agree on another value and none verified since, so it refused intact traffic (learned from a flood?); learning again";
+
+/// Learning under attack, end to end: a peer whose mapping holds a wrong learned residual (here
+/// written into the pinned map between two daemons, as a flood while it learned would leave it)
+/// has its intact segments refused in enforce mode. The daemon withdraws the residual after 8
+/// distinct segments agree on the true value, learns it again, and the stream arrives byte for
+/// byte: TCP retransmitted what was dropped meanwhile.
+#[test]
+fn a_wrong_learned_residual_is_withdrawn_and_the_stream_survives_enforce_mode() {
+    if skip_unless_root(
+        "a_wrong_learned_residual_is_withdrawn_and_the_stream_survives_enforce_mode",
+    ) {
+        return;
+    }
+    let lab = Lab::new(1500);
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    let dir = std::env::temp_dir().join(format!("natt-daemon-withdraw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("natt-monitor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nmode = \"enforce\"\nscope = \"address\"\n\n[[peer]]\ncidr = \"{ADDR_A}\"\nlearn_residual = true\n"
+        ),
+    )
+    .unwrap();
+    let args = [
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--pin-path",
+        pins.arg(),
+    ];
+    let peer = env!("CARGO_BIN_EXE_natt-peer");
+    // The first daemon learns the lab's true residual (0: no NAT) and leaves it pinned.
+    let mut first = Daemon::start(&args);
+    first.wait_for("verifier attached at cgroup_skb ingress");
+    let s = stream(peer, &lab, &cg.path, 1 << 20, false);
+    assert_eq!((s.received, s.differing), (1 << 20, 0));
+    first.wait_for("NAT residual learned; verifying this SA from now on");
+    let (status, _) = first.stop(libc::SIGINT);
+    assert!(status.success());
+    // What a flood would have left: a wrong residual for the mapping.
+    assert_eq!(poison_pinned_residuals(&pins.path, 0x0bad), 1);
+    let mut second = Daemon::start(&args);
+    second.wait_for("verifier attached at cgroup_skb ingress");
+    assert_eq!(
+        second
+            .messages("adopting the pinned maps: counts, peers and learned residuals continue")
+            .len(),
+        1
+    );
+    let (_, before) = second.get("/metrics");
+    let (verified_before, mismatches_before, dropped_before) = tcp_counts(&before);
+    assert_eq!((mismatches_before, dropped_before), (0, 0));
+    // Ten connections at once: their SYNs are ten distinct segments, all refused. (One
+    // connection alone would only retransmit its one SYN, which counts once: see
+    // `retransmissions_of_one_segment_count_once`.)
+    std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..10u16)
+            .map(|i| {
+                let (lab, cg) = (&lab, &cg);
+                scope.spawn(move || {
+                    let addr = format!("{ADDR_B}:{}", 5101 + i);
+                    stream_between(peer, &lab.a, &lab.b, &addr, &cg.path, 1 << 20)
+                })
+            })
+            .collect();
+        for s in streams {
+            let s = s.join().expect("stream thread");
+            assert_eq!(
+                (s.received, s.differing),
+                (1 << 20, 0),
+                "a stream did not survive"
+            );
+        }
+    });
+    second.wait_for("NAT residual learned; verifying this SA from now on");
+    let withdrawn = second.messages(WITHDRAWN);
+    assert_eq!(withdrawn.len(), 1, "{:?}", second.lines.lock().unwrap());
+    assert_eq!(withdrawn[0]["learned"], "0x0bad");
+    assert_eq!(withdrawn[0]["found"], "0x0000");
+    assert!(field_u64(&withdrawn[0], "segments") >= 8);
+    let relearned = second.messages("NAT residual learned; verifying this SA from now on");
+    assert_eq!(relearned.len(), 1);
+    assert_eq!(relearned[0]["residual"], "0x0000");
+    let (_, body) = second.get("/metrics");
+    assert_eq!(
+        metric(&body, "natt_monitor_residuals_withdrawn_total"),
+        Some(1)
+    );
+    let (verified, mismatches, dropped) = tcp_counts(&body);
+    // Every refused segment was dropped; at least the 8 that decided, plus those in flight
+    // (and their retransmissions) while the daemon reacted. Then the stream was verified.
+    assert_eq!(dropped, mismatches);
+    assert!(mismatches >= 8, "{mismatches} mismatches");
+    assert!(
+        verified > verified_before + 1000,
+        "{verified_before} -> {verified}"
+    );
+    eprintln!(
+        "wrong residual withdrawn after {mismatches} refused segments (all dropped, all retransmitted); {} segments verified after relearning",
+        verified - verified_before
+    );
+    let (status, _) = second.stop(libc::SIGTERM);
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
 }

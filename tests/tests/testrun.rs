@@ -123,6 +123,8 @@ static PLACEHOLDER: std::sync::LazyLock<Mismatch> = std::sync::LazyLock::new(|| 
     expected: 0,
     dropped: false,
     residual: 0,
+    expected_residual: 0,
+    key: SaKey::default(),
     encap_ports: (0, 0),
     spi: 0,
     reqid: 0,

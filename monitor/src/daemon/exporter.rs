@@ -44,6 +44,7 @@ impl Readings for KernelReadings {
                 .collect(),
             kernel: snmp::read(&self.proc_path),
             up: self.health.check().is_ok(),
+            residuals_withdrawn: view.residuals_withdrawn,
             ..Snapshot::default()
         };
         match self.stats.counters() {

@@ -16,10 +16,10 @@ use tracing::{error, info, warn};
 use crate::{
     daemon::DaemonError,
     ebpf::{MapContents, PeerMaps},
-    events::Learning,
+    events::{Learning, Mismatch},
     learn::{Outcome, WINDOW},
     peers::{PeerSpec, PeerTable},
-    residuals::Residuals,
+    residuals::{Residuals, Verdict},
     scope::Scope,
 };
 
@@ -30,6 +30,8 @@ pub struct View {
     pub table: PeerTable,
     /// Ids of the peers some of whose segments are not verified yet (learning).
     pub learning: BTreeSet<u32>,
+    /// Learned residuals withdrawn since the daemon started (`residuals::Verdict::Withdrawn`).
+    pub residuals_withdrawn: u64,
 }
 
 impl View {
@@ -61,6 +63,7 @@ enum Command {
         oneshot::Sender<Result<Option<Applied>, String>>,
     ),
     Sample(Learning),
+    Mismatch(Box<Mismatch>),
 }
 
 /// How the other tasks talk to the state. Cheap to clone; the state task ends when every
@@ -103,6 +106,18 @@ impl StateHandle {
         rx.await.map_err(|_| GONE.to_owned())?
     }
 
+    /// Hands over one mismatch, as evidence on the residual of its mapping. Waits like
+    /// `sample`.
+    ///
+    /// # Errors
+    /// When the state task is gone.
+    pub async fn mismatch(&self, m: Mismatch) -> io::Result<()> {
+        self.tx
+            .send(Command::Mismatch(Box::new(m)))
+            .await
+            .map_err(|_| io::Error::other(GONE))
+    }
+
     /// Hands over one learning sample. Waits while the state is busy (the drain slows down
     /// rather than losing samples).
     ///
@@ -132,6 +147,7 @@ pub struct SaState {
     residuals: Residuals,
     scope: Scope,
     view: watch::Sender<Arc<View>>,
+    withdrawn: u64,
 }
 
 impl std::fmt::Debug for SaState {
@@ -217,6 +233,7 @@ impl SaState {
             residuals,
             scope,
             view,
+            withdrawn: 0,
         };
         state.publish();
         Ok((state, rx))
@@ -250,6 +267,7 @@ impl SaState {
                     let _ = reply.send(out);
                 }
                 Command::Sample(s) => self.sample(&s),
+                Command::Mismatch(m) => self.mismatch(&m),
             }
         }
         Ok(())
@@ -265,6 +283,7 @@ impl SaState {
         self.view.send_replace(Arc::new(View {
             table: self.table.clone(),
             learning,
+            residuals_withdrawn: self.withdrawn,
         }));
     }
 
@@ -329,6 +348,55 @@ impl SaState {
         }
         if let Err(e) = self.maps.remove_sa_residuals(|k| keys.contains(k)) {
             warn!(peer_id = id, error = %e, "could not remove learned residuals; the LRU map ages them out");
+        }
+    }
+
+    /// Weighs one mismatch against its mapping's learned residual; withdraws the residual when
+    /// it refuses the mapping's intact traffic (`Residuals::mismatch`).
+    fn mismatch(&mut self, m: &Mismatch) {
+        if !self.table.learns(m.peer_id) {
+            return;
+        }
+        let maps = &self.maps;
+        let verdict =
+            self.residuals
+                .mismatch(m.key, m.expected_residual, m.residual, m.segment(), || {
+                    maps.verified(m.peer_id).ok()
+                });
+        let label = || {
+            self.table
+                .get(m.peer_id)
+                .map_or_else(String::new, PeerSpec::label)
+        };
+        match verdict {
+            Verdict::Pending => {}
+            Verdict::Upheld { found, verified } => info!(
+                peer = label(),
+                spi = %format_args!("{:#010x}", m.spi),
+                found = %format_args!("{found:#06x}"),
+                verified,
+                "mismatches agree on one value, but segments of the peer verified meanwhile: corruption with a constant pattern; keeping the learned residual"
+            ),
+            Verdict::Withdrawn {
+                learned,
+                found,
+                segments,
+            } => {
+                if let Err(e) = self.maps.remove_sa_residuals(|k| *k == m.key) {
+                    error!(peer = label(), error = %e, "could not withdraw the learned residual from the map");
+                    return;
+                }
+                self.withdrawn += 1;
+                self.publish();
+                warn!(
+                    peer = label(),
+                    spi = %format_args!("{:#010x}", m.spi),
+                    learned = %format_args!("{learned:#06x}"),
+                    found = %format_args!("{found:#06x}"),
+                    segments,
+                    "learned NAT residual withdrawn: distinct segments agree on another value and none verified since, so it refused intact traffic (learned from a flood?); learning again"
+                );
+            }
         }
     }
 

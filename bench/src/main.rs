@@ -27,6 +27,7 @@ mod daemon;
 mod footprint;
 mod micro;
 mod report;
+mod scale;
 mod stats;
 mod storm;
 mod throughput;
@@ -41,11 +42,19 @@ use crate::{
     tshark::capture,
 };
 
+/// A suite run alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Only {
+    Micro,
+    Live,
+    Scale,
+}
+
 pub(crate) struct Args {
     pub(crate) out: PathBuf,
     pub(crate) quick: bool,
-    pub(crate) micro_only: bool,
-    pub(crate) live_only: bool,
+    /// One suite alone (`--micro-only`, `--live-only`, `--scale-only`), printed.
+    pub(crate) only: Option<Only>,
     /// `--baseline-object`: an earlier build's verifier object, measured beside this one.
     pub(crate) baseline: Option<PathBuf>,
 }
@@ -53,16 +62,16 @@ pub(crate) struct Args {
 pub(crate) fn parse_args() -> Result<Args> {
     let mut out = PathBuf::from("docs/benchmarks-results.md");
     let mut quick = false;
-    let mut micro_only = false;
-    let mut live_only = false;
+    let mut only = Vec::new();
     let mut baseline = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => out = it.next().context("--out needs a path")?.into(),
             "--quick" => quick = true,
-            "--micro-only" => micro_only = true,
-            "--live-only" => live_only = true,
+            "--micro-only" => only.push(Only::Micro),
+            "--scale-only" => only.push(Only::Scale),
+            "--live-only" => only.push(Only::Live),
             "--baseline-object" => {
                 baseline = Some(PathBuf::from(
                     it.next().context("--baseline-object needs a path")?,
@@ -70,25 +79,24 @@ pub(crate) fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "natt-bench [--out FILE] [--quick] [--micro-only | --live-only] [--baseline-object FILE]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written\n  --live-only: only the live paged-payload path (iperf3 at MTU 1500 with the kernel's BPF\n    statistics), printed, no report written\n  --baseline-object FILE: also measure this verifier object (an earlier build's\n    natt-verifier, same map ABI) beside the current one, in suites 1 and 2"
+                    "natt-bench [--out FILE] [--quick] [--micro-only | --live-only | --scale-only] [--baseline-object FILE]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written\n  --scale-only: only the per-segment cost with 1, 100 and 10,000 peers, printed, no report\n    written\n  --live-only: only the live paged-payload path (iperf3 at MTU 1500 with the kernel's BPF\n    statistics), printed, no report written\n  --baseline-object FILE: also measure this verifier object (an earlier build's\n    natt-verifier, same map ABI) beside the current one, in suites 1 and 2"
                 );
                 std::process::exit(0);
             }
             other => {
                 bail!(
-                    "unknown argument {other:?} (expected --out FILE, --quick, --micro-only, --live-only or --baseline-object FILE)"
+                    "unknown argument {other:?} (expected --out FILE, --quick, --micro-only, --live-only, --scale-only or --baseline-object FILE)"
                 )
             }
         }
     }
-    if micro_only && live_only {
-        bail!("--micro-only and --live-only exclude each other");
+    if only.len() > 1 {
+        bail!("--micro-only, --live-only and --scale-only exclude each other");
     }
     Ok(Args {
         out,
         quick,
-        micro_only,
-        live_only,
+        only: only.pop(),
         baseline,
     })
 }
@@ -119,14 +127,18 @@ fn main() -> Result<()> {
     } else {
         (5, 200_000, 10, 30)
     };
-    if args.live_only {
+    if args.only == Some(Only::Scale) {
+        print!("{}", scale::table(&scale::scale(3 * rounds, repeat)?));
+        return Ok(());
+    }
+    if args.only == Some(Only::Live) {
         let t = throughput(1500, rounds, secs, baseline)?;
         print!("{}", report::live_table(&t));
         return Ok(());
     }
-    eprintln!("natt-bench: 1/5 BPF_PROG_TEST_RUN");
+    eprintln!("natt-bench: 1/6 BPF_PROG_TEST_RUN");
     let m = micro(rounds, repeat, baseline)?;
-    if args.micro_only {
+    if args.only == Some(Only::Micro) {
         for (size, ver, ker, nskb, ntc) in &m.rows {
             println!(
                 "{size} B: verifier {} ns, kernel csum {} ns, noop skb {} ns, noop tc {} ns",
@@ -157,26 +169,28 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    eprintln!("natt-bench: 2/5 iperf3 throughput");
+    eprintln!("natt-bench: 2/6 iperf3 throughput");
     let t = vec![
         throughput(1500, rounds, secs, baseline)?,
         throughput(9000, rounds, secs, baseline)?,
     ];
-    eprintln!("natt-bench: 3/5 tshark");
+    eprintln!("natt-bench: 3/6 tshark");
     let c = capture(
         if args.quick { 1 } else { 3 },
         if args.quick { 2 } else { 5 },
     )?;
-    eprintln!("natt-bench: 4/5 corruption storm");
+    eprintln!("natt-bench: 4/6 corruption storm");
     let s = storm(storm_secs)?;
-    eprintln!("natt-bench: 5/5 footprint");
+    eprintln!("natt-bench: 5/6 footprint");
     let f = footprint(rounds)?;
+    eprintln!("natt-bench: 6/6 scale");
+    let sc = scale::scale(3 * rounds, repeat)?;
     let cmd = if args.quick {
         "cargo xtask bench --quick"
     } else {
         "cargo xtask bench"
     };
-    let text = report(&args, &m, &t, &c, &s, &f, cmd);
+    let text = report(&args, &m, &t, &c, &s, &f, &sc, cmd);
     fs::write(&args.out, &text).with_context(|| format!("writing {}", args.out.display()))?;
     println!("{text}");
     Ok(())

@@ -6,6 +6,7 @@ use crate::{
     Args,
     footprint::Footprint,
     micro::Micro,
+    scale::Scale,
     stats::{Stat, machine},
     storm::Storm,
     throughput::{Setting, Throughput},
@@ -13,6 +14,7 @@ use crate::{
 };
 
 #[expect(clippy::too_many_lines, reason = "the report, in the order it is read")]
+#[expect(clippy::too_many_arguments, reason = "one argument per suite")]
 pub(crate) fn report(
     args: &Args,
     m: &Micro,
@@ -20,6 +22,7 @@ pub(crate) fn report(
     c: &Capture,
     s: &Storm,
     f: &Footprint,
+    scale: &Scale,
     cmd: &str,
 ) -> String {
     let mut r = String::new();
@@ -334,6 +337,32 @@ pub(crate) fn report(
         "| RSS peak under the storm | {:.1} MiB |",
         s.rss_peak_kib as f64 / 1024.0
     );
+    let h = &f.hostile;
+    let _ = writeln!(
+        r,
+        "| endpoint against {} stalled and {} oversized (1 MiB) clients: scrapes answered | {} of {} |",
+        crate::footprint::SLOW_CLIENTS,
+        crate::footprint::OVERSIZED_CLIENTS,
+        h.answered,
+        crate::footprint::SCRAPES
+    );
+    let _ = writeln!(
+        r,
+        "| the same: scrape latency | {} ms |",
+        h.scrape_ms.fmt(0)
+    );
+    let _ = writeln!(
+        r,
+        "| the same: RSS before, and peak after | {:.1} MiB, {:.1} MiB |",
+        h.rss_before_kib as f64 / 1024.0,
+        h.rss_peak_kib as f64 / 1024.0
+    );
+    let _ = writeln!(r, "\n## 6. Scale: 1, 100 and 10,000 peers\n");
+    let _ = writeln!(
+        r,
+        "Maps sized for 16,384 peers (`--max-peers 16384`); the measured segment comes from the last peer installed.\n"
+    );
+    let _ = write!(r, "{}", crate::scale::table(scale));
     r
 }
 

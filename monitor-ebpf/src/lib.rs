@@ -11,9 +11,13 @@
 pub mod blocksum;
 pub mod csum;
 
-/// Largest number of peers (static and discovered) the maps hold. Peer ids index the per-peer
-/// statistics array, so they are dense in `0..MAX_PEERS`.
+/// Default number of peers (static and discovered) the maps hold. Peer ids index the per-peer
+/// statistics array, so they are dense in `0..max_peers`. The daemon sizes the maps at load
+/// (`--max-peers`, up to `MAX_PEERS_LIMIT`); the object's own size is this default.
 pub const MAX_PEERS: u32 = 1024;
+
+/// The largest `--max-peers`.
+pub const MAX_PEERS_LIMIT: u32 = 65536;
 
 /// Bytes of L4 payload copied into each mismatch event, for the log line.
 pub const EVENT_PAYLOAD_LEN: usize = 32;
@@ -273,6 +277,18 @@ pub struct CaptureRecord {
 /// Largest number of learned residuals the `SA_RESIDUALS` map holds. It is an LRU map: past
 /// this, the least recently used NAT mapping is forgotten (and learned again if it comes back).
 pub const MAX_SA_RESIDUALS: u32 = 16384;
+
+/// `SA_RESIDUALS` slots for maps sized for `max_peers` peers: two NAT mappings per peer (an SA
+/// and its rekey through a new mapping), and never fewer than `MAX_SA_RESIDUALS`.
+#[must_use]
+pub const fn sa_residual_slots(max_peers: u32) -> u32 {
+    let two = max_peers.saturating_mul(2);
+    if two > MAX_SA_RESIDUALS {
+        two
+    } else {
+        MAX_SA_RESIDUALS
+    }
+}
 
 /// Key of `SA_RESIDUALS`: what fixes a NAT residual. The residual depends only on the addresses
 /// before and after the NAT, and the NAT mapping is named by the SA's outer addresses (in

@@ -183,6 +183,21 @@ pub struct RunOptions {
     #[arg(long, value_name = "DIR|none", env = "NATT_MONITOR_PIN_PATH")]
     pub pin_path: Option<String>,
 
+    /// The most peers (static and discovered: one per NAT-T peer address) the verifier's maps
+    /// hold, 1 to 65536. A peer set past it is refused and counted
+    /// (`natt_monitor_discovery_errors_total`). Raise it on a VPN concentrator; each peer costs
+    /// 80 bytes of kernel memory per CPU for its counters. Changing it replaces pinned maps, so
+    /// their counts start again. [default: 1024]
+    #[arg(long, value_name = "N", env = "NATT_MONITOR_MAX_PEERS")]
+    pub max_peers: Option<u32>,
+
+    /// Peers exported under their own `peer` label, 0 to 65536; the others are summed under
+    /// `peer="other"` and counted in `natt_monitor_peers_aggregated`. This bounds the exporter's
+    /// series however many SAs the host has; logs always name the peer. Static peers are
+    /// labelled first, then discovered ones in the order they came. [default: 256]
+    #[arg(long, value_name = "N", env = "NATT_MONITOR_MAX_PEER_LABELS")]
+    pub max_peer_labels: Option<u32>,
+
     /// File only: the `[log]` table (mismatch log budget).
     #[arg(skip)]
     #[serde(default)]
@@ -305,6 +320,18 @@ pub enum ConfigError {
         /// What was given.
         value: String,
     },
+    /// A number outside its range.
+    #[error("{origin}: {value} is out of range; use {min} to {max}")]
+    OutOfRange {
+        /// The flag or file key.
+        origin: String,
+        /// The value given.
+        value: u32,
+        /// The smallest allowed.
+        min: u32,
+        /// The largest allowed.
+        max: u32,
+    },
     /// A capture file too small to hold its headers and one whole packet.
     #[error(
         "{origin}: {value} bytes cannot hold one captured packet; use at least {MIN_CAPTURE_BYTES}"
@@ -362,7 +389,14 @@ pub struct Settings {
     pub log_burst: u32,
     /// Mismatch log lines per second.
     pub log_per_second: u32,
+    /// The most peers the maps hold.
+    pub max_peers: u32,
+    /// Peers exported under their own label.
+    pub max_peer_labels: u32,
 }
+
+/// The default `--max-peer-labels`.
+pub const DEFAULT_MAX_PEER_LABELS: u32 = 256;
 
 struct Origin<'a> {
     file: Option<&'a Path>,
@@ -522,6 +556,35 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         });
     }
 
+    let bounded = |flag: Option<u32>, key: Option<u32>, name: &str, min: u32, default: u32| {
+        let value = flag.or(key).unwrap_or(default);
+        if (min..=monitor_ebpf::MAX_PEERS_LIMIT).contains(&value) {
+            Ok(value)
+        } else {
+            let flag_name = format!("--{}", name.replace('_', "-"));
+            Err(ConfigError::OutOfRange {
+                origin: origin.key(&flag_name, name, flag.is_some()),
+                value,
+                min,
+                max: monitor_ebpf::MAX_PEERS_LIMIT,
+            })
+        }
+    };
+    let max_peers = bounded(
+        args.max_peers,
+        file.max_peers,
+        "max_peers",
+        1,
+        monitor_ebpf::MAX_PEERS,
+    )?;
+    let max_peer_labels = bounded(
+        args.max_peer_labels,
+        file.max_peer_labels,
+        "max_peer_labels",
+        0,
+        DEFAULT_MAX_PEER_LABELS,
+    )?;
+
     let pin = match (&args.pin_path, &file.pin_path) {
         (Some(p), _) => pin_path(p, "--pin-path".to_owned())?,
         (None, Some(p)) => pin_path(p, origin.key("--pin-path", "pin_path", false))?,
@@ -557,6 +620,8 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         web,
         log_burst,
         log_per_second,
+        max_peers,
+        max_peer_labels,
     })
 }
 
@@ -706,6 +771,47 @@ mod tests {
             let name = key.split(' ').next().unwrap();
             assert!(e.contains(&format!("unknown field `{name}`")), "{e}");
         }
+    }
+
+    #[test]
+    fn map_and_label_limits_are_bounded_and_named() {
+        let s = resolve(&args(&["--cgroup", "/", "--peer", "192.0.2.1"])).unwrap();
+        assert_eq!((s.max_peers, s.max_peer_labels), (1024, 256));
+        let s = resolve(&args(&[
+            "--cgroup",
+            "/",
+            "--peer",
+            "192.0.2.1",
+            "--max-peers",
+            "16384",
+            "--max-peer-labels",
+            "0",
+        ]))
+        .unwrap();
+        assert_eq!((s.max_peers, s.max_peer_labels), (16384, 0));
+        let e = resolve(&args(&[
+            "--cgroup",
+            "/",
+            "--peer",
+            "192.0.2.1",
+            "--max-peers",
+            "0",
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--max-peers: 0 is out of range; use 1 to 65536"
+        );
+        let (p, a) = file("max_peer_labels = 70000\n[[peer]]\ncidr = \"192.0.2.1\"\n");
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            format!(
+                "--config {} key `max_peer_labels`: 70000 is out of range; use 0 to 65536",
+                p.display()
+            )
+        );
+        let (_, a) = file("max_peers = 12000\n[[peer]]\ncidr = \"192.0.2.1\"\n");
+        assert_eq!(resolve(&a).unwrap().max_peers, 12000);
     }
 
     #[test]

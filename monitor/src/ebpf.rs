@@ -280,11 +280,16 @@ fn load_maps(
     layout: &monitor_ebpf::SecpathLayout,
     capture: u32,
     pins: Option<&Path>,
+    max_peers: u32,
 ) -> Result<Ebpf, EbpfError> {
     let mut loader = EbpfLoader::new();
     loader
         .override_global("SECPATH", layout, true)
-        .override_global("CAPTURE_ON", &capture, true);
+        .override_global("CAPTURE_ON", &capture, true)
+        .map_max_entries("PEERS_V4", max_peers)
+        .map_max_entries("PEERS_V6", max_peers)
+        .map_max_entries("PEER_STATS", max_peers)
+        .map_max_entries("SA_RESIDUALS", monitor_ebpf::sa_residual_slots(max_peers));
     if let Some(dir) = pins {
         for name in pin::PINNED_MAPS {
             loader.map_pin_path(name, dir.join(name));
@@ -321,15 +326,37 @@ impl Verifier {
         capture: bool,
         variant: Option<Variant>,
     ) -> Result<Self, EbpfFailure> {
+        Self::load_sized(scope, capture, variant, monitor_ebpf::MAX_PEERS)
+    }
+
+    /// As `load_variant`, with maps for `max_peers` peers (`--max-peers`).
+    ///
+    /// # Errors
+    /// As `load`.
+    pub fn load_sized(
+        scope: &Scope,
+        capture: bool,
+        variant: Option<Variant>,
+        max_peers: u32,
+    ) -> Result<Self, EbpfFailure> {
         if VERIFIER_OBJ.is_empty() {
             return Err(EbpfFailure::NoObject);
         }
-        Self::load_object(VERIFIER_OBJ, scope, capture, variant)
+        raise_memlock_limit();
+        let bpf = load_maps(
+            VERIFIER_OBJ,
+            &scope.layout(),
+            u32::from(capture),
+            None,
+            max_peers,
+        )
+        .map_err(|source| EbpfFailure::Object { source })?;
+        Self::finish_load(bpf, variant)
     }
 
-    /// As `load_variant`, with the stateful maps (`pin::PINNED_MAPS`) pinned in `dir`: opened
+    /// As `load_sized`, with the stateful maps (`pin::PINNED_MAPS`) pinned in `dir`: opened
     /// when they are there (adopted), created and pinned when not, and replaced when they do not
-    /// fit this build. Attach with `attach_pinned`.
+    /// fit this build or this size. Attach with `attach_pinned`.
     ///
     /// # Errors
     /// As `load`, and `EbpfFailure::Pin` when an unfit pin cannot be removed.
@@ -338,6 +365,7 @@ impl Verifier {
         capture: bool,
         variant: Option<Variant>,
         dir: &Path,
+        max_peers: u32,
     ) -> Result<(Self, PinnedMaps), EbpfFailure> {
         if VERIFIER_OBJ.is_empty() {
             return Err(EbpfFailure::NoObject);
@@ -346,13 +374,13 @@ impl Verifier {
         let layout = scope.layout();
         let capture = u32::from(capture);
         let existing = pin::pinned_maps(dir);
-        let (bpf, origin) = match load_maps(VERIFIER_OBJ, &layout, capture, Some(dir)) {
+        let (bpf, origin) = match load_maps(VERIFIER_OBJ, &layout, capture, Some(dir), max_peers) {
             Ok(bpf) if existing.is_empty() => (bpf, PinnedMaps::Created),
             Ok(bpf) => (bpf, PinnedMaps::Adopted),
             Err(pinned) if !existing.is_empty() => {
                 // Does the object load without the pins? Then the pins are what did not fit.
                 drop(
-                    load_maps(VERIFIER_OBJ, &layout, capture, None)
+                    load_maps(VERIFIER_OBJ, &layout, capture, None, max_peers)
                         .map_err(|source| EbpfFailure::Object { source })?,
                 );
                 let why = pinned.to_string();
@@ -364,7 +392,7 @@ impl Verifier {
                         source,
                     })?;
                 }
-                let bpf = load_maps(VERIFIER_OBJ, &layout, capture, Some(dir))
+                let bpf = load_maps(VERIFIER_OBJ, &layout, capture, Some(dir), max_peers)
                     .map_err(|source| EbpfFailure::Object { source })?;
                 (bpf, PinnedMaps::Replaced(why))
             }
@@ -387,8 +415,14 @@ impl Verifier {
         variant: Option<Variant>,
     ) -> Result<Self, EbpfFailure> {
         raise_memlock_limit();
-        let bpf = load_maps(object, &scope.layout(), u32::from(capture), None)
-            .map_err(|source| EbpfFailure::Object { source })?;
+        let bpf = load_maps(
+            object,
+            &scope.layout(),
+            u32::from(capture),
+            None,
+            monitor_ebpf::MAX_PEERS,
+        )
+        .map_err(|source| EbpfFailure::Object { source })?;
         Self::finish_load(bpf, variant)
     }
 
@@ -968,15 +1002,19 @@ fn trie_contents<K: aya::Pod>(
 }
 
 /// Removes the prefixes of `trie` that are not in `want`.
-fn remove_stale<K: aya::Pod + PartialEq>(
+fn remove_stale<K: aya::Pod + Eq + std::hash::Hash>(
     trie: &mut LpmTrie<MapData, K, PeerValue>,
     name: &'static str,
     want: &[(Key<K>, PeerValue)],
 ) -> Result<(), EbpfFailure> {
+    let wanted: std::collections::HashSet<(u32, K)> = want
+        .iter()
+        .map(|(w, _)| (w.prefix_len(), w.data()))
+        .collect();
     let stale: Vec<Key<K>> = trie
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| !want.iter().any(|(w, _)| same_key(w, k)))
+        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
         .collect();
     for key in &stale {
         trie.remove(key).map_err(|source| EbpfFailure::Map {
@@ -1001,10 +1039,6 @@ fn insert_all<K: aya::Pod>(
             })?;
     }
     Ok(())
-}
-
-fn same_key<K: aya::Pod + PartialEq>(a: &Key<K>, b: &Key<K>) -> bool {
-    a.prefix_len() == b.prefix_len() && a.data() == b.data()
 }
 
 /// Kernels before 5.11 (Debian 11's 5.10 among them) charge BPF maps to `RLIMIT_MEMLOCK`, whose

@@ -49,6 +49,8 @@ pub struct Snapshot {
     pub program: Option<ProgramStats>,
     /// Learned residuals withdrawn because they refused their mapping's intact traffic.
     pub residuals_withdrawn: u64,
+    /// Peers past `--max-peer-labels`, whose counts are summed under `peer="other"`.
+    pub peers_aggregated: usize,
 }
 
 /// The verifier program's run statistics and whether the kernel is counting them.
@@ -123,6 +125,7 @@ impl Metrics {
         readings: Box<dyn Readings>,
         scope: &str,
         variant: &str,
+        peers_limit: u32,
     ) -> Result<Self, prometheus::Error> {
         let r = Registry::new();
         let info = register(
@@ -201,7 +204,7 @@ impl Metrics {
                 "The most peers the verifier's maps hold (static and discovered); a peer set past it is refused and counted as a discovery or reload error.",
             )?,
         )?
-        .set(i64::from(monitor_ebpf::MAX_PEERS));
+        .set(i64::from(peers_limit));
         // Not registered: the scrape collector merges these with the kernel's ring_full count
         // into one family.
         let capture = IntCounterVec::new(Opts::new("capture", "capture"), &["result"])?;
@@ -314,6 +317,7 @@ struct Families {
     program_runs: IntCounter,
     bpf_stats: IntGauge,
     residuals_withdrawn: IntCounter,
+    peers_aggregated: IntGauge,
 }
 
 fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
@@ -411,10 +415,14 @@ impl Families {
                 "natt_monitor_residuals_withdrawn_total",
                 "Learned NAT residuals withdrawn because their mapping's segments all mismatched with one other value and none verified; the mapping learns again.",
             )?,
+            peers_aggregated: IntGauge::new(
+                "natt_monitor_peers_aggregated",
+                "Peers past --max-peer-labels: their counts are summed under peer=\"other\".",
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 19] {
+    fn collectors(&self) -> [&dyn Collector; 20] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -435,6 +443,7 @@ impl Families {
             &self.program_runs,
             &self.bpf_stats,
             &self.residuals_withdrawn,
+            &self.peers_aggregated,
         ]
     }
 
@@ -476,6 +485,8 @@ impl Families {
         }
         counter(&self.events_lost, snap.counters.get(Counter::EventsLost));
         counter(&self.residuals_withdrawn, snap.residuals_withdrawn);
+        self.peers_aggregated
+            .set(i64::try_from(snap.peers_aggregated).unwrap_or(i64::MAX));
         counter(
             &self.learning_lost,
             snap.counters.get(Counter::LearningLost),
@@ -589,6 +600,7 @@ mod tests {
                 stats_enabled: true,
             }),
             residuals_withdrawn: 1,
+            peers_aggregated: 0,
         }
     }
 
@@ -604,7 +616,7 @@ mod tests {
 
     fn metrics(snap: Snapshot) -> (Metrics, Fixed) {
         let fixed = Fixed(Arc::new(Mutex::new(snap)));
-        let m = Metrics::new(Box::new(fixed.clone()), "sa", "bpf_loop").unwrap();
+        let m = Metrics::new(Box::new(fixed.clone()), "sa", "bpf_loop", 1024).unwrap();
         (m, fixed)
     }
 

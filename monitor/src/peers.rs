@@ -77,11 +77,11 @@ pub enum PeerError {
         peer: IpNet,
     },
     /// More peers than the maps hold.
-    #[error("{count} peers configured; natt-monitor tracks at most {max}")]
+    #[error("{count} peers configured; natt-monitor tracks at most {max} (raise --max-peers)")]
     TooMany {
         /// How many were given.
         count: usize,
-        /// The limit (`MAX_PEERS`).
+        /// The limit (`--max-peers`).
         max: u32,
     },
     /// The same prefix twice.
@@ -196,12 +196,38 @@ impl Source {
 /// The peers the verifier knows, keyed by id. Ids index the per-peer statistics array; they are
 /// stable across reloads (a peer that stays keeps its id and its counts) and a freed id is
 /// reused only after its statistics slot has been reset.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerTable {
     peers: std::collections::BTreeMap<u32, PeerSpec>,
+    /// The most peers the maps hold (`--max-peers`).
+    limit: u32,
+}
+
+impl Default for PeerTable {
+    fn default() -> Self {
+        Self {
+            peers: std::collections::BTreeMap::new(),
+            limit: MAX_PEERS,
+        }
+    }
 }
 
 impl PeerTable {
+    /// An empty table for maps that hold `limit` peers.
+    #[must_use]
+    pub fn with_limit(limit: u32) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
+
+    /// The most peers this table's maps hold.
+    #[must_use]
+    pub const fn limit(&self) -> u32 {
+        self.limit
+    }
+
     /// Builds a table with ids `0..n`, rejecting duplicates and more than `MAX_PEERS` entries.
     ///
     /// # Errors
@@ -214,7 +240,7 @@ impl PeerTable {
     /// from when a daemon adopts pinned maps, so that every prefix that stays keeps its id and
     /// with it its counts. Only the prefix and mode of each entry are known.
     #[must_use]
-    pub fn pinned(entries: &[(IpNet, PeerValue)]) -> Self {
+    pub fn pinned(entries: &[(IpNet, PeerValue)], limit: u32) -> Self {
         let peers = entries
             .iter()
             .map(|(net, v)| {
@@ -226,7 +252,7 @@ impl PeerTable {
                 (v.id, PeerSpec::new(*net, mode))
             })
             .collect();
-        Self { peers }
+        Self { peers, limit }
     }
 
     /// The table for a new peer list: peers whose prefix is already here keep their id, new
@@ -235,22 +261,27 @@ impl PeerTable {
     /// # Errors
     /// As `new`.
     pub fn reconcile(&self, peers: Vec<PeerSpec>) -> Result<Self, PeerError> {
-        if peers.len() > MAX_PEERS as usize {
+        if peers.len() > self.limit as usize {
             return Err(PeerError::TooMany {
                 count: peers.len(),
-                max: MAX_PEERS,
+                max: self.limit,
             });
         }
-        for (i, p) in peers.iter().enumerate() {
-            if peers[..i].iter().any(|q| q.net == p.net) {
+        // Hash lookups: a concentrator's table has thousands of peers, re-reconciled on every
+        // SA change.
+        let mut seen = std::collections::HashSet::with_capacity(peers.len());
+        for p in &peers {
+            if !seen.insert(p.net) {
                 return Err(PeerError::Duplicate { peer: p.net });
             }
             p.expected_residual()?;
         }
+        let ids: std::collections::HashMap<IpNet, u32> =
+            self.peers.iter().map(|(id, p)| (p.net, *id)).collect();
         let mut out = std::collections::BTreeMap::new();
         let mut fresh = Vec::new();
         for p in peers {
-            match self.id_of(p.net) {
+            match ids.get(&p.net).copied() {
                 Some(id) => {
                     out.insert(id, p);
                 }
@@ -267,7 +298,10 @@ impl PeerTable {
             out.insert(next, p);
             next += 1;
         }
-        Ok(Self { peers: out })
+        Ok(Self {
+            peers: out,
+            limit: self.limit,
+        })
     }
 
     /// True if peer `id`'s residual is learned from traffic (per SA) rather than configured.

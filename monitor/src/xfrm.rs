@@ -90,9 +90,11 @@ impl Sa {
 #[must_use]
 pub fn peers_from(sas: &[Sa], mode: Mode, is_local: impl Fn(IpAddr) -> bool) -> Vec<PeerSpec> {
     let mut by_src: BTreeMap<IpAddr, Vec<&Sa>> = BTreeMap::new();
+    // One bind per local address, not per SA: a concentrator's thousands of SAs share a few.
+    let mut local: std::collections::HashMap<IpAddr, bool> = std::collections::HashMap::new();
     for sa in sas
         .iter()
-        .filter(|s| s.skips_checksums() && is_local(s.dst))
+        .filter(|s| s.skips_checksums() && *local.entry(s.dst).or_insert_with(|| is_local(s.dst)))
     {
         by_src.entry(sa.src).or_default().push(sa);
     }

@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 11] = [
+pub const NAMES: [&str; 12] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -15,6 +15,7 @@ pub const NAMES: [&str; 11] = [
     "h-ipv6-enforce",
     "i-two-behind-one-nat",
     "j-sigkill-restart",
+    "k-ten-thousand-sas",
     "g-gro",
 ];
 

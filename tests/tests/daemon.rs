@@ -41,7 +41,7 @@ fn bad_arguments_fail_before_anything_is_attached() {
     }
     // (arguments, exit code, what stderr must say). Exit 78 (EX_CONFIG): natt-monitor's own
     // checks of the configuration; exit 2: clap's usage errors, which also name the flag.
-    let cases: [(&[&str], i32, &str); 8] = [
+    let cases: [(&[&str], i32, &str); 10] = [
         (
             &["run", "--peer", "10.0.0.300/8"],
             78,
@@ -89,6 +89,26 @@ fn bad_arguments_fail_before_anything_is_attached() {
             &["run", "--peers", "192.0.2.1"],
             2,
             "unexpected argument '--peers' found",
+        ),
+        (
+            &["run", "--peer", "192.0.2.1", "--max-peers", "70000"],
+            78,
+            "natt-monitor: error: --max-peers: 70000 is out of range; use 1 to 65536",
+        ),
+        (
+            &[
+                "run",
+                "--peer",
+                "192.0.2.1",
+                "--peer",
+                "192.0.2.2",
+                "--max-peers",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            78,
+            "2 peers configured; natt-monitor tracks at most 1 (raise --max-peers)",
         ),
     ];
     // These runs pin at the default path: the `/tmp` case loads (and pins) before its attach
@@ -138,7 +158,17 @@ impl Daemon {
 
     /// As `start`, pinning in `pins` (which the caller may share with a later daemon).
     fn start_pinned(args: &[&str], pins: Option<PinDir>) -> Self {
-        let mut cmd = Command::new(monitor_bin());
+        Self::spawn(&monitor_bin(), args, pins)
+    }
+
+    /// As `start`, with another build's binary (whose `run` takes the same flags).
+    fn start_bin(bin: &std::path::Path, args: &[&str]) -> Self {
+        let pins = (!args.contains(&"--pin-path")).then(PinDir::new);
+        Self::spawn(bin, args, pins)
+    }
+
+    fn spawn(bin: &std::path::Path, args: &[&str], pins: Option<PinDir>) -> Self {
+        let mut cmd = Command::new(bin);
         cmd.args(args).args(["--log-format", "json"]);
         if !args.contains(&"--listen") && !args.iter().any(|a| a.starts_with("--config")) {
             cmd.args(["--listen", "127.0.0.1:0"]);
@@ -908,11 +938,40 @@ fn tcp_counts(body: &str) -> (u64, u64, u64) {
 }
 
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
 fn sigkill_mid_stream_in_enforce_mode_loses_no_protection_and_no_count() {
     if skip_unless_root("sigkill_mid_stream_in_enforce_mode_loses_no_protection_and_no_count") {
         return;
     }
+    handover_mid_stream(&monitor_bin(), libc::SIGKILL);
+}
+
+/// An upgrade from the previous release's binary (built from its commit by `cargo xtask test`,
+/// in `NATT_PREVIOUS_BIN`) to this one, the way a package upgrade does it: the old daemon is
+/// stopped with SIGTERM mid-stream in enforce mode, leaving its pins; the new one adopts its
+/// maps and swaps its program into the old link.
+#[test]
+fn an_upgrade_from_the_previous_release_loses_no_protection_and_no_count() {
+    if skip_unless_root("an_upgrade_from_the_previous_release_loses_no_protection_and_no_count") {
+        return;
+    }
+    let previous = std::env::var("NATT_PREVIOUS_BIN").unwrap_or_else(|_| {
+        "skip:NATT_PREVIOUS_BIN is not set (`cargo xtask test` builds the previous release and sets it)".into()
+    });
+    if let Some(why) = previous.strip_prefix("skip:") {
+        eprintln!(
+            "SKIP an_upgrade_from_the_previous_release_loses_no_protection_and_no_count: {why}"
+        );
+        return;
+    }
+    handover_mid_stream(std::path::Path::new(&previous), libc::SIGTERM);
+}
+
+/// In enforce mode, a daemon of `first_bin` is stopped with `stop` while a stream with
+/// corruption flows, and this build's daemon starts on the same pins: not one corrupted byte
+/// reaches the application, every corruption is counted and dropped across both daemons and
+/// the gap, and the second daemon reports the same totals as its metrics.
+#[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
+fn handover_mid_stream(first_bin: &std::path::Path, stop: i32) {
     let lab = Lab::new(1500);
     let cg = Cgroup::new();
     let pins = PinDir::new();
@@ -929,7 +988,7 @@ fn sigkill_mid_stream_in_enforce_mode_loses_no_protection_and_no_count() {
         "--pin-path",
         pins.arg(),
     ];
-    let mut first = Daemon::start(&args);
+    let mut first = Daemon::start_bin(first_bin, &args);
     first.wait_for("verifier attached at cgroup_skb ingress");
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
     let peer = env!("CARGO_BIN_EXE_natt-peer");
@@ -946,10 +1005,14 @@ fn sigkill_mid_stream_in_enforce_mode_loses_no_protection_and_no_count() {
             assert!(Instant::now() < deadline, "no drops within 20 s: {body}");
             std::thread::sleep(Duration::from_millis(20));
         };
-        // ...when it is killed without a chance to clean up.
-        first.signal(libc::SIGKILL);
-        let (status, _) = first.wait_exit(Duration::from_secs(10));
-        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // ...when it is killed without a chance to clean up, or stopped for an upgrade.
+        first.signal(stop);
+        let (status, lines) = first.wait_exit(Duration::from_secs(10));
+        if stop == libc::SIGKILL {
+            assert_eq!(status.signal(), Some(libc::SIGKILL));
+        } else {
+            assert!(status.success(), "{lines:?}");
+        }
         let corrupted_at_kill = inj.stats().corrupted;
         // No daemon runs: the pinned program keeps verifying and dropping.
         std::thread::sleep(Duration::from_millis(300));
@@ -1434,4 +1497,122 @@ fn a_wrong_learned_residual_is_withdrawn_and_the_stream_survives_enforce_mode() 
     let (status, _) = second.stop(libc::SIGTERM);
     assert!(status.success());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--max-peer-labels`: peers past the cap are summed under `peer="other"`, exactly, and
+/// counted; logs still name them.
+#[test]
+fn peers_past_the_label_cap_are_summed_under_other() {
+    if skip_unless_root("peers_past_the_label_cap_are_summed_under_other") {
+        return;
+    }
+    let lab = Lab::new(1500);
+    let cg = Cgroup::new();
+    // Two static peers and one label: the first (no traffic) keeps its own series, the second
+    // (the lab's sender) is summed under "other".
+    let mut d = Daemon::start(&[
+        "run",
+        "--peer",
+        "198.51.100.9",
+        "--peer",
+        ADDR_A,
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--mode",
+        "enforce",
+        "--scope",
+        "address",
+        "--max-peers",
+        "2",
+        "--max-peer-labels",
+        "1",
+    ]);
+    d.wait_for("verifier attached at cgroup_skb ingress");
+    let inj = Injector::attach(&lab.b, lab.dev_b, 50);
+    let s = stream(
+        env!("CARGO_BIN_EXE_natt-peer"),
+        &lab,
+        &cg.path,
+        4 << 20,
+        false,
+    );
+    assert_eq!(s.received, 4 << 20);
+    let (_, body) = d.get("/metrics");
+    let series = |name: &str, peer: &str| {
+        metric(
+            &body,
+            &format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}"),
+        )
+    };
+    assert_eq!(metric(&body, "natt_monitor_peers_aggregated"), Some(1));
+    assert_eq!(metric(&body, "natt_monitor_peers_limit"), Some(2));
+    assert_eq!(series("verified_packets_total", "198.51.100.9/32"), Some(0));
+    assert!(
+        !body.contains("peer=\"192.0.2.1/32\""),
+        "the aggregated peer has a series of its own"
+    );
+    let verified = series("verified_packets_total", "other").expect("other");
+    let mismatches = series("checksum_mismatches_total", "other").expect("other");
+    assert!(verified > 1000, "{verified}");
+    assert!(
+        mismatches > 0 && mismatches <= inj.stats().corrupted,
+        "{mismatches} of {}",
+        inj.stats().corrupted
+    );
+    assert_eq!(series("dropped_packets_total", "other"), Some(mismatches));
+    let (status, lines) = d.stop(libc::SIGTERM);
+    assert!(status.success());
+    // The log names the peer the metrics summed: its totals are exactly "other"'s.
+    let totals = lines
+        .iter()
+        .find(|v| v["message"] == "peer totals" && v["peer"] == "192.0.2.1/32")
+        .expect("peer totals of 192.0.2.1/32");
+    assert_eq!(field_u64(totals, "verified_tcp"), verified);
+    assert_eq!(field_u64(totals, "mismatches"), mismatches);
+}
+
+/// `--max-peers` sizes the maps: a restart with another size replaces the pinned maps (and says
+/// so), one with the same size adopts them.
+#[test]
+fn another_max_peers_replaces_the_pinned_maps() {
+    if skip_unless_root("another_max_peers_replaces_the_pinned_maps") {
+        return;
+    }
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    let cgroup = cg.path.to_str().unwrap();
+    let args = |n: &'static str| {
+        [
+            "run",
+            "--peer",
+            ADDR_A,
+            "--cgroup",
+            cgroup,
+            "--scope",
+            "address",
+            "--pin-path",
+            pins.arg(),
+            "--max-peers",
+            n,
+        ]
+    };
+    let adopting = "adopting the pinned maps: counts, peers and learned residuals continue";
+    let replaced = "the pinned maps do not fit this build or this --max-peers; replaced them, so the counts start again";
+    for (n, adopts, replaces) in [("2", 0, 0), ("4", 0, 1), ("4", 1, 0)] {
+        let mut d = Daemon::start(&args(n));
+        d.wait_for("verifier attached at cgroup_skb ingress");
+        let (_, body) = d.get("/metrics");
+        assert_eq!(
+            metric(&body, "natt_monitor_peers_limit"),
+            Some(n.parse().unwrap())
+        );
+        assert_eq!(
+            (d.messages(adopting).len(), d.messages(replaced).len()),
+            (adopts, replaces),
+            "--max-peers {n}: {:?}",
+            d.lines.lock().unwrap()
+        );
+        let (status, _) = d.stop(libc::SIGINT);
+        assert!(status.success());
+    }
 }

@@ -237,8 +237,14 @@ fn an_upgrade_swaps_the_pinned_program_mid_stream_without_a_gap() {
     let pins = PinDir::new();
     natt_monitor::pin::prepare(&pins.path).expect("pin directory");
     let load = |variant| {
-        Verifier::load_pinned(&Scope::Address, false, Some(variant), &pins.path)
-            .expect("load pinned")
+        Verifier::load_pinned(
+            &Scope::Address,
+            false,
+            Some(variant),
+            &pins.path,
+            monitor_ebpf::MAX_PEERS,
+        )
+        .expect("load pinned")
     };
     let (mut old, origin) = load(Variant::BoundedLoop);
     assert_eq!(origin, PinnedMaps::Created);

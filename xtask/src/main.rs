@@ -21,6 +21,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod dist;
+mod previous;
 mod vm;
 
 /// The eBPF toolchain, pinned in `monitor-ebpf/rust-toolchain.toml` (and only there).
@@ -208,6 +209,9 @@ fn test(no_lint: bool) -> Result<()> {
         cargo(&["build", "-p", "natt-monitor", "--bin", "natt-monitor"])?;
         let dist = dist::dist()?;
         let dist = dist.to_str().context("a UTF-8 target path")?;
+        // The previous release's binary, for the upgrade test.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let previous = previous::build(&root)?;
         // Root-only tests: shared kernel state, so one at a time. --nocapture keeps the
         // measured counts and any SKIP reasons in the log.
         cargo_test(
@@ -221,7 +225,7 @@ fn test(no_lint: bool) -> Result<()> {
                 "--test-threads=1",
                 "--nocapture",
             ],
-            &[("NATT_DIST_DIR", dist)],
+            &[("NATT_DIST_DIR", dist), ("NATT_PREVIOUS_BIN", &previous)],
             &mut tally,
         )?;
         // The real ESP-in-UDP path, in QEMU with Debian's kernels.

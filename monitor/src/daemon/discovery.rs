@@ -30,6 +30,7 @@ pub fn start(settings: &Settings) -> Result<(Option<Watch>, Vec<PeerSpec>), Daem
     if settings.discover == Discover::None {
         return Ok((None, Vec::new()));
     }
+    let t0 = std::time::Instant::now();
     let opened = Watch::open().and_then(|w| xfrm::dump().map(|sas| (w, sas)));
     match opened {
         Ok((w, sas)) => {
@@ -37,6 +38,7 @@ pub fn start(settings: &Settings) -> Result<(Option<Watch>, Vec<PeerSpec>), Daem
             info!(
                 sas = sas.len(),
                 peers = peers.len(),
+                dump_ms = t0.elapsed().as_millis(),
                 "XFRM discovery: read the kernel's SAs"
             );
             Ok((Some(w), peers))
@@ -83,8 +85,12 @@ pub async fn follow(
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = watch.get_mut().read_pending().map_err(fail)?;
         }
-        let peers = tokio::task::spawn_blocking(move || {
-            xfrm::dump().map(|sas| xfrm::peers_from(&sas, mode, xfrm::is_local))
+        let (peers, sas, dump_ms) = tokio::task::spawn_blocking(move || {
+            let t0 = std::time::Instant::now();
+            xfrm::dump().map(|sas| {
+                let peers = xfrm::peers_from(&sas, mode, xfrm::is_local);
+                (peers, sas.len(), t0.elapsed().as_millis())
+            })
         })
         .await
         .map_err(io::Error::other)?
@@ -97,6 +103,8 @@ pub async fn follow(
                     xfrm = applied.table.count_by_source(Source::Xfrm),
                     added = applied.added,
                     removed = applied.removed,
+                    sas,
+                    dump_ms,
                     "XFRM discovery: SAs changed"
                 );
                 log_peers(&applied.table);

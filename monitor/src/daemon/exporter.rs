@@ -4,8 +4,16 @@
 //! descriptors, without a lock), the state's published `View`, the health flags and
 //! /proc/net/snmp, once per scrape.
 
-use std::{os::fd::AsFd as _, path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::AsFd as _,
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
 
+use ipnet::IpNet;
+use monitor_ebpf::PeerStats;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -31,7 +39,85 @@ pub struct KernelReadings {
     pub proc_path: PathBuf,
     /// A descriptor of the verifier program, for its run statistics.
     pub program: aya::programs::ProgramFd,
+    /// Which peers have a label of their own (`--max-peer-labels`) and the sum of the others.
+    pub labels: std::sync::Mutex<LabelCap>,
 }
+
+/// `--max-peer-labels`: which peers are exported under their own `peer` label, and the sum of
+/// the others under `peer="other"`.
+///
+/// Both stay valid Prometheus counters as peers come and go: a peer keeps the label it got
+/// (an aggregated one is never promoted when a slot frees, which would take its counts out of
+/// `other`), and the counts of an aggregated peer that goes stay in `other` (as last read), so
+/// `other` never decreases.
+#[derive(Debug, Default)]
+pub struct LabelCap {
+    cap: usize,
+    labelled: HashSet<IpNet>,
+    /// Aggregated peers and their counts at the last scrape.
+    aggregated: HashMap<IpNet, PeerStats>,
+    /// Counts of aggregated peers that went.
+    retired: PeerStats,
+}
+
+impl LabelCap {
+    /// Room for `cap` labels.
+    #[must_use]
+    pub fn new(cap: u32) -> Self {
+        Self {
+            cap: cap as usize,
+            ..Self::default()
+        }
+    }
+
+    /// Sorts one scrape's `peers` (prefix and readings, in the order labels are offered) into
+    /// labelled snapshots and one `other`; returns them and how many present peers `other`
+    /// sums.
+    pub fn apply(&mut self, peers: Vec<(IpNet, PeerSnapshot)>) -> (Vec<PeerSnapshot>, usize) {
+        let present: HashSet<IpNet> = peers.iter().map(|(net, _)| *net).collect();
+        self.labelled.retain(|net| present.contains(net));
+        let gone: Vec<IpNet> = self
+            .aggregated
+            .keys()
+            .filter(|net| !present.contains(net))
+            .copied()
+            .collect();
+        for net in gone {
+            if let Some(last) = self.aggregated.remove(&net) {
+                self.retired = self.retired.merged(&last);
+            }
+        }
+        let mut out = Vec::new();
+        let mut other = PeerSnapshot {
+            label: OTHER_PEERS.to_owned(),
+            stats: self.retired,
+            learning: false,
+        };
+        let mut summed = 0;
+        for (net, p) in peers {
+            let labelled = self.labelled.contains(&net)
+                || (!self.aggregated.contains_key(&net)
+                    && self.labelled.len() < self.cap
+                    && self.labelled.insert(net));
+            if labelled {
+                out.push(p);
+            } else {
+                summed += 1;
+                self.aggregated.insert(net, p.stats);
+                other.stats = other.stats.merged(&p.stats);
+                other.learning |= p.learning;
+            }
+        }
+        if summed > 0 || self.retired != PeerStats::default() {
+            out.push(other);
+        }
+        (out, summed)
+    }
+}
+
+/// The `peer` label of the peers past `--max-peer-labels`, summed. No peer has it: peer labels
+/// are prefixes.
+pub const OTHER_PEERS: &str = "other";
 
 impl Readings for KernelReadings {
     fn read(&self) -> Snapshot {
@@ -54,19 +140,40 @@ impl Readings for KernelReadings {
                 snap.up = false;
             }
         }
-        for (id, spec) in view.table.iter() {
+        // Static peers are offered labels first, then discovered ones in id order.
+        let ordered = view
+            .table
+            .iter()
+            .filter(|(_, p)| p.source == Source::Static)
+            .chain(
+                view.table
+                    .iter()
+                    .filter(|(_, p)| p.source != Source::Static),
+            );
+        let mut peers = Vec::with_capacity(view.table.len());
+        for (id, spec) in ordered {
             match self.stats.peer_stats(id) {
-                Ok(stats) => snap.peers.push(PeerSnapshot {
-                    label: spec.label(),
-                    stats,
-                    learning: view.learning.contains(&id),
-                }),
+                Ok(stats) => peers.push((
+                    spec.net,
+                    PeerSnapshot {
+                        label: spec.label(),
+                        stats,
+                        learning: view.learning.contains(&id),
+                    },
+                )),
                 Err(e) => {
                     warn!(peer = %spec.net, error = %e, "scrape could not read peer statistics");
                     snap.up = false;
                 }
             }
         }
+        let (peers, summed) = self
+            .labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .apply(peers);
+        snap.peers = peers;
+        snap.peers_aggregated = summed;
         snap.program = pin::program_runs(self.program.as_fd())
             .map(|runs| ProgramStats {
                 runs,
@@ -97,5 +204,87 @@ impl Exporter for Endpoint {
 
     fn health(&self) -> Result<(), String> {
         self.health.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(net: &str, verified: u64) -> (IpNet, PeerSnapshot) {
+        let net: IpNet = net.parse().unwrap();
+        let mut stats = PeerStats::default();
+        stats.verified_packets[0] = verified;
+        (
+            net,
+            PeerSnapshot {
+                label: net.to_string(),
+                stats,
+                learning: false,
+            },
+        )
+    }
+
+    fn labels(out: &[PeerSnapshot]) -> Vec<(String, u64)> {
+        out.iter()
+            .map(|p| (p.label.clone(), p.stats.verified_packets[0]))
+            .collect()
+    }
+
+    /// Labels are kept, `other` never decreases as peers come and go, and a freed label goes
+    /// to a new peer, never to one whose counts are in `other`.
+    #[test]
+    fn labels_stick_and_other_never_decreases() {
+        let mut cap = LabelCap::new(2);
+        let (out, summed) = cap.apply(vec![
+            peer("192.0.2.1/32", 10),
+            peer("192.0.2.2/32", 20),
+            peer("192.0.2.3/32", 30),
+            peer("192.0.2.4/32", 40),
+        ]);
+        assert_eq!(summed, 2);
+        assert_eq!(
+            labels(&out),
+            [
+                ("192.0.2.1/32".into(), 10),
+                ("192.0.2.2/32".into(), 20),
+                ("other".into(), 70)
+            ]
+        );
+        // .2 (labelled) and .3 (summed) go; .5 arrives and takes the freed label; .4 stays
+        // summed, and .3's last counts stay in `other`.
+        let (out, summed) = cap.apply(vec![
+            peer("192.0.2.1/32", 11),
+            peer("192.0.2.4/32", 41),
+            peer("192.0.2.5/32", 5),
+        ]);
+        assert_eq!(summed, 1);
+        assert_eq!(
+            labels(&out),
+            [
+                ("192.0.2.1/32".into(), 11),
+                ("192.0.2.5/32".into(), 5),
+                ("other".into(), 71)
+            ]
+        );
+        // Every summed peer gone: `other` stays, at what it had.
+        let (out, summed) = cap.apply(vec![peer("192.0.2.1/32", 12)]);
+        assert_eq!(summed, 0);
+        assert_eq!(
+            labels(&out),
+            [("192.0.2.1/32".into(), 12), ("other".into(), 71)]
+        );
+    }
+
+    #[test]
+    fn under_the_cap_there_is_no_other() {
+        let mut cap = LabelCap::new(256);
+        let (out, summed) = cap.apply(vec![peer("192.0.2.1/32", 1)]);
+        assert_eq!(
+            (labels(&out), summed),
+            (vec![("192.0.2.1/32".into(), 1)], 0)
+        );
+        let (out, _) = LabelCap::new(0).apply(vec![peer("192.0.2.1/32", 1)]);
+        assert_eq!(labels(&out), [("other".into(), 1)]);
     }
 }

@@ -51,7 +51,7 @@ use tracing::{error, info, warn};
 
 use self::{
     drain::Drain,
-    exporter::{Endpoint, KernelReadings},
+    exporter::{Endpoint, KernelReadings, LabelCap},
     health::Health,
     state::{SaState, View},
 };
@@ -481,7 +481,8 @@ impl Loaded {
         let mut created = CreatedPins(None);
         let (mut verifier, prior) = match &settings.pin {
             Some(dir) => {
-                let (mut v, origin) = Verifier::load_pinned(&scope, capture, Some(variant), dir)?;
+                let (mut v, origin) =
+                    Verifier::load_pinned(&scope, capture, Some(variant), dir, settings.max_peers)?;
                 let prior = match origin {
                     PinnedMaps::Created => {
                         created = CreatedPins(Some(dir.clone()));
@@ -498,14 +499,14 @@ impl Loaded {
                         prior
                     }
                     PinnedMaps::Replaced(why) => {
-                        warn!(pin_path = %dir.display(), reason = %why, "the pinned maps do not fit this build; replaced them, so the counts start again");
+                        warn!(pin_path = %dir.display(), reason = %why, "the pinned maps do not fit this build or this --max-peers; replaced them, so the counts start again");
                         MapContents::default()
                     }
                 };
                 (v, prior)
             }
             None => (
-                Verifier::load_variant(&scope, capture, Some(variant))?,
+                Verifier::load_sized(&scope, capture, Some(variant), settings.max_peers)?,
                 MapContents::default(),
             ),
         };
@@ -515,6 +516,7 @@ impl Loaded {
             settings.peers.clone(),
             discovered,
             &prior,
+            settings.max_peers,
         )?;
         let health = Arc::new(Health::default());
         let stats = verifier.stats();
@@ -526,9 +528,11 @@ impl Loaded {
                 health: Arc::clone(&health),
                 proc_path: settings.proc_path.clone(),
                 program,
+                labels: std::sync::Mutex::new(LabelCap::new(settings.max_peer_labels)),
             }),
             scope.as_str(),
             verifier.variant().as_str(),
+            settings.max_peers,
         )?
         .with_process_metrics()?;
         let capture = match &settings.capture {
@@ -621,7 +625,7 @@ fn log_pinned(dir: &std::path::Path, how: Attached) {
 
 /// One line per peer: what is verified and how.
 pub fn log_peers(table: &PeerTable) {
-    for (id, p) in table.iter() {
+    for (id, p) in table.iter().take(LOGGED_PEERS) {
         match table.residual(id) {
             Some(residual) => {
                 info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), residual, "verifying peer");
@@ -631,7 +635,17 @@ pub fn log_peers(table: &PeerTable) {
             }
         }
     }
+    if table.len() > LOGGED_PEERS {
+        info!(
+            more = table.len() - LOGGED_PEERS,
+            peers = table.len(),
+            "verifying further peers, not listed one by one (natt_monitor_peers counts them)"
+        );
+    }
 }
+
+/// Peers `log_peers` lists one line each; a concentrator's thousands are summed up in one.
+const LOGGED_PEERS: usize = 64;
 
 /// SA scope where the kernel's BTF gives the `sec_path` layout; address scope where it does
 /// not (with a warning), or when asked for.
@@ -656,20 +670,35 @@ fn resolve_scope(settings: &Settings, features: &Features) -> Result<Scope, Daem
     }
 }
 
+/// One line per peer that saw traffic (up to `LOGGED_PEERS`; a concentrator's idle thousands
+/// say nothing).
 fn log_totals(stats: &Stats, view: &View) {
+    let (mut logged, mut unlisted, mut quiet) = (0, 0, 0);
     for (id, p) in view.table.iter() {
         match stats.peer_stats(id) {
-            Ok(s) => info!(
-                peer = %p.net,
-                verified_tcp = s.verified_packets[Proto::Tcp as usize],
-                verified_udp = s.verified_packets[Proto::Udp as usize],
-                mismatches = s.mismatches.iter().sum::<u64>(),
-                learning = s.learning.iter().sum::<u64>(),
-                dropped = s.drops.iter().sum::<u64>(),
-                "peer totals"
-            ),
+            Ok(s) if s == monitor_ebpf::PeerStats::default() => quiet += 1,
+            Ok(_) if logged == LOGGED_PEERS => unlisted += 1,
+            Ok(s) => {
+                logged += 1;
+                info!(
+                    peer = %p.net,
+                    verified_tcp = s.verified_packets[Proto::Tcp as usize],
+                    verified_udp = s.verified_packets[Proto::Udp as usize],
+                    mismatches = s.mismatches.iter().sum::<u64>(),
+                    learning = s.learning.iter().sum::<u64>(),
+                    dropped = s.drops.iter().sum::<u64>(),
+                    "peer totals"
+                );
+            }
             Err(e) => warn!(peer = %p.net, error = %e, "could not read peer totals"),
         }
+    }
+    if unlisted + quiet > 0 {
+        info!(
+            with_traffic = unlisted,
+            without_traffic = quiet,
+            "peer totals of further peers not listed one by one"
+        );
     }
     if let Ok(c) = stats.counters() {
         for (counter, reason) in SKIP_REASONS {

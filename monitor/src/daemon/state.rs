@@ -199,10 +199,11 @@ impl SaState {
         statics: Vec<PeerSpec>,
         discovered: Vec<PeerSpec>,
         prior: &MapContents,
+        max_peers: u32,
     ) -> Result<(Self, watch::Receiver<Arc<View>>), DaemonError> {
         let statics = scoped(scope, statics);
         let discovered = scoped(scope, discovered);
-        let before = PeerTable::pinned(&prior.peers);
+        let before = PeerTable::pinned(&prior.peers, max_peers);
         let table = before.reconcile(merge(&statics, &discovered))?;
         maps.set_peers(&before, &table)?;
         let unchanged: BTreeSet<u32> = prior
@@ -321,14 +322,12 @@ impl SaState {
         for id in changed {
             self.forget_peer(id);
         }
-        let added = new
-            .iter()
-            .filter(|(_, p)| old.id_of(p.net).is_none())
-            .count();
-        let removed = old
-            .iter()
-            .filter(|(_, p)| new.id_of(p.net).is_none())
-            .count();
+        let nets = |t: &PeerTable| -> std::collections::HashSet<ipnet::IpNet> {
+            t.iter().map(|(_, p)| p.net).collect()
+        };
+        let (old_nets, new_nets) = (nets(&old), nets(&new));
+        let added = new_nets.difference(&old_nets).count();
+        let removed = old_nets.difference(&new_nets).count();
         self.table = new;
         self.statics = statics;
         self.discovered = discovered;

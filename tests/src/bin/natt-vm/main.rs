@@ -24,6 +24,7 @@ mod plan;
 mod processes;
 mod restart;
 mod run;
+mod scale;
 mod scenarios;
 mod shared_nat;
 mod strongswan;
@@ -115,7 +116,7 @@ fn main() {
 /// The scenario's `NATT-VM RESULT` line.
 fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
     format!(
-        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} restart={} captured={} seconds={secs:.1} result={}",
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} restart={} scale={} captured={} seconds={secs:.1} result={}",
         s.name,
         s.setup,
         s.mode,
@@ -147,6 +148,9 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
         m.restart
             .as_ref()
             .map_or_else(|| "-".to_owned(), restart::Restart::summary),
+        m.scale
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), scale::Scale::summary),
         m.captured,
         if ok { "ok" } else { "FAILED" }
     )

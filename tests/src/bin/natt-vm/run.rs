@@ -14,6 +14,7 @@ use crate::{
     plan::{STREAM, V4, WARMUP},
     processes::{bin, captured, metric, scrape, start_monitor, start_monitor_with, wait_until},
     restart::{Pins, Restart, finish, stream_through_restart},
+    scale::{DUMMY_SAS, MAX_PEERS, Scale, add_dummy_sas},
     scenarios::{Scenario, Setup},
     shared_nat::run_shared_nat,
     strongswan::swanctl,
@@ -53,6 +54,8 @@ pub(crate) struct Measured {
     pub(crate) rekey_learning: Option<u64>,
     /// `j-sigkill-restart`: what the SIGKILL and the second start did.
     pub(crate) restart: Option<Restart>,
+    /// `k-ten-thousand-sas`: discovery, labels and footprint at ten thousand SAs.
+    pub(crate) scale: Option<Scale>,
 }
 
 pub(crate) fn expected_nat_residual() -> u16 {
@@ -82,9 +85,20 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     let mut d = if pins.is_some() {
         let args = Pins::args();
         start_monitor_with(&t.b, s.mode, s.name, &[&args[0], &args[1]])
+    } else if s.setup == Setup::Scale {
+        start_monitor_with(&t.b, s.mode, s.name, &["--max-peers", MAX_PEERS])
     } else {
         start_monitor(&t.b, s.mode, s.name)
     };
+    let mut scale = (s.setup == Setup::Scale).then(|| {
+        let (create_secs, discovered_secs) = add_dummy_sas(&t, &d);
+        Scale {
+            create_secs,
+            discovered_secs,
+            ..Scale::default()
+        }
+    });
+    let dummies = if scale.is_some() { DUMMY_SAS } else { 0 };
     if s.setup == Setup::Gro {
         // Before the SAs: a state takes its GRO (offload) handlers when it is created. The
         // module stays loaded for the rest of this boot, so this scenario runs last.
@@ -97,25 +111,40 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         ns_sh(&t.r, &["ethtool", "-K", "rb", "tso", "off"]);
     }
     // SAs come after the monitor: discovery must pick them up live.
+    let sas_added = Instant::now();
     let charons = t.add_sas(s);
-    let peer = format!("{}/{}", t.a_seen_by_b(s.nat), t.addrs.host_prefix);
+    // At scale the SA with traffic is the last peer discovered, past the label cap: its
+    // counts are the sum under "other" (the other peers carry no traffic).
+    let peer = if scale.is_some() {
+        "other".to_owned()
+    } else {
+        format!("{}/{}", t.a_seen_by_b(s.nat), t.addrs.host_prefix)
+    };
     let series_of = |name: &str, proto: &str| {
         format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"{proto}\"}}")
     };
     let series = |name: &str| series_of(name, "tcp");
     if s.encap {
         wait_until(&t.b, &d, "the SA's peer is discovered", |b| {
-            metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1
+            metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1 + dummies
         });
         // Clean warm-up traffic so the residual is learned before anything is corrupted.
         let (got, bad) = stream(&t, &cg.path, WARMUP, 5000);
         assert_eq!((got, bad), (WARMUP, 0), "warm-up stream");
         wait_until(&t.b, &d, "the NAT residual is learned", |b| {
-            metric(
-                &scrape(b),
-                &format!("natt_monitor_peer_learning{{peer=\"{peer}\"}}"),
-            ) == 0
+            if scale.is_some() {
+                // `other` stays learning: its idle peers never learn anything.
+                fs::read_to_string(&d.log).is_ok_and(|l| l.contains("NAT residual learned"))
+            } else {
+                metric(
+                    &scrape(b),
+                    &format!("natt_monitor_peer_learning{{peer=\"{peer}\"}}"),
+                ) == 0
+            }
         });
+        if let Some(sc) = scale.as_mut() {
+            sc.verified_secs = sas_added.elapsed().as_secs_f64();
+        }
         let text = scrape(&t.b);
         assert_eq!(
             metric(&text, &series("checksum_mismatches_total")),
@@ -169,6 +198,9 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         finish(second, &text, series_of, &mut r);
         r
     });
+    if let Some(sc) = scale.as_mut() {
+        sc.read(&text, &fs::read_to_string(&d.log).unwrap_or_default());
+    }
     let g1 = metric(&text, aggregated);
     let aggregated_after_remedy = (s.setup == Setup::Gro).then(|| {
         // The remedy the runbook gives: GRO stays on, but nothing grows past one MTU.
@@ -228,7 +260,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         received,
         differing,
         kernel_csum_errors: metric(&text, "natt_monitor_kernel_tcp_in_csum_errors_total") - k0,
-        xfrm_peers: metric(&text, "natt_monitor_peers{source=\"xfrm\"}"),
+        xfrm_peers: metric(&text, "natt_monitor_peers{source=\"xfrm\"}") - dummies,
         residual,
         aggregated: g1 - g0,
         aggregated_after_remedy,
@@ -243,5 +275,6 @@ pub(crate) fn run(s: &Scenario) -> Measured {
             captured(s.name)
         },
         restart,
+        scale,
     }
 }

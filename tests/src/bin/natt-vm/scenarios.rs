@@ -30,6 +30,9 @@ pub(crate) enum Setup {
     /// in enforce mode, the daemon is killed with SIGKILL and started again, and the new one
     /// adopts the pinned link and maps.
     Restart,
+    /// As `Manual`, after ten thousand other NAT-T SAs (and peers) were added to B while the
+    /// daemon ran (`--max-peers 16384`, labels at their default cap).
+    Scale,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,7 +66,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 11] = [
+pub(crate) const SCENARIOS: [Scenario; 12] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -161,6 +164,16 @@ pub(crate) const SCENARIOS: [Scenario; 11] = [
         mode: Mode::Enforce,
         encap: true,
         nat: true,
+        corrupt: true,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Scale,
+        name: "k-ten-thousand-sas",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: false,
         corrupt: true,
         v6: false,
     },

@@ -5,6 +5,7 @@ use natt_monitor::peers::Mode;
 use crate::{
     plan::PLAINTEXT_DATAGRAMS,
     run::{Measured, expected_nat_residual},
+    scale::{DUMMY_SAS, PEER_LABELS},
     scenarios::{Scenario, Setup},
     shared_nat::shared_nat_residuals,
 };
@@ -33,6 +34,21 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
         expect(
             m.removed_live == Some(true),
             "the peer was not removed when its SAs were deleted".into(),
+        );
+    }
+    if let Some(sc) = &m.scale {
+        // The SA with traffic and the dummies: every peer but the first 256 is summed.
+        let want = DUMMY_SAS + 1 - PEER_LABELS;
+        expect(
+            sc.aggregated == want,
+            format!("{} peers aggregated, want {want}", sc.aggregated),
+        );
+        expect(
+            sc.label_values == 257,
+            format!(
+                "{} peer label values, want 256 and `other`",
+                sc.label_values
+            ),
         );
     }
     if let Some(r) = &m.restart {

@@ -33,8 +33,17 @@ pub(crate) fn start_daemon(cgroup: &Path) -> Result<(Daemon, Duration)> {
         .port();
     let t0 = Instant::now();
     let child = Command::new(monitor_bin())
+        // Not pinned: a benchmark must leave no verifier on the host.
         .args([
-            "run", "--peer", ADDR_A, "--mode", "observe", "--scope", "address",
+            "run",
+            "--peer",
+            ADDR_A,
+            "--mode",
+            "observe",
+            "--scope",
+            "address",
+            "--pin-path",
+            "none",
         ])
         .arg("--cgroup")
         .arg(cgroup)

@@ -69,7 +69,7 @@ fn populated(n: u32) -> Result<(Verifier, f64)> {
         };
         key.src[..4].copy_from_slice(&net.addr().octets());
         key.dst[..4].copy_from_slice(&DST.octets());
-        maps.set_sa_residual(key, 0)?;
+        maps.set_sa_residual(key, 0, 0)?;
     }
     Ok((v, t0.elapsed().as_secs_f64() * 1e3))
 }

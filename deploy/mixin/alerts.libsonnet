@@ -114,7 +114,7 @@
           'sum by (%(g)s) (increase(natt_monitor_residuals_withdrawn_total{%(s)s}[1h])) > 0' % { g: groupLabels, s: sel },
           c.residualWithdrawnFor,
           'natt-monitor withdrew a learned NAT residual on {{ $labels.instance }}',
-          'natt-monitor withdrew {{ printf "%.0f" $value }} learned NAT residual(s) in the last hour: distinct segments of one mapping all mismatched with one other value while none verified, so the residual it had learned refused intact traffic (in enforce mode those segments were dropped until it was withdrawn). A flood through the SA while it learned is the likely cause; the journal names the peer and SPI.',
+          'natt-monitor withdrew {{ printf "%.0f" $value }} learned NAT residual(s) in the last hour: 16 consecutive distinct segments of one SA left one identical other value with none verifying in between, so the residual it had learned or inherited refused intact traffic (in enforce mode those 16 were dropped and retransmitted). A flood through the SA while it learned, or a new host on a NAT mapping whose previous SA had not yet expired, is the likely cause; the journal names the peer and SPI.',
         ),
         alert(
           'NattMonitorConfigReloadFailed',

@@ -274,12 +274,14 @@ pub struct CaptureRecord {
     pub data: [u8; CAPTURE_SNAP],
 }
 
-/// Largest number of learned residuals the `SA_RESIDUALS` map holds. It is an LRU map: past
-/// this, the least recently used NAT mapping is forgotten (and learned again if it comes back).
+/// Largest number of SAs whose residual the `SA_TRUST` map holds (and NAT mappings in
+/// `MAPPINGS`). Both are LRU maps: past this, the least recently used entry is forgotten. A
+/// forgotten SA whose mapping still names it takes its residual back from `MAPPINGS`; one
+/// forgotten from both learns again.
 pub const MAX_SA_RESIDUALS: u32 = 16384;
 
-/// `SA_RESIDUALS` slots for maps sized for `max_peers` peers: two NAT mappings per peer (an SA
-/// and its rekey through a new mapping), and never fewer than `MAX_SA_RESIDUALS`.
+/// `SA_TRUST` and `MAPPINGS` slots for maps sized for `max_peers` peers: two SAs per peer (an
+/// SA and its rekey), and never fewer than `MAX_SA_RESIDUALS`.
 #[must_use]
 pub const fn sa_residual_slots(max_peers: u32) -> u32 {
     let two = max_peers.saturating_mul(2);
@@ -290,12 +292,12 @@ pub const fn sa_residual_slots(max_peers: u32) -> u32 {
     }
 }
 
-/// Key of `SA_RESIDUALS`: what fixes a NAT residual. The residual depends only on the addresses
-/// before and after the NAT, and the NAT mapping is named by the SA's outer addresses (in
-/// transport mode, the segment's own) and its encapsulation ports. Hosts behind one NAT address
-/// differ in the source port; an SA rekeyed through the same mapping keeps the same key, so it
-/// is verified from its first segment. Under address scope the ports are unknown (0): one
-/// residual per address pair.
+/// Key of `SA_TRUST`: one SA, as the verifier sees it at the hook. The residual depends only on
+/// the addresses before and after the NAT, so it is constant for the life of one SA; the SA is
+/// named by its NAT mapping (its outer addresses, which in transport mode are the segment's own,
+/// and its encapsulation ports) and its SPI. With `spi` 0 the same struct keys `MAPPINGS`: the
+/// mapping alone. Under address scope ports and SPI are unknown (0): one residual per address
+/// pair.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SaKey {
@@ -309,16 +311,104 @@ pub struct SaKey {
     pub encap_dport: u16,
     /// `PeerValue::id` of the peer that covers the source address.
     pub peer_id: u32,
+    /// The SA's SPI (network byte order, as the kernel stores it); 0 in a `MAPPINGS` key and
+    /// under address scope.
+    pub spi: u32,
 }
 
-/// Value of `SA_RESIDUALS`.
+impl SaKey {
+    /// The key of this SA's NAT mapping in `MAPPINGS`.
+    #[must_use]
+    pub const fn mapping(mut self) -> Self {
+        self.spi = 0;
+        self
+    }
+}
+
+/// Consecutive distinct mismatches of one SA that withdraw its residual: segments that all
+/// leave one identical residual other than the installed one, with not one segment of that SA
+/// verifying in between. A corruption that spares even one segment in this many can never
+/// withdraw a residual.
+pub const WITHDRAW_AFTER: usize = 16;
+
+/// `SaTrust::origin`: learned by the daemon from this SA's own segments.
+pub const TRUST_LEARNED: u8 = 1;
+/// `SaTrust::origin`: taken over by the verifier from a live SA of the same NAT mapping (a
+/// rekey), or from this SA's own entry in `MAPPINGS` after the LRU forgot it.
+pub const TRUST_INHERITED: u8 = 2;
+
+/// Value of `SA_TRUST`: the residual of one SA and the verifier's own evidence against it.
+/// Userspace writes a new entry when it learns a residual; the verifier takes entries over on
+/// rekeys, updates the streak and removes an entry it withdraws.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SaValue {
+pub struct SaTrust {
+    /// Address of the SA's `struct xfrm_state` (0 under address scope). An entry whose state is
+    /// not the segment's is stale (the SPI went to another SA) and is ignored.
+    pub state: u64,
     /// The residual intact segments through this SA leave.
     pub expected_residual: u16,
-    /// Reserved, 0.
-    pub flags: u16,
+    /// `TRUST_LEARNED` or `TRUST_INHERITED`.
+    pub origin: u8,
+    /// Distinct consecutive mismatches that left `streak_residual` (in `recent`).
+    pub streak: u8,
+    /// The residual the current streak agrees on.
+    pub streak_residual: u16,
+    /// Padding, 0.
+    pub pad: u16,
+    /// The segments of the streak (`segment_id`).
+    pub recent: [u32; WITHDRAW_AFTER],
+}
+
+/// Value of `MAPPINGS`: which SA of a NAT mapping last held a residual, so that its successor
+/// (a rekey through the same mapping, which overlaps its predecessor) takes it over while the
+/// predecessor is still alive, and no later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingOwner {
+    /// Address of that SA's `struct xfrm_state`.
+    pub state: u64,
+    /// Its SPI (network byte order): the state is alive only while it still holds this SPI
+    /// and is `XFRM_STATE_VALID`.
+    pub spi: u32,
+    /// Its residual.
+    pub expected_residual: u16,
+    /// Padding, 0.
+    pub pad: u16,
+}
+
+/// Indexes of the per-CPU `TRUST_COUNTERS` array: what happened to learned residuals.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrustCounter {
+    /// An SA took over the residual of a live SA of its NAT mapping (or its own, after the LRU
+    /// forgot it).
+    Inherited = 0,
+    /// A residual withdrawn after `WITHDRAW_AFTER` consecutive distinct mismatches.
+    Withdrawn = 1,
+    /// A residual written by the daemon (learned).
+    Installed = 2,
+}
+
+/// Slots of `TRUST_COUNTERS` (some kept free, so later counters need no new map).
+pub const TRUST_SLOTS: u32 = 8;
+
+/// `XFRM_STATE_VALID` (include/net/xfrm.h, after `XFRM_STATE_VOID` and `XFRM_STATE_ACQ`):
+/// `xfrm_state.km.state` of a live SA.
+pub const XFRM_STATE_VALID: u8 = 2;
+
+/// A segment told apart from others of its SA, for the withdrawal streak: ports and TCP
+/// sequence number, or for UDP the checksum field and length. A retransmission of a dropped
+/// segment has the same id, so it counts once.
+#[must_use]
+pub const fn segment_id(tcp: bool, sport: u16, dport: u16, seq: u32, field: u16, len: u32) -> u32 {
+    let ports = ((sport as u32) << 16) | dport as u32;
+    let which = if tcp {
+        seq
+    } else {
+        ((field as u32) << 16) | (len & 0xffff)
+    };
+    ports ^ which.rotate_left(7)
 }
 
 /// Where this kernel keeps a segment's IPsec state, as byte offsets (and the one size that
@@ -357,6 +447,9 @@ pub struct SecpathLayout {
     pub x_reqid: u32,
     /// `offsetof(struct xfrm_encap_tmpl, encap_sport)` (a `__be16`, `encap_dport` right after).
     pub encap_sport: u32,
+    /// `offsetof(struct xfrm_state, km.state)` (a `u8`): whether a rekey's predecessor is
+    /// still alive.
+    pub x_km_state: u32,
 }
 
 /// `XFRM_MAX_DEPTH`: the most states one `sec_path` holds.
@@ -416,24 +509,37 @@ pub struct MismatchEvent {
 /// size): about 1,200 samples between two drains.
 pub const LEARNING_RING_BYTES: u32 = 64 * 1024;
 
-/// One learning sample, through the `LEARNING` ring buffer: a segment through a NAT mapping
-/// whose residual is not known yet, passed unverified. Separate from mismatches, so neither
-/// kind can crowd the other out of its ring.
+/// `LearningSample::kind`: a segment through an SA whose residual is not known yet, passed
+/// unverified.
+pub const SAMPLE_LEARNING: u8 = 0;
+/// `LearningSample::kind`: the SA took over `residual` from a live SA of its mapping.
+pub const SAMPLE_INHERITED: u8 = 1;
+/// `LearningSample::kind`: the SA's residual `residual` was withdrawn after `WITHDRAW_AFTER`
+/// consecutive distinct mismatches that all left `found`; the SA learns again.
+pub const SAMPLE_WITHDRAWN: u8 = 2;
+
+/// One record of the `LEARNING` ring buffer: a learning sample, or news of an SA's residual
+/// (inherited, withdrawn). Separate from mismatches, so neither kind can crowd the other out of
+/// its ring.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LearningSample {
-    /// The mapping, exactly as the verifier looked it up in `SA_RESIDUALS`.
+    /// The SA, exactly as the verifier looked it up in `SA_TRUST`.
     pub key: SaKey,
-    /// The residual this segment left.
+    /// The residual this segment left (`SAMPLE_LEARNING`), or the SA's residual.
     pub residual: u16,
     /// A `Family`.
     pub family: u8,
-    /// Padding, 0.
-    pub pad: u8,
-    /// SPI of the SA that decapsulated the segment (network byte order); 0 under address scope.
-    pub spi: u32,
+    /// `SAMPLE_LEARNING`, `SAMPLE_INHERITED` or `SAMPLE_WITHDRAWN`.
+    pub kind: u8,
     /// `reqid` of that SA; 0 under address scope.
     pub reqid: u32,
+    /// `SAMPLE_WITHDRAWN`: the residual the refused segments agreed on; 0 otherwise.
+    pub found: u16,
+    /// Padding, 0.
+    pub pad: [u8; 2],
+    /// Address of the SA's `struct xfrm_state` (0 under address scope), for `SaTrust::state`.
+    pub state: u64,
 }
 
 // The layout is shared by two compilers (rustc for bpfel and for the host) and read from raw
@@ -462,17 +568,28 @@ const _: () = {
     assert!(offset_of!(MismatchEvent, spi) == 32 && offset_of!(MismatchEvent, reqid) == 36);
     assert!(offset_of!(MismatchEvent, ifindex) == 40 && offset_of!(MismatchEvent, src) == 44);
     assert!(offset_of!(MismatchEvent, dst) == 60 && offset_of!(MismatchEvent, payload) == 76);
-    assert!(size_of::<SaKey>() == 40 && size_of::<SaValue>() == 4);
+    assert!(size_of::<SaKey>() == 44);
     assert!(offset_of!(SaKey, dst) == 16 && offset_of!(SaKey, encap_sport) == 32);
     assert!(offset_of!(SaKey, encap_dport) == 34 && offset_of!(SaKey, peer_id) == 36);
-    assert!(offset_of!(SaValue, flags) == 2);
-    assert!(size_of::<LearningSample>() == 52);
-    assert!(offset_of!(LearningSample, residual) == 40);
-    assert!(offset_of!(LearningSample, family) == 42 && offset_of!(LearningSample, pad) == 43);
-    assert!(offset_of!(LearningSample, spi) == 44 && offset_of!(LearningSample, reqid) == 48);
-    assert!(size_of::<SecpathLayout>() == 52);
+    assert!(offset_of!(SaKey, spi) == 40);
+    assert!(size_of::<SaTrust>() == 16 + 4 * WITHDRAW_AFTER);
+    assert!(offset_of!(SaTrust, expected_residual) == 8 && offset_of!(SaTrust, origin) == 10);
+    assert!(offset_of!(SaTrust, streak) == 11 && offset_of!(SaTrust, streak_residual) == 12);
+    assert!(offset_of!(SaTrust, recent) == 16);
+    assert!(WITHDRAW_AFTER.is_power_of_two() && WITHDRAW_AFTER < 256);
+    assert!(size_of::<MappingOwner>() == 16);
+    assert!(
+        offset_of!(MappingOwner, spi) == 8 && offset_of!(MappingOwner, expected_residual) == 12
+    );
+    assert!(size_of::<LearningSample>() == 64);
+    assert!(offset_of!(LearningSample, residual) == 44);
+    assert!(offset_of!(LearningSample, family) == 46 && offset_of!(LearningSample, kind) == 47);
+    assert!(offset_of!(LearningSample, reqid) == 48 && offset_of!(LearningSample, found) == 52);
+    assert!(offset_of!(LearningSample, state) == 56);
+    assert!(size_of::<SecpathLayout>() == 56);
     assert!(offset_of!(SecpathLayout, sp_len_size) == 24);
     assert!(offset_of!(SecpathLayout, encap_sport) == 48);
+    assert!(offset_of!(SecpathLayout, x_km_state) == 52);
     assert!(size_of::<CaptureRecord>() == 16 + CAPTURE_SNAP);
     assert!(offset_of!(CaptureRecord, caplen) == 4 && offset_of!(CaptureRecord, ifindex) == 8);
     assert!(offset_of!(CaptureRecord, action) == 12 && offset_of!(CaptureRecord, data) == 16);
@@ -510,7 +627,9 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SaKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::SaValue {}
+    unsafe impl aya::Pod for super::SaTrust {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MappingOwner {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SecpathLayout {}
     // SAFETY: as above.

@@ -23,7 +23,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use monitor_ebpf::{
-    COUNTER_SLOTS, Counter, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaValue,
+    COUNTER_SLOTS, Counter, MappingOwner, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey,
+    SaTrust, TRUST_LEARNED, TrustCounter,
 };
 
 use crate::{
@@ -289,7 +290,8 @@ fn load_maps(
         .map_max_entries("PEERS_V4", max_peers)
         .map_max_entries("PEERS_V6", max_peers)
         .map_max_entries("PEER_STATS", max_peers)
-        .map_max_entries("SA_RESIDUALS", monitor_ebpf::sa_residual_slots(max_peers));
+        .map_max_entries("SA_TRUST", monitor_ebpf::sa_residual_slots(max_peers))
+        .map_max_entries("MAPPINGS", monitor_ebpf::sa_residual_slots(max_peers));
     if let Some(dir) = pins {
         for name in pin::PINNED_MAPS {
             loader.map_pin_path(name, dir.join(name));
@@ -373,6 +375,23 @@ impl Verifier {
         raise_memlock_limit();
         let layout = scope.layout();
         let capture = u32::from(capture);
+        match pin::remove_obsolete(dir) {
+            Ok(removed) => {
+                for map in removed {
+                    tracing::info!(map, "removed the pin of a map this version no longer has");
+                }
+            }
+            Err(pin::PinError::Io { path, what, source }) => {
+                return Err(EbpfFailure::Pin { what, path, source });
+            }
+            Err(e @ pin::PinError::NotBpffs { .. }) => {
+                return Err(EbpfFailure::Pin {
+                    what: "removing the pin of a map this version no longer has",
+                    path: dir.to_path_buf(),
+                    source: io::Error::other(e.to_string()),
+                });
+            }
+        }
         let existing = pin::pinned_maps(dir);
         let (bpf, origin) = match load_maps(VERIFIER_OBJ, &layout, capture, Some(dir), max_peers) {
             Ok(bpf) if existing.is_empty() => (bpf, PinnedMaps::Created),
@@ -441,12 +460,14 @@ impl Verifier {
         let stats = Arc::new(Stats {
             counters: typed(take_map(&mut bpf, "COUNTERS")?, "COUNTERS")?,
             peers: typed(duplicate(&peer_stats, "PEER_STATS")?, "PEER_STATS")?,
+            trust: typed(take_map(&mut bpf, "TRUST_COUNTERS")?, "TRUST_COUNTERS")?,
         });
         let maps = PeerMaps {
             v4: typed(take_map(&mut bpf, "PEERS_V4")?, "PEERS_V4")?,
             v6: typed(take_map(&mut bpf, "PEERS_V6")?, "PEERS_V6")?,
             stats: typed(peer_stats, "PEER_STATS")?,
-            residuals: typed(take_map(&mut bpf, "SA_RESIDUALS")?, "SA_RESIDUALS")?,
+            residuals: typed(take_map(&mut bpf, "SA_TRUST")?, "SA_TRUST")?,
+            mappings: typed(take_map(&mut bpf, "MAPPINGS")?, "MAPPINGS")?,
         };
         Ok(Self {
             bpf,
@@ -702,7 +723,8 @@ pub struct PeerMaps {
     v4: LpmTrie<MapData, PeerKeyV4, PeerValue>,
     v6: LpmTrie<MapData, PeerKeyV6, PeerValue>,
     stats: PerCpuArray<MapData, PeerStats>,
-    residuals: HashMap<MapData, SaKey, SaValue>,
+    residuals: HashMap<MapData, SaKey, SaTrust>,
+    mappings: HashMap<MapData, SaKey, MappingOwner>,
 }
 
 impl std::fmt::Debug for PeerMaps {
@@ -788,50 +810,79 @@ impl PeerMaps {
         let mut residuals = Vec::new();
         for entry in &self.residuals {
             let (k, v) = entry.map_err(|source| EbpfFailure::Map {
-                what: "reading the pinned SA_RESIDUALS".into(),
+                what: "reading the pinned SA_TRUST".into(),
                 source,
             })?;
-            residuals.push((k, v.expected_residual));
+            residuals.push((k, v.state, v.expected_residual));
         }
         Ok(MapContents { peers, residuals })
     }
 
-    /// Installs the residual that intact segments through NAT mapping `key` leave: from the
-    /// next segment on, they are verified against it.
+    /// Installs the residual that intact segments of SA `key` (whose `xfrm_state` is at `state`,
+    /// 0 under address scope) leave: from its next segment on, they are verified against it. The
+    /// SA also becomes its NAT mapping's owner, whose residual a rekey takes over while the SA
+    /// lives.
     ///
     /// # Errors
     /// `EbpfFailure::Map`, e.g. when the map is full.
-    pub fn set_sa_residual(&mut self, key: SaKey, residual: u16) -> Result<(), EbpfFailure> {
-        let value = SaValue {
+    pub fn set_sa_residual(
+        &mut self,
+        key: SaKey,
+        state: u64,
+        residual: u16,
+    ) -> Result<(), EbpfFailure> {
+        let what = |map: &str| {
+            format!(
+                "installing a residual for peer #{} (SPI {:#010x}, encapsulation ports {}/{}) in {map}",
+                key.peer_id,
+                u32::from_be(key.spi),
+                u16::from_be(key.encap_sport),
+                u16::from_be(key.encap_dport)
+            )
+        };
+        let value = SaTrust {
+            state,
             expected_residual: residual,
-            flags: 0,
+            origin: TRUST_LEARNED,
+            ..SaTrust::default()
         };
         self.residuals
             .insert(&key, &value, 0)
             .map_err(|source| EbpfFailure::Map {
-                what: format!(
-                    "installing a residual for peer #{} (encapsulation ports {}/{}) in SA_RESIDUALS",
-                    key.peer_id,
-                    u16::from_be(key.encap_sport),
-                    u16::from_be(key.encap_dport)
-                ),
+                what: what("SA_TRUST"),
+                source,
+            })?;
+        if state == 0 {
+            return Ok(());
+        }
+        let owner = MappingOwner {
+            state,
+            spi: key.spi,
+            expected_residual: residual,
+            pad: 0,
+        };
+        self.mappings
+            .insert(&key.mapping(), &owner, 0)
+            .map_err(|source| EbpfFailure::Map {
+                what: what("MAPPINGS"),
                 source,
             })
     }
 
-    /// Verified segments (both protocols) of peer `id`, summed over CPUs.
+    /// The residual SA `key` has in the map now (the verifier may have inherited, withdrawn
+    /// or, LRU, forgotten one since the daemon last heard).
     ///
     /// # Errors
     /// `EbpfFailure::Map` if the map cannot be read.
-    pub fn verified(&self, id: u32) -> Result<u64, EbpfFailure> {
-        let values = self.stats.get(&id, 0).map_err(|source| EbpfFailure::Map {
-            what: format!("reading PEER_STATS[{id}]"),
-            source,
-        })?;
-        Ok(values
-            .iter()
-            .map(|s| s.verified_packets.iter().sum::<u64>())
-            .sum())
+    pub fn sa_residual(&self, key: &SaKey) -> Result<Option<u16>, EbpfFailure> {
+        match self.residuals.get(key, 0) {
+            Ok(v) => Ok(Some(v.expected_residual)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(EbpfFailure::Map {
+                what: "reading SA_TRUST".into(),
+                source,
+            }),
+        }
     }
 
     /// Removes the residuals of every key `stale` selects; returns how many went.
@@ -852,9 +903,21 @@ impl PeerMaps {
             self.residuals
                 .remove(k)
                 .map_err(|source| EbpfFailure::Map {
-                    what: "removing a residual from SA_RESIDUALS".into(),
+                    what: "removing a residual from SA_TRUST".into(),
                     source,
                 })?;
+        }
+        let mappings: Vec<SaKey> = self
+            .mappings
+            .keys()
+            .filter_map(Result::ok)
+            .filter(&stale)
+            .collect();
+        for k in &mappings {
+            self.mappings.remove(k).map_err(|source| EbpfFailure::Map {
+                what: "removing a NAT mapping from MAPPINGS".into(),
+                source,
+            })?;
         }
         Ok(keys.len())
     }
@@ -865,8 +928,8 @@ impl PeerMaps {
 pub struct MapContents {
     /// Every peer prefix with its map value (id, mode, flags, residual).
     pub peers: Vec<(IpNet, PeerValue)>,
-    /// Every installed residual.
-    pub residuals: Vec<(SaKey, u16)>,
+    /// Every installed residual, with the address of its SA's `xfrm_state`.
+    pub residuals: Vec<(SaKey, u64, u16)>,
 }
 
 /// Read handles on the verifier's statistics: the global counters and the per-peer array (a
@@ -875,6 +938,7 @@ pub struct MapContents {
 pub struct Stats {
     counters: PerCpuArray<MapData, u64>,
     peers: PerCpuArray<MapData, PeerStats>,
+    trust: PerCpuArray<MapData, u64>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -901,6 +965,21 @@ impl Stats {
             *slot = values.iter().sum();
         }
         Ok(out)
+    }
+
+    /// What happened to residuals (`TrustCounter`), summed over CPUs.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map` if the map cannot be read.
+    pub fn trust(&self, c: TrustCounter) -> Result<u64, EbpfFailure> {
+        let values = self
+            .trust
+            .get(&(c as u32), 0)
+            .map_err(|source| EbpfFailure::Map {
+                what: format!("reading TRUST_COUNTERS[{}]", c as u32),
+                source,
+            })?;
+        Ok(values.iter().sum())
     }
 
     /// Statistics of peer `id`, summed over CPUs.

@@ -42,7 +42,7 @@ pub struct Mismatch {
     pub residual: u16,
     /// The residual it was verified against: the one intact segments of its mapping leave.
     pub expected_residual: u16,
-    /// The NAT mapping, as the verifier looks it up in `SA_RESIDUALS`.
+    /// The SA, as the verifier looks it up in `SA_TRUST`.
     pub key: SaKey,
     /// The SA's encapsulation ports (host order); 0 under address scope.
     pub encap_ports: (u16, u16),
@@ -93,6 +93,7 @@ impl Mismatch {
                 encap_sport: ev.encap_sport,
                 encap_dport: ev.encap_dport,
                 peer_id: ev.peer_id,
+                spi: ev.spi,
             },
             encap_ports: (u16::from_be(ev.encap_sport), u16::from_be(ev.encap_dport)),
             spi: u32::from_be(ev.spi),
@@ -100,18 +101,6 @@ impl Mismatch {
             ifindex: ev.ifindex,
             payload: ev.payload[..n].to_vec(),
         })
-    }
-
-    /// What tells this segment apart from others of its mapping: ports and TCP sequence
-    /// number, or for UDP the checksum field and length.
-    #[must_use]
-    pub fn segment(&self) -> crate::residuals::Segment {
-        let which = if self.proto == "tcp" {
-            self.seq
-        } else {
-            (u32::from(self.found) << 16) | (self.len & 0xffff)
-        };
-        (self.sport, self.dport, which)
     }
 
     /// `src:sport -> dst:dport` with IPv6 brackets.
@@ -146,31 +135,59 @@ fn address(family: Family, a: [u8; 16]) -> IpAddr {
     }
 }
 
-/// A decoded learning sample: the residual one segment left through a NAT mapping whose
-/// residual is still being learned.
+/// What a record of the `LEARNING` ring says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LearningKind {
+    /// A segment of an SA that is still learning left `residual`.
+    Sample,
+    /// The SA took over `residual` from a live SA of its NAT mapping (a rekey), or from its own
+    /// entry there after the LRU forgot it.
+    Inherited,
+    /// The SA's residual `residual` was withdrawn after `WITHDRAW_AFTER` consecutive distinct
+    /// mismatches that all left `found`; the SA learns again.
+    Withdrawn {
+        /// The residual the refused segments agreed on.
+        found: u16,
+    },
+}
+
+/// A decoded record of the `LEARNING` ring: a learning sample, or what became of an SA's
+/// residual.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Learning {
-    /// The mapping, as the verifier looks it up in `SA_RESIDUALS`.
+    /// The SA, as the verifier looks it up in `SA_TRUST`.
     pub key: SaKey,
-    /// The residual the segment left.
+    /// What happened.
+    pub kind: LearningKind,
+    /// The residual the segment left (a sample), or the SA's residual.
     pub residual: u16,
     /// SPI of the SA (host order); 0 under address scope.
     pub spi: u32,
     /// `reqid` of the SA; 0 under address scope.
     pub reqid: u32,
+    /// Address of the SA's `struct xfrm_state`; 0 under address scope.
+    pub state: u64,
 }
 
 impl Learning {
-    /// Decodes a raw record of the `LEARNING` ring; `None` if it is not a whole, valid sample.
+    /// Decodes a raw record of the `LEARNING` ring; `None` if it is not a whole, valid record.
     #[must_use]
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let s: LearningSample = record(bytes)?;
         Family::from_abi(s.family)?;
+        let kind = match s.kind {
+            monitor_ebpf::SAMPLE_LEARNING => LearningKind::Sample,
+            monitor_ebpf::SAMPLE_INHERITED => LearningKind::Inherited,
+            monitor_ebpf::SAMPLE_WITHDRAWN => LearningKind::Withdrawn { found: s.found },
+            _ => return None,
+        };
         Some(Self {
             key: s.key,
+            kind,
             residual: s.residual,
-            spi: u32::from_be(s.spi),
+            spi: u32::from_be(s.key.spi),
             reqid: s.reqid,
+            state: s.state,
         })
     }
 
@@ -302,6 +319,7 @@ pub(crate) mod samples {
             encap_sport: 61000u16.to_be(),
             encap_dport: 4500u16.to_be(),
             peer_id: 2,
+            spi: 0xc1c2_c3c4_u32.to_be(),
             ..SaKey::default()
         };
         key.src[..4].copy_from_slice(&[203, 0, 113, 9]);
@@ -309,9 +327,11 @@ pub(crate) mod samples {
             key,
             residual: 0xbeef,
             family: Family::V4 as u8,
-            pad: 0,
-            spi: 0xc1c2_c3c4_u32.to_be(),
+            kind: monitor_ebpf::SAMPLE_LEARNING,
             reqid: 9,
+            found: 0,
+            pad: [0; 2],
+            state: 0xffff_8880_0123_4000,
         }
     }
 
@@ -363,7 +383,22 @@ mod tests {
             ),
             (key, 0xbeef, 0xc1c2_c3c4, 9, 2, (61000, 4500))
         );
-        assert_eq!(Learning::decode(&bytes[..51]), None);
+        assert_eq!(
+            (l.kind, l.state),
+            (LearningKind::Sample, 0xffff_8880_0123_4000)
+        );
+        assert_eq!(Learning::decode(&bytes[..63]), None);
+        // A withdrawal carries the value the refused segments agreed on.
+        let mut w = s;
+        w.kind = monitor_ebpf::SAMPLE_WITHDRAWN;
+        w.found = 0x1234;
+        assert_eq!(
+            Learning::decode(&samples::bytes_of(&w)).map(|l| l.kind),
+            Some(LearningKind::Withdrawn { found: 0x1234 })
+        );
+        // A kind no program writes is refused.
+        w.kind = 9;
+        assert_eq!(Learning::decode(&samples::bytes_of(&w)), None);
     }
 
     #[test]

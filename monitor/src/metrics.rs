@@ -47,8 +47,12 @@ pub struct Snapshot {
     pub collect_seconds: f64,
     /// The verifier program's run statistics, when they could be read (absent if not).
     pub program: Option<ProgramStats>,
-    /// Learned residuals withdrawn because they refused their mapping's intact traffic.
+    /// SA residuals the verifier withdrew (`TrustCounter::Withdrawn`).
     pub residuals_withdrawn: u64,
+    /// SA residuals taken over from a live SA of the same NAT mapping (`TrustCounter::Inherited`).
+    pub residuals_inherited: u64,
+    /// SA residuals the verifier's LRU map forgot, learned again (counted by the daemon).
+    pub residuals_evicted: u64,
     /// Peers past `--max-peer-labels`, whose counts are summed under `peer="other"`.
     pub peers_aggregated: usize,
 }
@@ -317,6 +321,8 @@ struct Families {
     program_runs: IntCounter,
     bpf_stats: IntGauge,
     residuals_withdrawn: IntCounter,
+    residuals_inherited: IntCounter,
+    residuals_evicted: IntCounter,
     peers_aggregated: IntGauge,
 }
 
@@ -325,6 +331,10 @@ fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> 
 }
 
 impl Families {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the metric contract in one place: a name and a help text per family, in order"
+    )]
     fn new() -> Result<Self, prometheus::Error> {
         Ok(Self {
             verified_packets: per_peer(
@@ -413,7 +423,15 @@ impl Families {
             )?,
             residuals_withdrawn: IntCounter::new(
                 "natt_monitor_residuals_withdrawn_total",
-                "Learned NAT residuals withdrawn because their mapping's segments all mismatched with one other value and none verified; the mapping learns again.",
+                "SA residuals the verifier withdrew: 16 consecutive distinct segments of the SA left one identical other value and none verified in between; the SA learns again.",
+            )?,
+            residuals_inherited: IntCounter::new(
+                "natt_monitor_residuals_inherited_total",
+                "SA residuals taken over at the SA's first segment from a live SA of the same NAT mapping (a rekey).",
+            )?,
+            residuals_evicted: IntCounter::new(
+                "natt_monitor_residuals_evicted_total",
+                "SA residuals the verifier's LRU map forgot while the SA lived; each is learned again.",
             )?,
             peers_aggregated: IntGauge::new(
                 "natt_monitor_peers_aggregated",
@@ -422,7 +440,7 @@ impl Families {
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 20] {
+    fn collectors(&self) -> [&dyn Collector; 22] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -443,6 +461,8 @@ impl Families {
             &self.program_runs,
             &self.bpf_stats,
             &self.residuals_withdrawn,
+            &self.residuals_inherited,
+            &self.residuals_evicted,
             &self.peers_aggregated,
         ]
     }
@@ -485,6 +505,8 @@ impl Families {
         }
         counter(&self.events_lost, snap.counters.get(Counter::EventsLost));
         counter(&self.residuals_withdrawn, snap.residuals_withdrawn);
+        counter(&self.residuals_inherited, snap.residuals_inherited);
+        counter(&self.residuals_evicted, snap.residuals_evicted);
         self.peers_aggregated
             .set(i64::try_from(snap.peers_aggregated).unwrap_or(i64::MAX));
         counter(
@@ -600,6 +622,8 @@ mod tests {
                 stats_enabled: true,
             }),
             residuals_withdrawn: 1,
+            residuals_inherited: 3,
+            residuals_evicted: 0,
             peers_aggregated: 0,
         }
     }

@@ -8,7 +8,8 @@
 //! | `link` | the `bpf_link` that attaches the verifier at the cgroup's ingress |
 //! | `PEERS_V4`, `PEERS_V6` | the peer tries (which segments are verified, in which mode) |
 //! | `PEER_STATS`, `COUNTERS` | every count the metrics report |
-//! | `SA_RESIDUALS` | the learned NAT residuals |
+//! | `SA_TRUST`, `MAPPINGS` | the residual of each SA, and which SA holds each NAT mapping's |
+//! | `TRUST_COUNTERS` | residuals inherited and withdrawn |
 //! | `EVENTS`, `LEARNING` | mismatch events and learning samples written while no daemon ran |
 //!
 //! A daemon that finds a link there replaces the program behind it with `BPF_LINK_UPDATE`, one
@@ -33,15 +34,52 @@ use std::{
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/natt-monitor";
 
 /// The maps that carry state across daemons, pinned by name in the pin directory.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 9] = [
     "PEERS_V4",
     "PEERS_V6",
     "PEER_STATS",
     "COUNTERS",
-    "SA_RESIDUALS",
+    "SA_TRUST",
+    "MAPPINGS",
+    "TRUST_COUNTERS",
     "EVENTS",
     "LEARNING",
 ];
+
+/// Maps that earlier versions pinned and this one no longer has: removed when a daemon adopts
+/// the directory, and by `detach`. (`SA_RESIDUALS` held one residual per NAT mapping; residuals
+/// are per SA now, in `SA_TRUST`, and are learned again after such an upgrade.)
+pub const OBSOLETE_MAPS: [&str; 1] = ["SA_RESIDUALS"];
+
+/// Removes the pins of `OBSOLETE_MAPS` from `dir`; returns the names removed.
+///
+/// # Errors
+/// `PinError::Io` naming the file that could not be removed.
+pub fn remove_obsolete(dir: &Path) -> Result<Vec<&'static str>, PinError> {
+    remove_pins(
+        dir,
+        &OBSOLETE_MAPS,
+        "removing the pin of a map this version no longer has",
+    )
+}
+
+/// Removes the pins `names` from `dir` (those that are there); returns the names removed.
+fn remove_pins(
+    dir: &Path,
+    names: &[&'static str],
+    what: &'static str,
+) -> Result<Vec<&'static str>, PinError> {
+    let mut out = Vec::new();
+    for &name in names {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => out.push(name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PinError::Io { path, what, source }),
+        }
+    }
+    Ok(out)
+}
 
 /// The link's file in the pin directory.
 pub const LINK_FILE: &str = "link";
@@ -451,20 +489,9 @@ pub fn detach(dir: &Path) -> Result<Removed, PinError> {
             });
         }
     }
-    for name in PINNED_MAPS {
-        let path = dir.join(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => out.maps.push(name),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(PinError::Io {
-                    path,
-                    what: "removing the pin",
-                    source,
-                });
-            }
-        }
-    }
+    out.maps = remove_obsolete(dir)?;
+    out.maps
+        .extend(remove_pins(dir, &PINNED_MAPS, "removing the pin")?);
     out.dir = std::fs::remove_dir(dir).is_ok();
     Ok(out)
 }

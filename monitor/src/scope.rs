@@ -241,6 +241,7 @@ impl Btf<'_> {
             x_spi: self.sized("xfrm_state", "id.spi", 4)?,
             x_reqid: self.sized("xfrm_state", "props.reqid", 4)?,
             encap_sport,
+            x_km_state: self.sized("xfrm_state", "km.state", 1)?,
         })
     }
 }

@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 12] = [
+pub const NAMES: [&str; 14] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -16,6 +16,8 @@ pub const NAMES: [&str; 12] = [
     "i-two-behind-one-nat",
     "j-sigkill-restart",
     "k-ten-thousand-sas",
+    "l-constant-delta-enforce",
+    "l-constant-delta-observe",
     "g-gro",
 ];
 

@@ -9,7 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use monitor_ebpf::{COUNTER_SLOTS, Counter, PeerStats, Proto, SaKey, csum};
 use natt_monitor::{
     ebpf::{Counters, Variant, Verifier},
-    events::{Learning, Mismatch},
+    events::{Learning, LearningKind, Mismatch},
     peers::{Mode, NatAddresses, PeerSpec, PeerTable, parse_cidr},
     scope::{self, Scope},
 };
@@ -411,16 +411,10 @@ fn nat_peers_use_their_residual() {
     );
 }
 
-#[test]
-fn learning_peers_pass_unverified_and_report_their_residual() {
-    if skip_unless_root("learning_peers_pass_unverified_and_report_their_residual") {
-        return;
-    }
-    let mut h = Harness::new();
+/// Makes the NAT peer of `table()` learn its residual, in enforce mode, without its original
+/// addresses; returns the residual its intact segments leave.
+fn nat_peer_learns(h: &mut Harness) -> u16 {
     let configured = table();
-    let want = configured.residual(P_V4_NAT as u32).unwrap();
-    assert_ne!(want, 0);
-    // The same NAT peer, in enforce mode, without its original addresses: it must learn.
     let specs: Vec<PeerSpec> = configured
         .iter()
         .map(|(id, p)| {
@@ -438,6 +432,17 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         .unwrap()
         .set_peers(&configured, &learning)
         .unwrap();
+    configured.residual(P_V4_NAT as u32).unwrap()
+}
+
+#[test]
+fn learning_peers_pass_unverified_and_report_their_residual() {
+    if skip_unless_root("learning_peers_pass_unverified_and_report_their_residual") {
+        return;
+    }
+    let mut h = Harness::new();
+    let want = nat_peer_learns(&mut h);
+    assert_ne!(want, 0);
     let mut f = v4(V4_NAT_ORIG, V4_NAT_ORIG_DST, L4::Tcp, &payload(900));
     f[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
     f[ETH + 16..ETH + 20].copy_from_slice(&LOCAL4.octets());
@@ -460,9 +465,11 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         let residual = out.learning.first().map_or(0, |l| l.residual);
         expect.learning = vec![Learning {
             key,
+            kind: LearningKind::Sample,
             residual,
             spi: 0,
             reqid: 0,
+            state: 0,
         }];
         assert_eq!(out, expect);
         // The intact segment leaves exactly the residual the NAT addresses imply; the
@@ -470,7 +477,10 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         assert_eq!(residual == want, intact, "{out:?}");
     }
     // Once userspace installs the learned residual, the peer is verified and enforced.
-    h.v.peer_maps().unwrap().set_sa_residual(key, want).unwrap();
+    h.v.peer_maps()
+        .unwrap()
+        .set_sa_residual(key, 0, want)
+        .unwrap();
     assert_eq!(
         h.run(&f),
         Outcome::verified(P_V4_NAT, Proto::Tcp as usize, l4_len(&f))
@@ -479,6 +489,152 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         h.run(&bad),
         Outcome::mismatch(P_V4_NAT, Proto::Tcp as usize, true)
     );
+}
+
+/// The NAT peer of `table()` as a learning peer in enforce mode, with `residual` installed for
+/// its one address pair (address scope: no ports, no SPI). Returns the harness, the key and the
+/// residual its intact segments leave.
+fn learned_nat_peer(installed: impl FnOnce(u16) -> u16) -> (Harness, SaKey, u16) {
+    let mut h = Harness::new();
+    let want = nat_peer_learns(&mut h);
+    let mut key = SaKey {
+        peer_id: P_V4_NAT as u32,
+        ..SaKey::default()
+    };
+    key.src[..4].copy_from_slice(&V4_NAT_SEEN.octets());
+    key.dst[..4].copy_from_slice(&LOCAL4.octets());
+    h.v.peer_maps()
+        .unwrap()
+        .set_sa_residual(key, 0, installed(want))
+        .unwrap();
+    (h, key, want)
+}
+
+/// A TCP segment of the NAT peer with sequence number `seq`, as it arrives after the NAT; with
+/// `delta`, a constant added to one payload word, so every such segment leaves the same wrong
+/// residual whatever its sequence number (the shape a stuck bit leaves on repetitive data).
+fn nat_segment(seq: u32, delta: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(V4_NAT_ORIG.octets(), V4_NAT_ORIG_DST.octets(), 64)
+        .tcp(40000, 2181, seq, 64240)
+        .ack(99)
+        .write(&mut out, &[0x5a; 600])
+        .unwrap();
+    out[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
+    out[ETH + 16..ETH + 20].copy_from_slice(&LOCAL4.octets());
+    let at = ETH + 20 + 20 + 100;
+    let word = u16::from_be_bytes([out[at], out[at + 1]]).wrapping_add(delta);
+    out[at..at + 2].copy_from_slice(&word.to_be_bytes());
+    out
+}
+
+/// The withdrawal criterion, exactly: 16 consecutive distinct segments of one SA that leave one
+/// identical other residual, with none verifying in between. Corruption with a constant delta
+/// that spares one segment in 16, or that repeats on one segment's retransmissions, never
+/// withdraws the residual; every corrupted segment is a mismatch and dropped.
+#[test]
+fn a_residual_is_withdrawn_only_by_an_unbroken_streak_of_distinct_segments() {
+    if skip_unless_root("a_residual_is_withdrawn_only_by_an_unbroken_streak_of_distinct_segments") {
+        return;
+    }
+    let streak = monitor_ebpf::WITHDRAW_AFTER as u32;
+    let (mut h, key, want) = learned_nat_peer(|w| w);
+    let withdrawn = |h: &Harness| {
+        h.v.stats()
+            .trust(monitor_ebpf::TrustCounter::Withdrawn)
+            .unwrap()
+    };
+    let corrupt = |_| Outcome::mismatch(P_V4_NAT, Proto::Tcp as usize, true);
+    let intact = nat_segment(1, 0);
+    let len = l4_len(&intact);
+    let mut seq = 1000u32;
+    // Every k-th segment intact, the rest corrupted alike, for k from 2 to 16.
+    for k in 2..=streak {
+        for i in 0..4 * k {
+            seq += 600;
+            if i % k == k - 1 {
+                assert_eq!(
+                    h.run(&nat_segment(seq, 0)),
+                    Outcome::verified(P_V4_NAT, Proto::Tcp as usize, len)
+                );
+            } else {
+                assert_eq!(
+                    h.run(&nat_segment(seq, 0x0100)),
+                    corrupt(seq),
+                    "k={k} i={i}"
+                );
+            }
+        }
+    }
+    // One segment corrupted alike on every retransmission counts once.
+    for _ in 0..100 {
+        assert_eq!(h.run(&nat_segment(7, 0x0100)), corrupt(7));
+    }
+    assert_eq!(withdrawn(&h), 0);
+    assert_eq!(
+        h.run(&intact),
+        Outcome::verified(P_V4_NAT, Proto::Tcp as usize, len)
+    );
+    // Sixteen distinct segments in a row, all leaving one other value: the residual goes with
+    // the sixteenth (still dropped: it was judged against the residual in force), and the SA
+    // learns again from the next segment on.
+    let mut found = Vec::new();
+    for i in 1..streak {
+        let out = h.run(&nat_segment(90_000 + i, 0x0100));
+        found.push(out.events[0].residual);
+        assert_eq!(out, corrupt(i), "{i}");
+    }
+    found.dedup();
+    assert_eq!(
+        found.len(),
+        1,
+        "a constant delta leaves one value: {found:?}"
+    );
+    assert_ne!(found[0], want);
+    let mut last = h.run(&nat_segment(90_000 + streak, 0x0100));
+    assert_eq!(last.learning.len(), 1, "{last:?}");
+    let news = last.learning.remove(0);
+    assert_eq!(
+        (news.key, news.kind, news.residual),
+        (key, LearningKind::Withdrawn { found: found[0] }, want)
+    );
+    assert_eq!(last, corrupt(0));
+    assert_eq!(withdrawn(&h), 1);
+    let mut learning = Outcome::zero(PASS);
+    learning.peers[P_V4_NAT].learning[Proto::Tcp as usize] = 1;
+    let out = h.run(&intact);
+    assert_eq!(
+        (out.verdict, out.peers[P_V4_NAT], out.learning.len()),
+        (PASS, learning.peers[P_V4_NAT], 1)
+    );
+    assert_eq!(out.learning[0].kind, LearningKind::Sample);
+}
+
+/// A wrong residual (say, learned from a flood) refuses the SA's intact segments, which all
+/// leave the true one: 16 distinct ones withdraw it, and the SA learns again.
+#[test]
+fn a_wrong_residual_refusing_intact_traffic_is_withdrawn_after_sixteen_segments() {
+    if skip_unless_root(
+        "a_wrong_residual_refusing_intact_traffic_is_withdrawn_after_sixteen_segments",
+    ) {
+        return;
+    }
+    let (mut h, _, want) = learned_nat_peer(|w| w ^ 0x0bad);
+    let streak = monitor_ebpf::WITHDRAW_AFTER as u32;
+    for i in 1..=streak {
+        let out = h.run(&nat_segment(i * 600, 0));
+        assert_eq!(out.verdict, DROP, "{i}");
+        assert_eq!(out.learning.len(), usize::from(i == streak), "{i}: {out:?}");
+        if i == streak {
+            assert_eq!(
+                (out.learning[0].kind, out.learning[0].residual),
+                (LearningKind::Withdrawn { found: want }, want ^ 0x0bad)
+            );
+        }
+    }
+    let out = h.run(&nat_segment(1, 0));
+    assert_eq!((out.verdict, out.learning[0].residual), (PASS, want));
 }
 
 #[test]

@@ -99,14 +99,10 @@ impl Drain {
                     // Logged in place: nothing here waits, so no record is copied.
                     let mut guard = r?;
                     let rb = guard.get_inner_mut();
-                    let mut evidence = Vec::new();
                     while let Some(item) = rb.next() {
-                        evidence.extend(log.mismatch(&item));
+                        log.mismatch(&item);
                     }
                     guard.clear_ready();
-                    for m in evidence {
-                        state.mismatch(m).await?;
-                    }
                 }
                 r = learning.readable_mut() => {
                     let mut guard = r?;
@@ -123,7 +119,7 @@ impl Drain {
                     }
                     let rb = events.get_mut();
                     while let Some(item) = rb.next() {
-                        let _ = log.mismatch(&item);
+                        log.mismatch(&item);
                     }
                     let pending = log.limiter.pending_suppressed();
                     if pending > 0 {
@@ -146,19 +142,18 @@ struct Log {
 }
 
 impl Log {
-    /// Logs one mismatch within the budget; returns it when its peer learns residuals, as
-    /// evidence for the state task (`SaState::mismatch`).
-    fn mismatch(&mut self, bytes: &[u8]) -> Option<Mismatch> {
+    /// Logs one mismatch within the budget. (What a mismatch means for its SA's residual the
+    /// verifier decides itself, in order with its verdicts.)
+    fn mismatch(&mut self, bytes: &[u8]) {
         let now = Instant::now();
         self.last_event = now;
         let Some(m) = Mismatch::decode(bytes) else {
             warn!(len = bytes.len(), "bad record in the mismatch ring buffer");
-            return None;
+            return;
         };
-        let learns = self.view.borrow().table.learns(m.peer_id);
         let Some(suppressed_before) = self.limiter.admit(now) else {
             self.suppressed.inc();
-            return learns.then_some(m);
+            return;
         };
         let peer = self.view.borrow().label(m.peer_id);
         warn!(
@@ -177,7 +172,6 @@ impl Log {
             suppressed_before,
             "checksum mismatch"
         );
-        learns.then_some(m)
     }
 
     /// After a quiet spell, reports the lines the budget withheld on their own.

@@ -13,7 +13,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use monitor_ebpf::PeerStats;
+use monitor_ebpf::{PeerStats, TrustCounter};
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -130,9 +130,19 @@ impl Readings for KernelReadings {
                 .collect(),
             kernel: snmp::read(&self.proc_path),
             up: self.health.check().is_ok(),
-            residuals_withdrawn: view.residuals_withdrawn,
+            residuals_evicted: view.residuals_evicted,
             ..Snapshot::default()
         };
+        match (
+            self.stats.trust(TrustCounter::Withdrawn),
+            self.stats.trust(TrustCounter::Inherited),
+        ) {
+            (Ok(w), Ok(i)) => (snap.residuals_withdrawn, snap.residuals_inherited) = (w, i),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(error = %e, "scrape could not read the verifier's residual counters");
+                snap.up = false;
+            }
+        }
         match self.stats.counters() {
             Ok(c) => snap.counters = c,
             Err(e) => {

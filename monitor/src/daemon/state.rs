@@ -16,10 +16,10 @@ use tracing::{error, info, warn};
 use crate::{
     daemon::DaemonError,
     ebpf::{MapContents, PeerMaps},
-    events::{Learning, Mismatch},
+    events::{Learning, LearningKind},
     learn::{Outcome, WINDOW},
     peers::{PeerSpec, PeerTable},
-    residuals::{Residuals, Verdict},
+    residuals::Residuals,
     scope::Scope,
 };
 
@@ -30,8 +30,9 @@ pub struct View {
     pub table: PeerTable,
     /// Ids of the peers some of whose segments are not verified yet (learning).
     pub learning: BTreeSet<u32>,
-    /// Learned residuals withdrawn since the daemon started (`residuals::Verdict::Withdrawn`).
-    pub residuals_withdrawn: u64,
+    /// SA residuals the verifier had forgotten (its LRU map) and that are learned again, since
+    /// the daemon started.
+    pub residuals_evicted: u64,
 }
 
 impl View {
@@ -63,7 +64,6 @@ enum Command {
         oneshot::Sender<Result<Option<Applied>, String>>,
     ),
     Sample(Learning),
-    Mismatch(Box<Mismatch>),
 }
 
 /// How the other tasks talk to the state. Cheap to clone; the state task ends when every
@@ -106,19 +106,7 @@ impl StateHandle {
         rx.await.map_err(|_| GONE.to_owned())?
     }
 
-    /// Hands over one mismatch, as evidence on the residual of its mapping. Waits like
-    /// `sample`.
-    ///
-    /// # Errors
-    /// When the state task is gone.
-    pub async fn mismatch(&self, m: Mismatch) -> io::Result<()> {
-        self.tx
-            .send(Command::Mismatch(Box::new(m)))
-            .await
-            .map_err(|_| io::Error::other(GONE))
-    }
-
-    /// Hands over one learning sample. Waits while the state is busy (the drain slows down
+    /// Hands over one record of the learning ring. Waits while the state is busy (the drain slows down
     /// rather than losing samples).
     ///
     /// # Errors
@@ -147,7 +135,7 @@ pub struct SaState {
     residuals: Residuals,
     scope: Scope,
     view: watch::Sender<Arc<View>>,
-    withdrawn: u64,
+    evicted: u64,
 }
 
 impl std::fmt::Debug for SaState {
@@ -217,7 +205,7 @@ impl SaState {
             .map(|(_, v)| v.id)
             .collect();
         let mut residuals = Residuals::default();
-        for (key, residual) in &prior.residuals {
+        for (key, _, residual) in &prior.residuals {
             if unchanged.contains(&key.peer_id) {
                 residuals.installed(*key, *residual);
             }
@@ -234,7 +222,7 @@ impl SaState {
             residuals,
             scope,
             view,
-            withdrawn: 0,
+            evicted: 0,
         };
         state.publish();
         Ok((state, rx))
@@ -268,7 +256,6 @@ impl SaState {
                     let _ = reply.send(out);
                 }
                 Command::Sample(s) => self.sample(&s),
-                Command::Mismatch(m) => self.mismatch(&m),
             }
         }
         Ok(())
@@ -284,7 +271,7 @@ impl SaState {
         self.view.send_replace(Arc::new(View {
             table: self.table.clone(),
             learning,
-            residuals_withdrawn: self.withdrawn,
+            residuals_evicted: self.evicted,
         }));
     }
 
@@ -350,70 +337,76 @@ impl SaState {
         }
     }
 
-    /// Weighs one mismatch against its mapping's learned residual; withdraws the residual when
-    /// it refuses the mapping's intact traffic (`Residuals::mismatch`).
-    fn mismatch(&mut self, m: &Mismatch) {
-        if !self.table.learns(m.peer_id) {
+    /// Takes one record of the learning ring: a sample for an SA that learns, or news from the
+    /// verifier about an SA's residual.
+    fn sample(&mut self, m: &Learning) {
+        // Records of a peer that no longer learns (reloaded, removed) are stale.
+        if !self.table.learns(m.peer_id()) {
             return;
         }
-        let maps = &self.maps;
-        let verdict =
-            self.residuals
-                .mismatch(m.key, m.expected_residual, m.residual, m.segment(), || {
-                    maps.verified(m.peer_id).ok()
-                });
-        let label = || {
-            self.table
-                .get(m.peer_id)
-                .map_or_else(String::new, PeerSpec::label)
-        };
-        match verdict {
-            Verdict::Pending => {}
-            Verdict::Upheld { found, verified } => info!(
-                peer = label(),
-                spi = %format_args!("{:#010x}", m.spi),
-                found = %format_args!("{found:#06x}"),
-                verified,
-                "mismatches agree on one value, but segments of the peer verified meanwhile: corruption with a constant pattern; keeping the learned residual"
-            ),
-            Verdict::Withdrawn {
-                learned,
-                found,
-                segments,
-            } => {
-                if let Err(e) = self.maps.remove_sa_residuals(|k| *k == m.key) {
-                    error!(peer = label(), error = %e, "could not withdraw the learned residual from the map");
-                    return;
-                }
-                self.withdrawn += 1;
+        let label = self
+            .table
+            .get(m.peer_id())
+            .map_or_else(String::new, PeerSpec::label);
+        let spi = format_args!("{:#010x}", m.spi);
+        let residual = format_args!("{:#06x}", m.residual);
+        match m.kind {
+            LearningKind::Inherited => {
+                self.residuals.installed(m.key, m.residual);
                 self.publish();
-                warn!(
-                    peer = label(),
-                    spi = %format_args!("{:#010x}", m.spi),
-                    learned = %format_args!("{learned:#06x}"),
-                    found = %format_args!("{found:#06x}"),
-                    segments,
-                    "learned NAT residual withdrawn: distinct segments agree on another value and none verified since, so it refused intact traffic (learned from a flood?); learning again"
+                info!(
+                    peer = label,
+                    spi = %spi,
+                    reqid = m.reqid,
+                    encap_ports = %format_args!("{}/{}", m.encap_ports().0, m.encap_ports().1),
+                    residual = %residual,
+                    "NAT residual inherited from a live SA of the same NAT mapping (a rekey); verifying this SA from its first segment"
                 );
             }
+            LearningKind::Withdrawn { found } => {
+                self.residuals.forgotten(m.key);
+                self.publish();
+                warn!(
+                    peer = label,
+                    spi = %spi,
+                    learned = %residual,
+                    found = %format_args!("{found:#06x}"),
+                    segments = monitor_ebpf::WITHDRAW_AFTER,
+                    "learned NAT residual withdrawn: consecutive distinct segments of the SA all left one other value and none verified in between, so it refused intact traffic; learning again"
+                );
+            }
+            LearningKind::Sample => self.learn(m, &label),
         }
     }
 
     /// Feeds one learning segment's residual to the learner; when it settles, installs the
     /// residual so the SA's next segment is verified.
-    fn sample(&mut self, m: &Learning) {
-        // Samples of a peer that no longer learns (reloaded, removed) are stale.
-        if !self.table.learns(m.peer_id()) {
-            return;
-        }
+    fn learn(&mut self, m: &Learning, label: &str) {
         let key = m.key;
+        if self.residuals.get(&key).is_some() {
+            // Held as learned, yet the verifier sent a sample: it has forgotten the residual
+            // (LRU), unless this sample was in the ring when the residual was installed.
+            match self.maps.sa_residual(&key) {
+                Ok(Some(_)) => return,
+                Ok(None) => {
+                    self.residuals.forgotten(key);
+                    self.evicted += 1;
+                    self.publish();
+                    warn!(
+                        peer = label,
+                        spi = %format_args!("{:#010x}", m.spi),
+                        "the verifier's SA_TRUST map no longer holds this SA's residual (its LRU forgot it; raise --max-peers if this repeats); learning again"
+                    );
+                }
+                Err(e) => {
+                    error!(peer = label, error = %e, "could not read SA_TRUST");
+                    return;
+                }
+            }
+        }
         let Some(outcome) = self.residuals.sample(key, m.residual) else {
             return;
         };
-        let label = self
-            .table
-            .get(m.peer_id())
-            .map_or_else(String::new, PeerSpec::label);
         match outcome {
             Outcome::Pending => {}
             Outcome::Restarted { top } => warn!(
@@ -425,7 +418,7 @@ impl SaState {
                 "NAT residual did not settle: no value carried three quarters of the segments; learning again"
             ),
             Outcome::Learned { residual, samples } => {
-                match self.maps.set_sa_residual(key, residual) {
+                match self.maps.set_sa_residual(key, m.state, residual) {
                     Ok(()) => {
                         self.residuals.installed(key, residual);
                         self.publish();

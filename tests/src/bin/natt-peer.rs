@@ -7,6 +7,8 @@
 //!
 //! `natt-peer send --netns NS --connect ADDR --bytes N` writes the pattern; with
 //! `--seconds S` instead of `--bytes` it writes for that long. `recv --bytes 0` reads to EOF.
+//! With `--fill B` on both ends the stream is the byte B repeated instead of the pattern:
+//! repetitive data, on which a byte set at a fixed offset shifts every checksum alike.
 //!
 //! Every socket has a 30 s timeout so a broken test fails instead of hanging.
 
@@ -26,9 +28,17 @@ use std::{
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The stream's byte at offset `i`.
-fn pattern(i: u64) -> u8 {
-    (i.wrapping_mul(131) ^ (i >> 11) ^ (i >> 19)) as u8
+/// The stream's byte at offset `i`: the pattern, or the `--fill` byte.
+fn pattern(fill: Option<u8>, i: u64) -> u8 {
+    fill.unwrap_or((i.wrapping_mul(131) ^ (i >> 11) ^ (i >> 19)) as u8)
+}
+
+/// `--fill B`, if given.
+fn fill(args: &[String]) -> Result<Option<u8>, String> {
+    arg(args, "--fill")
+        .ok()
+        .map(|v| v.parse().map_err(|e| format!("--fill {v}: {e}")))
+        .transpose()
 }
 
 fn enter_netns(name: &str) -> Result<(), String> {
@@ -61,6 +71,7 @@ fn recv(args: &[String]) -> Result<(), String> {
     let want: u64 = arg(args, "--bytes")?
         .parse()
         .map_err(|e| format!("--bytes: {e}"))?;
+    let fill = fill(args)?;
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     println!("READY");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
@@ -77,7 +88,7 @@ fn recv(args: &[String]) -> Result<(), String> {
             break;
         }
         for (i, b) in buf[..n].iter().enumerate() {
-            if *b != pattern(got + i as u64) {
+            if *b != pattern(fill, got + i as u64) {
                 differing += 1;
             }
         }
@@ -89,6 +100,7 @@ fn recv(args: &[String]) -> Result<(), String> {
 
 fn send(args: &[String]) -> Result<(), String> {
     enter_netns(&arg(args, "--netns")?)?;
+    let fill = fill(args)?;
     let addr: SocketAddr = arg(args, "--connect")?
         .parse()
         .map_err(|e| format!("--connect: {e}"))?;
@@ -116,7 +128,7 @@ fn send(args: &[String]) -> Result<(), String> {
     while off < total && until.is_none_or(|t| std::time::Instant::now() < t) {
         let n = (total - off).min(buf.len() as u64) as usize;
         for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = pattern(off + i as u64);
+            *b = pattern(fill, off + i as u64);
         }
         s.write_all(&buf[..n])
             .map_err(|e| format!("write at {off}: {e}"))?;

@@ -25,6 +25,7 @@
 //! | `scope` | the segment's IPsec state; address-scope exemptions |
 //! | `parse` | IPv4, IPv6 and L4 headers |
 //! | `sum` | the one's-complement sum of the segment |
+//! | `trust` | the residual each SA is verified against: inherited on a rekey, withdrawn on an exact streak |
 //! | `report` | mismatch events, learning samples, captured packets |
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -54,6 +55,8 @@ mod scope;
 mod stats;
 #[cfg(target_arch = "bpf")]
 mod sum;
+#[cfg(target_arch = "bpf")]
+mod trust;
 #[cfg(target_arch = "bpf")]
 mod verify;
 

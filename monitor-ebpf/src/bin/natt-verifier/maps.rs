@@ -7,10 +7,11 @@ use aya_ebpf::{
 };
 use monitor_ebpf::{
     CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, LEARNING_RING_BYTES, MAX_PEERS,
-    MAX_SA_RESIDUALS, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaValue, SecpathLayout,
+    MAX_SA_RESIDUALS, MappingOwner, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaTrust,
+    SecpathLayout, TRUST_SLOTS,
 };
 
-use crate::sum::CHUNK_WORDS;
+use crate::{sum::CHUNK_WORDS, trust::Scratch};
 
 /// Where this kernel keeps the `sec_path`; set by the loader from BTF. All zero: address
 /// scope. The map behind it is frozen, so the verifier sees constants and prunes the scope
@@ -30,6 +31,7 @@ pub static SECPATH: Global<SecpathLayout> = Global::new(SecpathLayout {
     x_spi: 0,
     x_reqid: 0,
     encap_sport: 0,
+    x_km_state: 0,
 });
 
 /// One field of `SECPATH`, read where it is used. The loader rewrites the value, so reads are
@@ -58,10 +60,21 @@ pub static PEERS_V4: LpmTrie<PeerKeyV4, PeerValue> = LpmTrie::with_max_entries(M
 /// As `PEERS_V4`, for IPv6.
 #[map]
 pub static PEERS_V6: LpmTrie<PeerKeyV6, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
-/// Learned NAT residuals per NAT mapping (`SaKey`). Userspace is the only writer.
+/// The residual of each SA (`SaKey`) and the verifier's evidence against it. Userspace writes
+/// what it learned; the verifier writes what an SA inherits and removes what it withdraws.
 #[map]
-pub static SA_RESIDUALS: LruHashMap<SaKey, SaValue> =
+pub static SA_TRUST: LruHashMap<SaKey, SaTrust> = LruHashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
+/// Per NAT mapping (`SaKey` with SPI 0), the SA that last held its residual: what a rekey
+/// inherits while that SA is alive.
+#[map]
+pub static MAPPINGS: LruHashMap<SaKey, MappingOwner> =
     LruHashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
+/// One per-CPU `trust::Scratch`: keys and values for the trust maps, off the stack.
+#[map]
+pub static TRUST_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// What happened to residuals, indexed by `TrustCounter`.
+#[map]
+pub static TRUST_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TRUST_SLOTS, 0);
 /// Per-peer statistics, indexed by `PeerValue::id`.
 #[map]
 pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);

@@ -78,21 +78,25 @@ pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
     entry.submit(0);
 }
 
-/// Sends the residual a segment left through a NAT mapping that is still being learned.
+/// Sends one record of the `LEARNING` ring: the residual a segment left through an SA that is
+/// still learning (`SAMPLE_LEARNING`), or what became of an SA's residual (`SAMPLE_INHERITED`,
+/// `SAMPLE_WITHDRAWN` with the value the refused segments agreed on in `found`).
 #[inline(always)]
-pub fn learning(l3: &L3, key: &SaKey, sa: &Sa, residual: u16) {
+pub fn trust(key: &SaKey, sa: &Sa, family: u8, kind: u8, residual: u16, found: u16) {
     let Some(mut entry) = LEARNING.reserve::<LearningSample>(0) else {
         bump(Counter::LearningLost);
         return;
     };
-    let (spi, reqid) = sa_identity(sa);
+    let (_, reqid) = sa_identity(sa);
     entry.write(LearningSample {
         key: *key,
         residual,
-        family: l3.family as u8,
-        pad: 0,
-        spi,
+        family,
+        kind,
         reqid,
+        found,
+        pad: [0; 2],
+        state: sa.state,
     });
     entry.submit(0);
 }

@@ -75,6 +75,16 @@ pub fn ipsec_state(ctx: &SkBuffContext) -> Result<Sa, Counter> {
     })
 }
 
+/// The SA's SPI (network byte order), which names it in `SA_TRUST`; 0 under address scope or
+/// where it cannot be read.
+#[inline(always)]
+pub fn sa_spi(sa: &Sa) -> u32 {
+    if sa.state == 0 {
+        return 0;
+    }
+    kread(sa.state + u64::from(secpath!(x_spi))).unwrap_or(0)
+}
+
 /// The SA's SPI and reqid, for a report; 0 where they cannot be read or no SA is known.
 #[inline(always)]
 pub fn sa_identity(sa: &Sa) -> (u32, u32) {

@@ -1,13 +1,22 @@
 //! The one place the verifier's counters and per-peer statistics change.
 
-use monitor_ebpf::{Counter, PeerStats};
+use monitor_ebpf::{Counter, PeerStats, TrustCounter};
 
-use crate::maps::{COUNTERS, PEER_STATS};
+use crate::maps::{COUNTERS, PEER_STATS, TRUST_COUNTERS};
 
 /// Adds one to a global counter (a skip reason or a lost record).
 #[inline(always)]
 pub fn bump(c: Counter) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Adds one to a residual counter (inherited, withdrawn).
+#[inline(always)]
+pub fn bump_trust(c: TrustCounter) {
+    if let Some(p) = TRUST_COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
         unsafe { *p += 1 };
     }

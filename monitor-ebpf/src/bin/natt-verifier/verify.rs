@@ -4,15 +4,18 @@
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use aya_log_ebpf::warn;
-use monitor_ebpf::{Action, Counter, IPPROTO_TCP, PEER_FLAG_LEARN, PeerMode, Proto, SaKey, csum};
+use monitor_ebpf::{
+    Action, Counter, IPPROTO_TCP, PEER_FLAG_LEARN, PeerMode, Proto, SAMPLE_LEARNING, csum,
+};
 
 use crate::{
-    maps::{CAPTURE_ON, SA_RESIDUALS, secpath},
+    maps::{CAPTURE_ON, secpath},
     parse::{parse_l3, parse_l4},
     report::{self, Mismatch},
     scope::{Sa, address_scope_exemptions, ipsec_state},
     stats::{bump, count},
     sum::sum_segment,
+    trust::{self, Seen},
 };
 
 #[derive(Clone, Copy)]
@@ -89,33 +92,37 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
     } else {
         Proto::Udp
     } as usize;
+    // A peer with a configured residual has it in the peer map; one that learns has one per SA.
+    let mut sa_trust = None;
     let expected = if peer.flags & PEER_FLAG_LEARN == 0 {
         peer.expected_residual
     } else {
-        let key = SaKey {
-            src: l3.src,
-            dst: l3.dst,
-            encap_sport: sa.sport,
-            encap_dport: sa.dport,
-            peer_id: peer.id,
-        };
-        // SAFETY: the value is copied out at once; userspace may replace it concurrently,
-        // and either version is a valid residual.
-        let Some(v) = (unsafe { SA_RESIDUALS.get(&key) }) else {
-            // This NAT mapping's residual is not known yet: report what this segment left and
-            // pass it, neither verified nor a mismatch.
-            count(peer.id, |s| s.learning[p] += 1);
-            report::learning(&l3, &key, &sa, residual);
+        let (s, trusted) = trust::of_segment(&l3, &sa)?;
+        let Some(t) = trusted else {
+            // This SA's residual is not known yet: report what this segment left and pass it,
+            // neither verified nor a mismatch.
+            count(peer.id, |st| st.learning[p] += 1);
+            // SAFETY: a per-CPU map value, valid for this run.
+            let key = unsafe { &(*s).key };
+            report::trust(key, &sa, l3.family as u8, SAMPLE_LEARNING, residual, 0);
             return Ok(Verdict::Pass);
         };
-        v.expected_residual
+        sa_trust = Some((t, s));
+        // SAFETY: a map value pointer, valid for this run.
+        unsafe { (*t).expected_residual }
     };
     if expected == residual {
+        if let Some((t, _)) = sa_trust {
+            trust::verified(t);
+        }
         count(peer.id, |s| {
             s.verified_packets[p] += 1;
             s.verified_bytes[p] += u64::from(l4.len);
         });
         return Ok(Verdict::Pass);
+    }
+    if let Some((t, s)) = sa_trust {
+        trust::mismatch(t, s, &sa, &Seen::new(&l3, &l4, residual));
     }
     let action = if peer.mode == PeerMode::Enforce as u8 {
         count(peer.id, |s| {

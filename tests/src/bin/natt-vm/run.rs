@@ -30,6 +30,8 @@ pub(crate) struct Measured {
     pub(crate) dropped: u64,
     pub(crate) verified: u64,
     pub(crate) learning: u64,
+    /// `natt_monitor_residuals_withdrawn_total` at the end: no corruption may withdraw one.
+    pub(crate) withdrawn: u64,
     pub(crate) received: u64,
     pub(crate) differing: u64,
     pub(crate) kernel_csum_errors: u64,
@@ -257,6 +259,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         dropped: metric(&text, &series("dropped_packets_total")),
         verified: metric(&text, &series("verified_packets_total")),
         learning: metric(&text, &series("learning_packets_total")),
+        withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
         received,
         differing,
         kernel_csum_errors: metric(&text, "natt_monitor_kernel_tcp_in_csum_errors_total") - k0,

@@ -4,6 +4,34 @@ use natt_monitor::peers::Mode;
 
 use crate::plan::{Addrs, RESTART_STREAM, STREAM, V4, V6};
 
+/// What the corruption rule on R does to the ESP packets it picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Corruption {
+    /// Overwrites 32 bits with 0xdeadbeef in every `CORRUPT_EVERY`th packet: the checksum
+    /// delta varies with the data.
+    Word,
+    /// Sets one byte to 0xa5 at a fixed offset of every `every`th packet, on a stream that is
+    /// one byte repeated: every corrupted segment is shifted by the same checksum delta (a
+    /// stuck bit, or a fixed-offset DMA or crypto fault, on repetitive data).
+    ConstantDelta {
+        /// Every how many large ESP packets one is corrupted.
+        every: u32,
+    },
+}
+
+impl Corruption {
+    /// The `--fill` byte of the stream, for a corruption that needs repetitive data.
+    pub(crate) const fn fill(self) -> Option<u8> {
+        match self {
+            Self::Word => None,
+            Self::ConstantDelta { .. } => Some(FILL),
+        }
+    }
+}
+
+/// The byte a constant-delta scenario's stream repeats.
+pub(crate) const FILL: u8 = 0x5a;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Cipher {
     Null,
@@ -48,6 +76,7 @@ pub(crate) struct Scenario {
     pub(crate) encap: bool,
     pub(crate) nat: bool,
     pub(crate) corrupt: bool,
+    pub(crate) corruption: Corruption,
     pub(crate) v6: bool,
 }
 
@@ -66,7 +95,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 12] = [
+pub(crate) const SCENARIOS: [Scenario; 14] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -75,6 +104,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: false,
         corrupt: false,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -85,6 +115,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: false,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -95,6 +126,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: false,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -105,6 +137,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: false,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -115,6 +148,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: true,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -125,6 +159,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: false,
         nat: false,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -135,6 +170,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: true,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -145,6 +181,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: false,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: true,
     },
     Scenario {
@@ -155,6 +192,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: true,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -165,6 +203,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: true,
         corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {
@@ -175,6 +214,29 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: false,
         corrupt: true,
+        corruption: Corruption::Word,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "l-constant-delta-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ConstantDelta { every: 7 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "l-constant-delta-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ConstantDelta { every: 2 },
         v6: false,
     },
     Scenario {
@@ -185,6 +247,7 @@ pub(crate) const SCENARIOS: [Scenario; 12] = [
         encap: true,
         nat: false,
         corrupt: false,
+        corruption: Corruption::Word,
         v6: false,
     },
 ];

@@ -154,6 +154,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
         dropped: metric(&text, &series("dropped_packets_total")),
         verified: metric(&text, &series("verified_packets_total")),
         learning: metric(&text, &series("learning_packets_total")),
+        withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
         received: r1 + r2,
         differing: d1 + d2,
         kernel_csum_errors: metric(&text, kernel) - metric(&before, kernel),

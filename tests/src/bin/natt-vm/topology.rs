@@ -7,7 +7,7 @@ use natt_monitor_tests::net::{Netns, sh};
 use crate::{
     plan::{Addrs, CORRUPT_BIT, CORRUPT_EVERY, NULL_CIPHER, PLAINTEXT_PORT},
     processes::Daemon,
-    scenarios::{Cipher, Scenario, Setup},
+    scenarios::{Cipher, Corruption, Scenario, Setup},
     strongswan::{start_charon, swanctl, swanctl_conf},
 };
 
@@ -39,6 +39,8 @@ pub(crate) struct Topology {
     /// UDP 4500 sockets with `UDP_ENCAP_ESPINUDP`, one per end; ESP-in-UDP is only decapsulated
     /// while such a socket exists.
     pub(crate) _encap: Vec<UdpSocket>,
+    /// The byte every stream repeats (`natt-peer --fill`), or `None` for the pattern.
+    pub(crate) fill: Option<u8>,
 }
 
 pub(crate) fn set_udp_option(s: &UdpSocket, name: libc::c_int, value: libc::c_int, what: &str) {
@@ -132,6 +134,7 @@ impl Topology {
             r,
             b,
             _encap: encap,
+            fill: s.corruption.fill(),
         }
     }
 
@@ -198,14 +201,21 @@ impl Topology {
         } else {
             ""
         };
+        let (every, set) = match s.corruption {
+            Corruption::Word => (
+                CORRUPT_EVERY,
+                format!("@th,{CORRUPT_BIT},32 set 0xdeadbeef"),
+            ),
+            Corruption::ConstantDelta { every } => (every, format!("@th,{CORRUPT_BIT},8 set 0xa5")),
+        };
         ns_sh(
             &self.r,
             &[
                 "nft",
                 &format!(
                     "add table {family} natt; add chain {family} natt corrupt {{ type filter hook forward priority 0; }}; \
-                     add rule {family} natt corrupt {saddr} {a} {what} meta length > 1000 numgen inc mod {CORRUPT_EVERY} == 0 \
-                     counter @th,{CORRUPT_BIT},32 set 0xdeadbeef{zero_udp_csum}"
+                     add rule {family} natt corrupt {saddr} {a} {what} meta length > 1000 numgen inc mod {every} == 0 \
+                     counter {set}{zero_udp_csum}"
                 ),
             ],
         );

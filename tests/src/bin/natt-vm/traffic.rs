@@ -40,6 +40,7 @@ pub(crate) fn stream_from(
             "--bytes",
             &bytes.to_string(),
         ])
+        .args(fill_args(t))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -51,6 +52,7 @@ pub(crate) fn stream_from(
         .args(["send", "--netns", &from.name, "--connect"])
         .arg(Addrs::sock(t.addrs.b, port))
         .args(["--bytes", &bytes.to_string()])
+        .args(fill_args(t))
         .output()
         .expect("natt-peer send");
     let mut rest = String::new();
@@ -69,6 +71,13 @@ pub(crate) fn stream_from(
             .unwrap_or_else(|| panic!("no {k} in {rest:?}"))
     };
     (field("received="), field("differing="))
+}
+
+/// `natt-peer`'s `--fill` arguments for the topology's streams.
+fn fill_args(t: &Topology) -> Vec<String> {
+    t.fill
+        .map(|b| vec!["--fill".to_owned(), b.to_string()])
+        .unwrap_or_default()
 }
 
 /// Sends `PLAINTEXT_DATAGRAMS` UDP datagrams from A to B (no policy covers UDP) and, with

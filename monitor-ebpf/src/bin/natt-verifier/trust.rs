@@ -1,0 +1,217 @@
+//! Which residual an SA's segments are verified against, and the verifier's own evidence
+//! against it.
+//!
+//! A residual belongs to one SA (`SaKey`: NAT mapping and SPI) and is constant for that SA's
+//! life. It comes from the daemon, which learned it from the SA's own segments, or from the SA
+//! that held it on the same NAT mapping, taken over here at the SA's first segment while that
+//! SA is still alive (a rekey overlaps its predecessor). A new SA on a mapping whose SAs are
+//! gone learns afresh.
+//!
+//! Once installed, a mismatch is corruption. The one exception is decided here, in order with
+//! the verdicts: `WITHDRAW_AFTER` consecutive distinct segments of the SA that all leave one
+//! identical residual, with not one segment of the SA verifying in between, withdraw it (the
+//! SA's intact traffic is what is being refused). A corruption that spares even one segment in
+//! `WITHDRAW_AFTER` never withdraws anything.
+
+use monitor_ebpf::{
+    Counter, IPPROTO_TCP, MappingOwner, SAMPLE_INHERITED, SAMPLE_WITHDRAWN, SaKey, SaTrust,
+    TRUST_INHERITED, TrustCounter, WITHDRAW_AFTER, XFRM_STATE_VALID, segment_id,
+};
+
+use crate::{
+    maps::{MAPPINGS, SA_TRUST, TRUST_SCRATCH, secpath},
+    parse::{L3, L4},
+    report,
+    scope::{Sa, kread, sa_spi},
+    stats::bump_trust,
+};
+
+/// Per-CPU room for the keys and values this module hands to map helpers: the BPF stack
+/// (512 bytes for the program and its subprograms together) has none to spare.
+#[repr(C)]
+pub struct Scratch {
+    /// The segment's SA.
+    pub key: SaKey,
+    /// Its NAT mapping.
+    pub mapping: SaKey,
+    /// A value being written to `SA_TRUST`.
+    pub trust: SaTrust,
+    /// A value being written to `MAPPINGS`.
+    pub owner: MappingOwner,
+}
+
+/// The SA of a learning peer's segment, in this CPU's `Scratch`, and its trust entry (`None`:
+/// the SA learns).
+#[inline(always)]
+pub fn of_segment(l3: &L3, sa: &Sa) -> Result<(*mut Scratch, Option<*mut SaTrust>), Counter> {
+    let s = TRUST_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Counter::SkipIpsecUnreadable)?;
+    // SAFETY: a per-CPU map value, valid for this run.
+    unsafe {
+        (*s).key = SaKey {
+            src: l3.src,
+            dst: l3.dst,
+            encap_sport: sa.sport,
+            encap_dport: sa.dport,
+            peer_id: l3.peer.id,
+            spi: sa_spi(sa),
+        };
+    }
+    Ok((s, lookup(s, sa, l3.family as u8)))
+}
+
+/// The trust entry of the SA in `(*s).key`: its own, or one taken over from a live SA of its
+/// NAT mapping. `None`: the SA learns.
+#[inline(always)]
+pub fn lookup(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
+    // SAFETY: a per-CPU map value, valid for this run; the fields are plain integers.
+    unsafe {
+        if let Some(t) = SA_TRUST.get_ptr_mut(&(*s).key)
+            && (*t).state == sa.state
+        {
+            return Some(t);
+        }
+    }
+    if sa.state == 0 {
+        return None;
+    }
+    inherit(s, sa, family)
+}
+
+/// True while the `xfrm_state` at `state` is alive and still the SA with `spi`. A state torn
+/// down and freed fails one of the two: its memory is either no longer `XFRM_STATE_VALID` or
+/// now holds another SA, whose SPI differs.
+#[inline(always)]
+fn alive(state: u64, spi: u32) -> bool {
+    kread::<u32>(state + u64::from(secpath!(x_spi))).is_ok_and(|s| s == spi)
+        && kread::<u8>(state + u64::from(secpath!(x_km_state))).is_ok_and(|s| s == XFRM_STATE_VALID)
+}
+
+/// Takes over the residual of the SA that last held one on this SA's NAT mapping, if that SA
+/// is still alive (or is this very SA, whose own entry the LRU forgot).
+#[inline(never)]
+fn inherit(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
+    // SAFETY: a per-CPU map value, valid for this run; map values are copied out at once, and
+    // either version of a concurrently replaced one is valid.
+    unsafe {
+        (*s).mapping = (*s).key.mapping();
+        let owner = MAPPINGS.get(&(*s).mapping).copied()?;
+        if !alive(owner.state, owner.spi) {
+            return None;
+        }
+        (*s).trust = SaTrust {
+            state: sa.state,
+            expected_residual: owner.expected_residual,
+            origin: TRUST_INHERITED,
+            ..SaTrust::default()
+        };
+        SA_TRUST.insert(&(*s).key, &(*s).trust, 0).ok()?;
+        (*s).owner = MappingOwner {
+            state: sa.state,
+            spi: (*s).key.spi,
+            expected_residual: owner.expected_residual,
+            pad: 0,
+        };
+        let _ = MAPPINGS.insert(&(*s).mapping, &(*s).owner, 0);
+        bump_trust(TrustCounter::Inherited);
+        report::trust(
+            &(*s).key,
+            sa,
+            family,
+            SAMPLE_INHERITED,
+            owner.expected_residual,
+            0,
+        );
+        SA_TRUST.get_ptr_mut(&(*s).key)
+    }
+}
+
+/// A segment of the SA verified: the streak against its residual is broken.
+#[inline(always)]
+pub fn verified(t: *mut SaTrust) {
+    // SAFETY: a map value pointer, valid for this run.
+    unsafe {
+        if (*t).streak != 0 {
+            (*t).streak = 0;
+        }
+    }
+}
+
+/// A mismatching segment, as the streak sees it.
+pub struct Seen {
+    /// The residual it left.
+    pub residual: u16,
+    /// Its `segment_id`.
+    pub segment: u32,
+    /// Its `Family`.
+    pub family: u8,
+}
+
+impl Seen {
+    /// The segment with headers `l3`, `l4` that left `residual`.
+    #[inline(always)]
+    pub fn new(l3: &L3, l4: &L4, residual: u16) -> Self {
+        Self {
+            residual,
+            segment: segment_id(
+                l3.proto == IPPROTO_TCP,
+                l4.sport,
+                l4.dport,
+                l4.seq,
+                l4.field,
+                l4.len,
+            ),
+            family: l3.family as u8,
+        }
+    }
+}
+
+/// A segment of the SA left another residual than the SA's: extends or restarts the streak,
+/// and withdraws the residual when the streak is complete. A subprogram of its own (at most
+/// five arguments), off the verified path.
+#[inline(never)]
+pub fn mismatch(t: *mut SaTrust, s: *mut Scratch, sa: &Sa, seen: &Seen) {
+    let (residual, segment) = (seen.residual, seen.segment);
+    // SAFETY: a map value pointer, valid for this run. Concurrent updates of one SA from two
+    // CPUs can lose a step of the streak, never invent one.
+    unsafe {
+        let n = usize::from((*t).streak);
+        if n == 0 || (*t).streak_residual != residual {
+            (*t).streak_residual = residual;
+            (*t).recent[0] = segment;
+            (*t).streak = 1;
+            return;
+        }
+        let mut i = 0;
+        while i < WITHDRAW_AFTER {
+            if i < n && (*t).recent[i] == segment {
+                return;
+            }
+            i += 1;
+        }
+        if n + 1 < WITHDRAW_AFTER {
+            (*t).recent[n & (WITHDRAW_AFTER - 1)] = segment;
+            (*t).streak = (n + 1) as u8;
+            return;
+        }
+        let withdrawn = (*t).expected_residual;
+        let _ = SA_TRUST.remove(&(*s).key);
+        (*s).mapping = (*s).key.mapping();
+        if let Some(o) = MAPPINGS.get(&(*s).mapping)
+            && o.state == sa.state
+            && o.spi == (*s).key.spi
+        {
+            let _ = MAPPINGS.remove(&(*s).mapping);
+        }
+        bump_trust(TrustCounter::Withdrawn);
+        report::trust(
+            &(*s).key,
+            sa,
+            seen.family,
+            SAMPLE_WITHDRAWN,
+            withdrawn,
+            residual,
+        );
+    }
+}

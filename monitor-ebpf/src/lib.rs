@@ -67,6 +67,18 @@ pub enum PeerMode {
     Enforce = 1,
 }
 
+impl PeerMode {
+    /// The mode a peer map value carries; `None` for a value no program or daemon writes.
+    #[must_use]
+    pub const fn from_abi(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Observe),
+            1 => Some(Self::Enforce),
+            _ => None,
+        }
+    }
+}
+
 /// What happened to a mismatching segment (`MismatchEvent::action`, `CaptureRecord::action`).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -395,6 +395,43 @@ pub struct Settings {
     pub max_peer_labels: u32,
 }
 
+impl Settings {
+    /// The first setting in which `self` (a reloaded configuration) differs from `running`
+    /// that only a restart can apply, named by its file key; `None` when a reload applies all
+    /// of it (the peers and `mode`).
+    #[must_use]
+    pub fn needs_restart(&self, running: &Self) -> Option<&'static str> {
+        [
+            ("cgroup", self.cgroup != running.cgroup),
+            ("discover", self.discover != running.discover),
+            ("listen", self.listen != running.listen),
+            ("proc_path", self.proc_path != running.proc_path),
+            ("sys_path", self.sys_path != running.sys_path),
+            ("scope", self.scope != running.scope),
+            ("capture", self.capture != running.capture),
+            (
+                "capture_max_bytes",
+                self.capture_max_bytes != running.capture_max_bytes,
+            ),
+            ("log_format", self.log_format != running.log_format),
+            ("log_level", self.log_level != running.log_level),
+            ("pin_path", self.pin != running.pin),
+            ("log.mismatch_burst", self.log_burst != running.log_burst),
+            (
+                "log.mismatch_per_second",
+                self.log_per_second != running.log_per_second,
+            ),
+            ("max_peers", self.max_peers != running.max_peers),
+            (
+                "max_peer_labels",
+                self.max_peer_labels != running.max_peer_labels,
+            ),
+        ]
+        .into_iter()
+        .find_map(|(key, changed)| changed.then_some(key))
+    }
+}
+
 /// The default `--max-peer-labels`.
 pub const DEFAULT_MAX_PEER_LABELS: u32 = 256;
 
@@ -729,6 +766,28 @@ mod tests {
             "observe",
         ]);
         assert_eq!(resolve(&a).unwrap().peers[0].mode, Mode::Observe);
+    }
+
+    /// A reload applies peers and `mode`; any other change is refused, naming its file key.
+    #[test]
+    fn a_reload_names_the_first_setting_that_needs_a_restart() {
+        let (path, a) = file("mode = \"observe\"\nlisten = \"127.0.0.1:1\"\n");
+        let running = resolve(&a).unwrap();
+        std::fs::write(
+            &path,
+            "mode = \"enforce\"\nlisten = \"127.0.0.1:1\"\n[[peer]]\ncidr = \"192.0.2.7\"\n",
+        )
+        .unwrap();
+        let reloaded = resolve(&a).unwrap();
+        assert_eq!(reloaded.needs_restart(&running), None);
+        assert_eq!(reloaded.default_mode, Mode::Enforce);
+        std::fs::write(&path, "listen = \"127.0.0.1:2\"\nmax_peers = 9\n").unwrap();
+        assert_eq!(resolve(&a).unwrap().needs_restart(&running), Some("listen"));
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nmax_peers = 9\n").unwrap();
+        assert_eq!(
+            resolve(&a).unwrap().needs_restart(&running),
+            Some("max_peers")
+        );
     }
 
     #[test]

@@ -869,14 +869,14 @@ impl PeerMaps {
             })
     }
 
-    /// The residual SA `key` has in the map now (the verifier may have inherited, withdrawn
-    /// or, LRU, forgotten one since the daemon last heard).
+    /// The entry SA `key` has in the map now, as (address of its `xfrm_state`, residual): the
+    /// verifier may have inherited, withdrawn or, LRU, forgotten one since the daemon last heard.
     ///
     /// # Errors
     /// `EbpfFailure::Map` if the map cannot be read.
-    pub fn sa_residual(&self, key: &SaKey) -> Result<Option<u16>, EbpfFailure> {
+    pub fn sa_residual(&self, key: &SaKey) -> Result<Option<(u64, u16)>, EbpfFailure> {
         match self.residuals.get(key, 0) {
-            Ok(v) => Ok(Some(v.expected_residual)),
+            Ok(v) => Ok(Some((v.state, v.expected_residual))),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(EbpfFailure::Map {
                 what: "reading SA_TRUST".into(),

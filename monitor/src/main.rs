@@ -137,9 +137,7 @@ fn run(args: &RunOptions) -> anyhow::Result<()> {
     let reload_args = args.clone();
     let config = RunConfig {
         settings,
-        reload: Some(Box::new(move || {
-            config::resolve(&reload_args).map(|s| s.peers)
-        })),
+        reload: Some(Box::new(move || config::resolve(&reload_args))),
         listener: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -29,6 +29,16 @@ impl Mode {
         }
     }
 
+    /// The mode a peer map value carries; `None` for a byte no build writes.
+    #[must_use]
+    pub const fn from_abi(v: u8) -> Option<Self> {
+        match PeerMode::from_abi(v) {
+            Some(PeerMode::Observe) => Some(Self::Observe),
+            Some(PeerMode::Enforce) => Some(Self::Enforce),
+            None => None,
+        }
+    }
+
     /// Lower-case name, as used on the command line and in logs.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
@@ -244,11 +254,11 @@ impl PeerTable {
         let peers = entries
             .iter()
             .map(|(net, v)| {
-                let mode = if v.mode == Mode::Enforce.abi() {
-                    Mode::Enforce
-                } else {
+                // A byte no build writes: never drop on a guess.
+                let mode = Mode::from_abi(v.mode).unwrap_or_else(|| {
+                    tracing::warn!(peer = %net, mode = v.mode, "the pinned peer map holds a mode byte this build does not know; taking it as observe");
                     Mode::Observe
-                };
+                });
                 (v.id, PeerSpec::new(*net, mode))
             })
             .collect();
@@ -403,6 +413,26 @@ mod tests {
              198.51.100.0/24 or 2001:db8::/64)"
         );
         assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+
+    /// Every mode byte read back from a pinned map is decoded; one no build writes is taken as
+    /// observe, never as enforce.
+    #[test]
+    fn pinned_mode_bytes_are_decoded() {
+        for m in [Mode::Observe, Mode::Enforce] {
+            assert_eq!(Mode::from_abi(m.abi()), Some(m));
+        }
+        assert_eq!(Mode::from_abi(7), None);
+        let net = parse_cidr("192.0.2.7").unwrap();
+        let value = |mode| PeerValue {
+            id: 3,
+            mode,
+            ..PeerValue::default()
+        };
+        let t = PeerTable::pinned(&[(net, value(Mode::Enforce.abi()))], 8);
+        assert_eq!(t.get(3).map(|p| p.mode), Some(Mode::Enforce));
+        let t = PeerTable::pinned(&[(net, value(7))], 8);
+        assert_eq!(t.get(3).map(|p| p.mode), Some(Mode::Observe));
     }
 
     #[test]

@@ -1307,6 +1307,21 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
         (1, 1, 2)
     );
 
+    // A setting only a restart applies is refused, naming its key; nothing changes.
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("max_peers = 9\n{good}")).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for("reload refused: `max_peers` changed, and only a restart applies it; keeping the current configuration (restart the daemon, or put `max_peers` back)");
+    let (_, refused) = d.get("/metrics");
+    assert_eq!(
+        metric(&refused, "natt_monitor_config_last_reload_successful"),
+        Some(0)
+    );
+    assert_eq!(
+        metric(&refused, "natt_monitor_peers{source=\"static\"}"),
+        Some(2)
+    );
+
     // A broken file on reload keeps the current peers and the daemon running.
     std::fs::write(&cfg, "[[peer]]\ncidr = \"not-an-address\"\n").unwrap();
     d.signal(libc::SIGHUP);
@@ -1385,18 +1400,20 @@ fn poison_pinned_residuals(pins: &std::path::Path, residual: u16) -> usize {
     keys.len()
 }
 
+const OBSERVE_ONLY: &str = "address scope: peers whose NAT residual is learned run in observe mode, whatever their mode says (a learned residual is a guess there; enforce needs an exact one: configure the peer's original addresses, or run on a kernel with BTF for SA scope)";
+
 const WITHDRAWN: &str = "learned NAT residual withdrawn: consecutive distinct segments of the SA all left one other value and none verified in between, so it refused intact traffic; learning again";
 
-/// Learning under attack, end to end: a peer whose mapping holds a wrong learned residual (here
+/// Learning under attack, end to end: a peer whose SA holds a wrong learned residual (here
 /// written into the pinned map between two daemons, as a flood while it learned would leave it)
-/// has its intact segments refused in enforce mode. The verifier withdraws the residual after 16
-/// consecutive distinct segments leave the true value, the daemon learns it again, and every
-/// stream arrives byte for byte: TCP retransmitted what was dropped meanwhile.
+/// has its intact segments refused. The verifier withdraws the residual after 16 consecutive
+/// distinct segments leave the true value, and the daemon learns it again. (This host has no
+/// ESP, so the lab runs address scope, where a learned peer is observed whatever its mode says:
+/// the enforce mode the file asks for is refused with a warning, and nothing is dropped. The VM
+/// suite drops under SA scope.)
 #[test]
-fn a_wrong_learned_residual_is_withdrawn_and_the_stream_survives_enforce_mode() {
-    if skip_unless_root(
-        "a_wrong_learned_residual_is_withdrawn_and_the_stream_survives_enforce_mode",
-    ) {
+fn a_wrong_learned_residual_is_withdrawn_by_the_verifier_and_learned_again() {
+    if skip_unless_root("a_wrong_learned_residual_is_withdrawn_by_the_verifier_and_learned_again") {
         return;
     }
     let lab = Lab::new(1500);
@@ -1425,6 +1442,9 @@ fn a_wrong_learned_residual_is_withdrawn_and_the_stream_survives_enforce_mode() 
     // The first daemon learns the lab's true residual (0: no NAT) and leaves it pinned.
     let mut first = Daemon::start(&args);
     first.wait_for("verifier attached at cgroup_skb ingress");
+    let refused = first.messages(OBSERVE_ONLY);
+    assert_eq!(refused.len(), 1, "{:?}", first.lines.lock().unwrap());
+    assert_eq!(field_u64(&refused[0], "peers"), 1);
     let s = stream(peer, &lab, &cg.path, 1 << 20, false);
     assert_eq!((s.received, s.differing), (1 << 20, 0));
     first.wait_for("NAT residual learned; verifying this SA from now on");
@@ -1480,16 +1500,16 @@ fn a_wrong_learned_residual_is_withdrawn_and_the_stream_survives_enforce_mode() 
         Some(1)
     );
     let (verified, mismatches, dropped) = tcp_counts(&body);
-    // Every refused segment was dropped: the 16 that decided, and any retransmission of one of
-    // them that arrived before the sixteenth. Then the streams were verified.
-    assert_eq!(dropped, mismatches);
+    // Observed, not dropped: the 16 that decided, and any segment of the twenty connections
+    // judged before the withdrawal reached the ring. Then the streams were verified.
+    assert_eq!(dropped, 0);
     assert!(mismatches >= 16, "{mismatches} mismatches");
     assert!(
         verified > verified_before + 1000,
         "{verified_before} -> {verified}"
     );
     eprintln!(
-        "wrong residual withdrawn after {mismatches} refused segments (all dropped, all retransmitted); {} segments verified after relearning",
+        "wrong residual withdrawn after {mismatches} refused segments; {} segments verified after relearning",
         verified - verified_before
     );
     let (status, _) = second.stop(libc::SIGTERM);

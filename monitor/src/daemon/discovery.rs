@@ -66,7 +66,6 @@ fn fail(e: XfrmError) -> io::Error {
 pub async fn follow(
     watch: Option<AsyncFd<Watch>>,
     state: StateHandle,
-    mode: Mode,
     errors: prometheus::IntCounter,
 ) -> io::Result<()> {
     let Some(mut watch) = watch else {
@@ -88,7 +87,8 @@ pub async fn follow(
         let (peers, sas, dump_ms) = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
             xfrm::dump().map(|sas| {
-                let peers = xfrm::peers_from(&sas, mode, xfrm::is_local);
+                // The state task gives discovered peers the mode in force (a reload changes it).
+                let peers = xfrm::peers_from(&sas, Mode::default(), xfrm::is_local);
                 (peers, sas.len(), t0.elapsed().as_millis())
             })
         })

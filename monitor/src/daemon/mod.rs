@@ -70,7 +70,7 @@ use crate::{
 };
 
 /// Re-reads the peer list on SIGHUP (the configuration file and flags).
-pub type Reloader = Box<dyn Fn() -> Result<Vec<PeerSpec>, ConfigError> + Send + Sync>;
+pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
 
 /// Everything `run` needs.
 pub struct RunConfig {
@@ -414,14 +414,12 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     tasks.spawn("http", http::serve(listener, Arc::new(endpoint), web));
     tasks.spawn(
         "xfrm-discovery",
-        discovery::follow(
-            watch,
-            handle.clone(),
-            settings.default_mode,
-            discovery_errors,
-        ),
+        discovery::follow(watch, handle.clone(), discovery_errors),
     );
-    tasks.spawn("sighup", reload::follow(hup, reload, handle, reloads));
+    tasks.spawn(
+        "sighup",
+        reload::follow(hup, reload, settings, handle, reloads),
+    );
     tasks.spawn("link-watch", watch_link(link));
     Ok(Running {
         verifier: k.verifier,
@@ -517,6 +515,7 @@ impl Loaded {
             discovered,
             &prior,
             settings.max_peers,
+            settings.default_mode,
         )?;
         let health = Arc::new(Health::default());
         let stats = verifier.stats();

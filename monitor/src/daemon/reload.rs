@@ -1,7 +1,9 @@
-//! SIGHUP: re-reading the static peers.
+//! SIGHUP: re-reading the configuration.
 //!
-//! Owns the SIGHUP stream and the caller's `Reloader`. A reload that fails (a bad file, a peer
-//! set the maps refuse) keeps the current peers, says why and sets
+//! Owns the SIGHUP stream and the caller's `Reloader`. A reload applies the static peers and
+//! the mode of every peer (discovered ones take the new `mode`). A reload that fails (a bad
+//! file, a peer set the maps refuse, a changed setting only a restart applies, named by its
+//! key) keeps everything as it was, says why and sets
 //! `natt_monitor_config_last_reload_successful` to 0; it never takes the daemon down.
 
 use std::io;
@@ -10,6 +12,7 @@ use tokio::signal::unix::Signal;
 use tracing::{error, info, warn};
 
 use crate::{
+    config::Settings,
     daemon::{Reloader, log_peers, state::StateHandle},
     metrics::ReloadMetrics,
 };
@@ -21,6 +24,7 @@ use crate::{
 pub async fn follow(
     mut hup: Signal,
     reload: Option<Reloader>,
+    mut running: Settings,
     state: StateHandle,
     outcome: ReloadMetrics,
 ) -> io::Result<()> {
@@ -29,7 +33,7 @@ pub async fn follow(
             warn!("SIGHUP ignored: no configuration to re-read");
             continue;
         };
-        let specs = match reload() {
+        let settings = match reload() {
             Ok(s) => s,
             Err(e) => {
                 outcome.failed();
@@ -37,16 +41,29 @@ pub async fn follow(
                 continue;
             }
         };
-        match state.replace_static(specs).await {
+        if let Some(key) = settings.needs_restart(&running) {
+            outcome.failed();
+            error!(
+                key,
+                "reload refused: `{key}` changed, and only a restart applies it; keeping the current configuration (restart the daemon, or put `{key}` back)"
+            );
+            continue;
+        }
+        match state
+            .replace_static(settings.peers.clone(), settings.default_mode)
+            .await
+        {
             Ok(applied) => {
                 outcome.succeeded();
                 info!(
                     peers = applied.table.len(),
                     added = applied.added,
                     removed = applied.removed,
+                    mode = %settings.default_mode,
                     "reloaded peers on SIGHUP"
                 );
                 log_peers(&applied.table);
+                running = settings;
             }
             Err(e) => {
                 outcome.failed();

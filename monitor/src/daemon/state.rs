@@ -18,7 +18,7 @@ use crate::{
     ebpf::{MapContents, PeerMaps},
     events::{Learning, LearningKind},
     learn::{Outcome, WINDOW},
-    peers::{PeerSpec, PeerTable},
+    peers::{Mode, PeerSpec, PeerTable},
     residuals::Residuals,
     scope::Scope,
 };
@@ -58,7 +58,11 @@ pub struct Applied {
 
 #[derive(Debug)]
 enum Command {
-    Static(Vec<PeerSpec>, oneshot::Sender<Result<Applied, String>>),
+    Static(
+        Vec<PeerSpec>,
+        Mode,
+        oneshot::Sender<Result<Applied, String>>,
+    ),
     Discovered(
         Vec<PeerSpec>,
         oneshot::Sender<Result<Option<Applied>, String>>,
@@ -77,14 +81,19 @@ pub struct StateHandle {
 const GONE: &str = "the SA/peer state task has stopped";
 
 impl StateHandle {
-    /// Replaces the static peers (on SIGHUP). On error the previous peers stay.
+    /// Replaces the static peers and the mode of discovered ones (on SIGHUP). On error the
+    /// previous peers stay.
     ///
     /// # Errors
     /// Why the new list was refused or could not be installed.
-    pub async fn replace_static(&self, specs: Vec<PeerSpec>) -> Result<Applied, String> {
+    pub async fn replace_static(
+        &self,
+        specs: Vec<PeerSpec>,
+        default_mode: Mode,
+    ) -> Result<Applied, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Static(specs, reply))
+            .send(Command::Static(specs, default_mode, reply))
             .await
             .map_err(|_| GONE.to_owned())?;
         rx.await.map_err(|_| GONE.to_owned())?
@@ -134,6 +143,8 @@ pub struct SaState {
     discovered: Vec<PeerSpec>,
     residuals: Residuals,
     scope: Scope,
+    /// The mode of discovered peers (`--mode`), which a reload may change.
+    default_mode: Mode,
     view: watch::Sender<Arc<View>>,
     evicted: u64,
 }
@@ -159,18 +170,64 @@ fn merge(statics: &[PeerSpec], discovered: &[PeerSpec]) -> Vec<PeerSpec> {
     out
 }
 
-/// Under SA scope every peer without configured NAT addresses learns its residual per NAT
-/// mapping, and a rekey (a new discovery generation) is no reason to forget anything: the
-/// mapping, and with it the residual, stays. Under address scope a static peer without NAT
-/// addresses has residual 0 and a discovered one learns again when its SAs change.
+/// Discovered peers take the default mode in force, whatever discovery was started with.
+fn in_mode(mode: Mode, mut specs: Vec<PeerSpec>) -> Vec<PeerSpec> {
+    for p in &mut specs {
+        p.mode = mode;
+    }
+    specs
+}
+
+/// True when `a` and `b` differ in more than their mode: a mode change keeps the residuals,
+/// which depend on addresses only.
+fn changed_beyond_mode(a: &PeerSpec, b: &PeerSpec) -> bool {
+    PeerSpec {
+        mode: a.mode,
+        ..b.clone()
+    } != *a
+}
+
+/// Under SA scope every peer without configured NAT addresses learns its residual per SA, and
+/// a rekey (a new discovery generation) is no reason to forget anything: the verifier hands the
+/// residual on to the new SA itself. Under address scope a static peer without NAT addresses
+/// has residual 0 and a discovered one learns again when its SAs change; and there a learned
+/// residual is a guess (plaintext and decapsulated segments of one address pair cannot be told
+/// apart), so a peer that learns is only observed, never enforced.
 fn scoped(scope: Scope, mut specs: Vec<PeerSpec>) -> Vec<PeerSpec> {
-    if matches!(scope, Scope::Sa(_)) {
-        for p in &mut specs {
-            p.learn = p.nat.is_none();
-            p.generation = 0;
+    for p in &mut specs {
+        match scope {
+            Scope::Sa(_) => {
+                p.learn = p.nat.is_none();
+                p.generation = 0;
+            }
+            Scope::Address if p.learn => p.mode = Mode::Observe,
+            Scope::Address => {}
         }
     }
     specs
+}
+
+/// Peers of `specs` that ask for enforce mode but learn their residual under address scope, and
+/// so run in observe mode (`scoped`).
+fn observe_only(scope: Scope, specs: &[PeerSpec]) -> usize {
+    if matches!(scope, Scope::Sa(_)) {
+        return 0;
+    }
+    specs
+        .iter()
+        .filter(|p| p.learn && p.mode == Mode::Enforce)
+        .count()
+}
+
+/// Says, once per peer set, that address scope keeps learned peers in observe mode.
+fn warn_observe_only(scope: Scope, statics: &[PeerSpec], discovered: &[PeerSpec]) {
+    let n = observe_only(scope, statics) + observe_only(scope, discovered);
+    if n > 0 {
+        warn!(
+            peers = n,
+            "address scope: peers whose NAT residual is learned run in observe mode, whatever their mode says (a learned residual is a guess there; enforce needs an exact one: configure the peer's original addresses, or run on a kernel with BTF for SA scope)"
+        );
+    }
 }
 
 impl SaState {
@@ -188,7 +245,10 @@ impl SaState {
         discovered: Vec<PeerSpec>,
         prior: &MapContents,
         max_peers: u32,
+        default_mode: Mode,
     ) -> Result<(Self, watch::Receiver<Arc<View>>), DaemonError> {
+        let discovered = in_mode(default_mode, discovered);
+        warn_observe_only(scope, &statics, &discovered);
         let statics = scoped(scope, statics);
         let discovered = scoped(scope, discovered);
         let before = PeerTable::pinned(&prior.peers, max_peers);
@@ -221,6 +281,7 @@ impl SaState {
             discovered,
             residuals,
             scope,
+            default_mode,
             view,
             evicted: 0,
         };
@@ -244,10 +305,17 @@ impl SaState {
         let Inbox(mut rx) = inbox;
         while let Some(cmd) = rx.blocking_recv() {
             match cmd {
-                Command::Static(specs, reply) => {
-                    let _ = reply.send(self.apply(Some(specs), None));
+                Command::Static(specs, mode, reply) => {
+                    warn_observe_only(self.scope, &specs, &[]);
+                    let discovered = in_mode(mode, self.discovered.clone());
+                    let out = self.apply(Some(specs), Some(discovered));
+                    if out.is_ok() {
+                        self.default_mode = mode;
+                    }
+                    let _ = reply.send(out);
                 }
                 Command::Discovered(specs, reply) => {
+                    let specs = in_mode(self.default_mode, specs);
                     let out = if scoped(self.scope, specs.clone()) == self.discovered {
                         Ok(None)
                     } else {
@@ -299,11 +367,11 @@ impl SaState {
             }
             return Err(format!("{e}; kept the previous peers"));
         }
-        // A peer whose prefix, mode or NAT addresses changed (or that went) starts over: its
-        // residuals were learned for what it was.
+        // A peer whose prefix or NAT addresses changed (or that went) starts over: its residuals
+        // were learned for what it was. One whose mode alone changed keeps them.
         let changed: Vec<u32> = old
             .iter()
-            .filter(|(id, p)| new.get(*id) != Some(*p))
+            .filter(|(id, p)| new.get(*id).is_none_or(|n| changed_beyond_mode(p, n)))
             .map(|(id, _)| id)
             .collect();
         for id in changed {
@@ -385,10 +453,11 @@ impl SaState {
         let key = m.key;
         if self.residuals.get(&key).is_some() {
             // Held as learned, yet the verifier sent a sample: it has forgotten the residual
-            // (LRU), unless this sample was in the ring when the residual was installed.
+            // (LRU), or the entry is another SA's (one that held the same SPI on the same
+            // mapping), unless this sample was in the ring when the residual was installed.
             match self.maps.sa_residual(&key) {
-                Ok(Some(_)) => return,
-                Ok(None) => {
+                Ok(Some((state, _))) if state == m.state => return,
+                Ok(_) => {
                     self.residuals.forgotten(key);
                     self.evicted += 1;
                     self.publish();
@@ -444,7 +513,7 @@ impl SaState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peers::{Mode, Source, parse_cidr};
+    use crate::peers::{Source, parse_cidr};
 
     fn spec(net: &str, source: Source) -> PeerSpec {
         let mut p = PeerSpec::new(parse_cidr(net).unwrap(), Mode::Observe);
@@ -466,6 +535,19 @@ mod tests {
         assert_eq!(merged, ["192.0.2.0/24", "198.51.100.7/32"]);
     }
 
+    /// A reload's `mode` reaches discovered peers, and a change of mode alone keeps what was
+    /// learned for them.
+    #[test]
+    fn discovered_peers_take_the_mode_in_force_and_keep_residuals_across_it() {
+        let p = spec("192.0.2.9", Source::Xfrm);
+        let enforced = in_mode(Mode::Enforce, vec![p.clone()]);
+        assert_eq!(enforced[0].mode, Mode::Enforce);
+        assert!(!changed_beyond_mode(&p, &enforced[0]));
+        let mut moved = enforced[0].clone();
+        moved.net = parse_cidr("192.0.2.10").unwrap();
+        assert!(changed_beyond_mode(&p, &moved));
+    }
+
     #[test]
     fn sa_scope_learns_every_peer_without_nat_addresses() {
         let mut p = spec("192.0.2.9", Source::Xfrm);
@@ -480,5 +562,29 @@ mod tests {
         let out = scoped(Scope::Address, vec![p]);
         assert!(!out[0].learn);
         assert_eq!(out[0].generation, 42);
+    }
+
+    /// Address scope never drops on a guess: a peer that learns its residual there is observed
+    /// whatever mode it asks for; one whose residual is exact keeps enforce.
+    #[test]
+    fn address_scope_enforces_only_exact_residuals() {
+        let mut learned = spec("192.0.2.9", Source::Xfrm);
+        learned.learn = true;
+        learned.mode = Mode::Enforce;
+        let mut exact = spec("198.51.100.0/24", Source::Static);
+        exact.mode = Mode::Enforce;
+        let specs = vec![learned, exact];
+        assert_eq!(observe_only(Scope::Address, &specs), 1);
+        let out = scoped(Scope::Address, specs.clone());
+        assert_eq!(
+            out.iter().map(|p| p.mode).collect::<Vec<_>>(),
+            [Mode::Observe, Mode::Enforce]
+        );
+        let sa = Scope::Sa(monitor_ebpf::SecpathLayout {
+            enabled: 1,
+            ..Default::default()
+        });
+        assert_eq!(observe_only(sa, &specs), 0);
+        assert!(scoped(sa, specs).iter().all(|p| p.mode == Mode::Enforce));
     }
 }

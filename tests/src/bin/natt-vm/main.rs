@@ -116,7 +116,7 @@ fn main() {
 /// The scenario's `NATT-VM RESULT` line.
 fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
     format!(
-        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} withdrawn={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} restart={} scale={} captured={} seconds={secs:.1} result={}",
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} dropped={} verified={} learning={} withdrawn={} inherited={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} captured={} seconds={secs:.1} result={}",
         s.name,
         s.setup,
         s.mode,
@@ -134,6 +134,7 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
         m.verified,
         m.learning,
         m.withdrawn,
+        m.inherited,
         m.residual,
         m.received,
         m.differing,
@@ -146,6 +147,7 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
         m.plaintext.as_deref().unwrap_or("-"),
         m.rekey_learning
             .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+        m.rejoin.as_deref().unwrap_or("-"),
         m.restart
             .as_ref()
             .map_or_else(|| "-".to_owned(), restart::Restart::summary),

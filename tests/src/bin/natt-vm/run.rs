@@ -32,6 +32,9 @@ pub(crate) struct Measured {
     pub(crate) learning: u64,
     /// `natt_monitor_residuals_withdrawn_total` at the end: no corruption may withdraw one.
     pub(crate) withdrawn: u64,
+    /// `natt_monitor_residuals_inherited_total` at the end: SAs verified from their first
+    /// segment with their predecessor's residual.
+    pub(crate) inherited: u64,
     pub(crate) received: u64,
     pub(crate) differing: u64,
     pub(crate) kernel_csum_errors: u64,
@@ -54,6 +57,8 @@ pub(crate) struct Measured {
     /// IKE SA) were rekeyed mid-run (0: the new SA inherited the residual), and whether the
     /// stream after the rekeys was byte-exact.
     pub(crate) rekey_learning: Option<u64>,
+    /// The shared-NAT scenario's returning host (`shared_nat::Rejoin::summary`).
+    pub(crate) rejoin: Option<String>,
     /// `j-sigkill-restart`: what the SIGKILL and the second start did.
     pub(crate) restart: Option<Restart>,
     /// `k-ten-thousand-sas`: discovery, labels and footprint at ten thousand SAs.
@@ -260,6 +265,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         verified: metric(&text, &series("verified_packets_total")),
         learning: metric(&text, &series("learning_packets_total")),
         withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
+        inherited: metric(&text, "natt_monitor_residuals_inherited_total"),
         received,
         differing,
         kernel_csum_errors: metric(&text, "natt_monitor_kernel_tcp_in_csum_errors_total") - k0,
@@ -271,6 +277,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         plaintext,
         plaintext_mismatches,
         rekey_learning: rekey.map(|(l, exact)| if exact { l } else { u64::MAX }),
+        rejoin: None,
         // The first daemon died by SIGKILL with its capture file in any state: the second's.
         captured: if restart.is_some() {
             captured(&format!("{}-restarted", s.name))

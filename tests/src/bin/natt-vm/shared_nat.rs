@@ -15,9 +15,12 @@ use crate::{
 };
 
 /// Two hosts with different private addresses behind one masquerading NAT, each with its own
-/// SAs to B: A (10.1.0.1, encapsulation port 4500, reqid 1, TCP ports 5000/5001 on B) and A2
-/// (10.3.0.1, port 4501, reqid 2, TCP ports 5100/5101). B sees both as R's address; their NAT
-/// residuals differ, and each SA must be verified against its own.
+/// SAs to B: A (10.1.0.1, encapsulation port 4500, reqid 1, TCP ports 5000-5002 on B) and A2
+/// (10.3.0.1, port 4501, reqid 2, TCP ports 5100-5102). B sees both as R's address; their NAT
+/// residuals differ, and each SA must be verified against its own. Then A leaves (its SAs
+/// deleted on both ends) and comes back with another private address, on the same NAT mapping
+/// (R:4500), while A2 keeps streaming: the new SA must learn its own residual, never inherit
+/// the departed one's (`rejoin`).
 #[expect(
     clippy::too_many_lines,
     reason = "one scenario from set-up to readings, in the order it happens"
@@ -76,8 +79,8 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
     }
     // B: both pairs from and to the NAT's address, told apart by reqid; the TCP port picks it.
     for (spi_in, spi_out, port, reqid, tcp_ports) in [
-        ("0x1001", "0x2001", 4500, "1", [5000, 5001]),
-        ("0x1002", "0x2002", 4501, "2", [5100, 5101]),
+        ("0x1001", "0x2001", 4500, "1", [5000, 5001, 5002]),
+        ("0x1002", "0x2002", 4501, "2", [5100, 5101, 5102]),
     ] {
         xfrm_state(
             &t.b,
@@ -124,6 +127,21 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
     let aggregated = "natt_monitor_skipped_packets_total{reason=\"aggregated\"}";
     let kernel = "natt_monitor_kernel_tcp_in_csum_errors_total";
     let before = scrape(&t.b);
+    // NAT mappings expire 2 s after their last packet from now on, so that the one A held is
+    // free for its return (a masquerading NAT keeps the source port when it can).
+    for timeout in [
+        "nf_conntrack_udp_timeout",
+        "nf_conntrack_udp_timeout_stream",
+    ] {
+        ns_sh(
+            &t.r,
+            &[
+                "sh",
+                "-c",
+                &format!("echo 2 > /proc/sys/net/netfilter/{timeout}"),
+            ],
+        );
+    }
     t.corrupt(s);
     ns_sh(
         &t.r,
@@ -136,6 +154,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
     );
     let (r1, d1) = stream_from(&t, &t.a, &cg.path, STREAM, 5001);
     let (r2, d2) = stream_from(&t, &a2, &cg.path, STREAM, 5101);
+    let rejoin = rejoin(&t, &a2, &cg.path);
     std::thread::sleep(Duration::from_millis(500));
     let text = scrape(&t.b);
     let log = fs::read_to_string(&d.log).unwrap_or_default();
@@ -155,8 +174,9 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
         verified: metric(&text, &series("verified_packets_total")),
         learning: metric(&text, &series("learning_packets_total")),
         withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
-        received: r1 + r2,
-        differing: d1 + d2,
+        received: r1 + r2 + rejoin.received,
+        differing: d1 + d2 + rejoin.differing,
+        rejoin: Some(rejoin.summary(&text, &series)),
         kernel_csum_errors: metric(&text, kernel) - metric(&before, kernel),
         xfrm_peers: metric(&text, "natt_monitor_peers{source=\"xfrm\"}"),
         residual: residuals.join(","),
@@ -169,7 +189,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
 /// The residuals the shared-NAT scenario's two SAs must learn, sorted as their text.
 pub(crate) fn shared_nat_residuals() -> String {
     let x = &V4;
-    let mut want: Vec<String> = [x.a, A2]
+    let mut want: Vec<String> = [x.a, A2, A_RETURNED]
         .iter()
         .map(|orig| {
             let mut p = PeerSpec::new(parse_cidr(x.r_b).expect("cidr"), Mode::Observe);
@@ -183,9 +203,140 @@ pub(crate) fn shared_nat_residuals() -> String {
         })
         .collect();
     want.sort_unstable();
-    assert_ne!(
-        want[0], want[1],
-        "the two hosts must leave different residuals"
+    want.dedup();
+    assert_eq!(
+        want.len(),
+        3,
+        "the three addresses must leave different residuals"
     );
     want.join(",")
+}
+
+/// A's private address when it comes back on the same NAT mapping.
+pub(crate) const A_RETURNED: &str = "10.1.0.5";
+
+/// What the returning host's phase measured.
+pub(crate) struct Rejoin {
+    /// Bytes both streams of the phase received, and how many differed.
+    received: u64,
+    differing: u64,
+    /// The returning host's stream was byte-exact (and A2's meanwhile).
+    exact: bool,
+    /// The peer's mismatches and learning segments before the phase.
+    mismatches_before: u64,
+    learning_before: u64,
+}
+
+impl Rejoin {
+    /// `learned=N,mismatches=M,exact=yes|no` for the result line: the segments the new SA
+    /// learned from, and the mismatches the phase added (A2's injected corruption: the
+    /// scenario's totals compare every mismatch with what was injected, so a false one on the
+    /// returning host's SA fails them).
+    fn summary(&self, text: &str, series: &impl Fn(&str) -> String) -> String {
+        format!(
+            "learned={},mismatches={},exact={}",
+            metric(text, &series("learning_packets_total")) - self.learning_before,
+            metric(text, &series("checksum_mismatches_total")) - self.mismatches_before,
+            if self.exact { "yes" } else { "no" }
+        )
+    }
+}
+
+/// A leaves: its SAs go on both ends and its NAT mapping expires. It comes back with another
+/// private address and new SAs (reqid 1 on B again), and the port-preserving NAT gives it the
+/// same public address and port. Meanwhile A2 streams through its own SA. Returns what the
+/// phase measured.
+fn rejoin(t: &Topology, a2: &Netns, cg: &std::path::Path) -> Rejoin {
+    let x = t.addrs;
+    let nat = x.r_b;
+    let peer = format!("{nat}/32");
+    let text = scrape(&t.b);
+    let before = |name: &str| {
+        metric(
+            &text,
+            &format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}"),
+        )
+    };
+    let (mismatches_before, learning_before) = (
+        before("checksum_mismatches_total"),
+        before("learning_packets_total"),
+    );
+    sh(&["ip", "-n", &t.a.name, "xfrm", "state", "flush"]);
+    sh(&["ip", "-n", &t.a.name, "xfrm", "policy", "flush"]);
+    for (src, dst, spi) in [(nat, x.b, "0x1001"), (x.b, nat, "0x2001")] {
+        sh(&[
+            "ip", "-n", &t.b.name, "xfrm", "state", "delete", "src", src, "dst", dst, "proto",
+            "esp", "spi", spi,
+        ]);
+    }
+    sh(&["ip", "-n", &t.a.name, "addr", "flush", "dev", "va"]);
+    sh(&[
+        "ip",
+        "-n",
+        &t.a.name,
+        "addr",
+        "add",
+        &format!("{A_RETURNED}/24"),
+        "dev",
+        "va",
+    ]);
+    sh(&[
+        "ip", "-n", &t.a.name, "route", "replace", "default", "via", x.r_a,
+    ]);
+    // The old mapping expires 2 s after its last packet.
+    std::thread::sleep(Duration::from_secs(4));
+    xfrm_state(
+        &t.a,
+        A_RETURNED,
+        x.b,
+        "0x1003",
+        "0",
+        NULL_CIPHER,
+        Some((4500, 4500, x.any)),
+    );
+    xfrm_state(
+        &t.a,
+        x.b,
+        A_RETURNED,
+        "0x2003",
+        "0",
+        NULL_CIPHER,
+        Some((4500, 4500, x.any)),
+    );
+    tcp_policy(&t.a, A_RETURNED, x.b, "out", None, "0");
+    tcp_policy(&t.a, x.b, A_RETURNED, "in", None, "0");
+    xfrm_state(
+        &t.b,
+        nat,
+        x.b,
+        "0x1003",
+        "1",
+        NULL_CIPHER,
+        Some((4500, 4500, x.any)),
+    );
+    xfrm_state(
+        &t.b,
+        x.b,
+        nat,
+        "0x2003",
+        "1",
+        NULL_CIPHER,
+        Some((4500, 4500, x.any)),
+    );
+    let (ra, da, rb, db) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| stream_from(t, a2, cg, STREAM, 5102));
+        std::thread::sleep(Duration::from_millis(200));
+        let (ra, da) = stream_from(t, &t.a, cg, STREAM, 5002);
+        let (rb, db) = other.join().expect("A2's stream");
+        (ra, da, rb, db)
+    });
+    // B's SAs send to R:4500, so the returning host's stream completes only if the NAT gave
+    // it the departed host's mapping: the byte-exact stream is the proof it did.
+    Rejoin {
+        received: ra + rb,
+        differing: da + db,
+        exact: (ra, da, rb, db) == (STREAM, 0, STREAM, 0),
+        mismatches_before,
+        learning_before,
+    }
 }

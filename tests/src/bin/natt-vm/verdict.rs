@@ -117,6 +117,32 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
             format!("{} mismatches on plaintext", m.plaintext_mismatches),
         );
     }
+    if s.setup == Setup::SharedNat {
+        // The returning host learned its own residual from its own segments (at least 8),
+        // with not one false mismatch, and both streams of the phase were byte-exact.
+        let ok = m.rejoin.as_deref().is_some_and(|r| {
+            let field = |k: &str| {
+                r.split(',')
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .unwrap_or_default()
+            };
+            field("learned=").parse::<u64>().is_ok_and(|n| n >= 8) && field("exact=") == "yes"
+        });
+        expect(
+            ok,
+            format!(
+                "the host that came back on a departed host's NAT mapping: {}",
+                m.rejoin.as_deref().unwrap_or("-")
+            ),
+        );
+    }
+    if s.setup == Setup::StrongSwan {
+        // The rekeyed child SA took its predecessor's residual over at its first segment.
+        expect(
+            m.inherited >= 1,
+            format!("{} residuals inherited across the rekeys", m.inherited),
+        );
+    }
     if let Some(l) = m.rekey_learning {
         expect(
             l == 0,
@@ -189,7 +215,8 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
         );
     }
     let streamed = if s.setup == Setup::SharedNat {
-        2 * s.stream_bytes()
+        // A and A2, then the returning host and A2 again.
+        4 * s.stream_bytes()
     } else {
         s.stream_bytes()
     };

@@ -127,15 +127,25 @@ fn inherit(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
     }
 }
 
-/// A segment of the SA verified: the streak against its residual is broken.
-#[inline(always)]
-pub fn verified(t: *mut SaTrust) {
-    // SAFETY: a map value pointer, valid for this run.
-    unsafe {
-        if (*t).streak != 0 {
-            (*t).streak = 0;
+/// Judges a segment of the SA against the SA's residual, which it returns: one that verifies
+/// ends the streak, one that does not extends it (`mismatch`). A subprogram of its own, so that
+/// what the caller carries on with is a scalar.
+#[inline(never)]
+pub fn judge(t: *mut SaTrust, s: *mut Scratch, sa: &Sa, seen: &Seen) -> u16 {
+    // SAFETY: a map value pointer, valid for this run (a withdrawal removes the entry, but the
+    // value stays readable until the program returns).
+    let expected = unsafe { (*t).expected_residual };
+    if expected == seen.residual {
+        // SAFETY: as above.
+        unsafe {
+            if (*t).streak != 0 {
+                (*t).streak = 0;
+            }
         }
+    } else {
+        mismatch(t, s, sa, seen);
     }
+    expected
 }
 
 /// A mismatching segment, as the streak sees it.
@@ -168,10 +178,9 @@ impl Seen {
 }
 
 /// A segment of the SA left another residual than the SA's: extends or restarts the streak,
-/// and withdraws the residual when the streak is complete. A subprogram of its own (at most
-/// five arguments), off the verified path.
-#[inline(never)]
-pub fn mismatch(t: *mut SaTrust, s: *mut Scratch, sa: &Sa, seen: &Seen) {
+/// and withdraws the residual when the streak is complete.
+#[inline(always)]
+fn mismatch(t: *mut SaTrust, s: *mut Scratch, sa: &Sa, seen: &Seen) {
     let (residual, segment) = (seen.residual, seen.segment);
     // SAFETY: a map value pointer, valid for this run. Concurrent updates of one SA from two
     // CPUs can lose a step of the streak, never invent one.

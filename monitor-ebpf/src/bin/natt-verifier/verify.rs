@@ -92,8 +92,9 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
     } else {
         Proto::Udp
     } as usize;
-    // A peer with a configured residual has it in the peer map; one that learns has one per SA.
-    let mut sa_trust = None;
+    // A peer with a configured residual has it in the peer map; one that learns has one per SA,
+    // judged (streak and all) before anything else is decided, so that only a scalar leaves
+    // this block and the kernel verifier's states stay mergeable.
     let expected = if peer.flags & PEER_FLAG_LEARN == 0 {
         peer.expected_residual
     } else {
@@ -107,22 +108,14 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
             report::trust(key, &sa, l3.family as u8, SAMPLE_LEARNING, residual, 0);
             return Ok(Verdict::Pass);
         };
-        sa_trust = Some((t, s));
-        // SAFETY: a map value pointer, valid for this run.
-        unsafe { (*t).expected_residual }
+        trust::judge(t, s, &sa, &Seen::new(&l3, &l4, residual))
     };
     if expected == residual {
-        if let Some((t, _)) = sa_trust {
-            trust::verified(t);
-        }
         count(peer.id, |s| {
             s.verified_packets[p] += 1;
             s.verified_bytes[p] += u64::from(l4.len);
         });
         return Ok(Verdict::Pass);
-    }
-    if let Some((t, s)) = sa_trust {
-        trust::mismatch(t, s, &sa, &Seen::new(&l3, &l4, residual));
     }
     let action = if peer.mode == PeerMode::Enforce as u8 {
         count(peer.id, |s| {

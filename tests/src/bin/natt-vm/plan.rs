@@ -63,8 +63,9 @@ pub(crate) const CORRUPT_BIT: u32 = 1600;
 /// The rule corrupts every Nth ESP packet longer than 1000 bytes from A.
 pub(crate) const CORRUPT_EVERY: u32 = 40;
 pub(crate) const STREAM: u64 = 3 << 20;
-/// The restart scenario's stream: it must outlast a SIGKILL, a gap and a second start-up.
-pub(crate) const RESTART_STREAM: u64 = 32 << 20;
+/// The restart scenario's stream: it must outlast a SIGKILL, a gap and a second start-up (under
+/// TCG the second daemon's program load alone takes seconds on 5.10; 32 MiB once ended first).
+pub(crate) const RESTART_STREAM: u64 = 96 << 20;
 /// Where the restart scenario mounts a bpffs of its own: `ip netns exec` gives the daemon a
 /// private mount namespace, so pins under its own `/sys/fs/bpf` would die with it.
 pub(crate) const RESTART_BPFFS: &str = "/run/natt-pins";

@@ -229,6 +229,8 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     });
     let rekey = (s.setup == Setup::StrongSwan)
         .then(|| rekey_during_stream(&t, &cg.path, &series("learning_packets_total")));
+    // Read after the rekeys (the scenario's main scrape is taken before them).
+    let inherited = metric(&scrape(&t.b), "natt_monitor_residuals_inherited_total");
     let removed_live = (s.setup == Setup::StrongSwan).then(|| {
         // Tear the IKE SA down from A: B's charon deletes its SAs, the monitor must notice.
         let _ = swanctl(
@@ -265,7 +267,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         verified: metric(&text, &series("verified_packets_total")),
         learning: metric(&text, &series("learning_packets_total")),
         withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
-        inherited: metric(&text, "natt_monitor_residuals_inherited_total"),
+        inherited,
         received,
         differing,
         kernel_csum_errors: metric(&text, "natt_monitor_kernel_tcp_in_csum_errors_total") - k0,

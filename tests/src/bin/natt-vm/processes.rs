@@ -79,9 +79,33 @@ pub(crate) fn captured(name: &str) -> u64 {
 }
 
 pub(crate) fn scrape(b: &Netns) -> String {
-    b.enter(|| http_get(&format!("{METRICS}/metrics")))
-        .expect("scrape /metrics")
-        .1
+    match b.enter(|| http_get(&format!("{METRICS}/metrics"))) {
+        Ok((_, body)) => body,
+        Err(e) => panic!(
+            "scrape /metrics: {e:?}; the newest monitor log:\n{}",
+            newest_monitor_log()
+        ),
+    }
+}
+
+/// The last lines of the monitor log written last: why a daemon no longer answers.
+fn newest_monitor_log() -> String {
+    let newest = fs::read_dir("/tmp")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("monitor-"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    let Some(entry) = newest else {
+        return "(none)".to_owned();
+    };
+    let text = fs::read_to_string(entry.path()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "{}:\n{}",
+        entry.path().display(),
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
 }
 
 /// The value of the series `series` (name with labels, exactly as exposed), 0 if absent.

@@ -132,6 +132,13 @@ pub(crate) fn stream_through_restart(
         let adopted =
             log.contains("adopting the pinned maps") && log.contains("adopted the pinned link");
         let (received, differing) = streaming.join().expect("stream thread");
+        let mut second = second;
+        if let Ok(Some(status)) = second.process.try_wait() {
+            panic!(
+                "the second daemon exited ({status}) during the stream; its log:\n{}",
+                fs::read_to_string(&second.log).unwrap_or_default()
+            );
+        }
         let restart = Restart {
             gap_injected,
             adopted,

@@ -375,23 +375,6 @@ impl Verifier {
         raise_memlock_limit();
         let layout = scope.layout();
         let capture = u32::from(capture);
-        match pin::remove_obsolete(dir) {
-            Ok(removed) => {
-                for map in removed {
-                    tracing::info!(map, "removed the pin of a map this version no longer has");
-                }
-            }
-            Err(pin::PinError::Io { path, what, source }) => {
-                return Err(EbpfFailure::Pin { what, path, source });
-            }
-            Err(e @ pin::PinError::NotBpffs { .. }) => {
-                return Err(EbpfFailure::Pin {
-                    what: "removing the pin of a map this version no longer has",
-                    path: dir.to_path_buf(),
-                    source: io::Error::other(e.to_string()),
-                });
-            }
-        }
         let existing = pin::pinned_maps(dir);
         let (bpf, origin) = match load_maps(VERIFIER_OBJ, &layout, capture, Some(dir), max_peers) {
             Ok(bpf) if existing.is_empty() => (bpf, PinnedMaps::Created),
@@ -893,34 +876,34 @@ impl PeerMaps {
         &mut self,
         stale: impl Fn(&SaKey) -> bool,
     ) -> Result<usize, EbpfFailure> {
-        let keys: Vec<SaKey> = self
-            .residuals
-            .keys()
-            .filter_map(Result::ok)
-            .filter(&stale)
-            .collect();
-        for k in &keys {
-            self.residuals
-                .remove(k)
-                .map_err(|source| EbpfFailure::Map {
-                    what: "removing a residual from SA_TRUST".into(),
-                    source,
-                })?;
-        }
-        let mappings: Vec<SaKey> = self
-            .mappings
-            .keys()
-            .filter_map(Result::ok)
-            .filter(&stale)
-            .collect();
-        for k in &mappings {
-            self.mappings.remove(k).map_err(|source| EbpfFailure::Map {
-                what: "removing a NAT mapping from MAPPINGS".into(),
-                source,
-            })?;
-        }
-        Ok(keys.len())
+        let removed = remove_keys(
+            &mut self.residuals,
+            &stale,
+            "removing a residual from SA_TRUST",
+        )?;
+        remove_keys(
+            &mut self.mappings,
+            &stale,
+            "removing a NAT mapping from MAPPINGS",
+        )?;
+        Ok(removed)
     }
+}
+
+/// Removes every key of `map` that `stale` selects; returns how many went.
+fn remove_keys<V: aya::Pod>(
+    map: &mut HashMap<MapData, SaKey, V>,
+    stale: &impl Fn(&SaKey) -> bool,
+    what: &'static str,
+) -> Result<usize, EbpfFailure> {
+    let keys: Vec<SaKey> = map.keys().filter_map(Result::ok).filter(stale).collect();
+    for k in &keys {
+        map.remove(k).map_err(|source| EbpfFailure::Map {
+            what: what.into(),
+            source,
+        })?;
+    }
+    Ok(keys.len())
 }
 
 /// What pinned maps held when a daemon adopted them.

@@ -352,8 +352,9 @@ pub enum PinError {
 }
 
 /// Makes `dir` usable as a pin directory: mounts bpffs at `/sys/fs/bpf` when `dir` lies below
-/// it and nothing is mounted there (as systemd does at boot), then creates `dir` (mode 0700).
-/// Returns whether bpffs was mounted here.
+/// it and nothing is mounted there (as systemd does at boot), then creates `dir` (mode 0700) and
+/// removes the pins of maps this version no longer has (`OBSOLETE_MAPS`), so that an upgrade
+/// adopts the rest. Returns whether bpffs was mounted here.
 ///
 /// # Errors
 /// `PinError::NotBpffs` when `dir`'s parent is not on bpffs; `PinError::Io` when it cannot be
@@ -392,6 +393,9 @@ pub fn prepare(dir: &Path) -> Result<bool, PinError> {
             source,
         },
     )?;
+    for map in remove_obsolete(dir)? {
+        tracing::info!(map, "removed the pin of a map this version no longer has");
+    }
     Ok(mounted)
 }
 

@@ -10,7 +10,7 @@ use monitor_ebpf::{
 use crate::{
     maps::{CAPTURE, EVENTS, LEARNING},
     parse::{L3, L4, skb},
-    scope::{Sa, sa_identity},
+    scope::{Sa, sa_reqid, sa_spi},
     stats::bump,
     sum::{load_into, opaque},
 };
@@ -32,7 +32,7 @@ pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
     };
     let ev = entry.as_mut_ptr();
     // Off the verified path: only reports name the SA.
-    let (spi, reqid) = sa_identity(&m.sa);
+    let (spi, reqid) = (sa_spi(&m.sa), sa_reqid(&m.sa));
     // SAFETY: `ev` is an exclusive, aligned ring-buffer reservation of the event's size.
     unsafe {
         (*ev).peer_id = l3.peer.id;
@@ -87,7 +87,8 @@ pub fn trust(key: &SaKey, sa: &Sa, family: u8, kind: u8, residual: u16, found: u
         bump(Counter::LearningLost);
         return;
     };
-    let (_, reqid) = sa_identity(sa);
+    // The SPI is in the key already: only the reqid is read here.
+    let reqid = sa_reqid(sa);
     entry.write(LearningSample {
         key: *key,
         residual,

@@ -85,16 +85,13 @@ pub fn sa_spi(sa: &Sa) -> u32 {
     kread(sa.state + u64::from(secpath!(x_spi))).unwrap_or(0)
 }
 
-/// The SA's SPI and reqid, for a report; 0 where they cannot be read or no SA is known.
+/// The SA's reqid, for a report; 0 where it cannot be read or no SA is known.
 #[inline(always)]
-pub fn sa_identity(sa: &Sa) -> (u32, u32) {
+pub fn sa_reqid(sa: &Sa) -> u32 {
     if sa.state == 0 {
-        return (0, 0);
+        return 0;
     }
-    (
-        kread(sa.state + u64::from(secpath!(x_spi))).unwrap_or(0),
-        kread(sa.state + u64::from(secpath!(x_reqid))).unwrap_or(0),
-    )
+    kread(sa.state + u64::from(secpath!(x_reqid))).unwrap_or(0)
 }
 
 /// Address scope cannot tell which segments the kernel skipped, so it leaves out the two kinds

@@ -348,6 +348,30 @@ pub const TRUST_LEARNED: u8 = 1;
 /// `SaTrust::origin`: taken over by the verifier from a live SA of the same NAT mapping (a
 /// rekey), or from this SA's own entry in `MAPPINGS` after the LRU forgot it.
 pub const TRUST_INHERITED: u8 = 2;
+/// `SaTrust::origin`: confirmed by the verifier in enforce mode: a segment of the SA summed to
+/// residual 0 (no NAT), or TCP retransmitted a held segment and the copy left the same residual.
+pub const TRUST_CONFIRMED: u8 = 3;
+
+/// TCP segments of one SA held (dropped for TCP to retransmit) while they wait for a copy that
+/// confirms their residual; past this, the oldest candidate is forgotten.
+pub const HELD_SLOTS: usize = 8;
+
+/// Value of `HELD`: the TCP segments of an SA without a residual that enforce mode dropped, each
+/// with the residual it left, until a retransmission leaves the same one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Address of the SA's `struct xfrm_state` (0 under address scope).
+    pub state: u64,
+    /// `segment_id` of each held segment (0: free).
+    pub segments: [u32; HELD_SLOTS],
+    /// The residual each one left.
+    pub residuals: [u16; HELD_SLOTS],
+    /// The slot the next new segment takes (modulo `HELD_SLOTS`).
+    pub next: u32,
+    /// Padding, 0.
+    pub pad: u32,
+}
 
 /// Value of `SA_TRUST`: the residual of one SA and the verifier's own evidence against it.
 /// Userspace writes a new entry when it learns a residual; the verifier takes entries over on
@@ -398,8 +422,14 @@ pub enum TrustCounter {
     Inherited = 0,
     /// A residual withdrawn after `WITHDRAW_AFTER` consecutive distinct mismatches.
     Withdrawn = 1,
-    /// A residual written by the daemon (learned).
-    Installed = 2,
+    /// A residual the verifier confirmed itself in enforce mode (`TRUST_CONFIRMED`).
+    Confirmed = 2,
+    /// TCP segments of SAs without a residual dropped in enforce mode, for TCP to retransmit
+    /// and confirm.
+    HeldDropped = 3,
+    /// TCP segments of enforce-mode SAs without a residual passed unverified because the tail
+    /// call to the held path failed (its `JUMP` slot empty): never expected, never silent.
+    Unheld = 4,
 }
 
 /// Slots of `TRUST_COUNTERS` (some kept free, so later counters need no new map).
@@ -526,6 +556,8 @@ pub const LEARNING_RING_BYTES: u32 = 64 * 1024;
 pub const SAMPLE_LEARNING: u8 = 0;
 /// `LearningSample::kind`: the SA took over `residual` from a live SA of its mapping.
 pub const SAMPLE_INHERITED: u8 = 1;
+/// `LearningSample::kind`: the verifier confirmed `residual` for the SA (`TRUST_CONFIRMED`).
+pub const SAMPLE_CONFIRMED: u8 = 3;
 /// `LearningSample::kind`: the SA's residual `residual` was withdrawn after `WITHDRAW_AFTER`
 /// consecutive distinct mismatches that all left `found`; the SA learns again.
 pub const SAMPLE_WITHDRAWN: u8 = 2;
@@ -590,6 +622,8 @@ const _: () = {
     assert!(offset_of!(SaTrust, recent) == 16);
     assert!(WITHDRAW_AFTER.is_power_of_two() && WITHDRAW_AFTER < 256);
     assert!(size_of::<MappingOwner>() == 16);
+    assert!(size_of::<Held>() == 8 + 6 * HELD_SLOTS + 8);
+    assert!(offset_of!(Held, residuals) == 8 + 4 * HELD_SLOTS);
     assert!(
         offset_of!(MappingOwner, spi) == 8 && offset_of!(MappingOwner, expected_residual) == 12
     );
@@ -642,6 +676,8 @@ mod user {
     unsafe impl aya::Pod for super::SaTrust {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MappingOwner {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Held {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SecpathLayout {}
     // SAFETY: as above.

@@ -17,7 +17,8 @@ use std::{
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{
-        HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key,
+        HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray, RingBuf,
+        lpm_trie::Key,
     },
     programs::{CgroupSkb, ProgramError},
 };
@@ -46,6 +47,9 @@ pub const PROGRAM: &str = "natt_verify";
 
 /// The same verifier without `bpf_loop`, for kernels before 5.17.
 pub const PROGRAM_COMPAT: &str = "natt_verify_compat";
+
+/// The held path of enforce mode, which either program tail-calls through `JUMP`.
+pub const PROGRAM_HOLD: &str = "natt_hold";
 
 /// Which of the verifier's two programs runs: chosen by probing the kernel, not by version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,7 +295,8 @@ fn load_maps(
         .map_max_entries("PEERS_V6", max_peers)
         .map_max_entries("PEER_STATS", max_peers)
         .map_max_entries("SA_TRUST", monitor_ebpf::sa_residual_slots(max_peers))
-        .map_max_entries("MAPPINGS", monitor_ebpf::sa_residual_slots(max_peers));
+        .map_max_entries("MAPPINGS", monitor_ebpf::sa_residual_slots(max_peers))
+        .map_max_entries("HELD", monitor_ebpf::sa_residual_slots(max_peers));
     if let Some(dir) = pins {
         for name in pin::PINNED_MAPS {
             loader.map_pin_path(name, dir.join(name));
@@ -439,6 +444,7 @@ impl Verifier {
                 cause,
             }
         })?;
+        load_hold(&mut bpf)?;
         let peer_stats = take_map(&mut bpf, "PEER_STATS")?;
         let stats = Arc::new(Stats {
             counters: typed(take_map(&mut bpf, "COUNTERS")?, "COUNTERS")?,
@@ -1024,6 +1030,41 @@ fn duplicate(map: &Map, name: &'static str) -> Result<Map, EbpfFailure> {
             source: MapError::IoError(e),
         })?;
     Ok(Map::PerCpuArray(fd))
+}
+
+/// Loads `natt_hold` and puts it in `JUMP`'s slot 0, where the verifier tail-calls it. `JUMP`
+/// stays in `bpf` (and, pinned, in bpffs): the kernel empties a program array when its last
+/// descriptor and pin go.
+fn load_hold(bpf: &mut Ebpf) -> Result<(), EbpfFailure> {
+    let hold = program(bpf, PROGRAM_HOLD)?;
+    let refused = |cause| {
+        tracing::debug!(error = %cause, "the kernel refused the held path");
+        EbpfFailure::ProgramLoad {
+            program: PROGRAM_HOLD,
+            cause,
+        }
+    };
+    hold.load().map_err(refused)?;
+    let fd = hold
+        .fd()
+        .map_err(refused)?
+        .try_clone()
+        .map_err(|e| EbpfFailure::Map {
+            what: format!("duplicating the descriptor of {PROGRAM_HOLD}"),
+            source: MapError::IoError(e),
+        })?;
+    let map = bpf.map_mut("JUMP").ok_or(EbpfFailure::Missing {
+        kind: "map",
+        name: "JUMP",
+    })?;
+    let mut jump = ProgramArray::try_from(map).map_err(|source| EbpfFailure::Map {
+        what: "opening JUMP".into(),
+        source,
+    })?;
+    jump.set(0, &fd, 0).map_err(|source| EbpfFailure::Map {
+        what: format!("putting {PROGRAM_HOLD} in JUMP"),
+        source,
+    })
 }
 
 fn program<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, EbpfFailure> {

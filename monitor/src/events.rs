@@ -143,6 +143,9 @@ pub enum LearningKind {
     /// The SA took over `residual` from a live SA of its NAT mapping (a rekey), or from its own
     /// entry there after the LRU forgot it.
     Inherited,
+    /// Enforce mode: the verifier confirmed `residual` for the SA itself (a segment summed to
+    /// 0, or TCP's retransmission of a held segment left the same value).
+    Confirmed,
     /// The SA's residual `residual` was withdrawn after `WITHDRAW_AFTER` consecutive distinct
     /// mismatches that all left `found`; the SA learns again.
     Withdrawn {
@@ -178,6 +181,7 @@ impl Learning {
         let kind = match s.kind {
             monitor_ebpf::SAMPLE_LEARNING => LearningKind::Sample,
             monitor_ebpf::SAMPLE_INHERITED => LearningKind::Inherited,
+            monitor_ebpf::SAMPLE_CONFIRMED => LearningKind::Confirmed,
             monitor_ebpf::SAMPLE_WITHDRAWN => LearningKind::Withdrawn { found: s.found },
             _ => return None,
         };

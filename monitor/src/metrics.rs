@@ -53,6 +53,14 @@ pub struct Snapshot {
     pub residuals_inherited: u64,
     /// SA residuals the verifier's LRU map forgot, learned again (counted by the daemon).
     pub residuals_evicted: u64,
+    /// SA residuals the verifier confirmed itself in enforce mode (`TrustCounter::Confirmed`).
+    pub residuals_confirmed: u64,
+    /// TCP segments dropped in enforce mode while their SA had no residual
+    /// (`TrustCounter::HeldDropped`).
+    pub learning_dropped: u64,
+    /// TCP segments of enforce-mode SAs without a residual passed unverified because the held
+    /// path could not be reached (`TrustCounter::Unheld`; never expected).
+    pub learning_unheld: u64,
     /// Peers past `--max-peer-labels`, whose counts are summed under `peer="other"`.
     pub peers_aggregated: usize,
 }
@@ -323,6 +331,9 @@ struct Families {
     residuals_withdrawn: IntCounter,
     residuals_inherited: IntCounter,
     residuals_evicted: IntCounter,
+    residuals_confirmed: IntCounter,
+    learning_dropped: IntCounter,
+    learning_unheld: IntCounter,
     peers_aggregated: IntGauge,
 }
 
@@ -355,7 +366,7 @@ impl Families {
             )?,
             learning_packets: per_peer(
                 "natt_monitor_learning_packets_total",
-                "Segments passed unverified while the peer's NAT residual was being learned.",
+                "Segments not verified while the NAT residual of their SA was being learned: passed (observe mode, UDP) or dropped for TCP to retransmit (TCP in enforce mode).",
             )?,
             peer_learning: IntGaugeVec::new(
                 Opts::new(
@@ -433,6 +444,18 @@ impl Families {
                 "natt_monitor_residuals_evicted_total",
                 "SA residuals the verifier's LRU map forgot while the SA lived; each is learned again.",
             )?,
+            residuals_confirmed: IntCounter::new(
+                "natt_monitor_residuals_confirmed_total",
+                "SA residuals the verifier confirmed itself in enforce mode: a TCP segment summed to 0 (no NAT), or TCP retransmitted a refused segment and the copy left the same residual.",
+            )?,
+            learning_dropped: IntCounter::new(
+                "natt_monitor_learning_dropped_packets_total",
+                "TCP segments dropped in enforce mode because their SA had no residual yet, so that TCP's retransmission confirms or refutes the one they left; none is delivered unverified.",
+            )?,
+            learning_unheld: IntCounter::new(
+                "natt_monitor_learning_unheld_packets_total",
+                "TCP segments of enforce-mode SAs without a residual that passed unverified because the verifier could not reach its held path (its tail-call slot empty). Never expected: a non-zero value is a defect to report.",
+            )?,
             peers_aggregated: IntGauge::new(
                 "natt_monitor_peers_aggregated",
                 "Peers past --max-peer-labels: their counts are summed under peer=\"other\".",
@@ -440,7 +463,7 @@ impl Families {
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 22] {
+    fn collectors(&self) -> [&dyn Collector; 25] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -463,6 +486,9 @@ impl Families {
             &self.residuals_withdrawn,
             &self.residuals_inherited,
             &self.residuals_evicted,
+            &self.residuals_confirmed,
+            &self.learning_dropped,
+            &self.learning_unheld,
             &self.peers_aggregated,
         ]
     }
@@ -507,6 +533,9 @@ impl Families {
         counter(&self.residuals_withdrawn, snap.residuals_withdrawn);
         counter(&self.residuals_inherited, snap.residuals_inherited);
         counter(&self.residuals_evicted, snap.residuals_evicted);
+        counter(&self.residuals_confirmed, snap.residuals_confirmed);
+        counter(&self.learning_dropped, snap.learning_dropped);
+        counter(&self.learning_unheld, snap.learning_unheld);
         self.peers_aggregated
             .set(i64::try_from(snap.peers_aggregated).unwrap_or(i64::MAX));
         counter(
@@ -624,6 +653,9 @@ mod tests {
             residuals_withdrawn: 1,
             residuals_inherited: 3,
             residuals_evicted: 0,
+            residuals_confirmed: 2,
+            learning_dropped: 4,
+            learning_unheld: 0,
             peers_aggregated: 0,
         }
     }

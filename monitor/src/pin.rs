@@ -34,7 +34,7 @@ use std::{
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/natt-monitor";
 
 /// The maps that carry state across daemons, pinned by name in the pin directory.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     "PEERS_V4",
     "PEERS_V6",
     "PEER_STATS",
@@ -44,6 +44,7 @@ pub const PINNED_MAPS: [&str; 9] = [
     "TRUST_COUNTERS",
     "EVENTS",
     "LEARNING",
+    "JUMP",
 ];
 
 /// Maps that earlier versions pinned and this one no longer has: removed when a daemon adopts

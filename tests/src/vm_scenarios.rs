@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 14] = [
+pub const NAMES: [&str; 16] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -18,6 +18,8 @@ pub const NAMES: [&str; 14] = [
     "k-ten-thousand-sas",
     "l-constant-delta-enforce",
     "l-constant-delta-observe",
+    "m-first-segment-nat",
+    "m-first-segment",
     "g-gro",
 ];
 

@@ -411,9 +411,9 @@ fn nat_peers_use_their_residual() {
     );
 }
 
-/// Makes the NAT peer of `table()` learn its residual, in enforce mode, without its original
+/// Makes the NAT peer of `table()` learn its residual, in `mode`, without its original
 /// addresses; returns the residual its intact segments leave.
-fn nat_peer_learns(h: &mut Harness) -> u16 {
+fn nat_peer_learns(h: &mut Harness, mode: Mode) -> u16 {
     let configured = table();
     let specs: Vec<PeerSpec> = configured
         .iter()
@@ -422,7 +422,7 @@ fn nat_peer_learns(h: &mut Harness) -> u16 {
             if id == P_V4_NAT as u32 {
                 p.nat = None;
                 p.learn = true;
-                p.mode = Mode::Enforce;
+                p.mode = mode;
             }
             p
         })
@@ -441,7 +441,7 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         return;
     }
     let mut h = Harness::new();
-    let want = nat_peer_learns(&mut h);
+    let want = nat_peer_learns(&mut h, Mode::Observe);
     assert_ne!(want, 0);
     let mut f = v4(V4_NAT_ORIG, V4_NAT_ORIG_DST, L4::Tcp, &payload(900));
     f[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
@@ -458,8 +458,8 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
     key.dst[..4].copy_from_slice(&LOCAL4.octets());
     for (frame, intact) in [(&f, true), (&bad, false)] {
         let out = h.run(frame);
-        // Passed, not verified, not a mismatch, not dropped (even in enforce mode), and one
-        // learning sample, not a mismatch event.
+        // Passed, not verified, not a mismatch, not dropped, and one learning sample, not a
+        // mismatch event. (Enforce mode holds TCP instead: see below.)
         let mut expect = Outcome::zero(PASS);
         expect.peers[P_V4_NAT].learning[Proto::Tcp as usize] = 1;
         let residual = out.learning.first().map_or(0, |l| l.residual);
@@ -476,7 +476,7 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         // corrupted one leaves another.
         assert_eq!(residual == want, intact, "{out:?}");
     }
-    // Once userspace installs the learned residual, the peer is verified and enforced.
+    // Once userspace installs the learned residual, the peer is verified.
     h.v.peer_maps()
         .unwrap()
         .set_sa_residual(key, 0, want)
@@ -487,7 +487,7 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
     );
     assert_eq!(
         h.run(&bad),
-        Outcome::mismatch(P_V4_NAT, Proto::Tcp as usize, true)
+        Outcome::mismatch(P_V4_NAT, Proto::Tcp as usize, false)
     );
 }
 
@@ -496,7 +496,7 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
 /// residual its intact segments leave.
 fn learned_nat_peer(installed: impl FnOnce(u16) -> u16) -> (Harness, SaKey, u16) {
     let mut h = Harness::new();
-    let want = nat_peer_learns(&mut h);
+    let want = nat_peer_learns(&mut h, Mode::Enforce);
     let mut key = SaKey {
         peer_id: P_V4_NAT as u32,
         ..SaKey::default()
@@ -601,14 +601,20 @@ fn a_residual_is_withdrawn_only_by_an_unbroken_streak_of_distinct_segments() {
     );
     assert_eq!(last, corrupt(0));
     assert_eq!(withdrawn(&h), 1);
-    let mut learning = Outcome::zero(PASS);
+    // Learning again, in enforce mode: the next segment is held, its retransmission confirms.
+    let mut learning = Outcome::zero(DROP);
     learning.peers[P_V4_NAT].learning[Proto::Tcp as usize] = 1;
     let out = h.run(&intact);
     assert_eq!(
         (out.verdict, out.peers[P_V4_NAT], out.learning.len()),
-        (PASS, learning.peers[P_V4_NAT], 1)
+        (DROP, learning.peers[P_V4_NAT], 1)
     );
     assert_eq!(out.learning[0].kind, LearningKind::Sample);
+    let out = h.run(&intact);
+    assert_eq!(
+        (out.verdict, out.learning[0].kind, out.learning[0].residual),
+        (PASS, LearningKind::Confirmed, want)
+    );
 }
 
 /// A wrong residual (say, learned from a flood) refuses the SA's intact segments, which all
@@ -633,8 +639,107 @@ fn a_wrong_residual_refusing_intact_traffic_is_withdrawn_after_sixteen_segments(
             );
         }
     }
+    // Held, then confirmed by its retransmission: the true residual.
     let out = h.run(&nat_segment(1, 0));
-    assert_eq!((out.verdict, out.learning[0].residual), (PASS, want));
+    assert_eq!((out.verdict, out.learning[0].residual), (DROP, want));
+    let out = h.run(&nat_segment(1, 0));
+    assert_eq!(
+        (out.verdict, out.learning[0].kind, out.learning[0].residual),
+        (PASS, LearningKind::Confirmed, want)
+    );
+}
+
+/// Enforce mode delivers no TCP segment of an SA without a residual unverified: each is held
+/// (dropped, for TCP to retransmit) until a copy of the same segment leaves the same residual,
+/// which then becomes the SA's. A corrupted first copy only changes the candidate.
+#[test]
+fn enforce_mode_holds_tcp_until_a_retransmission_confirms_the_residual() {
+    if skip_unless_root("enforce_mode_holds_tcp_until_a_retransmission_confirms_the_residual") {
+        return;
+    }
+    let mut h = Harness::new();
+    let want = nat_peer_learns(&mut h, Mode::Enforce);
+    let held = |out: &Outcome| {
+        let mut expect = Outcome::zero(DROP);
+        expect.peers[P_V4_NAT].learning[Proto::Tcp as usize] = 1;
+        (
+            out.verdict,
+            out.peers[P_V4_NAT],
+            out.learning.iter().map(|l| l.kind).collect::<Vec<_>>(),
+        ) == (DROP, expect.peers[P_V4_NAT], vec![LearningKind::Sample])
+    };
+    let (first, intact) = (nat_segment(100, 0x0100), nat_segment(100, 0));
+    // The first copy was corrupted: held. Its retransmission, intact, leaves another residual:
+    // the candidate changes, held again. The next copy confirms it.
+    let out = h.run(&first);
+    assert!(held(&out), "{out:?}");
+    let out = h.run(&intact);
+    assert!(held(&out), "{out:?}");
+    let mut out = h.run(&intact);
+    assert_eq!(out.learning.len(), 1, "{out:?}");
+    let news = out.learning.remove(0);
+    assert_eq!((news.kind, news.residual), (LearningKind::Confirmed, want));
+    assert_eq!(
+        out,
+        Outcome::verified(P_V4_NAT, Proto::Tcp as usize, l4_len(&intact))
+    );
+    // From now on the SA is verified, and a corrupted segment is a mismatch, dropped.
+    assert_eq!(
+        h.run(&nat_segment(700, 0)),
+        Outcome::verified(P_V4_NAT, Proto::Tcp as usize, l4_len(&intact))
+    );
+    assert_eq!(
+        h.run(&nat_segment(1300, 0x0100)),
+        Outcome::mismatch(P_V4_NAT, Proto::Tcp as usize, true)
+    );
+    assert_eq!(
+        (
+            h.v.stats()
+                .trust(monitor_ebpf::TrustCounter::Confirmed)
+                .unwrap(),
+            h.v.stats()
+                .trust(monitor_ebpf::TrustCounter::HeldDropped)
+                .unwrap()
+        ),
+        (1, 2)
+    );
+}
+
+/// Enforce mode, no NAT: an SA's first TCP segment sums to residual 0 and installs it at once;
+/// UDP of an SA without a residual is passed (nobody retransmits it) and learned by the daemon.
+#[test]
+fn enforce_mode_installs_residual_zero_at_once_and_passes_udp_while_learning() {
+    if skip_unless_root("enforce_mode_installs_residual_zero_at_once_and_passes_udp_while_learning")
+    {
+        return;
+    }
+    let mut h = Harness::new();
+    let want = nat_peer_learns(&mut h, Mode::Enforce);
+    // UDP through the NAT, before any residual: passed, one learning sample.
+    let mut udp = v4(V4_NAT_ORIG, V4_NAT_ORIG_DST, L4::Udp, &payload(300));
+    udp[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
+    udp[ETH + 16..ETH + 20].copy_from_slice(&LOCAL4.octets());
+    let out = h.run(&udp);
+    assert_eq!(
+        (
+            out.verdict,
+            out.peers[P_V4_NAT].learning[Proto::Udp as usize],
+            out.learning[0].residual
+        ),
+        (PASS, 1, want)
+    );
+    // A TCP segment that sums to 0, as every intact segment of an SA without NAT does (here one
+    // sent from the address it arrives from), installs 0 at once.
+    let mut zero = v4(V4_NAT_SEEN, LOCAL4, L4::Tcp, &payload(300));
+    zero[ETH + 12..ETH + 16].copy_from_slice(&V4_NAT_SEEN.octets());
+    let mut out = h.run(&zero);
+    assert_eq!(out.learning.len(), 1, "{out:?}");
+    let news = out.learning.remove(0);
+    assert_eq!((news.kind, news.residual), (LearningKind::Confirmed, 0));
+    assert_eq!(
+        out,
+        Outcome::verified(P_V4_NAT, Proto::Tcp as usize, l4_len(&zero))
+    );
 }
 
 #[test]

@@ -133,14 +133,20 @@ impl Readings for KernelReadings {
             residuals_evicted: view.residuals_evicted,
             ..Snapshot::default()
         };
-        match (
-            self.stats.trust(TrustCounter::Withdrawn),
-            self.stats.trust(TrustCounter::Inherited),
-        ) {
-            (Ok(w), Ok(i)) => (snap.residuals_withdrawn, snap.residuals_inherited) = (w, i),
-            (Err(e), _) | (_, Err(e)) => {
-                warn!(error = %e, "scrape could not read the verifier's residual counters");
-                snap.up = false;
+        for (counter, field) in [
+            (TrustCounter::Withdrawn, &mut snap.residuals_withdrawn),
+            (TrustCounter::Inherited, &mut snap.residuals_inherited),
+            (TrustCounter::Confirmed, &mut snap.residuals_confirmed),
+            (TrustCounter::HeldDropped, &mut snap.learning_dropped),
+            (TrustCounter::Unheld, &mut snap.learning_unheld),
+        ] {
+            match self.stats.trust(counter) {
+                Ok(n) => *field = n,
+                Err(e) => {
+                    warn!(error = %e, "scrape could not read the verifier's residual counters");
+                    snap.up = false;
+                    break;
+                }
             }
         }
         match self.stats.counters() {

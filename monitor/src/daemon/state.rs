@@ -431,6 +431,18 @@ impl SaState {
                     "NAT residual inherited from a live SA of the same NAT mapping (a rekey); verifying this SA from its first segment"
                 );
             }
+            LearningKind::Confirmed => {
+                self.residuals.installed(m.key, m.residual);
+                self.publish();
+                info!(
+                    peer = label,
+                    spi = %spi,
+                    reqid = m.reqid,
+                    encap_ports = %format_args!("{}/{}", m.encap_ports().0, m.encap_ports().1),
+                    residual = %residual,
+                    "NAT residual learned in the kernel: a segment summed to it with no NAT in the path, or TCP retransmitted a refused segment and the copy left the same value; verifying this SA from now on"
+                );
+            }
             LearningKind::Withdrawn { found } => {
                 self.residuals.forgotten(m.key);
                 self.publish();

@@ -26,6 +26,7 @@
 //! | `parse` | IPv4, IPv6 and L4 headers |
 //! | `sum` | the one's-complement sum of the segment |
 //! | `trust` | the residual each SA is verified against: inherited on a rekey, withdrawn on an exact streak |
+//! | `hold` | `natt_hold`, tail-called in enforce mode: a TCP segment of an SA without a residual is dropped until TCP's retransmission confirms it |
 //! | `report` | mismatch events, learning samples, captured packets |
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -43,6 +44,8 @@ fn main() {
     // is built for bpfel-unknown-none by monitor/build.rs.
 }
 
+#[cfg(target_arch = "bpf")]
+mod hold;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

@@ -3,10 +3,10 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use monitor_ebpf::{
-    CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, LEARNING_RING_BYTES, MAX_PEERS,
+    CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, Held, LEARNING_RING_BYTES, MAX_PEERS,
     MAX_SA_RESIDUALS, MappingOwner, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaTrust,
     SecpathLayout, TRUST_SLOTS,
 };
@@ -69,6 +69,15 @@ pub static SA_TRUST: LruHashMap<SaKey, SaTrust> = LruHashMap::with_max_entries(M
 #[map]
 pub static MAPPINGS: LruHashMap<SaKey, MappingOwner> =
     LruHashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
+/// Enforce mode: the TCP segments of each SA without a residual that were dropped, waiting for
+/// a retransmission that confirms their residual.
+#[map]
+pub static HELD: LruHashMap<SaKey, Held> = LruHashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
+/// The verifier's tail calls: `natt_hold` in `hold::HOLD_SLOT`. Pinned, so that a pinned
+/// verifier keeps its held path while no daemon runs (the kernel empties a program array when
+/// the last descriptor and pin of it go).
+#[map]
+pub static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// One per-CPU `trust::Scratch`: keys and values for the trust maps, off the stack.
 #[map]
 pub static TRUST_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

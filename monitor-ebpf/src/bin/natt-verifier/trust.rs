@@ -7,6 +7,10 @@
 //! SA is still alive (a rekey overlaps its predecessor). A new SA on a mapping whose SAs are
 //! gone learns afresh.
 //!
+//! In enforce mode an SA without a residual delivers no TCP segment unverified: `hold` decides
+//! those, in a program of its own. UDP, which nobody retransmits, and observe mode learn in the
+//! daemon, passing segments meanwhile.
+//!
 //! Once installed, a mismatch is corruption. The one exception is decided here, in order with
 //! the verdicts: `WITHDRAW_AFTER` consecutive distinct segments of the SA that all leave one
 //! identical residual, with not one segment of the SA verifying in between, withdraw it (the
@@ -14,7 +18,7 @@
 //! `WITHDRAW_AFTER` never withdraws anything.
 
 use monitor_ebpf::{
-    Counter, IPPROTO_TCP, MappingOwner, SAMPLE_INHERITED, SAMPLE_WITHDRAWN, SaKey, SaTrust,
+    Counter, Held, IPPROTO_TCP, MappingOwner, SAMPLE_INHERITED, SAMPLE_WITHDRAWN, SaKey, SaTrust,
     TRUST_INHERITED, TrustCounter, WITHDRAW_AFTER, XFRM_STATE_VALID, segment_id,
 };
 
@@ -38,6 +42,22 @@ pub struct Scratch {
     pub trust: SaTrust,
     /// A value being written to `MAPPINGS`.
     pub owner: MappingOwner,
+    /// A value being written to `HELD`.
+    pub held: Held,
+    /// The segment the verifier hands to `hold` through a tail call.
+    pub pending: Pending,
+}
+
+/// What `hold` needs of a segment that the verifier could not verify (its SA has no residual),
+/// carried across the tail call in this CPU's `Scratch` (the key is there already).
+#[derive(Clone, Copy)]
+pub struct Pending {
+    /// The SA.
+    pub sa: Sa,
+    /// The segment.
+    pub seen: Seen,
+    /// Its L4 length, for the verified byte count.
+    pub len: u32,
 }
 
 /// The SA of a learning peer's segment, in this CPU's `Scratch`, and its trust entry (`None`:
@@ -88,6 +108,35 @@ fn alive(state: u64, spi: u32) -> bool {
         && kread::<u8>(state + u64::from(secpath!(x_km_state))).is_ok_and(|s| s == XFRM_STATE_VALID)
 }
 
+/// Installs `residual` as the SA's own (in `(*s).key`; `origin` says how it was found) and
+/// makes the SA its NAT mapping's owner. False if the map refused it.
+#[inline(always)]
+pub fn install(s: *mut Scratch, sa: &Sa, residual: u16, origin: u8) -> bool {
+    // SAFETY: a per-CPU map value, valid for this run.
+    unsafe {
+        (*s).trust = SaTrust {
+            state: sa.state,
+            expected_residual: residual,
+            origin,
+            ..SaTrust::default()
+        };
+        if SA_TRUST.insert(&(*s).key, &(*s).trust, 0).is_err() {
+            return false;
+        }
+        if sa.state != 0 {
+            (*s).mapping = (*s).key.mapping();
+            (*s).owner = MappingOwner {
+                state: sa.state,
+                spi: (*s).key.spi,
+                expected_residual: residual,
+                pad: 0,
+            };
+            let _ = MAPPINGS.insert(&(*s).mapping, &(*s).owner, 0);
+        }
+    }
+    true
+}
+
 /// Takes over the residual of the SA that last held one on this SA's NAT mapping, if that SA
 /// is still alive (or is this very SA, whose own entry the LRU forgot).
 #[inline(never)]
@@ -97,23 +146,11 @@ fn inherit(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
     unsafe {
         (*s).mapping = (*s).key.mapping();
         let owner = MAPPINGS.get(&(*s).mapping).copied()?;
-        if !alive(owner.state, owner.spi) {
+        if !alive(owner.state, owner.spi)
+            || !install(s, sa, owner.expected_residual, TRUST_INHERITED)
+        {
             return None;
         }
-        (*s).trust = SaTrust {
-            state: sa.state,
-            expected_residual: owner.expected_residual,
-            origin: TRUST_INHERITED,
-            ..SaTrust::default()
-        };
-        SA_TRUST.insert(&(*s).key, &(*s).trust, 0).ok()?;
-        (*s).owner = MappingOwner {
-            state: sa.state,
-            spi: (*s).key.spi,
-            expected_residual: owner.expected_residual,
-            pad: 0,
-        };
-        let _ = MAPPINGS.insert(&(*s).mapping, &(*s).owner, 0);
         bump_trust(TrustCounter::Inherited);
         report::trust(
             &(*s).key,
@@ -148,7 +185,8 @@ pub fn judge(t: *mut SaTrust, s: *mut Scratch, sa: &Sa, seen: &Seen) -> u16 {
     expected
 }
 
-/// A mismatching segment, as the streak sees it.
+/// A segment of an SA, as the judgement, the streak and `hold` see it.
+#[derive(Clone, Copy)]
 pub struct Seen {
     /// The residual it left.
     pub residual: u16,

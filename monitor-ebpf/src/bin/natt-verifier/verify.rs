@@ -5,17 +5,19 @@
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use aya_log_ebpf::warn;
 use monitor_ebpf::{
-    Action, Counter, IPPROTO_TCP, PEER_FLAG_LEARN, PeerMode, Proto, SAMPLE_LEARNING, csum,
+    Action, Counter, IPPROTO_TCP, PEER_FLAG_LEARN, PeerMode, Proto, SAMPLE_LEARNING, TrustCounter,
+    csum,
 };
 
 use crate::{
-    maps::{CAPTURE_ON, secpath},
+    hold::HOLD_SLOT,
+    maps::{CAPTURE_ON, JUMP, secpath},
     parse::{parse_l3, parse_l4},
     report::{self, Mismatch},
     scope::{Sa, address_scope_exemptions, ipsec_state},
-    stats::{bump, count},
+    stats::{bump, bump_trust, count},
     sum::sum_segment,
-    trust::{self, Seen},
+    trust::{self, Pending, Seen},
 };
 
 #[derive(Clone, Copy)]
@@ -99,7 +101,23 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
         peer.expected_residual
     } else {
         let (s, trusted) = trust::of_segment(&l3, &sa)?;
+        let seen = Seen::new(&l3, &l4, residual);
         let Some(t) = trusted else {
+            if peer.mode == PeerMode::Enforce as u8 && l3.proto == IPPROTO_TCP {
+                // Enforce mode delivers no TCP segment unverified: `natt_hold` decides it, and
+                // its verdict is this segment's.
+                // SAFETY: a per-CPU map value, valid for this run; `natt_hold` reads it on this
+                // CPU. A tail call that returns failed (an empty slot), and is counted.
+                unsafe {
+                    (*s).pending = Pending {
+                        sa,
+                        seen,
+                        len: l4.len,
+                    };
+                    JUMP.tail_call(ctx, HOLD_SLOT);
+                }
+                bump_trust(TrustCounter::Unheld);
+            }
             // This SA's residual is not known yet: report what this segment left and pass it,
             // neither verified nor a mismatch.
             count(peer.id, |st| st.learning[p] += 1);
@@ -108,7 +126,7 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
             report::trust(key, &sa, l3.family as u8, SAMPLE_LEARNING, residual, 0);
             return Ok(Verdict::Pass);
         };
-        trust::judge(t, s, &sa, &Seen::new(&l3, &l4, residual))
+        trust::judge(t, s, &sa, &seen)
     };
     if expected == residual {
         count(peer.id, |s| {

@@ -10,6 +10,9 @@ pub(crate) enum Corruption {
     /// Overwrites 32 bits with 0xdeadbeef in every `CORRUPT_EVERY`th packet: the checksum
     /// delta varies with the data.
     Word,
+    /// As `Word`, with the rule in place before the SA carries its first segment: the very first
+    /// data segment of the new SA is corrupted, while its residual is not known yet.
+    WordFromStart,
     /// Sets one byte to 0xa5 at a fixed offset of every `every`th packet, on a stream that is
     /// one byte repeated: every corrupted segment is shifted by the same checksum delta (a
     /// stuck bit, or a fixed-offset DMA or crypto fault, on repetitive data).
@@ -23,7 +26,7 @@ impl Corruption {
     /// The `--fill` byte of the stream, for a corruption that needs repetitive data.
     pub(crate) const fn fill(self) -> Option<u8> {
         match self {
-            Self::Word => None,
+            Self::Word | Self::WordFromStart => None,
             Self::ConstantDelta { .. } => Some(FILL),
         }
     }
@@ -95,7 +98,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 14] = [
+pub(crate) const SCENARIOS: [Scenario; 16] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -237,6 +240,28 @@ pub(crate) const SCENARIOS: [Scenario; 14] = [
         nat: true,
         corrupt: true,
         corruption: Corruption::ConstantDelta { every: 2 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "m-first-segment-nat",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::WordFromStart,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "m-first-segment",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        corruption: Corruption::WordFromStart,
         v6: false,
     },
     Scenario {

@@ -174,6 +174,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
         verified: metric(&text, &series("verified_packets_total")),
         learning: metric(&text, &series("learning_packets_total")),
         withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
+        confirmed: metric(&text, "natt_monitor_residuals_confirmed_total"),
         received: r1 + r2 + rejoin.received,
         differing: d1 + d2 + rejoin.differing,
         rejoin: Some(rejoin.summary(&text, &series)),

@@ -202,7 +202,7 @@ impl Topology {
             ""
         };
         let (every, set) = match s.corruption {
-            Corruption::Word => (
+            Corruption::Word | Corruption::WordFromStart => (
                 CORRUPT_EVERY,
                 format!("@th,{CORRUPT_BIT},32 set 0xdeadbeef"),
             ),

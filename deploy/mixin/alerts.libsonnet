@@ -35,6 +35,14 @@
           '{{ printf "%.0f" $value }} {{ $labels.proto }} segments from {{ $labels.peer }} arrived on {{ $labels.instance }} in the last 10 minutes with a wrong checksum after IPsec decapsulation, and were delivered: the kernel does not check these, and the peer is in observe mode.',
         ),
         alert(
+          'NattMonitorCorruptionWhileLearning',
+          'critical',
+          'sum by (%s) (increase(natt_monitor_learning_mismatches_total{%s}[10m])) > 0' % [by(['peer', 'proto']), sel],
+          c.mismatchFor,
+          'Corrupted {{ $labels.proto }} segments from IPsec peer {{ $labels.peer }} reached applications on {{ $labels.instance }} while its NAT residual was being learned',
+          '{{ printf "%.0f" $value }} {{ $labels.proto }} segments from {{ $labels.peer }} were passed unverified on {{ $labels.instance }} in the last 10 minutes while the NAT residual of their SA was being learned, and, judged once it was known, they had been corrupted after IPsec decapsulation.',
+        ),
+        alert(
           'NattMonitorEnforcementDrops',
           'warning',
           'sum by (%s) (increase(natt_monitor_dropped_packets_total{%s}[10m])) > 0' % [by(['peer']), sel],

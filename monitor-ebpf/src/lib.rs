@@ -27,7 +27,7 @@ pub const EVENT_RING_BYTES: u32 = 256 * 1024;
 
 /// Index of a protocol in the per-peer statistics arrays.
 #[repr(usize)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Proto {
     /// TCP.
     Tcp = 0,
@@ -554,6 +554,9 @@ pub const LEARNING_RING_BYTES: u32 = 64 * 1024;
 /// `LearningSample::kind`: a segment through an SA whose residual is not known yet, passed
 /// unverified.
 pub const SAMPLE_LEARNING: u8 = 0;
+/// `LearningSample::kind`: as `SAMPLE_LEARNING`, held instead (enforce mode, TCP: dropped for
+/// TCP to retransmit).
+pub const SAMPLE_HELD: u8 = 4;
 /// `LearningSample::kind`: the SA took over `residual` from a live SA of its mapping.
 pub const SAMPLE_INHERITED: u8 = 1;
 /// `LearningSample::kind`: the verifier confirmed `residual` for the SA (`TRUST_CONFIRMED`).
@@ -574,14 +577,18 @@ pub struct LearningSample {
     pub residual: u16,
     /// A `Family`.
     pub family: u8,
-    /// `SAMPLE_LEARNING`, `SAMPLE_INHERITED` or `SAMPLE_WITHDRAWN`.
+    /// `SAMPLE_LEARNING`, `SAMPLE_HELD`, `SAMPLE_INHERITED`, `SAMPLE_CONFIRMED` or
+    /// `SAMPLE_WITHDRAWN`.
     pub kind: u8,
     /// `reqid` of that SA; 0 under address scope.
     pub reqid: u32,
     /// `SAMPLE_WITHDRAWN`: the residual the refused segments agreed on; 0 otherwise.
     pub found: u16,
+    /// `SAMPLE_LEARNING`, `SAMPLE_HELD`: the segment's IP protocol (`IPPROTO_TCP`,
+    /// `IPPROTO_UDP`); 0 otherwise.
+    pub proto: u8,
     /// Padding, 0.
-    pub pad: [u8; 2],
+    pub pad: u8,
     /// Address of the SA's `struct xfrm_state` (0 under address scope), for `SaTrust::state`.
     pub state: u64,
 }
@@ -631,6 +638,7 @@ const _: () = {
     assert!(offset_of!(LearningSample, residual) == 44);
     assert!(offset_of!(LearningSample, family) == 46 && offset_of!(LearningSample, kind) == 47);
     assert!(offset_of!(LearningSample, reqid) == 48 && offset_of!(LearningSample, found) == 52);
+    assert!(offset_of!(LearningSample, proto) == 54);
     assert!(offset_of!(LearningSample, state) == 56);
     assert!(size_of::<SecpathLayout>() == 56);
     assert!(offset_of!(SecpathLayout, sp_len_size) == 24);

@@ -10,7 +10,7 @@ use std::{
 };
 
 use monitor_ebpf::{
-    Action, Family, IPPROTO_TCP, IPPROTO_UDP, LearningSample, MismatchEvent, SaKey,
+    Action, Family, IPPROTO_TCP, IPPROTO_UDP, LearningSample, MismatchEvent, Proto, SaKey,
 };
 
 /// A decoded mismatch event.
@@ -139,7 +139,12 @@ fn address(family: Family, a: [u8; 16]) -> IpAddr {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LearningKind {
     /// A segment of an SA that is still learning left `residual`.
-    Sample,
+    Sample {
+        /// Enforce mode, TCP: the segment was held (dropped for TCP to retransmit), not passed.
+        held: bool,
+        /// Its protocol (`None`: a record of another version, which did not say).
+        proto: Option<Proto>,
+    },
     /// The SA took over `residual` from a live SA of its NAT mapping (a rekey), or from its own
     /// entry there after the LRU forgot it.
     Inherited,
@@ -179,7 +184,14 @@ impl Learning {
         let s: LearningSample = record(bytes)?;
         Family::from_abi(s.family)?;
         let kind = match s.kind {
-            monitor_ebpf::SAMPLE_LEARNING => LearningKind::Sample,
+            monitor_ebpf::SAMPLE_LEARNING | monitor_ebpf::SAMPLE_HELD => LearningKind::Sample {
+                held: s.kind == monitor_ebpf::SAMPLE_HELD,
+                proto: match s.proto {
+                    IPPROTO_TCP => Some(Proto::Tcp),
+                    IPPROTO_UDP => Some(Proto::Udp),
+                    _ => None,
+                },
+            },
             monitor_ebpf::SAMPLE_INHERITED => LearningKind::Inherited,
             monitor_ebpf::SAMPLE_CONFIRMED => LearningKind::Confirmed,
             monitor_ebpf::SAMPLE_WITHDRAWN => LearningKind::Withdrawn { found: s.found },
@@ -334,7 +346,8 @@ pub(crate) mod samples {
             kind: monitor_ebpf::SAMPLE_LEARNING,
             reqid: 9,
             found: 0,
-            pad: [0; 2],
+            proto: monitor_ebpf::IPPROTO_UDP,
+            pad: 0,
             state: 0xffff_8880_0123_4000,
         }
     }
@@ -389,7 +402,13 @@ mod tests {
         );
         assert_eq!(
             (l.kind, l.state),
-            (LearningKind::Sample, 0xffff_8880_0123_4000)
+            (
+                LearningKind::Sample {
+                    held: false,
+                    proto: Some(Proto::Udp)
+                },
+                0xffff_8880_0123_4000
+            )
         );
         assert_eq!(Learning::decode(&bytes[..63]), None);
         // A withdrawal carries the value the refused segments agreed on.

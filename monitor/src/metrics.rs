@@ -9,7 +9,7 @@
 //! discovered prefix, `proto` is tcp/udp, `reason` one of the skip reasons, `source` one of the
 //! peer sources, `result` one of `CAPTURE_RESULTS`.
 
-use monitor_ebpf::{Counter, PeerStats, Proto, SKIP_REASONS};
+use monitor_ebpf::{Counter, PROTO_COUNT, PeerStats, Proto, SKIP_REASONS};
 use prometheus::{
     Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -28,6 +28,9 @@ pub struct PeerSnapshot {
     pub stats: PeerStats,
     /// Waiting for its NAT residual to be learned.
     pub learning: bool,
+    /// Segments passed unverified while their SA learned and found corrupt once its residual
+    /// was known, by protocol (counted by the daemon).
+    pub learning_mismatches: [u64; PROTO_COUNT],
 }
 
 /// One scrape's worth of readings.
@@ -315,6 +318,7 @@ struct Families {
     mismatches: IntCounterVec,
     dropped: IntCounterVec,
     learning_packets: IntCounterVec,
+    learning_mismatches: IntCounterVec,
     peer_learning: IntGaugeVec,
     skipped: IntCounterVec,
     events_lost: IntCounter,
@@ -367,6 +371,10 @@ impl Families {
             learning_packets: per_peer(
                 "natt_monitor_learning_packets_total",
                 "Segments not verified while the NAT residual of their SA was being learned: passed (observe mode, UDP) or dropped for TCP to retransmit (TCP in enforce mode).",
+            )?,
+            learning_mismatches: per_peer(
+                "natt_monitor_learning_mismatches_total",
+                "Segments passed unverified while the NAT residual of their SA was being learned (observe mode, and UDP) that left another residual than the one the SA then got: corrupted segments delivered. Counted by the daemon once the residual is known; starts at 0 with each daemon.",
             )?,
             peer_learning: IntGaugeVec::new(
                 Opts::new(
@@ -463,13 +471,14 @@ impl Families {
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 25] {
+    fn collectors(&self) -> [&dyn Collector; 26] {
         [
             &self.verified_packets,
             &self.verified_bytes,
             &self.mismatches,
             &self.dropped,
             &self.learning_packets,
+            &self.learning_mismatches,
             &self.peer_learning,
             &self.skipped,
             &self.events_lost,
@@ -518,6 +527,7 @@ impl Families {
                     (&self.mismatches, s.mismatches[p]),
                     (&self.dropped, s.drops[p]),
                     (&self.learning_packets, s.learning[p]),
+                    (&self.learning_mismatches, peer.learning_mismatches[p]),
                 ] {
                     counter(&vec.with_label_values(&l), value);
                 }
@@ -626,16 +636,19 @@ mod tests {
                     label: "192.0.2.0/24".into(),
                     stats: a,
                     learning: false,
+                    learning_mismatches: [0; 2],
                 },
                 PeerSnapshot {
                     label: "2001:db8::/32".into(),
                     stats: PeerStats::default(),
                     learning: false,
+                    learning_mismatches: [0; 2],
                 },
                 PeerSnapshot {
                     label: "203.0.113.9/32".into(),
                     stats: b,
                     learning: true,
+                    learning_mismatches: [2, 1],
                 },
             ],
             counters: c,

@@ -15,12 +15,57 @@
 //! (`withdrawn`). A sample of an SA this view holds as learned means the verifier no longer
 //! has its residual (the LRU map forgot it, or a withdrawal record was lost): the caller checks
 //! the map and, if it is gone, calls `forgotten` and learns again.
+//!
+//! Segments passed unverified while their SA learns (observe mode, and UDP in enforce mode) are
+//! judged once the SA's residual is known, however it became known (learned here, inherited or
+//! confirmed by the verifier): each that left another value was corrupt and has been delivered.
+//! Until then they are tallied per SA, by residual and protocol (`Tally`).
 
 use std::collections::{BTreeMap, HashMap};
 
-use monitor_ebpf::SaKey;
+use monitor_ebpf::{PROTO_COUNT, Proto, SaKey};
 
 use crate::learn::{Learner, Outcome};
+
+/// Distinct (residual, protocol) pairs tallied per learning SA. Past it, delivered samples are
+/// counted without their value and judged corrupt: a value first met after this many others
+/// cannot be the SA's, whose intact segments all leave one value.
+pub const TALLY_VALUES: usize = 256;
+
+/// Learning segments of each protocol that were delivered and, judged against the SA's
+/// residual once it was known, found corrupt.
+pub type Judged = [u64; PROTO_COUNT];
+
+/// The delivered learning samples of one SA, waiting for its residual.
+#[derive(Debug, Default)]
+struct Tally {
+    counts: HashMap<(u16, Proto), u64>,
+    /// Samples past `TALLY_VALUES` distinct pairs, by protocol.
+    unkept: Judged,
+}
+
+impl Tally {
+    fn add(&mut self, residual: u16, proto: Proto) {
+        let full = self.counts.len() >= TALLY_VALUES;
+        match self.counts.get_mut(&(residual, proto)) {
+            Some(n) => *n += 1,
+            None if full => self.unkept[proto as usize] += 1,
+            None => {
+                self.counts.insert((residual, proto), 1);
+            }
+        }
+    }
+
+    fn judge(&self, residual: u16) -> Judged {
+        let mut out = self.unkept;
+        for ((r, proto), n) in &self.counts {
+            if *r != residual {
+                out[*proto as usize] += n;
+            }
+        }
+        out
+    }
+}
 
 /// The daemon's view of the installed residuals.
 #[derive(Debug, Default)]
@@ -29,6 +74,8 @@ pub struct Residuals {
     /// Installed residuals per peer id.
     per_peer: HashMap<u32, usize>,
     learner: Learner<SaKey>,
+    /// Delivered learning samples of SAs without a residual yet.
+    tallies: HashMap<SaKey, Tally>,
 }
 
 impl Residuals {
@@ -58,29 +105,44 @@ impl Residuals {
             || self.learner.any(|k| k.peer_id == id)
     }
 
-    /// Feeds one learning sample. `None` if `key` is held as learned (a sample that was in the
-    /// ring when its residual was installed, or one of an SA the verifier forgot: see the
+    /// Feeds one learning sample; `delivered` names its protocol if the verifier passed it
+    /// (rather than holding it), so that it is judged once the residual is known. `None` if
+    /// `key` is held as learned (a sample that was in the ring when its residual was installed,
+    /// which the caller judges against `get`, or one of an SA the verifier forgot: see the
     /// module's doc).
-    pub fn sample(&mut self, key: SaKey, residual: u16) -> Option<Outcome> {
+    pub fn sample(
+        &mut self,
+        key: SaKey,
+        residual: u16,
+        delivered: Option<Proto>,
+    ) -> Option<Outcome> {
         if self.learned.contains_key(&key) {
             return None;
+        }
+        if let Some(proto) = delivered {
+            self.tallies.entry(key).or_default().add(residual, proto);
         }
         Some(self.learner.sample(key, residual))
     }
 
-    /// Records that `key`'s residual is now installed (learned here, or inherited by the
-    /// verifier).
-    pub fn installed(&mut self, key: SaKey, residual: u16) {
+    /// Records that `key`'s residual is now installed (learned here, or inherited or confirmed
+    /// by the verifier), and judges the SA's delivered learning samples against it: the
+    /// corrupt ones, by protocol.
+    pub fn installed(&mut self, key: SaKey, residual: u16) -> Judged {
         self.learner.reset(key);
         if self.learned.insert(key, residual).is_none() {
             *self.per_peer.entry(key.peer_id).or_default() += 1;
         }
+        self.tallies
+            .remove(&key)
+            .map_or([0; PROTO_COUNT], |t| t.judge(residual))
     }
 
     /// Records that the verifier no longer has `key`'s residual (withdrawn, or forgotten by the
     /// LRU map): the SA learns again. False if it was not held as learned.
     pub fn forgotten(&mut self, key: SaKey) -> bool {
         self.learner.reset(key);
+        self.tallies.remove(&key);
         if self.learned.remove(&key).is_none() {
             return false;
         }
@@ -93,6 +155,7 @@ impl Residuals {
     /// Forgets peer `id`: its residuals (returned, to remove from the map) and its rounds.
     pub fn forget_peer(&mut self, id: u32) -> Vec<SaKey> {
         self.learner.retain(|k| k.peer_id != id);
+        self.tallies.retain(|k, _| k.peer_id != id);
         let keys: Vec<SaKey> = self
             .learned
             .keys()
@@ -126,16 +189,16 @@ mod tests {
 
     fn learn(r: &mut Residuals, key: SaKey, residual: u16) {
         for _ in 0..crate::learn::AGREE - 1 {
-            assert_eq!(r.sample(key, residual), Some(Outcome::Pending));
+            assert_eq!(r.sample(key, residual, None), Some(Outcome::Pending));
         }
         assert_eq!(
-            r.sample(key, residual),
+            r.sample(key, residual, None),
             Some(Outcome::Learned {
                 residual,
                 samples: crate::learn::AGREE
             })
         );
-        r.installed(key, residual);
+        let _ = r.installed(key, residual);
     }
 
     #[test]
@@ -149,20 +212,20 @@ mod tests {
             !r.peer_learning(0, false),
             "a peer with a configured residual"
         );
-        assert_eq!(r.sample(b, 0x2222), Some(Outcome::Pending));
+        assert_eq!(r.sample(b, 0x2222, None), Some(Outcome::Pending));
         assert!(r.peer_learning(0, true));
         learn(&mut r, a, 0x1111);
         for _ in 1..crate::learn::AGREE {
-            let _ = r.sample(b, 0x2222);
+            let _ = r.sample(b, 0x2222, None);
         }
-        r.installed(b, 0x2222);
+        let _ = r.installed(b, 0x2222);
         assert_eq!(
             (r.get(&a), r.get(&b), r.len()),
             (Some(0x1111), Some(0x2222), 2)
         );
         assert!(!r.peer_learning(0, true));
         // A late sample of a decided SA is not fed to learning.
-        assert_eq!(r.sample(a, 0x9999), None);
+        assert_eq!(r.sample(a, 0x9999, None), None);
     }
 
     /// A new SA on a mapping is another key: it learns for itself unless the verifier reports
@@ -175,10 +238,10 @@ mod tests {
         let newcomer = key([203, 0, 113, 9], 4500, 0xc000_0004, 0);
         learn(&mut r, old, 0x1111);
         assert_eq!(r.get(&rekey), None);
-        r.installed(rekey, 0x1111);
+        let _ = r.installed(rekey, 0x1111);
         assert_eq!(r.get(&rekey), Some(0x1111));
         // Another host on the same mapping after both went: learns afresh.
-        assert_eq!(r.sample(newcomer, 0x4444), Some(Outcome::Pending));
+        assert_eq!(r.sample(newcomer, 0x4444, None), Some(Outcome::Pending));
         assert!(r.peer_learning(0, true));
     }
 
@@ -203,11 +266,48 @@ mod tests {
         learn(&mut r, mine, 0x0042);
         learn(&mut r, other, 0x0043);
         let pending = key([198, 51, 100, 1], 4501, 3, 1);
-        assert_eq!(r.sample(pending, 7), Some(Outcome::Pending));
+        assert_eq!(r.sample(pending, 7, None), Some(Outcome::Pending));
         assert_eq!(r.forget_peer(1), vec![mine]);
         assert!(r.peer_learning(1, true), "forgotten: learns again");
         assert!(!r.peer_learning(2, true));
         assert_eq!((r.get(&mine), r.get(&other)), (None, Some(0x0043)));
         assert!(!r.is_empty());
+    }
+
+    /// Samples delivered while the SA learned are judged once its residual is known, however
+    /// it became known; held ones
+    /// (enforce mode, TCP) were never delivered and are not judged.
+    #[test]
+    fn delivered_learning_samples_are_judged_once_the_residual_is_known() {
+        let mut r = Residuals::default();
+        let k = key([203, 0, 113, 9], 4500, 0xc000_0001, 5);
+        let (tcp, udp) = (Some(Proto::Tcp), Some(Proto::Udp));
+        for (residual, proto) in [
+            (0x1111, tcp),
+            (0x0bad, tcp),
+            (0x1111, udp),
+            (0x0bad, None),
+            (0x5555, udp),
+            (0x1111, tcp),
+        ] {
+            assert_eq!(r.sample(k, residual, proto), Some(Outcome::Pending));
+        }
+        // Confirmed by the verifier (enforce mode) before the daemon's round settled.
+        assert_eq!(r.installed(k, 0x1111), [1, 1]);
+        assert_eq!(r.sample(k, 0x2222, tcp), None);
+        // Judged once: installing again (an inherited record after a restart) finds nothing.
+        assert_eq!(r.installed(k, 0x1111), [0, 0]);
+        // An SA that never settles keeps at most TALLY_VALUES values; the rest are judged
+        // corrupt without their value.
+        let noisy = key([203, 0, 113, 9], 4501, 0xc000_0002, 5);
+        for v in 0..u16::try_from(TALLY_VALUES).unwrap() + 9 {
+            let _ = r.sample(noisy, 0x8000 + v, udp);
+        }
+        assert_eq!(r.installed(noisy, 0x8000), [0, TALLY_VALUES as u64 + 8]);
+        // A forgotten SA's tally goes with it.
+        let gone = key([203, 0, 113, 9], 4502, 0xc000_0003, 6);
+        let _ = r.sample(gone, 0x0bad, tcp);
+        assert_eq!(r.forget_peer(6), Vec::<SaKey>::new());
+        assert_eq!(r.installed(gone, 0x1111), [0, 0]);
     }
 }

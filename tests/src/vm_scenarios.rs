@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 16] = [
+pub const NAMES: [&str; 17] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -19,6 +19,7 @@ pub const NAMES: [&str; 16] = [
     "l-constant-delta-enforce",
     "l-constant-delta-observe",
     "m-first-segment-nat",
+    "m-first-segment-observe",
     "m-first-segment",
     "g-gro",
 ];

@@ -557,7 +557,7 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
             info.id,
             info.prog_id
         )) && pinned.contains(
-            "9 of 9 maps (PEERS_V4, PEERS_V6, PEER_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING)"
+            "10 of 10 maps (PEERS_V4, PEERS_V6, PEER_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP)"
         ),
         "{pinned}"
     );

@@ -18,6 +18,12 @@ use natt_monitor_tests::{
     skip_unless_root,
 };
 
+/// A learning record of a TCP segment held in enforce mode.
+const HELD: LearningKind = LearningKind::Sample {
+    held: true,
+    proto: Some(Proto::Tcp),
+};
+
 const PASS: u32 = 1;
 const DROP: u32 = 0;
 
@@ -465,7 +471,10 @@ fn learning_peers_pass_unverified_and_report_their_residual() {
         let residual = out.learning.first().map_or(0, |l| l.residual);
         expect.learning = vec![Learning {
             key,
-            kind: LearningKind::Sample,
+            kind: LearningKind::Sample {
+                held: false,
+                proto: Some(Proto::Tcp),
+            },
             residual,
             spi: 0,
             reqid: 0,
@@ -609,7 +618,7 @@ fn a_residual_is_withdrawn_only_by_an_unbroken_streak_of_distinct_segments() {
         (out.verdict, out.peers[P_V4_NAT], out.learning.len()),
         (DROP, learning.peers[P_V4_NAT], 1)
     );
-    assert_eq!(out.learning[0].kind, LearningKind::Sample);
+    assert_eq!(out.learning[0].kind, HELD);
     let out = h.run(&intact);
     assert_eq!(
         (out.verdict, out.learning[0].kind, out.learning[0].residual),
@@ -666,7 +675,7 @@ fn enforce_mode_holds_tcp_until_a_retransmission_confirms_the_residual() {
             out.verdict,
             out.peers[P_V4_NAT],
             out.learning.iter().map(|l| l.kind).collect::<Vec<_>>(),
-        ) == (DROP, expect.peers[P_V4_NAT], vec![LearningKind::Sample])
+        ) == (DROP, expect.peers[P_V4_NAT], vec![HELD])
     };
     let (first, intact) = (nat_segment(100, 0x0100), nat_segment(100, 0));
     // The first copy was corrupted: held. Its retransmission, intact, leaves another residual:

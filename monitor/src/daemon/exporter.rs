@@ -13,7 +13,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use monitor_ebpf::{PeerStats, TrustCounter};
+use monitor_ebpf::{PROTO_COUNT, PeerStats, TrustCounter};
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -55,9 +55,37 @@ pub struct LabelCap {
     cap: usize,
     labelled: HashSet<IpNet>,
     /// Aggregated peers and their counts at the last scrape.
-    aggregated: HashMap<IpNet, PeerStats>,
+    aggregated: HashMap<IpNet, Counts>,
     /// Counts of aggregated peers that went.
-    retired: PeerStats,
+    retired: Counts,
+}
+
+/// A peer's counters, as `other` sums them: the verifier's and the daemon's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    kernel: PeerStats,
+    learning_mismatches: [u64; PROTO_COUNT],
+}
+
+impl Counts {
+    fn of(p: &PeerSnapshot) -> Self {
+        Self {
+            kernel: p.stats,
+            learning_mismatches: p.learning_mismatches,
+        }
+    }
+
+    fn merged(mut self, other: &Self) -> Self {
+        self.kernel = self.kernel.merged(&other.kernel);
+        for (a, b) in self
+            .learning_mismatches
+            .iter_mut()
+            .zip(other.learning_mismatches)
+        {
+            *a += b;
+        }
+        self
+    }
 }
 
 impl LabelCap {
@@ -88,11 +116,8 @@ impl LabelCap {
             }
         }
         let mut out = Vec::new();
-        let mut other = PeerSnapshot {
-            label: OTHER_PEERS.to_owned(),
-            stats: self.retired,
-            learning: false,
-        };
+        let mut sum = self.retired;
+        let mut learning = false;
         let mut summed = 0;
         for (net, p) in peers {
             let labelled = self.labelled.contains(&net)
@@ -103,13 +128,19 @@ impl LabelCap {
                 out.push(p);
             } else {
                 summed += 1;
-                self.aggregated.insert(net, p.stats);
-                other.stats = other.stats.merged(&p.stats);
-                other.learning |= p.learning;
+                let counts = Counts::of(&p);
+                self.aggregated.insert(net, counts);
+                sum = sum.merged(&counts);
+                learning |= p.learning;
             }
         }
-        if summed > 0 || self.retired != PeerStats::default() {
-            out.push(other);
+        if summed > 0 || self.retired != Counts::default() {
+            out.push(PeerSnapshot {
+                label: OTHER_PEERS.to_owned(),
+                stats: sum.kernel,
+                learning,
+                learning_mismatches: sum.learning_mismatches,
+            });
         }
         (out, summed)
     }
@@ -175,6 +206,11 @@ impl Readings for KernelReadings {
                         label: spec.label(),
                         stats,
                         learning: view.learning.contains(&id),
+                        learning_mismatches: view
+                            .learning_mismatches
+                            .get(&id)
+                            .copied()
+                            .unwrap_or_default(),
                     },
                 )),
                 Err(e) => {
@@ -237,6 +273,7 @@ mod tests {
                 label: net.to_string(),
                 stats,
                 learning: false,
+                learning_mismatches: [0; PROTO_COUNT],
             },
         )
     }

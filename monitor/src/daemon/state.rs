@@ -8,8 +8,13 @@
 //! the async runtime. After every change it publishes a `View` that the drain (log labels) and
 //! the scrape (peer labels, learning flags) read without a lock.
 
-use std::{collections::BTreeSet, io, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    sync::Arc,
+};
 
+use monitor_ebpf::{PROTO_COUNT, Proto};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -19,7 +24,7 @@ use crate::{
     events::{Learning, LearningKind},
     learn::{Outcome, WINDOW},
     peers::{Mode, PeerSpec, PeerTable},
-    residuals::Residuals,
+    residuals::{Judged, Residuals},
     scope::Scope,
 };
 
@@ -33,6 +38,9 @@ pub struct View {
     /// SA residuals the verifier had forgotten (its LRU map) and that are learned again, since
     /// the daemon started.
     pub residuals_evicted: u64,
+    /// Per peer id: segments passed unverified while their SA learned, found corrupt once its
+    /// residual was known (by protocol), since the daemon started.
+    pub learning_mismatches: BTreeMap<u32, Judged>,
 }
 
 impl View {
@@ -147,6 +155,8 @@ pub struct SaState {
     default_mode: Mode,
     view: watch::Sender<Arc<View>>,
     evicted: u64,
+    /// Learning segments found corrupt once their SA's residual was known, per peer id.
+    learning_mismatches: BTreeMap<u32, Judged>,
 }
 
 impl std::fmt::Debug for SaState {
@@ -267,7 +277,7 @@ impl SaState {
         let mut residuals = Residuals::default();
         for (key, _, residual) in &prior.residuals {
             if unchanged.contains(&key.peer_id) {
-                residuals.installed(*key, *residual);
+                let _ = residuals.installed(*key, *residual);
             }
         }
         if prior.residuals.len() > residuals.len() {
@@ -284,6 +294,7 @@ impl SaState {
             default_mode,
             view,
             evicted: 0,
+            learning_mismatches: BTreeMap::new(),
         };
         state.publish();
         Ok((state, rx))
@@ -340,6 +351,7 @@ impl SaState {
             table: self.table.clone(),
             learning,
             residuals_evicted: self.evicted,
+            learning_mismatches: self.learning_mismatches.clone(),
         }));
     }
 
@@ -396,6 +408,7 @@ impl SaState {
 
     /// Removes every residual of peer `id` from the map and from memory, and its rounds.
     fn forget_peer(&mut self, id: u32) {
+        self.learning_mismatches.remove(&id);
         let keys = self.residuals.forget_peer(id);
         if keys.is_empty() {
             return;
@@ -420,7 +433,8 @@ impl SaState {
         let residual = format_args!("{:#06x}", m.residual);
         match m.kind {
             LearningKind::Inherited => {
-                self.residuals.installed(m.key, m.residual);
+                let judged = self.residuals.installed(m.key, m.residual);
+                self.judged(m, &label, m.residual, judged);
                 self.publish();
                 info!(
                     peer = label,
@@ -432,7 +446,8 @@ impl SaState {
                 );
             }
             LearningKind::Confirmed => {
-                self.residuals.installed(m.key, m.residual);
+                let judged = self.residuals.installed(m.key, m.residual);
+                self.judged(m, &label, m.residual, judged);
                 self.publish();
                 info!(
                     peer = label,
@@ -455,20 +470,55 @@ impl SaState {
                     "learned NAT residual withdrawn: consecutive distinct segments of the SA all left one other value and none verified in between, so it refused intact traffic; learning again"
                 );
             }
-            LearningKind::Sample => self.learn(m, &label),
+            LearningKind::Sample { held, proto } => {
+                self.learn(m, &label, if held { None } else { proto });
+            }
         }
     }
 
-    /// Feeds one learning segment's residual to the learner; when it settles, installs the
-    /// residual so the SA's next segment is verified.
-    fn learn(&mut self, m: &Learning, label: &str) {
+    /// Counts the learning segments of `m`'s SA that were delivered and, judged against the
+    /// residual it now has, were corrupt; says so in the log.
+    fn judged(&mut self, m: &Learning, label: &str, residual: u16, judged: Judged) {
+        if judged.iter().all(|n| *n == 0) {
+            return;
+        }
+        let total = self.learning_mismatches.entry(m.peer_id()).or_default();
+        for (t, n) in total.iter_mut().zip(judged) {
+            *t += n;
+        }
+        warn!(
+            peer = label,
+            spi = %format_args!("{:#010x}", m.spi),
+            residual = %format_args!("{residual:#06x}"),
+            tcp = judged[Proto::Tcp as usize],
+            udp = judged[Proto::Udp as usize],
+            "segments passed unverified while this SA's NAT residual was being learned left another value: corrupted segments were delivered (natt_monitor_learning_mismatches_total)"
+        );
+    }
+
+    /// Feeds one learning segment's residual to the learner (`delivered`: its protocol, if the
+    /// verifier passed it); when it settles, installs the residual so the SA's next segment is
+    /// verified.
+    fn learn(&mut self, m: &Learning, label: &str, delivered: Option<Proto>) {
         let key = m.key;
         if self.residuals.get(&key).is_some() {
             // Held as learned, yet the verifier sent a sample: it has forgotten the residual
             // (LRU), or the entry is another SA's (one that held the same SPI on the same
             // mapping), unless this sample was in the ring when the residual was installed.
             match self.maps.sa_residual(&key) {
-                Ok(Some((state, _))) if state == m.state => return,
+                Ok(Some((state, _))) if state == m.state => {
+                    // In the ring while the residual was installed: judged now.
+                    if let Some(proto) = delivered
+                        && let Some(residual) = self.residuals.get(&key)
+                        && residual != m.residual
+                    {
+                        let mut judged = [0; PROTO_COUNT];
+                        judged[proto as usize] = 1;
+                        self.judged(m, label, residual, judged);
+                        self.publish();
+                    }
+                    return;
+                }
                 Ok(_) => {
                     self.residuals.forgotten(key);
                     self.evicted += 1;
@@ -485,7 +535,7 @@ impl SaState {
                 }
             }
         }
-        let Some(outcome) = self.residuals.sample(key, m.residual) else {
+        let Some(outcome) = self.residuals.sample(key, m.residual, delivered) else {
             return;
         };
         match outcome {
@@ -501,7 +551,8 @@ impl SaState {
             Outcome::Learned { residual, samples } => {
                 match self.maps.set_sa_residual(key, m.state, residual) {
                     Ok(()) => {
-                        self.residuals.installed(key, residual);
+                        let judged = self.residuals.installed(key, residual);
+                        self.judged(m, label, residual, judged);
                         self.publish();
                         info!(
                             peer = label,

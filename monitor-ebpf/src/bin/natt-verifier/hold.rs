@@ -14,7 +14,8 @@
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use monitor_ebpf::{
-    HELD_SLOTS, Held, Proto, SAMPLE_CONFIRMED, SAMPLE_LEARNING, TRUST_CONFIRMED, TrustCounter,
+    HELD_SLOTS, Held, IPPROTO_TCP, Proto, SAMPLE_CONFIRMED, SAMPLE_HELD, TRUST_CONFIRMED,
+    TrustCounter,
 };
 
 use crate::{
@@ -55,9 +56,10 @@ pub fn natt_hold(_ctx: SkBuffContext) -> i32 {
         key,
         &p.sa,
         p.seen.family,
-        SAMPLE_LEARNING,
+        SAMPLE_HELD,
         p.seen.residual,
         0,
+        IPPROTO_TCP,
     );
     0
 }
@@ -125,6 +127,7 @@ fn confirm(s: *mut Scratch, sa: &Sa, seen: &Seen) -> bool {
         SAMPLE_CONFIRMED,
         seen.residual,
         0,
+        IPPROTO_TCP,
     );
     true
 }

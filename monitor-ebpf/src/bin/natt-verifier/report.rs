@@ -78,11 +78,12 @@ pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
     entry.submit(0);
 }
 
-/// Sends one record of the `LEARNING` ring: the residual a segment left through an SA that is
-/// still learning (`SAMPLE_LEARNING`), or what became of an SA's residual (`SAMPLE_INHERITED`,
-/// `SAMPLE_WITHDRAWN` with the value the refused segments agreed on in `found`).
+/// Sends one record of the `LEARNING` ring: the residual a segment of IP protocol `proto` left
+/// through an SA that is still learning (`SAMPLE_LEARNING`, `SAMPLE_HELD`), or what became of
+/// an SA's residual (`SAMPLE_INHERITED`, `SAMPLE_CONFIRMED`, `SAMPLE_WITHDRAWN` with the value
+/// the refused segments agreed on in `found`).
 #[inline(always)]
-pub fn trust(key: &SaKey, sa: &Sa, family: u8, kind: u8, residual: u16, found: u16) {
+pub fn trust(key: &SaKey, sa: &Sa, family: u8, kind: u8, residual: u16, found: u16, proto: u8) {
     let Some(mut entry) = LEARNING.reserve::<LearningSample>(0) else {
         bump(Counter::LearningLost);
         return;
@@ -96,7 +97,8 @@ pub fn trust(key: &SaKey, sa: &Sa, family: u8, kind: u8, residual: u16, found: u
         kind,
         reqid,
         found,
-        pad: [0; 2],
+        proto,
+        pad: 0,
         state: sa.state,
     });
     entry.submit(0);

@@ -159,6 +159,7 @@ fn inherit(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
             SAMPLE_INHERITED,
             owner.expected_residual,
             0,
+            0,
         );
         SA_TRUST.get_ptr_mut(&(*s).key)
     }
@@ -259,6 +260,7 @@ fn mismatch(t: *mut SaTrust, s: *mut Scratch, sa: &Sa, seen: &Seen) {
             SAMPLE_WITHDRAWN,
             withdrawn,
             residual,
+            0,
         );
     }
 }

@@ -123,7 +123,15 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
             count(peer.id, |st| st.learning[p] += 1);
             // SAFETY: a per-CPU map value, valid for this run.
             let key = unsafe { &(*s).key };
-            report::trust(key, &sa, l3.family as u8, SAMPLE_LEARNING, residual, 0);
+            report::trust(
+                key,
+                &sa,
+                l3.family as u8,
+                SAMPLE_LEARNING,
+                residual,
+                0,
+                l3.proto,
+            );
             return Ok(Verdict::Pass);
         };
         trust::judge(t, s, &sa, &seen)

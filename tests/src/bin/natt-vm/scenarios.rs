@@ -98,7 +98,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 16] = [
+pub(crate) const SCENARIOS: [Scenario; 17] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -247,6 +247,17 @@ pub(crate) const SCENARIOS: [Scenario; 16] = [
         name: "m-first-segment-nat",
         cipher: Cipher::Null,
         mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::WordFromStart,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "m-first-segment-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
         encap: true,
         nat: true,
         corrupt: true,

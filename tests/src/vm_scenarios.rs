@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 22] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -21,6 +21,11 @@ pub const NAMES: [&str; 17] = [
     "m-first-segment-nat",
     "m-first-segment-observe",
     "m-first-segment",
+    "n-bit-flip-enforce",
+    "n-bit-flip-observe",
+    "n-zeroed-run-observe",
+    "o-rekey-enforce",
+    "p-sighup-enforce",
     "g-gro",
 ];
 

@@ -568,7 +568,7 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
         out,
         format!(
             "detached link {} (program id {}) from cgroup id {}\n\
-             removed maps: PEERS_V4, PEERS_V6, PEER_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING\n\
+             removed maps: PEERS_V4, PEERS_V6, PEER_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP\n\
              removed {}\n",
             info.id,
             info.prog_id,

@@ -80,4 +80,7 @@ pub(crate) const A2: &str = "10.3.0.1";
 pub(crate) const R_A2: &str = "10.3.0.2";
 
 /// The null cipher and its empty key, for `xfrm_state`.
+/// The SPI of the SA from A to B after `Topology::rekey_a_to_b` (before: 0x1001).
+pub(crate) const REKEYED_SPI: &str = "0x1003";
+
 pub(crate) const NULL_CIPHER: [&str; 2] = ["ecb(cipher_null)", ""];

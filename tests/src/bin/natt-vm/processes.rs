@@ -33,12 +33,20 @@ pub(crate) fn start_monitor(b: &Netns, mode: Mode, name: &str) -> Daemon {
 
 /// As `start_monitor`, with `extra` arguments to `run`.
 pub(crate) fn start_monitor_with(b: &Netns, mode: Mode, name: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--mode", mode.as_str()];
+    args.extend_from_slice(extra);
+    start_monitor_args(b, name, &args)
+}
+
+/// natt-monitor as `start_monitor`, with no `--mode` (the configuration file's, or the
+/// default) and `extra` arguments to `run`.
+pub(crate) fn start_monitor_args(b: &Netns, name: &str, extra: &[&str]) -> Daemon {
     let log = PathBuf::from(format!("/tmp/monitor-{name}.log"));
     let child = Command::new("ip")
         .args(["netns", "exec", &b.name])
         .arg(bin("natt-monitor"))
         .arg("run")
-        .args(["--listen", "127.0.0.1:9874", "--mode", mode.as_str()])
+        .args(["--listen", "127.0.0.1:9874"])
         .arg("--capture")
         .arg(capture_path(name))
         .args(extra)

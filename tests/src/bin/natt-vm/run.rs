@@ -11,8 +11,11 @@ use natt_monitor::peers::{Mode, NatAddresses, PeerSpec, parse_cidr};
 use natt_monitor_tests::net::{Cgroup, sh};
 
 use crate::{
-    plan::{STREAM, V4, WARMUP},
-    processes::{bin, captured, metric, scrape, start_monitor, start_monitor_with, wait_until},
+    plan::{REKEYED_SPI, STREAM, V4, WARMUP},
+    processes::{
+        bin, captured, metric, scrape, start_monitor, start_monitor_args, start_monitor_with,
+        wait_until,
+    },
     restart::{Pins, Restart, finish, stream_through_restart},
     scale::{DUMMY_SAS, MAX_PEERS, Scale, add_dummy_sas},
     scenarios::{Corruption, Scenario, Setup},
@@ -69,6 +72,8 @@ pub(crate) struct Measured {
     pub(crate) restart: Option<Restart>,
     /// `k-ten-thousand-sas`: discovery, labels and footprint at ten thousand SAs.
     pub(crate) scale: Option<Scale>,
+    /// `p-sighup-enforce`: the stream after the reload to enforce mode.
+    pub(crate) sighup: Option<Reloaded>,
 }
 
 pub(crate) fn expected_nat_residual() -> u16 {
@@ -100,6 +105,9 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         start_monitor_with(&t.b, s.mode, s.name, &[&args[0], &args[1]])
     } else if s.setup == Setup::Scale {
         start_monitor_with(&t.b, s.mode, s.name, &["--max-peers", MAX_PEERS])
+    } else if s.setup == Setup::Sighup {
+        fs::write(SIGHUP_CONFIG, format!("mode = \"{}\"\n", s.mode.as_str())).expect("config");
+        start_monitor_args(&t.b, s.name, &["--config", SIGHUP_CONFIG])
     } else {
         start_monitor(&t.b, s.mode, s.name)
     };
@@ -146,6 +154,11 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     // Bytes of the warm-up stream that differ: corruption from the start, in observe mode, is
     // delivered while the SA learns (and counted once its residual is known).
     let mut warmup_differing = 0;
+    // `o-rekey-enforce`: segments to learning after the rekey, and whether the new SA carried
+    // a byte-exact second stream.
+    let mut manual_rekey = None;
+    // `p-sighup-enforce`: the stream after the reload to enforce.
+    let mut sighup = None;
     if s.encap {
         wait_until(&t.b, &d, "the SA's peer is discovered", |b| {
             metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1 + dummies
@@ -183,7 +196,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     }
     // Plaintext from the NAT'd peer, after its SA's residual (non-zero) was learned.
     let (plaintext, plaintext_mismatches) = if s.nat {
-        let (summary, mismatches) = plaintext(&t, s, &cg.path, s.setup == Setup::Manual);
+        let (summary, mismatches) = plaintext(&t, s, &cg.path, s.setup.manual_sas());
         (Some(summary), mismatches)
     } else {
         (None, 0)
@@ -216,6 +229,28 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         let (received, differing, r, second) =
             stream_through_restart(&t, s, &cg.path, &mut d, &dropped);
         (received, differing, Some((r, second)))
+    } else if s.setup == Setup::Sighup {
+        let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
+        sighup = Some(reload_to_enforce(&t, &cg.path, &d, &series));
+        (received, differing + warmup_differing, None)
+    } else if s.setup == Setup::ManualRekey {
+        // Corruption is on: the first segments on the new SA are among the corrupted ones.
+        let learning = series("learning_packets_total");
+        let l0 = metric(&scrape(&t.b), &learning);
+        let (received, differing) = std::thread::scope(|scope| {
+            let streaming = scope.spawn(|| stream(&t, &cg.path, STREAM, 5001));
+            std::thread::sleep(Duration::from_millis(200));
+            t.rekey_a_to_b(s);
+            streaming.join().expect("stream thread")
+        });
+        // A second stream entirely on the new SA.
+        let (again, bad) = stream(&t, &cg.path, STREAM, 5003);
+        std::thread::sleep(Duration::from_millis(500));
+        manual_rekey = Some((
+            metric(&scrape(&t.b), &learning) - l0,
+            (again, bad) == (STREAM, 0) && t.carried(REKEYED_SPI),
+        ));
+        (received, differing + warmup_differing, None)
     } else {
         let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
         (received, differing + warmup_differing, None)
@@ -250,7 +285,8 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         metric(&scrape(&t.b), aggregated) - g1
     });
     let rekey = (s.setup == Setup::StrongSwan)
-        .then(|| rekey_during_stream(&t, &cg.path, &series("learning_packets_total")));
+        .then(|| rekey_during_stream(&t, &cg.path, &series("learning_packets_total")))
+        .or(manual_rekey);
     // strongSwan's rekeys come after the scenario's main scrape: read again after them. (Not
     // otherwise: the restart scenario's second daemon is stopped by now.)
     let inherited = metric(
@@ -320,5 +356,76 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         },
         restart,
         scale,
+        sighup,
+    }
+}
+
+/// The configuration file of `p-sighup-enforce`'s daemon.
+const SIGHUP_CONFIG: &str = "/tmp/natt-sighup.toml";
+
+/// What the stream after a SIGHUP to enforce mode did.
+#[derive(Debug, Default)]
+pub(crate) struct Reloaded {
+    /// Corruptions injected, mismatches, drops and learning segments during that stream.
+    pub(crate) injected: u64,
+    pub(crate) detected: u64,
+    pub(crate) dropped: u64,
+    pub(crate) learning: u64,
+    /// The stream arrived whole and byte-exact.
+    pub(crate) exact: bool,
+}
+
+impl Reloaded {
+    /// For the `NATT-VM RESULT` line.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "injected={},detected={},dropped={},learning={},exact={}",
+            self.injected,
+            self.detected,
+            self.dropped,
+            self.learning,
+            if self.exact { "yes" } else { "no" }
+        )
+    }
+}
+
+/// Rewrites the configuration file to `mode = "enforce"`, sends the daemon SIGHUP, waits for
+/// the reload, and streams again.
+fn reload_to_enforce(
+    t: &Topology,
+    cg: &Path,
+    d: &crate::processes::Daemon,
+    series: &dyn Fn(&str) -> String,
+) -> Reloaded {
+    fs::write(SIGHUP_CONFIG, "mode = \"enforce\"\n").expect("config");
+    let reloads = |d: &crate::processes::Daemon| {
+        fs::read_to_string(&d.log)
+            .unwrap_or_default()
+            .matches("reloaded peers on SIGHUP")
+            .count()
+    };
+    let before = reloads(d);
+    let pid = i32::try_from(d.process.0.id()).expect("pid");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0, "kill -HUP");
+    wait_until(&t.b, d, "the daemon reloaded", |_| reloads(d) > before);
+    let read = |text: &str| {
+        [
+            "checksum_mismatches_total",
+            "dropped_packets_total",
+            "learning_packets_total",
+        ]
+        .map(|name| metric(text, &series(name)))
+    };
+    let (i0, m0) = (t.injected(), read(&scrape(&t.b)));
+    let (got, bad) = stream(t, cg, STREAM, 5004);
+    std::thread::sleep(Duration::from_millis(500));
+    let (i1, m1) = (t.injected(), read(&scrape(&t.b)));
+    Reloaded {
+        injected: i1 - i0,
+        detected: m1[0] - m0[0],
+        dropped: m1[1] - m0[1],
+        learning: m1[2] - m0[2],
+        exact: (got, bad) == (STREAM, 0),
     }
 }

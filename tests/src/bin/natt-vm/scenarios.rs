@@ -2,7 +2,7 @@
 
 use natt_monitor::peers::Mode;
 
-use crate::plan::{Addrs, RESTART_STREAM, STREAM, V4, V6};
+use crate::plan::{Addrs, NULL_CIPHER, RESTART_STREAM, STREAM, V4, V6};
 
 /// What the corruption rule on R does to the ESP packets it picks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,14 +20,26 @@ pub(crate) enum Corruption {
         /// Every how many large ESP packets one is corrupted.
         every: u32,
     },
+    /// Flips one bit (the lowest of a payload byte, on a stream that is one byte repeated, so
+    /// it is always a change) in every `every`th packet.
+    BitFlip {
+        /// Every how many large ESP packets one is corrupted.
+        every: u32,
+    },
+    /// Zeroes 8 bytes of the payload of every `every`th packet (the stream's bytes vary, so the
+    /// delta does).
+    ZeroRun {
+        /// Every how many large ESP packets one is corrupted.
+        every: u32,
+    },
 }
 
 impl Corruption {
     /// The `--fill` byte of the stream, for a corruption that needs repetitive data.
     pub(crate) const fn fill(self) -> Option<u8> {
         match self {
-            Self::Word | Self::WordFromStart => None,
-            Self::ConstantDelta { .. } => Some(FILL),
+            Self::Word | Self::WordFromStart | Self::ZeroRun { .. } => None,
+            Self::ConstantDelta { .. } | Self::BitFlip { .. } => Some(FILL),
         }
     }
 }
@@ -39,6 +51,16 @@ pub(crate) const FILL: u8 = 0x5a;
 pub(crate) enum Cipher {
     Null,
     CbcAes,
+}
+
+impl Cipher {
+    /// `ip xfrm state`'s `enc` algorithm and key.
+    pub(crate) const fn xfrm(self) -> [&'static str; 2] {
+        match self {
+            Self::Null => NULL_CIPHER,
+            Self::CbcAes => ["cbc(aes)", "0x00112233445566778899aabbccddeeff"],
+        }
+    }
 }
 
 /// Who makes the SAs and what else is special.
@@ -61,6 +83,14 @@ pub(crate) enum Setup {
     /// in enforce mode, the daemon is killed with SIGKILL and started again, and the new one
     /// adopts the pinned link and maps.
     Restart,
+    /// As `Manual`, and mid-stream the SA from A to B is rekeyed by hand the way an IKE daemon
+    /// does it: new SPIs installed on both ends, then A's old outbound SA deleted, so A's
+    /// traffic moves to the new SA while B's old inbound SA is still alive.
+    ManualRekey,
+    /// As `Manual`, with the daemon's mode (`observe`) in a configuration file and no `--mode`:
+    /// after the main stream the file says `enforce` and the daemon gets SIGHUP; a second
+    /// stream must then be enforced for the SA's discovered peer.
+    Sighup,
     /// As `Manual`, after ten thousand other NAT-T SAs (and peers) were added to B while the
     /// daemon ran (`--max-peers 16384`, labels at their default cap).
     Scale,
@@ -83,6 +113,13 @@ pub(crate) struct Scenario {
     pub(crate) v6: bool,
 }
 
+impl Setup {
+    /// SAs made by hand (`ip xfrm`), with the driver's encapsulation sockets.
+    pub(crate) const fn manual_sas(self) -> bool {
+        matches!(self, Self::Manual | Self::ManualRekey | Self::Sighup)
+    }
+}
+
 impl Scenario {
     pub(crate) const fn addrs(&self) -> &'static Addrs {
         if self.v6 { &V6 } else { &V4 }
@@ -98,7 +135,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 17] = [
+pub(crate) const SCENARIOS: [Scenario; 22] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -273,6 +310,61 @@ pub(crate) const SCENARIOS: [Scenario; 17] = [
         nat: false,
         corrupt: true,
         corruption: Corruption::WordFromStart,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "n-bit-flip-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::BitFlip { every: 100 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "n-bit-flip-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        corruption: Corruption::BitFlip { every: 2 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "n-zeroed-run-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ZeroRun { every: 1000 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::ManualRekey,
+        name: "o-rekey-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ZeroRun { every: 7 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Sighup,
+        name: "p-sighup-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::Word,
         v6: false,
     },
     Scenario {

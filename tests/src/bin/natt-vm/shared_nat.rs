@@ -170,6 +170,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
     Measured {
         injected: t.injected(),
         detected: metric(&text, &series("checksum_mismatches_total")),
+        learning_mismatches: metric(&text, &series("learning_mismatches_total")),
         dropped: metric(&text, &series("dropped_packets_total")),
         verified: metric(&text, &series("verified_packets_total")),
         learning: metric(&text, &series("learning_packets_total")),

@@ -5,9 +5,9 @@ use std::{fs, net::UdpSocket, os::fd::AsRawFd as _, process::Command};
 use natt_monitor_tests::net::{Netns, sh};
 
 use crate::{
-    plan::{Addrs, CORRUPT_BIT, CORRUPT_EVERY, NULL_CIPHER, PLAINTEXT_PORT},
+    plan::{Addrs, CORRUPT_BIT, CORRUPT_EVERY, PLAINTEXT_PORT, REKEYED_SPI},
     processes::Daemon,
-    scenarios::{Cipher, Corruption, Scenario, Setup},
+    scenarios::{Corruption, Scenario, Setup},
     strongswan::{start_charon, swanctl, swanctl_conf},
 };
 
@@ -152,10 +152,7 @@ impl Topology {
         in_spi: &str,
         s: &Scenario,
     ) {
-        let enc: [&str; 2] = match s.cipher {
-            Cipher::Null => NULL_CIPHER,
-            Cipher::CbcAes => ["cbc(aes)", "0x00112233445566778899aabbccddeeff"],
-        };
+        let enc = s.cipher.xfrm();
         let encap = s.encap.then_some((4500, 4500, s.addrs().any));
         for (src, dst, spi) in [(local, remote, out_spi), (remote, local, in_spi)] {
             xfrm_state(ns, src, dst, spi, "0", enc, encap);
@@ -191,6 +188,52 @@ impl Topology {
         Vec::new()
     }
 
+    /// Rekeys the SA from A to B by hand, as an IKE daemon does (make before break): B's new
+    /// inbound SA, then A's new outbound SA, then A's old outbound SA deleted, so that A's
+    /// traffic moves to the new SPI while B's old SA is still alive.
+    pub(crate) fn rekey_a_to_b(&self, s: &Scenario) {
+        let x = self.addrs;
+        let enc = s.cipher.xfrm();
+        let encap = s.encap.then_some((4500, 4500, s.addrs().any));
+        xfrm_state(
+            &self.b,
+            self.a_seen_by_b(s.nat),
+            x.b,
+            REKEYED_SPI,
+            "0",
+            enc,
+            encap,
+        );
+        xfrm_state(&self.a, x.a, x.b, REKEYED_SPI, "0", enc, encap);
+        sh(&[
+            "ip",
+            "-n",
+            &self.a.name,
+            "xfrm",
+            "state",
+            "delete",
+            "src",
+            x.a,
+            "dst",
+            x.b,
+            "proto",
+            "esp",
+            "spi",
+            "0x1001",
+        ]);
+    }
+
+    /// True if B's SA with `spi` decapsulated any packet.
+    pub(crate) fn carried(&self, spi: &str) -> bool {
+        let out = ns_out(&self.b, &["ip", "-s", "xfrm", "state", "list", "spi", spi]);
+        // "lifetime current:" is followed by "<n>(bytes), <n>(packets)".
+        out.split_whitespace().any(|w| {
+            w.strip_suffix("(packets)")
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+    }
+
     pub(crate) fn corrupt(&self, s: &Scenario) {
         let x = self.addrs;
         let what = if s.encap { "udp dport 4500" } else { x.esp };
@@ -207,6 +250,9 @@ impl Topology {
                 format!("@th,{CORRUPT_BIT},32 set 0xdeadbeef"),
             ),
             Corruption::ConstantDelta { every } => (every, format!("@th,{CORRUPT_BIT},8 set 0xa5")),
+            // The byte's lowest bit (nft numbers bits from the most significant): 0x5a → 0x5b.
+            Corruption::BitFlip { every } => (every, format!("@th,{},1 set 1", CORRUPT_BIT + 7)),
+            Corruption::ZeroRun { every } => (every, format!("@th,{CORRUPT_BIT},64 set 0")),
         };
         ns_sh(
             &self.r,

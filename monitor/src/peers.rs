@@ -87,10 +87,15 @@ pub enum PeerError {
         peer: IpNet,
     },
     /// More peers than the maps hold.
-    #[error("{count} peers configured; natt-monitor tracks at most {max} (raise --max-peers)")]
+    #[error(
+        "{count} peers configured{}; natt-monitor tracks at most {max} (raise --max-peers)",
+        catch_alls(*undiscovered)
+    )]
     TooMany {
         /// How many were given.
         count: usize,
+        /// How many of them are SA scope's catch-alls (`Source::Undiscovered`).
+        undiscovered: usize,
         /// The limit (`--max-peers`).
         max: u32,
     },
@@ -175,6 +180,9 @@ impl PeerSpec {
     /// The label value this peer exports: its prefix.
     #[must_use]
     pub fn label(&self) -> String {
+        if self.source == Source::Undiscovered {
+            return UNDISCOVERED.to_owned();
+        }
         self.net.to_string()
     }
 }
@@ -187,11 +195,19 @@ pub enum Source {
     Static,
     /// The kernel's inbound ESP-in-UDP/TCP transport-mode SAs (`--discover xfrm`).
     Xfrm,
+    /// SA scope's two catch-alls (`0.0.0.0/0`, `::/0`): the segments of every NAT-T transport SA
+    /// that no other peer names (SAs of other network namespaces, or of a host without
+    /// discovery), verified per SA under the one label `peer="undiscovered"`.
+    Undiscovered,
 }
+
+/// The `peer` label of `Source::Undiscovered` (both families, summed). No other peer has it:
+/// peer labels are prefixes.
+pub const UNDISCOVERED: &str = "undiscovered";
 
 impl Source {
     /// Every source, for pre-registering gauges at 0.
-    pub const ALL: [Self; 2] = [Self::Static, Self::Xfrm];
+    pub const ALL: [Self; 3] = [Self::Static, Self::Xfrm, Self::Undiscovered];
 
     /// Label value.
     #[must_use]
@@ -199,7 +215,17 @@ impl Source {
         match self {
             Self::Static => "static",
             Self::Xfrm => "xfrm",
+            Self::Undiscovered => UNDISCOVERED,
         }
+    }
+}
+
+/// `PeerError::TooMany`'s note on the catch-alls among the peers counted.
+fn catch_alls(n: usize) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" (with SA scope's {n} catch-alls for undiscovered SAs)")
     }
 }
 
@@ -274,6 +300,10 @@ impl PeerTable {
         if peers.len() > self.limit as usize {
             return Err(PeerError::TooMany {
                 count: peers.len(),
+                undiscovered: peers
+                    .iter()
+                    .filter(|p| p.source == Source::Undiscovered)
+                    .count(),
                 max: self.limit,
             });
         }

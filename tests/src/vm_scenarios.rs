@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 22] = [
+pub const NAMES: [&str; 23] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -26,6 +26,7 @@ pub const NAMES: [&str; 22] = [
     "n-zeroed-run-observe",
     "o-rekey-enforce",
     "p-sighup-enforce",
+    "q-undiscovered-netns",
     "g-gro",
 ];
 

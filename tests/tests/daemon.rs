@@ -108,7 +108,7 @@ fn bad_arguments_fail_before_anything_is_attached() {
                 "127.0.0.1:0",
             ],
             78,
-            "2 peers configured; natt-monitor tracks at most 1 (raise --max-peers)",
+            "4 peers configured (with SA scope's 2 catch-alls for undiscovered SAs); natt-monitor tracks at most 1 (raise --max-peers)",
         ),
     ];
     // These runs pin at the default path: the `/tmp` case loads (and pins) before its attach

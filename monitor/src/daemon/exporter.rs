@@ -86,6 +86,15 @@ impl Counts {
         }
         self
     }
+
+    fn snapshot(self, label: String, learning: bool) -> PeerSnapshot {
+        PeerSnapshot {
+            label,
+            stats: self.kernel,
+            learning,
+            learning_mismatches: self.learning_mismatches,
+        }
+    }
 }
 
 impl LabelCap {
@@ -135,12 +144,7 @@ impl LabelCap {
             }
         }
         if summed > 0 || self.retired != Counts::default() {
-            out.push(PeerSnapshot {
-                label: OTHER_PEERS.to_owned(),
-                stats: sum.kernel,
-                learning,
-                learning_mismatches: sum.learning_mismatches,
-            });
+            out.push(sum.snapshot(OTHER_PEERS.to_owned(), learning));
         }
         (out, summed)
     }
@@ -198,11 +202,12 @@ impl Readings for KernelReadings {
                     .filter(|(_, p)| p.source != Source::Static),
             );
         let mut peers = Vec::with_capacity(view.table.len());
+        // SA scope's two catch-alls are one label, `undiscovered`, outside the label cap.
+        let mut undiscovered: Option<PeerSnapshot> = None;
         for (id, spec) in ordered {
             match self.stats.peer_stats(id) {
-                Ok(stats) => peers.push((
-                    spec.net,
-                    PeerSnapshot {
+                Ok(stats) => {
+                    let p = PeerSnapshot {
                         label: spec.label(),
                         stats,
                         learning: view.learning.contains(&id),
@@ -211,19 +216,30 @@ impl Readings for KernelReadings {
                             .get(&id)
                             .copied()
                             .unwrap_or_default(),
-                    },
-                )),
+                    };
+                    if spec.source == Source::Undiscovered {
+                        undiscovered = Some(match undiscovered {
+                            Some(u) => Counts::of(&u)
+                                .merged(&Counts::of(&p))
+                                .snapshot(u.label, u.learning || p.learning),
+                            None => p,
+                        });
+                    } else {
+                        peers.push((spec.net, p));
+                    }
+                }
                 Err(e) => {
                     warn!(peer = %spec.net, error = %e, "scrape could not read peer statistics");
                     snap.up = false;
                 }
             }
         }
-        let (peers, summed) = self
+        let (mut peers, summed) = self
             .labels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .apply(peers);
+        peers.extend(undiscovered);
         snap.peers = peers;
         snap.peers_aggregated = summed;
         snap.program = pin::program_runs(self.program.as_fd())

@@ -14,6 +14,7 @@ use std::{
     sync::Arc,
 };
 
+use ipnet::IpNet;
 use monitor_ebpf::{PROTO_COUNT, Proto};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
@@ -23,7 +24,7 @@ use crate::{
     ebpf::{MapContents, PeerMaps},
     events::{Learning, LearningKind},
     learn::{Outcome, WINDOW},
-    peers::{Mode, PeerSpec, PeerTable},
+    peers::{Mode, PeerSpec, PeerTable, Source},
     residuals::{Judged, Residuals},
     scope::Scope,
 };
@@ -174,10 +175,35 @@ fn merge(statics: &[PeerSpec], discovered: &[PeerSpec]) -> Vec<PeerSpec> {
     out.extend(
         discovered
             .iter()
-            .filter(|d| !statics.iter().any(|s| s.net.contains(&d.net.addr())))
+            .filter(|d| {
+                if d.source == Source::Undiscovered {
+                    // A static catch-all of the same family takes its place.
+                    !statics.iter().any(|s| s.net == d.net)
+                } else {
+                    !statics.iter().any(|s| s.net.contains(&d.net.addr()))
+                }
+            })
             .cloned(),
     );
     out
+}
+
+/// Under SA scope, `discovered` and after them the two catch-alls (`Source::Undiscovered`):
+/// every NAT-T transport SA whose segments no other peer names is verified too, whatever
+/// network namespace it lives in and whether or not discovery runs. They take the discovered
+/// peers' mode and learn each SA's residual like them.
+fn with_undiscovered(scope: Scope, mut discovered: Vec<PeerSpec>) -> Vec<PeerSpec> {
+    if matches!(scope, Scope::Sa(_)) {
+        for net in [
+            IpNet::V4(ipnet::Ipv4Net::default()),
+            IpNet::V6(ipnet::Ipv6Net::default()),
+        ] {
+            let mut p = PeerSpec::new(net, Mode::Observe);
+            p.source = Source::Undiscovered;
+            discovered.push(p);
+        }
+    }
+    discovered
 }
 
 /// Discovered peers take the default mode in force, whatever discovery was started with.
@@ -257,7 +283,7 @@ impl SaState {
         max_peers: u32,
         default_mode: Mode,
     ) -> Result<(Self, watch::Receiver<Arc<View>>), DaemonError> {
-        let discovered = in_mode(default_mode, discovered);
+        let discovered = in_mode(default_mode, with_undiscovered(scope, discovered));
         warn_observe_only(scope, &statics, &discovered);
         let statics = scoped(scope, statics);
         let discovered = scoped(scope, discovered);
@@ -326,7 +352,7 @@ impl SaState {
                     let _ = reply.send(out);
                 }
                 Command::Discovered(specs, reply) => {
-                    let specs = in_mode(self.default_mode, specs);
+                    let specs = in_mode(self.default_mode, with_undiscovered(self.scope, specs));
                     let out = if scoped(self.scope, specs.clone()) == self.discovered {
                         Ok(None)
                     } else {
@@ -344,7 +370,12 @@ impl SaState {
         let learning = self
             .table
             .iter()
-            .filter(|(id, p)| self.residuals.peer_learning(*id, p.learn))
+            // The catch-alls stand for SAs that may never come: learning while one of theirs
+            // is, not while they have learned nothing.
+            .filter(|(id, p)| {
+                self.residuals
+                    .peer_learning(*id, p.learn && p.source != Source::Undiscovered)
+            })
             .map(|(id, _)| id)
             .collect();
         self.view.send_replace(Arc::new(View {
@@ -389,7 +420,7 @@ impl SaState {
         for id in changed {
             self.forget_peer(id);
         }
-        let nets = |t: &PeerTable| -> std::collections::HashSet<ipnet::IpNet> {
+        let nets = |t: &PeerTable| -> std::collections::HashSet<IpNet> {
             t.iter().map(|(_, p)| p.net).collect()
         };
         let (old_nets, new_nets) = (nets(&old), nets(&new));
@@ -576,7 +607,7 @@ impl SaState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peers::{Source, parse_cidr};
+    use crate::peers::parse_cidr;
 
     fn spec(net: &str, source: Source) -> PeerSpec {
         let mut p = PeerSpec::new(parse_cidr(net).unwrap(), Mode::Observe);
@@ -596,6 +627,53 @@ mod tests {
             .map(PeerSpec::label)
             .collect();
         assert_eq!(merged, ["192.0.2.0/24", "198.51.100.7/32"]);
+    }
+
+    /// Under SA scope the two catch-alls follow the discovered peers, take their mode and learn;
+    /// a static peer of exactly their prefix takes one's place. Address scope has none.
+    #[test]
+    fn sa_scope_adds_the_undiscovered_catch_alls() {
+        let sa = Scope::Sa(monitor_ebpf::SecpathLayout::default());
+        let discovered = vec![spec("198.51.100.7", Source::Xfrm)];
+        let specs = scoped(
+            sa,
+            in_mode(Mode::Enforce, with_undiscovered(sa, discovered.clone())),
+        );
+        let seen: Vec<(String, Source, Mode, bool)> = specs
+            .iter()
+            .map(|p| (p.net.to_string(), p.source, p.mode, p.learn))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("198.51.100.7/32".into(), Source::Xfrm, Mode::Enforce, true),
+                (
+                    "0.0.0.0/0".into(),
+                    Source::Undiscovered,
+                    Mode::Enforce,
+                    true
+                ),
+                ("::/0".into(), Source::Undiscovered, Mode::Enforce, true),
+            ]
+        );
+        assert_eq!(specs[1].label(), "undiscovered");
+        let statics = [spec("::/0", Source::Static)];
+        let merged: Vec<(String, String)> = merge(&statics, &specs)
+            .iter()
+            .map(|p| (p.net.to_string(), p.label()))
+            .collect();
+        assert_eq!(
+            merged,
+            [
+                ("::/0".into(), "::/0".into()),
+                ("198.51.100.7/32".into(), "198.51.100.7/32".into()),
+                ("0.0.0.0/0".into(), "undiscovered".into()),
+            ]
+        );
+        assert_eq!(
+            with_undiscovered(Scope::Address, discovered.clone()),
+            discovered
+        );
     }
 
     /// A reload's `mode` reaches discovered peers, and a change of mode alone keeps what was

@@ -111,7 +111,7 @@ pub(crate) fn stream_through_restart(
         let streaming = scope.spawn(|| stream(t, cg, s.stream_bytes(), 5001));
         // Corruption is being dropped under the first daemon...
         let deadline = Instant::now() + Duration::from_secs(60);
-        while metric(&scrape(&t.b), dropped_series) < 20 {
+        while metric(&scrape(t.mon()), dropped_series) < 20 {
             assert!(
                 Instant::now() < deadline && !streaming.is_finished(),
                 "no 20 drops under the first daemon; monitor log:\n{}",
@@ -126,7 +126,8 @@ pub(crate) fn stream_through_restart(
         // No daemon runs for a while: the pinned program goes on verifying and dropping.
         std::thread::sleep(Duration::from_millis(500));
         let gap_injected = t.injected() - at_kill;
-        let second = start_monitor_with(&t.b, s.mode, &format!("{}-restarted", s.name), &pin_args);
+        let second =
+            start_monitor_with(t.mon(), s.mode, &format!("{}-restarted", s.name), &pin_args);
         let mid_stream = !streaming.is_finished();
         let log = fs::read_to_string(&second.log).unwrap_or_default();
         let adopted =

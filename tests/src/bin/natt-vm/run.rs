@@ -102,14 +102,14 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     let pins = (s.setup == Setup::Restart).then(Pins::mount);
     let mut d = if pins.is_some() {
         let args = Pins::args();
-        start_monitor_with(&t.b, s.mode, s.name, &[&args[0], &args[1]])
+        start_monitor_with(t.mon(), s.mode, s.name, &[&args[0], &args[1]])
     } else if s.setup == Setup::Scale {
-        start_monitor_with(&t.b, s.mode, s.name, &["--max-peers", MAX_PEERS])
+        start_monitor_with(t.mon(), s.mode, s.name, &["--max-peers", MAX_PEERS])
     } else if s.setup == Setup::Sighup {
         fs::write(SIGHUP_CONFIG, format!("mode = \"{}\"\n", s.mode.as_str())).expect("config");
-        start_monitor_args(&t.b, s.name, &["--config", SIGHUP_CONFIG])
+        start_monitor_args(t.mon(), s.name, &["--config", SIGHUP_CONFIG])
     } else {
-        start_monitor(&t.b, s.mode, s.name)
+        start_monitor(t.mon(), s.mode, s.name)
     };
     let mut scale = (s.setup == Setup::Scale).then(|| {
         let (create_secs, discovered_secs) = add_dummy_sas(&t, &d);
@@ -138,6 +138,8 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     // counts are the sum under "other" (the other peers carry no traffic).
     let peer = if scale.is_some() {
         "other".to_owned()
+    } else if s.setup == Setup::Undiscovered {
+        natt_monitor::peers::UNDISCOVERED.to_owned()
     } else {
         format!("{}/{}", t.a_seen_by_b(s.nat), t.addrs.host_prefix)
     };
@@ -160,8 +162,12 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     // `p-sighup-enforce`: the stream after the reload to enforce.
     let mut sighup = None;
     if s.encap {
-        wait_until(&t.b, &d, "the SA's peer is discovered", |b| {
-            metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1 + dummies
+        // In a namespace of its own the daemon discovers nothing: B's SAs are verified under
+        // SA scope's catch-alls.
+        let discovered = u64::from(s.setup != Setup::Undiscovered);
+        wait_until(t.mon(), &d, "the SA's peer is discovered", |b| {
+            metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == discovered + dummies
+                && metric(&scrape(b), "natt_monitor_peers{source=\"undiscovered\"}") == 2
         });
         // Clean warm-up traffic so the residual is learned before anything is corrupted.
         let (got, bad) = stream(&t, &cg.path, WARMUP, 5000);
@@ -171,7 +177,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         } else {
             assert_eq!((got, bad), (WARMUP, 0), "warm-up stream");
         }
-        wait_until(&t.b, &d, "the NAT residual is learned", |b| {
+        wait_until(t.mon(), &d, "the NAT residual is learned", |b| {
             if scale.is_some() {
                 // `other` stays learning: its idle peers never learn anything.
                 fs::read_to_string(&d.log).is_ok_and(|l| l.contains("NAT residual learned"))
@@ -185,7 +191,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         if let Some(sc) = scale.as_mut() {
             sc.verified_secs = sas_added.elapsed().as_secs_f64();
         }
-        let text = scrape(&t.b);
+        let text = scrape(t.mon());
         if !from_start {
             assert_eq!(
                 metric(&text, &series("checksum_mismatches_total")),
@@ -218,7 +224,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         );
     }
     let aggregated = "natt_monitor_skipped_packets_total{reason=\"aggregated\"}";
-    let before = scrape(&t.b);
+    let before = scrape(t.mon());
     let k0 = metric(&before, "natt_monitor_kernel_tcp_in_csum_errors_total");
     let g0 = metric(&before, aggregated);
     if s.corrupt && !from_start {
@@ -236,7 +242,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     } else if s.setup == Setup::ManualRekey {
         // Corruption is on: the first segments on the new SA are among the corrupted ones.
         let learning = series("learning_packets_total");
-        let l0 = metric(&scrape(&t.b), &learning);
+        let l0 = metric(&scrape(t.mon()), &learning);
         let (received, differing) = std::thread::scope(|scope| {
             let streaming = scope.spawn(|| stream(&t, &cg.path, STREAM, 5001));
             std::thread::sleep(Duration::from_millis(200));
@@ -247,7 +253,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         let (again, bad) = stream(&t, &cg.path, STREAM, 5003);
         std::thread::sleep(Duration::from_millis(500));
         manual_rekey = Some((
-            metric(&scrape(&t.b), &learning) - l0,
+            metric(&scrape(t.mon()), &learning) - l0,
             (again, bad) == (STREAM, 0) && t.carried(REKEYED_SPI),
         ));
         (received, differing + warmup_differing, None)
@@ -257,7 +263,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     };
     // Give the drain loop a moment, then read everything once.
     std::thread::sleep(Duration::from_millis(500));
-    let text = scrape(&t.b);
+    let text = scrape(t.mon());
     let restart = restarted.map(|(mut r, second)| {
         finish(second, &text, series_of, &mut r);
         r
@@ -282,7 +288,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         let (got, bad) = stream(&t, &cg.path, STREAM, 5002);
         assert_eq!((got, bad), (STREAM, 0), "stream after the remedy");
         std::thread::sleep(Duration::from_millis(500));
-        metric(&scrape(&t.b), aggregated) - g1
+        metric(&scrape(t.mon()), aggregated) - g1
     });
     let rekey = (s.setup == Setup::StrongSwan)
         .then(|| rekey_during_stream(&t, &cg.path, &series("learning_packets_total")))
@@ -291,7 +297,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     // otherwise: the restart scenario's second daemon is stopped by now.)
     let inherited = metric(
         &if rekey.is_some() {
-            scrape(&t.b)
+            scrape(t.mon())
         } else {
             text.clone()
         },
@@ -306,7 +312,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if metric(&scrape(&t.b), "natt_monitor_peers{source=\"xfrm\"}") == 0 {
+            if metric(&scrape(t.mon()), "natt_monitor_peers{source=\"xfrm\"}") == 0 {
                 break true;
             }
             if Instant::now() > deadline {
@@ -408,7 +414,7 @@ fn reload_to_enforce(
     let pid = i32::try_from(d.process.0.id()).expect("pid");
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0, "kill -HUP");
-    wait_until(&t.b, d, "the daemon reloaded", |_| reloads(d) > before);
+    wait_until(t.mon(), d, "the daemon reloaded", |_| reloads(d) > before);
     let read = |text: &str| {
         [
             "checksum_mismatches_total",
@@ -417,10 +423,10 @@ fn reload_to_enforce(
         ]
         .map(|name| metric(text, &series(name)))
     };
-    let (i0, m0) = (t.injected(), read(&scrape(&t.b)));
+    let (i0, m0) = (t.injected(), read(&scrape(t.mon())));
     let (got, bad) = stream(t, cg, STREAM, 5004);
     std::thread::sleep(Duration::from_millis(500));
-    let (i1, m1) = (t.injected(), read(&scrape(&t.b)));
+    let (i1, m1) = (t.injected(), read(&scrape(t.mon())));
     Reloaded {
         injected: i1 - i0,
         detected: m1[0] - m0[0],

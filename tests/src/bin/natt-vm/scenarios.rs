@@ -91,6 +91,9 @@ pub(crate) enum Setup {
     /// after the main stream the file says `enforce` and the daemon gets SIGHUP; a second
     /// stream must then be enforced for the SA's discovered peer.
     Sighup,
+    /// As `Manual`, with natt-monitor in a network namespace of its own: B's SAs are in no
+    /// namespace it discovers, and its verifier (at the cgroup2 root) still sees B's segments.
+    Undiscovered,
     /// As `Manual`, after ten thousand other NAT-T SAs (and peers) were added to B while the
     /// daemon ran (`--max-peers 16384`, labels at their default cap).
     Scale,
@@ -116,7 +119,10 @@ pub(crate) struct Scenario {
 impl Setup {
     /// SAs made by hand (`ip xfrm`), with the driver's encapsulation sockets.
     pub(crate) const fn manual_sas(self) -> bool {
-        matches!(self, Self::Manual | Self::ManualRekey | Self::Sighup)
+        matches!(
+            self,
+            Self::Manual | Self::ManualRekey | Self::Sighup | Self::Undiscovered
+        )
     }
 }
 
@@ -135,7 +141,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 22] = [
+pub(crate) const SCENARIOS: [Scenario; 23] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -361,6 +367,17 @@ pub(crate) const SCENARIOS: [Scenario; 22] = [
         name: "p-sighup-enforce",
         cipher: Cipher::Null,
         mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::Word,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Undiscovered,
+        name: "q-undiscovered-netns",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
         encap: true,
         nat: true,
         corrupt: true,

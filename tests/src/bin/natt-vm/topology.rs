@@ -36,6 +36,9 @@ pub(crate) struct Topology {
     pub(crate) a: Netns,
     pub(crate) r: Netns,
     pub(crate) b: Netns,
+    /// `Setup::Undiscovered`: a network namespace of its own for natt-monitor, without
+    /// interfaces or SAs (the daemon runs in B's otherwise).
+    pub(crate) m: Option<Netns>,
     /// UDP 4500 sockets with `UDP_ENCAP_ESPINUDP`, one per end; ESP-in-UDP is only decapsulated
     /// while such a socket exists.
     pub(crate) _encap: Vec<UdpSocket>,
@@ -133,12 +136,18 @@ impl Topology {
             a,
             r,
             b,
+            m: (s.setup == Setup::Undiscovered).then(|| Netns::new("vmm")),
             _encap: encap,
             fill: s.corruption.fill(),
         }
     }
 
     /// The address B sees A's packets come from.
+    /// Where natt-monitor runs (and is scraped): B's network namespace, or its own.
+    pub(crate) fn mon(&self) -> &Netns {
+        self.m.as_ref().unwrap_or(&self.b)
+    }
+
     pub(crate) fn a_seen_by_b(&self, nat: bool) -> &'static str {
         if nat { self.addrs.r_b } else { self.addrs.a }
     }

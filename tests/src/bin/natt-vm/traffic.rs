@@ -90,7 +90,7 @@ pub(crate) fn plaintext(t: &Topology, s: &Scenario, cg: &Path, tcp: bool) -> (St
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     };
-    let before = mismatches(&scrape(&t.b));
+    let before = mismatches(&scrape(t.mon()));
     let x = t.addrs;
     let rx = t.b.enter(|| {
         let s = UdpSocket::bind(Addrs::sock(x.b, PLAINTEXT_PORT)).expect("bind plaintext UDP");
@@ -125,7 +125,7 @@ pub(crate) fn plaintext(t: &Topology, s: &Scenario, cg: &Path, tcp: bool) -> (St
         });
     }
     std::thread::sleep(Duration::from_millis(300));
-    (summary, mismatches(&scrape(&t.b)) - before)
+    (summary, mismatches(&scrape(t.mon())) - before)
 }
 
 /// Streams from A while the child SA and then the IKE SA are rekeyed from A, and waits for B's
@@ -133,7 +133,7 @@ pub(crate) fn plaintext(t: &Topology, s: &Scenario, cg: &Path, tcp: bool) -> (St
 /// from its first segment), and whether that stream was exact.
 pub(crate) fn rekey_during_stream(t: &Topology, cg: &Path, learning: &str) -> (u64, bool) {
     const BYTES: u64 = 2 << 20;
-    let l0 = metric(&scrape(&t.b), learning);
+    let l0 = metric(&scrape(t.mon()), learning);
     let spis = |ns: &Netns| ns_out(ns, &["ip", "xfrm", "state"]);
     let before = spis(&t.b);
     let (received, differing) = std::thread::scope(|scope| {
@@ -159,7 +159,7 @@ pub(crate) fn rekey_during_stream(t: &Topology, cg: &Path, learning: &str) -> (u
     let (again, bad) = stream(t, cg, 256 << 10, 5004);
     std::thread::sleep(Duration::from_millis(500));
     (
-        metric(&scrape(&t.b), learning) - l0,
+        metric(&scrape(t.mon()), learning) - l0,
         (received, differing, again, bad) == (BYTES, 0, 256 << 10, 0),
     )
 }

@@ -13,8 +13,8 @@ use natt_monitor_tests::net::{Cgroup, sh};
 use crate::{
     plan::{REKEYED_SPI, STREAM, V4, WARMUP},
     processes::{
-        bin, captured, metric, scrape, start_monitor, start_monitor_args, start_monitor_with,
-        wait_until,
+        bin, captured, learned_into_b, metric, scrape, start_monitor, start_monitor_args,
+        start_monitor_with, wait_until,
     },
     restart::{Pins, Restart, finish, stream_through_restart},
     scale::{DUMMY_SAS, MAX_PEERS, Scale, add_dummy_sas},
@@ -180,7 +180,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         wait_until(t.mon(), &d, "the NAT residual is learned", |b| {
             if scale.is_some() {
                 // `other` stays learning: its idle peers never learn anything.
-                fs::read_to_string(&d.log).is_ok_and(|l| l.contains("NAT residual learned"))
+                !learned_into_b(&fs::read_to_string(&d.log).unwrap_or_default()).is_empty()
             } else {
                 metric(
                     &scrape(b),
@@ -323,9 +323,8 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     });
     drop(charons);
     let log = fs::read_to_string(&d.log).unwrap_or_default();
-    let residual = log
-        .lines()
-        .find(|l| l.contains("NAT residual learned"))
+    let residual = learned_into_b(&log)
+        .first()
         .and_then(|l| {
             l.split_whitespace()
                 .find_map(|w| w.strip_prefix("residual="))

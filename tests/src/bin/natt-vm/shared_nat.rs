@@ -7,7 +7,7 @@ use natt_monitor_tests::net::{Cgroup, Netns, sh};
 
 use crate::{
     plan::{A2, CORRUPT_BIT, CORRUPT_EVERY, NULL_CIPHER, R_A2, STREAM, V4, WARMUP},
-    processes::{captured, metric, scrape, start_monitor, wait_until},
+    processes::{captured, learned_into_b, metric, scrape, start_monitor, wait_until},
     run::Measured,
     scenarios::Scenario,
     topology::{Topology, encap_socket, ns_sh, tcp_policy, xfrm_state},
@@ -118,11 +118,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
         assert_eq!((got, bad), (WARMUP, 0), "warm-up stream to port {port}");
     }
     wait_until(&t.b, &d, "both SAs' residuals are learned", |_| {
-        fs::read_to_string(&d.log)
-            .unwrap_or_default()
-            .matches("NAT residual learned")
-            .count()
-            == 2
+        learned_into_b(&fs::read_to_string(&d.log).unwrap_or_default()).len() == 2
     });
     let aggregated = "natt_monitor_skipped_packets_total{reason=\"aggregated\"}";
     let kernel = "natt_monitor_kernel_tcp_in_csum_errors_total";
@@ -158,9 +154,8 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
     std::thread::sleep(Duration::from_millis(500));
     let text = scrape(&t.b);
     let log = fs::read_to_string(&d.log).unwrap_or_default();
-    let mut residuals: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("NAT residual learned"))
+    let mut residuals: Vec<&str> = learned_into_b(&log)
+        .into_iter()
         .filter_map(|l| {
             l.split_whitespace()
                 .find_map(|w| w.strip_prefix("residual="))

@@ -463,30 +463,22 @@ impl SaState {
         let spi = format_args!("{:#010x}", m.spi);
         let residual = format_args!("{:#06x}", m.residual);
         match m.kind {
-            LearningKind::Inherited => {
+            LearningKind::Inherited | LearningKind::Confirmed => {
                 let judged = self.residuals.installed(m.key, m.residual);
                 self.judged(m, &label, m.residual, judged);
                 self.publish();
-                info!(
-                    peer = label,
-                    spi = %spi,
-                    reqid = m.reqid,
-                    encap_ports = %format_args!("{}/{}", m.encap_ports().0, m.encap_ports().1),
-                    residual = %residual,
+                let how = if m.kind == LearningKind::Inherited {
                     "NAT residual inherited from a live SA of the same NAT mapping (a rekey); verifying this SA from its first segment"
-                );
-            }
-            LearningKind::Confirmed => {
-                let judged = self.residuals.installed(m.key, m.residual);
-                self.judged(m, &label, m.residual, judged);
-                self.publish();
+                } else {
+                    "NAT residual learned in the kernel: a segment summed to it with no NAT in the path, or TCP retransmitted a refused segment and the copy left the same value; verifying this SA from now on"
+                };
                 info!(
                     peer = label,
                     spi = %spi,
                     reqid = m.reqid,
                     encap_ports = %format_args!("{}/{}", m.encap_ports().0, m.encap_ports().1),
                     residual = %residual,
-                    "NAT residual learned in the kernel: a segment summed to it with no NAT in the path, or TCP retransmitted a refused segment and the copy left the same value; verifying this SA from now on"
+                    "{how}"
                 );
             }
             LearningKind::Withdrawn { found } => {

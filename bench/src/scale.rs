@@ -8,7 +8,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use monitor_ebpf::SaKey;
 use natt_monitor::{
-    ebpf::Verifier,
+    ebpf::{MapSizes, Verifier},
     peers::{Mode, PeerSpec, PeerTable},
     scope::Scope,
 };
@@ -42,7 +42,7 @@ fn peer_addr(i: u32) -> Ipv4Addr {
 /// A verifier holding `n` learning peers, each with its residual (0) installed; the segment
 /// measured comes from the last one.
 fn populated(n: u32) -> Result<(Verifier, f64)> {
-    let mut v = Verifier::load_sized(&Scope::Address, false, None, MAX_PEERS)
+    let mut v = Verifier::load_sized(&Scope::Address, false, None, MapSizes::for_peers(MAX_PEERS))
         .context("loading the verifier")?;
     let t0 = Instant::now();
     let specs = (0..n)

@@ -125,6 +125,14 @@
           'natt-monitor withdrew {{ printf "%.0f" $value }} learned NAT residual(s) in the last hour: 16 consecutive distinct segments of one SA left one identical other value with none verifying in between, so the residual it had learned or inherited refused intact traffic (in enforce mode those 16 were dropped and retransmitted). A flood through the SA while it learned, or a new host on a NAT mapping whose previous SA had not yet expired, is the likely cause; the journal names the peer and SPI.',
         ),
         alert(
+          'NattMonitorResidualsEvicted',
+          'warning',
+          'sum by (%(g)s) (increase(natt_monitor_residuals_evicted_total{%(s)s}[1h])) > 0' % { g: groupLabels, s: sel },
+          c.residualsEvictedFor,
+          "natt-monitor's SA residual map on {{ $labels.instance }} is too small for its SAs",
+          'The verifier forgot the NAT residual of a live SA {{ printf "%.0f" $value }} time(s) in the last hour because its LRU map (SA_TRUST) was full. Each was restored from the NAT mapping\'s record at the SA\'s next segment or learned again, so verification went on, but a host with this many SAs should raise --max-peers.',
+        ),
+        alert(
           'NattMonitorConfigReloadFailed',
           'warning',
           'natt_monitor_config_last_reload_successful{%s} == 0' % sel,

@@ -22,6 +22,7 @@
     reloadFailedFor: '5m',
     peerLimitFor: '5m',
     residualWithdrawnFor: '0m',
+    residualsEvictedFor: '0m',
     // Segments a peer may send unverified in 15 minutes while its residual is being learned.
     learningSegments: 200,
 

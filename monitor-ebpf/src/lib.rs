@@ -329,10 +329,21 @@ pub struct SaKey {
 }
 
 impl SaKey {
-    /// The key of this SA's NAT mapping in `MAPPINGS`.
+    /// The key of this SA's NAT mapping in `MAPPINGS`: addresses and encapsulation ports.
     #[must_use]
     pub const fn mapping(mut self) -> Self {
         self.spi = 0;
+        self
+    }
+
+    /// The key of this SA's own entry in `SA_TRUST` and `HELD`: addresses and SPI, without the
+    /// encapsulation ports. A NAT rebinding moves an SA to another public port, and the IKE
+    /// daemon updates the SA's encapsulation in place: it stays the same SA, from the same
+    /// host, with the same residual (which depends on addresses only).
+    #[must_use]
+    pub const fn trust_key(mut self) -> Self {
+        self.encap_sport = 0;
+        self.encap_dport = 0;
         self
     }
 }
@@ -417,8 +428,7 @@ pub struct MappingOwner {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrustCounter {
-    /// An SA took over the residual of a live SA of its NAT mapping (or its own, after the LRU
-    /// forgot it).
+    /// An SA took over the residual of another live SA of its NAT mapping (a rekey).
     Inherited = 0,
     /// A residual withdrawn after `WITHDRAW_AFTER` consecutive distinct mismatches.
     Withdrawn = 1,
@@ -430,6 +440,10 @@ pub enum TrustCounter {
     /// TCP segments of enforce-mode SAs without a residual passed unverified because the tail
     /// call to the held path failed (its `JUMP` slot empty): never expected, never silent.
     Unheld = 4,
+    /// An SA whose own entry `SA_TRUST`'s LRU had forgotten took its residual back from its NAT
+    /// mapping's record (`MAPPINGS`), at its next segment: nothing went unverified, but the map
+    /// is too small for the SAs that carry traffic.
+    Restored = 5,
 }
 
 /// Slots of `TRUST_COUNTERS` (some kept free, so later counters need no new map).

@@ -275,7 +275,7 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
             r.push(
                 "scope",
                 Status::Info,
-                "address (fallback): no bpf_probe_read_kernel for cgroup_skb, so a segment's IPsec state cannot be read; plaintext from peers is told apart only by IKE ports and partial checksums",
+                "address (fallback): no bpf_probe_read_kernel for cgroup_skb, so a segment's IPsec state cannot be read; plaintext from peers is told apart only by IKE ports and partial checksums, and enforce applies only to peers with an exact residual (learned peers run in observe)",
             );
             crate::scope::Scope::Address
         }
@@ -296,7 +296,7 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
             r.push(
                 "scope",
                 Status::Info,
-                format!("address (fallback): {e}; plaintext from peers is told apart only by IKE ports and partial checksums"),
+                format!("address (fallback): {e}; plaintext from peers is told apart only by IKE ports and partial checksums, and enforce applies only to peers with an exact residual (learned peers run in observe)"),
             );
             crate::scope::Scope::Address
         }

@@ -198,6 +198,13 @@ pub struct RunOptions {
     #[arg(long, value_name = "N", env = "NATT_MONITOR_MAX_PEER_LABELS")]
     pub max_peer_labels: Option<u32>,
 
+    /// Test hook, hidden: the SA residuals the verifier's LRU map (`SA_TRUST`) holds, instead of
+    /// the size `--max-peers` gives it (at least 16384). The VM suite makes it small to prove
+    /// that a forgotten residual is learned again and counted.
+    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u32).range(1..=i64::from(monitor_ebpf::MAX_SA_RESIDUALS)))]
+    #[serde(skip)]
+    pub sa_trust_slots: Option<u32>,
+
     /// File only: the `[log]` table (mismatch log budget).
     #[arg(skip)]
     #[serde(default)]
@@ -393,9 +400,21 @@ pub struct Settings {
     pub max_peers: u32,
     /// Peers exported under their own label.
     pub max_peer_labels: u32,
+    /// `SA_TRUST`'s size, when the hidden `--sa-trust-slots` sets one.
+    pub sa_trust_slots: Option<u32>,
 }
 
 impl Settings {
+    /// The verifier's map sizes: for `max_peers`, with `SA_TRUST` as `--sa-trust-slots` says.
+    #[must_use]
+    pub fn map_sizes(&self) -> crate::ebpf::MapSizes {
+        let mut sizes = crate::ebpf::MapSizes::for_peers(self.max_peers);
+        if let Some(n) = self.sa_trust_slots {
+            sizes.sa_trust = n;
+        }
+        sizes
+    }
+
     /// The first setting in which `self` (a reloaded configuration) differs from `running`
     /// that only a restart can apply, named by its file key; `None` when a reload applies all
     /// of it (the peers and `mode`).
@@ -659,6 +678,7 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         log_per_second,
         max_peers,
         max_peer_labels,
+        sa_trust_slots: args.sa_trust_slots,
     })
 }
 

@@ -279,24 +279,45 @@ pub enum Attached {
     },
 }
 
+/// How many entries the sized maps hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Peers (`--max-peers`): `PEERS_V4`, `PEERS_V6`, `PEER_STATS`.
+    pub peers: u32,
+    /// SA residuals (`SA_TRUST`, an LRU map); `MAPPINGS` and `HELD` are sized for the peers.
+    pub sa_trust: u32,
+}
+
+impl MapSizes {
+    /// The sizes for `max_peers` peers.
+    #[must_use]
+    pub const fn for_peers(max_peers: u32) -> Self {
+        Self {
+            peers: max_peers,
+            sa_trust: monitor_ebpf::sa_residual_slots(max_peers),
+        }
+    }
+}
+
 /// An object loaded, with its maps pinned in `pins` when given.
 fn load_maps(
     object: &[u8],
     layout: &monitor_ebpf::SecpathLayout,
     capture: u32,
     pins: Option<&Path>,
-    max_peers: u32,
+    sizes: MapSizes,
 ) -> Result<Ebpf, EbpfError> {
     let mut loader = EbpfLoader::new();
+    let slots = monitor_ebpf::sa_residual_slots(sizes.peers);
     loader
         .override_global("SECPATH", layout, true)
         .override_global("CAPTURE_ON", &capture, true)
-        .map_max_entries("PEERS_V4", max_peers)
-        .map_max_entries("PEERS_V6", max_peers)
-        .map_max_entries("PEER_STATS", max_peers)
-        .map_max_entries("SA_TRUST", monitor_ebpf::sa_residual_slots(max_peers))
-        .map_max_entries("MAPPINGS", monitor_ebpf::sa_residual_slots(max_peers))
-        .map_max_entries("HELD", monitor_ebpf::sa_residual_slots(max_peers));
+        .map_max_entries("PEERS_V4", sizes.peers)
+        .map_max_entries("PEERS_V6", sizes.peers)
+        .map_max_entries("PEER_STATS", sizes.peers)
+        .map_max_entries("SA_TRUST", sizes.sa_trust)
+        .map_max_entries("MAPPINGS", slots)
+        .map_max_entries("HELD", slots);
     if let Some(dir) = pins {
         for name in pin::PINNED_MAPS {
             loader.map_pin_path(name, dir.join(name));
@@ -333,10 +354,15 @@ impl Verifier {
         capture: bool,
         variant: Option<Variant>,
     ) -> Result<Self, EbpfFailure> {
-        Self::load_sized(scope, capture, variant, monitor_ebpf::MAX_PEERS)
+        Self::load_sized(
+            scope,
+            capture,
+            variant,
+            MapSizes::for_peers(monitor_ebpf::MAX_PEERS),
+        )
     }
 
-    /// As `load_variant`, with maps for `max_peers` peers (`--max-peers`).
+    /// As `load_variant`, with maps of `sizes` (`--max-peers`).
     ///
     /// # Errors
     /// As `load`.
@@ -344,7 +370,7 @@ impl Verifier {
         scope: &Scope,
         capture: bool,
         variant: Option<Variant>,
-        max_peers: u32,
+        sizes: MapSizes,
     ) -> Result<Self, EbpfFailure> {
         if VERIFIER_OBJ.is_empty() {
             return Err(EbpfFailure::NoObject);
@@ -355,7 +381,7 @@ impl Verifier {
             &scope.layout(),
             u32::from(capture),
             None,
-            max_peers,
+            sizes,
         )
         .map_err(|source| EbpfFailure::Object { source })?;
         Self::finish_load(bpf, variant)
@@ -372,7 +398,7 @@ impl Verifier {
         capture: bool,
         variant: Option<Variant>,
         dir: &Path,
-        max_peers: u32,
+        sizes: MapSizes,
     ) -> Result<(Self, PinnedMaps), EbpfFailure> {
         if VERIFIER_OBJ.is_empty() {
             return Err(EbpfFailure::NoObject);
@@ -381,13 +407,13 @@ impl Verifier {
         let layout = scope.layout();
         let capture = u32::from(capture);
         let existing = pin::pinned_maps(dir);
-        let (bpf, origin) = match load_maps(VERIFIER_OBJ, &layout, capture, Some(dir), max_peers) {
+        let (bpf, origin) = match load_maps(VERIFIER_OBJ, &layout, capture, Some(dir), sizes) {
             Ok(bpf) if existing.is_empty() => (bpf, PinnedMaps::Created),
             Ok(bpf) => (bpf, PinnedMaps::Adopted),
             Err(pinned) if !existing.is_empty() => {
                 // Does the object load without the pins? Then the pins are what did not fit.
                 drop(
-                    load_maps(VERIFIER_OBJ, &layout, capture, None, max_peers)
+                    load_maps(VERIFIER_OBJ, &layout, capture, None, sizes)
                         .map_err(|source| EbpfFailure::Object { source })?,
                 );
                 let why = pinned.to_string();
@@ -399,7 +425,7 @@ impl Verifier {
                         source,
                     })?;
                 }
-                let bpf = load_maps(VERIFIER_OBJ, &layout, capture, Some(dir), max_peers)
+                let bpf = load_maps(VERIFIER_OBJ, &layout, capture, Some(dir), sizes)
                     .map_err(|source| EbpfFailure::Object { source })?;
                 (bpf, PinnedMaps::Replaced(why))
             }
@@ -427,7 +453,7 @@ impl Verifier {
             &scope.layout(),
             u32::from(capture),
             None,
-            monitor_ebpf::MAX_PEERS,
+            MapSizes::for_peers(monitor_ebpf::MAX_PEERS),
         )
         .map_err(|source| EbpfFailure::Object { source })?;
         Self::finish_load(bpf, variant)
@@ -836,7 +862,7 @@ impl PeerMaps {
             ..SaTrust::default()
         };
         self.residuals
-            .insert(&key, &value, 0)
+            .insert(&key.trust_key(), &value, 0)
             .map_err(|source| EbpfFailure::Map {
                 what: what("SA_TRUST"),
                 source,
@@ -860,21 +886,35 @@ impl PeerMaps {
 
     /// The entry SA `key` has in the map now, as (address of its `xfrm_state`, residual): the
     /// verifier may have inherited, withdrawn or, LRU, forgotten one since the daemon last heard.
+    /// One the LRU forgot while the SA's NAT mapping still names it counts as there: the
+    /// verifier restores it from `MAPPINGS` at the SA's next segment.
     ///
     /// # Errors
-    /// `EbpfFailure::Map` if the map cannot be read.
+    /// `EbpfFailure::Map` if a map cannot be read.
     pub fn sa_residual(&self, key: &SaKey) -> Result<Option<(u64, u16)>, EbpfFailure> {
-        match self.residuals.get(key, 0) {
-            Ok(v) => Ok(Some((v.state, v.expected_residual))),
-            Err(MapError::KeyNotFound) => Ok(None),
+        match self.residuals.get(&key.trust_key(), 0) {
+            Ok(v) => return Ok(Some((v.state, v.expected_residual))),
+            Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(EbpfFailure::Map {
+                    what: "reading SA_TRUST".into(),
+                    source,
+                });
+            }
+        }
+        match self.mappings.get(&key.mapping(), 0) {
+            Ok(o) if o.spi == key.spi && o.state != 0 => Ok(Some((o.state, o.expected_residual))),
+            Ok(_) | Err(MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(EbpfFailure::Map {
-                what: "reading SA_TRUST".into(),
+                what: "reading MAPPINGS".into(),
                 source,
             }),
         }
     }
 
-    /// Removes the residuals of every key `stale` selects; returns how many went.
+    /// Removes the residuals of every key `stale` selects, among `SA_TRUST`'s keys (without
+    /// encapsulation ports, `SaKey::trust_key`) and `MAPPINGS`' (without SPI,
+    /// `SaKey::mapping`); returns how many residuals went.
     ///
     /// # Errors
     /// `EbpfFailure::Map`.
@@ -917,7 +957,8 @@ fn remove_keys<V: aya::Pod>(
 pub struct MapContents {
     /// Every peer prefix with its map value (id, mode, flags, residual).
     pub peers: Vec<(IpNet, PeerValue)>,
-    /// Every installed residual, with the address of its SA's `xfrm_state`.
+    /// Every installed residual (keyed as in `SA_TRUST`: `SaKey::trust_key`), with the address
+    /// of its SA's `xfrm_state`.
     pub residuals: Vec<(SaKey, u64, u16)>,
 }
 

@@ -66,6 +66,9 @@ pub struct Snapshot {
     pub learning_unheld: u64,
     /// Peers past `--max-peer-labels`, whose counts are summed under `peer="other"`.
     pub peers_aggregated: usize,
+    /// Peers that ask for enforce mode but run in observe mode (address scope learns their
+    /// residual).
+    pub peers_observe_only: usize,
 }
 
 /// The verifier program's run statistics and whether the kernel is counting them.
@@ -339,6 +342,7 @@ struct Families {
     learning_dropped: IntCounter,
     learning_unheld: IntCounter,
     peers_aggregated: IntGauge,
+    peers_observe_only: IntGauge,
 }
 
 fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
@@ -450,7 +454,7 @@ impl Families {
             )?,
             residuals_evicted: IntCounter::new(
                 "natt_monitor_residuals_evicted_total",
-                "SA residuals the verifier's LRU map forgot while the SA lived; each is learned again.",
+                "SA residuals the verifier's LRU map (SA_TRUST) forgot while the SA carried traffic: restored from the NAT mapping's record at its next segment, or learned again.",
             )?,
             residuals_confirmed: IntCounter::new(
                 "natt_monitor_residuals_confirmed_total",
@@ -468,10 +472,14 @@ impl Families {
                 "natt_monitor_peers_aggregated",
                 "Peers past --max-peer-labels: their counts are summed under peer=\"other\".",
             )?,
+            peers_observe_only: IntGauge::new(
+                "natt_monitor_peers_observe_only",
+                "Peers configured or discovered in enforce mode that run in observe mode: address scope learns their NAT residual, and a learned residual is never enforced there.",
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 26] {
+    fn collectors(&self) -> [&dyn Collector; 27] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -499,6 +507,7 @@ impl Families {
             &self.learning_dropped,
             &self.learning_unheld,
             &self.peers_aggregated,
+            &self.peers_observe_only,
         ]
     }
 
@@ -548,6 +557,8 @@ impl Families {
         counter(&self.learning_unheld, snap.learning_unheld);
         self.peers_aggregated
             .set(i64::try_from(snap.peers_aggregated).unwrap_or(i64::MAX));
+        self.peers_observe_only
+            .set(i64::try_from(snap.peers_observe_only).unwrap_or(i64::MAX));
         counter(
             &self.learning_lost,
             snap.counters.get(Counter::LearningLost),
@@ -670,6 +681,7 @@ mod tests {
             learning_dropped: 4,
             learning_unheld: 0,
             peers_aggregated: 0,
+            peers_observe_only: 0,
         }
     }
 

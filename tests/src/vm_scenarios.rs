@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 23] = [
+pub const NAMES: [&str; 26] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -23,10 +23,13 @@ pub const NAMES: [&str; 23] = [
     "m-first-segment",
     "n-bit-flip-enforce",
     "n-bit-flip-observe",
+    "n-random-bit-flip-observe",
     "n-zeroed-run-observe",
     "o-rekey-enforce",
     "p-sighup-enforce",
     "q-undiscovered-netns",
+    "r-lru-evicted-enforce",
+    "s-nat-rebind-enforce",
     "g-gro",
 ];
 

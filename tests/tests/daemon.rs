@@ -17,7 +17,7 @@ use std::{
 
 use natt_monitor_tests::{
     KillOnDrop, PinDir, http_get, metric, monitor_bin,
-    net::{ADDR_A, ADDR_B, Cgroup, Injector, Lab, StreamResult, stream, stream_between},
+    net::{ADDR_A, ADDR_B, ADDR6_A, Cgroup, Injector, Lab, StreamResult, stream, stream_between},
     one_peer_run, skip_unless_root,
 };
 use serde_json::Value;
@@ -41,7 +41,7 @@ fn bad_arguments_fail_before_anything_is_attached() {
     }
     // (arguments, exit code, what stderr must say). Exit 78 (EX_CONFIG): natt-monitor's own
     // checks of the configuration; exit 2: clap's usage errors, which also name the flag.
-    let cases: [(&[&str], i32, &str); 10] = [
+    let cases: [(&[&str], i32, &str); 11] = [
         (
             &["run", "--peer", "10.0.0.300/8"],
             78,
@@ -89,6 +89,11 @@ fn bad_arguments_fail_before_anything_is_attached() {
             &["run", "--peers", "192.0.2.1"],
             2,
             "unexpected argument '--peers' found",
+        ),
+        (
+            &["run", "--peer", "192.0.2.1", "--sa-trust-slots", "0"],
+            2,
+            "invalid value '0' for '--sa-trust-slots <N>': 0 is not in 1..=16384",
         ),
         (
             &["run", "--peer", "192.0.2.1", "--max-peers", "70000"],
@@ -1340,6 +1345,120 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
     assert_no_verifier_loaded();
 }
 
+/// Address scope never drops on a guess, shown on one daemon in enforce mode: a peer that learns
+/// its residual (IPv4, `learn_residual = true`) runs in observe mode, so every corruption from it
+/// is counted and reaches the application; a peer whose residual is exact (IPv6, no NAT) is
+/// enforced, so every corruption from it is dropped and its stream arrives byte for byte.
+#[test]
+fn address_scope_enforces_exact_peers_and_only_observes_learned_ones() {
+    if skip_unless_root("address_scope_enforces_exact_peers_and_only_observes_learned_ones") {
+        return;
+    }
+    let lab = Lab::new(1500);
+    let cg = Cgroup::new();
+    let dir = std::env::temp_dir().join(format!("natt-daemon-addr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("natt-monitor.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ncgroup = \"{}\"\nmode = \"enforce\"\nscope = \"address\"\n\
+             [[peer]]\ncidr = \"{ADDR_A}\"\nlearn_residual = true\n\
+             [[peer]]\ncidr = \"{ADDR6_A}\"\n",
+            cg.path.display()
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&["run", "--config", cfg.to_str().unwrap()]);
+    d.wait_for("verifier attached at cgroup_skb ingress");
+    let held_back = d.messages(OBSERVE_ONLY);
+    assert_eq!(held_back.len(), 1, "{:?}", d.lines.lock().unwrap());
+    assert_eq!(field_u64(&held_back[0], "peers"), 1);
+    let (_, body) = d.get("/metrics");
+    assert_eq!(metric(&body, "natt_monitor_peers_observe_only"), Some(1));
+
+    let inj = Injector::attach(&lab.b, lab.dev_b, 50);
+    let peer_bin = env!("CARGO_BIN_EXE_natt-peer");
+    let bytes: u64 = 4 << 20;
+    let counts = |body: &str, peer: &str, proto: &str| -> [u64; 4] {
+        let m = |name: &str| {
+            metric(
+                body,
+                &format!("{name}{{peer=\"{peer}\",proto=\"{proto}\"}}"),
+            )
+            .unwrap_or(0)
+        };
+        [
+            m("natt_monitor_verified_packets_total"),
+            m("natt_monitor_checksum_mismatches_total"),
+            m("natt_monitor_dropped_packets_total"),
+            m("natt_monitor_learning_mismatches_total"),
+        ]
+    };
+    let partial = |body: &str| {
+        metric(
+            body,
+            "natt_monitor_skipped_packets_total{reason=\"partial_checksum\"}",
+        )
+        .unwrap_or(0)
+    };
+
+    // The learned peer: observed, so corruption is counted and delivered.
+    let learned = stream(peer_bin, &lab, &cg.path, bytes, false);
+    let injected = inj.stats().corrupted;
+    let (_, body) = d.get("/metrics");
+    let [verified, mismatches, dropped, while_learning] = counts(&body, "192.0.2.1/32", "tcp");
+    let look_alike = partial(&body);
+    eprintln!(
+        "learned peer: {learned:?}, injected {injected}, verified {verified}, mismatches {mismatches}, dropped {dropped}, while learning {while_learning}, partial_checksum {look_alike}"
+    );
+    assert!(injected > 0 && verified > 0);
+    assert_eq!(learned.received, bytes);
+    assert_eq!(
+        dropped, 0,
+        "a learned residual is never enforced under address scope"
+    );
+    assert_eq!(
+        mismatches + while_learning + look_alike,
+        injected,
+        "every corruption counted (a look-alike partial checksum aside)"
+    );
+    assert!(
+        learned.differing > 0,
+        "observe mode delivers what it counts"
+    );
+
+    // The exact peer: enforced, so corruption is dropped and TCP retransmits it.
+    let exact = stream(peer_bin, &lab, &cg.path, bytes, true);
+    let injected6 = inj.stats().corrupted - injected;
+    let (_, body) = d.get("/metrics");
+    let [verified6, mismatches6, dropped6, _] = counts(&body, "2001:db8:77::1/128", "tcp");
+    let look_alike6 = partial(&body) - look_alike;
+    eprintln!(
+        "exact peer: {exact:?}, injected {injected6}, verified {verified6}, mismatches {mismatches6}, dropped {dropped6}, partial_checksum {look_alike6}"
+    );
+    assert!(injected6 > 0 && verified6 > 0);
+    assert_eq!(mismatches6 + look_alike6, injected6);
+    assert_eq!(
+        dropped6, mismatches6,
+        "every mismatch of the exact peer dropped"
+    );
+    assert_eq!(exact.received, bytes);
+    assert!(
+        exact.differing <= look_alike6,
+        "{} bytes differ with {look_alike6} look-alike skips",
+        exact.differing
+    );
+    // The learned peer's counts did not move while the exact one streamed.
+    assert_eq!(counts(&body, "192.0.2.1/32", "tcp")[2], 0);
+
+    let (status, _) = d.stop(libc::SIGTERM);
+    assert!(status.success());
+    drop(inj);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_verifier_loaded();
+}
+
 #[test]
 fn check_reads_the_proc_and_sys_roots_it_is_given() {
     if skip_unless_root("check_reads_the_proc_and_sys_roots_it_is_given") {
@@ -1375,7 +1494,7 @@ fn check_reads_the_proc_and_sys_roots_it_is_given() {
     for line in [
         "info  kernel                 5.4.0-fixture (judged by the probes below, not by its version)".to_owned(),
         "FAIL  capabilities           missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN: run as root or grant them (see docs/install.md)".to_owned(),
-        format!("info  scope                  address (fallback): reading BTF from {s}/kernel/btf/vmlinux: no such file (the kernel was built without CONFIG_DEBUG_INFO_BTF); plaintext from peers is told apart only by IKE ports and partial checksums"),
+        format!("info  scope                  address (fallback): reading BTF from {s}/kernel/btf/vmlinux: no such file (the kernel was built without CONFIG_DEBUG_INFO_BTF); plaintext from peers is told apart only by IKE ports and partial checksums, and enforce applies only to peers with an exact residual (learned peers run in observe)"),
         format!("FAIL  cgroup2                no cgroup2 mount in {p}/mounts; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"),
         "info  esp modules            loaded: esp4".to_owned(),
         "ok    ring buffer            present: BPF_MAP_TYPE_RINGBUF carries mismatch events, learning samples and captures (required)".to_owned(),
@@ -1400,7 +1519,7 @@ fn poison_pinned_residuals(pins: &std::path::Path, residual: u16) -> usize {
     keys.len()
 }
 
-const OBSERVE_ONLY: &str = "address scope: peers whose NAT residual is learned run in observe mode, whatever their mode says (a learned residual is a guess there; enforce needs an exact one: configure the peer's original addresses, or run on a kernel with BTF for SA scope)";
+const OBSERVE_ONLY: &str = "address scope: peers whose NAT residual is learned run in observe mode, whatever their mode says (a learned residual is a guess there; enforce needs an exact one: configure the peer's original addresses, or run on a kernel with BTF for SA scope); natt_monitor_peers_observe_only counts them";
 
 const WITHDRAWN: &str = "learned NAT residual withdrawn: consecutive distinct segments of the SA all left one other value and none verified in between, so it refused intact traffic; learning again";
 

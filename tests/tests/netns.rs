@@ -242,7 +242,7 @@ fn an_upgrade_swaps_the_pinned_program_mid_stream_without_a_gap() {
             false,
             Some(variant),
             &pins.path,
-            monitor_ebpf::MAX_PEERS,
+            natt_monitor::ebpf::MapSizes::for_peers(monitor_ebpf::MAX_PEERS),
         )
         .expect("load pinned")
     };

@@ -166,14 +166,19 @@ impl Readings for KernelReadings {
             kernel: snmp::read(&self.proc_path),
             up: self.health.check().is_ok(),
             residuals_evicted: view.residuals_evicted,
+            peers_observe_only: view.observe_only,
             ..Snapshot::default()
         };
+        // Residuals the LRU forgot: restored by the verifier from the NAT mapping's record, or
+        // learned again when that was forgotten too (counted by the daemon).
+        let mut restored = 0;
         for (counter, field) in [
             (TrustCounter::Withdrawn, &mut snap.residuals_withdrawn),
             (TrustCounter::Inherited, &mut snap.residuals_inherited),
             (TrustCounter::Confirmed, &mut snap.residuals_confirmed),
             (TrustCounter::HeldDropped, &mut snap.learning_dropped),
             (TrustCounter::Unheld, &mut snap.learning_unheld),
+            (TrustCounter::Restored, &mut restored),
         ] {
             match self.stats.trust(counter) {
                 Ok(n) => *field = n,
@@ -184,6 +189,7 @@ impl Readings for KernelReadings {
                 }
             }
         }
+        snap.residuals_evicted += restored;
         match self.stats.counters() {
             Ok(c) => snap.counters = c,
             Err(e) => {

@@ -479,8 +479,13 @@ impl Loaded {
         let mut created = CreatedPins(None);
         let (mut verifier, prior) = match &settings.pin {
             Some(dir) => {
-                let (mut v, origin) =
-                    Verifier::load_pinned(&scope, capture, Some(variant), dir, settings.max_peers)?;
+                let (mut v, origin) = Verifier::load_pinned(
+                    &scope,
+                    capture,
+                    Some(variant),
+                    dir,
+                    settings.map_sizes(),
+                )?;
                 let prior = match origin {
                     PinnedMaps::Created => {
                         created = CreatedPins(Some(dir.clone()));
@@ -504,7 +509,7 @@ impl Loaded {
                 (v, prior)
             }
             None => (
-                Verifier::load_sized(&scope, capture, Some(variant), settings.max_peers)?,
+                Verifier::load_sized(&scope, capture, Some(variant), settings.map_sizes())?,
                 MapContents::default(),
             ),
         };

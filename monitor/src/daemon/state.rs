@@ -42,6 +42,9 @@ pub struct View {
     /// Per peer id: segments passed unverified while their SA learned, found corrupt once its
     /// residual was known (by protocol), since the daemon started.
     pub learning_mismatches: BTreeMap<u32, Judged>,
+    /// Peers that ask for enforce mode but run in observe mode: address scope learns their
+    /// residual, and a learned residual is a guess there.
+    pub observe_only: usize,
 }
 
 impl View {
@@ -158,6 +161,9 @@ pub struct SaState {
     evicted: u64,
     /// Learning segments found corrupt once their SA's residual was known, per peer id.
     learning_mismatches: BTreeMap<u32, Judged>,
+    /// Static and discovered peers that ask for enforce mode but run in observe mode
+    /// (`observe_only`).
+    observe_only: [usize; 2],
 }
 
 impl std::fmt::Debug for SaState {
@@ -255,13 +261,12 @@ fn observe_only(scope: Scope, specs: &[PeerSpec]) -> usize {
         .count()
 }
 
-/// Says, once per peer set, that address scope keeps learned peers in observe mode.
-fn warn_observe_only(scope: Scope, statics: &[PeerSpec], discovered: &[PeerSpec]) {
-    let n = observe_only(scope, statics) + observe_only(scope, discovered);
+/// Says that address scope keeps `n` learned peers in observe mode (nothing when `n` is 0).
+fn warn_observe_only(n: usize) {
     if n > 0 {
         warn!(
             peers = n,
-            "address scope: peers whose NAT residual is learned run in observe mode, whatever their mode says (a learned residual is a guess there; enforce needs an exact one: configure the peer's original addresses, or run on a kernel with BTF for SA scope)"
+            "address scope: peers whose NAT residual is learned run in observe mode, whatever their mode says (a learned residual is a guess there; enforce needs an exact one: configure the peer's original addresses, or run on a kernel with BTF for SA scope); natt_monitor_peers_observe_only counts them"
         );
     }
 }
@@ -284,7 +289,11 @@ impl SaState {
         default_mode: Mode,
     ) -> Result<(Self, watch::Receiver<Arc<View>>), DaemonError> {
         let discovered = in_mode(default_mode, with_undiscovered(scope, discovered));
-        warn_observe_only(scope, &statics, &discovered);
+        let observe_only = [
+            observe_only(scope, &statics),
+            observe_only(scope, &discovered),
+        ];
+        warn_observe_only(observe_only.iter().sum());
         let statics = scoped(scope, statics);
         let discovered = scoped(scope, discovered);
         let before = PeerTable::pinned(&prior.peers, max_peers);
@@ -321,6 +330,7 @@ impl SaState {
             view,
             evicted: 0,
             learning_mismatches: BTreeMap::new(),
+            observe_only,
         };
         state.publish();
         Ok((state, rx))
@@ -343,7 +353,6 @@ impl SaState {
         while let Some(cmd) = rx.blocking_recv() {
             match cmd {
                 Command::Static(specs, mode, reply) => {
-                    warn_observe_only(self.scope, &specs, &[]);
                     let discovered = in_mode(mode, self.discovered.clone());
                     let out = self.apply(Some(specs), Some(discovered));
                     if out.is_ok() {
@@ -383,6 +392,7 @@ impl SaState {
             learning,
             residuals_evicted: self.evicted,
             learning_mismatches: self.learning_mismatches.clone(),
+            observe_only: self.observe_only.iter().sum(),
         }));
     }
 
@@ -393,6 +403,14 @@ impl SaState {
         statics: Option<Vec<PeerSpec>>,
         discovered: Option<Vec<PeerSpec>>,
     ) -> Result<Applied, String> {
+        let observe_only = [
+            statics
+                .as_deref()
+                .map_or(self.observe_only[0], |s| observe_only(self.scope, s)),
+            discovered
+                .as_deref()
+                .map_or(self.observe_only[1], |d| observe_only(self.scope, d)),
+        ];
         let statics = statics.map_or_else(|| self.statics.clone(), |s| scoped(self.scope, s));
         let discovered =
             discovered.map_or_else(|| self.discovered.clone(), |d| scoped(self.scope, d));
@@ -429,6 +447,10 @@ impl SaState {
         self.table = new;
         self.statics = statics;
         self.discovered = discovered;
+        if observe_only != self.observe_only {
+            warn_observe_only(observe_only.iter().sum());
+        }
+        self.observe_only = observe_only;
         self.publish();
         Ok(Applied {
             added,
@@ -444,7 +466,9 @@ impl SaState {
         if keys.is_empty() {
             return;
         }
-        if let Err(e) = self.maps.remove_sa_residuals(|k| keys.contains(k)) {
+        // Every entry of the peer goes, the verifier's own (restored, or moved by a NAT
+        // rebinding) included: all of them carry its id.
+        if let Err(e) = self.maps.remove_sa_residuals(|k| k.peer_id == id) {
             warn!(peer_id = id, error = %e, "could not remove learned residuals; the LRU map ages them out");
         }
     }

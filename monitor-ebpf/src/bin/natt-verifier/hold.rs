@@ -75,13 +75,13 @@ fn hold(s: *mut Scratch, sa: &Sa, seen: &Seen) -> bool {
     // SAFETY: per-CPU and map value pointers, valid for this run. Two CPUs holding segments of
     // one SA at the same instant can lose a candidate (one more retransmission), never make one.
     unsafe {
-        match HELD.get_ptr_mut(&(*s).key) {
+        match HELD.get_ptr_mut(&(*s).entry) {
             Some(h) if (*h).state == sa.state => {
                 let mut i = 0;
                 while i < HELD_SLOTS {
                     if (*h).segments[i] == seen.segment {
                         if (*h).residuals[i] == seen.residual {
-                            let _ = HELD.remove(&(*s).key);
+                            let _ = HELD.remove(&(*s).entry);
                             return confirm(s, sa, seen);
                         }
                         (*h).residuals[i] = seen.residual;
@@ -103,7 +103,7 @@ fn hold(s: *mut Scratch, sa: &Sa, seen: &Seen) -> bool {
                 };
                 (*s).held.segments[0] = seen.segment;
                 (*s).held.residuals[0] = seen.residual;
-                let _ = HELD.insert(&(*s).key, &(*s).held, 0);
+                let _ = HELD.insert(&(*s).entry, &(*s).held, 0);
             }
         }
     }

@@ -34,8 +34,10 @@ use crate::{
 /// (512 bytes for the program and its subprograms together) has none to spare.
 #[repr(C)]
 pub struct Scratch {
-    /// The segment's SA.
+    /// The segment's SA, with its encapsulation ports (what reports carry).
     pub key: SaKey,
+    /// Its key in `SA_TRUST` and `HELD` (`SaKey::trust_key`).
+    pub entry: SaKey,
     /// Its NAT mapping.
     pub mapping: SaKey,
     /// A value being written to `SA_TRUST`.
@@ -77,6 +79,7 @@ pub fn of_segment(l3: &L3, sa: &Sa) -> Result<(*mut Scratch, Option<*mut SaTrust
             peer_id: l3.peer.id,
             spi: sa_spi(sa),
         };
+        (*s).entry = (*s).key.trust_key();
     }
     Ok((s, lookup(s, sa, l3.family as u8)))
 }
@@ -87,7 +90,7 @@ pub fn of_segment(l3: &L3, sa: &Sa) -> Result<(*mut Scratch, Option<*mut SaTrust
 pub fn lookup(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
     // SAFETY: a per-CPU map value, valid for this run; the fields are plain integers.
     unsafe {
-        if let Some(t) = SA_TRUST.get_ptr_mut(&(*s).key)
+        if let Some(t) = SA_TRUST.get_ptr_mut(&(*s).entry)
             && (*t).state == sa.state
         {
             return Some(t);
@@ -99,13 +102,18 @@ pub fn lookup(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
     inherit(s, sa, family)
 }
 
-/// True while the `xfrm_state` at `state` is alive and still the SA with `spi`. A state torn
-/// down and freed fails one of the two: its memory is either no longer `XFRM_STATE_VALID` or
-/// now holds another SA, whose SPI differs.
+/// True while the `xfrm_state` at `state` is alive, still the SA with `spi`, and still on the
+/// NAT mapping `mapping` names. A state torn down and freed fails one of the first two: its
+/// memory is either no longer `XFRM_STATE_VALID` or now holds another SA, whose SPI differs. An
+/// SA that a NAT rebinding moved to another port (its encapsulation updated in place) fails the
+/// third: the mapping it left may be handed to another host.
 #[inline(always)]
-fn alive(state: u64, spi: u32) -> bool {
+fn alive(state: u64, spi: u32, mapping: &SaKey) -> bool {
     kread::<u32>(state + u64::from(secpath!(x_spi))).is_ok_and(|s| s == spi)
         && kread::<u8>(state + u64::from(secpath!(x_km_state))).is_ok_and(|s| s == XFRM_STATE_VALID)
+        && kread::<u64>(state + u64::from(secpath!(x_encap)))
+            .and_then(|encap| kread::<[u16; 2]>(encap + u64::from(secpath!(encap_sport))))
+            .is_ok_and(|p| p == [mapping.encap_sport, mapping.encap_dport])
 }
 
 /// Installs `residual` as the SA's own (in `(*s).key`; `origin` says how it was found) and
@@ -120,7 +128,7 @@ pub fn install(s: *mut Scratch, sa: &Sa, residual: u16, origin: u8) -> bool {
             origin,
             ..SaTrust::default()
         };
-        if SA_TRUST.insert(&(*s).key, &(*s).trust, 0).is_err() {
+        if SA_TRUST.insert(&(*s).entry, &(*s).trust, 0).is_err() {
             return false;
         }
         if sa.state != 0 {
@@ -138,7 +146,7 @@ pub fn install(s: *mut Scratch, sa: &Sa, residual: u16, origin: u8) -> bool {
 }
 
 /// Takes over the residual of the SA that last held one on this SA's NAT mapping, if that SA
-/// is still alive (or is this very SA, whose own entry the LRU forgot).
+/// is still alive; or restores this very SA's own, whose entry the LRU forgot.
 #[inline(never)]
 fn inherit(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
     // SAFETY: a per-CPU map value, valid for this run; map values are copied out at once, and
@@ -146,10 +154,16 @@ fn inherit(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
     unsafe {
         (*s).mapping = (*s).key.mapping();
         let owner = MAPPINGS.get(&(*s).mapping).copied()?;
-        if !alive(owner.state, owner.spi)
+        if !alive(owner.state, owner.spi, &(*s).mapping)
             || !install(s, sa, owner.expected_residual, TRUST_INHERITED)
         {
             return None;
+        }
+        if owner.state == sa.state {
+            // This SA's own residual, which the LRU forgot while its mapping's record stayed:
+            // back at once, counted, and nothing for the daemon, which still holds it.
+            bump_trust(TrustCounter::Restored);
+            return SA_TRUST.get_ptr_mut(&(*s).entry);
         }
         bump_trust(TrustCounter::Inherited);
         report::trust(
@@ -161,7 +175,7 @@ fn inherit(s: *mut Scratch, sa: &Sa, family: u8) -> Option<*mut SaTrust> {
             0,
             0,
         );
-        SA_TRUST.get_ptr_mut(&(*s).key)
+        SA_TRUST.get_ptr_mut(&(*s).entry)
     }
 }
 
@@ -244,7 +258,7 @@ fn mismatch(t: *mut SaTrust, s: *mut Scratch, sa: &Sa, seen: &Seen) {
             return;
         }
         let withdrawn = (*t).expected_residual;
-        let _ = SA_TRUST.remove(&(*s).key);
+        let _ = SA_TRUST.remove(&(*s).entry);
         (*s).mapping = (*s).key.mapping();
         if let Some(o) = MAPPINGS.get(&(*s).mapping)
             && o.state == sa.state

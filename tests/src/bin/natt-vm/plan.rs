@@ -60,6 +60,10 @@ pub(crate) const METRICS: &str = "http://127.0.0.1:9874";
 /// trailer, for the null cipher and for cbc(aes) alike. (nft payload offsets stop at byte 255
 /// on 6.1: ERANGE beyond.)
 pub(crate) const CORRUPT_BIT: u32 = 1600;
+/// `RandomBitFlip`'s payload bytes, counted from the start of the UDP header like
+/// `CORRUPT_BIT`: all inside the TCP payload (which starts at byte 48: UDP, ESP and TCP with
+/// timestamps) and below nft's byte 255.
+pub(crate) const RANDOM_FLIP_BYTES: [u32; 8] = [60, 83, 101, 130, 157, 181, 209, 241];
 /// The rule corrupts every Nth ESP packet longer than 1000 bytes from A.
 pub(crate) const CORRUPT_EVERY: u32 = 40;
 pub(crate) const STREAM: u64 = 3 << 20;

@@ -44,6 +44,8 @@ pub(crate) struct Measured {
     /// `natt_monitor_residuals_confirmed_total` at the end: residuals the verifier confirmed
     /// itself in enforce mode.
     pub(crate) confirmed: u64,
+    /// `natt_monitor_residuals_evicted_total` at the end: residuals the LRU map forgot.
+    pub(crate) evicted: u64,
     pub(crate) received: u64,
     pub(crate) differing: u64,
     pub(crate) kernel_csum_errors: u64,
@@ -74,6 +76,8 @@ pub(crate) struct Measured {
     pub(crate) scale: Option<Scale>,
     /// `p-sighup-enforce`: the stream after the reload to enforce mode.
     pub(crate) sighup: Option<Reloaded>,
+    /// `s-nat-rebind-enforce`: the move of A's NAT mapping to another port mid-stream.
+    pub(crate) rebound: Option<Rebound>,
 }
 
 pub(crate) fn expected_nat_residual() -> u16 {
@@ -97,6 +101,10 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         return run_shared_nat(s);
     }
     let t = Topology::new(s);
+    if s.setup == Setup::Rebind {
+        // Before the SA's first packet: a mapping's timeout is set by its packets.
+        t.expire_udp_mappings_fast();
+    }
     let cg = Cgroup::new();
     // Before the daemon, so that it is dropped after it: detaches what the daemons pinned.
     let pins = (s.setup == Setup::Restart).then(Pins::mount);
@@ -105,6 +113,8 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         start_monitor_with(t.mon(), s.mode, s.name, &[&args[0], &args[1]])
     } else if s.setup == Setup::Scale {
         start_monitor_with(t.mon(), s.mode, s.name, &["--max-peers", MAX_PEERS])
+    } else if s.setup == Setup::Evicted {
+        start_monitor_with(t.mon(), s.mode, s.name, &["--sa-trust-slots", "1"])
     } else if s.setup == Setup::Sighup {
         fs::write(SIGHUP_CONFIG, format!("mode = \"{}\"\n", s.mode.as_str())).expect("config");
         start_monitor_args(t.mon(), s.name, &["--config", SIGHUP_CONFIG])
@@ -161,6 +171,8 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     let mut manual_rekey = None;
     // `p-sighup-enforce`: the stream after the reload to enforce.
     let mut sighup = None;
+    // `s-nat-rebind-enforce`: what the move of A's NAT mapping did.
+    let mut rebound = None;
     if s.encap {
         // In a namespace of its own the daemon discovers nothing: B's SAs are verified under
         // SA scope's catch-alls.
@@ -238,6 +250,27 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     } else if s.setup == Setup::Sighup {
         let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
         sighup = Some(reload_to_enforce(&t, &cg.path, &d, &series));
+        (received, differing + warmup_differing, None)
+    } else if s.setup == Setup::Rebind {
+        // Corruption is on throughout; the mapping moves while the stream flows.
+        let learning = series("learning_packets_total");
+        let l0 = metric(&scrape(t.mon()), &learning);
+        let (received, differing, mid_stream) = std::thread::scope(|scope| {
+            let streaming = scope.spawn(|| stream(&t, &cg.path, STREAM, 5001));
+            std::thread::sleep(Duration::from_millis(200));
+            t.rebind_a(s);
+            let mid_stream = !streaming.is_finished();
+            let (received, differing) = streaming.join().expect("stream thread");
+            (received, differing, mid_stream)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let (mappings, sa_updated) = t.rebound();
+        rebound = Some(Rebound {
+            mid_stream,
+            mappings,
+            sa_updated,
+            learning: metric(&scrape(t.mon()), &learning) - l0,
+        });
         (received, differing + warmup_differing, None)
     } else if s.setup == Setup::ManualRekey {
         // Corruption is on: the first segments on the new SA are among the corrupted ones.
@@ -341,6 +374,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
         inherited,
         confirmed: metric(&text, "natt_monitor_residuals_confirmed_total"),
+        evicted: metric(&text, "natt_monitor_residuals_evicted_total"),
         received,
         differing,
         kernel_csum_errors: metric(&text, "natt_monitor_kernel_tcp_in_csum_errors_total") - k0,
@@ -362,6 +396,34 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         restart,
         scale,
         sighup,
+        rebound,
+    }
+}
+
+/// What moving A's NAT mapping to another public port mid-stream did.
+#[derive(Debug, Default)]
+pub(crate) struct Rebound {
+    /// The stream still flowed when the packets were let through again.
+    pub(crate) mid_stream: bool,
+    /// NAT mappings R made on the new port (its NAT rule sees each mapping's first packet).
+    pub(crate) mappings: u64,
+    /// B's SA from A names the new port.
+    pub(crate) sa_updated: bool,
+    /// Segments of the peer that went to learning from the stream's start: the gap in
+    /// verification the move caused.
+    pub(crate) learning: u64,
+}
+
+impl Rebound {
+    /// For the `NATT-VM RESULT` line.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "mid_stream={},mappings_to_4600={},sa_port_4600={},learning={}",
+            if self.mid_stream { "yes" } else { "no" },
+            self.mappings,
+            if self.sa_updated { "yes" } else { "no" },
+            self.learning
+        )
     }
 }
 

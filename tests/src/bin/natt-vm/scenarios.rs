@@ -26,6 +26,13 @@ pub(crate) enum Corruption {
         /// Every how many large ESP packets one is corrupted.
         every: u32,
     },
+    /// Flips one bit (the lowest of a payload byte, on a stream that is one byte repeated) at one
+    /// of eight byte offsets, both the packet and the offset drawn at random: one packet in
+    /// `every` on average.
+    RandomBitFlip {
+        /// One large ESP packet in how many, on average, is corrupted.
+        every: u32,
+    },
     /// Zeroes 8 bytes of the payload of every `every`th packet (the stream's bytes vary, so the
     /// delta does).
     ZeroRun {
@@ -39,7 +46,9 @@ impl Corruption {
     pub(crate) const fn fill(self) -> Option<u8> {
         match self {
             Self::Word | Self::WordFromStart | Self::ZeroRun { .. } => None,
-            Self::ConstantDelta { .. } | Self::BitFlip { .. } => Some(FILL),
+            Self::ConstantDelta { .. } | Self::BitFlip { .. } | Self::RandomBitFlip { .. } => {
+                Some(FILL)
+            }
         }
     }
 }
@@ -94,6 +103,16 @@ pub(crate) enum Setup {
     /// As `Manual`, with natt-monitor in a network namespace of its own: B's SAs are in no
     /// namespace it discovers, and its verifier (at the cgroup2 root) still sees B's segments.
     Undiscovered,
+    /// As `Manual`, and mid-stream A's NAT mapping moves to another public port (R's UDP
+    /// mappings expire 2 s after their last packet; A's packets are held back for 3 s at R,
+    /// and R then maps A's port 4500 to 4600), while B's SAs' encapsulation is updated in place
+    /// (`ip xfrm state update`), as an IKE daemon does when it learns of the new mapping.
+    Rebind,
+    /// As `Manual`, with the verifier's map of SA residuals (`SA_TRUST`) one slot small
+    /// (`--sa-trust-slots 1`): B's SA and A's (under a catch-all) take turns in it, so every
+    /// change of direction forgets the other's residual, which comes back from its NAT
+    /// mapping's record at its next segment.
+    Evicted,
     /// As `Manual`, after ten thousand other NAT-T SAs (and peers) were added to B while the
     /// daemon ran (`--max-peers 16384`, labels at their default cap).
     Scale,
@@ -121,7 +140,12 @@ impl Setup {
     pub(crate) const fn manual_sas(self) -> bool {
         matches!(
             self,
-            Self::Manual | Self::ManualRekey | Self::Sighup | Self::Undiscovered
+            Self::Manual
+                | Self::ManualRekey
+                | Self::Sighup
+                | Self::Undiscovered
+                | Self::Evicted
+                | Self::Rebind
         )
     }
 }
@@ -141,7 +165,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 23] = [
+pub(crate) const SCENARIOS: [Scenario; 26] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -342,6 +366,17 @@ pub(crate) const SCENARIOS: [Scenario; 23] = [
     },
     Scenario {
         setup: Setup::Manual,
+        name: "n-random-bit-flip-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::RandomBitFlip { every: 10 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
         name: "n-zeroed-run-observe",
         cipher: Cipher::Null,
         mode: Mode::Observe,
@@ -382,6 +417,28 @@ pub(crate) const SCENARIOS: [Scenario; 23] = [
         nat: true,
         corrupt: true,
         corruption: Corruption::Word,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Evicted,
+        name: "r-lru-evicted-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ZeroRun { every: 7 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Rebind,
+        name: "s-nat-rebind-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::RandomBitFlip { every: 50 },
         v6: false,
     },
     Scenario {

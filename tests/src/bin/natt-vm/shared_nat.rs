@@ -125,19 +125,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
     let before = scrape(&t.b);
     // NAT mappings expire 2 s after their last packet from now on, so that the one A held is
     // free for its return (a masquerading NAT keeps the source port when it can).
-    for timeout in [
-        "nf_conntrack_udp_timeout",
-        "nf_conntrack_udp_timeout_stream",
-    ] {
-        ns_sh(
-            &t.r,
-            &[
-                "sh",
-                "-c",
-                &format!("echo 2 > /proc/sys/net/netfilter/{timeout}"),
-            ],
-        );
-    }
+    t.expire_udp_mappings_fast();
     t.corrupt(s);
     ns_sh(
         &t.r,
@@ -171,6 +159,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
         learning: metric(&text, &series("learning_packets_total")),
         withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
         confirmed: metric(&text, "natt_monitor_residuals_confirmed_total"),
+        evicted: metric(&text, "natt_monitor_residuals_evicted_total"),
         received: r1 + r2 + rejoin.received,
         differing: d1 + d2 + rejoin.differing,
         rejoin: Some(rejoin.summary(&text, &series)),

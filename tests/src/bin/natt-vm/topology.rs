@@ -1,11 +1,11 @@
 //! The namespaces, routes, NAT and corruption rule of one scenario, and the hand-made SAs.
 
-use std::{fs, net::UdpSocket, os::fd::AsRawFd as _, process::Command};
+use std::{fmt::Write as _, fs, net::UdpSocket, os::fd::AsRawFd as _, process::Command};
 
 use natt_monitor_tests::net::{Netns, sh};
 
 use crate::{
-    plan::{Addrs, CORRUPT_BIT, CORRUPT_EVERY, PLAINTEXT_PORT, REKEYED_SPI},
+    plan::{Addrs, CORRUPT_BIT, CORRUPT_EVERY, PLAINTEXT_PORT, RANDOM_FLIP_BYTES, REKEYED_SPI},
     processes::Daemon,
     scenarios::{Corruption, Scenario, Setup},
     strongswan::{start_charon, swanctl, swanctl_conf},
@@ -232,6 +232,86 @@ impl Topology {
         ]);
     }
 
+    /// Makes R's UDP NAT mappings expire 2 s after their last packet (from their next packet
+    /// on), so that a mapping can be made to move.
+    pub(crate) fn expire_udp_mappings_fast(&self) {
+        for timeout in [
+            "nf_conntrack_udp_timeout",
+            "nf_conntrack_udp_timeout_stream",
+        ] {
+            ns_sh(
+                &self.r,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("echo 2 > /proc/sys/net/netfilter/{timeout}"),
+                ],
+            );
+        }
+    }
+
+    /// Moves A's NAT mapping from R's port 4500 to 4600, the way a NAT rebinding does: A's ESP
+    /// packets (both ways) are held back at R before connection tracking sees them, until the
+    /// mapping expired; R then maps A's port 4500 to 4600; B's SAs with A get the new port in
+    /// place (`ip xfrm state update`, as an IKE daemon does on a mapping change); and the packets
+    /// flow again. Needs `expire_udp_mappings_fast` before the mapping's last packet.
+    pub(crate) fn rebind_a(&self, s: &Scenario) {
+        ns_sh(
+            &self.r,
+            &[
+                "nft",
+                "add table ip natt_hold; add chain ip natt_hold pre { type filter hook prerouting priority -300; }; \
+                 add rule ip natt_hold pre udp sport 4500 drop; add rule ip natt_hold pre udp dport 4500 drop",
+            ],
+        );
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        ns_sh(
+            &self.r,
+            &[
+                "nft",
+                "insert rule ip nat post oifname rb udp sport 4500 counter masquerade to :4600",
+            ],
+        );
+        let x = self.addrs;
+        let enc = s.cipher.xfrm();
+        let r = self.a_seen_by_b(s.nat);
+        xfrm_state_op(
+            &self.b,
+            "update",
+            r,
+            x.b,
+            "0x1001",
+            "0",
+            enc,
+            Some((4600, 4500, x.any)),
+        );
+        xfrm_state_op(
+            &self.b,
+            "update",
+            x.b,
+            r,
+            "0x2001",
+            "0",
+            enc,
+            Some((4500, 4600, x.any)),
+        );
+        ns_sh(&self.r, &["nft", "delete table ip natt_hold"]);
+    }
+
+    /// NAT mappings R made on its port 4600 (`rebind_a`; the rule counts each mapping's first
+    /// packet), and whether B's SA from A names that port.
+    pub(crate) fn rebound(&self) -> (u64, bool) {
+        let out = ns_out(&self.r, &["nft", "list", "chain", "ip", "nat", "post"]);
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let packets = words
+            .windows(2)
+            .find(|w| w[0] == "packets")
+            .and_then(|w| w[1].parse().ok())
+            .unwrap_or(0);
+        let sa = ns_out(&self.b, &["ip", "xfrm", "state", "list", "spi", "0x1001"]);
+        (packets, sa.contains("sport 4600"))
+    }
+
     /// True if B's SA with `spi` decapsulated any packet.
     pub(crate) fn carried(&self, spi: &str) -> bool {
         let out = ns_out(&self.b, &["ip", "-s", "xfrm", "state", "list", "spi", spi]);
@@ -253,6 +333,31 @@ impl Topology {
         } else {
             ""
         };
+        if let Corruption::RandomBitFlip { every } = s.corruption {
+            // One draw per packet picks at most one of eight chains, each flipping the lowest
+            // bit of its own payload byte: a packet is never corrupted twice, so the chains'
+            // counters add up to the packets corrupted.
+            let mut script = format!(
+                "add table {family} natt; add chain {family} natt corrupt {{ type filter hook forward priority 0; }}; "
+            );
+            let mut map = Vec::new();
+            for (i, byte) in RANDOM_FLIP_BYTES.iter().enumerate() {
+                let _ = write!(
+                    script,
+                    "add chain {family} natt flip{i}; add rule {family} natt flip{i} counter @th,{},1 set 1{zero_udp_csum}; ",
+                    byte * 8 + 7
+                );
+                map.push(format!("{i} : jump flip{i}"));
+            }
+            let _ = write!(
+                script,
+                "add rule {family} natt corrupt {saddr} {a} {what} meta length > 1000 numgen random mod {} vmap {{ {} }}",
+                every * 8,
+                map.join(", ")
+            );
+            ns_sh(&self.r, &["nft", &script]);
+            return;
+        }
         let (every, set) = match s.corruption {
             Corruption::Word | Corruption::WordFromStart => (
                 CORRUPT_EVERY,
@@ -262,6 +367,7 @@ impl Topology {
             // The byte's lowest bit (nft numbers bits from the most significant): 0x5a → 0x5b.
             Corruption::BitFlip { every } => (every, format!("@th,{},1 set 1", CORRUPT_BIT + 7)),
             Corruption::ZeroRun { every } => (every, format!("@th,{CORRUPT_BIT},64 set 0")),
+            Corruption::RandomBitFlip { .. } => unreachable!("handled above"),
         };
         ns_sh(
             &self.r,
@@ -324,6 +430,24 @@ pub(crate) fn xfrm_state(
     enc: [&str; 2],
     encap: Option<(u16, u16, &str)>,
 ) {
+    xfrm_state_op(ns, "add", src, dst, spi, reqid, enc, encap);
+}
+
+/// As `xfrm_state`, with `op` `add` or `update` (which changes a live SA in place).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fields of one `ip xfrm state` command"
+)]
+pub(crate) fn xfrm_state_op(
+    ns: &Netns,
+    op: &str,
+    src: &str,
+    dst: &str,
+    spi: &str,
+    reqid: &str,
+    enc: [&str; 2],
+    encap: Option<(u16, u16, &str)>,
+) {
     let ports = encap.map(|(sp, dp, oa)| (sp.to_string(), dp.to_string(), oa));
     let mut args = vec![
         "ip",
@@ -331,7 +455,7 @@ pub(crate) fn xfrm_state(
         &ns.name,
         "xfrm",
         "state",
-        "add",
+        op,
         "src",
         src,
         "dst",

@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 26] = [
+pub const NAMES: [&str; 28] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -30,6 +30,8 @@ pub const NAMES: [&str; 26] = [
     "q-undiscovered-netns",
     "r-lru-evicted-enforce",
     "s-nat-rebind-enforce",
+    "t-learning-flood-observe",
+    "u-soak-enforce",
     "g-gro",
 ];
 

@@ -106,6 +106,7 @@ const MODULES: &[&str] = &[
     "nft_nat",
     "nft_masq",
     "nft_numgen",
+    "nft_quota",
     // A module on 5.10, built in later.
     "nft_counter",
     "nf_conntrack",
@@ -535,7 +536,13 @@ struct Guest {
 }
 
 /// Boots the kernel, streams the console, returns what the guest reported.
-fn boot(cache: &Path, kernel: &Kernel, initrd: &Path, only: &[String]) -> Result<Guest> {
+fn boot(
+    cache: &Path,
+    kernel: &Kernel,
+    initrd: &Path,
+    only: &[String],
+    soak_seed: u64,
+) -> Result<Guest> {
     let release = kernel.source.release;
     let version = kernel.source.version;
     let log_path = cache.join(format!("console-{release}.log"));
@@ -559,7 +566,7 @@ fn boot(cache: &Path, kernel: &Kernel, initrd: &Path, only: &[String]) -> Result
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet rdinit=/init natt_vm={}",
+            "console=ttyS0 panic=-1 quiet rdinit=/init natt_vm={} natt_soak_seed={soak_seed}",
             only.join(",")
         ))
         .stdin(Stdio::null())
@@ -734,6 +741,23 @@ fn judge(
     Ok(())
 }
 
+/// The seed of the soak scenario, the same on every kernel: `NATT_SOAK_SEED`, or a fresh one.
+/// Printed, so that a failure can be replayed.
+fn soak_seed() -> Result<u64> {
+    let seed = match std::env::var("NATT_SOAK_SEED") {
+        Ok(v) => v.trim().parse().with_context(|| {
+            format!("NATT_SOAK_SEED: `{v}` is not a number (the seed a soak run printed)")
+        })?,
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() ^ u64::from(d.subsec_nanos())),
+    };
+    eprintln!(
+        "xtask: vm-test soak seed {seed} (replay: NATT_SOAK_SEED={seed} cargo xtask vm-test u-soak-enforce)"
+    );
+    Ok(seed)
+}
+
 /// Runs the suite (or only the scenarios named in `only`); with `out`, also writes the results
 /// table there. Returns how many scenario runs passed.
 pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
@@ -770,10 +794,11 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     let matrix: Vec<&'static KernelSource> = KERNELS.iter().collect();
     let kernels = fetch_kernels(&cache, &matrix)?;
     let strongswan = fetch_strongswan(&cache)?;
+    let seed = soak_seed()?;
     for k in &kernels {
         let initrd = build_initramfs(&cache, k, &bins, &strongswan)?;
         let started = Instant::now();
-        let guest = boot(&cache, k, &initrd, only)?;
+        let guest = boot(&cache, k, &initrd, only, seed)?;
         let secs = started.elapsed().as_secs_f64();
         judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary)?;
     }

@@ -27,6 +27,7 @@ mod run;
 mod scale;
 mod scenarios;
 mod shared_nat;
+mod soak;
 mod strongswan;
 mod topology;
 mod traffic;
@@ -116,7 +117,7 @@ fn main() {
 /// The scenario's `NATT-VM RESULT` line.
 fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
     format!(
-        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} captured={} seconds={secs:.1} result={}",
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} captured={} seconds={secs:.1} result={}",
         s.name,
         s.setup,
         s.mode,
@@ -163,6 +164,12 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
         m.rebound
             .as_ref()
             .map_or_else(|| "-".to_owned(), run::Rebound::summary),
+        m.flood
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), run::Flooded::summary),
+        m.soak
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), soak::Soaked::summary),
         m.captured,
         if ok { "ok" } else { "FAILED" }
     )

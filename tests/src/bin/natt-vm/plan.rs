@@ -66,6 +66,10 @@ pub(crate) const CORRUPT_BIT: u32 = 1600;
 pub(crate) const RANDOM_FLIP_BYTES: [u32; 8] = [60, 83, 101, 130, 157, 181, 209, 241];
 /// The rule corrupts every Nth ESP packet longer than 1000 bytes from A.
 pub(crate) const CORRUPT_EVERY: u32 = 40;
+/// `Corruption::Flood`: KiB of packets corrupted before the flood stops, about 55 large ones:
+/// all but one in 8 of the 64 KiB warm-up stream (so the SA learns the flood's residual and
+/// keeps it through the warm-up), and the first few of the main stream.
+pub(crate) const FLOOD_KBYTES: u32 = 80;
 pub(crate) const STREAM: u64 = 3 << 20;
 /// The restart scenario's stream: it must outlast a SIGKILL, a gap and a second start-up (under
 /// TCG the second daemon's program load alone takes seconds on 5.10; 32 MiB once ended first).

@@ -128,6 +128,19 @@ pub(crate) fn learned_into_b(log: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The residuals of `learned_into_b`'s lines, sorted as their text.
+pub(crate) fn learned_residuals(log: &str) -> Vec<&str> {
+    let mut residuals: Vec<&str> = learned_into_b(log)
+        .into_iter()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("residual="))
+        })
+        .collect();
+    residuals.sort_unstable();
+    residuals
+}
+
 /// The value of the series `series` (name with labels, exactly as exposed), 0 if absent.
 pub(crate) fn metric(text: &str, series: &str) -> u64 {
     natt_monitor_tests::metric(text, series).unwrap_or(0)

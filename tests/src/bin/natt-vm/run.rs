@@ -20,6 +20,7 @@ use crate::{
     scale::{DUMMY_SAS, MAX_PEERS, Scale, add_dummy_sas},
     scenarios::{Corruption, Scenario, Setup},
     shared_nat::run_shared_nat,
+    soak::{Soaked, run_soak},
     strongswan::swanctl,
     topology::{Topology, ns_sh},
     traffic::{plaintext, rekey_during_stream, stream},
@@ -78,6 +79,30 @@ pub(crate) struct Measured {
     pub(crate) sighup: Option<Reloaded>,
     /// `s-nat-rebind-enforce`: the move of A's NAT mapping to another port mid-stream.
     pub(crate) rebound: Option<Rebound>,
+    /// `t-learning-flood-observe`: what the daemon made of the flood, from its log.
+    pub(crate) flood: Option<Flooded>,
+    /// `u-soak-enforce`: the seed and what the rounds did.
+    pub(crate) soak: Option<Soaked>,
+}
+
+impl Measured {
+    /// The counts one scrape `text` gives for the peer whose TCP series `series` names, and the
+    /// verifier's residual counters; the caller fills in the rest.
+    pub(crate) fn from_scrape(text: &str, series: impl Fn(&str) -> String) -> Self {
+        Self {
+            detected: metric(text, &series("checksum_mismatches_total")),
+            learning_mismatches: metric(text, &series("learning_mismatches_total")),
+            dropped: metric(text, &series("dropped_packets_total")),
+            verified: metric(text, &series("verified_packets_total")),
+            learning: metric(text, &series("learning_packets_total")),
+            withdrawn: metric(text, "natt_monitor_residuals_withdrawn_total"),
+            inherited: metric(text, "natt_monitor_residuals_inherited_total"),
+            confirmed: metric(text, "natt_monitor_residuals_confirmed_total"),
+            evicted: metric(text, "natt_monitor_residuals_evicted_total"),
+            xfrm_peers: metric(text, "natt_monitor_peers{source=\"xfrm\"}"),
+            ..Self::default()
+        }
+    }
 }
 
 pub(crate) fn expected_nat_residual() -> u16 {
@@ -99,6 +124,9 @@ pub(crate) fn expected_nat_residual() -> u16 {
 pub(crate) fn run(s: &Scenario) -> Measured {
     if s.setup == Setup::SharedNat {
         return run_shared_nat(s);
+    }
+    if s.setup == Setup::Soak {
+        return run_soak(s);
     }
     let t = Topology::new(s);
     if s.setup == Setup::Rebind {
@@ -157,7 +185,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"{proto}\"}}")
     };
     let series = |name: &str| series_of(name, "tcp");
-    let from_start = s.corrupt && s.corruption == Corruption::WordFromStart;
+    let from_start = s.corrupt && s.corruption.before_traffic();
     if from_start {
         // The first large ESP packet the rule sees is corrupted: the new SA's first data
         // segment, before its residual is known.
@@ -364,17 +392,10 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         })
         .unwrap_or("-")
         .to_owned();
+    let flood = (s.corruption == Corruption::Flood).then(|| Flooded::read(&log));
     Measured {
         injected: if s.corrupt { t.injected() } else { 0 },
-        detected: metric(&text, &series("checksum_mismatches_total")),
-        learning_mismatches: metric(&text, &series("learning_mismatches_total")),
-        dropped: metric(&text, &series("dropped_packets_total")),
-        verified: metric(&text, &series("verified_packets_total")),
-        learning: metric(&text, &series("learning_packets_total")),
-        withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
         inherited,
-        confirmed: metric(&text, "natt_monitor_residuals_confirmed_total"),
-        evicted: metric(&text, "natt_monitor_residuals_evicted_total"),
         received,
         differing,
         kernel_csum_errors: metric(&text, "natt_monitor_kernel_tcp_in_csum_errors_total") - k0,
@@ -397,6 +418,8 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         scale,
         sighup,
         rebound,
+        flood,
+        ..Measured::from_scrape(&text, series)
     }
 }
 
@@ -423,6 +446,76 @@ impl Rebound {
             self.mappings,
             if self.sa_updated { "yes" } else { "no" },
             self.learning
+        )
+    }
+}
+
+/// What a flood while B's SA from A learned left in the daemon's log.
+#[derive(Debug, Default)]
+pub(crate) struct Flooded {
+    /// The residuals B's SA from A (SPI 0x1001) learned, in order.
+    pub(crate) learned: Vec<String>,
+    /// Its withdrawals: (the residual withdrawn, the one the refused segments agreed on).
+    pub(crate) withdrawn: Vec<(String, String)>,
+    /// The other SA with traffic, A's from B (SPI 0x2001, under the catch-all): residuals
+    /// learned and withdrawn.
+    pub(crate) other_learned: usize,
+    pub(crate) other_withdrawn: usize,
+}
+
+impl Flooded {
+    /// Reads the daemon's log, and prints what an operator reads in it about B's SA.
+    fn read(log: &str) -> Self {
+        const B_SA: &str = "spi=0x00001001";
+        const OTHER_SA: &str = "spi=0x00002001";
+        let field = |line: &str, key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let learned = |l: &&str| l.contains("NAT residual learned");
+        let withdrawn = |l: &&str| l.contains("learned NAT residual withdrawn");
+        let mut out = Self::default();
+        let mut mismatches_shown = 0;
+        for line in log.lines() {
+            if line.contains(B_SA) {
+                let shown = if learned(&line) {
+                    out.learned.push(field(line, "residual="));
+                    true
+                } else if withdrawn(&line) {
+                    out.withdrawn
+                        .push((field(line, "learned="), field(line, "found=")));
+                    true
+                } else if line.contains("checksum mismatch") && mismatches_shown < 2 {
+                    mismatches_shown += 1;
+                    true
+                } else {
+                    line.contains("segments passed unverified while this SA")
+                };
+                if shown {
+                    println!("NATT-VM LOG {line}");
+                }
+            } else if line.contains(OTHER_SA) {
+                out.other_learned += usize::from(learned(&line));
+                out.other_withdrawn += usize::from(withdrawn(&line));
+            }
+        }
+        out
+    }
+
+    /// For the `NATT-VM RESULT` line.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "learned={},withdrawn={},other_sa=learned:{}/withdrawn:{}",
+            self.learned.join(">"),
+            self.withdrawn
+                .iter()
+                .map(|(l, f)| format!("{l}(found:{f})"))
+                .collect::<Vec<_>>()
+                .join(">"),
+            self.other_learned,
+            self.other_withdrawn
         )
     }
 }

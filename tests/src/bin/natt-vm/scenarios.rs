@@ -33,6 +33,14 @@ pub(crate) enum Corruption {
         /// One large ESP packet in how many, on average, is corrupted.
         every: u32,
     },
+    /// A flood while the SA learns: sets one byte at a fixed offset to 0xa5 in 7 of every 8
+    /// large packets, on a stream that is one byte repeated (so every corrupted segment leaves
+    /// one and the same residual), from the SA's first packet until `FLOOD_KBYTES` of packets
+    /// were corrupted (an nft quota); then nothing.
+    Flood,
+    /// The soak draws shapes and rates from the others as it goes, on a stream that is one byte
+    /// repeated.
+    Drawn,
     /// Zeroes 8 bytes of the payload of every `every`th packet (the stream's bytes vary, so the
     /// delta does).
     ZeroRun {
@@ -42,13 +50,20 @@ pub(crate) enum Corruption {
 }
 
 impl Corruption {
+    /// The rule is in place before the SA carries its first packet.
+    pub(crate) const fn before_traffic(self) -> bool {
+        matches!(self, Self::WordFromStart | Self::Flood)
+    }
+
     /// The `--fill` byte of the stream, for a corruption that needs repetitive data.
     pub(crate) const fn fill(self) -> Option<u8> {
         match self {
             Self::Word | Self::WordFromStart | Self::ZeroRun { .. } => None,
-            Self::ConstantDelta { .. } | Self::BitFlip { .. } | Self::RandomBitFlip { .. } => {
-                Some(FILL)
-            }
+            Self::ConstantDelta { .. }
+            | Self::BitFlip { .. }
+            | Self::RandomBitFlip { .. }
+            | Self::Flood
+            | Self::Drawn => Some(FILL),
         }
     }
 }
@@ -113,6 +128,10 @@ pub(crate) enum Setup {
     /// change of direction forgets the other's residual, which comes back from its NAT
     /// mapping's record at its next segment.
     Evicted,
+    /// The shared-NAT topology (A and A2 behind R), 100 rounds drawn from a seed: streams from
+    /// one host or both, rekeys, a host leaving and coming back with another address, new
+    /// corruption shapes and rates; corruption on throughout (`soak.rs`).
+    Soak,
     /// As `Manual`, after ten thousand other NAT-T SAs (and peers) were added to B while the
     /// daemon ran (`--max-peers 16384`, labels at their default cap).
     Scale,
@@ -165,7 +184,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 26] = [
+pub(crate) const SCENARIOS: [Scenario; 28] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -439,6 +458,28 @@ pub(crate) const SCENARIOS: [Scenario; 26] = [
         nat: true,
         corrupt: true,
         corruption: Corruption::RandomBitFlip { every: 50 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "t-learning-flood-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::Flood,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Soak,
+        name: "u-soak-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::Drawn,
         v6: false,
     },
     Scenario {

@@ -1,119 +1,165 @@
 //! The scenario with two hosts behind one NAT address.
 
-use std::{fs, time::Duration};
+use std::{fmt::Write as _, fs, net::UdpSocket, time::Duration};
 
 use natt_monitor::peers::{Mode, NatAddresses, PeerSpec, parse_cidr};
 use natt_monitor_tests::net::{Cgroup, Netns, sh};
 
 use crate::{
     plan::{A2, CORRUPT_BIT, CORRUPT_EVERY, NULL_CIPHER, R_A2, STREAM, V4, WARMUP},
-    processes::{captured, learned_into_b, metric, scrape, start_monitor, wait_until},
+    processes::{
+        Daemon, captured, learned_into_b, learned_residuals, metric, scrape, start_monitor,
+        wait_until,
+    },
     run::Measured,
     scenarios::Scenario,
     topology::{Topology, encap_socket, ns_sh, tcp_policy, xfrm_state},
     traffic::stream_from,
 };
 
-/// Two hosts with different private addresses behind one masquerading NAT, each with its own
-/// SAs to B: A (10.1.0.1, encapsulation port 4500, reqid 1, TCP ports 5000-5002 on B) and A2
-/// (10.3.0.1, port 4501, reqid 2, TCP ports 5100-5102). B sees both as R's address; their NAT
-/// residuals differ, and each SA must be verified against its own. Then A leaves (its SAs
-/// deleted on both ends) and comes back with another private address, on the same NAT mapping
-/// (R:4500), while A2 keeps streaming: the new SA must learn its own residual, never inherit
-/// the departed one's (`rejoin`).
-#[expect(
-    clippy::too_many_lines,
-    reason = "one scenario from set-up to readings, in the order it happens"
-)]
-pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
-    let t = Topology::new(s);
-    let x = t.addrs;
-    let a2 = Netns::new("vma2");
-    sh(&[
-        "ip", "link", "add", "va2", "netns", &a2.name, "type", "veth", "peer", "name", "ra2",
-        "netns", &t.r.name,
-    ]);
-    for (ns, dev, addr) in [(&a2, "va2", A2), (&t.r, "ra2", R_A2)] {
+/// A and A2 behind R's one masquerading address, each with one pair of SAs to B (A: SPIs
+/// 0x1001/0x2001, encapsulation port 4500, reqid 1 on B; A2: 0x1002/0x2002, port 4501, reqid 2),
+/// and natt-monitor in B. A is 10.1.0.1, A2 10.3.0.1. On B the TCP port picks the SA: `ports`
+/// ports from 5000 for A's streams, from 5500 for A2's.
+pub(crate) struct SharedNat {
+    pub(crate) t: Topology,
+    pub(crate) a2: Netns,
+    pub(crate) cg: Cgroup,
+    pub(crate) d: Daemon,
+    /// A2's encapsulation socket: bind it for as long as A2 sends.
+    pub(crate) encap2: UdpSocket,
+}
+
+impl SharedNat {
+    pub(crate) fn new(s: &Scenario, ports: u16) -> Self {
+        assert!(
+            ports <= 500,
+            "A's and A2's TCP port blocks on B would overlap"
+        );
+        let t = Topology::new(s);
+        let x = t.addrs;
+        let a2 = Netns::new("vma2");
         sh(&[
-            "ip",
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            dev,
+            "ip", "link", "add", "va2", "netns", &a2.name, "type", "veth", "peer", "name", "ra2",
+            "netns", &t.r.name,
         ]);
-        sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
-    }
-    sh(&["ip", "-n", &a2.name, "route", "add", "default", "via", R_A2]);
-    let _encap2 = encap_socket(&a2, false, x, 4501);
-    let cg = Cgroup::new();
-    let d = start_monitor(&t.b, s.mode, s.name);
-    let nat = x.r_b;
-    // A and A2: one pair of SAs each, every TCP segment to B through them.
-    for (ns, me, spi_out, spi_in, port) in [
-        (&t.a, x.a, "0x1001", "0x2001", 4500),
-        (&a2, A2, "0x1002", "0x2002", 4501),
-    ] {
-        xfrm_state(
-            ns,
-            me,
-            x.b,
-            spi_out,
-            "0",
-            NULL_CIPHER,
-            Some((port, 4500, x.any)),
-        );
-        xfrm_state(
-            ns,
-            x.b,
-            me,
-            spi_in,
-            "0",
-            NULL_CIPHER,
-            Some((4500, port, x.any)),
-        );
-        tcp_policy(ns, me, x.b, "out", None, "0");
-        tcp_policy(ns, x.b, me, "in", None, "0");
-    }
-    // B: both pairs from and to the NAT's address, told apart by reqid; the TCP port picks it.
-    for (spi_in, spi_out, port, reqid, tcp_ports) in [
-        ("0x1001", "0x2001", 4500, "1", [5000, 5001, 5002]),
-        ("0x1002", "0x2002", 4501, "2", [5100, 5101, 5102]),
-    ] {
-        xfrm_state(
+        for (ns, dev, addr) in [(&a2, "va2", A2), (&t.r, "ra2", R_A2)] {
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                dev,
+            ]);
+            sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
+        }
+        sh(&["ip", "-n", &a2.name, "route", "add", "default", "via", R_A2]);
+        let encap2 = encap_socket(&a2, false, x, 4501);
+        let cg = Cgroup::new();
+        let d = start_monitor(&t.b, s.mode, s.name);
+        let nat = x.r_b;
+        // A and A2: one pair of SAs each, every TCP segment to B through them.
+        for (ns, me, to_b, from_b, port) in [
+            (&t.a, x.a, "0x1001", "0x2001", 4500),
+            (&a2, A2, "0x1002", "0x2002", 4501),
+        ] {
+            host_sas(ns, me, x.b, to_b, from_b, port);
+        }
+        // B: both pairs from and to the NAT's address, told apart by reqid; the TCP port picks
+        // it.
+        // The policies in one `ip -batch`: the soak has hundreds.
+        let mut batch = String::new();
+        for (to_b, from_b, port, reqid, base) in [
+            ("0x1001", "0x2001", 4500, "1", 5000),
+            ("0x1002", "0x2002", 4501, "2", 5500),
+        ] {
+            b_sas(&t, to_b, from_b, port, reqid);
+            for p in base..base + ports {
+                for (src, dst, side, dir) in [(nat, x.b, "dport", "in"), (x.b, nat, "sport", "out")]
+                {
+                    let _ = writeln!(
+                        batch,
+                        "xfrm policy add src {src} dst {dst} proto tcp {side} {p} dir {dir} priority 100 \
+                         tmpl src {src} dst {dst} proto esp mode transport reqid {reqid}"
+                    );
+                }
+            }
+        }
+        let path = format!("/tmp/natt-policies-{}", s.name);
+        fs::write(&path, batch).expect("policy batch");
+        sh(&["ip", "-n", &t.b.name, "-batch", &path]);
+        wait_until(
             &t.b,
-            nat,
-            x.b,
-            spi_in,
-            reqid,
-            NULL_CIPHER,
-            Some((port, 4500, x.any)),
+            &d,
+            "the NAT's address is discovered as one peer",
+            |b| metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1,
         );
-        xfrm_state(
-            &t.b,
-            x.b,
-            nat,
-            spi_out,
-            reqid,
-            NULL_CIPHER,
-            Some((4500, port, x.any)),
-        );
-        for p in tcp_ports {
-            tcp_policy(&t.b, nat, x.b, "in", Some(("dport", p)), reqid);
-            tcp_policy(&t.b, x.b, nat, "out", Some(("sport", p)), reqid);
+        Self {
+            t,
+            a2,
+            cg,
+            d,
+            encap2,
         }
     }
+}
+
+/// A host's pair of SAs with B (`me` its private address; `to_b`, `from_b` their SPIs), and
+/// its TCP policies.
+pub(crate) fn host_sas(ns: &Netns, me: &str, b: &str, to_b: &str, from_b: &str, port: u16) {
+    let any = V4.any;
+    xfrm_state(ns, me, b, to_b, "0", NULL_CIPHER, Some((port, 4500, any)));
+    xfrm_state(ns, b, me, from_b, "0", NULL_CIPHER, Some((4500, port, any)));
+    tcp_policy(ns, me, b, "out", None, "0");
+    tcp_policy(ns, b, me, "in", None, "0");
+}
+
+/// B's pair of SAs with a host behind the NAT (`port` its encapsulation port on the NAT; `to_b`,
+/// `from_b` their SPIs).
+pub(crate) fn b_sas(t: &Topology, to_b: &str, from_b: &str, port: u16, reqid: &str) {
+    let x = t.addrs;
+    let any = x.any;
+    xfrm_state(
+        &t.b,
+        x.r_b,
+        x.b,
+        to_b,
+        reqid,
+        NULL_CIPHER,
+        Some((port, 4500, any)),
+    );
+    xfrm_state(
+        &t.b,
+        x.b,
+        x.r_b,
+        from_b,
+        reqid,
+        NULL_CIPHER,
+        Some((4500, port, any)),
+    );
+}
+
+/// Two hosts with different private addresses behind one masquerading NAT, each with its own
+/// SAs to B (`SharedNat`, TCP ports 5000-5002 and 5500-5502). B sees both as R's address; their NAT residuals differ, and each SA
+/// must be verified against its own. Then A leaves (its SAs deleted on both ends) and comes back
+/// with another private address, on the same NAT mapping (R:4500), while A2 keeps streaming:
+/// the new SA must learn its own residual, never inherit the departed one's (`rejoin`).
+pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
+    let SharedNat {
+        t,
+        a2,
+        cg,
+        d,
+        encap2: _encap2,
+    } = SharedNat::new(s, 3);
+    let x = t.addrs;
+    let nat = x.r_b;
     let peer = format!("{nat}/32");
     let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}");
-    wait_until(
-        &t.b,
-        &d,
-        "the NAT's address is discovered as one peer",
-        |b| metric(&scrape(b), "natt_monitor_peers{source=\"xfrm\"}") == 1,
-    );
-    for (from, port) in [(&t.a, 5000), (&a2, 5100)] {
+    for (from, port) in [(&t.a, 5000), (&a2, 5500)] {
         let (got, bad) = stream_from(&t, from, &cg.path, WARMUP, port);
         assert_eq!((got, bad), (WARMUP, 0), "warm-up stream to port {port}");
     }
@@ -137,38 +183,21 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
         ],
     );
     let (r1, d1) = stream_from(&t, &t.a, &cg.path, STREAM, 5001);
-    let (r2, d2) = stream_from(&t, &a2, &cg.path, STREAM, 5101);
+    let (r2, d2) = stream_from(&t, &a2, &cg.path, STREAM, 5501);
     let rejoin = rejoin(&t, &a2, &cg.path);
     std::thread::sleep(Duration::from_millis(500));
     let text = scrape(&t.b);
     let log = fs::read_to_string(&d.log).unwrap_or_default();
-    let mut residuals: Vec<&str> = learned_into_b(&log)
-        .into_iter()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("residual="))
-        })
-        .collect();
-    residuals.sort_unstable();
     Measured {
         injected: t.injected(),
-        detected: metric(&text, &series("checksum_mismatches_total")),
-        learning_mismatches: metric(&text, &series("learning_mismatches_total")),
-        dropped: metric(&text, &series("dropped_packets_total")),
-        verified: metric(&text, &series("verified_packets_total")),
-        learning: metric(&text, &series("learning_packets_total")),
-        withdrawn: metric(&text, "natt_monitor_residuals_withdrawn_total"),
-        confirmed: metric(&text, "natt_monitor_residuals_confirmed_total"),
-        evicted: metric(&text, "natt_monitor_residuals_evicted_total"),
         received: r1 + r2 + rejoin.received,
         differing: d1 + d2 + rejoin.differing,
         rejoin: Some(rejoin.summary(&text, &series)),
         kernel_csum_errors: metric(&text, kernel) - metric(&before, kernel),
-        xfrm_peers: metric(&text, "natt_monitor_peers{source=\"xfrm\"}"),
-        residual: residuals.join(","),
+        residual: learned_residuals(&log).join(","),
         aggregated: metric(&text, aggregated) - metric(&before, aggregated),
         captured: captured(s.name),
-        ..Measured::default()
+        ..Measured::from_scrape(&text, series)
     }
 }
 
@@ -271,46 +300,10 @@ fn rejoin(t: &Topology, a2: &Netns, cg: &std::path::Path) -> Rejoin {
     ]);
     // The old mapping expires 2 s after its last packet.
     std::thread::sleep(Duration::from_secs(4));
-    xfrm_state(
-        &t.a,
-        A_RETURNED,
-        x.b,
-        "0x1003",
-        "0",
-        NULL_CIPHER,
-        Some((4500, 4500, x.any)),
-    );
-    xfrm_state(
-        &t.a,
-        x.b,
-        A_RETURNED,
-        "0x2003",
-        "0",
-        NULL_CIPHER,
-        Some((4500, 4500, x.any)),
-    );
-    tcp_policy(&t.a, A_RETURNED, x.b, "out", None, "0");
-    tcp_policy(&t.a, x.b, A_RETURNED, "in", None, "0");
-    xfrm_state(
-        &t.b,
-        nat,
-        x.b,
-        "0x1003",
-        "1",
-        NULL_CIPHER,
-        Some((4500, 4500, x.any)),
-    );
-    xfrm_state(
-        &t.b,
-        x.b,
-        nat,
-        "0x2003",
-        "1",
-        NULL_CIPHER,
-        Some((4500, 4500, x.any)),
-    );
+    host_sas(&t.a, A_RETURNED, x.b, "0x1003", "0x2003", 4500);
+    b_sas(t, "0x1003", "0x2003", 4500, "1");
     let (ra, da, rb, db) = std::thread::scope(|scope| {
-        let other = scope.spawn(|| stream_from(t, a2, cg, STREAM, 5102));
+        let other = scope.spawn(|| stream_from(t, a2, cg, STREAM, 5502));
         std::thread::sleep(Duration::from_millis(200));
         let (ra, da) = stream_from(t, &t.a, cg, STREAM, 5002);
         let (rb, db) = other.join().expect("A2's stream");

@@ -5,7 +5,10 @@ use std::{fmt::Write as _, fs, net::UdpSocket, os::fd::AsRawFd as _, process::Co
 use natt_monitor_tests::net::{Netns, sh};
 
 use crate::{
-    plan::{Addrs, CORRUPT_BIT, CORRUPT_EVERY, PLAINTEXT_PORT, RANDOM_FLIP_BYTES, REKEYED_SPI},
+    plan::{
+        Addrs, CORRUPT_BIT, CORRUPT_EVERY, FLOOD_KBYTES, PLAINTEXT_PORT, RANDOM_FLIP_BYTES,
+        REKEYED_SPI,
+    },
     processes::Daemon,
     scenarios::{Corruption, Scenario, Setup},
     strongswan::{start_charon, swanctl, swanctl_conf},
@@ -325,15 +328,23 @@ impl Topology {
 
     pub(crate) fn corrupt(&self, s: &Scenario) {
         let x = self.addrs;
+        self.corrupt_with(s, s.corruption, &format!("{} {}", x.saddr, x.a));
+    }
+
+    /// Adds the corruption rules of `corruption` on R, for the ESP packets that `from` (nft
+    /// match expressions) selects. Their counters are what `injected` reads; `uncorrupt`
+    /// removes them.
+    pub(crate) fn corrupt_with(&self, s: &Scenario, corruption: Corruption, from: &str) {
+        let x = self.addrs;
         let what = if s.encap { "udp dport 4500" } else { x.esp };
-        let (family, saddr, a) = (x.nft_family, x.saddr, x.a);
+        let family = x.nft_family;
         // IPv6: zero the outer UDP checksum too (see `encap_socket`).
         let zero_udp_csum = if s.v6 && s.encap {
             " @th,48,16 set 0"
         } else {
             ""
         };
-        if let Corruption::RandomBitFlip { every } = s.corruption {
+        if let Corruption::RandomBitFlip { every } = corruption {
             // One draw per packet picks at most one of eight chains, each flipping the lowest
             // bit of its own payload byte: a packet is never corrupted twice, so the chains'
             // counters add up to the packets corrupted.
@@ -351,23 +362,31 @@ impl Topology {
             }
             let _ = write!(
                 script,
-                "add rule {family} natt corrupt {saddr} {a} {what} meta length > 1000 numgen random mod {} vmap {{ {} }}",
+                "add rule {family} natt corrupt {from} {what} meta length > 1000 numgen random mod {} vmap {{ {} }}",
                 every * 8,
                 map.join(", ")
             );
             ns_sh(&self.r, &["nft", &script]);
             return;
         }
-        let (every, set) = match s.corruption {
+        let (every, set) = match corruption {
             Corruption::Word | Corruption::WordFromStart => (
                 CORRUPT_EVERY,
                 format!("@th,{CORRUPT_BIT},32 set 0xdeadbeef"),
             ),
+            Corruption::Flood => (8, format!("@th,{CORRUPT_BIT},8 set 0xa5")),
             Corruption::ConstantDelta { every } => (every, format!("@th,{CORRUPT_BIT},8 set 0xa5")),
             // The byte's lowest bit (nft numbers bits from the most significant): 0x5a → 0x5b.
             Corruption::BitFlip { every } => (every, format!("@th,{},1 set 1", CORRUPT_BIT + 7)),
             Corruption::ZeroRun { every } => (every, format!("@th,{CORRUPT_BIT},64 set 0")),
             Corruption::RandomBitFlip { .. } => unreachable!("handled above"),
+            Corruption::Drawn => unreachable!("the soak draws a shape for each rule"),
+        };
+        // Which packets: one in `every`, or for the flood all but one in 8 until its quota.
+        let pick = if corruption == Corruption::Flood {
+            format!("numgen inc mod {every} != 0 quota until {FLOOD_KBYTES} kbytes")
+        } else {
+            format!("numgen inc mod {every} == 0")
         };
         ns_sh(
             &self.r,
@@ -375,9 +394,20 @@ impl Topology {
                 "nft",
                 &format!(
                     "add table {family} natt; add chain {family} natt corrupt {{ type filter hook forward priority 0; }}; \
-                     add rule {family} natt corrupt {saddr} {a} {what} meta length > 1000 numgen inc mod {every} == 0 \
+                     add rule {family} natt corrupt {from} {what} meta length > 1000 {pick} \
                      counter {set}{zero_udp_csum}"
                 ),
+            ],
+        );
+    }
+
+    /// Removes the corruption rules (and their counters: read `injected` first).
+    pub(crate) fn uncorrupt(&self) {
+        ns_sh(
+            &self.r,
+            &[
+                "nft",
+                &format!("delete table {} natt", self.addrs.nft_family),
             ],
         );
     }

@@ -4,10 +4,11 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 28] = [
+pub const NAMES: [&str; 32] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
+    "b-enforce-cbc-aes",
     "c-enforce",
     "d-nat-learned",
     "e-plain-esp",
@@ -18,6 +19,9 @@ pub const NAMES: [&str; 28] = [
     "k-ten-thousand-sas",
     "l-constant-delta-enforce",
     "l-constant-delta-observe",
+    "l-constant-delta-7-observe",
+    "l-constant-delta-100-enforce",
+    "l-constant-delta-100-observe",
     "m-first-segment-nat",
     "m-first-segment-observe",
     "m-first-segment",

@@ -184,7 +184,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 28] = [
+pub(crate) const SCENARIOS: [Scenario; 32] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -212,6 +212,17 @@ pub(crate) const SCENARIOS: [Scenario; 28] = [
         name: "b-observe-cbc-aes",
         cipher: Cipher::CbcAes,
         mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        corruption: Corruption::Word,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "b-enforce-cbc-aes",
+        cipher: Cipher::CbcAes,
+        mode: Mode::Enforce,
         encap: true,
         nat: false,
         corrupt: true,
@@ -326,6 +337,39 @@ pub(crate) const SCENARIOS: [Scenario; 28] = [
         nat: true,
         corrupt: true,
         corruption: Corruption::ConstantDelta { every: 2 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "l-constant-delta-7-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ConstantDelta { every: 7 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "l-constant-delta-100-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ConstantDelta { every: 100 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "l-constant-delta-100-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ConstantDelta { every: 100 },
         v6: false,
     },
     Scenario {

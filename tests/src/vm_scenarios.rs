@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 32] = [
+pub const NAMES: [&str; 33] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -19,6 +19,7 @@ pub const NAMES: [&str; 32] = [
     "k-ten-thousand-sas",
     "l-constant-delta-enforce",
     "l-constant-delta-observe",
+    "l-constant-delta-2-enforce",
     "l-constant-delta-7-observe",
     "l-constant-delta-100-enforce",
     "l-constant-delta-100-observe",

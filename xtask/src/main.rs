@@ -9,6 +9,8 @@
 //!   target/dist (the image too, where a container engine answers).
 //! - `cargo xtask bench`: release builds, then the benchmark suite (root); writes
 //!   docs/benchmarks-results.md (the prose is docs/benchmarks.md).
+//! - `cargo xtask vm-bench`: the live per-segment cost on the real ESP path under QEMU, this
+//!   build beside the baseline build; writes docs/benchmarks-vm-results.md.
 //!
 //! Install prerequisites first with `scripts/setup.sh --test` (or `--bench`); it is idempotent.
 
@@ -23,6 +25,7 @@ use clap::{Parser, Subcommand};
 mod dist;
 mod previous;
 mod vm;
+mod vm_bench;
 
 /// The eBPF toolchain, pinned in `monitor-ebpf/rust-toolchain.toml` (and only there).
 fn ebpf_toolchain() -> Result<String> {
@@ -71,6 +74,21 @@ enum Task {
         out: Option<String>,
         /// Run only these scenarios (e.g. a-clean d-nat-learned); default: all.
         only: Vec<String>,
+    },
+    /// The verifier's live cost on the real ESP-in-UDP path (root; needs `scripts/setup.sh
+    /// --test`): boots the kernel matrix under QEMU and, in the default install shape (SA scope,
+    /// discovery, NAT, enforce), streams with no daemon, the baseline build (the last revision
+    /// before per-SA residuals, built from git history) and this build, alternately, reading the
+    /// kernel's BPF run-time statistics. Writes docs/benchmarks-vm-results.md. About 3 minutes a
+    /// kernel.
+    VmBench {
+        /// Where to write the report.
+        #[arg(long, default_value = "docs/benchmarks-vm-results.md")]
+        out: String,
+        /// Only this kernel of the matrix (a prefix of its release, e.g. 6.1 or 7.3); repeat
+        /// for more. Default: all four.
+        #[arg(long = "kernel", value_name = "RELEASE")]
+        kernels: Vec<String>,
     },
     /// Benchmarks (root; needs `scripts/setup.sh --bench`): BPF test runs against the kernel's
     /// checksum, iperf3 throughput, tshark, a corruption storm, the daemon's footprint. Writes
@@ -286,6 +304,7 @@ fn main() -> Result<()> {
         Task::Lint => lint(),
         Task::Dist => dist::dist().map(drop),
         Task::VmTest { out, only } => vm::vm_test(out.as_deref(), &only).map(|_| ()),
+        Task::VmBench { out, kernels } => vm_bench::vm_bench(&out, &kernels),
         Task::Bench {
             quick,
             out,

@@ -127,10 +127,13 @@ const STRONGSWAN: &[&str] = &[
 /// The scenario names, shared with `natt-vm` (which prints one RESULT line for each).
 #[path = "../../tests/src/vm_scenarios.rs"]
 mod scenarios;
-/// Longest a guest may run.
+/// The suite's QEMU accelerator: TCG on every host thread it can use (KVM here is the PVM kind,
+/// which hangs stock kernels).
+const SUITE_ACCEL: [&str; 2] = ["-accel", "tcg,thread=multi"];
+/// Longest a guest of the suite may run.
 const GUEST_TIMEOUT: Duration = Duration::from_mins(20);
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
@@ -146,7 +149,7 @@ fn run_quiet(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn need_tools() -> Result<()> {
+pub(crate) fn need_tools() -> Result<()> {
     for (tool, pkg) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
@@ -189,7 +192,10 @@ fn apt(dir: &Path, tool: &str) -> Command {
 }
 
 /// Downloads (once) and unpacks the pinned packages of each kernel in `kernels`.
-fn fetch_kernels(cache: &Path, kernels: &[&'static KernelSource]) -> Result<Vec<Kernel>> {
+pub(crate) fn fetch_kernels(
+    cache: &Path,
+    kernels: &[&'static KernelSource],
+) -> Result<Vec<Kernel>> {
     let apt_dir = cache.join("apt");
     for d in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
         fs::create_dir_all(apt_dir.join(d))?;
@@ -286,7 +292,7 @@ fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
 }
 
 /// Downloads strongSwan's packages (cached) and returns the .deb files.
-fn fetch_strongswan(cache: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn fetch_strongswan(cache: &Path) -> Result<Vec<PathBuf>> {
     let dir = cache.join("debs/strongswan");
     fs::create_dir_all(&dir)?;
     let have = |pkg: &str| find_deb(&dir, pkg);
@@ -463,7 +469,7 @@ echo o > /proc/sysrq-trigger
 sleep 5
 "#;
 
-fn build_initramfs(
+pub(crate) fn build_initramfs(
     cache: &Path,
     kernel: &Kernel,
     bins: &[(&Path, &str)],
@@ -520,44 +526,48 @@ fn build_initramfs(
 }
 
 /// One parsed `NATT-VM RESULT` line.
-type Row = BTreeMap<String, String>;
+pub(crate) type Row = BTreeMap<String, String>;
 
 /// What one guest reported.
 #[derive(Default)]
-struct Guest {
+pub(crate) struct Guest {
     rows: Vec<Row>,
-    fails: Vec<String>,
+    pub(crate) fails: Vec<String>,
     /// `NATT-VM REFUSED`: natt-monitor check refused the kernel, with its FAIL line.
     refused: Option<String>,
     /// The verifier's cost from `natt-monitor check`'s load line, if it loaded.
     verifier_cost: Option<String>,
     /// The program variant that line names.
     variant: Option<String>,
+    /// `NATT-VM BENCH` lines (`natt-vm --bench`).
+    pub(crate) bench: Vec<Row>,
+}
+
+/// The `key=value` fields of a `NATT-VM` line.
+fn fields(line: &str) -> Row {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 /// Boots the kernel, streams the console, returns what the guest reported.
-fn boot(
+pub(crate) fn boot(
     cache: &Path,
     kernel: &Kernel,
     initrd: &Path,
     only: &[String],
     soak_seed: u64,
+    timeout: Duration,
+    accel: &[&str],
 ) -> Result<Guest> {
     let release = kernel.source.release;
     let version = kernel.source.version;
     let log_path = cache.join(format!("console-{release}.log"));
     let mut log = fs::File::create(&log_path)?;
     let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-M",
-            "q35",
-            "-smp",
-            "1",
-        ])
+        .args(accel)
+        .args(["-cpu", "max", "-M", "q35", "-smp", "1"])
         .args(["-m", "1024", "-nographic", "-no-reboot", "-nodefaults"])
         .args(["-serial", "stdio", "-display", "none", "-net", "none"])
         .arg("-kernel")
@@ -577,7 +587,7 @@ fn boot(
     let pid = child.id();
     let watchdog = std::thread::spawn(move || {
         let start = Instant::now();
-        while start.elapsed() < GUEST_TIMEOUT {
+        while start.elapsed() < timeout {
             std::thread::sleep(Duration::from_secs(1));
             // SAFETY: kill(pid, 0) only probes.
             if unsafe { libc::kill(pid.cast_signed(), 0) } != 0 {
@@ -599,13 +609,11 @@ fn boot(
             eprintln!("xtask: vm-test [{release} {version}] {line}");
         }
         if let Some(rest) = line.strip_prefix("NATT-VM RESULT ") {
-            let mut row: Row = rest
-                .split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect();
+            let mut row = fields(rest);
             row.insert("version".into(), version.into());
             guest.rows.push(row);
+        } else if let Some(rest) = line.strip_prefix("NATT-VM BENCH ") {
+            guest.bench.push(fields(rest));
         } else if line.starts_with("NATT-VM FAIL ") {
             guest.fails.push(format!("{line} version={version}"));
         } else if let Some(rest) = line.strip_prefix("NATT-VM REFUSED ") {
@@ -630,7 +638,7 @@ fn boot(
     let timed_out = watchdog.join().unwrap_or(false);
     ensure!(
         !timed_out,
-        "{release}: the guest ran longer than {GUEST_TIMEOUT:?}; console in {}",
+        "{release}: the guest ran longer than {timeout:?}; console in {}",
         log_path.display()
     );
     ensure!(
@@ -763,30 +771,9 @@ fn soak_seed() -> Result<u64> {
 pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     scenarios::check_selection(only).map_err(|e| anyhow::anyhow!("vm-test: {e}"))?;
     need_tools()?;
-    // The guest runs release builds: faster under TCG, and what users run.
-    crate::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "natt-monitor",
-        "--bin",
-        "natt-monitor",
-        "-p",
-        "natt-monitor-tests",
-        "--bin",
-        "natt-vm",
-        "--bin",
-        "natt-peer",
-    ])?;
     let root = root();
     let cache = root.join("target/vm");
-    fs::create_dir_all(&cache)?;
-    let release_dir = root.join("target/release");
-    let bins = [
-        (release_dir.join("natt-monitor"), "/natt/natt-monitor"),
-        (release_dir.join("natt-vm"), "/natt/natt-vm"),
-        (release_dir.join("natt-peer"), "/natt/natt-peer"),
-    ];
+    let bins = guest_binaries(&root, &cache)?;
     let bins: Vec<(&Path, &str)> = bins.iter().map(|(p, d)| (p.as_path(), *d)).collect();
     let mut rows = Vec::new();
     let mut fails = Vec::new();
@@ -798,7 +785,7 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     for k in &kernels {
         let initrd = build_initramfs(&cache, k, &bins, &strongswan)?;
         let started = Instant::now();
-        let guest = boot(&cache, k, &initrd, only, seed)?;
+        let guest = boot(&cache, k, &initrd, only, seed, GUEST_TIMEOUT, &SUITE_ACCEL)?;
         let secs = started.elapsed().as_secs_f64();
         judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary)?;
     }
@@ -816,4 +803,30 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     ensure!(fails.is_empty(), "vm-test failures:\n{}", fails.join("\n"));
     std::io::stdout().flush()?;
     Ok(rows.len())
+}
+
+/// Builds the guest's binaries; returns each with its path in the guest.
+pub(crate) fn guest_binaries(root: &Path, cache: &Path) -> Result<Vec<(PathBuf, &'static str)>> {
+    // The guest runs release builds: faster under TCG, and what users run.
+    crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "natt-monitor",
+        "--bin",
+        "natt-monitor",
+        "-p",
+        "natt-monitor-tests",
+        "--bin",
+        "natt-vm",
+        "--bin",
+        "natt-peer",
+    ])?;
+    fs::create_dir_all(cache)?;
+    let release_dir = root.join("target/release");
+    Ok(vec![
+        (release_dir.join("natt-monitor"), "/natt/natt-monitor"),
+        (release_dir.join("natt-vm"), "/natt/natt-vm"),
+        (release_dir.join("natt-peer"), "/natt/natt-peer"),
+    ])
 }

@@ -20,6 +20,7 @@
 
 use std::io::Write as _;
 
+mod bench;
 mod plan;
 mod processes;
 mod restart;
@@ -66,12 +67,30 @@ fn main() {
         println!("NATT-VM END kernel={kernel} passed=0 failed=0");
         return;
     }
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    if only.first().is_some_and(|a| a == "--bench") {
+        let (passed, failed) = match std::panic::catch_unwind(|| bench::run(&kernel)) {
+            Ok(Ok(())) => (1, 0),
+            Ok(Err(e)) => {
+                println!("NATT-VM FAIL kernel={kernel} scenario=bench reason={e}");
+                (0, 1)
+            }
+            Err(e) => {
+                println!(
+                    "NATT-VM FAIL kernel={kernel} scenario=bench reason={}",
+                    panic_text(e.as_ref()).replace('\n', " | ")
+                );
+                (0, 1)
+            }
+        };
+        println!("NATT-VM END kernel={kernel} passed={passed} failed={failed}");
+        return;
+    }
     assert_eq!(
         SCENARIOS.map(|s| s.name),
         natt_monitor_tests::vm_scenarios::NAMES,
         "natt-vm's scenarios differ from tests/src/vm_scenarios.rs"
     );
-    let only: Vec<String> = std::env::args().skip(1).collect();
     let (mut passed, mut failed) = (0, 0);
     for s in SCENARIOS
         .iter()
@@ -80,12 +99,7 @@ fn main() {
         let started = Instant::now();
         let r = std::panic::catch_unwind(|| run(s));
         let secs = started.elapsed().as_secs_f64();
-        match r.map_err(|e| {
-            e.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_else(|| "panic".into())
-        }) {
+        match r.map_err(|e| panic_text(e.as_ref())) {
             Ok(m) => {
                 let verdict = check(s, &m);
                 println!("{}", result_line(&kernel, s, &m, secs, verdict.is_ok()));
@@ -112,6 +126,14 @@ fn main() {
         let _ = std::io::stdout().flush();
     }
     println!("NATT-VM END kernel={kernel} passed={passed} failed={failed}");
+}
+
+/// What a caught panic said.
+fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panic".into())
 }
 
 /// The scenario's `NATT-VM RESULT` line.

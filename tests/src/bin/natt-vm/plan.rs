@@ -71,6 +71,8 @@ pub(crate) const CORRUPT_EVERY: u32 = 40;
 /// keeps it through the warm-up), and the first few of the main stream.
 pub(crate) const FLOOD_KBYTES: u32 = 80;
 pub(crate) const STREAM: u64 = 3 << 20;
+/// The stream of a scenario that drops every other packet in enforce mode.
+pub(crate) const HALF_LOSS_STREAM: u64 = 96 << 10;
 /// The restart scenario's stream: it must outlast a SIGKILL, a gap and a second start-up (under
 /// TCG the second daemon's program load alone takes seconds on 5.10; 32 MiB once ended first).
 pub(crate) const RESTART_STREAM: u64 = 96 << 20;

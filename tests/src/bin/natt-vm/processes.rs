@@ -2,7 +2,7 @@
 
 use std::{
     fs::{self, File},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -41,10 +41,16 @@ pub(crate) fn start_monitor_with(b: &Netns, mode: Mode, name: &str, extra: &[&st
 /// natt-monitor as `start_monitor`, with no `--mode` (the configuration file's, or the
 /// default) and `extra` arguments to `run`.
 pub(crate) fn start_monitor_args(b: &Netns, name: &str, extra: &[&str]) -> Daemon {
+    start_binary(b, &bin("natt-monitor"), name, extra)
+}
+
+/// As `start_monitor_args`, with the natt-monitor binary at `binary` (the bench's baseline
+/// build, or this one).
+pub(crate) fn start_binary(b: &Netns, binary: &Path, name: &str, extra: &[&str]) -> Daemon {
     let log = PathBuf::from(format!("/tmp/monitor-{name}.log"));
     let child = Command::new("ip")
         .args(["netns", "exec", &b.name])
-        .arg(bin("natt-monitor"))
+        .arg(binary)
         .arg("run")
         .args(["--listen", "127.0.0.1:9874"])
         .arg("--capture")

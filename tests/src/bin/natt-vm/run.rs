@@ -319,7 +319,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         ));
         (received, differing + warmup_differing, None)
     } else {
-        let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
+        let (received, differing) = stream(&t, &cg.path, s.stream_bytes(), 5001);
         (received, differing + warmup_differing, None)
     };
     // Give the drain loop a moment, then read everything once.

@@ -2,7 +2,7 @@
 
 use natt_monitor::peers::Mode;
 
-use crate::plan::{Addrs, NULL_CIPHER, RESTART_STREAM, STREAM, V4, V6};
+use crate::plan::{Addrs, HALF_LOSS_STREAM, NULL_CIPHER, RESTART_STREAM, STREAM, V4, V6};
 
 /// What the corruption rule on R does to the ESP packets it picks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,12 +179,19 @@ impl Scenario {
         match self.setup {
             // Long enough to be flowing still when the second daemon has adopted the verifier.
             Setup::Restart => RESTART_STREAM,
+            // Every other packet dropped: TCP moves a segment per round trip or two, and each
+            // lost retransmission waits for its timer.
+            _ if matches!(self.corruption, Corruption::ConstantDelta { every: 2 })
+                && matches!(self.mode, Mode::Enforce) =>
+            {
+                HALF_LOSS_STREAM
+            }
             _ => STREAM,
         }
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 32] = [
+pub(crate) const SCENARIOS: [Scenario; 33] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -333,6 +340,17 @@ pub(crate) const SCENARIOS: [Scenario; 32] = [
         name: "l-constant-delta-observe",
         cipher: Cipher::Null,
         mode: Mode::Observe,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ConstantDelta { every: 2 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
+        name: "l-constant-delta-2-enforce",
+        cipher: Cipher::Null,
+        mode: Mode::Enforce,
         encap: true,
         nat: true,
         corrupt: true,

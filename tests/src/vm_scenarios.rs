@@ -4,7 +4,7 @@
 //! dependencies. docs/vm-tests.md says what each one proves.
 
 /// Every scenario.
-pub const NAMES: [&str; 33] = [
+pub const NAMES: [&str; 35] = [
     "a-clean",
     "b-observe-null",
     "b-observe-cbc-aes",
@@ -25,12 +25,14 @@ pub const NAMES: [&str; 33] = [
     "l-constant-delta-100-observe",
     "m-first-segment-nat",
     "m-first-segment-observe",
+    "m-first-segment-plain-observe",
     "m-first-segment",
     "n-bit-flip-enforce",
     "n-bit-flip-observe",
     "n-random-bit-flip-observe",
     "n-zeroed-run-observe",
     "o-rekey-enforce",
+    "o-rekey-observe",
     "p-sighup-enforce",
     "q-undiscovered-netns",
     "r-lru-evicted-enforce",

@@ -191,7 +191,7 @@ impl Scenario {
     }
 }
 
-pub(crate) const SCENARIOS: [Scenario; 33] = [
+pub(crate) const SCENARIOS: [Scenario; 35] = [
     Scenario {
         setup: Setup::Manual,
         name: "a-clean",
@@ -414,6 +414,17 @@ pub(crate) const SCENARIOS: [Scenario; 33] = [
     },
     Scenario {
         setup: Setup::Manual,
+        name: "m-first-segment-plain-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
+        encap: true,
+        nat: false,
+        corrupt: true,
+        corruption: Corruption::WordFromStart,
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::Manual,
         name: "m-first-segment",
         cipher: Cipher::Null,
         mode: Mode::Enforce,
@@ -472,6 +483,17 @@ pub(crate) const SCENARIOS: [Scenario; 33] = [
         name: "o-rekey-enforce",
         cipher: Cipher::Null,
         mode: Mode::Enforce,
+        encap: true,
+        nat: true,
+        corrupt: true,
+        corruption: Corruption::ZeroRun { every: 7 },
+        v6: false,
+    },
+    Scenario {
+        setup: Setup::ManualRekey,
+        name: "o-rekey-observe",
+        cipher: Cipher::Null,
+        mode: Mode::Observe,
         encap: true,
         nat: true,
         corrupt: true,

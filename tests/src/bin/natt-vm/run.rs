@@ -317,9 +317,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         // judged with the rest); in enforce mode not one byte of it may.
         manual_rekey = Some((
             metric(&scrape(t.mon()), &learning) - l0,
-            again == STREAM
-                && (s.mode == Mode::Observe || bad == 0)
-                && t.carried(REKEYED_SPI),
+            again == STREAM && (s.mode == Mode::Observe || bad == 0) && t.carried(REKEYED_SPI),
         ));
         (received, differing + warmup_differing + bad, None)
     } else {

@@ -258,7 +258,9 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
         // from an SA's first segment in observe mode is met while learning.
         let (ok, want) = match (s.mode, s.corruption) {
             (Mode::Enforce, _) => (m.learning_mismatches == 0, "0"),
-            (Mode::Observe, Corruption::WordFromStart) => (m.learning_mismatches >= 1, "at least 1"),
+            (Mode::Observe, Corruption::WordFromStart) => {
+                (m.learning_mismatches >= 1, "at least 1")
+            }
             _ => (true, ""),
         };
         expect(

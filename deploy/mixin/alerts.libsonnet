@@ -34,6 +34,34 @@
           'Corrupted {{ $labels.proto }} segments from IPsec peer {{ $labels.peer }} reached applications on {{ $labels.instance }}',
           '{{ printf "%.0f" $value }} {{ $labels.proto }} segments from {{ $labels.peer }} arrived on {{ $labels.instance }} in the last 10 minutes with a wrong checksum after IPsec decapsulation, and were delivered: the kernel does not check these, and the peer is in observe mode.',
         ),
+        // Counts that grew while nothing was scraped (the daemon down longer than the window
+        // above, the pinned verifier counting on) never fall inside one increase() window: the
+        // count now is compared with the last one reported before the window.
+        alert(
+          'NattMonitorCorruptionDuringGap',
+          'critical',
+          |||
+            (
+              sum by (%(g)s) (natt_monitor_checksum_mismatches_total{%(s)s})
+              - sum by (%(g)s) (natt_monitor_dropped_packets_total{%(s)s})
+            )
+            - on (%(g)s)
+            (
+              sum by (%(g)s) (last_over_time(natt_monitor_checksum_mismatches_total{%(s)s}[%(lb)s] offset 10m))
+              - sum by (%(g)s) (last_over_time(natt_monitor_dropped_packets_total{%(s)s}[%(lb)s] offset 10m))
+            )
+            > 0
+            unless on (%(g)s)
+            (
+              sum by (%(g)s) (increase(natt_monitor_checksum_mismatches_total{%(s)s}[10m]))
+              - sum by (%(g)s) (increase(natt_monitor_dropped_packets_total{%(s)s}[10m]))
+              > 0
+            )
+          ||| % { g: by(['peer', 'proto']), s: sel, lb: c.gapLookback },
+          c.mismatchFor,
+          'Corrupted {{ $labels.proto }} segments from IPsec peer {{ $labels.peer }} reached applications on {{ $labels.instance }} while natt-monitor was not reporting',
+          '{{ printf "%.0f" $value }} {{ $labels.proto }} segments from {{ $labels.peer }} were delivered on {{ $labels.instance }} with a wrong checksum after IPsec decapsulation while natt-monitor was not scraped: the pinned verifier counted them, and the first scrape after the gap reported them. The journal of the daemon that was down has no line for them; the capture file, if any, does.',
+        ),
         alert(
           'NattMonitorCorruptionWhileLearning',
           'critical',
@@ -143,10 +171,10 @@
         alert(
           'NattMonitorPeerLimitReached',
           'warning',
-          'sum by (%(g)s) (natt_monitor_peers{%(s)s}) >= on (%(g)s) max by (%(g)s) (natt_monitor_peers_limit{%(s)s})' % { g: groupLabels, s: sel },
+          'max by (%(g)s) (natt_monitor_peers_over_limit{%(s)s}) > 0' % { g: groupLabels, s: sel },
           c.peerLimitFor,
-          'natt-monitor on {{ $labels.instance }} holds as many peers as it can',
-          "natt-monitor verifies {{ printf \"%.0f\" $value }} peers, its limit. A further peer set is refused: new SAs' peers are not verified (counted in natt_monitor_discovery_errors_total) until some go.",
+          'natt-monitor on {{ $labels.instance }} has more peers than --max-peers',
+          "{{ printf \"%.0f\" $value }} peers discovered from the kernel's NAT-T SAs do not fit in natt-monitor's maps (--max-peers). Under SA scope their SAs are still verified under peer=\"undiscovered\" as long as the catch-alls fit; under address scope they are not verified at all. Raise --max-peers (within the memory limit, see the runbook).",
         ),
       ],
     }],

@@ -23,6 +23,8 @@
     peerLimitFor: '5m',
     residualWithdrawnFor: '0m',
     residualsEvictedFor: '0m',
+    // How far back the gap alert looks for the last count reported before a gap in scraping.
+    gapLookback: '1d',
     // Segments a peer may send unverified in 15 minutes while its residual is being learned.
     learningSegments: 200,
 

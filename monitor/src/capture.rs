@@ -8,6 +8,13 @@
 //! `file_full`). Every packet the verifier found corrupt is therefore either in the file or in
 //! one of those counts. The link type is raw IP (`LINKTYPE_RAW`): the packets start at their IP
 //! header, as the verifier saw them after decapsulation.
+//!
+//! The file holds decrypted payloads: it is created mode 0600 and never through a symbolic
+//! link. A start never truncates evidence: a non-empty file from an earlier run is rotated to
+//! `FILE.1` (and that to `FILE.2`, up to `KEEP_ROTATED`), so a restart in the middle of an
+//! incident keeps what the previous process captured, and the disk used stays within
+//! `(1 + KEEP_ROTATED) × --capture-max-bytes`. A full file is not rotated while running: the
+//! first packets of an incident are the evidence worth keeping.
 
 use std::{
     fs::File,
@@ -36,6 +43,8 @@ pub const CAPTURE_BURST: u32 = 100;
 pub const CAPTURE_PER_SECOND: u32 = 20;
 /// Default size limit of the capture file.
 pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+/// Files of earlier runs kept beside the current one (`FILE.1` is the latest).
+pub const KEEP_ROTATED: u32 = 3;
 
 /// Why a capture could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -70,13 +79,54 @@ impl std::fmt::Debug for Capture {
     }
 }
 
+/// Moves an earlier run's file out of the way (`FILE` to `FILE.1`, `FILE.1` to `FILE.2`, ...,
+/// dropping the oldest) and creates `path` anew: exclusively, so nothing can be swapped in
+/// between, without following a symbolic link, readable by its owner only.
+fn open_fresh(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(io::Error::other(
+                "is a symbolic link; natt-monitor does not write decrypted packets through one",
+            ));
+        }
+        Ok(m) if !m.is_file() => {
+            return Err(io::Error::other("exists and is not a regular file"));
+        }
+        Ok(m) if m.len() == 0 => std::fs::remove_file(path)?,
+        Ok(_) => {
+            let rotated = |n: u32| {
+                let mut name = path.as_os_str().to_owned();
+                name.push(format!(".{n}"));
+                PathBuf::from(name)
+            };
+            for n in (1..KEEP_ROTATED).rev() {
+                match std::fs::rename(rotated(n), rotated(n + 1)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            std::fs::rename(path, rotated(1))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Bytes an enhanced packet block of `caplen` bytes takes (header, padded data, trailer).
 const fn block_bytes(caplen: usize) -> u64 {
     (32 + caplen.div_ceil(4) * 4) as u64
 }
 
 impl Capture {
-    /// Creates (or truncates) `path` and writes the section and interface headers.
+    /// Creates `path` (mode 0600, refusing a symbolic link) after rotating a non-empty file of
+    /// an earlier run out of the way, and writes the section and interface headers.
     /// `results` is `natt_monitor_capture_packets_total`, by `result`.
     ///
     /// # Errors
@@ -90,7 +140,7 @@ impl Capture {
             path: path.to_owned(),
             source,
         };
-        let file = File::create(path).map_err(fail)?;
+        let file = open_fresh(path).map_err(fail)?;
         let mut writer = PcapNgWriter::new(BufWriter::new(file)).map_err(|e| fail(pcap_io(e)))?;
         let idb = InterfaceDescriptionBlock {
             linktype: DataLink::RAW,
@@ -296,6 +346,52 @@ mod tests {
         assert_eq!(written + limited, n);
         assert!(written >= u64::from(CAPTURE_BURST), "{written}");
         assert_eq!(packets(&path).len() as u64, written);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_restart_rotates_the_earlier_file_and_never_follows_a_link() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("natt-capture-rot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.pcapng");
+        let rotated = |n: u32| dir.join(format!("bad.pcapng.{n}"));
+        // Five runs, each capturing n + 1 packets: the file holds the last, .1 to .3 the three
+        // before it, the first run's file is gone.
+        for run in 0..5_u32 {
+            let mut c = Capture::create(&path, 1 << 20, results()).unwrap();
+            for _ in 0..=run {
+                c.record(&record(60, 1)).unwrap();
+            }
+            c.flush().unwrap();
+        }
+        assert_eq!(packets(&path).len(), 5);
+        for n in 1..=KEEP_ROTATED {
+            assert_eq!(
+                packets(&rotated(n)).len(),
+                5 - n as usize,
+                "{}",
+                rotated(n).display()
+            );
+        }
+        assert!(!rotated(KEEP_ROTATED + 1).exists());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A symbolic link at the path is refused, and what it points at is left alone.
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.join("link.pcapng");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = Capture::create(&link, 1 << 20, results()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--capture {}: is a symbolic link; natt-monitor does not write decrypted packets through one",
+                link.display()
+            )
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -27,6 +27,10 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing `run`'s options buys nothing"
+)]
 pub enum Command {
     /// Attach the verifier and report mismatches until SIGINT/SIGTERM.
     Run(RunOptions),
@@ -75,9 +79,34 @@ pub fn generate(out: &std::path::Path) -> std::io::Result<()> {
 /// `natt-monitor detach`.
 #[derive(Debug, Args)]
 pub struct DetachArgs {
-    /// The pin directory `run` used (its --pin-path).
-    #[arg(long, value_name = "DIR", default_value = crate::pin::DEFAULT_PIN_PATH)]
-    pub pin_path: PathBuf,
+    /// The pin directory `run` used (its --pin-path). [default: /sys/fs/bpf/natt-monitor]
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub pin_path: Option<PathBuf>,
+
+    /// Take the pin directory from this configuration file's `pin_path`, as `run --config`
+    /// would (the default when the file sets none). The package's removal script uses it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl DetachArgs {
+    /// The pin directory to detach; `None` when the file says `pin_path = "none"`.
+    ///
+    /// # Errors
+    /// When the file cannot be read or its `pin_path` is invalid.
+    pub fn pin_dir(&self) -> Result<Option<PathBuf>, crate::config::ConfigError> {
+        if let Some(dir) = &self.pin_path {
+            return Ok(Some(dir.clone()));
+        }
+        let Some(file) = &self.config else {
+            return Ok(Some(PathBuf::from(crate::pin::DEFAULT_PIN_PATH)));
+        };
+        let options = crate::config::read_file(file)?;
+        match options.pin_path {
+            None => Ok(Some(PathBuf::from(crate::pin::DEFAULT_PIN_PATH))),
+            Some(value) => crate::config::file_pin_path(file, &value),
+        }
+    }
 }
 
 /// `natt-monitor check`.

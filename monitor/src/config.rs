@@ -17,8 +17,11 @@ use crate::{
     peers::{Mode, NatAddresses, PeerError, PeerSpec, parse_cidr},
 };
 
-/// Default `--listen` address: loopback only, on natt-monitor's fixed port.
+/// Default `--web.listen-address`: loopback only, on natt-monitor's fixed port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9874";
+
+/// Default `--web.telemetry-path`.
+pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -138,7 +141,9 @@ pub struct RunOptions {
     /// Write every mismatching packet (from its IP header, up to 2048 bytes) to this pcapng
     /// file, which Wireshark and tshark open. Rate limited (bursts of 100, then 20 a second) and
     /// bounded by --capture-max-bytes; what is left out is counted in
-    /// `natt_monitor_capture_packets_total`. The file is replaced at start.
+    /// `natt_monitor_capture_packets_total`. Created mode 0600, never through a symbolic link;
+    /// a file left by an earlier run is rotated to FILE.1 (up to FILE.3), never truncated.
+    /// Under the systemd unit, use its state directory: /var/lib/natt-monitor/FILE.
     #[arg(long, value_name = "FILE", env = "NATT_MONITOR_CAPTURE")]
     pub capture: Option<PathBuf>,
 
@@ -146,9 +151,35 @@ pub struct RunOptions {
     #[arg(long, value_name = "BYTES", env = "NATT_MONITOR_CAPTURE_MAX_BYTES")]
     pub capture_max_bytes: Option<u64>,
 
-    /// Address for /metrics and /healthz. [default: 127.0.0.1:9874]
-    #[arg(long, value_name = "ADDR", env = "NATT_MONITOR_LISTEN")]
+    /// Address for the metrics and /healthz: HOST:PORT, [IPv6]:PORT, or :PORT for every
+    /// address of the host (IPv4 and IPv6). `--listen` is the same flag; the file key is
+    /// `listen`. [default: 127.0.0.1:9874]
+    #[arg(
+        long = "web.listen-address",
+        visible_alias = "listen",
+        value_name = "ADDR",
+        env = "NATT_MONITOR_LISTEN"
+    )]
     pub listen: Option<String>,
+
+    /// Path under which the metrics are served; the file key is `telemetry_path`.
+    /// [default: /metrics]
+    #[arg(
+        long = "web.telemetry-path",
+        value_name = "PATH",
+        env = "NATT_MONITOR_TELEMETRY_PATH"
+    )]
+    pub telemetry_path: Option<String>,
+
+    /// Leave out the exporter's own `process_*` metrics (CPU, memory, file descriptors of the
+    /// natt-monitor process), keeping only the verifier's. The file key is
+    /// `disable_exporter_metrics = true`.
+    #[arg(
+        long = "web.disable-exporter-metrics",
+        env = "NATT_MONITOR_DISABLE_EXPORTER_METRICS"
+    )]
+    #[serde(default)]
+    pub disable_exporter_metrics: bool,
 
     /// TLS and basic authentication for /metrics and /healthz: a YAML file in the format of
     /// the Prometheus exporter-toolkit (`tls_server_config`, `basic_auth_users` with bcrypt
@@ -283,10 +314,20 @@ pub enum ConfigError {
     },
     /// The listen address does not parse.
     #[error(
-        "{origin}: `{value}` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)"
+        "{origin}: `{value}` is not a socket address (expected e.g. 127.0.0.1:9874, [::1]:9874 or :9874)"
     )]
     Listen {
-        /// `--listen` or the file key.
+        /// `--web.listen-address` or the file key.
+        origin: String,
+        /// What was given.
+        value: String,
+    },
+    /// The telemetry path is not one the endpoint can serve metrics under.
+    #[error(
+        "{origin}: `{value}` cannot be the metrics path: it must start with `/`, hold no spaces, `?` or `#`, and not be `/` or `/healthz` (e.g. /metrics)"
+    )]
+    TelemetryPath {
+        /// `--web.telemetry-path` or the file key.
         origin: String,
         /// What was given.
         value: String,
@@ -339,6 +380,18 @@ pub enum ConfigError {
         /// The largest allowed.
         max: u32,
     },
+    /// More static peers than the maps hold.
+    #[error(
+        "{count} peers configured (--peer and [[peer]]), more than {origin} = {max} lets the verifier hold; raise it or remove peers (discovered peers past the limit are only counted, never an error)"
+    )]
+    TooManyPeers {
+        /// How many static peers.
+        count: usize,
+        /// `--max-peers` or the file key.
+        origin: String,
+        /// The limit.
+        max: u32,
+    },
     /// A capture file too small to hold its headers and one whole packet.
     #[error(
         "{origin}: {value} bytes cannot hold one captured packet; use at least {MIN_CAPTURE_BYTES}"
@@ -351,9 +404,18 @@ pub enum ConfigError {
     },
 }
 
-/// The exit status of a configuration error (`EX_CONFIG` from sysexits.h), for `run` and
-/// `check --config`. The systemd unit lists it in `RestartPreventExitStatus=`.
+/// The exit status of a configuration error (`EX_CONFIG` from sysexits.h): the file, or values
+/// that parse but cannot be used, for `run`, `check --config` and `detach --config`.
 pub const EXIT_CONFIG: u8 = 78;
+
+/// The exit status of a usage error: an unknown flag, or a flag or environment value that does
+/// not parse (clap's convention).
+pub const EXIT_USAGE: u8 = 2;
+
+/// Exit statuses a restart cannot fix: only an edit of the configuration can. The systemd unit
+/// lists exactly these in `RestartPreventExitStatus=` (a test compares them); every other
+/// failure exits 1 and is restarted.
+pub const EXIT_NO_RESTART: [u8; 2] = [EXIT_USAGE, EXIT_CONFIG];
 
 /// The smallest `--capture-max-bytes`: the file's headers and one packet at the snap length.
 pub const MIN_CAPTURE_BYTES: u64 = 4096;
@@ -374,6 +436,10 @@ pub struct Settings {
     pub discover_required: bool,
     /// Metrics listen address.
     pub listen: SocketAddr,
+    /// The path of the metrics (`--web.telemetry-path`).
+    pub telemetry_path: String,
+    /// Leave out the `process_*` metrics (`--web.disable-exporter-metrics`).
+    pub disable_exporter_metrics: bool,
     /// procfs root.
     pub proc_path: PathBuf,
     /// sysfs root.
@@ -424,6 +490,14 @@ impl Settings {
             ("cgroup", self.cgroup != running.cgroup),
             ("discover", self.discover != running.discover),
             ("listen", self.listen != running.listen),
+            (
+                "telemetry_path",
+                self.telemetry_path != running.telemetry_path,
+            ),
+            (
+                "disable_exporter_metrics",
+                self.disable_exporter_metrics != running.disable_exporter_metrics,
+            ),
             ("proc_path", self.proc_path != running.proc_path),
             ("sys_path", self.sys_path != running.sys_path),
             ("scope", self.scope != running.scope),
@@ -581,14 +655,25 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
     }
 
     let (listen_text, listen_origin) = match (&args.listen, &file.listen) {
-        (Some(l), _) => (l.clone(), "--listen".to_owned()),
-        (None, Some(l)) => (l.clone(), origin.key("--listen", "listen", false)),
-        (None, None) => (DEFAULT_LISTEN.to_owned(), "--listen".to_owned()),
+        (Some(l), _) => (l.clone(), LISTEN_FLAG.to_owned()),
+        (None, Some(l)) => (l.clone(), origin.key(LISTEN_FLAG, "listen", false)),
+        (None, None) => (DEFAULT_LISTEN.to_owned(), LISTEN_FLAG.to_owned()),
     };
-    let listen = listen_text.parse().map_err(|_| ConfigError::Listen {
+    let listen = listen_address(&listen_text).ok_or_else(|| ConfigError::Listen {
         origin: listen_origin,
         value: listen_text.clone(),
     })?;
+    let (telemetry_path, path_origin) = match (&args.telemetry_path, &file.telemetry_path) {
+        (Some(p), _) => (p.clone(), PATH_FLAG.to_owned()),
+        (None, Some(p)) => (p.clone(), origin.key(PATH_FLAG, "telemetry_path", false)),
+        (None, None) => (DEFAULT_TELEMETRY_PATH.to_owned(), PATH_FLAG.to_owned()),
+    };
+    if !valid_telemetry_path(&telemetry_path) {
+        return Err(ConfigError::TelemetryPath {
+            origin: path_origin,
+            value: telemetry_path,
+        });
+    }
 
     let log_burst = file.log.mismatch_burst.unwrap_or(LOG_BURST);
     if log_burst == 0 {
@@ -633,6 +718,13 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         1,
         monitor_ebpf::MAX_PEERS,
     )?;
+    if peers.len() > max_peers as usize {
+        return Err(ConfigError::TooManyPeers {
+            count: peers.len(),
+            origin: origin.key("--max-peers", "max_peers", args.max_peers.is_some()),
+            max: max_peers,
+        });
+    }
     let max_peer_labels = bounded(
         args.max_peer_labels,
         file.max_peer_labels,
@@ -661,6 +753,8 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         discover,
         discover_required,
         listen,
+        telemetry_path,
+        disable_exporter_metrics: args.disable_exporter_metrics || file.disable_exporter_metrics,
         proc_path,
         sys_path: args
             .sys_path
@@ -680,6 +774,39 @@ pub fn resolve(args: &RunOptions) -> Result<Settings, ConfigError> {
         max_peer_labels,
         sa_trust_slots: args.sa_trust_slots,
     })
+}
+
+const LISTEN_FLAG: &str = "--web.listen-address";
+const PATH_FLAG: &str = "--web.telemetry-path";
+
+/// A socket address, or `:PORT` as Prometheus exporters take it: every address of the host,
+/// which `[::]` is on Linux (IPv4 too, unless `net.ipv6.bindv6only` is set; the daemon falls
+/// back to 0.0.0.0 where IPv6 is off).
+fn listen_address(text: &str) -> Option<SocketAddr> {
+    match text.strip_prefix(':') {
+        Some(port) => port
+            .parse()
+            .ok()
+            .map(|port| SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), port)),
+        None => text.parse().ok(),
+    }
+}
+
+/// A path the endpoint can route metrics to: absolute, one token, and not one of its others.
+fn valid_telemetry_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path != "/"
+        && path != "/healthz"
+        && !path.contains(|c: char| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+}
+
+/// The `pin_path` key of `file`, as `run` reads it.
+///
+/// # Errors
+/// `ConfigError::PinPath` naming the file and key.
+pub fn file_pin_path(file: &Path, value: &str) -> Result<Option<PathBuf>, ConfigError> {
+    let origin = Origin { file: Some(file) };
+    pin_path(value, origin.key("--pin-path", "pin_path", false))
 }
 
 /// `none`, or an absolute directory.
@@ -894,6 +1021,61 @@ mod tests {
     }
 
     #[test]
+    fn exporter_conventions_for_the_endpoint() {
+        let s = resolve(&args(&[
+            "--peer",
+            "192.0.2.1",
+            "--web.listen-address",
+            ":9874",
+            "--web.telemetry-path",
+            "/natt/metrics",
+            "--web.disable-exporter-metrics",
+        ]))
+        .unwrap();
+        assert_eq!(s.listen.to_string(), "[::]:9874");
+        assert_eq!(s.telemetry_path, "/natt/metrics");
+        assert!(s.disable_exporter_metrics);
+        // --listen stays the same flag; the defaults serve /metrics with the process metrics.
+        let s = resolve(&args(&["--peer", "192.0.2.1", "--listen", "[::1]:9"])).unwrap();
+        assert_eq!(s.listen.to_string(), "[::1]:9");
+        assert_eq!(s.telemetry_path, "/metrics");
+        assert!(!s.disable_exporter_metrics);
+        let (p, a) = file(
+            "telemetry_path = \"/healthz\"\ndisable_exporter_metrics = true\n[[peer]]\ncidr = \"192.0.2.1\"\n",
+        );
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            format!(
+                "--config {} key `telemetry_path`: `/healthz` cannot be the metrics path: it must start with `/`, hold no spaces, `?` or `#`, and not be `/` or `/healthz` (e.g. /metrics)",
+                p.display()
+            )
+        );
+        for bad in [":", ":http", ":70000", "9874"] {
+            assert!(
+                resolve(&args(&["--peer", "192.0.2.1", "--listen", bad])).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn more_static_peers_than_the_maps_hold_is_a_configuration_error() {
+        let (p, a) = file(
+            "max_peers = 2\n[[peer]]\ncidr = \"192.0.2.1\"\n[[peer]]\ncidr = \"192.0.2.2\"\n[[peer]]\ncidr = \"192.0.2.3\"\n",
+        );
+        assert_eq!(
+            resolve(&a).unwrap_err().to_string(),
+            format!(
+                "3 peers configured (--peer and [[peer]]), more than --config {} key `max_peers` = 2 lets the verifier hold; raise it or remove peers (discovered peers past the limit are only counted, never an error)",
+                p.display()
+            )
+        );
+        // As many as the limit is fine.
+        let (_, a) = file("max_peers = 1\n[[peer]]\ncidr = \"192.0.2.1\"\n");
+        assert_eq!(resolve(&a).unwrap().peers.len(), 1);
+    }
+
+    #[test]
     fn errors_name_the_key_or_flag() {
         let (_, a) = file("[[peer]]\ncidr = \"192.0.2.0/24\"\nmtu = 9000\n");
         let e = resolve(&a).unwrap_err().to_string();
@@ -929,7 +1111,7 @@ mod tests {
         assert_eq!(
             resolve(&a).unwrap_err().to_string(),
             format!(
-                "--config {} key `listen`: `localhost` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)",
+                "--config {} key `listen`: `localhost` is not a socket address (expected e.g. 127.0.0.1:9874, [::1]:9874 or :9874)",
                 p.display()
             )
         );

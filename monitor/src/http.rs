@@ -45,9 +45,43 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most bytes of request one connection buffers; longer headers are answered with 431.
 const MAX_REQUEST_BUF: usize = 16 * 1024;
 
-const INDEX: &str = "<html><head><title>natt-monitor</title></head><body>\
-<h1>natt-monitor</h1><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/healthz\">healthz</a></p>\
-</body></html>\n";
+/// What the endpoint serves besides the scrape: its authentication and the metrics path.
+#[derive(Debug)]
+pub struct Site {
+    /// TLS and basic authentication (`--web.config.file`).
+    pub web: WebConfig,
+    /// Where the metrics are (`--web.telemetry-path`).
+    pub metrics_path: String,
+}
+
+impl Default for Site {
+    fn default() -> Self {
+        Self {
+            web: WebConfig::default(),
+            metrics_path: crate::config::DEFAULT_TELEMETRY_PATH.to_owned(),
+        }
+    }
+}
+
+impl Site {
+    /// What `settings` say: `--web.config.file` and `--web.telemetry-path`.
+    #[must_use]
+    pub fn of(settings: &crate::config::Settings) -> Self {
+        Self {
+            web: settings.web.clone().unwrap_or_default(),
+            metrics_path: settings.telemetry_path.clone(),
+        }
+    }
+
+    fn index(&self) -> String {
+        format!(
+            "<html><head><title>natt-monitor</title></head><body>\
+<h1>natt-monitor</h1><p><a href=\"{}\">metrics</a> &middot; <a href=\"/healthz\">healthz</a></p>\
+</body></html>\n",
+            self.metrics_path
+        )
+    }
+}
 
 /// Serves until the listener fails. Per-connection errors are not fatal; a failing accept is.
 ///
@@ -56,12 +90,12 @@ const INDEX: &str = "<html><head><title>natt-monitor</title></head><body>\
 pub async fn serve(
     listener: StdListener,
     exporter: Arc<dyn Exporter>,
-    web: Arc<WebConfig>,
+    site: Arc<Site>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let tls = web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let tls = site.web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
         let permit = Arc::clone(&slots)
             .acquire_owned()
@@ -69,18 +103,18 @@ pub async fn serve(
             .map_err(std::io::Error::other)?;
         let (stream, _) = listener.accept().await?;
         let exporter = Arc::clone(&exporter);
-        let web = Arc::clone(&web);
+        let site = Arc::clone(&site);
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => connection(stream, exporter, web).await,
+                        Ok(Ok(stream)) => connection(stream, exporter, site).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
-                None => connection(stream, exporter, web).await,
+                None => connection(stream, exporter, site).await,
             }
             drop(permit);
         });
@@ -88,11 +122,11 @@ pub async fn serve(
 }
 
 /// One HTTP/1 connection over `io` (TCP, or TLS over TCP).
-async fn connection<I>(io: I, exporter: Arc<dyn Exporter>, web: Arc<WebConfig>)
+async fn connection<I>(io: I, exporter: Arc<dyn Exporter>, site: Arc<Site>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| handle(req, Arc::clone(&exporter), Arc::clone(&web)));
+    let svc = service_fn(move |req| handle(req, Arc::clone(&exporter), Arc::clone(&site)));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -114,18 +148,19 @@ fn response(status: StatusCode, content_type: &'static str, body: String) -> Res
 async fn handle(
     req: Request<Incoming>,
     exporter: Arc<dyn Exporter>,
-    web: Arc<WebConfig>,
+    site: Arc<Site>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     // /healthz answers without credentials, so that probes (kubelet, load balancers) need none;
     // it says only whether the verifier is attached and draining.
-    if web.requires_auth() && req.uri().path() != "/healthz" {
+    if site.web.requires_auth() && req.uri().path() != "/healthz" {
         let header = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         // bcrypt is slow on purpose: off the runtime.
-        let ok = tokio::task::spawn_blocking(move || web.authorized(header.as_deref()))
+        let auth = Arc::clone(&site);
+        let ok = tokio::task::spawn_blocking(move || auth.web.authorized(header.as_deref()))
             .await
             .unwrap_or(false);
         if !ok {
@@ -148,19 +183,22 @@ async fn handle(
             "only GET and HEAD\n".into(),
         ));
     }
-    Ok(match req.uri().path() {
-        "/metrics" => match tokio::task::spawn_blocking(move || exporter.scrape()).await {
-            Ok(body) => response(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                body,
-            ),
-            Err(e) => response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain; charset=utf-8",
-                format!("scrape failed: {e}\n"),
-            ),
-        },
+    let path = req.uri().path();
+    Ok(match path {
+        p if p == site.metrics_path => {
+            match tokio::task::spawn_blocking(move || exporter.scrape()).await {
+                Ok(body) => response(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    body,
+                ),
+                Err(e) => response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain; charset=utf-8",
+                    format!("scrape failed: {e}\n"),
+                ),
+            }
+        }
         "/healthz" => match exporter.health() {
             Ok(()) => response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
             Err(why) => response(
@@ -169,11 +207,11 @@ async fn handle(
                 format!("{why}\n"),
             ),
         },
-        "/" => response(StatusCode::OK, "text/html; charset=utf-8", INDEX.into()),
+        "/" => response(StatusCode::OK, "text/html; charset=utf-8", site.index()),
         _ => response(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found; try /metrics or /healthz\n".into(),
+            format!("not found; try {} or /healthz\n", site.metrics_path),
         ),
     })
 }
@@ -201,6 +239,11 @@ pub(crate) mod testing {
 
     /// Serves `Stub` on a loopback port, on a runtime of its own, for the test's life.
     pub(crate) fn start() -> SocketAddr {
+        start_with(super::Site::default())
+    }
+
+    /// As `start`, with `site`'s metrics path and authentication.
+    pub(crate) fn start_with(site: super::Site) -> SocketAddr {
         let listener = StdListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -208,7 +251,7 @@ pub(crate) mod testing {
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(serve(listener, Arc::new(Stub), Arc::default()))
+                .block_on(serve(listener, Arc::new(Stub), Arc::new(site)))
                 .unwrap();
         });
         addr
@@ -224,7 +267,7 @@ mod tests {
     };
 
     use super::{
-        testing::{BODY, start},
+        testing::{BODY, start, start_with},
         *,
     };
 
@@ -279,5 +322,33 @@ mod tests {
             "a slow client was never cut off"
         );
         assert!(request(addr, SCRAPE).starts_with("HTTP/1.1 200 OK"));
+    }
+
+    #[test]
+    fn the_metrics_move_to_the_telemetry_path() {
+        let addr = start_with(Site {
+            metrics_path: "/natt/metrics".into(),
+            ..Site::default()
+        });
+        let reply = request(
+            addr,
+            b"GET /natt/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(reply.ends_with(BODY), "{reply}");
+        let reply = request(addr, SCRAPE);
+        assert!(reply.starts_with("HTTP/1.1 404 Not Found"), "{reply}");
+        assert!(
+            reply.ends_with("not found; try /natt/metrics or /healthz\n"),
+            "{reply}"
+        );
+        let reply = request(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            reply.contains("<a href=\"/natt/metrics\">metrics</a>"),
+            "{reply}"
+        );
     }
 }

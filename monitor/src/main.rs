@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use natt_monitor::{
     check,
     cli::{Cli, Command},
@@ -13,7 +13,10 @@ use natt_monitor::{
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match cli.command {
         Command::Check(args) if args.config.is_some() => {
             let path = args.config.unwrap_or_default();
@@ -49,19 +52,37 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Detach(args) => match natt_monitor::pin::detach(&args.pin_path) {
-            Ok(removed) => {
-                #[expect(clippy::print_stdout, reason = "the report is the command's output")]
-                {
-                    print!("{}", removed.render(&args.pin_path));
+        Command::Detach(args) => {
+            let dir = match args.pin_dir() {
+                Ok(Some(dir)) => dir,
+                Ok(None) => {
+                    #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+                    {
+                        println!(
+                            "nothing to detach: the configuration sets pin_path = \"none\", so the verifier goes with its process"
+                        );
+                    }
+                    return ExitCode::SUCCESS;
                 }
-                ExitCode::SUCCESS
+                Err(e) => {
+                    eprintln!("natt-monitor: error: {e}");
+                    return ExitCode::from(config::EXIT_CONFIG);
+                }
+            };
+            match natt_monitor::pin::detach(&dir) {
+                Ok(removed) => {
+                    #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+                    {
+                        print!("{}", removed.render(&dir));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("natt-monitor: error: {}", render_error(&e.into()));
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("natt-monitor: error: {}", render_error(&e.into()));
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Generate(args) => match natt_monitor::cli::generate(&args.out) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -86,6 +107,46 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Prints clap's error (or `--help`, `--version`) and returns its exit status:
+/// `config::EXIT_USAGE` for an error. When the value at fault came from the environment (a
+/// drop-in's `Environment=`), says which variable, since clap names only the flag.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue};
+    let _ = e.print();
+    if !e.use_stderr() {
+        return ExitCode::SUCCESS;
+    }
+    if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+        let long = arg
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.strip_prefix("--"));
+        let cmd = Cli::command();
+        let from_env = cmd
+            .get_subcommands()
+            .flat_map(clap::Command::get_arguments)
+            .filter(|a| a.get_long() == long)
+            .filter_map(clap::Arg::get_env)
+            .find_map(|var| Some((var.to_owned(), std::env::var_os(var)?)));
+        let on_command_line = std::env::args().any(|a| {
+            long.is_some_and(|l| {
+                a.strip_prefix("--")
+                    .is_some_and(|a| a.split('=').next() == Some(l))
+            })
+        });
+        if let Some((var, value)) = from_env
+            && !on_command_line
+        {
+            eprintln!(
+                "natt-monitor: the value came from the environment: {}={}",
+                var.to_string_lossy(),
+                value.to_string_lossy()
+            );
+        }
+    }
+    ExitCode::from(config::EXIT_USAGE)
 }
 
 /// True for errors in the flags, environment or file (as opposed to the host or the kernel).

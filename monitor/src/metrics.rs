@@ -69,6 +69,8 @@ pub struct Snapshot {
     /// Peers that ask for enforce mode but run in observe mode (address scope learns their
     /// residual).
     pub peers_observe_only: usize,
+    /// Discovered peers (and catch-alls) left out because the maps hold no more.
+    pub peers_over_limit: usize,
 }
 
 /// The verifier program's run statistics and whether the kernel is counting them.
@@ -86,6 +88,9 @@ pub trait Readings: Send + Sync + 'static {
     /// Reads everything once. Called on every scrape, on the blocking pool.
     fn read(&self) -> Snapshot;
 }
+
+/// The git commit this build came from (`natt_monitor_build_info{revision}`), or `unknown`.
+pub const REVISION: &str = env!("NATT_MONITOR_REVISION");
 
 /// Values of the `result` label of `natt_monitor_capture_packets_total`.
 pub const CAPTURE_RESULTS: [&str; 4] = ["written", "rate_limited", "file_full", "ring_full"];
@@ -151,12 +156,13 @@ impl Metrics {
             IntGaugeVec::new(
                 Opts::new(
                     "natt_monitor_build_info",
-                    "Always 1; labels carry the natt-monitor version.",
+                    "Always 1; labels carry the natt-monitor version and the git commit it was built from.",
                 ),
-                &["version"],
+                &["version", "revision"],
             )?,
         )?;
-        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION])
+            .set(1);
         let scopes = register(
             &r,
             IntGaugeVec::new(
@@ -268,14 +274,17 @@ impl Metrics {
 
     /// Adds the `process_*` metrics every Prometheus client library exports (CPU seconds,
     /// resident and virtual memory, open and maximum file descriptors, start time), read from
-    /// /proc at each scrape. Not part of `new`, whose exposition is a byte-exact golden file.
+    /// /proc at each scrape, when `on` (off: `--web.disable-exporter-metrics`). Not part of
+    /// `new`, whose exposition is a byte-exact golden file.
     ///
     /// # Errors
     /// Only on a programming error (registered twice).
-    pub fn with_process_metrics(self) -> Result<Self, prometheus::Error> {
-        self.registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+    pub fn with_process_metrics(self, on: bool) -> Result<Self, prometheus::Error> {
+        if on {
+            self.registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))?;
+        }
         Ok(self)
     }
 
@@ -343,6 +352,7 @@ struct Families {
     learning_unheld: IntCounter,
     peers_aggregated: IntGauge,
     peers_observe_only: IntGauge,
+    peers_over_limit: IntGauge,
 }
 
 fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
@@ -476,10 +486,14 @@ impl Families {
                 "natt_monitor_peers_observe_only",
                 "Peers configured or discovered in enforce mode that run in observe mode: address scope learns their NAT residual, and a learned residual is never enforced there.",
             )?,
+            peers_over_limit: IntGauge::new(
+                "natt_monitor_peers_over_limit",
+                "Peers discovered from the kernel's NAT-T SAs (and SA scope's catch-alls) that do not fit in --max-peers and so have no entry of their own in the verifier's maps.",
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 27] {
+    fn collectors(&self) -> [&dyn Collector; 28] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -508,6 +522,7 @@ impl Families {
             &self.learning_unheld,
             &self.peers_aggregated,
             &self.peers_observe_only,
+            &self.peers_over_limit,
         ]
     }
 
@@ -559,6 +574,8 @@ impl Families {
             .set(i64::try_from(snap.peers_aggregated).unwrap_or(i64::MAX));
         self.peers_observe_only
             .set(i64::try_from(snap.peers_observe_only).unwrap_or(i64::MAX));
+        self.peers_over_limit
+            .set(i64::try_from(snap.peers_over_limit).unwrap_or(i64::MAX));
         counter(
             &self.learning_lost,
             snap.counters.get(Counter::LearningLost),
@@ -682,6 +699,7 @@ mod tests {
             learning_unheld: 0,
             peers_aggregated: 0,
             peers_observe_only: 0,
+            peers_over_limit: 0,
         }
     }
 
@@ -747,7 +765,7 @@ mod tests {
             );
         }
         assert!(text.contains(&format!(
-            "natt_monitor_build_info{{version=\"{}\"}} 1",
+            "natt_monitor_build_info{{revision=\"{REVISION}\",version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         )));
     }
@@ -758,7 +776,11 @@ mod tests {
     fn golden_exposition() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.golden.prom");
         let (m, _) = metrics(sample());
-        let text = m.render();
+        // The one value that changes with every commit.
+        let text = m.render().replace(
+            &format!("revision=\"{REVISION}\""),
+            "revision=\"0123456789ab\"",
+        );
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(path, &text).unwrap();
         }

@@ -146,6 +146,24 @@ impl Drop for PinDir {
     }
 }
 
+/// Ids of the loaded `natt_verify` programs other than a natt-monitor installed on this host
+/// (the program behind the link pinned at the default pin path, which no test uses). Tests
+/// assert on these alone, so the suite passes beside a running install and never touches it.
+#[must_use]
+pub fn test_verifiers_loaded() -> Vec<u32> {
+    let link = std::path::Path::new(natt_monitor::pin::DEFAULT_PIN_PATH)
+        .join(natt_monitor::pin::LINK_FILE);
+    let installed = natt_monitor::pin::Link::open(&link)
+        .and_then(|l| l.info())
+        .map(|i| i.prog_id)
+        .ok();
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some("natt_verify") && Some(p.id()) != installed)
+        .map(|p| p.id())
+        .collect()
+}
+
 /// `run` arguments the daemon tests share: the one static peer 192.0.2.1, no discovery,
 /// attached to `cgroup`, then `extra`.
 #[must_use]

@@ -29,7 +29,7 @@ fn promtool(args: &[&str], stdin_file: Option<&Path>) -> String {
 #[test]
 fn rule_pack_is_valid() {
     let out = promtool(&["check", "rules", "natt-monitor.rules.yml"], None);
-    assert!(out.contains("SUCCESS: 14 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 15 rules found"), "{out}");
 }
 
 #[test]
@@ -215,6 +215,41 @@ fn the_dashboard_shows_one_mismatch_red_and_filters_by_job_and_cluster() {
         "Unverifiable and skipped traffic by reason",
     ] {
         assert!(titles.contains(&want), "no panel {want:?}");
+    }
+}
+
+/// The unit stops restarting on exactly the exit statuses the binary reserves for mistakes only
+/// an edit fixes (so a typo never loops, and nothing else stays down), and runs the capture in
+/// its state directory.
+#[test]
+fn the_unit_agrees_with_the_exit_status_table() {
+    let unit =
+        std::fs::read_to_string(docs().join("../deploy/systemd/natt-monitor.service")).unwrap();
+    let value = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("the unit sets no {key}="))
+            .to_owned()
+    };
+    let mut prevented: Vec<u8> = value("RestartPreventExitStatus")
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    prevented.sort_unstable();
+    assert_eq!(prevented, natt_monitor::config::EXIT_NO_RESTART);
+    assert_eq!(value("Restart"), "on-failure");
+    assert_eq!(value("StateDirectory"), "natt-monitor");
+    assert_eq!(value("StateDirectoryMode"), "0700");
+    // docs/configuration.md's table lists each status the binary uses.
+    let doc = std::fs::read_to_string(docs().join("configuration.md")).unwrap();
+    for code in [0, 1]
+        .into_iter()
+        .chain(natt_monitor::config::EXIT_NO_RESTART)
+    {
+        assert!(
+            doc.lines().any(|l| l.starts_with(&format!("| {code} |"))),
+            "docs/configuration.md has no row for exit status {code}"
+        );
     }
 }
 

@@ -35,13 +35,17 @@ fn run_to_end(args: &[&str]) -> (i32, String) {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table of cases, each an argument list and its exact message"
+)]
 fn bad_arguments_fail_before_anything_is_attached() {
     if skip_unless_root("bad_arguments_fail_before_anything_is_attached") {
         return;
     }
     // (arguments, exit code, what stderr must say). Exit 78 (EX_CONFIG): natt-monitor's own
     // checks of the configuration; exit 2: clap's usage errors, which also name the flag.
-    let cases: [(&[&str], i32, &str); 11] = [
+    let cases: [(&[&str], i32, &str); 12] = [
         (
             &["run", "--peer", "10.0.0.300/8"],
             78,
@@ -50,7 +54,7 @@ fn bad_arguments_fail_before_anything_is_attached() {
         (
             &["run", "--peer", "192.0.2.1", "--listen", "localhost:80"],
             78,
-            "natt-monitor: error: --listen: `localhost:80` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)",
+            "natt-monitor: error: --web.listen-address: `localhost:80` is not a socket address (expected e.g. 127.0.0.1:9874, [::1]:9874 or :9874)",
         ),
         (
             &["run", "--peer", "192.0.2.1", "--peer", "192.0.2.1/32"],
@@ -113,36 +117,64 @@ fn bad_arguments_fail_before_anything_is_attached() {
                 "127.0.0.1:0",
             ],
             78,
-            "4 peers configured (with SA scope's 2 catch-alls for undiscovered SAs); natt-monitor tracks at most 1 (raise --max-peers)",
+            "natt-monitor: error: 2 peers configured (--peer and [[peer]]), more than --max-peers = 1 lets the verifier hold; raise it or remove peers (discovered peers past the limit are only counted, never an error)",
+        ),
+        (
+            &[
+                "run",
+                "--peer",
+                "192.0.2.1",
+                "--web.telemetry-path",
+                "metrics",
+            ],
+            78,
+            "natt-monitor: error: --web.telemetry-path: `metrics` cannot be the metrics path: it must start with `/`, hold no spaces, `?` or `#`, and not be `/` or `/healthz` (e.g. /metrics)",
         ),
     ];
-    // These runs pin at the default path: the `/tmp` case loads (and pins) before its attach
-    // fails, and must leave nothing pinned behind.
-    let default_pins = std::path::Path::new(natt_monitor::pin::DEFAULT_PIN_PATH);
-    let pinned_before = default_pins.exists();
+    // Each run pins in a directory of its own: the `/tmp` case loads (and pins) before its
+    // attach fails, and must leave nothing pinned behind.
     for (args, want_code, want) in cases {
-        let (code, err) = run_to_end(args);
+        let pins = PinDir::new();
+        let args = [args, &["--pin-path", pins.arg()]].concat();
+        let (code, err) = run_to_end(&args);
         assert_eq!(code, want_code, "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: expected {want:?} in:\n{err}");
+        assert!(
+            !pins.path.exists(),
+            "a failed start left pins in {}",
+            pins.path.display()
+        );
     }
-    assert_eq!(
-        default_pins.exists(),
-        pinned_before,
-        "a failed start left pins in {}",
-        default_pins.display()
-    );
     assert_no_verifier_loaded();
 }
 
-fn assert_no_verifier_loaded() {
-    let names: Vec<String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_owned))
-        .collect();
+/// A value that does not parse exits 2 (which the unit never restarts), and when it came from
+/// the environment, as a drop-in's `Environment=` sets it, the variable is named.
+#[test]
+fn a_bad_value_from_the_environment_is_named_and_exits_2() {
+    let out = Command::new(monitor_bin())
+        .args(["run", "--peer", "192.0.2.1"])
+        .env("NATT_MONITOR_MODE", "Enforce")
+        .output()
+        .expect("spawn natt-monitor");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        !names.iter().any(|n| n == "natt_verify"),
-        "natt_verify still loaded: {names:?}"
+        err.contains("invalid value 'Enforce' for '--mode <MODE>'"),
+        "{err}"
     );
+    assert!(
+        err.ends_with(
+            "natt-monitor: the value came from the environment: NATT_MONITOR_MODE=Enforce\n"
+        ),
+        "{err}"
+    );
+}
+
+/// No verifier of this test's is left loaded (one installed on the host is not this test's).
+fn assert_no_verifier_loaded() {
+    let left = natt_monitor_tests::test_verifiers_loaded();
+    assert!(left.is_empty(), "natt_verify still loaded: ids {left:?}");
 }
 
 struct Daemon {
@@ -1185,7 +1217,7 @@ fn config_errors_are_named_before_anything_is_attached() {
     assert_eq!(out.status.code(), Some(78));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim_end(),
-        "natt-monitor: error: --listen: `nowhere` is not a socket address (expected e.g. 127.0.0.1:9874 or [::1]:9874)"
+        "natt-monitor: error: --web.listen-address: `nowhere` is not a socket address (expected e.g. 127.0.0.1:9874, [::1]:9874 or :9874)"
     );
 
     // A port in use is reported before the program is loaded.
@@ -1195,7 +1227,9 @@ fn config_errors_are_named_before_anything_is_attached() {
     assert_eq!(code, 1);
     assert_eq!(
         err.trim_end(),
-        format!("natt-monitor: error: --listen {addr}: Address already in use (os error 98)")
+        format!(
+            "natt-monitor: error: --web.listen-address {addr}: Address already in use (os error 98)"
+        )
     );
 
     // Without capabilities (root with an empty bounding set), the daemon says which it lacks.

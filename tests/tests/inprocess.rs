@@ -91,9 +91,7 @@ fn join_within(t: JoinHandle<Result<(), DaemonError>>, limit: Duration) -> Resul
 }
 
 fn verifier_loaded() -> bool {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .any(|p| p.name_as_str() == Some("natt_verify"))
+    !natt_monitor_tests::test_verifiers_loaded().is_empty()
 }
 
 #[test]

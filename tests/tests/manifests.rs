@@ -264,7 +264,7 @@ fn prometheus_rule(rules: &str) -> String {
         })
         .collect();
     format!(
-        "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: natt-monitor\n  namespace: natt-monitor\n  labels:\n    app.kubernetes.io/name: natt-monitor\nspec:\n{groups}"
+        "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: natt-monitor\n  namespace: natt-monitor\n  labels:\n    app.kubernetes.io/name: natt-monitor\n    release: kube-prometheus-stack\nspec:\n{groups}"
     )
 }
 
@@ -290,4 +290,51 @@ fn the_prometheus_rule_is_the_rule_pack() {
     let docs = all();
     let pr = one(&docs, "PrometheusRule");
     assert_eq!(get(pr, &["spec", "groups"]), get(&pack, &["groups"]));
+    // kube-prometheus-stack reads only objects labelled with its release: the rules and the
+    // scrape carry the same label, so that one edit makes both (and the absence alert) seen.
+    let sm = one(&docs, "ServiceMonitor");
+    for obj in [pr, sm] {
+        assert_eq!(
+            s(obj, &["metadata", "labels", "release"]),
+            "kube-prometheus-stack"
+        );
+    }
+}
+
+/// `deploy/kubernetes/detach.yaml` runs `natt-monitor detach` on every node at the path the
+/// daemon set pins in, from the same image, with no more privilege than the daemon set.
+#[test]
+fn the_detach_daemon_set_removes_what_the_daemon_set_pinned() {
+    let detach = documents(&repo().join("deploy/kubernetes/detach.yaml"));
+    let [ds] = detach.as_slice() else {
+        panic!("detach.yaml holds one object")
+    };
+    assert_eq!(s(ds, &["kind"]), "DaemonSet");
+    assert_eq!(s(ds, &["metadata", "namespace"]), "natt-monitor");
+    let docs = all();
+    let daemon = one(&docs, "DaemonSet");
+    let pod = get(daemon, &["spec", "template", "spec"]);
+    let main = &list(pod, &["containers"])[0];
+    let [init] = list(ds, &["spec", "template", "spec", "initContainers"]).as_slice() else {
+        panic!("one init container")
+    };
+    assert_eq!(s(init, &["image"]), s(main, &["image"]));
+    assert_eq!(
+        get(init, &["args"]),
+        &serde_yaml_ng::from_str::<Value>("[detach, --pin-path, /sys/fs/bpf/natt-monitor]")
+            .unwrap()
+    );
+    assert_eq!(
+        get(init, &["securityContext", "capabilities"]),
+        get(main, &["securityContext", "capabilities"])
+    );
+    // The host's bpffs, at the path the daemon's pins are under.
+    let mount = &list(init, &["volumeMounts"])[0];
+    assert_eq!(s(mount, &["mountPath"]), "/sys/fs/bpf");
+    let volume = &list(ds, &["spec", "template", "spec", "volumes"])[0];
+    assert_eq!(s(volume, &["name"]), s(mount, &["name"]));
+    assert_eq!(s(volume, &["hostPath", "path"]), "/sys/fs/bpf");
+    // The configuration the DaemonSet runs pins at the default path, which detach names.
+    let config = one(&docs, "ConfigMap");
+    assert!(!s(config, &["data", "natt-monitor.toml"]).contains("pin_path"));
 }

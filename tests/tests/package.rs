@@ -115,6 +115,7 @@ fn assert_installed(root: &Path) {
         "usr/share/doc/natt-monitor/copyright",
         "usr/share/doc/natt-monitor/LICENSE-MIT",
         "usr/share/doc/natt-monitor/LICENSE-APACHE",
+        "usr/share/doc/natt-monitor/examples/natt-monitor.example.toml",
     ] {
         assert!(root.join(f).is_file(), "{f} not installed");
     }
@@ -126,6 +127,20 @@ fn assert_installed(root: &Path) {
         ),
         "{unit}"
     );
+    // The maintainer scripts: removal detaches wherever the configuration pins, an upgrade
+    // restarts a running daemon, a purge removes the state directory (captures).
+    let script = |name: &str| {
+        let info = root
+            .join("var/lib/dpkg/info")
+            .join(format!("natt-monitor.{name}"));
+        std::fs::read_to_string(&info).unwrap_or_else(|e| panic!("{}: {e}", info.display()))
+    };
+    assert!(
+        script("prerm")
+            .contains("/usr/bin/natt-monitor detach --config /etc/natt-monitor/natt-monitor.toml")
+    );
+    assert!(script("postinst").contains("systemctl try-restart natt-monitor.service"));
+    assert!(script("postrm").contains("rm -rf /var/lib/natt-monitor"));
 }
 
 #[test]
@@ -184,7 +199,8 @@ fn the_deb_installs_into_a_clean_root_and_runs_from_it() {
     root.bind("/sys");
     let check =
         out(&mut root.chroot(&["check", "--config", "/etc/natt-monitor/natt-monitor.toml"]));
-    assert!(check.starts_with("ok    config                 /etc/natt-monitor/natt-monitor.toml: 4 static peers, discover xfrm, default mode observe, scope auto, cgroup /sys/fs/cgroup"), "{check}");
+    // The packaged configuration has no peers: discovery, observe mode.
+    assert!(check.starts_with("ok    config                 /etc/natt-monitor/natt-monitor.toml: 0 static peers, discover xfrm, default mode observe, scope auto, cgroup /sys/fs/cgroup"), "{check}");
     assert!(check.ends_with("\nthe configuration is valid\n"), "{check}");
     let cg = Cgroup::new();
     let mut child = KillOnDrop(
@@ -216,7 +232,8 @@ fn the_deb_installs_into_a_clean_root_and_runs_from_it() {
     assert_eq!(code, 200);
     assert_eq!(metric(&body, "natt_monitor_up"), Some(1), "{body}");
     assert!(body.contains(&format!(
-        "natt_monitor_build_info{{version=\"{VERSION}\"}} 1"
+        "natt_monitor_build_info{{revision=\"{}\",version=\"{VERSION}\"}} 1",
+        natt_monitor::metrics::REVISION
     )));
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };

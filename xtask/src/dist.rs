@@ -153,8 +153,13 @@ fn debian_package(root: &Path, out: &Path, bin: &Path, generated: &Path) -> Resu
         0o644,
     )?;
     copy(
-        &root.join("docs/natt-monitor.example.toml"),
+        &root.join("deploy/natt-monitor.toml"),
         &stage.join("etc/natt-monitor/natt-monitor.toml"),
+        0o644,
+    )?;
+    copy(
+        &root.join("docs/natt-monitor.example.toml"),
+        &stage.join("usr/share/doc/natt-monitor/examples/natt-monitor.example.toml"),
         0o644,
     )?;
     for page in fs::read_dir(generated.join("man"))? {
@@ -237,15 +242,19 @@ fn debian_control(debian: &Path) -> Result<()> {
         "/etc/natt-monitor/natt-monitor.toml\n",
         0o644,
     )?;
-    // On removal (not on upgrade), stop the daemon and remove the verifier it left pinned. The
-    // service is not enabled on install: the operator sets the peers and mode first. Neither
-    // script touches the running system when dpkg installs into another root (DPKG_ROOT).
+    // On removal (not on upgrade), stop the daemon and remove the verifier it left pinned,
+    // wherever the configuration pins it. After an upgrade, restart a running daemon so that the
+    // new binary runs (it adopts the pins: no gap). On purge, remove the state directory
+    // (captures). The service is not enabled on install: the packaged configuration verifies
+    // the host's NAT-T SAs in observe mode, and the operator chooses when. No script touches
+    // the running system when dpkg installs into another root (DPKG_ROOT).
     write(
         &debian.join("prerm"),
         "#!/bin/sh\nset -e\n\
          if [ \"$1\" = remove ] && [ -z \"${DPKG_ROOT:-}\" ]; then\n\
          \tif [ -d /run/systemd/system ]; then systemctl stop natt-monitor.service || true; fi\n\
-         \t/usr/bin/natt-monitor detach || true\n\
+         \t/usr/bin/natt-monitor detach --config /etc/natt-monitor/natt-monitor.toml \\\n\
+         \t\t|| /usr/bin/natt-monitor detach || true\n\
          fi\n",
         0o755,
     )?;
@@ -254,6 +263,16 @@ fn debian_control(debian: &Path) -> Result<()> {
         "#!/bin/sh\nset -e\n\
          if [ \"$1\" = configure ] && [ -z \"${DPKG_ROOT:-}\" ] && [ -d /run/systemd/system ]; then\n\
          \tsystemctl daemon-reload || true\n\
+         \tif [ -n \"$2\" ]; then systemctl try-restart natt-monitor.service || true; fi\n\
+         fi\n",
+        0o755,
+    )?;
+    write(
+        &debian.join("postrm"),
+        "#!/bin/sh\nset -e\n\
+         if [ \"$1\" = purge ] && [ -z \"${DPKG_ROOT:-}\" ]; then\n\
+         \trm -rf /var/lib/natt-monitor\n\
+         \tif [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi\n\
          fi\n",
         0o755,
     )?;
@@ -270,7 +289,7 @@ fn container_context(root: &Path, out: &Path, bin: &Path) -> Result<PathBuf> {
     )?;
     copy(bin, &ctx.join("natt-monitor"), 0o755)?;
     copy(
-        &root.join("docs/natt-monitor.example.toml"),
+        &root.join("deploy/natt-monitor.toml"),
         &ctx.join("natt-monitor.toml"),
         0o644,
     )?;

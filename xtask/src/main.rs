@@ -22,6 +22,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod beside;
 mod dist;
 mod previous;
 mod vm;
@@ -230,6 +231,16 @@ fn test(no_lint: bool) -> Result<()> {
         // The previous release's binary, for the upgrade test.
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let previous = previous::build(&root)?;
+        // The README's first command leaves natt-monitor running and pinned at the default
+        // path; the root tests run beside such an install and must leave it alone.
+        // SAFETY: geteuid has no preconditions.
+        let beside = if unsafe { libc::geteuid() } == 0 {
+            Some(beside::Install::start(
+                &std::path::Path::new(dist).join("natt-monitor"),
+            )?)
+        } else {
+            None
+        };
         // Root-only tests: shared kernel state, so one at a time. --nocapture keeps the
         // measured counts and any SKIP reasons in the log.
         cargo_test(
@@ -246,6 +257,10 @@ fn test(no_lint: bool) -> Result<()> {
             &[("NATT_DIST_DIR", dist), ("NATT_PREVIOUS_BIN", &previous)],
             &mut tally,
         )?;
+        if let Some(install) = beside {
+            install.finish()?;
+            tally.passed += 1;
+        }
         // The real ESP-in-UDP path, in QEMU with Debian's kernels.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {

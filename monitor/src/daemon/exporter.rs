@@ -167,6 +167,7 @@ impl Readings for KernelReadings {
             up: self.health.check().is_ok(),
             residuals_evicted: view.residuals_evicted,
             peers_observe_only: view.observe_only,
+            peers_over_limit: view.over_limit,
             ..Snapshot::default()
         };
         // Residuals the LRU forgot: restored by the verifier from the NAT mapping's record, or

@@ -102,7 +102,7 @@ pub enum DaemonError {
         missing: Vec<&'static str>,
     },
     /// The listen address could not be bound.
-    #[error("--listen {addr}: {source}")]
+    #[error("--web.listen-address {addr}: {source}")]
     Listen {
         /// The address.
         addr: std::net::SocketAddr,
@@ -247,6 +247,20 @@ impl OwnsFd for aya_log::EbpfLogger<&'static dyn log::Log> {}
 impl OwnsFd for crate::xfrm::Watch {}
 
 /// Registers a ring buffer, the aya-log reader or the XFRM socket with the runtime.
+/// Binds the metrics listener. `:PORT` (`[::]`) falls back to `0.0.0.0` on a host with IPv6
+/// off, as Prometheus exporters written in Go do.
+fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    match TcpListener::bind(addr) {
+        Err(e)
+            if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, addr.port()))
+        }
+        other => other,
+    }
+}
+
 fn watch_fd<T: OwnsFd>(what: &'static str, inner: T) -> Result<AsyncFd<T>, DaemonError> {
     // SAFETY: `T: OwnsFd` owns its descriptor and keeps it open, unchanged, for as long as it
     // exists; the AsyncFd owns the `T`, so the registration never outlives the fd.
@@ -341,7 +355,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     };
     let listener = match listener {
         Some(l) => l,
-        None => TcpListener::bind(settings.listen).map_err(listen_err)?,
+        None => bind(settings.listen).map_err(listen_err)?,
     };
     let listen = listener.local_addr().map_err(listen_err)?;
     // Probe what the kernel offers before anything is loaded: a missing feature is named, not
@@ -410,8 +424,8 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         metrics: k.metrics,
         health: Arc::clone(&k.health),
     };
-    let web = Arc::new(settings.web.clone().unwrap_or_default());
-    tasks.spawn("http", http::serve(listener, Arc::new(endpoint), web));
+    let site = Arc::new(http::Site::of(&settings));
+    tasks.spawn("http", http::serve(listener, Arc::new(endpoint), site));
     tasks.spawn(
         "xfrm-discovery",
         discovery::follow(watch, handle.clone(), discovery_errors),
@@ -538,7 +552,7 @@ impl Loaded {
             verifier.variant().as_str(),
             settings.max_peers,
         )?
-        .with_process_metrics()?;
+        .with_process_metrics(!settings.disable_exporter_metrics)?;
         let capture = match &settings.capture {
             Some(path) => {
                 let file =

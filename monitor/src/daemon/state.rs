@@ -45,6 +45,8 @@ pub struct View {
     /// Peers that ask for enforce mode but run in observe mode: address scope learns their
     /// residual, and a learned residual is a guess there.
     pub observe_only: usize,
+    /// Discovered peers and catch-alls left out of the maps by `--max-peers`.
+    pub over_limit: usize,
 }
 
 impl View {
@@ -164,6 +166,8 @@ pub struct SaState {
     /// Static and discovered peers that ask for enforce mode but run in observe mode
     /// (`observe_only`).
     observe_only: [usize; 2],
+    /// Discovered peers and catch-alls the last peer set left out (`fit`).
+    over_limit: usize,
 }
 
 impl std::fmt::Debug for SaState {
@@ -192,6 +196,41 @@ fn merge(statics: &[PeerSpec], discovered: &[PeerSpec]) -> Vec<PeerSpec> {
             .cloned(),
     );
     out
+}
+
+/// The peers that fit in `table`'s limit: every static one, then SA scope's catch-alls, then
+/// the discovered ones, those already in `table` first (they keep their ids and counts) and
+/// the rest in the order discovery gave them; and how many were left out. Static peers past
+/// the limit stay in, for `PeerTable::reconcile` to refuse: the configuration asked for them,
+/// and `config::resolve` already refuses such a configuration by name.
+fn fit(mut peers: Vec<PeerSpec>, table: &PeerTable) -> (Vec<PeerSpec>, usize) {
+    let limit = table.limit() as usize;
+    if peers.len() <= limit {
+        return (peers, 0);
+    }
+    let known: std::collections::HashSet<IpNet> = table.iter().map(|(_, p)| p.net).collect();
+    peers.sort_by_key(|p| match p.source {
+        Source::Static => 0,
+        Source::Undiscovered => 1,
+        Source::Xfrm if known.contains(&p.net) => 2,
+        Source::Xfrm => 3,
+    });
+    let statics = peers.iter().filter(|p| p.source == Source::Static).count();
+    let keep = limit.max(statics);
+    let over = peers.len() - keep;
+    peers.truncate(keep);
+    (peers, over)
+}
+
+/// Says that `n` peers did not fit in `limit` (nothing when `n` is 0).
+fn warn_over_limit(n: usize, limit: u32) {
+    if n > 0 {
+        warn!(
+            peers = n,
+            max_peers = limit,
+            "discovered peers past --max-peers have no entry of their own: under SA scope their SAs are verified by the catch-alls while those fit, under address scope they are not verified; raise --max-peers (natt_monitor_peers_over_limit counts them)"
+        );
+    }
 }
 
 /// Under SA scope, `discovered` and after them the two catch-alls (`Source::Undiscovered`):
@@ -297,7 +336,9 @@ impl SaState {
         let statics = scoped(scope, statics);
         let discovered = scoped(scope, discovered);
         let before = PeerTable::pinned(&prior.peers, max_peers);
-        let table = before.reconcile(merge(&statics, &discovered))?;
+        let (fitted, over_limit) = fit(merge(&statics, &discovered), &before);
+        warn_over_limit(over_limit, max_peers);
+        let table = before.reconcile(fitted)?;
         maps.set_peers(&before, &table)?;
         let unchanged: BTreeSet<u32> = prior
             .peers
@@ -331,6 +372,7 @@ impl SaState {
             evicted: 0,
             learning_mismatches: BTreeMap::new(),
             observe_only,
+            over_limit,
         };
         state.publish();
         Ok((state, rx))
@@ -393,6 +435,7 @@ impl SaState {
             residuals_evicted: self.evicted,
             learning_mismatches: self.learning_mismatches.clone(),
             observe_only: self.observe_only.iter().sum(),
+            over_limit: self.over_limit,
         }));
     }
 
@@ -415,9 +458,8 @@ impl SaState {
         let discovered =
             discovered.map_or_else(|| self.discovered.clone(), |d| scoped(self.scope, d));
         let old = self.table.clone();
-        let new = old
-            .reconcile(merge(&statics, &discovered))
-            .map_err(|e| e.to_string())?;
+        let (fitted, over_limit) = fit(merge(&statics, &discovered), &old);
+        let new = old.reconcile(fitted).map_err(|e| e.to_string())?;
         if let Err(e) = self.maps.set_peers(&old, &new) {
             // The maps may now be partly updated; put the old table back so they match what
             // the metrics and logs believe.
@@ -451,6 +493,10 @@ impl SaState {
             warn_observe_only(observe_only.iter().sum());
         }
         self.observe_only = observe_only;
+        if over_limit != self.over_limit {
+            warn_over_limit(over_limit, old.limit());
+        }
+        self.over_limit = over_limit;
         self.publish();
         Ok(Applied {
             added,
@@ -643,6 +689,49 @@ mod tests {
             .map(PeerSpec::label)
             .collect();
         assert_eq!(merged, ["192.0.2.0/24", "198.51.100.7/32"]);
+    }
+
+    /// Past the limit, statics stay, then the catch-alls, then discovered peers the table already
+    /// holds (their ids and counts), then new ones in discovery order; the rest are counted.
+    #[test]
+    fn peers_past_the_limit_are_left_out_in_order_and_counted() {
+        let old = PeerTable::with_limit(4)
+            .reconcile(vec![spec("198.51.100.9", Source::Xfrm)])
+            .unwrap();
+        let peers = vec![
+            spec("198.51.100.7", Source::Xfrm),
+            spec("198.51.100.8", Source::Xfrm),
+            spec("198.51.100.9", Source::Xfrm),
+            spec("192.0.2.0/24", Source::Static),
+            spec("0.0.0.0/0", Source::Undiscovered),
+            spec("::/0", Source::Undiscovered),
+        ];
+        let (kept, over) = fit(peers.clone(), &old);
+        let nets: Vec<String> = kept.iter().map(|p| p.net.to_string()).collect();
+        assert_eq!(
+            nets,
+            ["192.0.2.0/24", "0.0.0.0/0", "::/0", "198.51.100.9/32"]
+        );
+        assert_eq!(over, 2);
+        let table = old.reconcile(kept).unwrap();
+        // The peer that stayed kept its id.
+        assert_eq!(
+            table.get(0).map(PeerSpec::label).as_deref(),
+            Some("198.51.100.9/32")
+        );
+        // Within the limit nothing moves.
+        let (kept, over) = fit(peers[..4].to_vec(), &old);
+        assert_eq!((kept.len(), over), (4, 0));
+        // Statics past the limit are not cut: reconcile refuses them as a configuration error.
+        let statics: Vec<PeerSpec> = (1..=5)
+            .map(|i| spec(&format!("192.0.2.{i}"), Source::Static))
+            .collect();
+        let (kept, over) = fit(statics, &old);
+        assert_eq!((kept.len(), over), (5, 0));
+        assert!(matches!(
+            old.reconcile(kept),
+            Err(crate::peers::PeerError::TooMany { count: 5, .. })
+        ));
     }
 
     /// Under SA scope the two catch-alls follow the discovered peers, take their mode and learn;

@@ -51,6 +51,9 @@ if [ "$want_test" = 1 ]; then
   pkgs+=(binutils file openssl curl)
   # jsonnet: the mixin that generates the rule pack and the dashboard.
   pkgs+=(jsonnet)
+  # The container image, built and run by the tests: podman, with runc (crun refuses hosts
+  # whose cgroup v2 is mounted beside v1) and netavark (podman's network helper).
+  pkgs+=(podman runc netavark)
 fi
 if [ "$want_bench" = 1 ]; then
   pkgs+=(iperf3 tshark)

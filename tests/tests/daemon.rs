@@ -598,8 +598,13 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
         ),
         "{pinned}"
     );
-    // `detach` removes it all, and says what it removed; a second time there is nothing.
-    let (code, out) = output_of(&["detach", "--pin-path", pins.arg()]);
+    // `detach` removes it all, and says what it removed; a second time there is nothing. Given
+    // the configuration file (as the package's removal script gives it), it detaches where the
+    // file's `pin_path` pinned.
+    let cfg = std::env::temp_dir().join(natt_monitor_tests::net::unique("natt-detach-cfg-"));
+    std::fs::write(&cfg, format!("pin_path = \"{}\"\n", pins.arg())).unwrap();
+    let (code, out) = output_of(&["detach", "--config", cfg.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&cfg);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out,
@@ -618,6 +623,44 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
         output_of(&["detach", "--pin-path", pins.arg()]),
         (0, format!("nothing pinned at {}\n", pins.arg()))
     );
+}
+
+/// `detach --config` reads the file as `run` would: `none` has nothing to detach, a bad value
+/// is a configuration error naming the key, and the file and `--pin-path` exclude each other.
+#[test]
+fn detach_takes_the_pin_path_from_the_configuration_file() {
+    let dir = std::env::temp_dir().join(natt_monitor_tests::net::unique("natt-detach-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let none = dir.join("none.toml");
+    std::fs::write(&none, "pin_path = \"none\"\n").unwrap();
+    assert_eq!(
+        output_of(&["detach", "--config", none.to_str().unwrap()]),
+        (
+            0,
+            "nothing to detach: the configuration sets pin_path = \"none\", so the verifier goes with its process\n".to_owned()
+        )
+    );
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "pin_path = \"pins\"\n").unwrap();
+    let (code, err) = run_to_end(&["detach", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 78, "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "natt-monitor: error: --config {} key `pin_path`: `pins` is not an absolute directory path or `none`\n",
+            bad.display()
+        )
+    );
+    let (code, err) = run_to_end(&[
+        "detach",
+        "--config",
+        none.to_str().unwrap(),
+        "--pin-path",
+        "/sys/fs/bpf/x",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -244,3 +244,237 @@ fn the_deb_installs_into_a_clean_root_and_runs_from_it() {
         "{rest:?}"
     );
 }
+
+/// A container engine from Debian's archive that can run the image here: podman with runc
+/// (crun refuses hosts whose cgroup v2 is mounted beside v1, as on this kind of machine).
+/// `None`, with the reason printed, where none can.
+fn podman_runs(test: &str) -> Option<()> {
+    let ok = |args: &[&str]| {
+        Command::new("podman")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !ok(&["--runtime", "runc", "info"]) {
+        eprintln!(
+            "SKIP {test}: `podman --runtime runc info` does not answer (scripts/setup.sh --test installs podman, runc and netavark)"
+        );
+        return None;
+    }
+    Some(())
+}
+
+/// The image's containers and tag, removed however the test ends.
+struct Podman {
+    id: String,
+    tag: String,
+    names: Vec<String>,
+}
+
+impl Podman {
+    /// Builds the image from `context` under a tag of its own.
+    fn build(context: &Path) -> Self {
+        let id = natt_monitor_tests::net::unique("natt-img-");
+        let engine = Self {
+            tag: format!("localhost/natt-monitor-test:{id}"),
+            id,
+            names: Vec::new(),
+        };
+        let ctx = context.to_str().unwrap();
+        podman(&["build", "--quiet", "--tag", &engine.tag, ctx]);
+        let size: u64 = podman(&["image", "inspect", "--format", "{{.Size}}", &engine.tag])
+            .trim()
+            .parse()
+            .unwrap();
+        eprintln!("image {}: {size} bytes", engine.tag);
+        // FROM scratch: the static binary, the configuration and the licences.
+        assert!(size < 16 << 20, "{size}");
+        engine
+    }
+
+    /// `podman --runtime runc run` in the shape deploy/kubernetes runs the image: the host's
+    /// network, only `CAP_BPF`, `CAP_PERFMON` and `CAP_NET_ADMIN`, a read-only root, the host's
+    /// bpffs, cgroup2 hierarchy and procfs. Explicit ulimits: podman's default
+    /// `RLIMIT_NOFILE` and `RLIMIT_NPROC` exceed this machine's hard limits.
+    fn run(&mut self, name: &str, detached: bool, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new("podman");
+        cmd.args(["--runtime", "runc", "run", "--name", name]);
+        if detached {
+            cmd.arg("--detach");
+        } else {
+            cmd.arg("--rm");
+        }
+        cmd.args([
+            "--network=host",
+            "--cap-drop=all",
+            "--cap-add=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
+            "--read-only",
+            "--ulimit=nofile=4096:4096",
+            "--ulimit=nproc=4096:4096",
+            "--security-opt=seccomp=unconfined",
+            "--volume=/sys/fs/bpf:/sys/fs/bpf",
+            "--volume=/sys/fs/cgroup:/sys/fs/cgroup:ro",
+            "--volume=/proc:/host/proc:ro",
+            &self.tag,
+        ])
+        .args(args);
+        self.names.push(name.to_owned());
+        cmd.output().expect("podman run")
+    }
+}
+
+/// `podman --runtime runc ARGS`, which must succeed; its output.
+fn podman(args: &[&str]) -> String {
+    out(Command::new("podman")
+        .args(["--runtime", "runc"])
+        .args(args))
+}
+
+/// Waits up to 30 s for `/healthz` at `listen` to answer 200.
+fn wait_healthy(listen: &str, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !http_get(&format!("http://{listen}/healthz")).is_ok_and(|(c, _)| c == 200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never became healthy"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// What container `name` wrote (the daemon logs to stderr).
+fn container_logs(name: &str) -> String {
+    let o = Command::new("podman")
+        .args(["logs", name])
+        .output()
+        .expect("podman logs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("podman").args(["rm", "-f", name]).output();
+        }
+        let _ = Command::new("podman")
+            .args(["rmi", "-f", &self.tag])
+            .output();
+    }
+}
+
+/// The image `cargo xtask dist` builds, built and run under a real container engine as the
+/// daemon set runs it: it attaches and serves metrics; a stopped container leaves the verifier
+/// pinned and attached; the next container adopts it; `detach` run from the image removes it.
+#[test]
+fn the_image_runs_pins_hands_over_and_detaches_under_podman() {
+    const TEST: &str = "the_image_runs_pins_hands_over_and_detaches_under_podman";
+    if skip_unless_root(TEST) {
+        return;
+    }
+    let Some(dist) = dist_dir(TEST) else {
+        return;
+    };
+    if podman_runs(TEST).is_none() {
+        return;
+    }
+    let mut engine = Podman::build(&dist.join("container"));
+    let id = engine.id.clone();
+
+    let pins = natt_monitor_tests::PinDir::new();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = free.local_addr().unwrap().to_string();
+    drop(free);
+    let run = [
+        "run",
+        "--config",
+        "/etc/natt-monitor/natt-monitor.toml",
+        "--proc-path",
+        "/host/proc",
+        "--pin-path",
+        pins.arg(),
+        "--listen",
+        &listen,
+        "--log-format",
+        "json",
+    ];
+    let wait_healthy = |what: &str| wait_healthy(&listen, what);
+    let link = pins.path.join(natt_monitor::pin::LINK_FILE);
+    let prog = || {
+        natt_monitor::pin::Link::open(&link)
+            .and_then(|l| l.info())
+            .map(|i| i.prog_id)
+            .ok()
+    };
+
+    let first = format!("{id}-1");
+    let o = engine.run(&first, true, &run);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_healthy(&first);
+    let (code, body) = http_get(&format!("http://{listen}/metrics")).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(metric(&body, "natt_monitor_up"), Some(1), "{body}");
+    assert!(body.contains(&format!(
+        "natt_monitor_build_info{{revision=\"{}\",version=\"{VERSION}\"}} 1",
+        natt_monitor::metrics::REVISION
+    )));
+    let attached = prog().expect("the first container pinned its link");
+
+    // Stopped (SIGTERM, as the kubelet stops a pod): exit 0, the verifier stays pinned.
+    podman(&["stop", "--time", "10", &first]);
+    assert_eq!(
+        podman(&["inspect", "--format", "{{.State.ExitCode}}", &first]).trim(),
+        "0"
+    );
+    assert_eq!(
+        prog(),
+        Some(attached),
+        "the link stays, running the same program"
+    );
+    let logs = container_logs(&first);
+    assert!(
+        logs.contains("the verifier stays attached, pinned with its maps"),
+        "{logs}"
+    );
+
+    // The next container adopts it: the link is the same, its program replaced atomically.
+    let second = format!("{id}-2");
+    let o = engine.run(&second, true, &run);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_healthy(&second);
+    let logs = container_logs(&second);
+    assert!(
+        logs.contains(
+            "adopted the pinned link: its program was replaced by this one in one atomic update"
+        ),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!("\"old_prog_id\":{attached}")),
+        "{logs}"
+    );
+    podman(&["stop", "--time", "10", &second]);
+
+    // `detach` from the image removes it.
+    let o = engine.run(
+        &format!("{id}-detach"),
+        false,
+        &["detach", "--pin-path", pins.arg()],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.starts_with("detached link "), "{text}");
+    assert!(
+        text.ends_with(&format!("removed {}\n", pins.arg())),
+        "{text}"
+    );
+    assert!(!pins.path.exists());
+    assert!(prog().is_none());
+}

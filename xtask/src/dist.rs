@@ -299,20 +299,23 @@ fn container_context(root: &Path, out: &Path, bin: &Path) -> Result<PathBuf> {
     Ok(ctx)
 }
 
-/// Builds the image when `docker info` answers; otherwise says why not.
+/// Builds the image with podman or docker, whichever answers (podman first: Debian's archive
+/// has it, and `scripts/setup.sh --test` installs it); otherwise says why not.
 fn container_image(ctx: &Path) -> Result<()> {
-    let engine = Command::new("docker")
-        .arg("info")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !engine {
+    let answers = |engine: &str| {
+        Command::new(engine)
+            .arg("info")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let Some(engine) = ["podman", "docker"].into_iter().find(|e| answers(e)) else {
         eprintln!(
-            "xtask: dist: SKIP the container image: no container engine answers `docker info`; build it elsewhere with `docker build -t natt-monitor:{} {}`",
+            "xtask: dist: SKIP the container image: neither `podman info` nor `docker info` answers; build it elsewhere with `podman build -t natt-monitor:{} {}`",
             version(),
             ctx.display()
         );
         return Ok(());
-    }
+    };
     let tag = format!("natt-monitor:{}", version());
-    run(Command::new("docker").args(["build", "-t", &tag]).arg(ctx))
+    run(Command::new(engine).args(["build", "--tag", &tag]).arg(ctx))
 }

@@ -64,7 +64,7 @@ enum Task {
     Lint,
     /// Builds what operators install into target/dist: the statically linked binary, the .deb
     /// (binary, systemd unit, example configuration, man pages, completions, licences) and the
-    /// container build context (FROM scratch), plus the image where `docker info` answers.
+    /// container build context (FROM scratch), plus the image where podman or docker answers.
     Dist,
     /// The real IPsec path (root; needs `scripts/setup.sh --test`): boots Debian's 5.10, 6.1,
     /// 6.12 and 7.3 kernels (pinned packages) under QEMU and runs the ESP-in-UDP scenarios with

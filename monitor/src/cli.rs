@@ -38,7 +38,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Detach the pinned verifier and remove its link and maps from bpffs. `run` leaves them
     /// attached when it exits (so that a restart has no gap); this is how to remove it for good.
-    /// A daemon still running notices within a second and exits with an error.
+    /// Refused while a daemon runs with these pins (stop it first); one detached by other means
+    /// (bpftool) notices within a second and exits with an error.
     Detach(DetachArgs),
     /// Write the man pages and shell completions into a directory (for packaging).
     #[command(hide = true)]

@@ -69,6 +69,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(config::EXIT_CONFIG);
                 }
             };
+            // Refused while a daemon runs with these pins: it would exit, be restarted by its
+            // supervisor, and attach again.
+            let _claim = match natt_monitor::pin::claim(&dir) {
+                Ok(claim) => claim,
+                Err(e) => {
+                    eprintln!("natt-monitor: error: {}", render_error(&e.into()));
+                    return ExitCode::FAILURE;
+                }
+            };
             match natt_monitor::pin::detach(&dir) {
                 Ok(removed) => {
                     #[expect(clippy::print_stdout, reason = "the report is the command's output")]

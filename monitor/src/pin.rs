@@ -339,6 +339,17 @@ pub enum PinError {
         /// The directory.
         path: PathBuf,
     },
+    /// A running daemon holds the directory (`hold`): detaching would make it exit, and its
+    /// supervisor would start it again, attaching anew.
+    #[error(
+        "--pin-path {}: a running natt-monitor{} uses this verifier; detached now, it would exit and systemd or Kubernetes would start it again, attaching anew. Stop it first (`systemctl stop natt-monitor`, `podman stop`, or delete the DaemonSet), then detach", path.display(), pid.map_or_else(String::new, |p| format!(" (pid {p})"))
+    )]
+    Held {
+        /// The directory.
+        path: PathBuf,
+        /// The holder, from /proc/locks, when found.
+        pid: Option<u32>,
+    },
     /// A file-system step failed.
     #[error("--pin-path {}: {what}: {source}", path.display())]
     Io {
@@ -350,6 +361,66 @@ pub enum PinError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Takes a shared lock (`flock(2)`) on the pin directory, for a daemon to hold while it runs:
+/// `claim` (and so `natt-monitor detach`) is refused while any is held. The kernel releases it
+/// with the descriptor, however the process ends, so a killed daemon never leaves it behind.
+///
+/// # Errors
+/// When the directory cannot be opened or locked.
+pub fn hold(dir: &Path) -> io::Result<File> {
+    let f = File::open(dir)?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+/// Takes the pin directory for removal: an exclusive lock, refused while a daemon `hold`s it.
+/// `None` when there is no directory. Keep the returned descriptor until the removal is done.
+///
+/// # Errors
+/// `PinError::Held` naming the daemon's pid when /proc/locks shows it; `PinError::Io` otherwise.
+pub fn claim(dir: &Path) -> Result<Option<File>, PinError> {
+    let io_err = |source| PinError::Io {
+        path: dir.to_owned(),
+        what: "locking the pin directory",
+        source,
+    };
+    let f = match File::open(dir) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(f));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(io_err(e));
+    }
+    let inode = std::os::unix::fs::MetadataExt::ino(&f.metadata().map_err(io_err)?);
+    Err(PinError::Held {
+        path: dir.to_owned(),
+        pid: lock_holder(
+            &std::fs::read_to_string("/proc/locks").unwrap_or_default(),
+            inode,
+        ),
+    })
+}
+
+/// The pid of a `FLOCK` on inode `inode` in /proc/locks' text (`1: FLOCK ADVISORY READ 4242
+/// 00:1f:1234 0 EOF`).
+fn lock_holder(locks: &str, inode: u64) -> Option<u32> {
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let at = f.iter().position(|w| *w == "FLOCK")?;
+        let (pid, file) = (f.get(at + 3)?, f.get(at + 4)?);
+        (file.rsplit(':').next()?.parse::<u64>().ok()? == inode).then(|| pid.parse().ok())?
+    })
 }
 
 /// Makes `dir` usable as a pin directory: mounts bpffs at `/sys/fs/bpf` when `dir` lies below
@@ -508,4 +579,44 @@ pub fn pinned_maps(dir: &Path) -> Vec<&'static str> {
         .into_iter()
         .filter(|m| dir.join(m).exists())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_holder_is_found_by_inode() {
+        let locks = "1: POSIX  ADVISORY  WRITE 900 00:1a:77 0 EOF\n\
+                     2: FLOCK  ADVISORY  READ 4242 00:1f:1234 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 17 00:1f:99 0 EOF\n";
+        assert_eq!(lock_holder(locks, 1234), Some(4242));
+        assert_eq!(lock_holder(locks, 99), Some(17));
+        assert_eq!(
+            lock_holder(locks, 77),
+            None,
+            "a POSIX lock is not a daemon's hold"
+        );
+        assert_eq!(lock_holder("", 1234), None);
+    }
+
+    #[test]
+    fn claim_is_refused_while_a_hold_exists_and_granted_after() {
+        let dir = std::env::temp_dir().join(format!("natt-pin-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let held = hold(&dir).unwrap();
+        // A second daemon (a handover) may hold it too.
+        let also = hold(&dir).unwrap();
+        match claim(&dir) {
+            Err(PinError::Held { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("{other:?}"),
+        }
+        drop((held, also));
+        assert!(claim(&dir).unwrap().is_some());
+        std::fs::remove_dir(&dir).unwrap();
+        assert!(
+            claim(&dir).unwrap().is_none(),
+            "no directory, nothing to claim"
+        );
+    }
 }

@@ -570,6 +570,20 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
         pins.arg(),
     ]);
     d.wait_for("verifier attached at cgroup_skb ingress");
+    // While the daemon runs, `detach` refuses, naming it: detaching would make it exit and its
+    // supervisor attach it again. The daemon stays healthy and the pins stay.
+    let (code, err) = run_to_end(&["detach", "--pin-path", pins.arg()]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "natt-monitor: error: --pin-path {}: a running natt-monitor (pid {}) uses this verifier; detached now, it would exit and systemd or Kubernetes would start it again, attaching anew. Stop it first (`systemctl stop natt-monitor`, `podman stop`, or delete the DaemonSet), then detach\n",
+            pins.arg(),
+            d.child.id()
+        )
+    );
+    assert!(pins.path.join("link").exists());
+    assert_eq!(d.get("/healthz").0, 200);
     let (status, lines) = d.stop(libc::SIGINT);
     assert!(status.success(), "exit status {status}: {lines:?}");
     assert!(lines.iter().any(|v| v["message"]

@@ -430,11 +430,12 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         "xfrm-discovery",
         discovery::follow(watch, handle.clone(), discovery_errors),
     );
+    let hold = hold_pins(&settings);
     tasks.spawn(
         "sighup",
         reload::follow(hup, reload, settings, handle, reloads),
     );
-    tasks.spawn("link-watch", watch_link(link));
+    tasks.spawn("link-watch", watch_link(link, hold));
     Ok(Running {
         verifier: k.verifier,
         tasks,
@@ -603,13 +604,22 @@ fn attach(verifier: &mut Verifier, settings: &Settings) -> Result<crate::pin::Li
     Ok(verifier.link_handle()?)
 }
 
+/// The pin directory's shared lock, held while the daemon runs, so that `natt-monitor detach`
+/// refuses instead of making it exit (and its supervisor attach it again).
+fn hold_pins(settings: &Settings) -> Option<std::fs::File> {
+    let dir = settings.pin.as_deref()?;
+    crate::pin::hold(dir)
+        .inspect_err(|e| warn!(error = %e, "could not lock the pin directory; `natt-monitor detach` will not see that this daemon runs"))
+        .ok()
+}
+
 /// How often `link-watch` asks the kernel whether the link is still attached.
 const LINK_WATCH_PERIOD: Duration = Duration::from_secs(1);
 
 /// Ends with an error once the link no longer attaches the program (`natt-monitor detach`,
 /// `bpftool link detach`, or the cgroup removed): the daemon must not report a verifier that
 /// no longer runs.
-async fn watch_link(link: crate::pin::Link) -> io::Result<()> {
+async fn watch_link(link: crate::pin::Link, _hold: Option<std::fs::File>) -> io::Result<()> {
     let mut tick = tokio::time::interval(LINK_WATCH_PERIOD);
     loop {
         tick.tick().await;

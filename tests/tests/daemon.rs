@@ -1436,6 +1436,17 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
     assert_no_verifier_loaded();
 }
 
+/// Every injected corruption was counted, but for look-alikes: `partial_checksum` counts
+/// segments whose checksum field holds only the pseudo-header sum, a corrupted one that happens
+/// to look so or an intact `CHECKSUM_PARTIAL` one (one fresh-clone run in nine saw one), so it
+/// bounds what was missed rather than equalling it.
+fn assert_counted(counted: u64, injected: u64, look_alike: u64) {
+    assert!(
+        counted <= injected && counted + look_alike >= injected,
+        "{counted} of {injected} corruptions counted, {look_alike} look-alike partial checksums"
+    );
+}
+
 /// Address scope never drops on a guess, shown on one daemon in enforce mode: a peer that learns
 /// its residual (IPv4, `learn_residual = true`) runs in observe mode, so every corruption from it
 /// is counted and reaches the application; a peer whose residual is exact (IPv6, no NAT) is
@@ -1509,11 +1520,7 @@ fn address_scope_enforces_exact_peers_and_only_observes_learned_ones() {
         dropped, 0,
         "a learned residual is never enforced under address scope"
     );
-    assert_eq!(
-        mismatches + while_learning + look_alike,
-        injected,
-        "every corruption counted (a look-alike partial checksum aside)"
-    );
+    assert_counted(mismatches + while_learning, injected, look_alike);
     assert!(
         learned.differing > 0,
         "observe mode delivers what it counts"
@@ -1529,7 +1536,7 @@ fn address_scope_enforces_exact_peers_and_only_observes_learned_ones() {
         "exact peer: {exact:?}, injected {injected6}, verified {verified6}, mismatches {mismatches6}, dropped {dropped6}, partial_checksum {look_alike6}"
     );
     assert!(injected6 > 0 && verified6 > 0);
-    assert_eq!(mismatches6 + look_alike6, injected6);
+    assert_counted(mismatches6, injected6, look_alike6);
     assert_eq!(
         dropped6, mismatches6,
         "every mismatch of the exact peer dropped"

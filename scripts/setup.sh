@@ -54,6 +54,9 @@ if [ "$want_test" = 1 ]; then
   # The container image, built and run by the tests: podman, with runc (crun refuses hosts
   # whose cgroup v2 is mounted beside v1) and netavark (podman's network helper).
   pkgs+=(podman runc netavark)
+  # The VM suite's systemd guest: a Debian root file system with systemd as PID 1, made by
+  # mmdebstrap and written to an ext4 image by mke2fs (e2fsprogs).
+  pkgs+=(mmdebstrap e2fsprogs)
 fi
 if [ "$want_bench" = 1 ]; then
   pkgs+=(iperf3 tshark)

@@ -27,10 +27,6 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start; boxing `run`'s options buys nothing"
-)]
 pub enum Command {
     /// Attach the verifier and report mismatches until SIGINT/SIGTERM.
     Run(RunOptions),
@@ -118,6 +114,12 @@ pub struct CheckArgs {
     /// or names the key at fault and exits 78. The systemd unit runs it before a reload.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// With --config: once the file is valid, send SIGHUP to the daemon with this process id so
+    /// that it re-reads its peers and mode; an invalid file leaves it alone. The systemd unit's
+    /// reload is `check --config FILE --reload $MAINPID` (no `kill` binary needed).
+    #[arg(long, value_name = "PID", requires = "config")]
+    pub reload: Option<i32>,
 
     /// cgroup v2 directory to test-attach to. Default: a temporary child of the cgroup2 mount.
     #[arg(long, value_name = "PATH")]

@@ -12,6 +12,52 @@ use natt_monitor::{
 };
 use tracing_subscriber::EnvFilter;
 
+/// `check --config FILE --reload PID`: asks the daemon `pid` to re-read its configuration.
+fn reload(pid: i32) -> Result<(), String> {
+    if pid <= 0 {
+        return Err(format!(
+            "--reload {pid}: not a daemon's process id (systemd passes $MAINPID, which is 0 when the unit is not running)"
+        ));
+    }
+    // SAFETY: kill(2) has no memory preconditions.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } == 0 {
+        #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+        {
+            println!("sent SIGHUP to {pid}: it re-reads the configuration");
+        }
+        Ok(())
+    } else {
+        Err(format!(
+            "--reload {pid}: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+/// `check --config FILE [--reload PID]`: the file's summary (exit 0), or the key at fault (exit
+/// 78); then, if valid, SIGHUP to the daemon.
+fn check_config(path: &std::path::Path, reload_pid: Option<i32>) -> ExitCode {
+    match check::config_summary(path) {
+        Ok(summary) => {
+            #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+            {
+                print!("{summary}");
+            }
+            match reload_pid.map(reload) {
+                Some(Err(e)) => {
+                    eprintln!("natt-monitor: error: {e}");
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("natt-monitor: error: {e}");
+            ExitCode::from(config::EXIT_CONFIG)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -19,20 +65,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check(args) if args.config.is_some() => {
-            let path = args.config.unwrap_or_default();
-            match check::config_summary(&path) {
-                Ok(summary) => {
-                    #[expect(clippy::print_stdout, reason = "the report is the command's output")]
-                    {
-                        print!("{summary}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("natt-monitor: error: {e}");
-                    ExitCode::from(config::EXIT_CONFIG)
-                }
-            }
+            check_config(&args.config.unwrap_or_default(), args.reload)
         }
         Command::Check(args) => {
             let mut report =

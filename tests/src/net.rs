@@ -65,6 +65,15 @@ impl Netns {
         ns
     }
 
+    /// The initial network namespace (PID 1's) under a name of its own (`ip netns attach`), for
+    /// code that takes a `Netns`: dropping it removes only the name.
+    #[must_use]
+    pub fn initial(prefix: &str) -> Self {
+        let name = unique(prefix);
+        sh(&["ip", "netns", "attach", &name, "1"]);
+        Self { name }
+    }
+
     /// Runs `f` on a thread that has entered this namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         std::thread::scope(|s| {

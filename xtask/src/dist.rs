@@ -43,17 +43,8 @@ pub fn dist() -> Result<PathBuf> {
     if out.exists() {
         fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
-    fs::create_dir_all(&out)?;
-    let bin = static_binary(&root)?;
-    let dist_bin = out.join("natt-monitor");
-    fs::copy(&bin, &dist_bin).context("copying the static binary")?;
-    // Debug information triples the size; the build tree keeps the unstripped binary.
-    run(Command::new("strip").arg("--strip-debug").arg(&dist_bin))?;
-    let generated = out.join("generated");
-    run(Command::new(&dist_bin)
-        .args(["generate", "--out"])
-        .arg(&generated))?;
-    let deb = debian_package(&root, &out, &dist_bin, &generated)?;
+    let (dist_bin, generated) = binary_and_pages(&root, &out)?;
+    let deb = debian_package(&root, &out, &dist_bin, &generated, version())?;
     let context = container_context(&root, &out, &dist_bin)?;
     container_image(&context)?;
     eprintln!(
@@ -63,6 +54,40 @@ pub fn dist() -> Result<PathBuf> {
         context.display()
     );
     Ok(out)
+}
+
+/// The stripped static binary in `out` and what it generates (man pages, completions) in
+/// `out/generated`.
+fn binary_and_pages(root: &Path, out: &Path) -> Result<(PathBuf, PathBuf)> {
+    fs::create_dir_all(out)?;
+    let bin = static_binary(root)?;
+    let dist_bin = out.join("natt-monitor");
+    fs::copy(&bin, &dist_bin).context("copying the static binary")?;
+    // Debug information triples the size; the build tree keeps the unstripped binary.
+    run(Command::new("strip").arg("--strip-debug").arg(&dist_bin))?;
+    let generated = out.join("generated");
+    run(Command::new(&dist_bin)
+        .args(["generate", "--out"])
+        .arg(&generated))?;
+    Ok((dist_bin, generated))
+}
+
+/// The .deb twice, for the VM suite's upgrade: versions `<version>~older` and `<version>`, both of
+/// this build, under `out` (cleared first). Returns (older, current).
+///
+/// # Errors
+/// The first step that fails, named.
+pub fn upgrade_pair(out: &Path) -> Result<(PathBuf, PathBuf)> {
+    let root = root();
+    if out.exists() {
+        fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
+    }
+    let (bin, generated) = binary_and_pages(&root, out)?;
+    let older = format!("{}~older", version());
+    Ok((
+        debian_package(&root, &out.join("older"), &bin, &generated, &older)?,
+        debian_package(&root, &out.join("current"), &bin, &generated, version())?,
+    ))
 }
 
 /// `cargo build --release --target x86_64-unknown-linux-gnu` with `+crt-static`; checks that
@@ -142,7 +167,13 @@ fn write(to: &Path, text: &str, mode: u32) -> Result<()> {
 }
 
 /// Stages the package tree and builds it with `dpkg-deb`.
-fn debian_package(root: &Path, out: &Path, bin: &Path, generated: &Path) -> Result<PathBuf> {
+fn debian_package(
+    root: &Path,
+    out: &Path,
+    bin: &Path,
+    generated: &Path,
+    version: &str,
+) -> Result<PathBuf> {
     let stage = out.join("deb");
     copy(bin, &stage.join("usr/bin/natt-monitor"), 0o755)?;
     let unit = fs::read_to_string(root.join("deploy/systemd/natt-monitor.service"))?
@@ -207,8 +238,8 @@ fn debian_package(root: &Path, out: &Path, bin: &Path, generated: &Path) -> Resu
          The full texts are in /usr/share/doc/natt-monitor/LICENSE-MIT and LICENSE-APACHE.\n",
         0o644,
     )?;
-    debian_control(&stage.join("DEBIAN"))?;
-    let deb = out.join(format!("natt-monitor_{}_amd64.deb", version()));
+    debian_control(&stage.join("DEBIAN"), version)?;
+    let deb = out.join(format!("natt-monitor_{version}_amd64.deb"));
     run(Command::new("dpkg-deb")
         .args(["--root-owner-group", "-Zxz", "--build"])
         .arg(&stage)
@@ -217,12 +248,12 @@ fn debian_package(root: &Path, out: &Path, bin: &Path, generated: &Path) -> Resu
 }
 
 /// The package's control files: its description, the conffile, and the maintainer scripts.
-fn debian_control(debian: &Path) -> Result<()> {
+fn debian_control(debian: &Path, version: &str) -> Result<()> {
     write(
         &debian.join("control"),
         &format!(
             "Package: natt-monitor\n\
-             Version: {}\n\
+             Version: {version}\n\
              Architecture: amd64\n\
              Maintainer: natt-monitor developers <natt-monitor@example.org>\n\
              Section: net\n\
@@ -232,8 +263,7 @@ fn debian_control(debian: &Path) -> Result<()> {
              Linux marks segments decapsulated from ESP-in-UDP (NAT traversal) as checksum-\n \
              verified without verifying them. natt-monitor puts the check back with an eBPF\n \
              program, exports Prometheus metrics, and in enforce mode drops corrupted\n \
-             segments so that TCP retransmits them. The binary is statically linked.\n",
-            version()
+             segments so that TCP retransmits them. The binary is statically linked.\n"
         ),
         0o644,
     )?;

@@ -27,6 +27,7 @@ mod dist;
 mod previous;
 mod vm;
 mod vm_bench;
+mod vm_systemd;
 
 /// The eBPF toolchain, pinned in `monitor-ebpf/rust-toolchain.toml` (and only there).
 fn ebpf_toolchain() -> Result<String> {

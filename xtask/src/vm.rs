@@ -84,7 +84,7 @@ pub struct Kernel {
 }
 
 /// Modules the scenarios need; their dependencies are added from each module's `depends=`.
-const MODULES: &[&str] = &[
+pub(crate) const MODULES: &[&str] = &[
     // libcrc32c (nf_tables, nf_conntrack) needs the crc32c algorithm registered first.
     "crc32c_generic",
     "veth",
@@ -126,7 +126,7 @@ const STRONGSWAN: &[&str] = &[
 
 /// The scenario names, shared with `natt-vm` (which prints one RESULT line for each).
 #[path = "../../tests/src/vm_scenarios.rs"]
-mod scenarios;
+pub(crate) mod scenarios;
 /// The suite's QEMU accelerator: TCG on every host thread it can use (KVM here is the PVM kind,
 /// which hangs stock kernels).
 const SUITE_ACCEL: [&str; 2] = ["-accel", "tcg,thread=multi"];
@@ -137,7 +137,7 @@ pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn run_quiet(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -167,7 +167,7 @@ pub(crate) fn need_tools() -> Result<()> {
     Ok(())
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
@@ -177,7 +177,7 @@ fn which(tool: &str) -> Option<PathBuf> {
 }
 
 /// apt with a private source list and state under `dir`, so /etc/apt is never touched.
-fn apt(dir: &Path, tool: &str) -> Command {
+pub(crate) fn apt(dir: &Path, tool: &str) -> Command {
     let mut c = Command::new(tool);
     for (k, v) in [
         ("Dir::Etc::SourceList", dir.join("sources.list")),
@@ -374,8 +374,14 @@ fn visit(
     Ok(())
 }
 
-/// Copies the needed modules (decompressed) into `dest` and returns them in load order.
-fn stage_modules(base: &Path, dest: &Path) -> Result<Vec<String>> {
+/// Copies `modules` and their dependencies (decompressed) into `dest` and returns them in load
+/// order; `on_demand` modules go to `dest/extra`, their dependencies into the order.
+pub(crate) fn stage_modules(
+    base: &Path,
+    dest: &Path,
+    modules: &[&str],
+    on_demand: &[&str],
+) -> Result<Vec<String>> {
     let mut index: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut stack = vec![base.join("kernel")];
     while let Some(d) = stack.pop() {
@@ -395,12 +401,12 @@ fn stage_modules(base: &Path, dest: &Path) -> Result<Vec<String>> {
     fs::create_dir_all(dest)?;
     let mut order = Vec::new();
     let mut done = BTreeSet::new();
-    for m in MODULES {
+    for m in modules {
         visit(m, &index, dest, &mut done, &mut order)?;
     }
     // On-demand modules go to extra/ with their dependencies in the boot order.
     fs::create_dir_all(dest.join("extra"))?;
-    for m in ON_DEMAND_MODULES {
+    for m in on_demand {
         let path = index
             .get(*m)
             .with_context(|| format!("module {m} not in this kernel"))?;
@@ -414,7 +420,7 @@ fn stage_modules(base: &Path, dest: &Path) -> Result<Vec<String>> {
 }
 
 /// Copies an ELF binary and the shared libraries `ldd` resolves for it into `rootfs`.
-fn stage_binary(src: &Path, dest_in_root: &str, rootfs: &Path) -> Result<()> {
+pub(crate) fn stage_binary(src: &Path, dest_in_root: &str, rootfs: &Path) -> Result<()> {
     let dest = rootfs.join(dest_in_root.trim_start_matches('/'));
     fs::create_dir_all(dest.parent().context("parent")?)?;
     fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
@@ -507,12 +513,29 @@ pub(crate) fn build_initramfs(
     for elf in &elves {
         stage_libraries(elf, &rootfs, Some(&ipsec))?;
     }
-    let order = stage_modules(&kernel.modules, &rootfs.join("lib/modules"))?;
+    let order = stage_modules(
+        &kernel.modules,
+        &rootfs.join("lib/modules"),
+        MODULES,
+        ON_DEMAND_MODULES,
+    )?;
     fs::write(rootfs.join("lib/modules/order"), order.join("\n") + "\n")?;
-    let init = rootfs.join("init");
-    fs::write(&init, INIT)?;
-    fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    write_init(&rootfs, INIT)?;
     let cpio = cache.join(format!("initramfs-{release}.cpio"));
+    pack(&rootfs, &cpio)?;
+    Ok(cpio)
+}
+
+/// Writes `script` as the initramfs's `/init`.
+pub(crate) fn write_init(rootfs: &Path, script: &str) -> Result<()> {
+    let init = rootfs.join("init");
+    fs::write(&init, script)?;
+    fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(())
+}
+
+/// Packs `rootfs` into the newc archive `cpio`.
+pub(crate) fn pack(rootfs: &Path, cpio: &Path) -> Result<()> {
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -522,7 +545,7 @@ pub(crate) fn build_initramfs(
         ))
         .status()?;
     ensure!(status.success(), "building {}", cpio.display());
-    Ok(cpio)
+    Ok(())
 }
 
 /// One parsed `NATT-VM RESULT` line.
@@ -551,7 +574,8 @@ fn fields(line: &str) -> Row {
         .collect()
 }
 
-/// Boots the kernel, streams the console, returns what the guest reported.
+/// Boots the kernel with the initramfs guest, streams the console, returns what the guest
+/// reported.
 pub(crate) fn boot(
     cache: &Path,
     kernel: &Kernel,
@@ -561,24 +585,64 @@ pub(crate) fn boot(
     timeout: Duration,
     accel: &[&str],
 ) -> Result<Guest> {
+    let machine = Machine {
+        name: "initramfs",
+        initrd,
+        disk: None,
+        append: format!(
+            "rdinit=/init natt_vm={} natt_soak_seed={soak_seed}",
+            only.join(",")
+        ),
+    };
+    boot_machine(cache, kernel, &machine, timeout, accel)
+}
+
+/// What one guest boots besides the kernel.
+pub(crate) struct Machine<'a> {
+    /// Names the console log (`console-<name>-<release>.log`, or `console-<release>.log` for
+    /// the initramfs guest).
+    pub(crate) name: &'a str,
+    pub(crate) initrd: &'a Path,
+    /// A raw disk image, attached as virtio `/dev/vda` with writes kept in memory (`snapshot`).
+    pub(crate) disk: Option<&'a Path>,
+    /// Kernel arguments after the console's.
+    pub(crate) append: String,
+}
+
+/// Boots `machine` under `kernel`, streams the console, returns what the guest reported.
+pub(crate) fn boot_machine(
+    cache: &Path,
+    kernel: &Kernel,
+    machine: &Machine<'_>,
+    timeout: Duration,
+    accel: &[&str],
+) -> Result<Guest> {
     let release = kernel.source.release;
     let version = kernel.source.version;
-    let log_path = cache.join(format!("console-{release}.log"));
+    let log_path = if machine.name == "initramfs" {
+        cache.join(format!("console-{release}.log"))
+    } else {
+        cache.join(format!("console-{}-{release}.log", machine.name))
+    };
     let mut log = fs::File::create(&log_path)?;
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(accel)
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(accel)
         .args(["-cpu", "max", "-M", "q35", "-smp", "1"])
         .args(["-m", "1024", "-nographic", "-no-reboot", "-nodefaults"])
         .args(["-serial", "stdio", "-display", "none", "-net", "none"])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
-        .arg(initrd)
+        .arg(machine.initrd)
         .arg("-append")
-        .arg(format!(
-            "console=ttyS0 panic=-1 quiet rdinit=/init natt_vm={} natt_soak_seed={soak_seed}",
-            only.join(",")
-        ))
+        .arg(format!("console=ttyS0 panic=-1 quiet {}", machine.append));
+    if let Some(disk) = machine.disk {
+        qemu.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            disk.display()
+        ));
+    }
+    let mut child = qemu
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -749,6 +813,39 @@ fn judge(
     Ok(())
 }
 
+/// Checks the systemd guest: its one result line, which must say ok.
+fn judge_systemd(
+    k: &Kernel,
+    guest: Guest,
+    secs: f64,
+    rows: &mut Vec<Row>,
+    fails: &mut Vec<String>,
+    summary: &mut String,
+) {
+    let (release, version) = (k.source.release, k.source.version);
+    let ok = guest.rows.len() == 1
+        && guest.rows[0].get("result").is_some_and(|v| v == "ok")
+        && guest.fails.is_empty();
+    eprintln!(
+        "xtask: vm-test: {release} ({version}): the systemd guest {} in {secs:.0} s",
+        if ok { "passed" } else { "FAILED" }
+    );
+    if guest.rows.is_empty() && guest.fails.is_empty() {
+        fails.push(format!(
+            "{release} ({version}): the systemd guest reported no result; console in target/vm/console-systemd-{release}.log"
+        ));
+    }
+    let _ = writeln!(
+        summary,
+        "| {} (systemd guest) | {release} | {version} | {} {} | - | - |",
+        k.source.label,
+        scenarios::SYSTEMD,
+        if ok { "passes" } else { "FAILED" }
+    );
+    rows.extend(guest.rows);
+    fails.extend(guest.fails);
+}
+
 /// The seed of the soak scenario, the same on every kernel: `NATT_SOAK_SEED`, or a fresh one.
 /// Printed, so that a failure can be replayed.
 fn soak_seed() -> Result<u64> {
@@ -774,20 +871,57 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     let root = root();
     let cache = root.join("target/vm");
     let bins = guest_binaries(&root, &cache)?;
-    let bins: Vec<(&Path, &str)> = bins.iter().map(|(p, d)| (p.as_path(), *d)).collect();
     let mut rows = Vec::new();
     let mut fails = Vec::new();
     let mut summary = String::new();
     let matrix: Vec<&'static KernelSource> = KERNELS.iter().collect();
     let kernels = fetch_kernels(&cache, &matrix)?;
-    let strongswan = fetch_strongswan(&cache)?;
+    // The systemd guest runs when it is selected (or nothing is); the initramfs guests run the
+    // other selected scenarios (or all of them).
+    let systemd = only.is_empty() || only.iter().any(|o| o == scenarios::SYSTEMD);
+    let initramfs_only: Vec<String> = only
+        .iter()
+        .filter(|o| *o != scenarios::SYSTEMD)
+        .cloned()
+        .collect();
+    let initramfs = only.is_empty() || !initramfs_only.is_empty();
+    let strongswan = if initramfs {
+        fetch_strongswan(&cache)?
+    } else {
+        Vec::new()
+    };
     let seed = soak_seed()?;
+    let disk = if systemd {
+        Some(crate::vm_systemd::Disk::new(&cache, &bins)?)
+    } else {
+        None
+    };
+    let bins: Vec<(&Path, &str)> = bins.iter().map(|(p, d)| (p.as_path(), *d)).collect();
     for k in &kernels {
-        let initrd = build_initramfs(&cache, k, &bins, &strongswan)?;
-        let started = Instant::now();
-        let guest = boot(&cache, k, &initrd, only, seed, GUEST_TIMEOUT, &SUITE_ACCEL)?;
-        let secs = started.elapsed().as_secs_f64();
-        judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary)?;
+        if initramfs {
+            let initrd = build_initramfs(&cache, k, &bins, &strongswan)?;
+            let started = Instant::now();
+            let guest = boot(
+                &cache,
+                k,
+                &initrd,
+                &initramfs_only,
+                seed,
+                GUEST_TIMEOUT,
+                &SUITE_ACCEL,
+            )?;
+            let secs = started.elapsed().as_secs_f64();
+            let only = &initramfs_only;
+            judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary)?;
+        }
+        if let Some(disk) = &disk
+            && crate::vm_systemd::KERNELS.contains(&k.source.release)
+        {
+            let started = Instant::now();
+            let guest = disk.boot(&cache, k, &SUITE_ACCEL)?;
+            let secs = started.elapsed().as_secs_f64();
+            judge_systemd(k, guest, secs, &mut rows, &mut fails, &mut summary);
+        }
     }
     let t = format!(
         "| suite | kernel | package version | natt-monitor | program variant | verifier |\n|---|---|---|---|---|---|\n{summary}\n{}",

@@ -30,6 +30,7 @@ mod scenarios;
 mod shared_nat;
 mod soak;
 mod strongswan;
+mod systemd;
 mod topology;
 mod traffic;
 mod verdict;
@@ -48,6 +49,10 @@ fn main() {
         .unwrap_or_default()
         .trim()
         .to_owned();
+    if std::env::args().nth(1).is_some_and(|a| a == "--systemd") {
+        systemd::main(&kernel);
+        return;
+    }
     // What `natt-monitor check` says of this kernel. If it refuses the host, no scenario can
     // run: say why, and end.
     let probe = Command::new(bin("natt-monitor"))

@@ -78,7 +78,12 @@ pub(crate) fn capture_path(name: &str) -> PathBuf {
 
 /// Packets in scenario `name`'s capture file so far.
 pub(crate) fn captured(name: &str) -> u64 {
-    let file = File::open(capture_path(name)).expect("capture file");
+    packets_in(&capture_path(name))
+}
+
+/// Packets in the pcapng file at `path`.
+pub(crate) fn packets_in(path: &Path) -> u64 {
+    let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut r = pcap_file::pcapng::PcapNgReader::new(file).expect("a pcapng file");
     let mut n = 0;
     while let Some(block) = r.next_block() {

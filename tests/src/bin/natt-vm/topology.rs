@@ -84,8 +84,13 @@ pub(crate) fn encap_socket(ns: &Netns, gro: bool, addrs: &Addrs, port: u16) -> U
 
 impl Topology {
     pub(crate) fn new(s: &Scenario) -> Self {
+        Self::with_b(s, Netns::new("vmb"))
+    }
+
+    /// As `new`, with `b` as B (the systemd guest's host namespace).
+    pub(crate) fn with_b(s: &Scenario, b: Netns) -> Self {
         let plan = s.addrs();
-        let (a, r, b) = (Netns::new("vma"), Netns::new("vmr"), Netns::new("vmb"));
+        let (a, r) = (Netns::new("vma"), Netns::new("vmr"));
         sh(&[
             "ip", "link", "add", "va", "netns", &a.name, "type", "veth", "peer", "name", "ra",
             "netns", &r.name,

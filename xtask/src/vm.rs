@@ -177,7 +177,7 @@ pub(crate) fn which(tool: &str) -> Option<PathBuf> {
 }
 
 /// apt with a private source list and state under `dir`, so /etc/apt is never touched.
-pub(crate) fn apt(dir: &Path, tool: &str) -> Command {
+fn apt(dir: &Path, tool: &str) -> Command {
     let mut c = Command::new(tool);
     for (k, v) in [
         ("Dir::Etc::SourceList", dir.join("sources.list")),

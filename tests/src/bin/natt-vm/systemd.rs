@@ -268,6 +268,16 @@ fn counts_agree(t: &Topology, tally: &mut Tally, when: &str) {
     );
 }
 
+/// One corrupted `STREAM` on `port`, which must arrive byte-exact, then the counts checked.
+fn exact_stream(t: &Topology, cg: &Path, port: u16, tally: &mut Tally, when: &str) {
+    let (received, differing) = stream(t, cg, STREAM, port);
+    assert_eq!((received, differing), (STREAM, 0), "{when}: the stream");
+    tally.received += received;
+    tally.differing += differing;
+    std::thread::sleep(Duration::from_millis(500));
+    counts_agree(t, tally, when);
+}
+
 /// The scenario, step by step; returns the result line's fields.
 #[expect(
     clippy::too_many_lines,
@@ -347,24 +357,20 @@ pub(crate) fn run_scenario() -> String {
     wait_for("the daemon reloaded", 30, || reloads() > before);
     assert_eq!(main_pid(), pid, "the reload restarted the daemon");
     t.corrupt(s);
-    let (received, differing) = stream(&t, &cg.path, STREAM, 5001);
-    assert_eq!((received, differing), (STREAM, 0), "enforce after reload");
-    tally.received += received;
-    tally.differing += differing;
-    std::thread::sleep(Duration::from_millis(500));
-    counts_agree(&t, &mut tally, "after the reload to enforce mode");
+    exact_stream(
+        &t,
+        &cg.path,
+        5001,
+        &mut tally,
+        "after the reload to enforce mode",
+    );
     // Capture, as the packaged file suggests: under the state directory, 0600.
     configure(&format!("mode = \"enforce\"\ncapture = \"{CAPTURE}\"\n"));
     must(&["systemctl", "restart", UNIT]);
     pid = wait_restarted(&t.b, pid, 30);
     tally.restarts.push("restart");
     let before = tally.injected;
-    let (received, differing) = stream(&t, &cg.path, STREAM, 5002);
-    assert_eq!((received, differing), (STREAM, 0), "enforce with capture");
-    tally.received += received;
-    tally.differing += differing;
-    std::thread::sleep(Duration::from_millis(500));
-    counts_agree(&t, &mut tally, "with capture");
+    exact_stream(&t, &cg.path, 5002, &mut tally, "with capture");
     tally.captured = packets_in(Path::new(CAPTURE));
     assert_eq!(
         tally.captured,

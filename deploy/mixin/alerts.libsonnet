@@ -133,6 +133,22 @@
           '{{ $value | humanize }} packets per second reach sockets as GRO aggregates whose per-segment checksums are gone, so they cannot be verified. See the runbook for the device setting that stops it.',
         ),
         alert(
+          'NattMonitorNatTUnverified',
+          'warning',
+          |||
+            sum by (%(g)s) (rate(natt_monitor_skipped_packets_total{%(s)s,reason="ipsec_unreadable"}[10m])) > 0
+            or
+            (
+              sum by (%(g)s) (rate(natt_monitor_skipped_packets_total{%(s)s,reason="not_in_scope"}[10m])) > 0
+              and on (%(g)s)
+              max by (%(g)s) (natt_monitor_scope{%(s)s,scope="sa"}) == 1
+            )
+          ||| % { g: groupLabels, s: sel },
+          c.natTUnverifiedFor,
+          'NAT-T traffic reaches sockets unverified on {{ $labels.instance }}',
+          'NAT-T segments reach sockets at {{ $value | humanize }} per second, with neither check: a NAT-T transport SA decapsulated them, so the kernel skipped their checksums, and natt-monitor did not verify them either, because their IPsec state could not be read (ipsec_unreadable) or no peer, not even the catch-alls, covered their SA (not_in_scope under SA scope). Corruption in them would reach applications unseen.',
+        ),
+        alert(
           'NattMonitorResidualNotLearned',
           'warning',
           |||

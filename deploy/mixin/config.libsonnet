@@ -18,6 +18,7 @@
     eventsLostFor: '5m',
     noLongerVerifiedFor: '15m',
     unverifiableFor: '10m',
+    natTUnverifiedFor: '10m',
     learningFor: '15m',
     reloadFailedFor: '5m',
     peerLimitFor: '5m',

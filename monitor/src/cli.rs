@@ -116,8 +116,9 @@ pub struct CheckArgs {
     pub config: Option<PathBuf>,
 
     /// With --config: once the file is valid, send SIGHUP to the daemon with this process id so
-    /// that it re-reads its peers and mode; an invalid file leaves it alone. The systemd unit's
-    /// reload is `check --config FILE --reload $MAINPID` (no `kill` binary needed).
+    /// that it re-reads its peers and mode; an invalid file leaves it alone, and so does a pid
+    /// that is not a process named natt-monitor (exit 1). The systemd unit's reload is
+    /// `check --config FILE --reload $MAINPID` (no `kill` binary needed).
     #[arg(long, value_name = "PID", requires = "config")]
     pub reload: Option<i32>,
 

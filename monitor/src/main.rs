@@ -13,10 +13,20 @@ use natt_monitor::{
 use tracing_subscriber::EnvFilter;
 
 /// `check --config FILE --reload PID`: asks the daemon `pid` to re-read its configuration.
+/// Only a process named `natt-monitor` is signalled: a stale or mistyped pid must not deliver
+/// SIGHUP (whose default action ends a process) to something else.
 fn reload(pid: i32) -> Result<(), String> {
     if pid <= 0 {
         return Err(format!(
             "--reload {pid}: not a daemon's process id (systemd passes $MAINPID, which is 0 when the unit is not running)"
+        ));
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_err(|e| format!("--reload {pid}: no such process ({e})"))?;
+    let comm = comm.trim_end();
+    if comm != "natt-monitor" {
+        return Err(format!(
+            "--reload {pid}: process {pid} is `{comm}`, not natt-monitor; nothing was signalled"
         ));
     }
     // SAFETY: kill(2) has no memory preconditions.

@@ -29,7 +29,7 @@ fn promtool(args: &[&str], stdin_file: Option<&Path>) -> String {
 #[test]
 fn rule_pack_is_valid() {
     let out = promtool(&["check", "rules", "natt-monitor.rules.yml"], None);
-    assert!(out.contains("SUCCESS: 15 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 16 rules found"), "{out}");
 }
 
 #[test]
@@ -301,4 +301,90 @@ fn systemd_unit_verifies() {
         out.status.success() && text.trim().is_empty(),
         "systemd-analyze verify:\n{text}"
     );
+}
+
+/// The cells of a markdown table row, trimmed; `None` for a line that is not a row.
+fn cells(line: &str) -> Option<Vec<String>> {
+    let inner = line.trim().strip_prefix('|')?.strip_suffix('|')?;
+    Some(inner.split('|').map(|c| c.trim().to_owned()).collect())
+}
+
+/// What the VM suite's recorded results (docs/vm-tests.md, the table `cargo xtask vm-test`
+/// prints) say per kernel: (release, scenarios passed, scenarios run, variant, instructions).
+fn recorded_kernels() -> Vec<(String, u32, u32, String, Option<u64>)> {
+    let text = std::fs::read_to_string(docs().join("vm-tests.md")).unwrap();
+    let rows: Vec<_> = text
+        .lines()
+        .filter_map(cells)
+        .filter(|c| c.len() == 6 && c[3].ends_with(" scenarios pass"))
+        .map(|c| {
+            let counts: Vec<u32> = c[3]
+                .trim_end_matches(" scenarios pass")
+                .split(" of ")
+                .map(|n| n.parse().unwrap())
+                .collect();
+            let insns = c[5]
+                .strip_suffix(" of 1000000 instructions processed")
+                .map(|n| n.parse().unwrap());
+            (c[1].clone(), counts[0], counts[1], c[4].clone(), insns)
+        })
+        .collect();
+    assert_eq!(rows.len(), 4, "vm-tests.md's kernel table: {rows:?}");
+    rows
+}
+
+/// The README's and install.md's kernel tables quote the VM suite's recorded results: the same
+/// scenario counts, program variants and verifier instruction counts, kernel by kernel.
+#[test]
+fn the_kernel_tables_quote_the_recorded_vm_results() {
+    let recorded = recorded_kernels();
+    let number = |s: &str| -> Option<u64> {
+        let digits: String = s
+            .split_whitespace()
+            .next()?
+            .chars()
+            .filter(|c| *c != ',')
+            .collect();
+        digits.parse().ok()
+    };
+    for (doc, status_col, variant_col, insns_col) in
+        [("../README.md", 2, 3, 4), ("install.md", 2, 4, 5)]
+    {
+        let text = std::fs::read_to_string(docs().join(doc)).unwrap();
+        let rows: Vec<Vec<String>> = text
+            .lines()
+            .filter_map(cells)
+            .filter(|c| c.len() > insns_col && c[status_col].starts_with("full"))
+            .collect();
+        assert_eq!(rows.len(), recorded.len(), "{doc}'s kernel table: {rows:?}");
+        for (release, passed, run, variant, insns) in &recorded {
+            let row = rows
+                .iter()
+                .find(|r| release.starts_with(&r[1]))
+                .unwrap_or_else(|| panic!("{doc} has no row for {release}"));
+            assert_eq!(
+                passed, run,
+                "vm-tests.md: {release} did not pass every scenario"
+            );
+            let status = &row[status_col];
+            if let Some(quoted) = status.split_once(" of ") {
+                let n: String = quoted.0.chars().filter(char::is_ascii_digit).collect();
+                let m: String = quoted.1.chars().take_while(char::is_ascii_digit).collect();
+                assert_eq!(
+                    (n.parse::<u32>().unwrap(), m.parse::<u32>().unwrap()),
+                    (*passed, *run),
+                    "{doc}: {release}'s scenario count"
+                );
+            }
+            assert!(
+                row[variant_col].contains(&format!("`{variant}`")),
+                "{doc}: {release}'s variant is {variant}: {row:?}"
+            );
+            assert_eq!(
+                number(&row[insns_col]),
+                *insns,
+                "{doc}: {release}'s verifier instructions: {row:?}"
+            );
+        }
+    }
 }

@@ -277,8 +277,12 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
     fn signal(&self, signal: i32) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
+        let pid = self.pid();
         // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(pid, signal) };
     }
@@ -1358,9 +1362,19 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
     assert!(verified > 0);
     assert!(before.contains("peer=\"198.51.100.9/32\""));
 
-    // Remove 198.51.100.9, keep A, add a prefix; reload.
+    // Remove 198.51.100.9, keep A, add a prefix; reload as the unit does: `check --config
+    // FILE --reload PID` validates, then signals.
     write(&[ADDR_A, "203.0.113.0/24"]);
-    d.signal(libc::SIGHUP);
+    let (pid, file) = (d.pid().to_string(), cfg.to_str().unwrap().to_owned());
+    let check_reload = ["check", "--config", &file, "--reload", &pid];
+    let (code, out) = output_of(&check_reload);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.ends_with(&format!(
+            "sent SIGHUP to {pid}: it re-reads the configuration\n"
+        )),
+        "{out}"
+    );
     d.wait_for("reloaded peers on SIGHUP");
     let (_, after) = d.get("/metrics");
     assert_eq!(
@@ -1418,8 +1432,27 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
         Some(2)
     );
 
-    // A broken file on reload keeps the current peers and the daemon running.
+    // A broken file: `check --reload` names the key, exits 78 and signals nothing (the
+    // daemon logs no reload attempt); a bare SIGHUP keeps the current peers and the daemon
+    // running.
     std::fs::write(&cfg, "[[peer]]\ncidr = \"not-an-address\"\n").unwrap();
+    let attempts = |d: &Daemon| {
+        d.messages("reload failed; keeping the current peers").len()
+            + d.messages("reloaded peers on SIGHUP").len()
+    };
+    let before_check = attempts(&d);
+    let (code, err) = run_to_end(&check_reload);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("`not-an-address` is not an IP address or CIDR prefix"),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        attempts(&d),
+        before_check,
+        "an invalid file signalled the daemon"
+    );
     d.signal(libc::SIGHUP);
     d.wait_for("reload failed; keeping the current peers");
     assert_eq!(d.get("/healthz").0, 200);
@@ -1434,6 +1467,53 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
     drop(inj);
     std::fs::remove_dir_all(&dir).unwrap();
     assert_no_verifier_loaded();
+}
+
+#[test]
+fn check_reload_signals_only_a_natt_monitor_process() {
+    let dir = std::env::temp_dir().join(format!("natt-reload-pid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("natt-monitor.toml");
+    std::fs::write(&cfg, "[[peer]]\ncidr = \"192.0.2.1\"\n").unwrap();
+    let file = cfg.to_str().unwrap();
+    let reload = |pid: &str| run_to_end(&["check", "--config", file, "--reload", pid]);
+
+    // systemd's $MAINPID is 0 when the unit is not running.
+    assert_eq!(
+        reload("0"),
+        (
+            1,
+            "natt-monitor: error: --reload 0: not a daemon's process id (systemd passes $MAINPID, which is 0 when the unit is not running)\n".to_owned()
+        )
+    );
+    // Another program: SIGHUP would end it, so it is left alone.
+    let mut other = KillOnDrop(Command::new("sleep").arg("60").spawn().unwrap());
+    let pid = other.id().to_string();
+    assert_eq!(
+        reload(&pid),
+        (
+            1,
+            format!(
+                "natt-monitor: error: --reload {pid}: process {pid} is `sleep`, not natt-monitor; nothing was signalled\n"
+            )
+        )
+    );
+    assert!(other.try_wait().unwrap().is_none(), "sleep was signalled");
+    other.kill().unwrap();
+    other.wait().unwrap();
+    let (code, err) = reload(&pid);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with(&format!(
+            "natt-monitor: error: --reload {pid}: no such process ("
+        )),
+        "{err}"
+    );
+    // --reload needs --config.
+    let (code, err) = run_to_end(&["check", "--reload", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--config <FILE>"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Every injected corruption was counted, but for look-alikes: `partial_checksum` counts

@@ -74,6 +74,10 @@ enum Task {
         /// Also write the result table to this file.
         #[arg(long)]
         out: Option<String>,
+        /// Only this kernel of the matrix (a prefix of its release, e.g. 6.12); repeat for
+        /// more. Default: all four.
+        #[arg(long = "kernel", value_name = "RELEASE")]
+        kernels: Vec<String>,
         /// Run only these scenarios (e.g. a-clean d-nat-learned); default: all.
         only: Vec<String>,
     },
@@ -265,7 +269,7 @@ fn test(no_lint: bool) -> Result<()> {
         // The real ESP-in-UDP path, in QEMU with Debian's kernels.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
-            tally.passed += vm::vm_test(None, &[])? as u64;
+            tally.passed += vm::vm_test(None, &[], &[])? as u64;
         } else {
             eprintln!(
                 "SKIP vm-test: needs root, like the other kernel tests (it runs apt-get and boots QEMU)"
@@ -319,7 +323,9 @@ fn main() -> Result<()> {
         Task::Test { no_lint } => test(no_lint),
         Task::Lint => lint(),
         Task::Dist => dist::dist().map(drop),
-        Task::VmTest { out, only } => vm::vm_test(out.as_deref(), &only).map(|_| ()),
+        Task::VmTest { out, kernels, only } => {
+            vm::vm_test(out.as_deref(), &kernels, &only).map(|_| ())
+        }
         Task::VmBench { out, kernels } => vm_bench::vm_bench(&out, &kernels),
         Task::Bench {
             quick,

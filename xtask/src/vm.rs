@@ -133,6 +133,9 @@ const SUITE_ACCEL: [&str; 2] = ["-accel", "tcg,thread=multi"];
 /// Longest a guest of the suite may run.
 const GUEST_TIMEOUT: Duration = Duration::from_mins(20);
 
+/// Console lines a hung or dead guest's error quotes.
+const TAIL_LINES: usize = 20;
+
 pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -665,52 +668,74 @@ pub(crate) fn boot_machine(
     let mut guest = Guest::default();
     let mut ended = false;
     let out = child.stdout.take().context("qemu stdout")?;
+    // The console's last lines, for the error when the guest hangs or dies.
+    let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
     for line in BufReader::new(out).lines() {
         let line = line.unwrap_or_default();
         let line = line.trim_end_matches('\r');
         writeln!(log, "{line}")?;
-        if line.starts_with("NATT-VM") {
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_owned());
+        // The systemd guest's operator transcript and the scenarios' progress stay in the
+        // console log (a hung guest's error quotes its last lines).
+        if line.starts_with("NATT-VM")
+            && !line.starts_with("NATT-VM SHOW")
+            && !line.starts_with("NATT-VM STEP")
+        {
             eprintln!("xtask: vm-test [{release} {version}] {line}");
         }
+        ended |= guest.record(line, version);
+    }
+    let _ = child.wait();
+    let timed_out = watchdog.join().unwrap_or(false);
+    let tail: Vec<String> = tail.into_iter().collect();
+    ensure!(
+        !timed_out,
+        "{release}: the guest ran longer than {timeout:?}; console in {}, ending:\n{}",
+        log_path.display(),
+        tail.join("\n")
+    );
+    ensure!(
+        ended,
+        "{release}: the guest never finished the suite; console in {}, ending:\n{}",
+        log_path.display(),
+        tail.join("\n")
+    );
+    Ok(guest)
+}
+
+impl Guest {
+    /// Takes in one console line; true for the suite's `NATT-VM END` line.
+    fn record(&mut self, line: &str, version: &str) -> bool {
         if let Some(rest) = line.strip_prefix("NATT-VM RESULT ") {
             let mut row = fields(rest);
             row.insert("version".into(), version.into());
-            guest.rows.push(row);
+            self.rows.push(row);
         } else if let Some(rest) = line.strip_prefix("NATT-VM BENCH ") {
-            guest.bench.push(fields(rest));
+            self.bench.push(fields(rest));
         } else if line.starts_with("NATT-VM FAIL ") {
-            guest.fails.push(format!("{line} version={version}"));
+            self.fails.push(format!("{line} version={version}"));
         } else if let Some(rest) = line.strip_prefix("NATT-VM REFUSED ") {
-            guest.refused = Some(rest.to_owned());
+            self.refused = Some(rest.to_owned());
         } else if let Some(rest) = line.strip_prefix("NATT-VM CHECK ok    bpf program load")
-            && guest.verifier_cost.is_none()
+            && self.verifier_cost.is_none()
         {
-            guest.verifier_cost = rest
+            self.verifier_cost = rest
                 .split("; ")
                 .nth(1)
                 .map(|c| c.trim_end_matches(')').to_owned());
-            guest.variant = rest
+            self.variant = rest
                 .split(" variant")
                 .next()
                 .and_then(|h| h.rsplit(", ").next())
                 .map(str::to_owned);
         } else if line.starts_with("NATT-VM END ") {
-            ended = true;
+            return true;
         }
+        false
     }
-    let _ = child.wait();
-    let timed_out = watchdog.join().unwrap_or(false);
-    ensure!(
-        !timed_out,
-        "{release}: the guest ran longer than {timeout:?}; console in {}",
-        log_path.display()
-    );
-    ensure!(
-        ended,
-        "{release}: the guest never finished the suite; console in {}",
-        log_path.display()
-    );
-    Ok(guest)
 }
 
 const COLUMNS: [&str; 20] = [
@@ -863,9 +888,10 @@ fn soak_seed() -> Result<u64> {
     Ok(seed)
 }
 
-/// Runs the suite (or only the scenarios named in `only`); with `out`, also writes the results
-/// table there. Returns how many scenario runs passed.
-pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
+/// Runs the suite on the kernels named in `kernels` (release prefixes; all when empty), only
+/// the scenarios named in `only` (all when empty); with `out`, also writes the results table
+/// there. Returns how many scenario runs passed.
+pub fn vm_test(out: Option<&str>, kernels: &[String], only: &[String]) -> Result<usize> {
     scenarios::check_selection(only).map_err(|e| anyhow::anyhow!("vm-test: {e}"))?;
     need_tools()?;
     let root = root();
@@ -874,7 +900,7 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
     let mut rows = Vec::new();
     let mut fails = Vec::new();
     let mut summary = String::new();
-    let matrix: Vec<&'static KernelSource> = KERNELS.iter().collect();
+    let matrix = crate::vm_bench::selected(kernels)?;
     let kernels = fetch_kernels(&cache, &matrix)?;
     // The systemd guest runs when it is selected (or nothing is); the initramfs guests run the
     // other selected scenarios (or all of them).
@@ -901,7 +927,7 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
         if initramfs {
             let initrd = build_initramfs(&cache, k, &bins, &strongswan)?;
             let started = Instant::now();
-            let guest = boot(
+            let booted = boot(
                 &cache,
                 k,
                 &initrd,
@@ -909,18 +935,28 @@ pub fn vm_test(out: Option<&str>, only: &[String]) -> Result<usize> {
                 seed,
                 GUEST_TIMEOUT,
                 &SUITE_ACCEL,
-            )?;
+            );
             let secs = started.elapsed().as_secs_f64();
-            let only = &initramfs_only;
-            judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary)?;
+            // A guest that hangs or dies is that kernel's failure; the other kernels still run,
+            // so one run shows the whole matrix.
+            match booted {
+                Ok(guest) => {
+                    let only = &initramfs_only;
+                    judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary)?;
+                }
+                Err(e) => fails.push(format!("{e:#}")),
+            }
         }
         if let Some(disk) = &disk
             && crate::vm_systemd::KERNELS.contains(&k.source.release)
         {
             let started = Instant::now();
-            let guest = disk.boot(&cache, k, &SUITE_ACCEL)?;
+            let booted = disk.boot(&cache, k, &SUITE_ACCEL);
             let secs = started.elapsed().as_secs_f64();
-            judge_systemd(k, guest, secs, &mut rows, &mut fails, &mut summary);
+            match booted {
+                Ok(guest) => judge_systemd(k, guest, secs, &mut rows, &mut fails, &mut summary),
+                Err(e) => fails.push(format!("{e:#}")),
+            }
         }
     }
     let t = format!(

@@ -175,7 +175,7 @@ fn commit(root: &Path) -> String {
 }
 
 /// The kernels named by `--kernel` (a prefix of their release), or the whole matrix.
-fn selected(kernels: &[String]) -> Result<Vec<&'static KernelSource>> {
+pub(crate) fn selected(kernels: &[String]) -> Result<Vec<&'static KernelSource>> {
     if kernels.is_empty() {
         return Ok(KERNELS.iter().collect());
     }

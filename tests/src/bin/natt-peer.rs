@@ -10,7 +10,8 @@
 //! With `--fill B` on both ends the stream is the byte B repeated instead of the pattern:
 //! repetitive data, on which a byte set at a fixed offset shifts every checksum alike.
 //!
-//! Every socket has a 30 s timeout so a broken test fails instead of hanging.
+//! Every socket, the listener's accept included, has a 30 s timeout so a broken test fails
+//! instead of hanging.
 
 #![expect(
     clippy::print_stdout,
@@ -58,6 +59,30 @@ fn arg(args: &[String], name: &str) -> Result<String, String> {
         .ok_or_else(|| format!("missing {name}"))
 }
 
+/// Accepts one connection within `TIMEOUT`: a sender that never connects (its SYN dropped, its
+/// connect timed out) makes the receiver fail too, instead of waiting in `accept` for ever.
+fn accept(listener: &TcpListener) -> Result<TcpStream, String> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("listener: {e}"))?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!("accept: no connection within {TIMEOUT:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+}
+
 fn recv(args: &[String]) -> Result<(), String> {
     let cgroup = arg(args, "--cgroup")?;
     // SAFETY: getpid has no preconditions.
@@ -75,7 +100,7 @@ fn recv(args: &[String]) -> Result<(), String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     println!("READY");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
-    let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let mut s = accept(&listener)?;
     s.set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 256 * 1024];

@@ -299,7 +299,7 @@ fn rejoin(t: &Topology, a2: &Netns, cg: &std::path::Path) -> Rejoin {
         "ip", "-n", &t.a.name, "route", "replace", "default", "via", x.r_a,
     ]);
     // The old mapping expires 2 s after its last packet.
-    std::thread::sleep(Duration::from_secs(4));
+    t.wait_mapping_gone(x.a);
     host_sas(&t.a, A_RETURNED, x.b, "0x1003", "0x2003", 4500);
     b_sas(t, "0x1003", "0x2003", 4500, "1");
     let (ra, da, rb, db) = std::thread::scope(|scope| {

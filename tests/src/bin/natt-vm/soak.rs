@@ -267,8 +267,9 @@ fn leave_and_return(t: &Topology, h: &mut Host<'_>) {
     sh(&[
         "ip", "-n", &h.ns.name, "route", "replace", "default", "via", h.gateway,
     ]);
-    // Its mapping expires 2 s after its last packet.
-    std::thread::sleep(Duration::from_secs(4));
+    // Its mapping expires 2 s after its last packet; until it has, R would map the returning
+    // host elsewhere and send B's replies to the departed address.
+    t.wait_mapping_gone(h.addrs[1 - h.at]);
     h.generation += 1;
     h.out_generation += 1;
     let (spi_in, spi_out) = (h.spi_in(), h.spi_out());
@@ -333,6 +334,9 @@ pub(crate) fn run_soak(s: &Scenario) -> Measured {
         ..Soaked::default()
     };
     let mut want = vec![host_a.residual(), host_a2.residual()];
+    // Every NAT mapping expires 2 s after its last packet, from the warm-up's on: a host that
+    // leaves in the first round frees its mapping as soon as one that leaves later does.
+    t.expire_udp_mappings_fast();
     for host in [&mut host_a, &mut host_a2] {
         let (got, bad) = streams(&t, &cg.path, &mut [host], WARMUP);
         assert_eq!((got, bad), (WARMUP, 0), "warm-up stream");
@@ -343,7 +347,6 @@ pub(crate) fn run_soak(s: &Scenario) -> Measured {
     let kernel = "natt_monitor_kernel_tcp_in_csum_errors_total";
     let aggregated = "natt_monitor_skipped_packets_total{reason=\"aggregated\"}";
     let before = scrape(&t.b);
-    t.expire_udp_mappings_fast();
     // Both hosts' packets, whatever their address: everything R forwards from its hosts' side.
     let from = "iifname != \"rb\"";
     let mut injected = 0;
@@ -351,7 +354,7 @@ pub(crate) fn run_soak(s: &Scenario) -> Measured {
     soak.shapes.push(shape_name(corruption));
     t.corrupt_with(s, corruption, from);
     let (mut received, mut differing) = (0, 0);
-    for _ in 0..ROUNDS {
+    for round in 1..=ROUNDS {
         let roll = rng.below(100);
         let bytes = rng.pick(&SIZES);
         let which = rng.below(2);
@@ -360,6 +363,11 @@ pub(crate) fn run_soak(s: &Scenario) -> Measured {
         } else {
             (&mut host_a2, &mut host_a)
         };
+        // Where a hung soak stopped (the console's last lines name it).
+        println!(
+            "NATT-VM STEP soak round {round}: roll {roll}, {bytes} bytes, host {}",
+            host.index
+        );
         let (got, bad, n) = match roll {
             0..40 => {
                 let (got, bad) = streams(&t, &cg.path, &mut [host], bytes);

@@ -77,6 +77,28 @@ fn must(args: &[&str]) -> String {
     out
 }
 
+/// Prints a command and its output as `NATT-VM SHOW` lines: the transcript of an operator's
+/// session that docs/install.md quotes (in the guest's console log, `cargo xtask vm-test
+/// v-systemd`).
+fn show(args: &[&str], out: &str) {
+    println!("NATT-VM SHOW # {}", args.join(" "));
+    for line in out.lines() {
+        println!("NATT-VM SHOW {line}");
+    }
+}
+
+/// `must`, shown in the transcript with its stderr (where apt and systemctl report).
+fn must_shown(args: &[&str]) -> String {
+    let (ok, out, err) = run(args);
+    show(args, &format!("{out}{err}"));
+    assert!(
+        ok,
+        "{args:?} failed: {out}{err}\nthe unit's journal:\n{}",
+        tail(&journal(), 30)
+    );
+    out
+}
+
 /// The unit's journal, messages only.
 fn journal() -> String {
     run(&["journalctl", "-u", UNIT, "-o", "cat", "--no-pager"]).1
@@ -155,7 +177,7 @@ fn install(dir: &str) -> String {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .expect("a .deb");
-    must(&["apt-get", "install", "-y", "-q", &deb.to_string_lossy()]);
+    must_shown(&["apt-get", "install", "-y", "-q", &deb.to_string_lossy()]);
     installed_version()
 }
 
@@ -302,9 +324,10 @@ pub(crate) fn run_scenario() -> String {
     let cg = Cgroup::new();
     // The operator's first edit: a pin path of their own, observe mode as packaged.
     configure("");
+    must_shown(&["natt-monitor", "check", "--config", CONFIG]);
     // Type=notify: `enable --now` returns once the daemon said READY=1, which it says once
     // the verifier is attached and pinned.
-    must(&["systemctl", "enable", "--now", UNIT]);
+    must_shown(&["systemctl", "enable", "--now", UNIT]);
     assert_eq!(active_state(), "active", "after enable --now");
     assert!(
         Path::new(PIN_PATH)
@@ -334,11 +357,18 @@ pub(crate) fn run_scenario() -> String {
             &format!("natt_monitor_peer_learning{{peer=\"{peer}\"}}"),
         ) == 0
     });
+    must_shown(&["systemctl", "status", "--no-pager", "--lines", "6", UNIT]);
     // A bad file: the reload fails naming the key, the daemon keeps running.
     configure("mode = \"Enforce\"\n");
-    let (ok, _, _) = run(&["systemctl", "reload", UNIT]);
+    let reload = ["systemctl", "reload", UNIT];
+    let (ok, out, err) = run(&reload);
+    show(&reload, &format!("{out}{err}"));
     assert!(!ok, "systemctl reload accepted mode = \"Enforce\"");
     let log = journal();
+    show(
+        &["journalctl", "-u", UNIT, "-o", "cat", "-n", "4"],
+        &tail(&log, 4),
+    );
     assert!(
         log.contains("mode = \"Enforce\"") && log.contains("unknown variant `Enforce`"),
         "the failed reload does not name the key: {}",
@@ -426,7 +456,7 @@ pub(crate) fn run_scenario() -> String {
     tally.restarts.push("upgrade");
     counts_agree(&t, &mut tally, "after the upgrade");
     // Removal detaches the verifier at the configured pin path; purge removes the rest.
-    must(&["apt-get", "remove", "-y", "-q", "natt-monitor"]);
+    must_shown(&["apt-get", "remove", "-y", "-q", "natt-monitor"]);
     assert_eq!(active_state(), "inactive", "after apt remove");
     assert!(
         !Path::new(PIN_PATH).exists(),
@@ -439,7 +469,7 @@ pub(crate) fn run_scenario() -> String {
         Path::new(CONFIG).exists(),
         "apt remove removed the conffile"
     );
-    must(&["apt-get", "purge", "-y", "-q", "natt-monitor"]);
+    must_shown(&["apt-get", "purge", "-y", "-q", "natt-monitor"]);
     for gone in ["/etc/natt-monitor", STATE] {
         assert!(!Path::new(gone).exists(), "{gone} is left after apt purge");
     }

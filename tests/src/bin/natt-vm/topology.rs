@@ -258,6 +258,31 @@ impl Topology {
         }
     }
 
+    /// Waits until R's connection tracking holds no UDP mapping from `addr` (a host that left):
+    /// until then R would map a host returning on the same port elsewhere and send B's
+    /// replies to the departed address. Needs `expire_udp_mappings_fast` before the mapping's
+    /// last packet.
+    pub(crate) fn wait_mapping_gone(&self, addr: &str) {
+        let needle = format!(" src={addr} ");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let table = ns_out(&self.r, &["cat", "/proc/net/nf_conntrack"]);
+            let held: Vec<&str> = table
+                .lines()
+                .filter(|l| l.contains(" udp ") && l.contains(&needle))
+                .collect();
+            if held.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "R still maps {addr} 30 s after it left:\n{}",
+                held.join("\n")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
     /// Moves A's NAT mapping from R's port 4500 to 4600, the way a NAT rebinding does: A's ESP
     /// packets (both ways) are held back at R before connection tracking sees them, until the
     /// mapping expired; R then maps A's port 4500 to 4600; B's SAs with A get the new port in

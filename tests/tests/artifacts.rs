@@ -309,13 +309,14 @@ fn cells(line: &str) -> Option<Vec<String>> {
     Some(inner.split('|').map(|c| c.trim().to_owned()).collect())
 }
 
-/// What the VM suite's recorded results (docs/vm-tests.md, the table `cargo xtask vm-test`
-/// prints) say per kernel: (release, scenarios passed, scenarios run, variant, instructions).
+/// What the VM suite's recorded results say per kernel (docs/vm-results.md, the table a
+/// `cargo xtask vm-test` run writes to target/vm/results.md): (release, scenarios passed,
+/// scenarios run, variant, instructions). Every kernel ran every scenario, one row each.
 fn recorded_kernels() -> Vec<(String, u32, u32, String, Option<u64>)> {
-    let text = std::fs::read_to_string(docs().join("vm-tests.md")).unwrap();
-    let rows: Vec<_> = text
-        .lines()
-        .filter_map(cells)
+    let text = std::fs::read_to_string(docs().join("vm-results.md")).unwrap();
+    let all: Vec<Vec<String>> = text.lines().filter_map(cells).collect();
+    let rows: Vec<_> = all
+        .iter()
         .filter(|c| c.len() == 6 && c[3].ends_with(" scenarios pass"))
         .map(|c| {
             let counts: Vec<u32> = c[3]
@@ -329,7 +330,26 @@ fn recorded_kernels() -> Vec<(String, u32, u32, String, Option<u64>)> {
             (c[1].clone(), counts[0], counts[1], c[4].clone(), insns)
         })
         .collect();
-    assert_eq!(rows.len(), 4, "vm-tests.md's kernel table: {rows:?}");
+    assert_eq!(rows.len(), 4, "vm-results.md's kernel table: {rows:?}");
+    let names = natt_monitor_tests::vm_scenarios::NAMES;
+    for (release, _, run, _, _) in &rows {
+        assert_eq!(
+            *run as usize,
+            names.len(),
+            "vm-results.md: {release} ran {run} scenarios; the suite has {}: rerun it",
+            names.len()
+        );
+        for name in names {
+            let found = all
+                .iter()
+                .filter(|c| c.len() > 2 && c[0] == *release && c[2] == name)
+                .count();
+            assert_eq!(
+                found, 1,
+                "vm-results.md: {release} has {found} rows for {name}"
+            );
+        }
+    }
     rows
 }
 

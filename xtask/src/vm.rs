@@ -838,6 +838,23 @@ fn judge(
     fails.extend(guest.fails);
 }
 
+/// A guest that hung or died (`e` says which, with its console's last lines): a failure and a
+/// summary row, so that the other kernels still run and the table shows the whole matrix.
+fn lost_guest(
+    k: &Kernel,
+    guest: &str,
+    e: &anyhow::Error,
+    fails: &mut Vec<String>,
+    summary: &mut String,
+) {
+    let _ = writeln!(
+        summary,
+        "| {}{guest} | {} | {} | FAILED: the guest hung or died | - | - |",
+        k.source.label, k.source.release, k.source.version
+    );
+    fails.push(format!("{e:#}"));
+}
+
 /// Checks the systemd guest: its one result line, which must say ok.
 fn judge_systemd(
     k: &Kernel,
@@ -937,21 +954,12 @@ pub fn vm_test(out: Option<&str>, kernels: &[String], only: &[String]) -> Result
                 &SUITE_ACCEL,
             );
             let secs = started.elapsed().as_secs_f64();
-            // A guest that hangs or dies is that kernel's failure; the other kernels still run,
-            // so one run shows the whole matrix.
             match booted {
                 Ok(guest) => {
                     let only = &initramfs_only;
                     judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary);
                 }
-                Err(e) => {
-                    let _ = writeln!(
-                        summary,
-                        "| {} | {} | {} | FAILED: the guest hung or died | - | - |",
-                        k.source.label, k.source.release, k.source.version
-                    );
-                    fails.push(format!("{e:#}"));
-                }
+                Err(e) => lost_guest(k, "", &e, &mut fails, &mut summary),
             }
         }
         if let Some(disk) = &disk
@@ -962,14 +970,7 @@ pub fn vm_test(out: Option<&str>, kernels: &[String], only: &[String]) -> Result
             let secs = started.elapsed().as_secs_f64();
             match booted {
                 Ok(guest) => judge_systemd(k, guest, secs, &mut rows, &mut fails, &mut summary),
-                Err(e) => {
-                    let _ = writeln!(
-                        summary,
-                        "| {} (systemd guest) | {} | {} | FAILED: the guest hung or died | - | - |",
-                        k.source.label, k.source.release, k.source.version
-                    );
-                    fails.push(format!("{e:#}"));
-                }
+                Err(e) => lost_guest(k, " (systemd guest)", &e, &mut fails, &mut summary),
             }
         }
     }

@@ -68,7 +68,21 @@ fn run(args: &[&str]) -> (bool, String, String) {
 
 /// Runs a command that must succeed; returns its stdout.
 fn must(args: &[&str]) -> String {
+    checked(args, false)
+}
+
+/// `must`, shown in the transcript with its stderr (where apt and systemctl report).
+fn must_shown(args: &[&str]) -> String {
+    checked(args, true)
+}
+
+/// Runs a command that must succeed (naming the unit's journal when it does not), shown in
+/// the transcript with `shown`; returns its stdout.
+fn checked(args: &[&str], shown: bool) -> String {
     let (ok, out, err) = run(args);
+    if shown {
+        show(args, &format!("{out}{err}"));
+    }
     assert!(
         ok,
         "{args:?} failed: {out}{err}\nthe unit's journal:\n{}",
@@ -85,18 +99,6 @@ fn show(args: &[&str], out: &str) {
     for line in out.lines() {
         println!("NATT-VM SHOW {line}");
     }
-}
-
-/// `must`, shown in the transcript with its stderr (where apt and systemctl report).
-fn must_shown(args: &[&str]) -> String {
-    let (ok, out, err) = run(args);
-    show(args, &format!("{out}{err}"));
-    assert!(
-        ok,
-        "{args:?} failed: {out}{err}\nthe unit's journal:\n{}",
-        tail(&journal(), 30)
-    );
-    out
 }
 
 /// The unit's journal, messages only.

@@ -297,6 +297,23 @@ impl MapSizes {
             sa_trust: monitor_ebpf::sa_residual_slots(max_peers),
         }
     }
+
+    /// A lower bound of the memory the kernel allocates when it creates the maps on a host
+    /// with `cpus` possible CPUs: `PEER_STATS`' per-CPU values and the preallocated LRU maps'
+    /// keys and values, without the kernel's per-element bookkeeping. The LPM tries grow as
+    /// peers are inserted and are left out.
+    #[must_use]
+    pub fn memory_floor(self, cpus: u32) -> u64 {
+        const fn slot<T>() -> u64 {
+            (size_of::<T>() as u64).next_multiple_of(8)
+        }
+        let key = slot::<SaKey>();
+        let per_cpu = u64::from(self.peers) * slot::<PeerStats>() * u64::from(cpus);
+        let lru = u64::from(self.sa_trust) * (key + slot::<SaTrust>())
+            + u64::from(monitor_ebpf::sa_residual_slots(self.peers))
+                * (2 * key + slot::<MappingOwner>() + slot::<monitor_ebpf::Held>());
+        per_cpu + lru
+    }
 }
 
 /// An object loaded, with its maps pinned in `pins` when given.
@@ -1197,5 +1214,26 @@ fn raise_memlock_limit() {
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
     if ret != 0 {
         tracing::debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MapSizes;
+
+    #[test]
+    fn the_map_memory_floor_counts_per_cpu_counters_and_preallocated_lru_slots() {
+        // PEER_STATS: 65536 x 80 B x 2 CPUs; SA_TRUST: 131072 x (48 B key + 80 B);
+        // MAPPINGS and HELD: 131072 x (48 + 16) and 131072 x (48 + 64).
+        let sizes = MapSizes::for_peers(65536);
+        assert_eq!(sizes.memory_floor(2), 48 << 20);
+        assert_eq!(
+            sizes.memory_floor(128) - sizes.memory_floor(2),
+            65536 * 80 * 126
+        );
+        assert_eq!(
+            MapSizes::for_peers(16384).memory_floor(1),
+            16384 * 80 + 32768 * (128 + 64 + 112)
+        );
     }
 }

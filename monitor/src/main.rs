@@ -209,6 +209,7 @@ fn is_config_error(e: &anyhow::Error) -> bool {
             e.downcast_ref::<D>(),
             Some(
                 D::Peers(_)
+                    | D::MapMemory { .. }
                     | D::Ebpf(EbpfFailure::NotCgroup2 { .. })
                     | D::Pin(PinError::NotBpffs { .. })
             )

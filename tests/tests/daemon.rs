@@ -1312,6 +1312,85 @@ fn config_errors_are_named_before_anything_is_attached() {
     assert_no_verifier_loaded();
 }
 
+/// A `--max-peers` whose maps cannot fit under the cgroup's `memory.max` (charged to it on
+/// 5.11+) exits 78 before anything is loaded, so systemd does not restart it in a loop. This
+/// host keeps its memory controller in cgroup v1, so a procfs fixture stands in for a unified
+/// host's: a 32 MiB limit two levels up, 6 MiB of it held. v-systemd runs the real one.
+#[test]
+fn max_peers_past_the_cgroup_memory_limit_exits_78_before_loading() {
+    if skip_unless_root("max_peers_past_the_cgroup_memory_limit_exits_78_before_loading") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("natt-daemon-mem-{}", std::process::id()));
+    let (proc_root, cg) = (dir.join("proc"), dir.join("cg"));
+    for d in [
+        proc_root.join("self"),
+        proc_root.join("sys/kernel"),
+        cg.join("a/b"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let files = [
+        (
+            "mounts",
+            format!("cgroup2 {} cgroup2 rw 0 0\n", cg.display()),
+        ),
+        ("self/cgroup", "0::/a/b\n".to_owned()),
+        ("self/status", "CapEff:\t000001ffffffffff\n".to_owned()),
+        ("sys/kernel/osrelease", "6.1.0-28-amd64\n".to_owned()),
+    ];
+    for (name, text) in files {
+        std::fs::write(proc_root.join(name), text).unwrap();
+    }
+    std::fs::write(cg.join("a/memory.max"), "33554432\n").unwrap();
+    // 8 MiB held, 2 MiB of it page cache: 26 MiB free.
+    std::fs::write(cg.join("a/memory.current"), "8388608\n").unwrap();
+    std::fs::write(cg.join("a/memory.stat"), "anon 6291456\nfile 2097152\n").unwrap();
+    std::fs::write(cg.join("a/b/memory.max"), "max\n").unwrap();
+    let cpus = aya::util::nr_cpus().expect("possible CPUs").get();
+    let need = natt_monitor::ebpf::MapSizes::for_peers(65536)
+        .memory_floor(cpus)
+        .div_ceil(1 << 20);
+    // Not on bpffs: a start that passes the check stops at its pin path, before loading.
+    let pins = dir.join("pins");
+    let run = |max_peers: &str, release: &str| {
+        std::fs::write(proc_root.join("sys/kernel/osrelease"), release).unwrap();
+        let args = [
+            "run",
+            "--peer",
+            "192.0.2.1",
+            "--listen",
+            "127.0.0.1:0",
+            "--pin-path",
+            pins.to_str().unwrap(),
+            "--proc-path",
+            proc_root.to_str().unwrap(),
+            "--max-peers",
+            max_peers,
+        ];
+        run_to_end(&args)
+    };
+    let (code, err) = run("65536", "6.1.0-28-amd64\n");
+    assert_eq!(
+        (code, err.trim_end()),
+        (78, format!(
+            "natt-monitor: error: --max-peers 65536: the verifier's maps need at least {need} MiB (possible CPUs: {cpus}; the per-peer counters take one copy per CPU), more than the 26 MiB that memory.max of {} (32 MiB) leaves free; lower --max-peers (the max_peers key) or raise the limit (the unit's MemoryMax=)",
+            cg.join("a").display()
+        ).as_str())
+    );
+    // Within the limit, and on 5.10 (maps charged to RLIMIT_MEMLOCK, not the cgroup), the
+    // start goes on past the check: it stops later, at the pin path that is not on bpffs.
+    for (max_peers, release) in [("1024", "6.1.0-28-amd64\n"), ("65536", "5.10.0-33-amd64\n")] {
+        let (code, err) = run(max_peers, release);
+        assert!(
+            code == 78 && err.contains("bpffs") && !err.contains("memory.max"),
+            "--max-peers {max_peers} on {release}: {code} {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_verifier_loaded();
+}
+
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
 fn sighup_adds_and_removes_peers_and_keeps_counts() {

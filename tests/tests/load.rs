@@ -37,6 +37,7 @@ fn verifier_program_loads_in_both_scopes_and_variants_and_reports_its_cost() {
         Ok(l) => scopes.push(Scope::Sa(l)),
         Err(e) => eprintln!("sa scope not loaded: {e}"),
     }
+    let readme = readme_check_figure();
     for s in &scopes {
         for variant in [Variant::BpfLoop, Variant::BoundedLoop] {
             let mut v = load(s, variant);
@@ -50,6 +51,25 @@ fn verifier_program_loads_in_both_scopes_and_variants_and_reports_its_cost() {
                 xlated / 8
             );
             assert!(xlated > 0);
+            if matches!(s, Scope::Sa(_)) && variant == Variant::BpfLoop {
+                match &readme {
+                    Some((release, figure)) if *release == kernel_release() => assert_eq!(
+                        verified,
+                        Some(*figure),
+                        "README's `natt-monitor check` sample quotes {figure} instructions on \
+                         {release}; this build's program costs {verified:?} there: paste the real \
+                         output of `natt-monitor check` into the README"
+                    ),
+                    Some((release, _)) => eprintln!(
+                        "README's check sample is from {release}, not this kernel ({}): its \
+                         instruction figure is not compared",
+                        kernel_release()
+                    ),
+                    None => panic!(
+                        "README has no `natt-monitor check` sample with a bpf program load line"
+                    ),
+                }
+            }
         }
     }
     // This kernel has bpf_loop: the probe picks the callback variant.
@@ -57,4 +77,35 @@ fn verifier_program_loads_in_both_scopes_and_variants_and_reports_its_cost() {
         Verifier::load(&Scope::Address).unwrap().variant(),
         Variant::BpfLoop
     );
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("kernel release")
+        .trim()
+        .to_string()
+}
+
+/// The kernel release and the verifier's instruction count that the README's sample
+/// `natt-monitor check` output shows (its `kernel` and `bpf program load` lines).
+fn readme_check_figure() -> Option<(String, u32)> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let field = |prefix: &str| {
+        readme
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix).map(str::trim_start))
+    };
+    let release = field("info  kernel")?
+        .split_whitespace()
+        .next()?
+        .to_string();
+    let load = field("ok    bpf program load")?;
+    let figure = load
+        .split("; ")
+        .nth(1)?
+        .strip_suffix(" of 1000000 instructions processed)")?
+        .parse()
+        .ok()?;
+    Some((release, figure))
 }

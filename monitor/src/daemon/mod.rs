@@ -157,6 +157,26 @@ pub enum DaemonError {
     /// `NOTIFY_SOCKET` names a socket that cannot be used.
     #[error("NOTIFY_SOCKET: {0}")]
     Notify(#[source] io::Error),
+    /// The maps `--max-peers` asks for cannot fit under the cgroup's memory limit, which the
+    /// kernel charges map memory to (Linux 5.11+): every start would fail the same way, or be
+    /// killed by the cgroup's OOM killer.
+    #[error(
+        "--max-peers {max_peers}: the verifier's maps need at least {need} MiB (possible CPUs: {cpus}; the per-peer counters take one copy per CPU), more than the {free} MiB that memory.max of {cgroup} ({max} MiB) leaves free; lower --max-peers (the max_peers key) or raise the limit (the unit's MemoryMax=)",
+        need = need.div_ceil(1 << 20),
+        free = limit.free() >> 20,
+        max = limit.max >> 20,
+        cgroup = limit.cgroup.display()
+    )]
+    MapMemory {
+        /// The peers asked for.
+        max_peers: u32,
+        /// The lower bound of the maps' memory, in bytes.
+        need: u64,
+        /// Possible CPUs.
+        cpus: u32,
+        /// The limit.
+        limit: crate::cgroup::MemoryLimit,
+    },
     /// The pin directory cannot be used.
     #[error(transparent)]
     Pin(#[from] crate::pin::PinError),
@@ -367,6 +387,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         });
     }
     let scope = resolve_scope(&settings, &features)?;
+    check_map_memory(&settings)?;
     // Discovery starts before anything is attached: the first SA dump is part of the initial
     // peer set, and an explicit --discover xfrm on a kernel without XFRM fails here.
     let (watch, discovered) = discovery::start(&settings)?;
@@ -674,6 +695,39 @@ pub fn log_peers(table: &PeerTable) {
 
 /// Peers `log_peers` lists one line each; a concentrator's thousands are summed up in one.
 const LOGGED_PEERS: usize = 64;
+
+/// Refuses a start whose maps cannot fit in what the cgroup's `memory.max` leaves free, before
+/// anything is loaded: the kernel would fail them, or the cgroup's OOM killer end the daemon,
+/// on every restart. Kernels before 5.11
+/// charge map memory to `RLIMIT_MEMLOCK`, which the daemon raises, not to the cgroup.
+fn check_map_memory(settings: &Settings) -> Result<(), DaemonError> {
+    let release = std::fs::read_to_string(settings.proc_path.join("sys/kernel/osrelease"))
+        .unwrap_or_default();
+    let mut version = release.trim().split(['.', '-']).map(str::parse::<u32>);
+    let (Some(Ok(major)), Some(Ok(minor))) = (version.next(), version.next()) else {
+        return Ok(());
+    };
+    if (major, minor) < (5, 11) {
+        return Ok(());
+    }
+    let Some(limit) = crate::cgroup::memory_limit_in(&settings.proc_path) else {
+        return Ok(());
+    };
+    let Ok(cpus) = aya::util::nr_cpus() else {
+        return Ok(());
+    };
+    let cpus = cpus.get();
+    let need = settings.map_sizes().memory_floor(cpus);
+    if need > limit.free() {
+        return Err(DaemonError::MapMemory {
+            max_peers: settings.max_peers,
+            need,
+            cpus,
+            limit,
+        });
+    }
+    Ok(())
+}
 
 /// SA scope where the kernel's BTF gives the `sec_path` layout; address scope where it does
 /// not (with a warning), or when asked for.

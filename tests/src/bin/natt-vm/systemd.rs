@@ -302,6 +302,78 @@ fn exact_stream(t: &Topology, cg: &Path, port: u16, tally: &mut Tally, when: &st
     counts_agree(t, tally, when);
 }
 
+/// `--max-peers 65536` under `MemoryMax=64M` (a drop-in): the maps need at least 43 MiB on
+/// this one-CPU guest, more than the cgroup leaves once the daemon holds its own. From 5.11 the
+/// kernel charges map memory to the cgroup, so the daemon refuses to start (exit 78, naming
+/// both) and systemd does not restart it; without the check the cgroup's OOM killer would end
+/// every start. 5.10 charges `RLIMIT_MEMLOCK` instead, so there the daemon runs. Then the
+/// drop-in goes and the daemon runs as before. Returns what happened.
+fn oversized_max_peers(b: &Netns, mut pid: u32) -> &'static str {
+    let dropin = Path::new("/run/systemd/system/natt-monitor.service.d/max-peers.conf");
+    // Stopped first: a lower MemoryMax= applies to a running unit at daemon-reload.
+    must(&["systemctl", "stop", UNIT]);
+    fs::create_dir_all(dropin.parent().expect("drop-in directory")).expect("drop-in directory");
+    fs::write(
+        dropin,
+        "[Service]\nMemoryMax=64M\nEnvironment=NATT_MONITOR_MAX_PEERS=65536\n",
+    )
+    .expect("write the drop-in");
+    must(&["systemctl", "daemon-reload"]);
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    let charged = !release.starts_with("5.10.");
+    let start = ["systemctl", "start", UNIT];
+    let (ok, out, err) = run(&start);
+    let outcome = if charged {
+        show(&start, &format!("{out}{err}"));
+        assert!(
+            !ok,
+            "start with --max-peers 65536 under 64M succeeded: {out}{err}\n{}",
+            tail(&journal(), 8)
+        );
+        let restarts = property("NRestarts");
+        // RestartSec=5s: a restart loop would have begun by now.
+        std::thread::sleep(Duration::from_secs(8));
+        assert_eq!(
+            (
+                active_state(),
+                property("ExecMainStatus"),
+                property("NRestarts")
+            ),
+            ("failed".to_owned(), "78".to_owned(), restarts),
+            "state, exit status and restarts after the refused start:\n{}",
+            tail(&journal(), 8)
+        );
+        let log = journal();
+        let refusal = log
+            .rfind("natt-monitor: error:")
+            .map_or("", |at| &log[at..]);
+        show(
+            &["journalctl", "-u", UNIT, "-o", "cat", "-n", "5"],
+            refusal.trim_end(),
+        );
+        assert!(
+            log.contains("natt-monitor: error: --max-peers 65536: the verifier's maps need at least 43 MiB (possible CPUs: 1;")
+                && log.contains("memory.max of /sys/fs/cgroup/system.slice/natt-monitor.service (64 MiB) leaves free"),
+            "the refusal does not name --max-peers and the limit:\n{}",
+            tail(&log, 10)
+        );
+        "exit78"
+    } else {
+        assert!(
+            ok,
+            "start with --max-peers 65536 under 64M on 5.10: {out}{err}\n{}",
+            tail(&journal(), 8)
+        );
+        pid = wait_restarted(b, pid, 30);
+        "ran"
+    };
+    fs::remove_file(dropin).expect("remove the drop-in");
+    must(&["systemctl", "daemon-reload"]);
+    must(&["systemctl", "restart", UNIT]);
+    wait_restarted(b, pid, 30);
+    outcome
+}
+
 /// The scenario, step by step; returns the result line's fields.
 #[expect(
     clippy::too_many_lines,
@@ -457,6 +529,7 @@ pub(crate) fn run_scenario() -> String {
     assert_ne!(current, older, "the upgrade changed nothing");
     tally.restarts.push("upgrade");
     counts_agree(&t, &mut tally, "after the upgrade");
+    let memory_limit = oversized_max_peers(&t.b, pid);
     // Removal detaches the verifier at the configured pin path; purge removes the rest.
     must_shown(&["apt-get", "remove", "-y", "-q", "natt-monitor"]);
     assert_eq!(active_state(), "inactive", "after apt remove");
@@ -476,7 +549,7 @@ pub(crate) fn run_scenario() -> String {
         assert!(!Path::new(gone).exists(), "{gone} is left after apt purge");
     }
     format!(
-        "mode=enforce cipher=CbcAes injected={} detected={} dropped={} received={} differing={} captured={} upgrade={older}->{current} restarts={} xfrm_peers=1",
+        "mode=enforce cipher=CbcAes injected={} detected={} dropped={} received={} differing={} captured={} upgrade={older}->{current} restarts={} xfrm_peers=1 max_peers_65536={memory_limit}",
         tally.injected,
         tally.detected,
         tally.dropped,

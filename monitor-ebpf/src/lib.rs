@@ -33,29 +33,46 @@ pub enum Proto {
     Tcp = 0,
     /// UDP.
     Udp = 1,
+    /// ICMP (IPv4): its checksum covers the message alone, with no pseudo-header, so a NAT in
+    /// front of the SA leaves it unchanged and every intact message leaves residual 0.
+    Icmp = 2,
 }
 
 impl Proto {
-    /// Both, in index order.
-    pub const ALL: [Self; PROTO_COUNT] = [Self::Tcp, Self::Udp];
+    /// All of them, in index order.
+    pub const ALL: [Self; PROTO_COUNT] = [Self::Tcp, Self::Udp, Self::Icmp];
 
-    /// The label value: "tcp" or "udp".
+    /// The label value: "tcp", "udp" or "icmp".
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+            Self::Icmp => "icmp",
+        }
+    }
+
+    /// The slot of an IP protocol number the verifier checks; `None` for any other.
+    #[must_use]
+    pub const fn from_wire(proto: u8) -> Option<Self> {
+        match proto {
+            IPPROTO_TCP => Some(Self::Tcp),
+            IPPROTO_UDP => Some(Self::Udp),
+            IPPROTO_ICMP => Some(Self::Icmp),
+            _ => None,
         }
     }
 }
 
 /// Number of protocol slots.
-pub const PROTO_COUNT: usize = Proto::Udp as usize + 1;
+pub const PROTO_COUNT: usize = Proto::Icmp as usize + 1;
 
 /// IANA protocol numbers the verifier understands (wire values, not ours).
 pub const IPPROTO_TCP: u8 = 6;
 /// IANA protocol numbers the verifier understands (wire values, not ours).
 pub const IPPROTO_UDP: u8 = 17;
+/// IANA protocol numbers the verifier understands (wire values, not ours).
+pub const IPPROTO_ICMP: u8 = 1;
 
 /// What the verifier does with a peer's mismatching segments (`PeerValue::mode`).
 #[repr(u8)]
@@ -149,8 +166,46 @@ pub type PeerKeyV4 = [u8; 4];
 /// IPv6 LPM trie key data (address in network byte order).
 pub type PeerKeyV6 = [u8; 16];
 
-/// Per-CPU, per-peer statistics, indexed by `PeerValue::id`. Arrays are indexed by `Proto`.
+/// Slots of `PeerCounters`' arrays: TCP and UDP, indexed by `Proto`.
+pub const L4_SLOTS: usize = 2;
+
+/// Per-CPU, per-peer TCP and UDP statistics (`PEER_STATS`), indexed by `PeerValue::id`.
+/// Arrays are indexed by `Proto::Tcp` and `Proto::Udp`. Each further protocol has a map of its
+/// own (`ICMP_STATS`), so that adding one leaves the pinned maps of earlier builds adoptable
+/// with their counts.
 #[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Segments whose checksum matched.
+    pub verified_packets: [u64; L4_SLOTS],
+    /// L4 bytes (header and payload) of the verified segments.
+    pub verified_bytes: [u64; L4_SLOTS],
+    /// Segments whose checksum did not match.
+    pub mismatches: [u64; L4_SLOTS],
+    /// Mismatching segments dropped in enforce mode.
+    pub drops: [u64; L4_SLOTS],
+    /// Segments seen while the peer's NAT residual was being learned (neither verified nor
+    /// counted as mismatches).
+    pub learning: [u64; L4_SLOTS],
+}
+
+/// Per-CPU, per-peer ICMP statistics (`ICMP_STATS`), indexed by `PeerValue::id`. ICMP has no
+/// residual to learn, so there is no learning count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpCounters {
+    /// Messages whose checksum matched.
+    pub verified_packets: u64,
+    /// Bytes (header and payload) of the verified messages.
+    pub verified_bytes: u64,
+    /// Messages whose checksum did not match.
+    pub mismatches: u64,
+    /// Mismatching messages dropped in enforce mode.
+    pub drops: u64,
+}
+
+/// A peer's statistics for every protocol, as userspace sums them over CPUs (and maps). Arrays
+/// are indexed by `Proto`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerStats {
     /// Segments whose checksum matched.
@@ -179,6 +234,30 @@ impl PeerStats {
         }
         self
     }
+
+    /// Adds one CPU's TCP and UDP counters.
+    #[must_use]
+    pub fn with_l4(mut self, c: &PeerCounters) -> Self {
+        for p in 0..L4_SLOTS {
+            self.verified_packets[p] += c.verified_packets[p];
+            self.verified_bytes[p] += c.verified_bytes[p];
+            self.mismatches[p] += c.mismatches[p];
+            self.drops[p] += c.drops[p];
+            self.learning[p] += c.learning[p];
+        }
+        self
+    }
+
+    /// Adds one CPU's ICMP counters.
+    #[must_use]
+    pub fn with_icmp(mut self, c: &IcmpCounters) -> Self {
+        let p = Proto::Icmp as usize;
+        self.verified_packets[p] += c.verified_packets;
+        self.verified_bytes[p] += c.verified_bytes;
+        self.mismatches[p] += c.mismatches;
+        self.drops[p] += c.drops;
+        self
+    }
 }
 
 /// Indexes of the global per-CPU `COUNTERS` array. The skip reasons come first, in the order of
@@ -189,7 +268,7 @@ pub enum Counter {
     /// Address scope: the source address is not a configured or discovered peer. SA scope: the
     /// segment came through a NAT-T transport SA, but no peer covers its source address (yet).
     SkipNotInScope = 0,
-    /// Not TCP or UDP (ICMP, SCTP, ...), or not IP at all.
+    /// Not TCP, UDP or ICMP (`ICMPv6`, SCTP, ...), or not IP at all.
     SkipOtherProtocol = 1,
     /// An IPv4 fragment or an IPv6 fragment header: no whole L4 segment to check.
     SkipFragment = 2,
@@ -615,9 +694,15 @@ const _: () = {
     assert!(size_of::<PeerValue>() == 8);
     assert!(offset_of!(PeerValue, mode) == 4 && offset_of!(PeerValue, flags) == 5);
     assert!(offset_of!(PeerValue, expected_residual) == 6);
-    assert!(size_of::<PeerStats>() == 80);
-    assert!(offset_of!(PeerStats, verified_bytes) == 16 && offset_of!(PeerStats, mismatches) == 32);
-    assert!(offset_of!(PeerStats, drops) == 48 && offset_of!(PeerStats, learning) == 64);
+    assert!(size_of::<PeerCounters>() == 80);
+    assert!(
+        offset_of!(PeerCounters, verified_bytes) == 16
+            && offset_of!(PeerCounters, mismatches) == 32
+    );
+    assert!(offset_of!(PeerCounters, drops) == 48 && offset_of!(PeerCounters, learning) == 64);
+    assert!(size_of::<IcmpCounters>() == 32);
+    assert!(offset_of!(IcmpCounters, mismatches) == 16 && offset_of!(IcmpCounters, drops) == 24);
+    assert!(Proto::Tcp as usize == 0 && Proto::Udp as usize == 1 && L4_SLOTS == 2);
     assert!(size_of::<MismatchEvent>() == 108);
     assert!(offset_of!(MismatchEvent, l4_len) == 4 && offset_of!(MismatchEvent, seq) == 8);
     assert!(offset_of!(MismatchEvent, family) == 12 && offset_of!(MismatchEvent, proto) == 13);
@@ -669,7 +754,7 @@ const _: () = {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InjectSlot {
-    /// TCP/UDP segments marked `CHECKSUM_UNNECESSARY`.
+    /// TCP, UDP and ICMP packets marked `CHECKSUM_UNNECESSARY`.
     Marked = 0,
     /// TCP segments with payload.
     DataSegments = 1,
@@ -677,10 +762,14 @@ pub enum InjectSlot {
     Corrupted = 2,
     /// The longest L4 length seen.
     MaxL4Len = 3,
+    /// ICMP messages with payload (echo requests and replies).
+    IcmpMessages = 4,
+    /// ICMP messages whose payload was corrupted.
+    IcmpCorrupted = 5,
 }
 
 /// Number of slots in `INJECT_STATS`.
-pub const INJECT_SLOTS: u32 = InjectSlot::MaxL4Len as u32 + 1;
+pub const INJECT_SLOTS: u32 = InjectSlot::IcmpCorrupted as u32 + 1;
 
 #[cfg(feature = "user")]
 mod user {
@@ -689,7 +778,9 @@ mod user {
     // pattern is a valid value.
     unsafe impl aya::Pod for super::PeerValue {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PeerStats {}
+    unsafe impl aya::Pod for super::PeerCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IcmpCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MismatchEvent {}
     // SAFETY: as above.

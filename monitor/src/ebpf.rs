@@ -24,8 +24,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use monitor_ebpf::{
-    COUNTER_SLOTS, Counter, MappingOwner, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey,
-    SaTrust, TRUST_LEARNED, TrustCounter,
+    COUNTER_SLOTS, Counter, IcmpCounters, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6,
+    PeerStats, PeerValue, SaKey, SaTrust, TRUST_LEARNED, TrustCounter,
 };
 
 use crate::{
@@ -299,8 +299,8 @@ impl MapSizes {
     }
 
     /// A lower bound of the memory the kernel allocates when it creates the maps on a host
-    /// with `cpus` possible CPUs: `PEER_STATS`' per-CPU values and the preallocated LRU maps'
-    /// keys and values, without the kernel's per-element bookkeeping. The LPM tries grow as
+    /// with `cpus` possible CPUs: `PEER_STATS`' and `ICMP_STATS`' per-CPU values and the
+    /// preallocated LRU maps' keys and values, without the kernel's per-element bookkeeping. The LPM tries grow as
     /// peers are inserted and are left out.
     #[must_use]
     pub fn memory_floor(self, cpus: u32) -> u64 {
@@ -308,7 +308,9 @@ impl MapSizes {
             (size_of::<T>() as u64).next_multiple_of(8)
         }
         let key = slot::<SaKey>();
-        let per_cpu = u64::from(self.peers) * slot::<PeerStats>() * u64::from(cpus);
+        let per_cpu = u64::from(self.peers)
+            * (slot::<PeerCounters>() + slot::<IcmpCounters>())
+            * u64::from(cpus);
         let lru = u64::from(self.sa_trust) * (key + slot::<SaTrust>())
             + u64::from(monitor_ebpf::sa_residual_slots(self.peers))
                 * (2 * key + slot::<MappingOwner>() + slot::<monitor_ebpf::Held>());
@@ -332,6 +334,7 @@ fn load_maps(
         .map_max_entries("PEERS_V4", sizes.peers)
         .map_max_entries("PEERS_V6", sizes.peers)
         .map_max_entries("PEER_STATS", sizes.peers)
+        .map_max_entries("ICMP_STATS", sizes.peers)
         .map_max_entries("SA_TRUST", sizes.sa_trust)
         .map_max_entries("MAPPINGS", slots)
         .map_max_entries("HELD", slots);
@@ -489,15 +492,18 @@ impl Verifier {
         })?;
         load_hold(&mut bpf)?;
         let peer_stats = take_map(&mut bpf, "PEER_STATS")?;
+        let icmp_stats = take_map(&mut bpf, "ICMP_STATS")?;
         let stats = Arc::new(Stats {
             counters: typed(take_map(&mut bpf, "COUNTERS")?, "COUNTERS")?,
             peers: typed(duplicate(&peer_stats, "PEER_STATS")?, "PEER_STATS")?,
+            icmp: typed(duplicate(&icmp_stats, "ICMP_STATS")?, "ICMP_STATS")?,
             trust: typed(take_map(&mut bpf, "TRUST_COUNTERS")?, "TRUST_COUNTERS")?,
         });
         let maps = PeerMaps {
             v4: typed(take_map(&mut bpf, "PEERS_V4")?, "PEERS_V4")?,
             v6: typed(take_map(&mut bpf, "PEERS_V6")?, "PEERS_V6")?,
             stats: typed(peer_stats, "PEER_STATS")?,
+            icmp: typed(icmp_stats, "ICMP_STATS")?,
             residuals: typed(take_map(&mut bpf, "SA_TRUST")?, "SA_TRUST")?,
             mappings: typed(take_map(&mut bpf, "MAPPINGS")?, "MAPPINGS")?,
         };
@@ -754,7 +760,8 @@ impl Verifier {
 pub struct PeerMaps {
     v4: LpmTrie<MapData, PeerKeyV4, PeerValue>,
     v6: LpmTrie<MapData, PeerKeyV6, PeerValue>,
-    stats: PerCpuArray<MapData, PeerStats>,
+    stats: PerCpuArray<MapData, PeerCounters>,
+    icmp: PerCpuArray<MapData, IcmpCounters>,
     residuals: HashMap<MapData, SaKey, SaTrust>,
     mappings: HashMap<MapData, SaKey, MappingOwner>,
 }
@@ -810,18 +817,26 @@ impl PeerMaps {
             what: "counting possible CPUs".into(),
             source: MapError::IoError(e),
         })?;
+        let cpus = cpus.get() as usize;
         for &id in ids {
-            let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus.get() as usize])
-                .map_err(|e| EbpfFailure::Map {
-                    what: format!("zeroing PEER_STATS[{id}]"),
-                    source: MapError::IoError(e),
-                })?;
+            let zeroed = |what: &str, e| EbpfFailure::Map {
+                what: format!("zeroing {what}[{id}]"),
+                source: MapError::IoError(e),
+            };
+            let reset = |what: &str, source| EbpfFailure::Map {
+                what: format!("resetting {what}[{id}]"),
+                source,
+            };
+            let zeros = PerCpuValues::try_from(vec![PeerCounters::default(); cpus])
+                .map_err(|e| zeroed("PEER_STATS", e))?;
             self.stats
                 .set(id, zeros, 0)
-                .map_err(|source| EbpfFailure::Map {
-                    what: format!("resetting PEER_STATS[{id}]"),
-                    source,
-                })?;
+                .map_err(|e| reset("PEER_STATS", e))?;
+            let zeros = PerCpuValues::try_from(vec![IcmpCounters::default(); cpus])
+                .map_err(|e| zeroed("ICMP_STATS", e))?;
+            self.icmp
+                .set(id, zeros, 0)
+                .map_err(|e| reset("ICMP_STATS", e))?;
         }
         Ok(())
     }
@@ -979,12 +994,13 @@ pub struct MapContents {
     pub residuals: Vec<(SaKey, u64, u16)>,
 }
 
-/// Read handles on the verifier's statistics: the global counters and the per-peer array (a
-/// second descriptor of the map `PeerMaps` resets). Reads are plain syscalls and take no lock,
+/// Read handles on the verifier's statistics: the global counters and the per-peer arrays
+/// (second descriptors of the maps `PeerMaps` resets). Reads are plain syscalls and take no lock,
 /// so a scrape never waits for a map update.
 pub struct Stats {
     counters: PerCpuArray<MapData, u64>,
-    peers: PerCpuArray<MapData, PeerStats>,
+    peers: PerCpuArray<MapData, PeerCounters>,
+    icmp: PerCpuArray<MapData, IcmpCounters>,
     trust: PerCpuArray<MapData, u64>,
 }
 
@@ -1029,16 +1045,19 @@ impl Stats {
         Ok(values.iter().sum())
     }
 
-    /// Statistics of peer `id`, summed over CPUs.
+    /// Statistics of peer `id` for every protocol, summed over CPUs.
     ///
     /// # Errors
-    /// `EbpfFailure::Map` if the map cannot be read.
+    /// `EbpfFailure::Map` if a map cannot be read.
     pub fn peer_stats(&self, id: u32) -> Result<PeerStats, EbpfFailure> {
-        let values = self.peers.get(&id, 0).map_err(|source| EbpfFailure::Map {
-            what: format!("reading PEER_STATS[{id}]"),
+        let read = |what: &str, source| EbpfFailure::Map {
+            what: format!("reading {what}[{id}]"),
             source,
-        })?;
-        Ok(values.iter().fold(PeerStats::default(), PeerStats::merged))
+        };
+        let l4 = self.peers.get(&id, 0).map_err(|e| read("PEER_STATS", e))?;
+        let icmp = self.icmp.get(&id, 0).map_err(|e| read("ICMP_STATS", e))?;
+        let stats = l4.iter().fold(PeerStats::default(), PeerStats::with_l4);
+        Ok(icmp.iter().fold(stats, PeerStats::with_icmp))
     }
 }
 
@@ -1223,17 +1242,17 @@ mod tests {
 
     #[test]
     fn the_map_memory_floor_counts_per_cpu_counters_and_preallocated_lru_slots() {
-        // PEER_STATS: 65536 x 80 B x 2 CPUs; SA_TRUST: 131072 x (48 B key + 80 B);
-        // MAPPINGS and HELD: 131072 x (48 + 16) and 131072 x (48 + 64).
+        // PEER_STATS and ICMP_STATS: 65536 x (80 + 32) B x 2 CPUs; SA_TRUST: 131072 x (48 B
+        // key + 80 B); MAPPINGS and HELD: 131072 x (48 + 16) and 131072 x (48 + 64).
         let sizes = MapSizes::for_peers(65536);
-        assert_eq!(sizes.memory_floor(2), 48 << 20);
+        assert_eq!(sizes.memory_floor(2), (14 + 38) << 20);
         assert_eq!(
             sizes.memory_floor(128) - sizes.memory_floor(2),
-            65536 * 80 * 126
+            65536 * 112 * 126
         );
         assert_eq!(
             MapSizes::for_peers(16384).memory_floor(1),
-            16384 * 80 + 32768 * (128 + 64 + 112)
+            16384 * 112 + 32768 * (128 + 64 + 112)
         );
     }
 }

@@ -9,9 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monitor_ebpf::{
-    Action, Family, IPPROTO_TCP, IPPROTO_UDP, LearningSample, MismatchEvent, Proto, SaKey,
-};
+use monitor_ebpf::{Action, Family, LearningSample, MismatchEvent, Proto, SaKey};
 
 /// A decoded mismatch event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,13 +20,14 @@ pub struct Mismatch {
     pub src: IpAddr,
     /// Destination address.
     pub dst: IpAddr,
-    /// Source port.
+    /// Source port (ICMP: the message type).
     pub sport: u16,
-    /// Destination port.
+    /// Destination port (ICMP: the code).
     pub dport: u16,
-    /// "tcp" or "udp".
+    /// "tcp", "udp" or "icmp".
     pub proto: &'static str,
-    /// TCP sequence number (0 for UDP).
+    /// TCP sequence number (0 for UDP; ICMP: the header's last four bytes, an echo's identifier
+    /// and sequence number).
     pub seq: u32,
     /// L4 length in bytes.
     pub len: u32,
@@ -64,9 +63,7 @@ impl Mismatch {
         let ev: MismatchEvent = record(bytes)?;
         let family = Family::from_abi(ev.family)?;
         let action = Action::from_abi(ev.action)?;
-        if ev.proto != IPPROTO_TCP && ev.proto != IPPROTO_UDP {
-            return None;
-        }
+        let proto = Proto::from_wire(ev.proto)?;
         let addr = |a| address(family, a);
         let n = usize::from(ev.payload_len).min(ev.payload.len());
         Some(Self {
@@ -75,11 +72,7 @@ impl Mismatch {
             dst: addr(ev.dst),
             sport: ev.sport,
             dport: ev.dport,
-            proto: if ev.proto == IPPROTO_TCP {
-                "tcp"
-            } else {
-                "udp"
-            },
+            proto: proto.as_str(),
             seq: ev.seq,
             len: ev.l4_len,
             found: ev.csum_found,
@@ -103,9 +96,16 @@ impl Mismatch {
         })
     }
 
-    /// `src:sport -> dst:dport` with IPv6 brackets.
+    /// `src:sport -> dst:dport` with IPv6 brackets; ICMP, which has no ports,
+    /// `src -> dst type T code C`.
     #[must_use]
     pub fn flow(&self) -> String {
+        if self.proto == Proto::Icmp.as_str() {
+            return format!(
+                "{} -> {} type {} code {}",
+                self.src, self.dst, self.sport, self.dport
+            );
+        }
         let ep = |a: IpAddr, p: u16| match a {
             IpAddr::V4(a) => format!("{a}:{p}"),
             IpAddr::V6(a) => format!("[{a}]:{p}"),
@@ -186,11 +186,7 @@ impl Learning {
         let kind = match s.kind {
             monitor_ebpf::SAMPLE_LEARNING | monitor_ebpf::SAMPLE_HELD => LearningKind::Sample {
                 held: s.kind == monitor_ebpf::SAMPLE_HELD,
-                proto: match s.proto {
-                    IPPROTO_TCP => Some(Proto::Tcp),
-                    IPPROTO_UDP => Some(Proto::Udp),
-                    _ => None,
-                },
+                proto: Proto::from_wire(s.proto),
             },
             monitor_ebpf::SAMPLE_INHERITED => LearningKind::Inherited,
             monitor_ebpf::SAMPLE_CONFIRMED => LearningKind::Confirmed,

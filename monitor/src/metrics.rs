@@ -368,7 +368,7 @@ impl Families {
         Ok(Self {
             verified_packets: per_peer(
                 "natt_monitor_verified_packets_total",
-                "Segments from a peer whose TCP/UDP checksum natt-monitor recomputed and found correct.",
+                "Segments from a peer whose TCP, UDP or ICMP checksum natt-monitor recomputed and found correct.",
             )?,
             verified_bytes: per_peer(
                 "natt_monitor_verified_bytes_total",
@@ -380,7 +380,7 @@ impl Families {
             )?,
             dropped: per_peer(
                 "natt_monitor_dropped_packets_total",
-                "Mismatching segments dropped in enforce mode, so that TCP retransmits them.",
+                "Mismatching segments dropped in enforce mode, so that TCP retransmits them (UDP and ICMP are not retransmitted).",
             )?,
             learning_packets: per_peer(
                 "natt_monitor_learning_packets_total",
@@ -545,14 +545,18 @@ impl Families {
                 .set(i64::from(peer.learning));
             for proto in Proto::ALL {
                 let (p, l) = (proto as usize, [peer.label.as_str(), proto.as_str()]);
-                for (vec, value) in [
+                let checked = [
                     (&self.verified_packets, s.verified_packets[p]),
                     (&self.verified_bytes, s.verified_bytes[p]),
                     (&self.mismatches, s.mismatches[p]),
                     (&self.dropped, s.drops[p]),
+                ];
+                // ICMP has no residual to learn: no learning series for it.
+                let learned = (proto != Proto::Icmp).then_some([
                     (&self.learning_packets, s.learning[p]),
                     (&self.learning_mismatches, peer.learning_mismatches[p]),
-                ] {
+                ]);
+                for (vec, value) in checked.into_iter().chain(learned.into_iter().flatten()) {
                     counter(&vec.with_label_values(&l), value);
                 }
             }
@@ -644,14 +648,14 @@ mod tests {
 
     fn sample() -> Snapshot {
         let a = PeerStats {
-            verified_packets: [10, 2],
-            verified_bytes: [14_800, 100],
-            mismatches: [3, 0],
-            drops: [3, 0],
-            learning: [0, 0],
+            verified_packets: [10, 2, 4],
+            verified_bytes: [14_800, 100, 4_032],
+            mismatches: [3, 0, 1],
+            drops: [3, 0, 1],
+            learning: [0, 0, 0],
         };
         let b = PeerStats {
-            learning: [5, 0],
+            learning: [5, 0, 0],
             ..PeerStats::default()
         };
         let mut c = Counters::default();
@@ -664,19 +668,19 @@ mod tests {
                     label: "192.0.2.0/24".into(),
                     stats: a,
                     learning: false,
-                    learning_mismatches: [0; 2],
+                    learning_mismatches: [0; 3],
                 },
                 PeerSnapshot {
                     label: "2001:db8::/32".into(),
                     stats: PeerStats::default(),
                     learning: false,
-                    learning_mismatches: [0; 2],
+                    learning_mismatches: [0; 3],
                 },
                 PeerSnapshot {
                     label: "203.0.113.9/32".into(),
                     stats: b,
                     learning: true,
-                    learning_mismatches: [2, 1],
+                    learning_mismatches: [2, 1, 0],
                 },
             ],
             counters: c,

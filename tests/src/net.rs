@@ -369,6 +369,10 @@ pub struct InjectStats {
     pub corrupted: u64,
     /// Largest L4 length seen.
     pub max_l4_len: u64,
+    /// ICMP messages carrying payload.
+    pub icmp_messages: u64,
+    /// ICMP messages whose payload byte was flipped.
+    pub icmp_corrupted: u64,
 }
 
 /// The NAT-T emulating injector attached at tc ingress of the receiver's veth. Dropping it
@@ -378,7 +382,8 @@ pub struct Injector {
 }
 
 impl Injector {
-    /// Loads and attaches to `dev` inside `ns`; corrupts every `every`th data segment (0: none).
+    /// Loads and attaches to `dev` inside `ns`; corrupts every `every`th data segment and ICMP
+    /// message (0: none).
     #[must_use]
     pub fn attach(ns: &Netns, dev: &str, every: u32) -> Self {
         let bpf = ns.enter(|| {
@@ -421,6 +426,8 @@ impl Injector {
             data_segments: sum(InjectSlot::DataSegments),
             corrupted: sum(InjectSlot::Corrupted),
             max_l4_len: max,
+            icmp_messages: sum(InjectSlot::IcmpMessages),
+            icmp_corrupted: sum(InjectSlot::IcmpCorrupted),
         }
     }
 }
@@ -495,5 +502,54 @@ pub fn stream_between(
     StreamResult {
         received: it.next().expect("received"),
         differing: it.next().expect("differing"),
+    }
+}
+
+/// Replies to one `ping`, as `natt-peer ping` judged them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PingResult {
+    /// Echo requests sent.
+    pub sent: u64,
+    /// Replies whose payload was what was sent.
+    pub intact: u64,
+    /// Replies whose payload differed.
+    pub corrupted: u64,
+    /// Requests whose reply never reached the socket.
+    pub lost: u64,
+}
+
+/// Sends `count` ICMP echo requests of `size` payload bytes from a raw socket in `from` (in
+/// `cgroup`) to `to`, one at a time. `peer` is the `natt-peer` helper.
+#[must_use]
+pub fn ping(
+    peer: &str,
+    from: &Netns,
+    cgroup: &Path,
+    to: &str,
+    count: u16,
+    size: usize,
+) -> PingResult {
+    let cg = cgroup.to_str().expect("utf-8 cgroup path");
+    let (n, s) = (count.to_string(), size.to_string());
+    let out = Proc::spawn(
+        "natt-peer ping",
+        Command::new(peer).args([
+            "ping", "--netns", &from.name, "--cgroup", cg, "--to", to, "--count", &n, "--size", &s,
+        ]),
+    )
+    .finish(Duration::from_secs(120));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("sent="))
+        .unwrap_or_else(|| panic!("no result line in {out:?}"));
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .map(|kv| kv.split_once('=').expect("k=v").1.parse().expect("number"))
+        .collect();
+    PingResult {
+        sent: v[0],
+        intact: v[1],
+        corrupted: v[2],
+        lost: v[3],
     }
 }

@@ -22,6 +22,8 @@ pub enum L4 {
     TcpWithOptions,
     /// UDP.
     Udp,
+    /// An echo reply: ICMP in an IPv4 frame, `ICMPv6` in an IPv6 one.
+    IcmpEchoReply,
 }
 
 /// A deterministic payload of `n` bytes.
@@ -36,19 +38,26 @@ pub fn payload(n: usize) -> Vec<u8> {
 #[must_use]
 pub fn v4(src: Ipv4Addr, dst: Ipv4Addr, l4: L4, data: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.octets(), dst.octets(), 64);
-    finish(b, l4, data)
+    finish(b, l4, data, false)
 }
 
 /// An IPv6 frame from `src` to `dst` with a correct L4 checksum.
 #[must_use]
 pub fn v6(src: Ipv6Addr, dst: Ipv6Addr, l4: L4, data: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.octets(), dst.octets(), 64);
-    finish(b, l4, data)
+    finish(b, l4, data, true)
 }
 
-fn finish(b: etherparse::PacketBuilderStep<etherparse::IpHeaders>, l4: L4, data: &[u8]) -> Vec<u8> {
+fn finish(
+    b: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
+    l4: L4,
+    data: &[u8],
+    v6: bool,
+) -> Vec<u8> {
     let mut out = Vec::new();
     match l4 {
+        L4::IcmpEchoReply if v6 => b.icmpv6_echo_reply(0x4e41, 7).write(&mut out, data),
+        L4::IcmpEchoReply => b.icmpv4_echo_reply(0x4e41, 7).write(&mut out, data),
         L4::Tcp => b
             .tcp(40000, 2181, 0x0102_0304, 64240)
             .ack(99)

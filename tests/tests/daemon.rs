@@ -612,7 +612,7 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
             info.id,
             info.prog_id
         )) && pinned.contains(
-            "10 of 10 maps (PEERS_V4, PEERS_V6, PEER_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP)"
+            "11 of 11 maps (PEERS_V4, PEERS_V6, PEER_STATS, ICMP_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP)"
         ),
         "{pinned}"
     );
@@ -628,7 +628,7 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
         out,
         format!(
             "detached link {} (program id {}) from cgroup id {}\n\
-             removed maps: PEERS_V4, PEERS_V6, PEER_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP\n\
+             removed maps: PEERS_V4, PEERS_V6, PEER_STATS, ICMP_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP\n\
              removed {}\n",
             info.id,
             info.prog_id,

@@ -15,7 +15,8 @@ use natt_monitor::{
 use natt_monitor_tests::{
     PinDir,
     net::{
-        ADDR_A, ADDR6_A, Cgroup, InjectStats, Injector, Lab, StreamResult, stream, stream_between,
+        ADDR_A, ADDR6_A, Cgroup, InjectStats, Injector, Lab, PingResult, StreamResult, ping,
+        stream, stream_between,
     },
     skip_unless_root,
 };
@@ -184,8 +185,8 @@ fn clean_stream_has_no_mismatches() {
         r.inject.marked > 0,
         "the injector marked segments UNNECESSARY"
     );
-    assert_eq!(r.peer.mismatches, [0, 0]);
-    assert_eq!(r.peer.drops, [0, 0]);
+    assert_eq!(r.peer.mismatches, [0, 0, 0]);
+    assert_eq!(r.peer.drops, [0, 0, 0]);
     assert_eq!(r.aggregated, 0, "GRO is off on the receiver");
     // Every marked segment (data, SYN, ACKs, FIN) reached the verifier and was verified.
     assert_accounted(&r);
@@ -204,7 +205,7 @@ fn observe_mode_detects_every_injected_corruption_and_the_app_sees_it() {
     let r = run(ADDR_A, Mode::Observe, 50, 1500, 4 * MB, false);
     assert!(r.inject.corrupted > 0);
     assert_accounted(&r);
-    assert_eq!(r.peer.drops, [0, 0]);
+    assert_eq!(r.peer.drops, [0, 0, 0]);
     // This is the bug natt-monitor exists for: the corrupted bytes reach the application.
     assert_eq!(r.stream.received, 4 * MB);
     assert_app_saw_corruption(&r);
@@ -306,6 +307,69 @@ fn an_upgrade_swaps_the_pinned_program_mid_stream_without_a_gap() {
     let r = readings(&new, s, inj.stats());
     log_run("upgrade from bounded_loop to bpf_loop", &r);
     assert_enforced(&r, UPGRADE_BYTES);
+}
+
+/// ICMP echo replies marked as esp4.c marks a NAT-T packet, one in every 7 (per CPU)
+/// corrupted: ICMP skips its checksum under the mark and the raw socket gets the reply. The
+/// verifier checks every reply against residual 0 (ICMP has no pseudo-header), counts exactly
+/// the corrupted ones, and in enforce mode drops them before the socket sees them.
+#[test]
+fn icmp_echo_replies_are_verified_and_corruption_counted_exactly() {
+    if skip_unless_root("icmp_echo_replies_are_verified_and_corruption_counted_exactly") {
+        return;
+    }
+    let (count, size) = (300u16, 1000usize);
+    let icmp = Proto::Icmp as usize;
+    for mode in [Mode::Observe, Mode::Enforce] {
+        let lab = Lab::new(1500);
+        let cg = Cgroup::new();
+        let mut v = Verifier::load(&Scope::Address).expect("load verifier");
+        let peers = PeerTable::new(vec![PeerSpec::new(parse_cidr(ADDR_A).unwrap(), mode)]);
+        v.peer_maps()
+            .unwrap()
+            .set_peers(&PeerTable::default(), &peers.unwrap())
+            .unwrap();
+        v.attach(&cg.path).expect("attach to test cgroup");
+        let inj = Injector::attach(&lab.b, lab.dev_b, 7);
+        let p = ping(
+            env!("CARGO_BIN_EXE_natt-peer"),
+            &lab.b,
+            &cg.path,
+            ADDR_A,
+            count,
+            size,
+        );
+        let (st, peer) = (inj.stats(), v.stats().peer_stats(0).unwrap());
+        drop(inj);
+        eprintln!("{mode}: {p:?}; injector {st:?}; verifier {peer:?}");
+        let bad = st.icmp_corrupted;
+        assert_eq!(
+            st.icmp_messages,
+            u64::from(count),
+            "{mode}: replies the injector saw"
+        );
+        assert!(
+            bad >= 40,
+            "{mode}: one in 7 per CPU corrupted, {bad} of {count}"
+        );
+        let enforce = mode == Mode::Enforce;
+        assert_eq!(
+            p,
+            PingResult {
+                sent: u64::from(count),
+                intact: u64::from(count) - bad,
+                corrupted: if enforce { 0 } else { bad },
+                lost: if enforce { bad } else { 0 },
+            },
+            "{mode}: what the pinging socket got"
+        );
+        let mut want = PeerStats::default();
+        want.verified_packets[icmp] = u64::from(count) - bad;
+        want.verified_bytes[icmp] = (u64::from(count) - bad) * (8 + u64::try_from(size).unwrap());
+        want.mismatches[icmp] = bad;
+        want.drops[icmp] = if enforce { bad } else { 0 };
+        assert_eq!(peer, want, "{mode}: the peer's counts");
+    }
 }
 
 #[test]
@@ -427,19 +491,19 @@ fn partial_checksums_and_plaintext_are_never_mismatches() {
         assert_eq!(over_veth, whole, "{} scope, veth", s.as_str());
         assert_eq!(over_lo, whole, "{} scope, loopback", s.as_str());
         for st in &stats {
-            assert_eq!(st.mismatches, [0, 0], "{} scope: {stats:?}", s.as_str());
-            assert_eq!(st.drops, [0, 0], "{} scope: {stats:?}", s.as_str());
+            assert_eq!(st.mismatches, [0, 0, 0], "{} scope: {stats:?}", s.as_str());
+            assert_eq!(st.drops, [0, 0, 0], "{} scope: {stats:?}", s.as_str());
         }
         match s {
             // Address scope recognises the partial checksums: nothing verified, all exempt.
             Scope::Address => {
-                assert_eq!(stats[0].verified_packets, [0, 0], "{stats:?}");
+                assert_eq!(stats[0].verified_packets, [0, 0, 0], "{stats:?}");
                 assert!(c.get(Counter::SkipPartialChecksum) > 0);
             }
             // SA scope never looks: no segment came through an SA.
             Scope::Sa(_) => {
                 assert_eq!(c.get(Counter::SkipPartialChecksum), 0);
-                assert_eq!(stats[0].verified_packets, [0, 0], "{stats:?}");
+                assert_eq!(stats[0].verified_packets, [0, 0, 0], "{stats:?}");
                 assert!(c.get(Counter::SkipNotIpsec) > 0);
             }
         }

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use monitor_ebpf::{COUNTER_SLOTS, Counter, PeerStats, Proto, SaKey, csum};
+use monitor_ebpf::{COUNTER_SLOTS, Counter, PROTO_COUNT, PeerStats, Proto, SaKey, csum};
 use natt_monitor::{
     ebpf::{Counters, Variant, Verifier},
     events::{Learning, LearningKind, Mismatch},
@@ -223,7 +223,7 @@ impl Harness {
         }
         for i in 0..PEERS {
             let (a, b) = (&p0[i], &p1[i]);
-            for k in 0..2 {
+            for k in 0..PROTO_COUNT {
                 out.peers[i].verified_packets[k] = b.verified_packets[k] - a.verified_packets[k];
                 out.peers[i].verified_bytes[k] = b.verified_bytes[k] - a.verified_bytes[k];
                 out.peers[i].mismatches[k] = b.mismatches[k] - a.mismatches[k];
@@ -337,6 +337,70 @@ fn every_single_byte_corruption_is_detected_by(h: &mut Harness) {
             "byte {} of the datagram",
             pos - off
         );
+    }
+}
+
+/// ICMP (IPv4) is verified against residual 0 whatever the peer's NAT residual (it has no
+/// pseudo-header), at every length around the sum's blocks and chunks; every changed byte of a
+/// message is a mismatch, dropped in enforce mode, and its event names type, code and echo id.
+/// `ICMPv6` is not checked: `other_protocol`.
+#[test]
+fn icmp_is_verified_against_residual_zero_and_every_changed_byte_is_a_mismatch() {
+    if skip_unless_root(
+        "icmp_is_verified_against_residual_zero_and_every_changed_byte_is_a_mismatch",
+    ) {
+        return;
+    }
+    let icmp = Proto::Icmp as usize;
+    for variant in [Variant::BpfLoop, Variant::BoundedLoop] {
+        let h = &mut Harness::with(&Scope::Address, Some(variant));
+        for n in [0usize, 1, 56, 63, 64, 65, 1472, 2039, 2040, 2041, 3000] {
+            for (src, peer) in [
+                (V4_OBSERVE, P_V4_OBSERVE),
+                (V4_ENFORCE, P_V4_ENFORCE),
+                (V4_NAT_SEEN, P_V4_NAT),
+            ] {
+                let f = v4(src, LOCAL4, L4::IcmpEchoReply, &payload(n));
+                assert_eq!(
+                    h.run(&f),
+                    Outcome::verified(peer, icmp, l4_len(&f)),
+                    "{variant:?}: {n} bytes from {src}"
+                );
+            }
+        }
+        let clean = v4(V4_ENFORCE, LOCAL4, L4::IcmpEchoReply, &payload(200));
+        let off = l4_offset(&clean);
+        for pos in off..clean.len() {
+            let mut f = clean.clone();
+            f[pos] ^= 0x10;
+            assert_eq!(
+                h.run(&f),
+                Outcome::mismatch(P_V4_ENFORCE, icmp, true),
+                "{variant:?}: byte {} of the message",
+                pos - off
+            );
+        }
+        let mut f = v4(V4_OBSERVE, LOCAL4, L4::IcmpEchoReply, &payload(64));
+        f[off + 20] ^= 0x01;
+        let out = h.run(&f);
+        assert_eq!(out, Outcome::mismatch(P_V4_OBSERVE, icmp, false));
+        let ev = &out.events[0];
+        assert_eq!(
+            (ev.proto, ev.flow().as_str(), ev.seq, ev.len),
+            (
+                "icmp",
+                "192.0.2.10 -> 192.168.1.1 type 0 code 0",
+                0x4e41_0007,
+                72
+            )
+        );
+        let f = v6(V6_ENFORCE, LOCAL6, L4::IcmpEchoReply, &payload(64));
+        assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipOtherProtocol));
+        // Shorter than an ICMP header.
+        let mut f = v4(V4_ENFORCE, LOCAL4, L4::IcmpEchoReply, &[]);
+        f.truncate(off + 4);
+        f[ETH + 3] = 24;
+        assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipMalformed));
     }
 }
 
@@ -838,13 +902,19 @@ fn skips_are_counted_by_reason() {
         "v6 fragment header"
     );
 
-    // Other protocols: ICMP, and an IPv6 No Next Header.
+    // Other protocols: SCTP, ICMPv6, and an IPv6 No Next Header. (ICMP over IPv4 is verified.)
     let mut f = tcp.clone();
-    f[ETH + 9] = 1;
+    f[ETH + 9] = 132;
     assert_eq!(
         h.run(&f),
         Outcome::skipped(Counter::SkipOtherProtocol),
-        "icmp"
+        "sctp"
+    );
+    let f = v6(V6_OBSERVE, LOCAL6, L4::IcmpEchoReply, &payload(8));
+    assert_eq!(
+        h.run(&f),
+        Outcome::skipped(Counter::SkipOtherProtocol),
+        "icmpv6"
     );
     let mut f = v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(8));
     f[ETH + 6] = 59;

@@ -3,8 +3,9 @@
 //! `natt_inject` (tc ingress on the receiver's veth) emulates what `esp_input_done2` does to a
 //! decapsulated NAT-T segment on a kernel without ESP: `bpf_csum_level(BPF_CSUM_LEVEL_INC)`
 //! turns a `CHECKSUM_NONE` skb into `CHECKSUM_UNNECESSARY`, so TCP/UDP skip their own check.
-//! It can also flip one payload byte of every Nth TCP data segment *without* fixing the
-//! checksum — the "corrupted after the integrity check" fault — and counts exactly what it did.
+//! It can also flip one payload byte of every Nth TCP data segment, and of every Nth ICMP
+//! message with payload, *without* fixing the checksum — the "corrupted after the integrity
+//! check" fault — and counts exactly what it did.
 //!
 //! Benchmark references (`cargo xtask bench`): `natt_noop_skb` and `natt_noop_tc` measure the
 //! fixed cost of each hook; `natt_copy_skb` (copying a live segment out of the skb),
@@ -37,14 +38,15 @@ mod prog {
         programs::{SkBuffContext, TcContext},
     };
     use monitor_ebpf::{
-        INJECT_SLOTS, IPPROTO_TCP, IPPROTO_UDP, InjectSlot,
+        INJECT_SLOTS, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, InjectSlot,
         blocksum::{MAX_BLOCKS, sum_blocks},
     };
 
     /// Corrupt every Nth TCP data segment (per CPU); 0 disables corruption.
     #[unsafe(no_mangle)]
     static CORRUPT_EVERY: Global<u32> = Global::new(0);
-    /// Non-zero: mark TCP/UDP segments `CHECKSUM_UNNECESSARY`, as esp4.c does for NAT-T.
+    /// Non-zero: mark TCP, UDP and ICMP packets `CHECKSUM_UNNECESSARY`, as esp4.c does for
+    /// NAT-T.
     #[unsafe(no_mangle)]
     static MARK_UNNECESSARY: Global<u32> = Global::new(1);
 
@@ -69,6 +71,7 @@ mod prog {
 
     fn try_inject(ctx: &TcContext) -> Result<(), i64> {
         let eth_proto: u16 = u16::from_be(ctx.load(12)?);
+        let v4 = eth_proto == 0x0800;
         let (proto, l4_off, l4_len) = match eth_proto {
             0x0800 => {
                 let ip: [u8; 20] = ctx.load(ETH_HLEN)?;
@@ -86,7 +89,7 @@ mod prog {
             }
             _ => return Ok(()),
         };
-        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP && !(v4 && proto == IPPROTO_ICMP) {
             return Ok(());
         }
         if let Some(m) = slot(InjectSlot::MaxL4Len) {
@@ -102,25 +105,21 @@ mod prog {
             let doff = usize::from(doff_byte >> 4) * 4;
             let payload = l4_len.saturating_sub(doff);
             if payload > 0 {
-                let every = u64::from(CORRUPT_EVERY.load());
-                let n = slot(InjectSlot::DataSegments).map_or(0, |p| {
-                    // SAFETY: per-CPU slot.
-                    unsafe {
-                        *p += 1;
-                        *p
-                    }
-                });
-                if every != 0 && n.is_multiple_of(every) {
-                    let at = l4_off + doff + payload / 2;
-                    let b: u8 = ctx.load(at)?;
-                    // Flags 0: do not touch skb->csum or the L4 checksum. That is the fault.
-                    ctx.store(at, &(b ^ 0x5a), 0)?;
-                    if let Some(p) = slot(InjectSlot::Corrupted) {
-                        // SAFETY: per-CPU slot.
-                        unsafe { *p += 1 };
-                    }
-                }
+                corrupt_every(
+                    ctx,
+                    InjectSlot::DataSegments,
+                    InjectSlot::Corrupted,
+                    l4_off + doff + payload / 2,
+                )?;
             }
+        }
+        if proto == IPPROTO_ICMP && l4_len > 8 {
+            corrupt_every(
+                ctx,
+                InjectSlot::IcmpMessages,
+                InjectSlot::IcmpCorrupted,
+                l4_off + 8 + (l4_len - 8) / 2,
+            )?;
         }
         if MARK_UNNECESSARY.load() != 0 {
             // SAFETY: ctx is the program's valid skb.
@@ -133,6 +132,34 @@ mod prog {
             if r == 0
                 && let Some(p) = slot(InjectSlot::Marked)
             {
+                // SAFETY: per-CPU slot.
+                unsafe { *p += 1 };
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one packet in `seen`; every `CORRUPT_EVERY`th one (per CPU) has its byte at `at`
+    /// flipped and is counted in `corrupted`.
+    fn corrupt_every(
+        ctx: &TcContext,
+        seen: InjectSlot,
+        corrupted: InjectSlot,
+        at: usize,
+    ) -> Result<(), i64> {
+        let every = u64::from(CORRUPT_EVERY.load());
+        let n = slot(seen).map_or(0, |p| {
+            // SAFETY: per-CPU slot.
+            unsafe {
+                *p += 1;
+                *p
+            }
+        });
+        if every != 0 && n.is_multiple_of(every) {
+            let b: u8 = ctx.load(at)?;
+            // Flags 0: do not touch skb->csum or the L4 checksum. That is the fault.
+            ctx.store(at, &(b ^ 0x5a), 0)?;
+            if let Some(p) = slot(corrupted) {
                 // SAFETY: per-CPU slot.
                 unsafe { *p += 1 };
             }

@@ -10,6 +10,12 @@
 //! With `--fill B` on both ends the stream is the byte B repeated instead of the pattern:
 //! repetitive data, on which a byte set at a fixed offset shifts every checksum alike.
 //!
+//! `natt-peer ping --netns NS --cgroup DIR --to ADDR --count N --size S` joins the cgroup,
+//! enters the netns and sends N ICMP echo requests of S pattern bytes from a raw socket, one at
+//! a time, each waiting up to 300 ms for its reply; it prints
+//! `sent=<n> intact=<i> corrupted=<c> lost=<l>` (a reply whose payload differs is corrupted,
+//! one that never came is lost).
+//!
 //! Every socket, the listener's accept included, has a 30 s timeout so a broken test fails
 //! instead of hanging.
 
@@ -84,12 +90,7 @@ fn accept(listener: &TcpListener) -> Result<TcpStream, String> {
 }
 
 fn recv(args: &[String]) -> Result<(), String> {
-    let cgroup = arg(args, "--cgroup")?;
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    fs::write(format!("{cgroup}/cgroup.procs"), pid.to_string())
-        .map_err(|e| format!("joining cgroup {cgroup}: {e}"))?;
-    enter_netns(&arg(args, "--netns")?)?;
+    join(args)?;
     let addr: SocketAddr = arg(args, "--listen")?
         .parse()
         .map_err(|e| format!("--listen: {e}"))?;
@@ -168,12 +169,131 @@ fn send(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Joins `--cgroup` (before any socket exists) and enters `--netns`.
+fn join(args: &[String]) -> Result<(), String> {
+    let cgroup = arg(args, "--cgroup")?;
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    fs::write(format!("{cgroup}/cgroup.procs"), pid.to_string())
+        .map_err(|e| format!("joining cgroup {cgroup}: {e}"))?;
+    enter_netns(&arg(args, "--netns")?)
+}
+
+/// The Internet checksum of `data`.
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ping(args: &[String]) -> Result<(), String> {
+    join(args)?;
+    let to: std::net::Ipv4Addr = arg(args, "--to")?
+        .parse()
+        .map_err(|e| format!("--to: {e}"))?;
+    let count: u16 = arg(args, "--count")?
+        .parse()
+        .map_err(|e| format!("--count: {e}"))?;
+    let size: usize = arg(args, "--size")?
+        .parse()
+        .map_err(|e| format!("--size: {e}"))?;
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return Err(format!(
+            "raw ICMP socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a fresh fd this function owns from here on.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 300_000,
+    };
+    // SAFETY: valid fd, option and length.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    let dest = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: getpid has no preconditions.
+    let id = (unsafe { libc::getpid() }.cast_unsigned() as u16).to_be_bytes();
+    let (mut intact, mut corrupted, mut lost) = (0u32, 0u32, 0u32);
+    let mut buf = vec![0u8; 65536];
+    for seq in 0..count {
+        let data: Vec<u8> = (0..size)
+            .map(|i| pattern(None, u64::from(seq) * size as u64 + i as u64))
+            .collect();
+        let s = seq.to_be_bytes();
+        let mut msg = [8, 0, 0, 0, id[0], id[1], s[0], s[1]].to_vec();
+        msg.extend_from_slice(&data);
+        let c = inet_checksum(&msg).to_be_bytes();
+        msg[2..4].copy_from_slice(&c);
+        // SAFETY: valid fd, buffer and address.
+        let sent = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&raw const dest).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(format!("sendto: {}", std::io::Error::last_os_error()));
+        }
+        loop {
+            // SAFETY: valid fd and buffer.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                lost += 1;
+                break;
+            }
+            let pkt = &buf[..n.cast_unsigned()];
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            let icmp = &pkt[ihl.min(pkt.len())..];
+            // An echo reply with our identifier and this sequence number; anything else (an
+            // earlier reply that came late) is not this request's.
+            if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id && icmp[6..8] == s {
+                if icmp[8..] == data[..] {
+                    intact += 1;
+                } else {
+                    corrupted += 1;
+                }
+                break;
+            }
+        }
+    }
+    println!("sent={count} intact={intact} corrupted={corrupted} lost={lost}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
         Some("recv") => recv(&args),
         Some("send") => send(&args),
-        _ => Err("usage: natt-peer recv|send ...".into()),
+        Some("ping") => ping(&args),
+        _ => Err("usage: natt-peer recv|send|ping ...".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use monitor_ebpf::{
-    CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, Held, LEARNING_RING_BYTES, MAX_PEERS,
-    MAX_SA_RESIDUALS, MappingOwner, PeerKeyV4, PeerKeyV6, PeerStats, PeerValue, SaKey, SaTrust,
-    SecpathLayout, TRUST_SLOTS,
+    CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, Held, IcmpCounters, LEARNING_RING_BYTES,
+    MAX_PEERS, MAX_SA_RESIDUALS, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6, PeerValue,
+    SaKey, SaTrust, SecpathLayout, TRUST_SLOTS,
 };
 
 use crate::{sum::CHUNK_WORDS, trust::Scratch};
@@ -84,9 +84,12 @@ pub static TRUST_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1
 /// What happened to residuals, indexed by `TrustCounter`.
 #[map]
 pub static TRUST_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TRUST_SLOTS, 0);
-/// Per-peer statistics, indexed by `PeerValue::id`.
+/// Per-peer TCP and UDP statistics, indexed by `PeerValue::id`.
 #[map]
-pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+pub static PEER_STATS: PerCpuArray<PeerCounters> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+/// Per-peer ICMP statistics, indexed by `PeerValue::id`.
+#[map]
+pub static ICMP_STATS: PerCpuArray<IcmpCounters> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
 /// Global counters, indexed by `Counter`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

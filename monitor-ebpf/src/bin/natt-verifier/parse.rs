@@ -4,7 +4,7 @@
 use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, maps::lpm_trie::Key, programs::SkBuffContext,
 };
-use monitor_ebpf::{Counter, Family, IPPROTO_TCP, IPPROTO_UDP, PeerValue, csum};
+use monitor_ebpf::{Counter, Family, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, PeerValue, csum};
 
 use crate::maps::{PEERS_V4, PEERS_V6};
 
@@ -26,7 +26,8 @@ pub struct L3 {
     pub dst: [u8; 16],
 }
 
-/// What the L4 header says.
+/// What the L4 header says. ICMP has no ports: `sport` carries its type, `dport` its code and
+/// `seq` the rest of its header (an echo's identifier and sequence number).
 pub struct L4 {
     /// Segment length (UDP: its own length field, which `udp_rcv` trimmed the skb to).
     pub len: u32,
@@ -103,7 +104,7 @@ fn parse_v4(ctx: &SkBuffContext) -> Result<L3, Counter> {
         return Err(Counter::SkipFragment);
     }
     let proto = ip[9];
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
         return Err(Counter::SkipOtherProtocol);
     }
     let mut s = [0u8; 16];
@@ -184,13 +185,13 @@ fn walk_extension_headers(ctx: &SkBuffContext, mut next: u8) -> Result<(u8, u32)
     Err(Counter::SkipUnsupportedExtensionHeader)
 }
 
-/// The TCP or UDP header, checked against the lengths the IP header gave.
+/// The TCP, UDP or ICMP header, checked against the lengths the IP header gave.
 #[inline(always)]
 pub fn parse_l4(ctx: &SkBuffContext, l3: &L3) -> Result<L4, Counter> {
-    let l4 = if l3.proto == IPPROTO_TCP {
-        parse_tcp(ctx, l3)?
-    } else {
-        parse_udp(ctx, l3)?
+    let l4 = match l3.proto {
+        IPPROTO_TCP => parse_tcp(ctx, l3)?,
+        IPPROTO_UDP => parse_udp(ctx, l3)?,
+        _ => parse_icmp(ctx, l3)?,
     };
     if l3.l4_off + l4.len > ctx.len() {
         return Err(Counter::SkipTruncated);
@@ -241,5 +242,22 @@ fn parse_udp(ctx: &SkBuffContext, l3: &L3) -> Result<L4, Counter> {
         seq: 0,
         sport: u16::from_be_bytes([uh[0], uh[1]]),
         dport: u16::from_be_bytes([uh[2], uh[3]]),
+    })
+}
+
+/// An ICMP (IPv4) header: its checksum covers the whole message, which the IP length bounds.
+#[inline(always)]
+fn parse_icmp(ctx: &SkBuffContext, l3: &L3) -> Result<L4, Counter> {
+    if l3.l4_len < 8 {
+        return Err(Counter::SkipMalformed);
+    }
+    let ih: [u8; 8] = header(ctx, l3.l4_off)?;
+    Ok(L4 {
+        len: l3.l4_len,
+        hdr_len: 8,
+        field: u16::from_be_bytes([ih[2], ih[3]]),
+        seq: u32::from_be_bytes([ih[4], ih[5], ih[6], ih[7]]),
+        sport: u16::from(ih[0]),
+        dport: u16::from(ih[1]),
     })
 }

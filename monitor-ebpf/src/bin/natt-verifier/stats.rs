@@ -1,8 +1,8 @@
 //! The one place the verifier's counters and per-peer statistics change.
 
-use monitor_ebpf::{Counter, PeerStats, TrustCounter};
+use monitor_ebpf::{Counter, IcmpCounters, PeerCounters, TrustCounter};
 
-use crate::maps::{COUNTERS, PEER_STATS, TRUST_COUNTERS};
+use crate::maps::{COUNTERS, ICMP_STATS, PEER_STATS, TRUST_COUNTERS};
 
 /// Adds one to a global counter (a skip reason or a lost record).
 #[inline(always)]
@@ -22,10 +22,19 @@ pub fn bump_trust(c: TrustCounter) {
     }
 }
 
-/// Applies `f` to peer `id`'s statistics on this CPU.
+/// Applies `f` to peer `id`'s TCP and UDP statistics on this CPU.
 #[inline(always)]
-pub fn count(id: u32, f: impl FnOnce(&mut PeerStats)) {
+pub fn count(id: u32, f: impl FnOnce(&mut PeerCounters)) {
     if let Some(s) = PEER_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
+        f(unsafe { &mut *s });
+    }
+}
+
+/// Applies `f` to peer `id`'s ICMP statistics on this CPU.
+#[inline(always)]
+pub fn count_icmp(id: u32, f: impl FnOnce(&mut IcmpCounters)) {
+    if let Some(s) = ICMP_STATS.get_ptr_mut(id) {
         // SAFETY: per-CPU slot; the program cannot be re-entered on this CPU.
         f(unsafe { &mut *s });
     }

@@ -5,17 +5,17 @@
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use aya_log_ebpf::warn;
 use monitor_ebpf::{
-    Action, Counter, IPPROTO_TCP, PEER_FLAG_LEARN, PeerMode, Proto, SAMPLE_LEARNING, TrustCounter,
-    csum,
+    Action, Counter, IPPROTO_ICMP, IPPROTO_TCP, PEER_FLAG_LEARN, PeerMode, Proto, SAMPLE_LEARNING,
+    TrustCounter, csum,
 };
 
 use crate::{
     hold::HOLD_SLOT,
     maps::{CAPTURE_ON, JUMP, secpath},
-    parse::{parse_l3, parse_l4},
+    parse::{L3, L4, parse_l3, parse_l4},
     report::{self, Mismatch},
     scope::{Sa, address_scope_exemptions, ipsec_state},
-    stats::{bump, bump_trust, count},
+    stats::{bump, bump_trust, count, count_icmp},
     sum::sum_segment,
     trust::{self, Pending, Seen},
 };
@@ -74,8 +74,17 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
     };
     let l3 = parse_l3(ctx)?;
     let l4 = parse_l4(ctx, &l3)?;
-    let pseudo = l3.addr_sum + csum::proto_len_sum(l3.proto, l4.len);
-    if !sa_scope {
+    // ICMP's checksum covers the message alone, with no pseudo-header, so a NAT in front of
+    // the SA leaves it intact: every intact message leaves residual 0, nothing is learned, and
+    // a peer's configured residual does not apply. It has no ports to exempt, and no
+    // CHECKSUM_PARTIAL.
+    let icmp = l3.proto == IPPROTO_ICMP;
+    let pseudo = if icmp {
+        0
+    } else {
+        l3.addr_sum + csum::proto_len_sum(l3.proto, l4.len)
+    };
+    if !sa_scope && !icmp {
         address_scope_exemptions(&l4, pseudo)?;
     }
     let Some(data) = sum_segment::<BPF_LOOP>(ctx, l3.l4_off, l4.len) else {
@@ -88,6 +97,9 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
         return Err(Counter::SkipTruncated);
     };
     let residual = csum::residual(pseudo + data);
+    if icmp {
+        return Ok(judge_icmp(ctx, &l3, &l4, sa, residual));
+    }
     let peer = l3.peer;
     let p = if l3.proto == IPPROTO_TCP {
         Proto::Tcp
@@ -153,7 +165,7 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
         count(peer.id, |s| s.mismatches[p] += 1);
         Action::Passed
     };
-    report::mismatch(
+    Ok(reported(
         ctx,
         &l3,
         &l4,
@@ -163,12 +175,52 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
             expected,
             action,
         },
-    );
-    if CAPTURE_ON.load() != 0 {
-        report::capture(ctx, action);
+    ))
+}
+
+/// The verdict on an ICMP (IPv4) message that left `residual`: 0 when intact.
+#[inline(always)]
+fn judge_icmp(ctx: &SkBuffContext, l3: &L3, l4: &L4, sa: Sa, residual: u16) -> Verdict {
+    let id = l3.peer.id;
+    if residual == 0 {
+        count_icmp(id, |s| {
+            s.verified_packets += 1;
+            s.verified_bytes += u64::from(l4.len);
+        });
+        return Verdict::Pass;
     }
-    Ok(match action {
+    let action = if l3.peer.mode == PeerMode::Enforce as u8 {
+        count_icmp(id, |s| {
+            s.mismatches += 1;
+            s.drops += 1;
+        });
+        Action::Dropped
+    } else {
+        count_icmp(id, |s| s.mismatches += 1);
+        Action::Passed
+    };
+    reported(
+        ctx,
+        l3,
+        l4,
+        &Mismatch {
+            sa,
+            residual,
+            expected: 0,
+            action,
+        },
+    )
+}
+
+/// Reports a mismatch (and captures the packet when asked to); the verdict its action means.
+#[inline(always)]
+fn reported(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) -> Verdict {
+    report::mismatch(ctx, l3, l4, m);
+    if CAPTURE_ON.load() != 0 {
+        report::capture(ctx, m.action);
+    }
+    match m.action {
         Action::Dropped => Verdict::Drop,
         Action::Passed => Verdict::Pass,
-    })
+    }
 }

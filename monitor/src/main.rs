@@ -21,8 +21,13 @@ fn reload(pid: i32) -> Result<(), String> {
             "--reload {pid}: not a daemon's process id (systemd passes $MAINPID, which is 0 when the unit is not running)"
         ));
     }
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map_err(|e| format!("--reload {pid}: no such process ({e})"))?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("--reload {pid}: no such process ({e})")
+        } else {
+            format!("--reload {pid}: cannot read /proc/{pid}/comm to check that it is natt-monitor ({e}); nothing was signalled")
+        }
+    })?;
     let comm = comm.trim_end();
     if comm != "natt-monitor" {
         return Err(format!(

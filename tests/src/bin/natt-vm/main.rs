@@ -21,6 +21,7 @@
 use std::io::Write as _;
 
 mod bench;
+mod icmp;
 mod plan;
 mod processes;
 mod restart;
@@ -144,7 +145,7 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
 /// The scenario's `NATT-VM RESULT` line.
 fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
     format!(
-        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} captured={} seconds={secs:.1} result={}",
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} captured={} seconds={secs:.1} result={}",
         s.name,
         s.setup,
         s.mode,
@@ -197,6 +198,9 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
         m.soak
             .as_ref()
             .map_or_else(|| "-".to_owned(), soak::Soaked::summary),
+        m.icmp
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), icmp::IcmpRun::summary),
         m.captured,
         if ok { "ok" } else { "FAILED" }
     )

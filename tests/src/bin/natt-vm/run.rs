@@ -11,6 +11,7 @@ use natt_monitor::peers::{Mode, NatAddresses, PeerSpec, parse_cidr};
 use natt_monitor_tests::net::{Cgroup, sh};
 
 use crate::{
+    icmp::{IcmpRun, ping_through_sa},
     plan::{REKEYED_SPI, STREAM, V4, WARMUP},
     processes::{
         bin, captured, learned_into_b, metric, scrape, start_monitor, start_monitor_args,
@@ -83,6 +84,8 @@ pub(crate) struct Measured {
     pub(crate) flood: Option<Flooded>,
     /// `u-soak-enforce`: the seed and what the rounds did.
     pub(crate) soak: Option<Soaked>,
+    /// `ICMP_SCENARIOS`: the pings through the SA at the end.
+    pub(crate) icmp: Option<IcmpRun>,
 }
 
 impl Measured {
@@ -395,7 +398,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         .unwrap_or("-")
         .to_owned();
     let flood = (s.corruption == Corruption::Flood).then(|| Flooded::read(&log));
-    Measured {
+    let mut m = Measured {
         injected: if s.corrupt { t.injected() } else { 0 },
         inherited,
         received,
@@ -422,8 +425,17 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         rebound,
         flood,
         ..Measured::from_scrape(&text, series)
+    };
+    // Last, once everything above is read: its corrupted replies add to R's counters and to
+    // the capture file.
+    if ICMP_SCENARIOS.contains(&s.name) {
+        m.icmp = Some(ping_through_sa(&t, s, &cg.path, &peer));
     }
+    m
 }
+
+/// The scenarios that end with pings through their SA (`icmp.rs`).
+pub(crate) const ICMP_SCENARIOS: [&str; 2] = ["b-observe-cbc-aes", "b-enforce-cbc-aes"];
 
 /// What moving A's NAT mapping to another public port mid-stream did.
 #[derive(Debug, Default)]

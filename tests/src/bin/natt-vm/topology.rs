@@ -548,9 +548,22 @@ pub(crate) fn tcp_policy(
     port: Option<(&str, u16)>,
     reqid: &str,
 ) {
+    policy(ns, "tcp", src, dst, dir, port, reqid);
+}
+
+/// One transport-mode ESP policy for `proto` (`tcp`, `icmp`), as `tcp_policy` describes.
+pub(crate) fn policy(
+    ns: &Netns,
+    proto: &str,
+    src: &str,
+    dst: &str,
+    dir: &str,
+    port: Option<(&str, u16)>,
+    reqid: &str,
+) {
     let p;
     let mut args = vec![
-        "ip", "-n", &ns.name, "xfrm", "policy", "add", "src", src, "dst", dst, "proto", "tcp",
+        "ip", "-n", &ns.name, "xfrm", "policy", "add", "src", src, "dst", dst, "proto", proto,
     ];
     if let Some((side, port)) = port {
         p = port.to_string();

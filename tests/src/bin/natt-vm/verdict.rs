@@ -25,6 +25,17 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
     if s.corrupt {
         expect(m.injected > 0, "the rule corrupted nothing".into());
     }
+    if crate::run::ICMP_SCENARIOS.contains(&s.name) {
+        let ok = m.icmp.as_ref().is_some_and(|i| i.exact(s.mode));
+        let got = m
+            .icmp
+            .as_ref()
+            .map_or_else(|| "not run".to_owned(), crate::icmp::IcmpRun::summary);
+        expect(
+            ok,
+            format!("ICMP through the SA: {got}; want every corrupted reply counted, exactly"),
+        );
+    }
     // No corruption shape, rate or timing may make the verifier give up a correct residual; a
     // flood while the SA learned makes it learn the flood's, which it must give up once.
     let want_withdrawn = u64::from(s.corruption == Corruption::Flood);

@@ -1,0 +1,117 @@
+//! ICMP through the SA (issue 22): after a scenario's TCP measurements, B pings A across R's
+//! NAT through the same NAT-T transport SAs (ICMP policies added on both ends), while R's
+//! corruption rule still rewrites A's large ESP packets. Every corrupted echo reply must be
+//! counted under `proto="icmp"`, and in enforce mode dropped (a lost ping); the kernel's own
+//! `Icmp InCsumErrors` must not move, which shows it skipped the check.
+
+use std::{path::Path, time::Duration};
+
+use natt_monitor::peers::Mode;
+use natt_monitor_tests::net::{PingResult, ping};
+
+use crate::{
+    processes::{bin, metric, scrape},
+    scenarios::Scenario,
+    topology::{Topology, ns_out, policy},
+};
+
+/// Echo requests per phase, and their payload: large enough for R's corruption rule.
+const PINGS: u16 = 200;
+const PING_BYTES: usize = 1200;
+
+/// What the ICMP phase measured.
+#[derive(Debug, Default)]
+pub(crate) struct IcmpRun {
+    pub(crate) ping: Option<PingResult>,
+    pub(crate) injected: u64,
+    pub(crate) detected: u64,
+    pub(crate) dropped: u64,
+    pub(crate) verified: u64,
+    pub(crate) kernel_csum_errors: u64,
+}
+
+impl IcmpRun {
+    /// Exact: every corrupted reply counted, dropped in enforce mode (and then lost to the
+    /// pinging socket), delivered corrupted in observe mode; the intact ones verified; the
+    /// kernel counted nothing.
+    pub(crate) fn exact(&self, mode: Mode) -> bool {
+        let Some(p) = self.ping else { return false };
+        let enforce = mode == Mode::Enforce;
+        self.injected > 0
+            && p.sent == u64::from(PINGS)
+            && self.detected == self.injected
+            && self.dropped == if enforce { self.injected } else { 0 }
+            && p.corrupted == if enforce { 0 } else { self.injected }
+            && p.lost == if enforce { self.injected } else { 0 }
+            && p.intact == p.sent - self.injected
+            && self.verified == p.intact
+            && self.kernel_csum_errors == 0
+    }
+
+    /// The result line's field.
+    pub(crate) fn summary(&self) -> String {
+        let p = self.ping.unwrap_or(PingResult {
+            sent: 0,
+            intact: 0,
+            corrupted: 0,
+            lost: 0,
+        });
+        format!(
+            "sent={}/intact={}/corrupted={}/lost={}/injected={}/detected={}/dropped={}/verified={}/kernel_csum_errors={}",
+            p.sent,
+            p.intact,
+            p.corrupted,
+            p.lost,
+            self.injected,
+            self.detected,
+            self.dropped,
+            self.verified,
+            self.kernel_csum_errors
+        )
+    }
+}
+
+/// `Icmp: ... InCsumErrors` of B's network namespace.
+fn icmp_csum_errors(t: &Topology) -> u64 {
+    let snmp = ns_out(&t.b, &["cat", "/proc/net/snmp"]);
+    let mut rows = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (rows.next().unwrap_or(""), rows.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "InCsumErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Icmp InCsumErrors in B's /proc/net/snmp:\n{snmp}"))
+}
+
+/// The phase: ICMP policies on A and B, then `PINGS` echo requests from B (in `cg`) to A as B
+/// addresses it. `peer` is the peer label of A's SA on B.
+pub(crate) fn ping_through_sa(t: &Topology, s: &Scenario, cg: &Path, peer: &str) -> IcmpRun {
+    let x = t.addrs;
+    let a_seen = t.a_seen_by_b(s.nat);
+    policy(&t.a, "icmp", x.a, x.b, "out", None, "0");
+    policy(&t.a, "icmp", x.b, x.a, "in", None, "0");
+    policy(&t.b, "icmp", x.b, a_seen, "out", None, "0");
+    policy(&t.b, "icmp", a_seen, x.b, "in", None, "0");
+    let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"icmp\"}}");
+    let (i0, k0, before) = (t.injected(), icmp_csum_errors(t), scrape(t.mon()));
+    let p = ping(
+        bin("natt-peer").to_str().expect("utf-8 path"),
+        &t.b,
+        cg,
+        a_seen,
+        PINGS,
+        PING_BYTES,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let after = scrape(t.mon());
+    let delta = |name: &str| metric(&after, &series(name)) - metric(&before, &series(name));
+    IcmpRun {
+        ping: Some(p),
+        injected: t.injected() - i0,
+        detected: delta("checksum_mismatches_total"),
+        dropped: delta("dropped_packets_total"),
+        verified: delta("verified_packets_total"),
+        kernel_csum_errors: icmp_csum_errors(t) - k0,
+    }
+}

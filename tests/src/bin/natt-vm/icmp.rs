@@ -2,7 +2,9 @@
 //! NAT through the same NAT-T transport SAs (ICMP policies added on both ends), while R's
 //! corruption rule still rewrites A's large ESP packets. Every corrupted echo reply must be
 //! counted under `proto="icmp"`, and in enforce mode dropped (a lost ping); the kernel's own
-//! `Icmp InCsumErrors` must not move, which shows it skipped the check.
+//! `Icmp InCsumErrors` must not move, which shows it skipped the check. The `bounded_loop`
+//! variant (5.10) leaves ICMP alone: every reply is `other_protocol`, the corrupted ones reach
+//! the socket.
 
 use std::{path::Path, time::Duration};
 
@@ -23,6 +25,11 @@ const PING_BYTES: usize = 1200;
 #[derive(Debug, Default)]
 pub(crate) struct IcmpRun {
     pub(crate) ping: Option<PingResult>,
+    /// The `bounded_loop` variant ran (kernels before 5.17): it leaves ICMP alone, as
+    /// `other_protocol`.
+    pub(crate) bounded_loop: bool,
+    /// `natt_monitor_skipped_packets_total{reason="other_protocol"}` over the phase.
+    pub(crate) other_protocol: u64,
     pub(crate) injected: u64,
     pub(crate) detected: u64,
     pub(crate) dropped: u64,
@@ -36,6 +43,17 @@ impl IcmpRun {
     /// kernel counted nothing.
     pub(crate) fn exact(&self, mode: Mode) -> bool {
         let Some(p) = self.ping else { return false };
+        if self.bounded_loop {
+            // Not verified: every reply skipped, the corrupted ones delivered.
+            return self.injected > 0
+                && p.sent == u64::from(PINGS)
+                && p.corrupted == self.injected
+                && p.intact == p.sent - self.injected
+                && p.lost == 0
+                && self.other_protocol >= p.sent
+                && self.detected + self.dropped + self.verified == 0
+                && self.kernel_csum_errors == 0;
+        }
         let enforce = mode == Mode::Enforce;
         self.injected > 0
             && p.sent == u64::from(PINGS)
@@ -57,7 +75,12 @@ impl IcmpRun {
             lost: 0,
         });
         format!(
-            "sent={}/intact={}/corrupted={}/lost={}/injected={}/detected={}/dropped={}/verified={}/kernel_csum_errors={}",
+            "variant={}/sent={}/intact={}/corrupted={}/lost={}/injected={}/detected={}/dropped={}/verified={}/other_protocol={}/kernel_csum_errors={}",
+            if self.bounded_loop {
+                "bounded_loop"
+            } else {
+                "bpf_loop"
+            },
             p.sent,
             p.intact,
             p.corrupted,
@@ -66,6 +89,7 @@ impl IcmpRun {
             self.detected,
             self.dropped,
             self.verified,
+            self.other_protocol,
             self.kernel_csum_errors
         )
     }
@@ -106,8 +130,14 @@ pub(crate) fn ping_through_sa(t: &Topology, s: &Scenario, cg: &Path, peer: &str)
     std::thread::sleep(Duration::from_millis(500));
     let after = scrape(t.mon());
     let delta = |name: &str| metric(&after, &series(name)) - metric(&before, &series(name));
+    let other = "natt_monitor_skipped_packets_total{reason=\"other_protocol\"}";
     IcmpRun {
         ping: Some(p),
+        bounded_loop: metric(
+            &after,
+            "natt_monitor_program_variant{variant=\"bounded_loop\"}",
+        ) == 1,
+        other_protocol: metric(&after, other) - metric(&before, other),
         injected: t.injected() - i0,
         detected: delta("checksum_mismatches_total"),
         dropped: delta("dropped_packets_total"),

@@ -113,7 +113,8 @@ fn effective_caps(proc_root: &Path) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-fn kernel_release(proc_root: &Path) -> Option<String> {
+/// The kernel release `<proc_root>/sys/kernel/osrelease` names.
+pub(crate) fn kernel_release(proc_root: &Path) -> Option<String> {
     let rel = fs::read_to_string(proc_root.join("sys/kernel/osrelease")).ok()?;
     Some(rel.trim().to_owned())
 }

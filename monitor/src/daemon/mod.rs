@@ -698,12 +698,11 @@ const LOGGED_PEERS: usize = 64;
 
 /// Refuses a start whose maps cannot fit in what the cgroup's `memory.max` leaves free, before
 /// anything is loaded: the kernel would fail them, or the cgroup's OOM killer end the daemon,
-/// on every restart. Kernels before 5.11
-/// charge map memory to `RLIMIT_MEMLOCK`, which the daemon raises, not to the cgroup.
+/// on every restart. Kernels before 5.11 charge map memory to `RLIMIT_MEMLOCK`, which the
+/// daemon raises, not to the cgroup.
 fn check_map_memory(settings: &Settings) -> Result<(), DaemonError> {
-    let release = std::fs::read_to_string(settings.proc_path.join("sys/kernel/osrelease"))
-        .unwrap_or_default();
-    let mut version = release.trim().split(['.', '-']).map(str::parse::<u32>);
+    let release = check::kernel_release(&settings.proc_path).unwrap_or_default();
+    let mut version = release.split(['.', '-']).map(str::parse::<u32>);
     let (Some(Ok(major)), Some(Ok(minor))) = (version.next(), version.next()) else {
         return Ok(());
     };

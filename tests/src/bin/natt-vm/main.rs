@@ -145,7 +145,7 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
 /// The scenario's `NATT-VM RESULT` line.
 fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
     format!(
-        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} captured={} seconds={secs:.1} result={}",
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} invisible={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} captured={} seconds={secs:.1} result={}",
         s.name,
         s.setup,
         s.mode,
@@ -170,6 +170,7 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
         m.residual,
         m.received,
         m.differing,
+        m.invisible,
         m.kernel_csum_errors,
         m.xfrm_peers,
         m.aggregated,

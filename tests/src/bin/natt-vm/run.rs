@@ -49,7 +49,11 @@ pub(crate) struct Measured {
     /// `natt_monitor_residuals_evicted_total` at the end: residuals the LRU map forgot.
     pub(crate) evicted: u64,
     pub(crate) received: u64,
+    /// Bytes that differed in corruptions a checksum can see (all of them, in observe mode).
     pub(crate) differing: u64,
+    /// Corruptions delivered with their sum unchanged, which no checksum can see (left out of
+    /// `injected` and `differing`; see `traffic::stream`).
+    pub(crate) invisible: u64,
     pub(crate) kernel_csum_errors: u64,
     pub(crate) xfrm_peers: u64,
     pub(crate) residual: String,
@@ -400,6 +404,7 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     let flood = (s.corruption == Corruption::Flood).then(|| Flooded::read(&log));
     let mut m = Measured {
         injected: if s.corrupt { t.injected() } else { 0 },
+        invisible: t.invisible(),
         inherited,
         received,
         differing,

@@ -190,6 +190,7 @@ pub(crate) fn run_shared_nat(s: &Scenario) -> Measured {
     let log = fs::read_to_string(&d.log).unwrap_or_default();
     Measured {
         injected: t.injected(),
+        invisible: t.invisible(),
         received: r1 + r2 + rejoin.received,
         differing: d1 + d2 + rejoin.differing,
         rejoin: Some(rejoin.summary(&text, &series)),

@@ -416,6 +416,7 @@ pub(crate) fn run_soak(s: &Scenario) -> Measured {
     let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"tcp\"}}");
     Measured {
         injected,
+        invisible: t.invisible(),
         received,
         differing,
         kernel_csum_errors: metric(&text, kernel) - metric(&before, kernel),

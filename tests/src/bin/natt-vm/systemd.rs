@@ -549,12 +549,13 @@ pub(crate) fn run_scenario() -> String {
         assert!(!Path::new(gone).exists(), "{gone} is left after apt purge");
     }
     format!(
-        "mode=enforce cipher=CbcAes injected={} detected={} dropped={} received={} differing={} captured={} upgrade={older}->{current} restarts={} xfrm_peers=1 max_peers_65536={memory_limit}",
+        "mode=enforce cipher=CbcAes injected={} detected={} dropped={} received={} differing={} invisible={} captured={} upgrade={older}->{current} restarts={} xfrm_peers=1 max_peers_65536={memory_limit}",
         tally.injected,
         tally.detected,
         tally.dropped,
         tally.received,
         tally.differing,
+        t.invisible(),
         tally.captured,
         tally.restarts.join(",")
     )

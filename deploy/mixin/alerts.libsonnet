@@ -152,13 +152,13 @@
           'NattMonitorResidualNotLearned',
           'warning',
           |||
-            sum by (%(g)s) (increase(natt_monitor_learning_packets_total{%(s)s}[15m])) > %(n)d
+            sum by (%(g)s) (increase(natt_monitor_learning_packets_total{%(s)s,proto!="icmp"}[15m])) > %(n)d
             and on (%(g)s)
             max by (%(g)s) (natt_monitor_peer_learning{%(s)s}) == 1
           ||| % { g: by(['peer']), s: sel, n: c.learningSegments },
           c.learningFor,
           'natt-monitor cannot learn the NAT residual of {{ $labels.peer }} on {{ $labels.instance }}',
-          '{{ $labels.peer }} sent {{ printf "%.0f" $value }} segments in the last 15 minutes while natt-monitor was still learning its NAT residual, so none of them was verified. Its segments do not agree on one residual: several NATs behind one prefix, or corruption from the start.',
+          '{{ $labels.peer }} sent {{ printf "%.0f" $value }} TCP and UDP segments in the last 15 minutes while natt-monitor was still learning its NAT residual, so none of them was verified. Its segments do not agree on one residual: several NATs behind one prefix, or corruption from the start.',
         ),
         alert(
           'NattMonitorResidualWithdrawn',

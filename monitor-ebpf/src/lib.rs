@@ -58,7 +58,7 @@ impl Proto {
         match proto {
             IPPROTO_TCP => Some(Self::Tcp),
             IPPROTO_UDP => Some(Self::Udp),
-            IPPROTO_ICMP => Some(Self::Icmp),
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => Some(Self::Icmp),
             _ => None,
         }
     }
@@ -73,6 +73,8 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 /// IANA protocol numbers the verifier understands (wire values, not ours).
 pub const IPPROTO_ICMP: u8 = 1;
+/// IANA protocol numbers the verifier understands (wire values, not ours).
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// What the verifier does with a peer's mismatching segments (`PeerValue::mode`).
 #[repr(u8)]
@@ -189,8 +191,8 @@ pub struct PeerCounters {
     pub learning: [u64; L4_SLOTS],
 }
 
-/// Per-CPU, per-peer ICMP statistics (`ICMP_STATS`), indexed by `PeerValue::id`. ICMP has no
-/// residual to learn, so there is no learning count.
+/// Per-CPU, per-peer ICMP statistics (`ICMP_STATS`), indexed by `PeerValue::id`: ICMP for an
+/// IPv4 peer, `ICMPv6` for an IPv6 one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IcmpCounters {
@@ -202,6 +204,10 @@ pub struct IcmpCounters {
     pub mismatches: u64,
     /// Mismatching messages dropped in enforce mode.
     pub drops: u64,
+    /// `ICMPv6` messages passed unverified because their SA had no residual yet (`ICMPv6` sums
+    /// a pseudo-header, so a NAT shifts it like TCP's; ICMP over IPv4 has none and is never
+    /// learning).
+    pub learning: u64,
 }
 
 /// A peer's statistics for every protocol, as userspace sums them over CPUs (and maps). Arrays
@@ -256,6 +262,7 @@ impl PeerStats {
         self.verified_bytes[p] += c.verified_bytes;
         self.mismatches[p] += c.mismatches;
         self.drops[p] += c.drops;
+        self.learning[p] += c.learning;
         self
     }
 }
@@ -268,7 +275,8 @@ pub enum Counter {
     /// Address scope: the source address is not a configured or discovered peer. SA scope: the
     /// segment came through a NAT-T transport SA, but no peer covers its source address (yet).
     SkipNotInScope = 0,
-    /// Not TCP, UDP or ICMP (`ICMPv6`, SCTP, ...), or not IP at all.
+    /// Not TCP, UDP, ICMP or `ICMPv6` (SCTP, GRE, ...), or not IP at all; also ICMP and `ICMPv6`
+    /// in the bounded-loop variant (kernels before 5.17).
     SkipOtherProtocol = 1,
     /// An IPv4 fragment or an IPv6 fragment header: no whole L4 segment to check.
     SkipFragment = 2,
@@ -700,7 +708,7 @@ const _: () = {
             && offset_of!(PeerCounters, mismatches) == 32
     );
     assert!(offset_of!(PeerCounters, drops) == 48 && offset_of!(PeerCounters, learning) == 64);
-    assert!(size_of::<IcmpCounters>() == 32);
+    assert!(size_of::<IcmpCounters>() == 40 && offset_of!(IcmpCounters, learning) == 32);
     assert!(offset_of!(IcmpCounters, mismatches) == 16 && offset_of!(IcmpCounters, drops) == 24);
     assert!(Proto::Tcp as usize == 0 && Proto::Udp as usize == 1 && L4_SLOTS == 2);
     assert!(size_of::<MismatchEvent>() == 108);
@@ -754,7 +762,7 @@ const _: () = {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InjectSlot {
-    /// TCP, UDP and ICMP packets marked `CHECKSUM_UNNECESSARY`.
+    /// TCP, UDP, ICMP and `ICMPv6` echo-reply packets marked `CHECKSUM_UNNECESSARY`.
     Marked = 0,
     /// TCP segments with payload.
     DataSegments = 1,
@@ -762,7 +770,7 @@ pub enum InjectSlot {
     Corrupted = 2,
     /// The longest L4 length seen.
     MaxL4Len = 3,
-    /// ICMP messages with payload (echo requests and replies).
+    /// ICMP messages with payload (echo requests and replies; of `ICMPv6`, echo replies).
     IcmpMessages = 4,
     /// ICMP messages whose payload was corrupted.
     IcmpCorrupted = 5,

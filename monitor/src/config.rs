@@ -217,7 +217,7 @@ pub struct RunOptions {
     /// The most peers (static and discovered: one per NAT-T peer address) the verifier's maps
     /// hold, 1 to 65536. A peer set past it is refused and counted
     /// (`natt_monitor_discovery_errors_total`). Raise it on a VPN concentrator; each peer costs
-    /// 112 bytes of kernel memory per possible CPU for its counters, and more than the cgroup's
+    /// 120 bytes of kernel memory per possible CPU for its counters, and more than the cgroup's
     /// `memory.max` leaves free (charged on 5.11+) is refused at start, exit 78. Changing it
     /// replaces pinned maps, so their counts start again. [default: 1024]
     #[arg(long, value_name = "N", env = "NATT_MONITOR_MAX_PEERS")]

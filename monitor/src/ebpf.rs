@@ -1242,17 +1242,17 @@ mod tests {
 
     #[test]
     fn the_map_memory_floor_counts_per_cpu_counters_and_preallocated_lru_slots() {
-        // PEER_STATS and ICMP_STATS: 65536 x (80 + 32) B x 2 CPUs; SA_TRUST: 131072 x (48 B
+        // PEER_STATS and ICMP_STATS: 65536 x (80 + 40) B x 2 CPUs; SA_TRUST: 131072 x (48 B
         // key + 80 B); MAPPINGS and HELD: 131072 x (48 + 16) and 131072 x (48 + 64).
         let sizes = MapSizes::for_peers(65536);
-        assert_eq!(sizes.memory_floor(2), (14 + 38) << 20);
+        assert_eq!(sizes.memory_floor(2), (15 + 38) << 20);
         assert_eq!(
             sizes.memory_floor(128) - sizes.memory_floor(2),
-            65536 * 112 * 126
+            65536 * 120 * 126
         );
         assert_eq!(
             MapSizes::for_peers(16384).memory_floor(1),
-            16384 * 112 + 32768 * (128 + 64 + 112)
+            16384 * 120 + 32768 * (128 + 64 + 112)
         );
     }
 }

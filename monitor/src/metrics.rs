@@ -384,7 +384,7 @@ impl Families {
             )?,
             learning_packets: per_peer(
                 "natt_monitor_learning_packets_total",
-                "Segments not verified while the NAT residual of their SA was being learned: passed (observe mode, UDP) or dropped for TCP to retransmit (TCP in enforce mode).",
+                "Segments not verified while the NAT residual of their SA was being learned: passed (observe mode, UDP, ICMPv6) or dropped for TCP to retransmit (TCP in enforce mode).",
             )?,
             learning_mismatches: per_peer(
                 "natt_monitor_learning_mismatches_total",
@@ -551,12 +551,13 @@ impl Families {
                     (&self.mismatches, s.mismatches[p]),
                     (&self.dropped, s.drops[p]),
                 ];
-                // ICMP has no residual to learn: no learning series for it.
-                let learned = (proto != Proto::Icmp).then_some([
-                    (&self.learning_packets, s.learning[p]),
-                    (&self.learning_mismatches, peer.learning_mismatches[p]),
-                ]);
-                for (vec, value) in checked.into_iter().chain(learned.into_iter().flatten()) {
+                // ICMPv6 messages pass unverified while their SA has no residual (ICMP over
+                // IPv4 never does); none of them is a learning sample, so no ICMP segment is
+                // judged once the residual is known: no learning-mismatch series for ICMP.
+                let judged = (proto != Proto::Icmp)
+                    .then_some((&self.learning_mismatches, peer.learning_mismatches[p]));
+                let learned = [(&self.learning_packets, s.learning[p])];
+                for (vec, value) in checked.into_iter().chain(learned).chain(judged) {
                     counter(&vec.with_label_values(&l), value);
                 }
             }

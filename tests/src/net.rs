@@ -216,6 +216,39 @@ impl Lab {
         }
         lab
     }
+
+    /// Makes each end's IPv6 neighbour entry for the other permanent, so that no neighbour
+    /// discovery flows between their global addresses (a test that counts every `ICMPv6`
+    /// message from one of them counts only its own).
+    pub fn static_neighbours(&self) {
+        for (ns, dev, other, other_dev, addr) in [
+            (&self.a, "va", &self.b, "vb", ADDR6_B),
+            (&self.b, "vb", &self.a, "va", ADDR6_A),
+        ] {
+            let path = format!("/sys/class/net/{other_dev}/address");
+            let out = Command::new("ip")
+                .args(["netns", "exec", &other.name, "cat", &path])
+                .output()
+                .unwrap_or_else(|e| panic!("reading {path} in {}: {e}", other.name));
+            let mac = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            assert!(out.status.success() && !mac.is_empty(), "{path}: {out:?}");
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "-6",
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+    }
 }
 
 /// A child cgroup of the cgroup2 mount; on drop, its processes are killed and it is removed.

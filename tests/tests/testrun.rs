@@ -344,7 +344,6 @@ fn every_single_byte_corruption_is_detected_by(h: &mut Harness) {
 /// pseudo-header), at every length around the sum's blocks and chunks; every changed byte of a
 /// message is a mismatch, dropped in enforce mode, and its event names type, code and echo id.
 /// The bounded-loop variant counts it as `other_protocol`.
-/// `ICMPv6` is not checked: `other_protocol`.
 #[test]
 fn icmp_is_verified_against_residual_zero_and_every_changed_byte_is_a_mismatch() {
     if skip_unless_root(
@@ -352,7 +351,6 @@ fn icmp_is_verified_against_residual_zero_and_every_changed_byte_is_a_mismatch()
     ) {
         return;
     }
-    let icmp = Proto::Icmp as usize;
     // The bounded-loop variant (kernels before 5.17) leaves ICMP alone: verifying it there too
     // takes 5.10's verifier past its instruction budget.
     let compat = &mut Harness::with(&Scope::Address, Some(Variant::BoundedLoop));
@@ -365,54 +363,154 @@ fn icmp_is_verified_against_residual_zero_and_every_changed_byte_is_a_mismatch()
     {
         let variant = Variant::BpfLoop;
         let h = &mut Harness::with(&Scope::Address, Some(variant));
-        for n in [0usize, 1, 56, 63, 64, 65, 1472, 2039, 2040, 2041, 3000] {
-            for (src, peer) in [
+        let off = echo_replies_verify(
+            h,
+            |src, n| v4(src, LOCAL4, L4::IcmpEchoReply, &payload(n)),
+            &[
                 (V4_OBSERVE, P_V4_OBSERVE),
                 (V4_ENFORCE, P_V4_ENFORCE),
                 (V4_NAT_SEEN, P_V4_NAT),
-            ] {
-                let f = v4(src, LOCAL4, L4::IcmpEchoReply, &payload(n));
-                assert_eq!(
-                    h.run(&f),
-                    Outcome::verified(peer, icmp, l4_len(&f)),
-                    "{variant:?}: {n} bytes from {src}"
-                );
-            }
-        }
-        let clean = v4(V4_ENFORCE, LOCAL4, L4::IcmpEchoReply, &payload(200));
-        let off = l4_offset(&clean);
-        for pos in off..clean.len() {
-            let mut f = clean.clone();
-            f[pos] ^= 0x10;
-            assert_eq!(
-                h.run(&f),
-                Outcome::mismatch(P_V4_ENFORCE, icmp, true),
-                "{variant:?}: byte {} of the message",
-                pos - off
-            );
-        }
-        let mut f = v4(V4_OBSERVE, LOCAL4, L4::IcmpEchoReply, &payload(64));
-        f[off + 20] ^= 0x01;
-        let out = h.run(&f);
-        assert_eq!(out, Outcome::mismatch(P_V4_OBSERVE, icmp, false));
-        let ev = &out.events[0];
-        assert_eq!(
-            (ev.proto, ev.flow().as_str(), ev.seq, ev.len),
-            (
-                "icmp",
-                "192.0.2.10 -> 192.168.1.1 type 0 code 0",
-                0x4e41_0007,
-                72
-            )
+            ],
+            "192.0.2.10 -> 192.168.1.1 type 0 code 0",
         );
-        let f = v6(V6_ENFORCE, LOCAL6, L4::IcmpEchoReply, &payload(64));
-        assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipOtherProtocol));
         // Shorter than an ICMP header.
         let mut f = v4(V4_ENFORCE, LOCAL4, L4::IcmpEchoReply, &[]);
         f.truncate(off + 4);
         f[ETH + 3] = 24;
         assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipMalformed));
     }
+}
+
+/// Echo replies (`echo(src, payload bytes)`) of every length around the sum's blocks and
+/// chunks, from each of `peers` (the first in observe mode, the second in enforce mode), verify
+/// under `proto="icmp"`; every changed byte of one from the enforce-mode peer is a mismatch,
+/// dropped; one from the observe-mode peer is passed, and its event names `flow`, the echo's
+/// identifier and sequence number, and its length. Returns the ICMP header's offset.
+fn echo_replies_verify<A: Copy + std::fmt::Display>(
+    h: &mut Harness,
+    echo: impl Fn(A, usize) -> Vec<u8>,
+    peers: &[(A, usize)],
+    flow: &str,
+) -> usize {
+    let icmp = Proto::Icmp as usize;
+    for n in [
+        0usize, 1, 56, 63, 64, 65, 1232, 1472, 2039, 2040, 2041, 3000,
+    ] {
+        for &(src, peer) in peers {
+            let f = echo(src, n);
+            assert_eq!(
+                h.run(&f),
+                Outcome::verified(peer, icmp, l4_len(&f)),
+                "{n} bytes from {src}"
+            );
+        }
+    }
+    let ((observed, p_observed), (enforced, p_enforced)) = (peers[0], peers[1]);
+    let clean = echo(enforced, 200);
+    let off = l4_offset(&clean);
+    for pos in off..clean.len() {
+        let mut f = clean.clone();
+        f[pos] ^= 0x10;
+        assert_eq!(
+            h.run(&f),
+            Outcome::mismatch(p_enforced, icmp, true),
+            "byte {} of the message from {enforced}",
+            pos - off
+        );
+    }
+    let mut f = echo(observed, 64);
+    f[off + 20] ^= 0x01;
+    let out = h.run(&f);
+    assert_eq!(out, Outcome::mismatch(p_observed, icmp, false));
+    let ev = &out.events[0];
+    assert_eq!(
+        (ev.proto, ev.flow().as_str(), ev.seq, ev.len),
+        ("icmp", flow, 0x4e41_0007, 72)
+    );
+    off
+}
+
+/// Where the `ICMPv6` peer of `table()` sends from before a NAT66 rewrites its source.
+const V6_NAT_ORIG: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 0x20);
+
+/// An `ICMPv6` echo reply from `V6_NAT_ORIG` to `LOCAL6`, as it arrives with its source
+/// rewritten to `V6_ENFORCE`.
+fn nat66_echo_reply(n: usize) -> Vec<u8> {
+    let mut f = v6(V6_NAT_ORIG, LOCAL6, L4::IcmpEchoReply, &payload(n));
+    f[ETH + 8..ETH + 24].copy_from_slice(&V6_ENFORCE.octets());
+    f
+}
+
+/// `ICMPv6` sums a pseudo-header, like TCP and UDP, so it leaves its SA's residual: 0 for a
+/// configured peer without NAT, the learned one behind a NAT66. At every length and for every
+/// changed byte it is verified or a mismatch like the others (dropped in enforce mode, its
+/// event naming type and code). While its SA has no residual it passes unverified, counted as
+/// learning, and sends no learning sample: ICMP neither teaches a residual nor withdraws one.
+/// The bounded-loop variant counts it as `other_protocol`.
+#[test]
+fn icmpv6_is_verified_against_its_sas_residual() {
+    if skip_unless_root("icmpv6_is_verified_against_its_sas_residual") {
+        return;
+    }
+    let icmp = Proto::Icmp as usize;
+    let compat = &mut Harness::with(&Scope::Address, Some(Variant::BoundedLoop));
+    let f = v6(V6_ENFORCE, LOCAL6, L4::IcmpEchoReply, &payload(64));
+    assert_eq!(compat.run(&f), Outcome::skipped(Counter::SkipOtherProtocol));
+    let h = &mut Harness::with(&Scope::Address, Some(Variant::BpfLoop));
+    echo_replies_verify(
+        h,
+        |src, n| v6(src, LOCAL6, L4::IcmpEchoReply, &payload(n)),
+        &[(V6_OBSERVE, P_V6_OBSERVE), (V6_ENFORCE, P_V6_ENFORCE)],
+        "2001:db8:1::10 -> 2001:db8:ff::1 type 129 code 0",
+    );
+    // The enforce-mode peer learns, behind a NAT66 that rewrote its source.
+    peer_learns(h, P_V6_ENFORCE, Mode::Enforce);
+    let intact = nat66_echo_reply(300);
+    let mut corrupted = intact.clone();
+    let last = corrupted.len() - 1;
+    corrupted[last] ^= 0x40;
+    for f in [&intact, &corrupted] {
+        let mut want = Outcome::zero(PASS);
+        want.peers[P_V6_ENFORCE].learning[icmp] = 1;
+        assert_eq!(h.run(f), want, "no residual yet");
+    }
+    let mut key = SaKey {
+        peer_id: P_V6_ENFORCE as u32,
+        ..SaKey::default()
+    };
+    key.src = V6_ENFORCE.octets();
+    key.dst = LOCAL6.octets();
+    let residual = csum::nat_residual(
+        csum::addr6_sum(V6_NAT_ORIG.octets()),
+        csum::addr6_sum(LOCAL6.octets()),
+        csum::addr6_sum(V6_ENFORCE.octets()),
+        csum::addr6_sum(LOCAL6.octets()),
+    );
+    assert_ne!(residual, 0);
+    h.v.peer_maps()
+        .unwrap()
+        .set_sa_residual(key, 0, residual)
+        .unwrap();
+    assert_eq!(
+        h.run(&intact),
+        Outcome::verified(P_V6_ENFORCE, icmp, l4_len(&intact))
+    );
+    let out = h.run(&corrupted);
+    assert_eq!(out, Outcome::mismatch(P_V6_ENFORCE, icmp, true));
+    assert_eq!(out.events[0].expected_residual, residual);
+    // Without the NAT the message leaves 0, not the SA's residual: a mismatch, dropped.
+    let f = v6(V6_ENFORCE, LOCAL6, L4::IcmpEchoReply, &payload(300));
+    assert_eq!(h.run(&f), Outcome::mismatch(P_V6_ENFORCE, icmp, true));
+    // Sixteen more, all distinct and all leaving that one value, do not withdraw the residual
+    // as sixteen such TCP segments would: ICMP is no evidence against it.
+    for n in 0..16 {
+        let f = v6(V6_ENFORCE, LOCAL6, L4::IcmpEchoReply, &payload(301 + n));
+        assert_eq!(h.run(&f), Outcome::mismatch(P_V6_ENFORCE, icmp, true));
+    }
+    assert_eq!(
+        h.run(&intact),
+        Outcome::verified(P_V6_ENFORCE, icmp, l4_len(&intact))
+    );
 }
 
 #[test]
@@ -495,12 +593,18 @@ fn nat_peers_use_their_residual() {
 /// Makes the NAT peer of `table()` learn its residual, in `mode`, without its original
 /// addresses; returns the residual its intact segments leave.
 fn nat_peer_learns(h: &mut Harness, mode: Mode) -> u16 {
+    peer_learns(h, P_V4_NAT, mode);
+    table().residual(P_V4_NAT as u32).unwrap()
+}
+
+/// Makes peer `peer` of `table()` a learning peer in `mode`, without configured NAT addresses.
+fn peer_learns(h: &mut Harness, peer: usize, mode: Mode) {
     let configured = table();
     let specs: Vec<PeerSpec> = configured
         .iter()
         .map(|(id, p)| {
             let mut p = p.clone();
-            if id == P_V4_NAT as u32 {
+            if id == peer as u32 {
                 p.nat = None;
                 p.learn = true;
                 p.mode = mode;
@@ -513,7 +617,6 @@ fn nat_peer_learns(h: &mut Harness, mode: Mode) -> u16 {
         .unwrap()
         .set_peers(&configured, &learning)
         .unwrap();
-    configured.residual(P_V4_NAT as u32).unwrap()
 }
 
 #[test]
@@ -913,19 +1016,13 @@ fn skips_are_counted_by_reason() {
         "v6 fragment header"
     );
 
-    // Other protocols: SCTP, ICMPv6, and an IPv6 No Next Header. (ICMP over IPv4 is verified.)
+    // Other protocols: SCTP and an IPv6 No Next Header. (ICMP and ICMPv6 are verified.)
     let mut f = tcp.clone();
     f[ETH + 9] = 132;
     assert_eq!(
         h.run(&f),
         Outcome::skipped(Counter::SkipOtherProtocol),
         "sctp"
-    );
-    let f = v6(V6_OBSERVE, LOCAL6, L4::IcmpEchoReply, &payload(8));
-    assert_eq!(
-        h.run(&f),
-        Outcome::skipped(Counter::SkipOtherProtocol),
-        "icmpv6"
     );
     let mut f = v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(8));
     f[ETH + 6] = 59;

@@ -38,9 +38,12 @@ mod prog {
         programs::{SkBuffContext, TcContext},
     };
     use monitor_ebpf::{
-        INJECT_SLOTS, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, InjectSlot,
+        INJECT_SLOTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, InjectSlot,
         blocksum::{MAX_BLOCKS, sum_blocks},
     };
+
+    /// `ICMPv6` type of an echo reply.
+    const ICMPV6_ECHO_REPLY: u8 = 129;
 
     /// Corrupt every Nth TCP data segment (per CPU); 0 disables corruption.
     #[unsafe(no_mangle)]
@@ -89,7 +92,14 @@ mod prog {
             }
             _ => return Ok(()),
         };
-        if proto != IPPROTO_TCP && proto != IPPROTO_UDP && !(v4 && proto == IPPROTO_ICMP) {
+        // ICMP over IPv4, and of ICMPv6 only echo replies: neighbour discovery keeps the
+        // kernel's own check (a corrupted advertisement would lose the next hop).
+        let icmp = if v4 {
+            proto == IPPROTO_ICMP
+        } else {
+            proto == IPPROTO_ICMPV6 && ctx.load::<u8>(l4_off)? == ICMPV6_ECHO_REPLY
+        };
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP && !icmp {
             return Ok(());
         }
         if let Some(m) = slot(InjectSlot::MaxL4Len) {
@@ -113,7 +123,7 @@ mod prog {
                 )?;
             }
         }
-        if proto == IPPROTO_ICMP && l4_len > 8 {
+        if icmp && l4_len > 8 {
             corrupt_every(
                 ctx,
                 InjectSlot::IcmpMessages,

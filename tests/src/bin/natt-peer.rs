@@ -13,7 +13,8 @@
 //! repetitive data, on which a byte set at a fixed offset shifts every checksum alike.
 //!
 //! `natt-peer ping --netns NS --cgroup DIR --to ADDR --count N --size S` joins the cgroup,
-//! enters the netns and sends N ICMP echo requests of S pattern bytes from a raw socket, one at
+//! enters the netns and sends N ICMP (or, to an IPv6 ADDR, `ICMPv6`) echo requests of S
+//! pattern bytes from a raw socket, one at
 //! a time, each waiting up to 300 ms for its reply; it prints
 //! `sent=<n> intact=<i> corrupted=<c> lost=<l>` (a reply whose payload differs is corrupted,
 //! one that never came is lost).
@@ -248,9 +249,45 @@ fn inet_checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// `to` as a socket address for sendto(2), and its length.
+fn sockaddr(to: std::net::IpAddr) -> (libc::sockaddr_storage, usize) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut dest: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match to {
+        std::net::IpAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut dest).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        std::net::IpAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut dest).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (dest, len)
+}
+
 fn ping(args: &[String]) -> Result<(), String> {
     join(args)?;
-    let to: std::net::Ipv4Addr = arg(args, "--to")?
+    let to: std::net::IpAddr = arg(args, "--to")?
         .parse()
         .map_err(|e| format!("--to: {e}"))?;
     let count: u16 = arg(args, "--count")?
@@ -259,8 +296,13 @@ fn ping(args: &[String]) -> Result<(), String> {
     let size: usize = arg(args, "--size")?
         .parse()
         .map_err(|e| format!("--size: {e}"))?;
+    let (family, proto) = if to.is_ipv4() {
+        (libc::AF_INET, libc::IPPROTO_ICMP)
+    } else {
+        (libc::AF_INET6, libc::IPPROTO_ICMPV6)
+    };
     // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW, proto) };
     if fd < 0 {
         return Err(format!(
             "raw ICMP socket: {}",
@@ -283,14 +325,10 @@ fn ping(args: &[String]) -> Result<(), String> {
             size_of::<libc::timeval>() as libc::socklen_t,
         );
     }
-    let dest = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(to.octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    let (dest, dest_len) = sockaddr(to);
+    // ICMP's echo request and reply types; the kernel sums an ICMPv6 raw socket's messages
+    // itself (the pseudo-header is its to know), so only ICMP's are summed here.
+    let (request, reply) = if to.is_ipv4() { (8, 0) } else { (128, 129) };
     // SAFETY: getpid has no preconditions.
     let id = (unsafe { libc::getpid() }.cast_unsigned() as u16).to_be_bytes();
     let (mut intact, mut corrupted, mut lost) = (0u32, 0u32, 0u32);
@@ -300,10 +338,12 @@ fn ping(args: &[String]) -> Result<(), String> {
             .map(|i| pattern(None, u64::from(seq) * size as u64 + i as u64))
             .collect();
         let s = seq.to_be_bytes();
-        let mut msg = [8, 0, 0, 0, id[0], id[1], s[0], s[1]].to_vec();
+        let mut msg = [request, 0, 0, 0, id[0], id[1], s[0], s[1]].to_vec();
         msg.extend_from_slice(&data);
-        let c = inet_checksum(&msg).to_be_bytes();
-        msg[2..4].copy_from_slice(&c);
+        if to.is_ipv4() {
+            let c = inet_checksum(&msg).to_be_bytes();
+            msg[2..4].copy_from_slice(&c);
+        }
         // SAFETY: valid fd, buffer and address.
         let sent = unsafe {
             libc::sendto(
@@ -312,7 +352,7 @@ fn ping(args: &[String]) -> Result<(), String> {
                 msg.len(),
                 0,
                 (&raw const dest).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                dest_len as libc::socklen_t,
             )
         };
         if sent < 0 {
@@ -326,11 +366,16 @@ fn ping(args: &[String]) -> Result<(), String> {
                 break;
             }
             let pkt = &buf[..n.cast_unsigned()];
-            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            // An IPv4 raw socket receives the IP header too; an IPv6 one the message alone.
+            let ihl = if to.is_ipv4() {
+                usize::from(pkt[0] & 0x0f) * 4
+            } else {
+                0
+            };
             let icmp = &pkt[ihl.min(pkt.len())..];
             // An echo reply with our identifier and this sequence number; anything else (an
-            // earlier reply that came late) is not this request's.
-            if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id && icmp[6..8] == s {
+            // earlier reply that came late, neighbour discovery) is not this request's.
+            if icmp.len() >= 8 && icmp[0] == reply && icmp[4..6] == id && icmp[6..8] == s {
                 if icmp[8..] == data[..] {
                     intact += 1;
                 } else {

@@ -4,7 +4,9 @@
 use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, maps::lpm_trie::Key, programs::SkBuffContext,
 };
-use monitor_ebpf::{Counter, Family, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, PeerValue, csum};
+use monitor_ebpf::{
+    Counter, Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PeerValue, csum,
+};
 
 use crate::maps::{PEERS_V4, PEERS_V6};
 
@@ -62,9 +64,12 @@ fn header<T: Copy>(ctx: &SkBuffContext, off: u32) -> Result<T, Counter> {
     ctx.load(off as usize).map_err(|_| Counter::SkipTruncated)
 }
 
-/// The IP header of either family, and the peer its source address falls under.
+/// The IP header of either family, and the peer its source address falls under. `ICMPv6` only
+/// with `ICMP` (the `bpf_loop` variant): the bounded-loop variant meets it as
+/// `other_protocol` in the extension-header walk, so that its code stays what 5.10's verifier
+/// accepts (one more way out of the walk took it past 1,000,000 instructions).
 #[inline(always)]
-pub fn parse_l3(ctx: &SkBuffContext) -> Result<L3, Counter> {
+pub fn parse_l3<const ICMP: bool>(ctx: &SkBuffContext) -> Result<L3, Counter> {
     if skb(ctx).gso_segs > 1 {
         // GRO merged several segments behind one header: their checksums are gone.
         return Err(Counter::SkipAggregated);
@@ -73,7 +78,7 @@ pub fn parse_l3(ctx: &SkBuffContext) -> Result<L3, Counter> {
     if proto == u32::from(ETH_P_IP.to_be()) {
         parse_v4(ctx)
     } else if proto == u32::from(ETH_P_IPV6.to_be()) {
-        parse_v6(ctx)
+        parse_v6::<ICMP>(ctx)
     } else {
         Err(Counter::SkipOtherProtocol)
     }
@@ -124,7 +129,7 @@ fn parse_v4(ctx: &SkBuffContext) -> Result<L3, Counter> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &SkBuffContext) -> Result<L3, Counter> {
+fn parse_v6<const ICMP: bool>(ctx: &SkBuffContext) -> Result<L3, Counter> {
     let ip: [u8; 40] = header(ctx, 0)?;
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
@@ -143,7 +148,7 @@ fn parse_v6(ctx: &SkBuffContext) -> Result<L3, Counter> {
         return Err(Counter::SkipAggregated);
     }
     let end = 40 + payload_len;
-    let (proto, off) = walk_extension_headers(ctx, ip[6])?;
+    let (proto, off) = walk_extension_headers::<ICMP>(ctx, ip[6])?;
     if off > end {
         return Err(Counter::SkipMalformed);
     }
@@ -159,15 +164,19 @@ fn parse_v6(ctx: &SkBuffContext) -> Result<L3, Counter> {
     })
 }
 
-/// Follows IPv6 extension headers from `next` (the fixed header's next-header field) to TCP or
-/// UDP; returns the L4 protocol and its offset.
+/// Follows IPv6 extension headers from `next` (the fixed header's next-header field) to TCP,
+/// UDP or (with `ICMP`) `ICMPv6`; returns the L4 protocol and its offset.
 #[inline(always)]
-fn walk_extension_headers(ctx: &SkBuffContext, mut next: u8) -> Result<(u8, u32), Counter> {
+fn walk_extension_headers<const ICMP: bool>(
+    ctx: &SkBuffContext,
+    mut next: u8,
+) -> Result<(u8, u32), Counter> {
     let mut off: u32 = 40;
     // Each round reads one header: up to MAX_EXT_HEADERS extension headers, then the transport.
     for _ in 0..=MAX_EXT_HEADERS {
         match next {
             IPPROTO_TCP | IPPROTO_UDP => return Ok((next, off)),
+            IPPROTO_ICMPV6 if ICMP => return Ok((next, off)),
             // Hop-by-hop, routing and destination options share one layout.
             0 | 43 | 60 => {
                 let h: [u8; 2] = header(ctx, off)?;
@@ -185,8 +194,8 @@ fn walk_extension_headers(ctx: &SkBuffContext, mut next: u8) -> Result<(u8, u32)
     Err(Counter::SkipUnsupportedExtensionHeader)
 }
 
-/// The TCP, UDP or ICMP header, checked against the lengths the IP header gave. ICMP only
-/// with `ICMP` (the `bpf_loop` variant): the bounded-loop variant's caller has turned ICMP
+/// The TCP, UDP, ICMP or `ICMPv6` header (the two ICMPs share its layout), checked against
+/// the lengths the IP header gave. ICMP only with `ICMP` (the `bpf_loop` variant): the bounded-loop variant's caller has turned ICMP
 /// away, and a third arm here would be a third family of states through its summing loop
 /// for the kernel verifier (past 5.10's budget), since it cannot tell that no ICMP is left.
 #[inline(always)]

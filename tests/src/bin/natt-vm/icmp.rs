@@ -1,10 +1,10 @@
 //! ICMP through the SA (issue 22): after a scenario's TCP measurements, B pings A across R's
-//! NAT through the same NAT-T transport SAs (ICMP policies added on both ends), while R's
-//! corruption rule still rewrites A's large ESP packets. Every corrupted echo reply must be
-//! counted under `proto="icmp"`, and in enforce mode dropped (a lost ping); the kernel's own
-//! `Icmp InCsumErrors` must not move, which shows it skipped the check. The `bounded_loop`
-//! variant (5.10) leaves ICMP alone: every reply is `other_protocol`, the corrupted ones reach
-//! the socket.
+//! NAT through the same NAT-T transport SAs (ICMP, or over IPv6 `ICMPv6`, policies added on
+//! both ends), while R's corruption rule still rewrites A's large ESP packets. Every corrupted
+//! echo reply must be counted under `proto="icmp"`, and in enforce mode dropped (a lost ping);
+//! the kernel's own `Icmp InCsumErrors` (`Icmp6InCsumErrors`) must not move, which shows it
+//! skipped the check. The `bounded_loop` variant (5.10) leaves ICMP alone: every reply is
+//! `other_protocol`, the corrupted ones reach the socket.
 
 use std::{path::Path, time::Duration};
 
@@ -95,8 +95,16 @@ impl IcmpRun {
     }
 }
 
-/// `Icmp: ... InCsumErrors` of B's network namespace.
-fn icmp_csum_errors(t: &Topology) -> u64 {
+/// `Icmp: ... InCsumErrors` of B's network namespace, or with `v6` `Icmp6InCsumErrors`.
+fn icmp_csum_errors(t: &Topology, v6: bool) -> u64 {
+    if v6 {
+        let snmp6 = ns_out(&t.b, &["cat", "/proc/net/snmp6"]);
+        return snmp6
+            .lines()
+            .find_map(|l| l.strip_prefix("Icmp6InCsumErrors"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no Icmp6InCsumErrors in B's /proc/net/snmp6:\n{snmp6}"));
+    }
     let snmp = ns_out(&t.b, &["cat", "/proc/net/snmp"]);
     let mut rows = snmp.lines().filter(|l| l.starts_with("Icmp:"));
     let (names, values) = (rows.next().unwrap_or(""), rows.next().unwrap_or(""));
@@ -113,12 +121,13 @@ fn icmp_csum_errors(t: &Topology) -> u64 {
 pub(crate) fn ping_through_sa(t: &Topology, s: &Scenario, cg: &Path, peer: &str) -> IcmpRun {
     let x = t.addrs;
     let a_seen = t.a_seen_by_b(s.nat);
-    policy(&t.a, "icmp", x.a, x.b, "out", None, "0");
-    policy(&t.a, "icmp", x.b, x.a, "in", None, "0");
-    policy(&t.b, "icmp", x.b, a_seen, "out", None, "0");
-    policy(&t.b, "icmp", a_seen, x.b, "in", None, "0");
+    let proto = if s.v6 { "ipv6-icmp" } else { "icmp" };
+    policy(&t.a, proto, x.a, x.b, "out", None, "0");
+    policy(&t.a, proto, x.b, x.a, "in", None, "0");
+    policy(&t.b, proto, x.b, a_seen, "out", None, "0");
+    policy(&t.b, proto, a_seen, x.b, "in", None, "0");
     let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"icmp\"}}");
-    let (i0, k0, before) = (t.injected(), icmp_csum_errors(t), scrape(t.mon()));
+    let (i0, k0, before) = (t.injected(), icmp_csum_errors(t, s.v6), scrape(t.mon()));
     let p = ping(
         bin("natt-peer").to_str().expect("utf-8 path"),
         &t.b,
@@ -142,6 +151,6 @@ pub(crate) fn ping_through_sa(t: &Topology, s: &Scenario, cg: &Path, peer: &str)
         detected: delta("checksum_mismatches_total"),
         dropped: delta("dropped_packets_total"),
         verified: delta("verified_packets_total"),
-        kernel_csum_errors: icmp_csum_errors(t) - k0,
+        kernel_csum_errors: icmp_csum_errors(t, s.v6) - k0,
     }
 }

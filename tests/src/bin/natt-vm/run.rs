@@ -440,7 +440,8 @@ pub(crate) fn run(s: &Scenario) -> Measured {
 }
 
 /// The scenarios that end with pings through their SA (`icmp.rs`).
-pub(crate) const ICMP_SCENARIOS: [&str; 2] = ["b-observe-cbc-aes", "b-enforce-cbc-aes"];
+pub(crate) const ICMP_SCENARIOS: [&str; 3] =
+    ["b-observe-cbc-aes", "b-enforce-cbc-aes", "h-ipv6-enforce"];
 
 /// What moving A's NAT mapping to another public port mid-stream did.
 #[derive(Debug, Default)]

@@ -14,8 +14,8 @@
 //!
 //! `natt-peer ping --netns NS --cgroup DIR --to ADDR --count N --size S` joins the cgroup,
 //! enters the netns and sends N ICMP (or, to an IPv6 ADDR, `ICMPv6`) echo requests of S
-//! pattern bytes from a raw socket, one at
-//! a time, each waiting up to 300 ms for its reply; it prints
+//! pattern bytes from a raw socket, one at a time, each waiting up to 300 ms for its reply;
+//! it prints
 //! `sent=<n> intact=<i> corrupted=<c> lost=<l>` (a reply whose payload differs is corrupted,
 //! one that never came is lost).
 //!

@@ -195,9 +195,10 @@ fn walk_extension_headers<const ICMP: bool>(
 }
 
 /// The TCP, UDP, ICMP or `ICMPv6` header (the two ICMPs share its layout), checked against
-/// the lengths the IP header gave. ICMP only with `ICMP` (the `bpf_loop` variant): the bounded-loop variant's caller has turned ICMP
-/// away, and a third arm here would be a third family of states through its summing loop
-/// for the kernel verifier (past 5.10's budget), since it cannot tell that no ICMP is left.
+/// the lengths the IP header gave. ICMP only with `ICMP` (the `bpf_loop` variant): the
+/// bounded-loop variant's caller has turned ICMP away, and a third arm here would be a third
+/// family of states through its summing loop for the kernel verifier (past 5.10's budget),
+/// since it cannot tell that no ICMP is left.
 #[inline(always)]
 pub fn parse_l4<const ICMP: bool>(ctx: &SkBuffContext, l3: &L3) -> Result<L4, Counter> {
     let l4 = match l3.proto {

@@ -440,8 +440,12 @@ pub(crate) fn run(s: &Scenario) -> Measured {
 }
 
 /// The scenarios that end with pings through their SA (`icmp.rs`).
-pub(crate) const ICMP_SCENARIOS: [&str; 3] =
-    ["b-observe-cbc-aes", "b-enforce-cbc-aes", "h-ipv6-enforce"];
+pub(crate) const ICMP_SCENARIOS: [&str; 4] = [
+    "b-observe-cbc-aes",
+    "b-enforce-cbc-aes",
+    "d-nat-learned",
+    "h-ipv6-enforce",
+];
 
 /// What moving A's NAT mapping to another public port mid-stream did.
 #[derive(Debug, Default)]

@@ -419,9 +419,21 @@ impl Injector {
     /// message (0: none).
     #[must_use]
     pub fn attach(ns: &Netns, dev: &str, every: u32) -> Self {
+        Self::with_shape(ns, dev, every, 0)
+    }
+
+    /// As `attach`, but the corruption of every `every`th TCP data segment swaps two adjacent
+    /// 16-bit words of its payload: one that leaves the checksum's sum unchanged.
+    #[must_use]
+    pub fn attach_swapping(ns: &Netns, dev: &str, every: u32) -> Self {
+        Self::with_shape(ns, dev, every, 1)
+    }
+
+    fn with_shape(ns: &Netns, dev: &str, every: u32, swap: u32) -> Self {
         let bpf = ns.enter(|| {
             let mut bpf = EbpfLoader::new()
                 .override_global("CORRUPT_EVERY", &every, true)
+                .override_global("SWAP_WORDS", &swap, true)
                 .override_global("MARK_UNNECESSARY", &1u32, true)
                 .load(TESTBED_OBJ)
                 .expect("load testbed object");
@@ -472,6 +484,8 @@ pub struct StreamResult {
     pub received: u64,
     /// Bytes that differed from what was sent.
     pub differing: u64,
+    /// Runs of differing bytes that left the one's-complement sum unchanged (`natt-peer`).
+    pub invisible: u64,
 }
 
 /// Sends `bytes` from A to B over TCP, the receiver running in `cgroup`. `v6` picks the family.
@@ -535,6 +549,7 @@ pub fn stream_between(
     StreamResult {
         received: it.next().expect("received"),
         differing: it.next().expect("differing"),
+        invisible: it.next().expect("invisible"),
     }
 }
 

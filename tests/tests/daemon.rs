@@ -358,7 +358,8 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
         s,
         StreamResult {
             received: 4 << 20,
-            differing: 0
+            differing: 0,
+            invisible: 0,
         }
     );
     // The endpoint reports exactly what was injected.

@@ -48,6 +48,12 @@ mod prog {
     /// Corrupt every Nth TCP data segment (per CPU); 0 disables corruption.
     #[unsafe(no_mangle)]
     static CORRUPT_EVERY: Global<u32> = Global::new(0);
+    /// Non-zero: instead of flipping a byte, swap two adjacent 16-bit words of the TCP payload
+    /// (word-aligned from the segment's start): a corruption that leaves the one's-complement
+    /// sum unchanged, which no checksum can see. Segments whose two words are equal are left
+    /// alone and not counted as corrupted.
+    #[unsafe(no_mangle)]
+    static SWAP_WORDS: Global<u32> = Global::new(0);
     /// Non-zero: mark TCP, UDP and ICMP packets `CHECKSUM_UNNECESSARY`, as esp4.c does for
     /// NAT-T.
     #[unsafe(no_mangle)]
@@ -114,7 +120,11 @@ mod prog {
             let doff_byte: u8 = ctx.load(l4_off + 12)?;
             let doff = usize::from(doff_byte >> 4) * 4;
             let payload = l4_len.saturating_sub(doff);
-            if payload > 0 {
+            if SWAP_WORDS.load() != 0 {
+                if payload >= 8 {
+                    swap_every(ctx, l4_off + doff + ((payload / 2) & !3))?;
+                }
+            } else if payload > 0 {
                 corrupt_every(
                     ctx,
                     InjectSlot::DataSegments,
@@ -172,6 +182,31 @@ mod prog {
             if let Some(p) = slot(corrupted) {
                 // SAFETY: per-CPU slot.
                 unsafe { *p += 1 };
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a TCP data segment; in every `CORRUPT_EVERY`th, swaps the two 16-bit words at
+    /// `at` (counted as corrupted when they differ).
+    fn swap_every(ctx: &TcContext, at: usize) -> Result<(), i64> {
+        let every = u64::from(CORRUPT_EVERY.load());
+        let n = slot(InjectSlot::DataSegments).map_or(0, |p| {
+            // SAFETY: per-CPU slot.
+            unsafe {
+                *p += 1;
+                *p
+            }
+        });
+        if every != 0 && n.is_multiple_of(every) {
+            let w: [u8; 4] = ctx.load(at)?;
+            if w[..2] != w[2..] {
+                // Flags 0: skb->csum and the L4 checksum untouched, as for the byte flip.
+                ctx.store(at, &[w[2], w[3], w[0], w[1]], 0)?;
+                if let Some(p) = slot(InjectSlot::Corrupted) {
+                    // SAFETY: per-CPU slot.
+                    unsafe { *p += 1 };
+                }
             }
         }
         Ok(())

@@ -52,15 +52,7 @@ fn run_variant(
 ) -> Run {
     let lab = Lab::new(mtu);
     let cg = Cgroup::new();
-    let mut v = Verifier::load_variant(&Scope::Address, false, variant).expect("load verifier");
-    v.peer_maps()
-        .unwrap()
-        .set_peers(
-            &PeerTable::default(),
-            &PeerTable::new(vec![PeerSpec::new(parse_cidr(peer).unwrap(), mode)]).unwrap(),
-        )
-        .unwrap();
-    v.attach(&cg.path).expect("attach to test cgroup");
+    let v = attached_verifier(&cg, peer, mode, variant);
     let inj = Injector::attach(&lab.b, lab.dev_b, every);
     let s = stream(env!("CARGO_BIN_EXE_natt-peer"), &lab, &cg.path, bytes, v6);
     let r = readings(&v, s, inj.stats());
@@ -71,6 +63,21 @@ fn run_variant(
         &r,
     );
     r
+}
+
+/// The verifier (address scope, `variant` or the probed one) with `peer` as its only peer, in
+/// `mode`, attached to `cg`.
+fn attached_verifier(cg: &Cgroup, peer: &str, mode: Mode, variant: Option<Variant>) -> Verifier {
+    let mut v = Verifier::load_variant(&Scope::Address, false, variant).expect("load verifier");
+    v.peer_maps()
+        .unwrap()
+        .set_peers(
+            &PeerTable::default(),
+            &PeerTable::new(vec![PeerSpec::new(parse_cidr(peer).unwrap(), mode)]).unwrap(),
+        )
+        .unwrap();
+    v.attach(&cg.path).expect("attach to test cgroup");
+    v
 }
 
 /// What the verifier of peer id 0 counted, beside what the stream and the injector saw.
@@ -323,16 +330,7 @@ fn a_corruption_that_keeps_the_sum_is_delivered_and_found_invisible() {
     }
     let lab = Lab::new(1500);
     let cg = Cgroup::new();
-    let mut v = Verifier::load(&Scope::Address).expect("load verifier");
-    let peers = PeerTable::new(vec![PeerSpec::new(
-        parse_cidr(ADDR_A).unwrap(),
-        Mode::Enforce,
-    )]);
-    v.peer_maps()
-        .unwrap()
-        .set_peers(&PeerTable::default(), &peers.unwrap())
-        .unwrap();
-    v.attach(&cg.path).expect("attach to test cgroup");
+    let v = attached_verifier(&cg, ADDR_A, Mode::Enforce, None);
     let inj = Injector::attach_swapping(&lab.b, lab.dev_b, 50);
     let s = stream(
         env!("CARGO_BIN_EXE_natt-peer"),
@@ -410,13 +408,7 @@ fn echo_replies_through_the_verifier(peer_addr: &str) {
             lab.static_neighbours();
         }
         let cg = Cgroup::new();
-        let mut v = Verifier::load(&Scope::Address).expect("load verifier");
-        let peers = PeerTable::new(vec![PeerSpec::new(parse_cidr(peer_addr).unwrap(), mode)]);
-        v.peer_maps()
-            .unwrap()
-            .set_peers(&PeerTable::default(), &peers.unwrap())
-            .unwrap();
-        v.attach(&cg.path).expect("attach to test cgroup");
+        let v = attached_verifier(&cg, peer_addr, mode, None);
         let inj = Injector::attach(&lab.b, lab.dev_b, 7);
         let p = ping(
             env!("CARGO_BIN_EXE_natt-peer"),

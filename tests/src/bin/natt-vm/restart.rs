@@ -132,7 +132,9 @@ pub(crate) fn stream_through_restart(
         let log = fs::read_to_string(&second.log).unwrap_or_default();
         let adopted =
             log.contains("adopting the pinned maps") && log.contains("adopted the pinned link");
-        let (received, differing) = streaming.join().expect("stream thread");
+        let (received, differing) = streaming
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
         let mut second = second;
         if let Ok(Some(status)) = second.process.try_wait() {
             panic!(

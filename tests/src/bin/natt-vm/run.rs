@@ -295,7 +295,9 @@ pub(crate) fn run(s: &Scenario) -> Measured {
             std::thread::sleep(Duration::from_millis(200));
             t.rebind_a(s);
             let mid_stream = !streaming.is_finished();
-            let (received, differing) = streaming.join().expect("stream thread");
+            let (received, differing) = streaming
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
             (received, differing, mid_stream)
         });
         std::thread::sleep(Duration::from_millis(500));
@@ -315,7 +317,9 @@ pub(crate) fn run(s: &Scenario) -> Measured {
             let streaming = scope.spawn(|| stream(&t, &cg.path, STREAM, 5001));
             std::thread::sleep(Duration::from_millis(200));
             t.rekey_a_to_b(s);
-            streaming.join().expect("stream thread")
+            streaming
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
         });
         // A second stream entirely on the new SA.
         let (again, bad) = stream(&t, &cg.path, STREAM, 5003);

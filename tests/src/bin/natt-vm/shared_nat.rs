@@ -307,7 +307,9 @@ fn rejoin(t: &Topology, a2: &Netns, cg: &std::path::Path) -> Rejoin {
         let other = scope.spawn(|| stream_from(t, a2, cg, STREAM, 5502));
         std::thread::sleep(Duration::from_millis(200));
         let (ra, da) = stream_from(t, &t.a, cg, STREAM, 5002);
-        let (rb, db) = other.join().expect("A2's stream");
+        let (rb, db) = other
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
         (ra, da, rb, db)
     });
     // B's SAs send to R:4500, so the returning host's stream completes only if the NAT gave

@@ -192,7 +192,7 @@ fn streams(t: &Topology, cg: &Path, hosts: &mut [&mut Host<'_>], bytes: u64) -> 
             .collect();
         running
             .into_iter()
-            .map(|r| r.join().expect("stream thread"))
+            .map(|r| r.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
             .fold((0, 0), |(r, d), (r1, d1)| (r + r1, d + d1))
     })
 }

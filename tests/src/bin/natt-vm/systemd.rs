@@ -259,7 +259,9 @@ fn streams_during(
             let _stop = StopOnDrop(&done);
             during();
         }
-        streaming.join().expect("stream thread")
+        streaming
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
     });
     *port += streams;
     assert_eq!(

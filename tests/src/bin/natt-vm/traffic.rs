@@ -169,7 +169,9 @@ pub(crate) fn rekey_during_stream(t: &Topology, cg: &Path, learning: &str) -> (u
             assert!(Instant::now() < deadline, "the child SA was not rekeyed");
             std::thread::sleep(Duration::from_millis(100));
         }
-        streaming.join().expect("stream thread")
+        streaming
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
     });
     // A second stream entirely on the new SA.
     let (again, bad) = stream(t, cg, 256 << 10, 5004);

@@ -567,7 +567,13 @@ pub(crate) struct Guest {
     variant: Option<String>,
     /// `NATT-VM BENCH` lines (`natt-vm --bench`).
     pub(crate) bench: Vec<Row>,
+    /// The console's last lines, which a `NATT-VM FAIL` line carries into the failure report
+    /// (CI shows the end of the output, and a failing scenario's context is further up).
+    recent: std::collections::VecDeque<String>,
 }
+
+/// Console lines a failure report quotes from before its `NATT-VM FAIL` line.
+const FAIL_CONTEXT: usize = 12;
 
 /// The `key=value` fields of a `NATT-VM` line.
 fn fields(line: &str) -> Row {
@@ -709,6 +715,16 @@ pub(crate) fn boot_machine(
 impl Guest {
     /// Takes in one console line; true for the suite's `NATT-VM END` line.
     fn record(&mut self, line: &str, version: &str) -> bool {
+        let end = self.read(line, version);
+        if self.recent.len() == FAIL_CONTEXT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(line.to_owned());
+        end
+    }
+
+    /// What `line` reports, if anything; true for `NATT-VM END`.
+    fn read(&mut self, line: &str, version: &str) -> bool {
         if let Some(rest) = line.strip_prefix("NATT-VM RESULT ") {
             let mut row = fields(rest);
             row.insert("version".into(), version.into());
@@ -716,7 +732,11 @@ impl Guest {
         } else if let Some(rest) = line.strip_prefix("NATT-VM BENCH ") {
             self.bench.push(fields(rest));
         } else if line.starts_with("NATT-VM FAIL ") {
-            self.fails.push(format!("{line} version={version}"));
+            let before: Vec<&str> = self.recent.iter().map(String::as_str).collect();
+            self.fails.push(format!(
+                "{line} version={version}\n  console before it:\n    {}",
+                before.join("\n    ")
+            ));
         } else if let Some(rest) = line.strip_prefix("NATT-VM REFUSED ") {
             self.refused = Some(rest.to_owned());
         } else if let Some(rest) = line.strip_prefix("NATT-VM CHECK ok    bpf program load")
@@ -1016,4 +1036,29 @@ pub(crate) fn guest_binaries(root: &Path, cache: &Path) -> Result<Vec<(PathBuf, 
         (release_dir.join("natt-vm"), "/natt/natt-vm"),
         (release_dir.join("natt-peer"), "/natt/natt-peer"),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FAIL_CONTEXT, Guest};
+
+    #[test]
+    fn a_failure_carries_the_console_lines_before_it() {
+        let mut g = Guest::default();
+        for i in 0..20 {
+            assert!(!g.record(&format!("NATT-VM STEP soak round {i}"), "v1"));
+        }
+        assert!(!g.record("NATT-VM FAIL kernel=k scenario=s reason=boom", "v1"));
+        assert!(g.record("NATT-VM END kernel=k passed=0 failed=1", "v1"));
+        let steps: Vec<String> = (20 - FAIL_CONTEXT..20)
+            .map(|i| format!("NATT-VM STEP soak round {i}"))
+            .collect();
+        assert_eq!(
+            g.fails,
+            [format!(
+                "NATT-VM FAIL kernel=k scenario=s reason=boom version=v1\n  console before it:\n    {}",
+                steps.join("\n    ")
+            )]
+        );
+    }
 }

@@ -139,34 +139,7 @@ fn main() -> Result<()> {
     eprintln!("natt-bench: 1/6 BPF_PROG_TEST_RUN");
     let m = micro(rounds, repeat, baseline)?;
     if args.only == Some(Only::Micro) {
-        for (size, ver, ker, nskb, ntc) in &m.rows {
-            println!(
-                "{size} B: verifier {} ns, kernel csum {} ns, noop skb {} ns, noop tc {} ns",
-                ver.fmt(1),
-                ker.fmt(1),
-                nskb.fmt(1),
-                ntc.fmt(1)
-            );
-        }
-        for ((size, ver, ..), (_, base)) in m.rows.iter().zip(&m.baseline) {
-            println!(
-                "{size} B: baseline verifier {} ns, this build {} ns",
-                base.fmt(1),
-                ver.fmt(1)
-            );
-        }
-        println!(
-            "per byte above hook cost: verifier {:.3} ns/B, kernel {:.3} ns/B, ratio {:.2}",
-            m.verifier_per_byte,
-            m.kernel_per_byte,
-            m.verifier_per_byte / m.kernel_per_byte
-        );
-        println!(
-            "marginal per byte (1500 -> 3600 B): verifier {:.3} ns/B, kernel {:.3} ns/B, ratio {:.2}",
-            m.verifier_marginal,
-            m.kernel_marginal,
-            m.verifier_marginal / m.kernel_marginal
-        );
+        print_micro(&m);
         return Ok(());
     }
     eprintln!("natt-bench: 2/6 iperf3 throughput");
@@ -194,4 +167,49 @@ fn main() -> Result<()> {
     fs::write(&args.out, &text).with_context(|| format!("writing {}", args.out.display()))?;
     println!("{text}");
     Ok(())
+}
+
+/// `--micro-only`: suite 1, printed.
+fn print_micro(m: &micro::Micro) {
+    for (size, ver, ker, nskb, ntc) in &m.rows {
+        println!(
+            "{size} B: verifier {} ns, kernel csum {} ns, noop skb {} ns, noop tc {} ns",
+            ver.fmt(1),
+            ker.fmt(1),
+            nskb.fmt(1),
+            ntc.fmt(1)
+        );
+    }
+    for ((size, ver, ..), (_, base)) in m.rows.iter().zip(&m.baseline) {
+        println!(
+            "{size} B: baseline verifier {} ns, this build {} ns",
+            base.fmt(1),
+            ver.fmt(1)
+        );
+    }
+    for (size, sctp) in &m.sctp {
+        println!(
+            "{size} B: SCTP (CRC32c) through the verifier {} ns",
+            sctp.fmt(1)
+        );
+    }
+    if let Some(sctp) = m.sctp_marginal {
+        println!(
+            "marginal per byte (1500 -> 3600 B): SCTP's CRC32c {sctp:.3} ns/B, the one's-complement sum {:.3} ns/B, ratio {:.1}",
+            m.verifier_marginal,
+            sctp / m.verifier_marginal
+        );
+    }
+    println!(
+        "per byte above hook cost: verifier {:.3} ns/B, kernel {:.3} ns/B, ratio {:.2}",
+        m.verifier_per_byte,
+        m.kernel_per_byte,
+        m.verifier_per_byte / m.kernel_per_byte
+    );
+    println!(
+        "marginal per byte (1500 -> 3600 B): verifier {:.3} ns/B, kernel {:.3} ns/B, ratio {:.2}",
+        m.verifier_marginal,
+        m.kernel_marginal,
+        m.verifier_marginal / m.kernel_marginal
+    );
 }

@@ -5,8 +5,9 @@ use aya::{
     EbpfLoader,
     programs::{CgroupSkb, SchedClassifier, TestRunOptions},
 };
+use monitor_ebpf::Proto;
 use natt_monitor::{
-    ebpf::{TESTBED_OBJ, Verifier},
+    ebpf::{TESTBED_OBJ, Variant, Verifier},
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
     scope::Scope,
 };
@@ -26,6 +27,12 @@ pub(crate) struct Micro {
     /// With `--baseline-object`: per size, the baseline verifier's ns/run, measured alternately
     /// with the others.
     pub(crate) baseline: Vec<(usize, Stat)>,
+    /// Per size, an SCTP packet of that IP size through the same verifier (which tail-calls
+    /// `natt_sctp` for its CRC32c), measured alternately with the others; `None` on a kernel
+    /// without `bpf_loop`, which cannot load `natt_sctp`.
+    pub(crate) sctp: Vec<(usize, Stat)>,
+    /// SCTP's marginal cost per byte, as `verifier_marginal`.
+    pub(crate) sctp_marginal: Option<f64>,
 }
 
 /// Mean ns of one run of `prog` on `frame`, over `repeat` runs (the kernel reports the mean).
@@ -54,14 +61,16 @@ fn peered_verifier(object: Option<&[u8]>) -> Result<Verifier> {
     Ok(v)
 }
 
-/// Every run of `v` must have verified (not skipped, not mismatched) its segment.
-fn check_verified(v: &Verifier, expected: u64, what: &str) -> Result<()> {
+/// Every run of `v` must have verified (not skipped, not mismatched) its `proto` segment.
+fn check_verified(v: &Verifier, proto: Proto, expected: u64, what: &str) -> Result<()> {
     let s = v.stats().peer_stats(0)?;
-    if s.verified_packets[0] != expected || s.mismatches[0] != 0 {
+    let p = proto as usize;
+    if s.verified_packets[p] != expected || s.mismatches[p] != 0 {
         bail!(
-            "{what} verified {} of {expected} segments ({} mismatches): benchmark input is wrong",
-            s.verified_packets[0],
-            s.mismatches[0]
+            "{what} verified {} of {expected} {} packets ({} mismatches): benchmark input is wrong",
+            s.verified_packets[p],
+            proto.as_str(),
+            s.mismatches[p]
         );
     }
     Ok(())
@@ -84,8 +93,10 @@ pub(crate) fn micro(rounds: usize, repeat: u32, baseline: Option<&[u8]>) -> Resu
     p.load()?;
 
     let sizes = [64usize, 512, 1500, 3600];
+    let sctp_on = v.variant() == Variant::BpfLoop;
     let mut rows = Vec::new();
     let mut base_rows = Vec::new();
+    let mut sctp_rows = Vec::new();
     for &size in &sizes {
         let frame = v4(
             "192.0.2.10".parse()?,
@@ -93,9 +104,19 @@ pub(crate) fn micro(rounds: usize, repeat: u32, baseline: Option<&[u8]>) -> Resu
             L4::Tcp,
             &payload(size - 40),
         );
-        let mut samples: [Vec<f64>; 5] = Default::default();
+        // The same IP size: 12 bytes of common header and 16 of DATA chunk header.
+        let sctp = v4(
+            "192.0.2.10".parse()?,
+            "192.0.2.20".parse()?,
+            L4::Sctp,
+            &payload(size - 48),
+        );
+        let mut samples: [Vec<f64>; 6] = Default::default();
         for _ in 0..rounds {
             samples[0].push(run_ns(v.program_mut()?, &frame, repeat)?);
+            if sctp_on {
+                samples[5].push(run_ns(v.program_mut()?, &sctp, repeat)?);
+            }
             if let Some(b) = base.as_mut() {
                 samples[4].push(run_ns(b.program_mut()?, &frame, repeat)?);
             }
@@ -116,18 +137,30 @@ pub(crate) fn micro(rounds: usize, repeat: u32, baseline: Option<&[u8]>) -> Resu
         if base.is_some() {
             base_rows.push((size, stat(&samples[4])));
         }
+        if sctp_on {
+            sctp_rows.push((size, stat(&samples[5])));
+        }
     }
     let expected = u64::from(repeat) * (rounds as u64) * sizes.len() as u64;
-    check_verified(&v, expected, "the verifier")?;
+    check_verified(&v, Proto::Tcp, expected, "the verifier")?;
+    if sctp_on {
+        check_verified(&v, Proto::Sctp, expected, "the verifier")?;
+    }
     if let Some(b) = &base {
-        check_verified(b, expected, "the baseline verifier")?;
+        check_verified(b, Proto::Tcp, expected, "the baseline verifier")?;
     }
     // Per-byte cost above the fixed hook cost, from the largest size (L4 bytes = size - 20).
     let (size, ver, ker, nskb, ntc) = rows[rows.len() - 1];
     let l4 = (size - 20) as f64;
     let (small, ver_s, ker_s, _, _) = rows[rows.len() - 2];
     let span = (size - small) as f64;
+    let sctp_marginal = (sctp_rows.len() == sizes.len()).then(|| {
+        let (big, small) = (&sctp_rows[sizes.len() - 1].1, &sctp_rows[sizes.len() - 2].1);
+        (big.median - small.median) / span
+    });
     Ok(Micro {
+        sctp: sctp_rows,
+        sctp_marginal,
         verifier_per_byte: (ver.median - nskb.median) / l4,
         kernel_per_byte: (ker.median - ntc.median) / l4,
         verifier_marginal: (ver.median - ver_s.median) / span,

@@ -9,6 +9,7 @@
 
 #[cfg(target_arch = "bpf")]
 pub mod blocksum;
+pub mod crc32c;
 pub mod csum;
 
 /// Default number of peers (static and discovered) the maps hold. Peer ids index the per-peer
@@ -36,19 +37,23 @@ pub enum Proto {
     /// ICMP (IPv4): its checksum covers the message alone, with no pseudo-header, so a NAT in
     /// front of the SA leaves it unchanged and every intact message leaves residual 0.
     Icmp = 2,
+    /// SCTP: its CRC32c covers the packet alone, so a NAT in front of the SA leaves it
+    /// unchanged; there is no residual, only the CRC the packet carries.
+    Sctp = 3,
 }
 
 impl Proto {
     /// All of them, in index order.
-    pub const ALL: [Self; PROTO_COUNT] = [Self::Tcp, Self::Udp, Self::Icmp];
+    pub const ALL: [Self; PROTO_COUNT] = [Self::Tcp, Self::Udp, Self::Icmp, Self::Sctp];
 
-    /// The label value: "tcp", "udp" or "icmp".
+    /// The label value: "tcp", "udp", "icmp" or "sctp".
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
             Self::Icmp => "icmp",
+            Self::Sctp => "sctp",
         }
     }
 
@@ -59,13 +64,14 @@ impl Proto {
             IPPROTO_TCP => Some(Self::Tcp),
             IPPROTO_UDP => Some(Self::Udp),
             IPPROTO_ICMP | IPPROTO_ICMPV6 => Some(Self::Icmp),
+            IPPROTO_SCTP => Some(Self::Sctp),
             _ => None,
         }
     }
 }
 
 /// Number of protocol slots.
-pub const PROTO_COUNT: usize = Proto::Icmp as usize + 1;
+pub const PROTO_COUNT: usize = Proto::Sctp as usize + 1;
 
 /// IANA protocol numbers the verifier understands (wire values, not ours).
 pub const IPPROTO_TCP: u8 = 6;
@@ -75,6 +81,8 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;
 /// IANA protocol numbers the verifier understands (wire values, not ours).
 pub const IPPROTO_ICMPV6: u8 = 58;
+/// IANA protocol numbers the verifier understands (wire values, not ours).
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// What the verifier does with a peer's mismatching segments (`PeerValue::mode`).
 #[repr(u8)]
@@ -210,6 +218,21 @@ pub struct IcmpCounters {
     pub learning: u64,
 }
 
+/// Per-CPU, per-peer SCTP statistics (`SCTP_STATS`), indexed by `PeerValue::id`. SCTP's
+/// CRC32c has no pseudo-header and nothing to learn.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SctpCounters {
+    /// Packets whose CRC32c matched.
+    pub verified_packets: u64,
+    /// Bytes (common header and chunks) of the verified packets.
+    pub verified_bytes: u64,
+    /// Packets whose CRC32c did not match.
+    pub mismatches: u64,
+    /// Mismatching packets dropped in enforce mode.
+    pub drops: u64,
+}
+
 /// A peer's statistics for every protocol, as userspace sums them over CPUs (and maps). Arrays
 /// are indexed by `Proto`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -265,6 +288,17 @@ impl PeerStats {
         self.learning[p] += c.learning;
         self
     }
+
+    /// Adds one CPU's SCTP counters.
+    #[must_use]
+    pub fn with_sctp(mut self, c: &SctpCounters) -> Self {
+        let p = Proto::Sctp as usize;
+        self.verified_packets[p] += c.verified_packets;
+        self.verified_bytes[p] += c.verified_bytes;
+        self.mismatches[p] += c.mismatches;
+        self.drops[p] += c.drops;
+        self
+    }
 }
 
 /// Indexes of the global per-CPU `COUNTERS` array. The skip reasons come first, in the order of
@@ -275,8 +309,8 @@ pub enum Counter {
     /// Address scope: the source address is not a configured or discovered peer. SA scope: the
     /// segment came through a NAT-T transport SA, but no peer covers its source address (yet).
     SkipNotInScope = 0,
-    /// Not TCP, UDP, ICMP or `ICMPv6` (SCTP, GRE, ...), or not IP at all; also ICMP and `ICMPv6`
-    /// in the bounded-loop variant (kernels before 5.17).
+    /// Not TCP, UDP, ICMP, `ICMPv6` or SCTP (GRE, IPIP, ...), or not IP at all; also ICMP,
+    /// `ICMPv6` and SCTP in the bounded-loop variant (kernels before 5.17).
     SkipOtherProtocol = 1,
     /// An IPv4 fragment or an IPv6 fragment header: no whole L4 segment to check.
     SkipFragment = 2,
@@ -608,11 +642,11 @@ pub struct MismatchEvent {
     pub peer_id: u32,
     /// L4 length (header and payload) in bytes.
     pub l4_len: u32,
-    /// TCP sequence number (host order); 0 for UDP.
+    /// TCP sequence number (host order); 0 for UDP; SCTP: the verification tag.
     pub seq: u32,
     /// A `Family`.
     pub family: u8,
-    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    /// `IPPROTO_TCP`, `IPPROTO_UDP`, `IPPROTO_ICMP`, `IPPROTO_ICMPV6` or `IPPROTO_SCTP`.
     pub proto: u8,
     /// An `Action`.
     pub action: u8,
@@ -622,13 +656,15 @@ pub struct MismatchEvent {
     pub sport: u16,
     /// Destination port (host order).
     pub dport: u16,
-    /// Checksum field as received (host order).
+    /// Checksum field as received (host order). SCTP: the high half of the CRC32c received.
     pub csum_found: u16,
-    /// Checksum field an intact segment with these bytes would carry (host order).
+    /// Checksum field an intact segment with these bytes would carry (host order). SCTP: the
+    /// high half of the CRC32c of the bytes received.
     pub csum_expected: u16,
-    /// Residual this segment left.
+    /// Residual this segment left. SCTP: the low half of the CRC32c received.
     pub residual: u16,
-    /// Residual the peer's intact segments leave.
+    /// Residual the peer's intact segments leave. SCTP: the low half of the CRC32c of the
+    /// bytes received.
     pub expected_residual: u16,
     /// The SA's encapsulation source port (network byte order); 0 under address scope.
     pub encap_sport: u16,
@@ -710,6 +746,7 @@ const _: () = {
     assert!(offset_of!(PeerCounters, drops) == 48 && offset_of!(PeerCounters, learning) == 64);
     assert!(size_of::<IcmpCounters>() == 40 && offset_of!(IcmpCounters, learning) == 32);
     assert!(offset_of!(IcmpCounters, mismatches) == 16 && offset_of!(IcmpCounters, drops) == 24);
+    assert!(size_of::<SctpCounters>() == 32 && offset_of!(SctpCounters, drops) == 24);
     assert!(Proto::Tcp as usize == 0 && Proto::Udp as usize == 1 && L4_SLOTS == 2);
     assert!(size_of::<MismatchEvent>() == 108);
     assert!(offset_of!(MismatchEvent, l4_len) == 4 && offset_of!(MismatchEvent, seq) == 8);
@@ -789,6 +826,8 @@ mod user {
     unsafe impl aya::Pod for super::PeerCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IcmpCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SctpCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MismatchEvent {}
     // SAFETY: as above.

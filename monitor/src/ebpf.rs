@@ -25,7 +25,7 @@ use aya::{
 use ipnet::IpNet;
 use monitor_ebpf::{
     COUNTER_SLOTS, Counter, IcmpCounters, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6,
-    PeerStats, PeerValue, SaKey, SaTrust, TRUST_LEARNED, TrustCounter,
+    PeerStats, PeerValue, SaKey, SaTrust, SctpCounters, TRUST_LEARNED, TrustCounter,
 };
 
 use crate::{
@@ -50,6 +50,10 @@ pub const PROGRAM_COMPAT: &str = "natt_verify_compat";
 
 /// The held path of enforce mode, which either program tail-calls through `JUMP`.
 pub const PROGRAM_HOLD: &str = "natt_hold";
+
+/// SCTP's CRC32c, which the `bpf_loop` variant tail-calls through `SCTP_JUMP` (kernels without
+/// `bpf_loop` cannot load it).
+pub const PROGRAM_SCTP: &str = "natt_sctp";
 
 /// Which of the verifier's two programs runs: chosen by probing the kernel, not by version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,9 +303,9 @@ impl MapSizes {
     }
 
     /// A lower bound of the memory the kernel allocates when it creates the maps on a host
-    /// with `cpus` possible CPUs: `PEER_STATS`' and `ICMP_STATS`' per-CPU values and the
-    /// preallocated LRU maps' keys and values, without the kernel's per-element bookkeeping. The LPM tries grow as
-    /// peers are inserted and are left out.
+    /// with `cpus` possible CPUs: `PEER_STATS`', `ICMP_STATS`' and `SCTP_STATS`' per-CPU values
+    /// and the preallocated LRU maps' keys and values, without the kernel's per-element
+    /// bookkeeping. The LPM tries grow as peers are inserted and are left out.
     #[must_use]
     pub fn memory_floor(self, cpus: u32) -> u64 {
         const fn slot<T>() -> u64 {
@@ -309,7 +313,7 @@ impl MapSizes {
         }
         let key = slot::<SaKey>();
         let per_cpu = u64::from(self.peers)
-            * (slot::<PeerCounters>() + slot::<IcmpCounters>())
+            * (slot::<PeerCounters>() + slot::<IcmpCounters>() + slot::<SctpCounters>())
             * u64::from(cpus);
         let lru = u64::from(self.sa_trust) * (key + slot::<SaTrust>())
             + u64::from(monitor_ebpf::sa_residual_slots(self.peers))
@@ -335,6 +339,7 @@ fn load_maps(
         .map_max_entries("PEERS_V6", sizes.peers)
         .map_max_entries("PEER_STATS", sizes.peers)
         .map_max_entries("ICMP_STATS", sizes.peers)
+        .map_max_entries("SCTP_STATS", sizes.peers)
         .map_max_entries("SA_TRUST", sizes.sa_trust)
         .map_max_entries("MAPPINGS", slots)
         .map_max_entries("HELD", slots);
@@ -490,13 +495,18 @@ impl Verifier {
                 cause,
             }
         })?;
-        load_hold(&mut bpf)?;
+        load_tail_call(&mut bpf, PROGRAM_HOLD, "JUMP")?;
+        if variant == Variant::BpfLoop {
+            load_tail_call(&mut bpf, PROGRAM_SCTP, "SCTP_JUMP")?;
+        }
         let peer_stats = take_map(&mut bpf, "PEER_STATS")?;
         let icmp_stats = take_map(&mut bpf, "ICMP_STATS")?;
+        let sctp_stats = take_map(&mut bpf, "SCTP_STATS")?;
         let stats = Arc::new(Stats {
             counters: typed(take_map(&mut bpf, "COUNTERS")?, "COUNTERS")?,
             peers: typed(duplicate(&peer_stats, "PEER_STATS")?, "PEER_STATS")?,
             icmp: typed(duplicate(&icmp_stats, "ICMP_STATS")?, "ICMP_STATS")?,
+            sctp: typed(duplicate(&sctp_stats, "SCTP_STATS")?, "SCTP_STATS")?,
             trust: typed(take_map(&mut bpf, "TRUST_COUNTERS")?, "TRUST_COUNTERS")?,
         });
         let maps = PeerMaps {
@@ -504,6 +514,7 @@ impl Verifier {
             v6: typed(take_map(&mut bpf, "PEERS_V6")?, "PEERS_V6")?,
             stats: typed(peer_stats, "PEER_STATS")?,
             icmp: typed(icmp_stats, "ICMP_STATS")?,
+            sctp: typed(sctp_stats, "SCTP_STATS")?,
             residuals: typed(take_map(&mut bpf, "SA_TRUST")?, "SA_TRUST")?,
             mappings: typed(take_map(&mut bpf, "MAPPINGS")?, "MAPPINGS")?,
         };
@@ -530,6 +541,15 @@ impl Verifier {
     /// `EbpfFailure::Missing` if the object lacks it.
     pub fn program_mut(&mut self) -> Result<&mut CgroupSkb, EbpfFailure> {
         program(&mut self.bpf, self.variant.program())
+    }
+
+    /// One of the object's loaded programs by name (`PROGRAM_HOLD`, `PROGRAM_SCTP`), for its
+    /// info.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if the object has no such program.
+    pub fn program_named(&mut self, name: &'static str) -> Result<&mut CgroupSkb, EbpfFailure> {
+        program(&mut self.bpf, name)
     }
 
     /// Attaches to `cgroup` (a cgroup v2 directory) at ingress. The link goes with the
@@ -762,6 +782,7 @@ pub struct PeerMaps {
     v6: LpmTrie<MapData, PeerKeyV6, PeerValue>,
     stats: PerCpuArray<MapData, PeerCounters>,
     icmp: PerCpuArray<MapData, IcmpCounters>,
+    sctp: PerCpuArray<MapData, SctpCounters>,
     residuals: HashMap<MapData, SaKey, SaTrust>,
     mappings: HashMap<MapData, SaKey, MappingOwner>,
 }
@@ -837,6 +858,11 @@ impl PeerMaps {
             self.icmp
                 .set(id, zeros, 0)
                 .map_err(|e| reset("ICMP_STATS", e))?;
+            let zeros = PerCpuValues::try_from(vec![SctpCounters::default(); cpus])
+                .map_err(|e| zeroed("SCTP_STATS", e))?;
+            self.sctp
+                .set(id, zeros, 0)
+                .map_err(|e| reset("SCTP_STATS", e))?;
         }
         Ok(())
     }
@@ -1001,6 +1027,7 @@ pub struct Stats {
     counters: PerCpuArray<MapData, u64>,
     peers: PerCpuArray<MapData, PeerCounters>,
     icmp: PerCpuArray<MapData, IcmpCounters>,
+    sctp: PerCpuArray<MapData, SctpCounters>,
     trust: PerCpuArray<MapData, u64>,
 }
 
@@ -1056,8 +1083,10 @@ impl Stats {
         };
         let l4 = self.peers.get(&id, 0).map_err(|e| read("PEER_STATS", e))?;
         let icmp = self.icmp.get(&id, 0).map_err(|e| read("ICMP_STATS", e))?;
+        let sctp = self.sctp.get(&id, 0).map_err(|e| read("SCTP_STATS", e))?;
         let stats = l4.iter().fold(PeerStats::default(), PeerStats::with_l4);
-        Ok(icmp.iter().fold(stats, PeerStats::with_icmp))
+        let stats = icmp.iter().fold(stats, PeerStats::with_icmp);
+        Ok(sctp.iter().fold(stats, PeerStats::with_sctp))
     }
 }
 
@@ -1109,15 +1138,19 @@ fn duplicate(map: &Map, name: &'static str) -> Result<Map, EbpfFailure> {
     Ok(Map::PerCpuArray(fd))
 }
 
-/// Loads `natt_hold` and puts it in `JUMP`'s slot 0, where the verifier tail-calls it. `JUMP`
-/// stays in `bpf` (and, pinned, in bpffs): the kernel empties a program array when its last
-/// descriptor and pin go.
-fn load_hold(bpf: &mut Ebpf) -> Result<(), EbpfFailure> {
-    let hold = program(bpf, PROGRAM_HOLD)?;
+/// Loads the program `name` and puts it in the one slot of the program array `jump` (`JUMP`,
+/// `SCTP_JUMP`), where the verifier tail-calls it. The array stays in `bpf` (and, pinned, in
+/// bpffs): the kernel empties a program array when its last descriptor and pin go.
+fn load_tail_call(
+    bpf: &mut Ebpf,
+    name: &'static str,
+    jump: &'static str,
+) -> Result<(), EbpfFailure> {
+    let hold = program(bpf, name)?;
     let refused = |cause| {
-        tracing::debug!(error = %cause, "the kernel refused the held path");
+        tracing::debug!(error = %cause, program = name, "the kernel refused a tail-called program");
         EbpfFailure::ProgramLoad {
-            program: PROGRAM_HOLD,
+            program: name,
             cause,
         }
     };
@@ -1127,19 +1160,19 @@ fn load_hold(bpf: &mut Ebpf) -> Result<(), EbpfFailure> {
         .map_err(refused)?
         .try_clone()
         .map_err(|e| EbpfFailure::Map {
-            what: format!("duplicating the descriptor of {PROGRAM_HOLD}"),
+            what: format!("duplicating the descriptor of {name}"),
             source: MapError::IoError(e),
         })?;
-    let map = bpf.map_mut("JUMP").ok_or(EbpfFailure::Missing {
+    let map = bpf.map_mut(jump).ok_or(EbpfFailure::Missing {
         kind: "map",
-        name: "JUMP",
+        name: jump,
     })?;
-    let mut jump = ProgramArray::try_from(map).map_err(|source| EbpfFailure::Map {
-        what: "opening JUMP".into(),
+    let mut array = ProgramArray::try_from(map).map_err(|source| EbpfFailure::Map {
+        what: format!("opening {jump}"),
         source,
     })?;
-    jump.set(0, &fd, 0).map_err(|source| EbpfFailure::Map {
-        what: format!("putting {PROGRAM_HOLD} in JUMP"),
+    array.set(0, &fd, 0).map_err(|source| EbpfFailure::Map {
+        what: format!("putting {name} in {jump}"),
         source,
     })
 }
@@ -1242,17 +1275,18 @@ mod tests {
 
     #[test]
     fn the_map_memory_floor_counts_per_cpu_counters_and_preallocated_lru_slots() {
-        // PEER_STATS and ICMP_STATS: 65536 x (80 + 40) B x 2 CPUs; SA_TRUST: 131072 x (48 B
-        // key + 80 B); MAPPINGS and HELD: 131072 x (48 + 16) and 131072 x (48 + 64).
+        // PEER_STATS, ICMP_STATS and SCTP_STATS: 65536 x (80 + 40 + 32) B x 2 CPUs; SA_TRUST:
+        // 131072 x (48 B key + 80 B); MAPPINGS and HELD: 131072 x (48 + 16) and 131072 x
+        // (48 + 64).
         let sizes = MapSizes::for_peers(65536);
-        assert_eq!(sizes.memory_floor(2), (15 + 38) << 20);
+        assert_eq!(sizes.memory_floor(2), (19 + 38) << 20);
         assert_eq!(
             sizes.memory_floor(128) - sizes.memory_floor(2),
-            65536 * 120 * 126
+            65536 * 152 * 126
         );
         assert_eq!(
             MapSizes::for_peers(16384).memory_floor(1),
-            16384 * 120 + 32768 * (128 + 64 + 112)
+            16384 * 152 + 32768 * (128 + 64 + 112)
         );
     }
 }

@@ -24,20 +24,20 @@ pub struct Mismatch {
     pub sport: u16,
     /// Destination port (ICMP: the code).
     pub dport: u16,
-    /// "tcp", "udp" or "icmp".
+    /// "tcp", "udp", "icmp" or "sctp".
     pub proto: &'static str,
     /// TCP sequence number (0 for UDP; ICMP: the header's last four bytes, an echo's identifier
-    /// and sequence number).
+    /// and sequence number; SCTP: the verification tag).
     pub seq: u32,
     /// L4 length in bytes.
     pub len: u32,
-    /// Checksum field as received.
-    pub found: u16,
-    /// Checksum field an intact segment would carry.
-    pub expected: u16,
+    /// Checksum field as received (SCTP: the 32-bit CRC32c).
+    pub found: u32,
+    /// Checksum field an intact segment would carry (SCTP: the CRC32c of the bytes received).
+    pub expected: u32,
     /// Whether the segment was dropped (enforce mode).
     pub dropped: bool,
-    /// The residual the segment left.
+    /// The residual the segment left (0 for SCTP, which has none).
     pub residual: u16,
     /// The residual it was verified against: the one intact segments of its mapping leave.
     pub expected_residual: u16,
@@ -66,6 +66,23 @@ impl Mismatch {
         let proto = Proto::from_wire(ev.proto)?;
         let addr = |a| address(family, a);
         let n = usize::from(ev.payload_len).min(ev.payload.len());
+        // SCTP's 32-bit CRCs travel split over the checksum and residual fields.
+        let (found, expected, residual, expected_residual) = if proto == Proto::Sctp {
+            let crc = |hi: u16, lo: u16| u32::from(hi) << 16 | u32::from(lo);
+            (
+                crc(ev.csum_found, ev.residual),
+                crc(ev.csum_expected, ev.expected_residual),
+                0,
+                0,
+            )
+        } else {
+            (
+                u32::from(ev.csum_found),
+                u32::from(ev.csum_expected),
+                ev.residual,
+                ev.expected_residual,
+            )
+        };
         Some(Self {
             peer_id: ev.peer_id,
             src: addr(ev.src),
@@ -75,11 +92,11 @@ impl Mismatch {
             proto: proto.as_str(),
             seq: ev.seq,
             len: ev.l4_len,
-            found: ev.csum_found,
-            expected: ev.csum_expected,
+            found,
+            expected,
             dropped: action == Action::Dropped,
-            residual: ev.residual,
-            expected_residual: ev.expected_residual,
+            residual,
+            expected_residual,
             key: SaKey {
                 src: ev.src,
                 dst: ev.dst,
@@ -115,6 +132,22 @@ impl Mismatch {
             ep(self.src, self.sport),
             ep(self.dst, self.dport)
         )
+    }
+
+    /// The checksum fields as the log shows them: four hex digits, eight for SCTP's CRC32c.
+    #[must_use]
+    pub fn sums(&self) -> (String, String) {
+        if self.proto == Proto::Sctp.as_str() {
+            (
+                format!("{:#010x}", self.found),
+                format!("{:#010x}", self.expected),
+            )
+        } else {
+            (
+                format!("{:#06x}", self.found),
+                format!("{:#06x}", self.expected),
+            )
+        }
     }
 }
 
@@ -377,6 +410,29 @@ mod tests {
         // A value no program writes is not a mismatch.
         ev.action = 7;
         assert_eq!(Mismatch::decode(&samples::bytes_of(&ev)), None);
+    }
+
+    #[test]
+    fn an_sctp_event_carries_32_bit_crcs() {
+        let mut ev = samples::mismatch();
+        ev.proto = monitor_ebpf::IPPROTO_SCTP;
+        (ev.csum_found, ev.residual) = (0x1a2b, 0x3c4d);
+        (ev.csum_expected, ev.expected_residual) = (0xe306, 0x9283);
+        let m = Mismatch::decode(&samples::bytes_of(&ev)).unwrap();
+        assert_eq!(
+            (
+                m.proto,
+                m.found,
+                m.expected,
+                m.residual,
+                m.expected_residual
+            ),
+            ("sctp", 0x1a2b_3c4d, 0xe306_9283, 0, 0)
+        );
+        assert_eq!(m.flow(), "192.0.2.1:40000 -> 198.51.100.2:2181");
+        assert_eq!(m.sums(), ("0x1a2b3c4d".into(), "0xe3069283".into()));
+        let tcp = Mismatch::decode(&samples::bytes_of(&samples::mismatch())).unwrap();
+        assert_eq!(tcp.sums(), ("0x1234".into(), "0x1235".into()));
     }
 
     #[test]

@@ -74,7 +74,7 @@ fn check_record(bytes: &[u8]) {
     if let Some(m) = Mismatch::decode(bytes) {
         assert!(bytes.len() >= size_of::<MismatchEvent>());
         assert!(m.payload.len() <= EVENT_PAYLOAD_LEN);
-        assert!(matches!(m.proto, "tcp" | "udp" | "icmp"), "{m:?}");
+        assert!(matches!(m.proto, "tcp" | "udp" | "icmp" | "sctp"), "{m:?}");
         assert_eq!(m.src.is_ipv4(), m.dst.is_ipv4());
         let _ = m.flow();
     }

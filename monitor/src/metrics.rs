@@ -554,9 +554,12 @@ impl Families {
                 // ICMPv6 messages pass unverified while their SA has no residual (ICMP over
                 // IPv4 never does); none of them is a learning sample, so no ICMP segment is
                 // judged once the residual is known: no learning-mismatch series for ICMP.
-                let judged = (proto != Proto::Icmp)
-                    .then_some((&self.learning_mismatches, peer.learning_mismatches[p]));
-                let learned = [(&self.learning_packets, s.learning[p])];
+                // SCTP's CRC32c has no residual at all: neither series.
+                let tcp_udp = proto == Proto::Tcp || proto == Proto::Udp;
+                let judged =
+                    tcp_udp.then_some((&self.learning_mismatches, peer.learning_mismatches[p]));
+                let learned =
+                    (proto != Proto::Sctp).then_some((&self.learning_packets, s.learning[p]));
                 for (vec, value) in checked.into_iter().chain(learned).chain(judged) {
                     counter(&vec.with_label_values(&l), value);
                 }
@@ -649,14 +652,14 @@ mod tests {
 
     fn sample() -> Snapshot {
         let a = PeerStats {
-            verified_packets: [10, 2, 4],
-            verified_bytes: [14_800, 100, 4_032],
-            mismatches: [3, 0, 1],
-            drops: [3, 0, 1],
-            learning: [0, 0, 0],
+            verified_packets: [10, 2, 4, 3],
+            verified_bytes: [14_800, 100, 4_032, 2_808],
+            mismatches: [3, 0, 1, 1],
+            drops: [3, 0, 1, 1],
+            learning: [0, 0, 0, 0],
         };
         let b = PeerStats {
-            learning: [5, 0, 0],
+            learning: [5, 0, 0, 0],
             ..PeerStats::default()
         };
         let mut c = Counters::default();
@@ -669,19 +672,19 @@ mod tests {
                     label: "192.0.2.0/24".into(),
                     stats: a,
                     learning: false,
-                    learning_mismatches: [0; 3],
+                    learning_mismatches: [0; 4],
                 },
                 PeerSnapshot {
                     label: "2001:db8::/32".into(),
                     stats: PeerStats::default(),
                     learning: false,
-                    learning_mismatches: [0; 3],
+                    learning_mismatches: [0; 4],
                 },
                 PeerSnapshot {
                     label: "203.0.113.9/32".into(),
                     stats: b,
                     learning: true,
-                    learning_mismatches: [2, 1, 0],
+                    learning_mismatches: [2, 1, 0, 0],
                 },
             ],
             counters: c,

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `link` | the `bpf_link` that attaches the verifier at the cgroup's ingress |
 //! | `PEERS_V4`, `PEERS_V6` | the peer tries (which segments are verified, in which mode) |
-//! | `PEER_STATS`, `ICMP_STATS`, `COUNTERS` | every count the metrics report |
+//! | `PEER_STATS`, `ICMP_STATS`, `SCTP_STATS`, `COUNTERS` | every count the metrics report |
 //! | `SA_TRUST`, `MAPPINGS` | the residual of each SA, and which SA holds each NAT mapping's |
 //! | `TRUST_COUNTERS` | residuals inherited and withdrawn |
 //! | `EVENTS`, `LEARNING` | mismatch events and learning samples written while no daemon ran |
@@ -34,11 +34,12 @@ use std::{
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/natt-monitor";
 
 /// The maps that carry state across daemons, pinned by name in the pin directory.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 13] = [
     "PEERS_V4",
     "PEERS_V6",
     "PEER_STATS",
     "ICMP_STATS",
+    "SCTP_STATS",
     "COUNTERS",
     "SA_TRUST",
     "MAPPINGS",
@@ -46,6 +47,7 @@ pub const PINNED_MAPS: [&str; 11] = [
     "EVENTS",
     "LEARNING",
     "JUMP",
+    "SCTP_JUMP",
 ];
 
 /// Maps that earlier versions pinned and this one no longer has: removed when a daemon adopts

@@ -293,21 +293,24 @@ mod tests {
             assert_eq!(r.sample(k, residual, proto), Some(Outcome::Pending));
         }
         // Confirmed by the verifier (enforce mode) before the daemon's round settled.
-        assert_eq!(r.installed(k, 0x1111), [1, 1, 0]);
+        assert_eq!(r.installed(k, 0x1111), [1, 1, 0, 0]);
         assert_eq!(r.sample(k, 0x2222, tcp), None);
         // Judged once: installing again (an inherited record after a restart) finds nothing.
-        assert_eq!(r.installed(k, 0x1111), [0, 0, 0]);
+        assert_eq!(r.installed(k, 0x1111), [0, 0, 0, 0]);
         // An SA that never settles keeps at most TALLY_VALUES values; the rest are judged
         // corrupt without their value.
         let noisy = key([203, 0, 113, 9], 4501, 0xc000_0002, 5);
         for v in 0..u16::try_from(TALLY_VALUES).unwrap() + 9 {
             let _ = r.sample(noisy, 0x8000 + v, udp);
         }
-        assert_eq!(r.installed(noisy, 0x8000), [0, TALLY_VALUES as u64 + 8, 0]);
+        assert_eq!(
+            r.installed(noisy, 0x8000),
+            [0, TALLY_VALUES as u64 + 8, 0, 0]
+        );
         // A forgotten SA's tally goes with it.
         let gone = key([203, 0, 113, 9], 4502, 0xc000_0003, 6);
         let _ = r.sample(gone, 0x0bad, tcp);
         assert_eq!(r.forget_peer(6), Vec::<SaKey>::new());
-        assert_eq!(r.installed(gone, 0x1111), [0, 0, 0]);
+        assert_eq!(r.installed(gone, 0x1111), [0, 0, 0, 0]);
     }
 }

@@ -24,6 +24,36 @@ pub enum L4 {
     Udp,
     /// An echo reply: ICMP in an IPv4 frame, `ICMPv6` in an IPv6 one.
     IcmpEchoReply,
+    /// SCTP: one DATA chunk carrying the data (padded to 4 bytes), verification tag
+    /// `SCTP_VTAG`, and a correct CRC32c.
+    Sctp,
+}
+
+/// The verification tag of `L4::Sctp` packets.
+pub const SCTP_VTAG: u32 = 0x4e41_0007;
+
+/// An SCTP packet (RFC 9260) from port 40002 to 3868: the common header, then one DATA chunk
+/// with `data`, padded to a multiple of 4 bytes; its CRC32c stored as the kernel stores it
+/// (`sctp_compute_cksum`: little-endian).
+#[must_use]
+pub fn sctp_packet(data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(28 + data.len() + 3);
+    p.extend_from_slice(&40002u16.to_be_bytes());
+    p.extend_from_slice(&3868u16.to_be_bytes());
+    p.extend_from_slice(&SCTP_VTAG.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    let chunk_len = u16::try_from(16 + data.len()).expect("one chunk");
+    // DATA, unfragmented (B and E bits), its length, TSN, stream 1, sequence 7, PPID 46.
+    p.extend_from_slice(&[0, 0x03]);
+    p.extend_from_slice(&chunk_len.to_be_bytes());
+    p.extend_from_slice(&0x1000_0001u32.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0, 7]);
+    p.extend_from_slice(&46u32.to_be_bytes());
+    p.extend_from_slice(data);
+    p.resize(p.len().next_multiple_of(4), 0);
+    let crc = monitor_ebpf::crc32c::crc32c(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
 }
 
 /// A deterministic payload of `n` bytes.
@@ -75,6 +105,7 @@ fn finish(
             .expect("options fit")
             .write(&mut out, data),
         L4::Udp => b.udp(40001, 53).write(&mut out, data),
+        L4::Sctp => b.write(&mut out, etherparse::IpNumber::SCTP, &sctp_packet(data)),
     }
     .expect("etherparse builds the frame");
     out

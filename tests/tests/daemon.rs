@@ -613,7 +613,7 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
             info.id,
             info.prog_id
         )) && pinned.contains(
-            "11 of 11 maps (PEERS_V4, PEERS_V6, PEER_STATS, ICMP_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP)"
+            "13 of 13 maps (PEERS_V4, PEERS_V6, PEER_STATS, ICMP_STATS, SCTP_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP, SCTP_JUMP)"
         ),
         "{pinned}"
     );
@@ -629,7 +629,7 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
         out,
         format!(
             "detached link {} (program id {}) from cgroup id {}\n\
-             removed maps: PEERS_V4, PEERS_V6, PEER_STATS, ICMP_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP\n\
+             removed maps: PEERS_V4, PEERS_V6, PEER_STATS, ICMP_STATS, SCTP_STATS, COUNTERS, SA_TRUST, MAPPINGS, TRUST_COUNTERS, EVENTS, LEARNING, JUMP, SCTP_JUMP\n\
              removed {}\n",
             info.id,
             info.prog_id,

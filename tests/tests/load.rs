@@ -2,7 +2,7 @@
 //! cost for each, so the margin to the 1M-instruction limit shows in every test log.
 
 use natt_monitor::{
-    ebpf::{Variant, Verifier},
+    ebpf::{self, Variant, Verifier},
     scope::{self, Scope},
 };
 use natt_monitor_tests::skip_unless_root;
@@ -51,6 +51,21 @@ fn verifier_program_loads_in_both_scopes_and_variants_and_reports_its_cost() {
                 xlated / 8
             );
             assert!(xlated > 0);
+            // The tail-called programs, verified apart: the held path, and (where `bpf_loop`
+            // exists) SCTP's CRC32c.
+            let tails: &[&'static str] = if variant == Variant::BpfLoop {
+                &[ebpf::PROGRAM_HOLD, ebpf::PROGRAM_SCTP]
+            } else {
+                &[ebpf::PROGRAM_HOLD]
+            };
+            for name in tails {
+                let info = v.program_named(name).unwrap().info().expect("program info");
+                eprintln!(
+                    "  {name}: {} translated instructions, {:?} processed",
+                    info.size_translated().expect("translated size") / 8,
+                    info.verified_instruction_count()
+                );
+            }
             if matches!(s, Scope::Sa(_)) && variant == Variant::BpfLoop {
                 match &readme {
                     Some((release, figure)) if *release == kernel_release() => assert_eq!(

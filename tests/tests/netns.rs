@@ -6,7 +6,7 @@
 //! These tests share kernel state (namespaces, cgroups); run them with `--test-threads=1`
 //! (`cargo xtask test` does).
 
-use monitor_ebpf::{Counter, PeerStats, Proto, SKIP_REASONS};
+use monitor_ebpf::{Counter, PROTO_COUNT, PeerStats, Proto, SKIP_REASONS};
 use natt_monitor::{
     ebpf::{Attached, PinnedMaps, Variant, Verifier},
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
@@ -193,8 +193,8 @@ fn clean_stream_has_no_mismatches() {
         r.inject.marked > 0,
         "the injector marked segments UNNECESSARY"
     );
-    assert_eq!(r.peer.mismatches, [0, 0, 0]);
-    assert_eq!(r.peer.drops, [0, 0, 0]);
+    assert_eq!(r.peer.mismatches, [0; PROTO_COUNT]);
+    assert_eq!(r.peer.drops, [0; PROTO_COUNT]);
     assert_eq!(r.aggregated, 0, "GRO is off on the receiver");
     // Every marked segment (data, SYN, ACKs, FIN) reached the verifier and was verified.
     assert_accounted(&r);
@@ -213,7 +213,7 @@ fn observe_mode_detects_every_injected_corruption_and_the_app_sees_it() {
     let r = run(ADDR_A, Mode::Observe, 50, 1500, 4 * MB, false);
     assert!(r.inject.corrupted > 0);
     assert_accounted(&r);
-    assert_eq!(r.peer.drops, [0, 0, 0]);
+    assert_eq!(r.peer.drops, [0; PROTO_COUNT]);
     // This is the bug natt-monitor exists for: the corrupted bytes reach the application.
     assert_eq!(r.stream.received, 4 * MB);
     assert_app_saw_corruption(&r);
@@ -571,19 +571,29 @@ fn partial_checksums_and_plaintext_are_never_mismatches() {
         assert_eq!(over_veth, whole, "{} scope, veth", s.as_str());
         assert_eq!(over_lo, whole, "{} scope, loopback", s.as_str());
         for st in &stats {
-            assert_eq!(st.mismatches, [0, 0, 0], "{} scope: {stats:?}", s.as_str());
-            assert_eq!(st.drops, [0, 0, 0], "{} scope: {stats:?}", s.as_str());
+            assert_eq!(
+                st.mismatches,
+                [0; PROTO_COUNT],
+                "{} scope: {stats:?}",
+                s.as_str()
+            );
+            assert_eq!(
+                st.drops,
+                [0; PROTO_COUNT],
+                "{} scope: {stats:?}",
+                s.as_str()
+            );
         }
         match s {
             // Address scope recognises the partial checksums: nothing verified, all exempt.
             Scope::Address => {
-                assert_eq!(stats[0].verified_packets, [0, 0, 0], "{stats:?}");
+                assert_eq!(stats[0].verified_packets, [0; PROTO_COUNT], "{stats:?}");
                 assert!(c.get(Counter::SkipPartialChecksum) > 0);
             }
             // SA scope never looks: no segment came through an SA.
             Scope::Sa(_) => {
                 assert_eq!(c.get(Counter::SkipPartialChecksum), 0);
-                assert_eq!(stats[0].verified_packets, [0, 0, 0], "{stats:?}");
+                assert_eq!(stats[0].verified_packets, [0; PROTO_COUNT], "{stats:?}");
                 assert!(c.get(Counter::SkipNotIpsec) > 0);
             }
         }

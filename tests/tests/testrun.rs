@@ -513,6 +513,104 @@ fn icmpv6_is_verified_against_its_sas_residual() {
     );
 }
 
+/// SCTP's CRC32c covers the packet alone (no pseudo-header), so it is verified from the first
+/// packet whatever the peer's NAT residual or learning state, by `natt_sctp` (tail-called by
+/// the `bpf_loop` variant), over both families and every length around the 2 KiB chunks.
+/// Every changed byte, the CRC's own included, is a mismatch, dropped in enforce mode, whose
+/// event carries both 32-bit CRCs and the verification tag. The bounded-loop variant counts
+/// SCTP as `other_protocol`.
+#[test]
+fn sctp_is_verified_by_its_crc32c_and_every_changed_byte_is_a_mismatch() {
+    if skip_unless_root("sctp_is_verified_by_its_crc32c_and_every_changed_byte_is_a_mismatch") {
+        return;
+    }
+    let sctp = Proto::Sctp as usize;
+    let compat = &mut Harness::with(&Scope::Address, Some(Variant::BoundedLoop));
+    for f in [
+        v4(V4_ENFORCE, LOCAL4, L4::Sctp, &payload(100)),
+        v6(V6_ENFORCE, LOCAL6, L4::Sctp, &payload(100)),
+    ] {
+        assert_eq!(compat.run(&f), Outcome::skipped(Counter::SkipOtherProtocol));
+    }
+    let h = &mut Harness::with(&Scope::Address, Some(Variant::BpfLoop));
+    // The enforce-mode IPv6 peer learns, without any residual yet: SCTP needs none.
+    peer_learns(h, P_V6_ENFORCE, Mode::Enforce);
+    for n in [
+        0usize, 1, 3, 4, 5, 63, 64, 1232, 1452, 2016, 2017, 2020, 2021, 2036, 2037, 3000,
+    ] {
+        for (f, peer) in [
+            (v4(V4_OBSERVE, LOCAL4, L4::Sctp, &payload(n)), P_V4_OBSERVE),
+            (v4(V4_ENFORCE, LOCAL4, L4::Sctp, &payload(n)), P_V4_ENFORCE),
+            (v4(V4_NAT_SEEN, LOCAL4, L4::Sctp, &payload(n)), P_V4_NAT),
+            (v6(V6_OBSERVE, LOCAL6, L4::Sctp, &payload(n)), P_V6_OBSERVE),
+            (v6(V6_ENFORCE, LOCAL6, L4::Sctp, &payload(n)), P_V6_ENFORCE),
+        ] {
+            assert_eq!(
+                h.run(&f),
+                Outcome::verified(peer, sctp, l4_len(&f)),
+                "{n} bytes, peer {peer}"
+            );
+        }
+    }
+    for (clean, peer) in [
+        (
+            v4(V4_ENFORCE, LOCAL4, L4::Sctp, &payload(200)),
+            P_V4_ENFORCE,
+        ),
+        (
+            v6(V6_ENFORCE, LOCAL6, L4::Sctp, &payload(2100)),
+            P_V6_ENFORCE,
+        ),
+    ] {
+        let off = l4_offset(&clean);
+        for pos in (off..clean.len()).filter(|p| clean.len() < 300 || p % 7 == 0) {
+            let mut f = clean.clone();
+            f[pos] ^= 0x10;
+            assert_eq!(
+                h.run(&f),
+                Outcome::mismatch(peer, sctp, true),
+                "byte {} of the packet",
+                pos - off
+            );
+        }
+    }
+    let clean = v4(V4_OBSERVE, LOCAL4, L4::Sctp, &payload(64));
+    let off = l4_offset(&clean);
+    let mut f = clean.clone();
+    f[off + 40] ^= 0x01;
+    let out = h.run(&f);
+    assert_eq!(out, Outcome::mismatch(P_V4_OBSERVE, sctp, false));
+    let ev = &out.events[0];
+    let found = u32::from_le_bytes(clean[off + 8..off + 12].try_into().unwrap());
+    let mut zeroed = f[off..].to_vec();
+    zeroed[8..12].fill(0);
+    let computed = monitor_ebpf::crc32c::crc32c(&zeroed);
+    assert_ne!(found, computed);
+    assert_eq!(
+        (
+            ev.proto,
+            ev.flow().as_str(),
+            ev.seq,
+            ev.len,
+            ev.found,
+            ev.expected
+        ),
+        (
+            "sctp",
+            "192.0.2.10:40002 -> 192.168.1.1:3868",
+            natt_monitor_tests::packets::SCTP_VTAG,
+            92,
+            found,
+            computed
+        )
+    );
+    // Shorter than the common header.
+    let mut f = v4(V4_ENFORCE, LOCAL4, L4::Sctp, &[]);
+    f.truncate(off + 8);
+    f[ETH + 3] = 28;
+    assert_eq!(h.run(&f), Outcome::skipped(Counter::SkipMalformed));
+}
+
 #[test]
 fn mismatch_events_carry_flow_seq_and_checksums() {
     if skip_unless_root("mismatch_events_carry_flow_seq_and_checksums") {
@@ -540,8 +638,8 @@ fn mismatch_events_carry_flow_seq_and_checksums() {
         (m.peer_id, m.proto, m.seq, m.len, m.dropped),
         (P_V4_ENFORCE as u32, "tcp", 0x0102_0304, 59, true)
     );
-    assert_eq!(m.found, original ^ 0xff00);
-    assert_eq!(m.expected, original);
+    assert_eq!(m.found, u32::from(original ^ 0xff00));
+    assert_eq!(m.expected, u32::from(original));
     assert_eq!(m.payload, b"ruok ruok ruok ruok ruok ruok ru");
 }
 
@@ -1016,13 +1114,13 @@ fn skips_are_counted_by_reason() {
         "v6 fragment header"
     );
 
-    // Other protocols: SCTP and an IPv6 No Next Header. (ICMP and ICMPv6 are verified.)
+    // Other protocols: GRE and an IPv6 No Next Header. (ICMP, ICMPv6 and SCTP are verified.)
     let mut f = tcp.clone();
-    f[ETH + 9] = 132;
+    f[ETH + 9] = 47;
     assert_eq!(
         h.run(&f),
         Outcome::skipped(Counter::SkipOtherProtocol),
-        "sctp"
+        "gre"
     );
     let mut f = v6(V6_OBSERVE, LOCAL6, L4::Tcp, &payload(8));
     f[ETH + 6] = 59;

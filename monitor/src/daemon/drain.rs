@@ -156,14 +156,15 @@ impl Log {
             return;
         };
         let peer = self.view.borrow().label(m.peer_id);
+        let (found, expected) = m.sums();
         warn!(
             peer,
             proto = m.proto,
             flow = %m.flow(),
             seq = m.seq,
             len = m.len,
-            found = %format_args!("{:#06x}", m.found),
-            expected = %format_args!("{:#06x}", m.expected),
+            found,
+            expected,
             action = if m.dropped { "dropped" } else { "passed" },
             spi = %format_args!("{:#010x}", m.spi),
             reqid = m.reqid,

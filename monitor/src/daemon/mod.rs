@@ -766,6 +766,7 @@ fn log_totals(stats: &Stats, view: &View) {
                     verified_tcp = s.verified_packets[Proto::Tcp as usize],
                     verified_udp = s.verified_packets[Proto::Udp as usize],
                     verified_icmp = s.verified_packets[Proto::Icmp as usize],
+                    verified_sctp = s.verified_packets[Proto::Sctp as usize],
                     mismatches = s.mismatches.iter().sum::<u64>(),
                     learning = s.learning.iter().sum::<u64>(),
                     dropped = s.drops.iter().sum::<u64>(),

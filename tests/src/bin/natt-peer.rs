@@ -9,6 +9,8 @@
 //!
 //! `natt-peer send --netns NS --connect ADDR --bytes N` writes the pattern; with
 //! `--seconds S` instead of `--bytes` it writes for that long. `recv --bytes 0` reads to EOF.
+//! With `--sctp` on both ends the stream is an SCTP association (one-to-one style sockets,
+//! which read and write like TCP) instead of a TCP connection.
 //! With `--fill B` on both ends the stream is the byte B repeated instead of the pattern:
 //! repetitive data, on which a byte set at a fixed offset shifts every checksum alike.
 //!
@@ -31,7 +33,7 @@ use std::{
     fs::{self, File},
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     process::ExitCode,
     time::Duration,
 };
@@ -92,6 +94,104 @@ fn accept(listener: &TcpListener) -> Result<TcpStream, String> {
     }
 }
 
+/// Whether `--sctp` was given.
+fn sctp(args: &[String]) -> bool {
+    args.iter().any(|a| a == "--sctp")
+}
+
+/// An SCTP socket of the one-to-one style (RFC 6458, section 4): once listening or connected
+/// it reads and writes like a TCP stream, so std's stream types carry it.
+fn sctp_socket(addr: &SocketAddr) -> Result<OwnedFd, String> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_SCTP,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "SCTP socket: {} (is the sctp module loaded?)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a descriptor socket(2) just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `r`, a libc call's return value, or the error it left, for `what`.
+fn checked(r: libc::c_int, what: &str) -> Result<(), String> {
+    if r < 0 {
+        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sets the `SOL_SOCKET` option `opt` (named `what`) of `fd` to `value`.
+fn set_option<T>(fd: &OwnedFd, opt: libc::c_int, value: &T, what: &str) -> Result<(), String> {
+    // SAFETY: valid descriptor, and an option value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    checked(r, what)
+}
+
+/// An SCTP listener on `addr`.
+fn sctp_listen(addr: &SocketAddr) -> Result<TcpListener, String> {
+    let fd = sctp_socket(addr)?;
+    set_option(&fd, libc::SO_REUSEADDR, &1 as &libc::c_int, "SO_REUSEADDR")?;
+    let (sa, len) = sockaddr_port(*addr);
+    // SAFETY: valid descriptor, and a socket address of the given size.
+    unsafe {
+        checked(
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const sa).cast(),
+                len as libc::socklen_t,
+            ),
+            &format!("bind {addr}"),
+        )?;
+        checked(libc::listen(fd.as_raw_fd(), 1), "listen")?;
+    }
+    Ok(TcpListener::from(fd))
+}
+
+/// An SCTP association to `addr`, set up within `TIMEOUT`.
+fn sctp_connect(addr: &SocketAddr) -> Result<TcpStream, String> {
+    let fd = sctp_socket(addr)?;
+    let tv = libc::timeval {
+        tv_sec: TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // connect(2) waits at most the send timeout.
+    set_option(&fd, libc::SO_SNDTIMEO, &tv, "SO_SNDTIMEO")?;
+    let (sa, len) = sockaddr_port(*addr);
+    // SAFETY: valid descriptor, and a socket address of the given size.
+    unsafe {
+        checked(
+            libc::connect(
+                fd.as_raw_fd(),
+                (&raw const sa).cast(),
+                len as libc::socklen_t,
+            ),
+            &format!("connect {addr}"),
+        )?;
+    }
+    Ok(TcpStream::from(fd))
+}
+
 fn recv(args: &[String]) -> Result<(), String> {
     join(args)?;
     let addr: SocketAddr = arg(args, "--listen")?
@@ -101,7 +201,11 @@ fn recv(args: &[String]) -> Result<(), String> {
         .parse()
         .map_err(|e| format!("--bytes: {e}"))?;
     let fill = fill(args)?;
-    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let listener = if sctp(args) {
+        sctp_listen(&addr)?
+    } else {
+        TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?
+    };
     println!("READY");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     let mut s = accept(&listener)?;
@@ -203,8 +307,11 @@ fn send(args: &[String]) -> Result<(), String> {
             None,
         ),
     };
-    let mut s =
-        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut s = if sctp(args) {
+        sctp_connect(&addr)?
+    } else {
+        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?
+    };
     s.set_write_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     let mut off = 0u64;
@@ -251,13 +358,20 @@ fn inet_checksum(data: &[u8]) -> u16 {
 
 /// `to` as a socket address for sendto(2), and its length.
 fn sockaddr(to: std::net::IpAddr) -> (libc::sockaddr_storage, usize) {
+    sockaddr_port(SocketAddr::new(to, 0))
+}
+
+/// `to` with its port as a socket address for bind(2) or connect(2), and its length.
+fn sockaddr_port(to: SocketAddr) -> (libc::sockaddr_storage, usize) {
+    let port = to.port().to_be();
+    let to = to.ip();
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut dest: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match to {
         std::net::IpAddr::V4(a) => {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
+                sin_port: port,
                 sin_addr: libc::in_addr {
                     s_addr: u32::from_ne_bytes(a.octets()),
                 },
@@ -270,7 +384,7 @@ fn sockaddr(to: std::net::IpAddr) -> (libc::sockaddr_storage, usize) {
         std::net::IpAddr::V6(a) => {
             let sin6 = libc::sockaddr_in6 {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: 0,
+                sin6_port: port,
                 sin6_flowinfo: 0,
                 sin6_addr: libc::in6_addr {
                     s6_addr: a.octets(),
@@ -310,7 +424,7 @@ fn ping(args: &[String]) -> Result<(), String> {
         ));
     }
     // SAFETY: a fresh fd this function owns from here on.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let timeout = libc::timeval {
         tv_sec: 0,
         tv_usec: 300_000,

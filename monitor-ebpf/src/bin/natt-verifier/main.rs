@@ -27,6 +27,7 @@
 //! | `sum` | the one's-complement sum of the segment |
 //! | `trust` | the residual each SA is verified against: inherited on a rekey, withdrawn on an exact streak |
 //! | `hold` | `natt_hold`, tail-called in enforce mode: a TCP segment of an SA without a residual is dropped until TCP's retransmission confirms it |
+//! | `sctp` | `natt_sctp`, tail-called for SCTP (the `bpf_loop` variant): its CRC32c |
 //! | `report` | mismatch events, learning samples, captured packets |
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -54,6 +55,8 @@ mod parse;
 mod report;
 #[cfg(target_arch = "bpf")]
 mod scope;
+#[cfg(target_arch = "bpf")]
+mod sctp;
 #[cfg(target_arch = "bpf")]
 mod stats;
 #[cfg(target_arch = "bpf")]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use monitor_ebpf::{
     CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, Held, IcmpCounters, LEARNING_RING_BYTES,
     MAX_PEERS, MAX_SA_RESIDUALS, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6, PeerValue,
-    SaKey, SaTrust, SecpathLayout, TRUST_SLOTS,
+    SaKey, SaTrust, SctpCounters, SecpathLayout, TRUST_SLOTS,
 };
 
 use crate::{sum::CHUNK_WORDS, trust::Scratch};
@@ -73,11 +73,16 @@ pub static MAPPINGS: LruHashMap<SaKey, MappingOwner> =
 /// a retransmission that confirms their residual.
 #[map]
 pub static HELD: LruHashMap<SaKey, Held> = LruHashMap::with_max_entries(MAX_SA_RESIDUALS, 0);
-/// The verifier's tail calls: `natt_hold` in `hold::HOLD_SLOT`. Pinned, so that a pinned
+/// The verifier's tail call to `natt_hold`, in `hold::HOLD_SLOT`. Pinned, so that a pinned
 /// verifier keeps its held path while no daemon runs (the kernel empties a program array when
 /// the last descriptor and pin of it go).
 #[map]
 pub static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// The tail call to `natt_sctp` (where `bpf_loop` exists), in `sctp::SCTP_SLOT`; pinned like
+/// `JUMP`. A map of its own: a `JUMP` of another size would not fit the pins of earlier builds,
+/// and an upgrade would have to replace them all, counts and learned residuals with them.
+#[map]
+pub static SCTP_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// One per-CPU `trust::Scratch`: keys and values for the trust maps, off the stack.
 #[map]
 pub static TRUST_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -90,6 +95,9 @@ pub static PEER_STATS: PerCpuArray<PeerCounters> = PerCpuArray::with_max_entries
 /// Per-peer ICMP statistics, indexed by `PeerValue::id`.
 #[map]
 pub static ICMP_STATS: PerCpuArray<IcmpCounters> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+/// Per-peer SCTP statistics, indexed by `PeerValue::id`.
+#[map]
+pub static SCTP_STATS: PerCpuArray<SctpCounters> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
 /// Global counters, indexed by `Counter`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

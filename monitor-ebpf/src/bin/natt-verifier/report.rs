@@ -26,13 +26,58 @@ pub struct Mismatch {
 /// Sends one mismatch event, with the first payload bytes for the log line.
 #[inline(always)]
 pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
+    event(ctx, l3, l4, &m.sa, m.action, |ev| {
+        // SAFETY: `event`'s reservation, exclusive and aligned.
+        unsafe {
+            (*ev).csum_found = l4.field;
+            (*ev).csum_expected =
+                csum::expected_field(l4.field, m.residual, m.expected, l3.proto == IPPROTO_UDP);
+            (*ev).residual = m.residual;
+            (*ev).expected_residual = m.expected;
+        }
+    });
+}
+
+/// Sends one mismatch event for an SCTP packet: the CRC32c it carried, `found`, against the one
+/// its bytes have, `computed`, each split over a checksum field and a residual field.
+#[inline(always)]
+pub fn crc_mismatch(
+    ctx: &SkBuffContext,
+    l3: &L3,
+    l4: &L4,
+    sa: &Sa,
+    action: Action,
+    (found, computed): (u32, u32),
+) {
+    event(ctx, l3, l4, sa, action, |ev| {
+        // SAFETY: `event`'s reservation, exclusive and aligned.
+        unsafe {
+            (*ev).csum_found = (found >> 16) as u16;
+            (*ev).csum_expected = (computed >> 16) as u16;
+            (*ev).residual = found as u16;
+            (*ev).expected_residual = computed as u16;
+        }
+    });
+}
+
+/// Sends one mismatch event; `sums` fills in the checksum fields found and expected and the
+/// residuals left and expected, where the reservation is written.
+#[inline(always)]
+fn event(
+    ctx: &SkBuffContext,
+    l3: &L3,
+    l4: &L4,
+    sa: &Sa,
+    action: Action,
+    sums: impl FnOnce(*mut MismatchEvent),
+) {
     let Some(mut entry) = EVENTS.reserve::<MismatchEvent>(0) else {
         bump(Counter::EventsLost);
         return;
     };
     let ev = entry.as_mut_ptr();
     // Off the verified path: only reports name the SA.
-    let (spi, reqid) = (sa_spi(&m.sa), sa_reqid(&m.sa));
+    let (spi, reqid) = (sa_spi(sa), sa_reqid(sa));
     // SAFETY: `ev` is an exclusive, aligned ring-buffer reservation of the event's size.
     unsafe {
         (*ev).peer_id = l3.peer.id;
@@ -40,16 +85,12 @@ pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
         (*ev).seq = l4.seq;
         (*ev).family = l3.family as u8;
         (*ev).proto = l3.proto;
-        (*ev).action = m.action as u8;
+        (*ev).action = action as u8;
         (*ev).sport = l4.sport;
         (*ev).dport = l4.dport;
-        (*ev).csum_found = l4.field;
-        (*ev).csum_expected =
-            csum::expected_field(l4.field, m.residual, m.expected, l3.proto == IPPROTO_UDP);
-        (*ev).residual = m.residual;
-        (*ev).expected_residual = m.expected;
-        (*ev).encap_sport = m.sa.sport;
-        (*ev).encap_dport = m.sa.dport;
+        sums(ev);
+        (*ev).encap_sport = sa.sport;
+        (*ev).encap_dport = sa.dport;
         (*ev).spi = spi;
         (*ev).reqid = reqid;
         (*ev).ifindex = skb(ctx).ingress_ifindex;

@@ -11,10 +11,11 @@ use monitor_ebpf::{
 
 use crate::{
     hold::HOLD_SLOT,
-    maps::{CAPTURE_ON, JUMP, secpath},
+    maps::{CAPTURE_ON, JUMP, SCTP_JUMP, secpath},
     parse::{L3, L4, parse_l3, parse_l4},
     report::{self, Mismatch},
     scope::{Sa, address_scope_exemptions, ipsec_state},
+    sctp::SCTP_SLOT,
     stats::{bump, bump_trust, count, count_icmp},
     sum::sum_segment,
     trust::{self, Pending, Seen},
@@ -72,7 +73,7 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
     } else {
         Sa::NONE
     };
-    let l3 = parse_l3::<BPF_LOOP>(ctx)?;
+    let l3 = parse_or_hand_over::<BPF_LOOP>(ctx)?;
     if !BPF_LOOP && l3.proto == IPPROTO_ICMP {
         // The bounded-loop variant (kernels before 5.17) leaves ICMP alone: a third protocol
         // through its summing loop took 5.10's verifier past its 1M-instruction budget
@@ -183,6 +184,22 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
             action,
         },
     ))
+}
+
+/// The IP header, as `parse_l3` reads it; in the `bpf_loop` variant, a packet it turns away as
+/// `other_protocol` goes on to `natt_sctp` by a tail call, which verifies SCTP (its verdict is
+/// this packet's) and counts the rest. A tail call returns only when it failed (an empty slot,
+/// which the loader never leaves).
+#[inline(always)]
+fn parse_or_hand_over<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<L3, Counter> {
+    match parse_l3::<BPF_LOOP, false>(ctx) {
+        Err(Counter::SkipOtherProtocol) if BPF_LOOP => {
+            // SAFETY: `ctx` is this program's context.
+            unsafe { SCTP_JUMP.tail_call(ctx, SCTP_SLOT) };
+            Err(Counter::SkipOtherProtocol)
+        }
+        r => r,
+    }
 }
 
 /// The residual an intact `ICMPv6` message of this SA leaves: the peer's configured one, or

@@ -21,11 +21,11 @@ use crate::{
 const PINGS: u16 = 200;
 const PING_BYTES: usize = 1200;
 
-/// What the ICMP phase measured.
+/// What was counted over a phase through the SA (ICMP here, SCTP in `sctp.rs`) for one
+/// protocol: R's corruptions, natt-monitor's series for the peer, the kernel's own errors.
 #[derive(Debug, Default)]
-pub(crate) struct IcmpRun {
-    pub(crate) ping: Option<PingResult>,
-    /// The `bounded_loop` variant ran (kernels before 5.17): it leaves ICMP alone, as
+pub(crate) struct Counted {
+    /// The `bounded_loop` variant ran (kernels before 5.17): it leaves ICMP and SCTP alone, as
     /// `other_protocol`.
     pub(crate) bounded_loop: bool,
     /// `natt_monitor_skipped_packets_total{reason="other_protocol"}` over the phase.
@@ -37,33 +37,82 @@ pub(crate) struct IcmpRun {
     pub(crate) kernel_csum_errors: u64,
 }
 
+/// Policies for `proto` on A and B, for the same transport SAs as the scenario's TCP.
+pub(crate) fn protect(t: &Topology, s: &Scenario, proto: &str) {
+    let x = t.addrs;
+    let a_seen = t.a_seen_by_b(s.nat);
+    policy(&t.a, proto, x.a, x.b, "out", None, "0");
+    policy(&t.a, proto, x.b, x.a, "in", None, "0");
+    policy(&t.b, proto, x.b, a_seen, "out", None, "0");
+    policy(&t.b, proto, a_seen, x.b, "in", None, "0");
+}
+
+/// Runs `phase`; returns what it returned and what was counted meanwhile under
+/// `proto="{label}"` for `peer`, with the kernel's own error counter read by `kernel`.
+pub(crate) fn counted<T>(
+    t: &Topology,
+    peer: &str,
+    label: &str,
+    kernel: impl Fn(&Topology) -> u64,
+    phase: impl FnOnce() -> T,
+) -> (T, Counted) {
+    let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"{label}\"}}");
+    let (i0, k0, before) = (t.injected(), kernel(t), scrape(t.mon()));
+    let out = phase();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = scrape(t.mon());
+    let delta = |name: &str| metric(&after, &series(name)) - metric(&before, &series(name));
+    let other = "natt_monitor_skipped_packets_total{reason=\"other_protocol\"}";
+    let c = Counted {
+        bounded_loop: metric(
+            &after,
+            "natt_monitor_program_variant{variant=\"bounded_loop\"}",
+        ) == 1,
+        other_protocol: metric(&after, other) - metric(&before, other),
+        injected: t.injected() - i0,
+        detected: delta("checksum_mismatches_total"),
+        dropped: delta("dropped_packets_total"),
+        verified: delta("verified_packets_total"),
+        kernel_csum_errors: kernel(t) - k0,
+    };
+    (out, c)
+}
+
+/// What the ICMP phase measured.
+#[derive(Debug, Default)]
+pub(crate) struct IcmpRun {
+    pub(crate) ping: Option<PingResult>,
+    pub(crate) c: Counted,
+}
+
 impl IcmpRun {
     /// Exact: every corrupted reply counted, dropped in enforce mode (and then lost to the
     /// pinging socket), delivered corrupted in observe mode; the intact ones verified; the
     /// kernel counted nothing.
     pub(crate) fn exact(&self, mode: Mode) -> bool {
         let Some(p) = self.ping else { return false };
-        if self.bounded_loop {
+        let c = &self.c;
+        if c.bounded_loop {
             // Not verified: every reply skipped, the corrupted ones delivered.
-            return self.injected > 0
+            return c.injected > 0
                 && p.sent == u64::from(PINGS)
-                && p.corrupted == self.injected
-                && p.intact == p.sent - self.injected
+                && p.corrupted == c.injected
+                && p.intact == p.sent - c.injected
                 && p.lost == 0
-                && self.other_protocol >= p.sent
-                && self.detected + self.dropped + self.verified == 0
-                && self.kernel_csum_errors == 0;
+                && c.other_protocol >= p.sent
+                && c.detected + c.dropped + c.verified == 0
+                && c.kernel_csum_errors == 0;
         }
         let enforce = mode == Mode::Enforce;
-        self.injected > 0
+        c.injected > 0
             && p.sent == u64::from(PINGS)
-            && self.detected == self.injected
-            && self.dropped == if enforce { self.injected } else { 0 }
-            && p.corrupted == if enforce { 0 } else { self.injected }
-            && p.lost == if enforce { self.injected } else { 0 }
-            && p.intact == p.sent - self.injected
-            && self.verified == p.intact
-            && self.kernel_csum_errors == 0
+            && c.detected == c.injected
+            && c.dropped == if enforce { c.injected } else { 0 }
+            && p.corrupted == if enforce { 0 } else { c.injected }
+            && p.lost == if enforce { c.injected } else { 0 }
+            && p.intact == p.sent - c.injected
+            && c.verified == p.intact
+            && c.kernel_csum_errors == 0
     }
 
     /// The result line's field.
@@ -74,9 +123,10 @@ impl IcmpRun {
             corrupted: 0,
             lost: 0,
         });
+        let c = &self.c;
         format!(
             "variant={}/sent={}/intact={}/corrupted={}/lost={}/injected={}/detected={}/dropped={}/verified={}/other_protocol={}/kernel_csum_errors={}",
-            if self.bounded_loop {
+            if c.bounded_loop {
                 "bounded_loop"
             } else {
                 "bpf_loop"
@@ -85,12 +135,12 @@ impl IcmpRun {
             p.intact,
             p.corrupted,
             p.lost,
-            self.injected,
-            self.detected,
-            self.dropped,
-            self.verified,
-            self.other_protocol,
-            self.kernel_csum_errors
+            c.injected,
+            c.detected,
+            c.dropped,
+            c.verified,
+            c.other_protocol,
+            c.kernel_csum_errors
         )
     }
 }
@@ -119,38 +169,23 @@ fn icmp_csum_errors(t: &Topology, v6: bool) -> u64 {
 /// The phase: ICMP policies on A and B, then `PINGS` echo requests from B (in `cg`) to A as B
 /// addresses it. `peer` is the peer label of A's SA on B.
 pub(crate) fn ping_through_sa(t: &Topology, s: &Scenario, cg: &Path, peer: &str) -> IcmpRun {
-    let x = t.addrs;
+    protect(t, s, if s.v6 { "ipv6-icmp" } else { "icmp" });
     let a_seen = t.a_seen_by_b(s.nat);
-    let proto = if s.v6 { "ipv6-icmp" } else { "icmp" };
-    policy(&t.a, proto, x.a, x.b, "out", None, "0");
-    policy(&t.a, proto, x.b, x.a, "in", None, "0");
-    policy(&t.b, proto, x.b, a_seen, "out", None, "0");
-    policy(&t.b, proto, a_seen, x.b, "in", None, "0");
-    let series = |name: &str| format!("natt_monitor_{name}{{peer=\"{peer}\",proto=\"icmp\"}}");
-    let (i0, k0, before) = (t.injected(), icmp_csum_errors(t, s.v6), scrape(t.mon()));
-    let p = ping(
-        bin("natt-peer").to_str().expect("utf-8 path"),
-        &t.b,
-        cg,
-        a_seen,
-        PINGS,
-        PING_BYTES,
+    let (p, c) = counted(
+        t,
+        peer,
+        "icmp",
+        |t| icmp_csum_errors(t, s.v6),
+        || {
+            ping(
+                bin("natt-peer").to_str().expect("utf-8 path"),
+                &t.b,
+                cg,
+                a_seen,
+                PINGS,
+                PING_BYTES,
+            )
+        },
     );
-    std::thread::sleep(Duration::from_millis(500));
-    let after = scrape(t.mon());
-    let delta = |name: &str| metric(&after, &series(name)) - metric(&before, &series(name));
-    let other = "natt_monitor_skipped_packets_total{reason=\"other_protocol\"}";
-    IcmpRun {
-        ping: Some(p),
-        bounded_loop: metric(
-            &after,
-            "natt_monitor_program_variant{variant=\"bounded_loop\"}",
-        ) == 1,
-        other_protocol: metric(&after, other) - metric(&before, other),
-        injected: t.injected() - i0,
-        detected: delta("checksum_mismatches_total"),
-        dropped: delta("dropped_packets_total"),
-        verified: delta("verified_packets_total"),
-        kernel_csum_errors: icmp_csum_errors(t, s.v6) - k0,
-    }
+    IcmpRun { ping: Some(p), c }
 }

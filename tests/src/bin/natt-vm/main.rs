@@ -28,6 +28,7 @@ mod restart;
 mod run;
 mod scale;
 mod scenarios;
+mod sctp;
 mod shared_nat;
 mod soak;
 mod strongswan;
@@ -145,7 +146,7 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
 /// The scenario's `NATT-VM RESULT` line.
 fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
     format!(
-        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} invisible={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} captured={} seconds={secs:.1} result={}",
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} invisible={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} sctp={} captured={} seconds={secs:.1} result={}",
         s.name,
         s.setup,
         s.mode,
@@ -202,6 +203,9 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
         m.icmp
             .as_ref()
             .map_or_else(|| "-".to_owned(), icmp::IcmpRun::summary),
+        m.sctp
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), sctp::SctpRun::summary),
         m.captured,
         if ok { "ok" } else { "FAILED" }
     )

@@ -20,6 +20,7 @@ use crate::{
     restart::{Pins, Restart, finish, stream_through_restart},
     scale::{DUMMY_SAS, MAX_PEERS, Scale, add_dummy_sas},
     scenarios::{Corruption, Scenario, Setup},
+    sctp::{SctpRun, stream_through_sa},
     shared_nat::run_shared_nat,
     soak::{Soaked, run_soak},
     strongswan::swanctl,
@@ -90,6 +91,8 @@ pub(crate) struct Measured {
     pub(crate) soak: Option<Soaked>,
     /// `ICMP_SCENARIOS`: the pings through the SA at the end.
     pub(crate) icmp: Option<IcmpRun>,
+    /// `ICMP_SCENARIOS`: the SCTP stream through the SA after the pings.
+    pub(crate) sctp: Option<SctpRun>,
 }
 
 impl Measured {
@@ -439,11 +442,17 @@ pub(crate) fn run(s: &Scenario) -> Measured {
     // the capture file.
     if ICMP_SCENARIOS.contains(&s.name) {
         m.icmp = Some(ping_through_sa(&t, s, &cg.path, &peer));
+        if !s.v6 {
+            // Over IPv6 the association's COOKIE-ACK never reached A through the SA (7.3,
+            // 2026-12-04), unexplained yet: IPv6 SCTP is proven by the table tests only.
+            m.sctp = Some(stream_through_sa(&t, s, &cg.path, &peer));
+        }
     }
     m
 }
 
-/// The scenarios that end with pings through their SA (`icmp.rs`).
+/// The scenarios that end with pings and an SCTP stream through their SA (`icmp.rs`,
+/// `sctp.rs`).
 pub(crate) const ICMP_SCENARIOS: [&str; 4] = [
     "b-observe-cbc-aes",
     "b-enforce-cbc-aes",

@@ -304,7 +304,7 @@ fn exact_stream(t: &Topology, cg: &Path, port: u16, tally: &mut Tally, when: &st
     counts_agree(t, tally, when);
 }
 
-/// `--max-peers 65536` under `MemoryMax=64M` (a drop-in): the maps need at least 46 MiB on
+/// `--max-peers 65536` under `MemoryMax=64M` (a drop-in): the maps need at least 48 MiB on
 /// this one-CPU guest, more than the cgroup leaves once the daemon holds its own. From 5.11 the
 /// kernel charges map memory to the cgroup, so the daemon refuses to start (exit 78, naming
 /// both) and systemd does not restart it; without the check the cgroup's OOM killer would end
@@ -354,7 +354,7 @@ fn oversized_max_peers(b: &Netns, mut pid: u32) -> &'static str {
             refusal.trim_end(),
         );
         assert!(
-            log.contains("natt-monitor: error: --max-peers 65536: the verifier's maps need at least 46 MiB (possible CPUs: 1;")
+            log.contains("natt-monitor: error: --max-peers 65536: the verifier's maps need at least 48 MiB (possible CPUs: 1;")
                 && log.contains("memory.max of /sys/fs/cgroup/system.slice/natt-monitor.service (64 MiB) leaves free"),
             "the refusal does not name --max-peers and the limit:\n{}",
             tail(&log, 10)

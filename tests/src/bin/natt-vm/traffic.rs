@@ -38,6 +38,38 @@ pub(crate) fn stream_from(
     bytes: u64,
     port: u16,
 ) -> (u64, u64) {
+    let r = stream_with(t, from, cgroup, bytes, port, &[]);
+    if r.invisible > 0 {
+        eprintln!(
+            "natt-vm: port {port}: {} corrupted segment(s) delivered with the checksum's \
+             sum unchanged ({} bytes): invisible to any checksum, not counted as injected",
+            r.invisible, r.invisible_bytes
+        );
+        t.add_invisible(r.invisible);
+    }
+    (r.received, r.differing - r.invisible_bytes)
+}
+
+/// What `natt-peer recv` reported.
+pub(crate) struct Receiver {
+    pub(crate) received: u64,
+    /// Bytes that differ from what was sent.
+    pub(crate) differing: u64,
+    /// Runs of differing bytes that left the one's-complement sum unchanged, and their bytes.
+    pub(crate) invisible: u64,
+    pub(crate) invisible_bytes: u64,
+}
+
+/// Streams `bytes` from `from` to B's receiver (inside `cgroup`), with `extra` arguments to
+/// both ends (`--sctp`), and returns what the receiver reported, as it reported it.
+pub(crate) fn stream_with(
+    t: &Topology,
+    from: &Netns,
+    cgroup: &Path,
+    bytes: u64,
+    port: u16,
+    extra: &[&str],
+) -> Receiver {
     let mut recv = Command::new(bin("natt-peer"))
         .args(["recv", "--netns", &t.b.name, "--cgroup"])
         .arg(cgroup)
@@ -48,6 +80,7 @@ pub(crate) fn stream_from(
             &bytes.to_string(),
         ])
         .args(fill_args(t))
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -60,16 +93,21 @@ pub(crate) fn stream_from(
         .arg(Addrs::sock(t.addrs.b, port))
         .args(["--bytes", &bytes.to_string()])
         .args(fill_args(t))
+        .args(extra)
         .output()
         .expect("natt-peer send");
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).expect("receiver output");
+    let mut errors = String::new();
+    if let Some(mut e) = recv.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut errors);
+    }
     let status = recv.wait().expect("receiver exit");
     assert!(
         send.status.success() && status.success(),
-        "stream failed: sender {}: {} receiver {status}: {rest}",
+        "stream to port {port} failed: sender {}: {} receiver {status}: {rest}{errors}",
         send.status,
-        String::from_utf8_lossy(&send.stderr)
+        String::from_utf8_lossy(&send.stderr).trim_end()
     );
     let field = |k: &str| -> u64 {
         rest.split_whitespace()
@@ -77,16 +115,12 @@ pub(crate) fn stream_from(
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {k} in {rest:?}"))
     };
-    let (invisible, invisible_bytes) = (field("invisible="), field("invisible_bytes="));
-    if invisible > 0 {
-        eprintln!(
-            "natt-vm: port {port}: {invisible} corrupted segment(s) delivered with the checksum's \
-             sum unchanged ({invisible_bytes} bytes): invisible to any checksum, not counted as \
-             injected"
-        );
-        t.add_invisible(invisible);
+    Receiver {
+        received: field("received="),
+        differing: field("differing="),
+        invisible: field("invisible="),
+        invisible_bytes: field("invisible_bytes="),
     }
-    (field("received="), field("differing=") - invisible_bytes)
 }
 
 /// `natt-peer`'s `--fill` arguments for the topology's streams.

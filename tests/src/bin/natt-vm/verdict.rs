@@ -35,6 +35,15 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
             ok,
             format!("ICMP through the SA: {got}; want every corrupted reply counted, exactly"),
         );
+        let ok = s.v6 || m.sctp.as_ref().is_some_and(|r| r.exact(s.mode));
+        let got = m
+            .sctp
+            .as_ref()
+            .map_or_else(|| "not run".to_owned(), crate::sctp::SctpRun::summary);
+        expect(
+            ok,
+            format!("SCTP through the SA: {got}; want every corrupted packet counted, exactly"),
+        );
     }
     // No corruption shape, rate or timing may make the verifier give up a correct residual; a
     // flood while the SA learned makes it learn the flood's, which it must give up once.

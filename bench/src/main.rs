@@ -107,7 +107,13 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("natt-bench needs root (BPF, namespaces, cgroups)");
     }
-    for tool in ["iperf3", "tshark", "ss"] {
+    // The BPF test runs alone (`--micro-only`) need none of the traffic tools.
+    let tools: &[&str] = if args.only == Some(Only::Micro) {
+        &[]
+    } else {
+        &["iperf3", "tshark", "ss"]
+    };
+    for tool in tools {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()

@@ -184,17 +184,27 @@ extern "C" fn crc_one_block(index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// `crc` advanced over the 64-byte block at `p`.
+/// `crc` advanced over the 64-byte block at `p`, 32 bytes per call: the bench measured 1.51
+/// ns per byte with one call per word, 1.08 with one per two words, 0.88 with one per four.
 #[inline(always)]
 fn crc_block(crc: u32, p: *const u64) -> u32 {
     let mut c = crc;
     let mut i = 0;
     while i < 8 {
         // SAFETY: the caller's block holds 8 words.
-        c = step8(c, unsafe { *p.add(i) });
-        i += 1;
+        // SAFETY: as above.
+        let w = unsafe { [*p.add(i), *p.add(i + 1), *p.add(i + 2), *p.add(i + 3)] };
+        c = step32(c, w[0], w[1], w[2], w[3]);
+        i += 4;
     }
     c
+}
+
+/// Four `crc32c::step8`s, as a function of its own (see `step8`): all eight unrolled into the
+/// callback took 328 bytes of stack.
+#[inline(never)]
+fn step32(crc: u32, a: u64, b: u64, c: u64, d: u64) -> u32 {
+    crc32c::step8(crc32c::step8(crc32c::step8(crc32c::step8(crc, a), b), c), d)
 }
 
 /// `crc32c::step8` as a function of its own: unrolled into its caller, LLVM computes the

@@ -64,6 +64,14 @@ fn verify(ctx: &SkBuffContext) -> Result<bool, Counter> {
         return Err(Counter::SkipOtherProtocol);
     }
     let (l4, found) = parse_sctp(ctx, &l3)?;
+    if found == 0 {
+        // No CRC: one left for the device to fill in (`CHECKSUM_PARTIAL` on a veth or loopback
+        // path, which the kernel accepts unchecked; address scope can meet it), or a sender
+        // whose `sctp.no_checksums` is set (a receiver with it set checks nothing either).
+        // Enforcing would cut such an association off; a corruption that turns exactly the
+        // four CRC bytes into zeros is the price.
+        return Err(Counter::SkipPartialChecksum);
+    }
     let computed =
         crc_packet(ctx.as_ptr().cast(), l3.l4_off, l4.len).ok_or(Counter::SkipTruncated)?;
     let id = l3.peer.id;

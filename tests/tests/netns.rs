@@ -318,7 +318,8 @@ fn an_upgrade_swaps_the_pinned_program_mid_stream_without_a_gap() {
 }
 
 /// The limit no checksum escapes, measured: a corruption that leaves the one's-complement sum
-/// unchanged (two adjacent 16-bit words of the payload swapped, in every 50th segment) sums
+/// unchanged (two adjacent 16-bit words of the payload swapped, in every 50th segment that
+/// brings new data: a retransmission of data the receiver has is discarded, swap and all) sums
 /// like the intact segment, so the verifier passes it as verified even in enforce mode, as the
 /// kernel's own check would. The receiver finds every one as an `invisible` run: the same
 /// judgement by which the VM suite tells such a segment (about 1 in 65,535 random corruptions)

@@ -34,7 +34,7 @@ mod prog {
             generated::{bpf_csum_diff, bpf_csum_level, bpf_skb_load_bytes},
         },
         macros::{cgroup_skb, classifier, map},
-        maps::PerCpuArray,
+        maps::{Array, PerCpuArray},
         programs::{SkBuffContext, TcContext},
     };
     use monitor_ebpf::{
@@ -121,7 +121,8 @@ mod prog {
             let doff = usize::from(doff_byte >> 4) * 4;
             let payload = l4_len.saturating_sub(doff);
             if SWAP_WORDS.load() != 0 {
-                if payload >= 8 {
+                let seq = u32::from_be(ctx.load(l4_off + 4)?);
+                if payload >= 8 && first_seen(seq, payload as u32) {
                     swap_every(ctx, l4_off + doff + ((payload / 2) & !3))?;
                 }
             } else if payload > 0 {
@@ -185,6 +186,31 @@ mod prog {
             }
         }
         Ok(())
+    }
+
+    /// Where the stream's data seen so far ends (0: nothing seen yet), shared by every CPU.
+    #[map]
+    static SWAP_NEXT: Array<u32> = Array::with_max_entries(1, 0);
+
+    /// Whether the segment of `len` bytes at `seq` brings data not seen before: a
+    /// retransmission of data the receiver already has (a spurious retransmission, a tail loss
+    /// probe) is discarded by TCP and would take its swap with it, unseen by the receiver.
+    fn first_seen(seq: u32, len: u32) -> bool {
+        let Some(p) = SWAP_NEXT.get_ptr_mut(0) else {
+            return false;
+        };
+        // SAFETY: the map's one value; racing CPUs can at worst let one retransmission through,
+        // which a test of one stream at a time does not meet.
+        unsafe {
+            let next = *p;
+            // Sequence arithmetic (RFC 1982): `seq` is before `next` when the distance from
+            // `next` forward to it is half the space or more.
+            if next != 0 && seq.wrapping_sub(next) >= 1 << 31 {
+                return false;
+            }
+            *p = seq.wrapping_add(len);
+        }
+        true
     }
 
     /// Counts a TCP data segment; in every `CORRUPT_EVERY`th, swaps the two 16-bit words at

@@ -300,8 +300,9 @@ impl Topology {
     /// packets (both ways) are held back at R before connection tracking sees them, until the
     /// mapping expired; R then maps A's port 4500 to 4600; B's SAs with A get the new port in
     /// place (`ip xfrm state update`, as an IKE daemon does on a mapping change); and the packets
-    /// flow again. Needs `expire_udp_mappings_fast` before the mapping's last packet.
-    pub(crate) fn rebind_a(&self, s: &Scenario) {
+    /// flow again. Needs `expire_udp_mappings_fast` before the mapping's last packet. `held` runs
+    /// once the packets are held back; what it returns is returned.
+    pub(crate) fn rebind_a(&self, s: &Scenario, held: impl FnOnce() -> bool) -> bool {
         ns_sh(
             &self.r,
             &[
@@ -310,6 +311,7 @@ impl Topology {
                  add rule ip natt_hold pre udp sport 4500 drop; add rule ip natt_hold pre udp dport 4500 drop",
             ],
         );
+        let during = held();
         std::thread::sleep(std::time::Duration::from_secs(3));
         ns_sh(
             &self.r,
@@ -342,6 +344,7 @@ impl Topology {
             Some((4500, 4600, x.any)),
         );
         ns_sh(&self.r, &["nft", "delete table ip natt_hold"]);
+        during
     }
 
     /// NAT mappings R made on its port 4600 (`rebind_a`; the rule counts each mapping's first

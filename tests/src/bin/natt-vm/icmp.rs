@@ -37,6 +37,40 @@ pub(crate) struct Counted {
     pub(crate) kernel_csum_errors: u64,
 }
 
+impl Counted {
+    /// The program variant, as the result line names it.
+    pub(crate) const fn variant(&self) -> &'static str {
+        if self.bounded_loop {
+            "bounded_loop"
+        } else {
+            "bpf_loop"
+        }
+    }
+
+    /// The counts, as the result line's field ends.
+    pub(crate) fn counts(&self) -> String {
+        format!(
+            "injected={}/detected={}/dropped={}/verified={}/other_protocol={}/kernel_csum_errors={}",
+            self.injected,
+            self.detected,
+            self.dropped,
+            self.verified,
+            self.other_protocol,
+            self.kernel_csum_errors
+        )
+    }
+}
+
+/// The value of `name` in B's `file`, a `/proc` table of one `name value` pair per line
+/// (`/proc/net/snmp6`, `/proc/net/sctp/snmp`).
+pub(crate) fn proc_value(t: &Topology, file: &str, name: &str) -> u64 {
+    let text = ns_out(&t.b, &["cat", file]);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in B's {file}:\n{text}"))
+}
+
 /// Policies for `proto` on A and B, for the same transport SAs as the scenario's TCP.
 pub(crate) fn protect(t: &Topology, s: &Scenario, proto: &str) {
     let x = t.addrs;
@@ -123,24 +157,14 @@ impl IcmpRun {
             corrupted: 0,
             lost: 0,
         });
-        let c = &self.c;
         format!(
-            "variant={}/sent={}/intact={}/corrupted={}/lost={}/injected={}/detected={}/dropped={}/verified={}/other_protocol={}/kernel_csum_errors={}",
-            if c.bounded_loop {
-                "bounded_loop"
-            } else {
-                "bpf_loop"
-            },
+            "variant={}/sent={}/intact={}/corrupted={}/lost={}/{}",
+            self.c.variant(),
             p.sent,
             p.intact,
             p.corrupted,
             p.lost,
-            c.injected,
-            c.detected,
-            c.dropped,
-            c.verified,
-            c.other_protocol,
-            c.kernel_csum_errors
+            self.c.counts()
         )
     }
 }
@@ -148,12 +172,7 @@ impl IcmpRun {
 /// `Icmp: ... InCsumErrors` of B's network namespace, or with `v6` `Icmp6InCsumErrors`.
 fn icmp_csum_errors(t: &Topology, v6: bool) -> u64 {
     if v6 {
-        let snmp6 = ns_out(&t.b, &["cat", "/proc/net/snmp6"]);
-        return snmp6
-            .lines()
-            .find_map(|l| l.strip_prefix("Icmp6InCsumErrors"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no Icmp6InCsumErrors in B's /proc/net/snmp6:\n{snmp6}"));
+        return proc_value(t, "/proc/net/snmp6", "Icmp6InCsumErrors");
     }
     let snmp = ns_out(&t.b, &["cat", "/proc/net/snmp"]);
     let mut rows = snmp.lines().filter(|l| l.starts_with("Icmp:"));

@@ -12,9 +12,9 @@ use std::path::Path;
 use natt_monitor::peers::Mode;
 
 use crate::{
-    icmp::{Counted, counted, protect},
+    icmp::{Counted, counted, proc_value, protect},
     scenarios::Scenario,
-    topology::{Topology, ns_out},
+    topology::Topology,
     traffic::stream_with,
 };
 
@@ -52,33 +52,19 @@ impl SctpRun {
 
     /// The result line's field.
     pub(crate) fn summary(&self) -> String {
-        let c = &self.c;
         format!(
-            "variant={}/received={}/differing={}/injected={}/detected={}/dropped={}/verified={}/other_protocol={}/kernel_csum_errors={}",
-            if c.bounded_loop {
-                "bounded_loop"
-            } else {
-                "bpf_loop"
-            },
+            "variant={}/received={}/differing={}/{}",
+            self.c.variant(),
             self.received,
             self.differing,
-            c.injected,
-            c.detected,
-            c.dropped,
-            c.verified,
-            c.other_protocol,
-            c.kernel_csum_errors
+            self.c.counts()
         )
     }
 }
 
 /// `SctpChecksumErrors` of B's network namespace.
 fn sctp_csum_errors(t: &Topology) -> u64 {
-    let snmp = ns_out(&t.b, &["cat", "/proc/net/sctp/snmp"]);
-    snmp.lines()
-        .find_map(|l| l.strip_prefix("SctpChecksumErrors"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no SctpChecksumErrors in B's /proc/net/sctp/snmp:\n{snmp}"))
+    proc_value(t, "/proc/net/sctp/snmp", "SctpChecksumErrors")
 }
 
 /// The phase: SCTP policies on A and B, then `SCTP_BYTES` over one association from A to B

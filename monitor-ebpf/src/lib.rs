@@ -20,6 +20,10 @@ pub const MAX_PEERS: u32 = 1024;
 /// The largest `--max-peers`.
 pub const MAX_PEERS_LIMIT: u32 = 65536;
 
+/// Tunnel devices (GRE, IPIP, SIT) whose inner packets the verifier takes in scope: the
+/// entries of `TUNNELS`. Past it the daemon leaves tunnels out and says so.
+pub const MAX_TUNNELS: u32 = 256;
+
 /// Bytes of L4 payload copied into each mismatch event, for the log line.
 pub const EVENT_PAYLOAD_LEN: usize = 32;
 
@@ -627,6 +631,25 @@ pub struct SecpathLayout {
     /// `offsetof(struct xfrm_state, km.state)` (a `u8`): whether a rekey's predecessor is
     /// still alive.
     pub x_km_state: u32,
+    /// `offsetof(struct sk_buff, dev)` (a pointer): the device a tunnel's inner packet came
+    /// out of, whose network namespace tells apart devices of equal ifindex.
+    pub skb_dev: u32,
+    /// `offsetof(struct net_device, nd_net.net)` (a pointer).
+    pub dev_net: u32,
+    /// `offsetof(struct net, ns.inum)` (a `u32`): the namespace's inode number, as
+    /// `stat /proc/self/ns/net` shows it.
+    pub net_inum: u32,
+}
+
+/// A tunnel device in `TUNNELS` (keyed by ifindex): the network namespace it lives in (ifindex
+/// is unique only within one) and the peer its inner segments count under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelValue {
+    /// The peer: its id and mode; residual 0 and no flags.
+    pub peer: PeerValue,
+    /// The inode number of the device's network namespace.
+    pub netns: u32,
 }
 
 /// `XFRM_MAX_DEPTH`: the most states one `sec_path` holds.
@@ -736,6 +759,7 @@ pub struct LearningSample {
 const _: () = {
     use core::mem::offset_of;
     assert!(size_of::<PeerValue>() == 8);
+    assert!(size_of::<TunnelValue>() == 12);
     assert!(offset_of!(PeerValue, mode) == 4 && offset_of!(PeerValue, flags) == 5);
     assert!(offset_of!(PeerValue, expected_residual) == 6);
     assert!(size_of::<PeerCounters>() == 80);
@@ -784,7 +808,7 @@ const _: () = {
     assert!(offset_of!(LearningSample, reqid) == 48 && offset_of!(LearningSample, found) == 52);
     assert!(offset_of!(LearningSample, proto) == 54);
     assert!(offset_of!(LearningSample, state) == 56);
-    assert!(size_of::<SecpathLayout>() == 56);
+    assert!(size_of::<SecpathLayout>() == 68);
     assert!(offset_of!(SecpathLayout, sp_len_size) == 24);
     assert!(offset_of!(SecpathLayout, encap_sport) == 48);
     assert!(offset_of!(SecpathLayout, x_km_state) == 52);
@@ -822,6 +846,8 @@ mod user {
     // padding that could be uninitialised (checked by the size assertions above), and every bit
     // pattern is a valid value.
     unsafe impl aya::Pod for super::PeerValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TunnelValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerCounters {}
     // SAFETY: as above.

@@ -421,6 +421,7 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
                     }
                 ),
             );
+            tunnels(&mut r, &sas);
         }
         Err(e) => r.push(
             "xfrm discovery",
@@ -429,6 +430,48 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
         ),
     }
     r
+}
+
+/// The tunnel devices NAT-T transport SAs carry (`crate::tunnels`): which ones the verifier
+/// takes in scope, and why the others are left out. Silent on a host with none.
+fn tunnels(r: &mut Report, sas: &[crate::xfrm::Sa]) {
+    use crate::tunnels::Coverage;
+    match crate::daemon::discovery::tunnels_now(sas) {
+        Ok(all) => {
+            let from_peers: Vec<_> = all
+                .iter()
+                .filter(|(_, c)| *c != Coverage::NoNatTSa)
+                .collect();
+            if from_peers.is_empty() {
+                return;
+            }
+            for (t, c) in from_peers {
+                let (status, what) = if *c == Coverage::Verified {
+                    (
+                        Status::Ok,
+                        "inner segments verified (under SA scope with the bpf_loop variant, as reported above)".to_owned(),
+                    )
+                } else {
+                    (Status::Info, format!("not verified: {}", c.reason()))
+                };
+                r.push(
+                    "tunnel",
+                    status,
+                    format!(
+                        "{} ({}, remote {}): {what}",
+                        t.name,
+                        t.kind.name(),
+                        t.remote
+                    ),
+                );
+            }
+        }
+        Err(e) => r.push(
+            "tunnel",
+            Status::Info,
+            format!("tunnel devices not read: {e}"),
+        ),
+    }
 }
 
 fn first_line(e: &dyn std::error::Error) -> String {

@@ -17,15 +17,15 @@ use std::{
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{
-        HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray, RingBuf,
-        lpm_trie::Key,
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray,
+        RingBuf, lpm_trie::Key,
     },
     programs::{CgroupSkb, ProgramError},
 };
 use ipnet::IpNet;
 use monitor_ebpf::{
     COUNTER_SLOTS, Counter, IcmpCounters, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6,
-    PeerStats, PeerValue, SaKey, SaTrust, SctpCounters, TRUST_LEARNED, TrustCounter,
+    PeerStats, PeerValue, SaKey, SaTrust, SctpCounters, TRUST_LEARNED, TrustCounter, TunnelValue,
 };
 
 use crate::{
@@ -517,6 +517,8 @@ impl Verifier {
             sctp: typed(sctp_stats, "SCTP_STATS")?,
             residuals: typed(take_map(&mut bpf, "SA_TRUST")?, "SA_TRUST")?,
             mappings: typed(take_map(&mut bpf, "MAPPINGS")?, "MAPPINGS")?,
+            tunnels: typed(take_map(&mut bpf, "TUNNELS")?, "TUNNELS")?,
+            tunnel_count: typed(take_map(&mut bpf, "TUNNEL_COUNT")?, "TUNNEL_COUNT")?,
         };
         Ok(Self {
             bpf,
@@ -785,6 +787,8 @@ pub struct PeerMaps {
     sctp: PerCpuArray<MapData, SctpCounters>,
     residuals: HashMap<MapData, SaKey, SaTrust>,
     mappings: HashMap<MapData, SaKey, MappingOwner>,
+    tunnels: HashMap<MapData, u32, TunnelValue>,
+    tunnel_count: Array<MapData, u32>,
 }
 
 impl std::fmt::Debug for PeerMaps {
@@ -828,6 +832,37 @@ impl PeerMaps {
         self.reset_stats(&reused)?;
         insert_all(&mut self.v4, "PEERS_V4", &want_v4)?;
         insert_all(&mut self.v6, "PEERS_V6", &want_v6)
+    }
+
+    /// Makes `TUNNELS` hold exactly `want` (ifindex, its namespace and the peer its inner
+    /// segments count under): stale devices leave first, then every wanted one is inserted or updated, then
+    /// `TUNNEL_COUNT` says how many there are (the verifier looks `TUNNELS` up only while it is
+    /// not 0).
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map` naming the step.
+    pub fn set_tunnels(&mut self, want: &[(u32, TunnelValue)]) -> Result<(), EbpfFailure> {
+        let map = |what: String| move |source| EbpfFailure::Map { what, source };
+        let stale: Vec<u32> = self
+            .tunnels
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.iter().any(|(w, _)| w == k))
+            .collect();
+        for ifindex in stale {
+            self.tunnels.remove(&ifindex).map_err(map(format!(
+                "removing tunnel device {ifindex} from TUNNELS"
+            )))?;
+        }
+        for (ifindex, value) in want {
+            self.tunnels
+                .insert(ifindex, value, 0)
+                .map_err(map(format!("adding tunnel device {ifindex} to TUNNELS")))?;
+        }
+        let n = u32::try_from(want.len()).unwrap_or(u32::MAX);
+        self.tunnel_count
+            .set(0, &n, 0)
+            .map_err(map("setting TUNNEL_COUNT".to_owned()))
     }
 
     fn reset_stats(&mut self, ids: &[u32]) -> Result<(), EbpfFailure> {

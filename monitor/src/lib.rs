@@ -24,5 +24,6 @@ pub mod privileges;
 pub mod residuals;
 pub mod scope;
 pub mod snmp;
+pub mod tunnels;
 pub mod webconfig;
 pub mod xfrm;

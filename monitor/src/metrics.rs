@@ -71,6 +71,8 @@ pub struct Snapshot {
     pub peers_observe_only: usize,
     /// Discovered peers (and catch-alls) left out because the maps hold no more.
     pub peers_over_limit: usize,
+    /// Tunnel devices whose inner segments are verified.
+    pub tunnels: usize,
 }
 
 /// The verifier program's run statistics and whether the kernel is counting them.
@@ -353,6 +355,7 @@ struct Families {
     peers_aggregated: IntGauge,
     peers_observe_only: IntGauge,
     peers_over_limit: IntGauge,
+    tunnels: IntGauge,
 }
 
 fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
@@ -490,10 +493,14 @@ impl Families {
                 "natt_monitor_peers_over_limit",
                 "Peers discovered from the kernel's NAT-T SAs (and SA scope's catch-alls) that do not fit in --max-peers and so have no entry of their own in the verifier's maps.",
             )?,
+            tunnels: IntGauge::new(
+                "natt_monitor_tunnels",
+                "Tunnel devices (GRE, IPIP, SIT, ip6 tunnels) inside NAT-T transport SAs whose inner segments are verified: an inbound policy requires ESP for everything that arrives on them.",
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 28] {
+    fn collectors(&self) -> [&dyn Collector; 29] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -523,6 +530,7 @@ impl Families {
             &self.peers_aggregated,
             &self.peers_observe_only,
             &self.peers_over_limit,
+            &self.tunnels,
         ]
     }
 
@@ -531,6 +539,34 @@ impl Families {
             .iter()
             .flat_map(|c| c.desc().into_iter().cloned())
             .collect()
+    }
+
+    /// The host-wide counters and gauges of one scrape: lost records, residual events and the
+    /// peer and tunnel counts.
+    fn fill_totals(&self, snap: &Snapshot) {
+        for (c, v) in [
+            (&self.events_lost, snap.counters.get(Counter::EventsLost)),
+            (
+                &self.learning_lost,
+                snap.counters.get(Counter::LearningLost),
+            ),
+            (&self.residuals_withdrawn, snap.residuals_withdrawn),
+            (&self.residuals_inherited, snap.residuals_inherited),
+            (&self.residuals_evicted, snap.residuals_evicted),
+            (&self.residuals_confirmed, snap.residuals_confirmed),
+            (&self.learning_dropped, snap.learning_dropped),
+            (&self.learning_unheld, snap.learning_unheld),
+        ] {
+            c.inc_by(v);
+        }
+        for (gauge, n) in [
+            (&self.peers_aggregated, snap.peers_aggregated),
+            (&self.peers_observe_only, snap.peers_observe_only),
+            (&self.peers_over_limit, snap.peers_over_limit),
+            (&self.tunnels, snap.tunnels),
+        ] {
+            gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// The families of `snap`. The per-reason, per-result and per-source series are always
@@ -571,23 +607,7 @@ impl Families {
                 snap.counters.get(c),
             );
         }
-        counter(&self.events_lost, snap.counters.get(Counter::EventsLost));
-        counter(&self.residuals_withdrawn, snap.residuals_withdrawn);
-        counter(&self.residuals_inherited, snap.residuals_inherited);
-        counter(&self.residuals_evicted, snap.residuals_evicted);
-        counter(&self.residuals_confirmed, snap.residuals_confirmed);
-        counter(&self.learning_dropped, snap.learning_dropped);
-        counter(&self.learning_unheld, snap.learning_unheld);
-        self.peers_aggregated
-            .set(i64::try_from(snap.peers_aggregated).unwrap_or(i64::MAX));
-        self.peers_observe_only
-            .set(i64::try_from(snap.peers_observe_only).unwrap_or(i64::MAX));
-        self.peers_over_limit
-            .set(i64::try_from(snap.peers_over_limit).unwrap_or(i64::MAX));
-        counter(
-            &self.learning_lost,
-            snap.counters.get(Counter::LearningLost),
-        );
+        self.fill_totals(snap);
         for result in CAPTURE_RESULTS {
             let v = if result == "ring_full" {
                 snap.counters.get(Counter::CaptureLost)
@@ -708,6 +728,7 @@ mod tests {
             peers_aggregated: 0,
             peers_observe_only: 0,
             peers_over_limit: 0,
+            tunnels: 1,
         }
     }
 

@@ -242,6 +242,9 @@ impl Btf<'_> {
             x_reqid: self.sized("xfrm_state", "props.reqid", 4)?,
             encap_sport,
             x_km_state: self.sized("xfrm_state", "km.state", 1)?,
+            skb_dev: self.sized("sk_buff", "dev", 8)?,
+            dev_net: self.sized("net_device", "nd_net.net", 8)?,
+            net_inum: self.sized("net", "ns.inum", 4)?,
         })
     }
 }

@@ -21,8 +21,9 @@ use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_xfrm::{
-    IPPROTO_ESP, TCP_ENCAP_ESPINTCP, UDP_ENCAP_ESPINUDP, XFRM_MODE_TRANSPORT, XFRMNLGRP_EXPIRE,
-    XFRMNLGRP_SA, XfrmAttrs, XfrmMessage, state::GetDumpMessage,
+    IPPROTO_ESP, TCP_ENCAP_ESPINTCP, UDP_ENCAP_ESPINUDP, XFRM_MODE_TRANSPORT, XFRM_POLICY_ALLOW,
+    XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA, XfrmAttrs, XfrmMessage,
+    policy::DelGetMessage as PolicyDelGetMessage, state::GetDumpMessage,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_XFRM};
 
@@ -80,6 +81,62 @@ impl Sa {
             proto: info.id.proto,
             mode: info.mode,
             encap,
+        })
+    }
+}
+
+/// What natt-monitor needs to know about one policy: where it applies, what it requires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// `XFRM_POLICY_IN`, `_OUT` or `_FWD`.
+    pub dir: u8,
+    /// `XFRM_POLICY_ALLOW` or `_BLOCK`.
+    pub action: u8,
+    /// Lower wins.
+    pub priority: u32,
+    /// The selector's source and destination prefixes.
+    pub src: IpNet,
+    pub dst: IpNet,
+    /// The selector's protocol; 0 is any.
+    pub proto: u8,
+    /// The selector narrows by port (or, for GRE, by key) or by interface: it matches only
+    /// some of a protocol's packets.
+    pub narrowed: bool,
+    /// Every packet it matches must have been decapsulated by ESP in transport mode: an allow
+    /// policy whose templates include a required (not `level use`) ESP transport template.
+    pub requires_esp_transport: bool,
+}
+
+impl Policy {
+    pub(crate) fn from_message(m: &netlink_packet_xfrm::policy::ModifyMessage) -> Option<Self> {
+        let info = &m.user_policy_info;
+        let sel = &info.selector;
+        let net = |a: &netlink_packet_xfrm::Address, len: u8| -> Option<IpNet> {
+            let addr = match i32::from(sel.family) {
+                libc::AF_INET => {
+                    IpAddr::V4(Ipv4Addr::new(a.addr[0], a.addr[1], a.addr[2], a.addr[3]))
+                }
+                libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(a.addr)),
+                _ => return None,
+            };
+            IpNet::new(addr, len).ok().map(|n| n.trunc())
+        };
+        let requires_esp_transport = info.action == XFRM_POLICY_ALLOW
+            && m.nlas.iter().any(|a| match a {
+                XfrmAttrs::Template(ts) => ts.iter().any(|t| {
+                    t.id.proto == IPPROTO_ESP && t.mode == XFRM_MODE_TRANSPORT && t.optional == 0
+                }),
+                _ => false,
+            });
+        Some(Self {
+            dir: info.direction,
+            action: info.action,
+            priority: info.priority,
+            src: net(&sel.saddr, sel.prefixlen_s)?,
+            dst: net(&sel.daddr, sel.prefixlen_d)?,
+            proto: sel.proto,
+            narrowed: sel.sport_mask != 0 || sel.dport_mask != 0 || sel.ifindex != 0,
+            requires_esp_transport,
         })
     }
 }
@@ -152,6 +209,8 @@ const RECV_BUF: usize = 64 * 1024;
 pub(crate) enum DumpItem {
     /// An SA (`XFRM_MSG_NEWSA`).
     Sa(Box<netlink_packet_xfrm::state::ModifyMessage>),
+    /// A policy (`XFRM_MSG_NEWPOLICY`).
+    Policy(Box<netlink_packet_xfrm::policy::ModifyMessage>),
     /// The end of the dump.
     Done,
     /// `NLMSG_ERROR` with this (negative errno) code; 0 is an acknowledgement.
@@ -163,8 +222,11 @@ pub(crate) enum DumpItem {
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const XFRM_MSG_NEWSA: u16 = 16;
+const XFRM_MSG_NEWPOLICY: u16 = 19;
 /// `sizeof(struct xfrm_usersa_info)`: an SA message's fixed part.
 const SA_INFO_LEN: usize = 224;
+/// `sizeof(struct xfrm_userpolicy_info)`: a policy message's fixed part.
+const POLICY_INFO_LEN: usize = 168;
 
 /// Splits one datagram into its netlink messages and decodes the ones a dump carries.
 ///
@@ -192,10 +254,15 @@ pub(crate) fn messages(buf: &[u8]) -> Result<Vec<DumpItem>, XfrmError> {
                 })?;
                 DumpItem::Error(i32::from_ne_bytes([code[0], code[1], code[2], code[3]]))
             }
-            XFRM_MSG_NEWSA => {
-                if body.len() < SA_INFO_LEN {
+            XFRM_MSG_NEWSA | XFRM_MSG_NEWPOLICY => {
+                let (what, fixed, min) = if kind == XFRM_MSG_NEWSA {
+                    ("an SA", "xfrm_usersa_info", SA_INFO_LEN)
+                } else {
+                    ("a policy", "xfrm_userpolicy_info", POLICY_INFO_LEN)
+                };
+                if body.len() < min {
                     return Err(XfrmError::Decode(format!(
-                        "an SA message of {} bytes, shorter than xfrm_usersa_info ({SA_INFO_LEN})",
+                        "{what} message of {} bytes, shorter than {fixed} ({min})",
                         body.len()
                     )));
                 }
@@ -204,12 +271,15 @@ pub(crate) fn messages(buf: &[u8]) -> Result<Vec<DumpItem>, XfrmError> {
                     NetlinkMessage::<XfrmMessage>::deserialize(message)
                 })
                 .map_err(|_| {
-                    XfrmError::Decode("netlink-packet-xfrm failed on an SA message".into())
+                    XfrmError::Decode(format!("netlink-packet-xfrm failed on {what} message"))
                 })?
                 .map_err(|e| XfrmError::Decode(e.to_string()))?;
                 match parsed.payload {
                     NetlinkPayload::InnerMessage(XfrmMessage::AddSa(m)) => {
                         DumpItem::Sa(Box::new(m))
+                    }
+                    NetlinkPayload::InnerMessage(XfrmMessage::AddPolicy(m)) => {
+                        DumpItem::Policy(Box::new(m))
                     }
                     _ => DumpItem::Other,
                 }
@@ -226,6 +296,33 @@ pub(crate) fn messages(buf: &[u8]) -> Result<Vec<DumpItem>, XfrmError> {
 /// # Errors
 /// `XfrmError` when the socket cannot be opened or the dump fails.
 pub fn dump() -> Result<Vec<Sa>, XfrmError> {
+    let items = dump_items(XfrmMessage::GetDumpSa(GetDumpMessage::default()))?;
+    Ok(items
+        .iter()
+        .filter_map(|m| match m {
+            DumpItem::Sa(m) => Sa::from_message(m),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Reads every policy of this network namespace (main and sub policies alike).
+///
+/// # Errors
+/// As `dump`.
+pub fn dump_policies() -> Result<Vec<Policy>, XfrmError> {
+    let items = dump_items(XfrmMessage::GetPolicy(PolicyDelGetMessage::default()))?;
+    Ok(items
+        .iter()
+        .filter_map(|m| match m {
+            DumpItem::Policy(m) => Policy::from_message(m),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Sends `request` as a dump and collects its SA and policy messages.
+fn dump_items(request: XfrmMessage) -> Result<Vec<DumpItem>, XfrmError> {
     let mut sock = Socket::new(NETLINK_XFRM).map_err(XfrmError::Open)?;
     sock.bind_auto().map_err(io_err("bind"))?;
     sock.connect(&SocketAddr::new(0, 0))
@@ -233,29 +330,26 @@ pub fn dump() -> Result<Vec<Sa>, XfrmError> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = 1;
-    let mut req = NetlinkMessage::new(
-        header,
-        NetlinkPayload::InnerMessage(XfrmMessage::GetDumpSa(GetDumpMessage::default())),
-    );
+    let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(request));
     req.finalize();
     let mut out = vec![0; req.buffer_len()];
     req.serialize(&mut out);
     sock.send(&out, 0).map_err(io_err("send"))?;
-    let mut sas = Vec::new();
+    let mut items = Vec::new();
     let mut buf = Vec::with_capacity(RECV_BUF);
     loop {
         buf.clear();
         sock.recv(&mut buf, 0).map_err(io_err("recv"))?;
         for m in messages(&buf)? {
             match m {
-                DumpItem::Done => return Ok(sas),
+                DumpItem::Done => return Ok(items),
                 DumpItem::Error(0) | DumpItem::Other => {}
                 DumpItem::Error(code) => {
                     return Err(XfrmError::Refused(
                         io::Error::from_raw_os_error(code.saturating_neg()).to_string(),
                     ));
                 }
-                DumpItem::Sa(m) => sas.extend(Sa::from_message(&m)),
+                item @ (DumpItem::Sa(_) | DumpItem::Policy(_)) => items.push(item),
             }
         }
     }
@@ -291,7 +385,7 @@ impl Watch {
     pub fn open() -> Result<Self, XfrmError> {
         let mut sock = Socket::new(NETLINK_XFRM).map_err(XfrmError::Open)?;
         sock.bind_auto().map_err(io_err("bind"))?;
-        for g in [XFRMNLGRP_SA, XFRMNLGRP_EXPIRE] {
+        for g in [XFRMNLGRP_SA, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY] {
             sock.add_membership(g).map_err(io_err("joining a group"))?;
         }
         sock.set_non_blocking(true)

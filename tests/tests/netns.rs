@@ -6,7 +6,9 @@
 //! These tests share kernel state (namespaces, cgroups); run them with `--test-threads=1`
 //! (`cargo xtask test` does).
 
-use monitor_ebpf::{Counter, PROTO_COUNT, PeerStats, Proto, SKIP_REASONS};
+use monitor_ebpf::{
+    Counter, PROTO_COUNT, PeerMode, PeerStats, PeerValue, Proto, SKIP_REASONS, TunnelValue,
+};
 use natt_monitor::{
     ebpf::{Attached, PinnedMaps, Variant, Verifier},
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
@@ -15,8 +17,8 @@ use natt_monitor::{
 use natt_monitor_tests::{
     PinDir,
     net::{
-        ADDR_A, ADDR6_A, Cgroup, InjectStats, Injector, Lab, PingResult, StreamResult, ping,
-        stream, stream_between,
+        ADDR_A, ADDR_B, ADDR6_A, Cgroup, InjectStats, Injector, Lab, PingResult, StreamResult,
+        ping, sh, stream, stream_between,
     },
     skip_unless_root,
 };
@@ -597,6 +599,176 @@ fn partial_checksums_and_plaintext_are_never_mismatches() {
                 assert_eq!(stats[0].verified_packets, [0; PROTO_COUNT], "{stats:?}");
                 assert!(c.get(Counter::SkipNotIpsec) > 0);
             }
+        }
+    }
+}
+
+/// A GRE tunnel from A to B: `gnm` in each, inner addresses 10.77.0.1 and .2, B's GRO off (the
+/// documented remedy: GRO on a tunnel device merges inner segments, which cannot be verified).
+/// Returns B's tunnel ifindex and B's network namespace inode; `None` when this kernel has no
+/// GRE (`CONFIG_NET_IPGRE`).
+fn gre_tunnel(lab: &Lab) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let probe = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &lab.a.name,
+            "link",
+            "add",
+            "gnm0",
+            "type",
+            "gre",
+            "remote",
+            ADDR_B,
+        ])
+        .output()
+        .expect("run ip");
+    if !probe.status.success() {
+        eprintln!(
+            "no GRE tunnels on this kernel: {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        );
+        return None;
+    }
+    sh(&["ip", "-n", &lab.a.name, "link", "del", "gnm0"]);
+    for (ns, local, remote, inner) in [
+        (&lab.a, ADDR_A, ADDR_B, "10.77.0.1/30"),
+        (&lab.b, ADDR_B, ADDR_A, "10.77.0.2/30"),
+    ] {
+        let n = ns.name.as_str();
+        sh(&[
+            "ip", "-n", n, "link", "add", "gnm", "type", "gre", "local", local, "remote", remote,
+        ]);
+        sh(&["ip", "-n", n, "addr", "add", inner, "dev", "gnm"]);
+        sh(&["ip", "-n", n, "link", "set", "gnm", "up"]);
+    }
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.b.name,
+        "ethtool",
+        "-K",
+        "gnm",
+        "gro",
+        "off",
+    ]);
+    let ifindex = lab.b.enter(|| {
+        std::fs::read_to_string("/sys/class/net/gnm/ifindex").expect("gnm's ifindex in B")
+    });
+    let netns = std::fs::metadata(format!("/run/netns/{}", lab.b.name))
+        .expect("B's netns file")
+        .ino();
+    Some((
+        ifindex.trim().parse().expect("ifindex"),
+        u32::try_from(netns).expect("32-bit netns inode"),
+    ))
+}
+
+/// Inner segments of a tunnel that NAT-T SAs carry: the injector on B's veth marks each outer
+/// GRE packet `CHECKSUM_UNNECESSARY` (as `esp_input_done2` marks a decapsulated one; GRE
+/// without its checksum option passes the mark to the inner packet) and corrupts every 9th
+/// inner data segment. With B's tunnel listed in `TUNNELS` under SA scope, every corruption is a
+/// mismatch of the tunnel's peer and is dropped, and the stream arrives byte-exact. Listed with
+/// another namespace's inode (an equal ifindex elsewhere), or not listed, the tunnel is none of
+/// the verifier's: nothing is verified, and the kernel delivers the corruption, which shows the
+/// gap is real.
+#[test]
+fn inner_segments_of_a_listed_tunnel_are_verified_and_no_other_devices() {
+    if skip_unless_root("inner_segments_of_a_listed_tunnel_are_verified_and_no_other_devices") {
+        return;
+    }
+    let layout = match scope::layout_from(&std::path::Path::new("/sys").join(scope::VMLINUX_BTF)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "SKIP inner_segments_of_a_listed_tunnel_are_verified_and_no_other_devices: tunnels need SA scope: {e}"
+            );
+            return;
+        }
+    };
+    let peer = env!("CARGO_BIN_EXE_natt-peer");
+    let bytes = 2 * MB;
+    let tcp = Proto::Tcp as usize;
+    for listed in ["this namespace", "another namespace", "nowhere"] {
+        let lab = Lab::new(1500);
+        let Some((ifindex, netns)) = gre_tunnel(&lab) else {
+            eprintln!(
+                "SKIP inner_segments_of_a_listed_tunnel_are_verified_and_no_other_devices: the VM suite's tunnel phase covers it on Debian's kernels"
+            );
+            return;
+        };
+        let cg = Cgroup::new();
+        let mut v = Verifier::load(&Scope::Sa(layout)).expect("load verifier");
+        let maps = v.peer_maps().unwrap();
+        // Id 0: the tunnel's peer (its remote, as discovery names it); id 1: SA scope's
+        // catch-all, which every inner source address falls under first.
+        maps.set_peers(
+            &PeerTable::default(),
+            &PeerTable::new(vec![
+                PeerSpec::new(parse_cidr(ADDR_A).unwrap(), Mode::Enforce),
+                PeerSpec::new(parse_cidr("0.0.0.0/0").unwrap(), Mode::Enforce),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let value = |netns| TunnelValue {
+            peer: PeerValue {
+                id: 0,
+                mode: PeerMode::Enforce as u8,
+                flags: 0,
+                expected_residual: 0,
+            },
+            netns,
+        };
+        match listed {
+            "this namespace" => maps.set_tunnels(&[(ifindex, value(netns))]).unwrap(),
+            "another namespace" => maps.set_tunnels(&[(ifindex, value(netns + 1))]).unwrap(),
+            _ => {}
+        }
+        let root = natt_monitor::cgroup::cgroup2_mount().expect("cgroup2 mount");
+        v.attach(&root).expect("attach at the cgroup2 root");
+        let inj = Injector::attach(&lab.b, lab.dev_b, 9);
+        let s = stream_between(peer, &lab.a, &lab.b, "10.77.0.2:5001", &cg.path, bytes);
+        let r = readings(&v, s, inj.stats());
+        let catch_all = v.stats().peer_stats(1).unwrap();
+        drop(inj);
+        drop(v);
+        log_run(&format!("gre tunnel listed in {listed}"), &r);
+        assert!(
+            r.inject.corrupted > 0,
+            "{listed}: the injector corrupted inner segments"
+        );
+        assert_eq!(
+            catch_all.verified_packets, [0; PROTO_COUNT],
+            "{listed}: {catch_all:?}"
+        );
+        assert_eq!(
+            catch_all.mismatches, [0; PROTO_COUNT],
+            "{listed}: {catch_all:?}"
+        );
+        if listed == "this namespace" {
+            assert_eq!(r.peer.mismatches[tcp], r.inject.corrupted, "{listed}");
+            assert_eq!(r.peer.drops[tcp], r.inject.corrupted, "{listed}");
+            assert_eq!(
+                r.peer.verified_packets[tcp] + r.peer.mismatches[tcp],
+                r.inject.marked,
+                "{listed}: every marked inner segment verified or a mismatch"
+            );
+            assert_eq!(
+                r.stream,
+                StreamResult {
+                    received: bytes,
+                    differing: 0,
+                    invisible: 0
+                },
+                "{listed}: TCP retransmitted every drop"
+            );
+        } else {
+            assert_eq!(r.peer.verified_packets, [0; PROTO_COUNT], "{listed}");
+            assert_eq!(r.peer.mismatches, [0; PROTO_COUNT], "{listed}");
+            assert_eq!(r.stream.received, bytes, "{listed}");
+            assert_app_saw_corruption(&r);
         }
     }
 }

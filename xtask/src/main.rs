@@ -169,23 +169,50 @@ fn lint() -> Result<()> {
         ))
 }
 
-/// Passed and failed test counts over several `cargo test` runs.
+/// Passed, skipped and failed test counts over several `cargo test` runs.
 #[derive(Default)]
 struct Tally {
     passed: u64,
     failed: u64,
+    /// The `SKIP <test>: <reason>` lines skipped tests printed: libtest counts them as
+    /// passed, this tally does not.
+    skipped: Vec<String>,
+}
+
+impl Tally {
+    /// The closing summary line.
+    fn summary(&self) -> String {
+        let skipped = self.skipped.len() as u64;
+        format!(
+            "xtask: {} passed, {skipped} skipped, {} failed",
+            self.passed.saturating_sub(skipped),
+            self.failed
+        )
+    }
 }
 
 /// Runs `cargo test` with `args` (and `env`), echoing its output and adding up its
-/// `test result:` lines.
+/// `test result:` lines, and the `SKIP` lines tests print on stderr.
 fn cargo_test(args: &[&str], env: &[(&str, &str)], tally: &mut Tally) -> Result<()> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.arg("test")
         .args(args)
         .envs(env.iter().copied())
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     eprintln!("xtask: running {cmd:?}");
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let err = child.stderr.take().context("cargo test stderr")?;
+    let skips = std::thread::spawn(move || {
+        let mut skips = Vec::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if line.starts_with("SKIP ") {
+                skips.push(line);
+            }
+        }
+        skips
+    });
     let out = child.stdout.take().context("cargo test stdout")?;
     for line in BufReader::new(out).lines() {
         let line = line.context("reading cargo test output")?;
@@ -210,6 +237,11 @@ fn cargo_test(args: &[&str], env: &[(&str, &str)], tally: &mut Tally) -> Result<
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
+    tally.skipped.extend(
+        skips
+            .join()
+            .map_err(|_| anyhow::anyhow!("the stderr relay panicked"))?,
+    );
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -271,15 +303,19 @@ fn test(no_lint: bool) -> Result<()> {
         if unsafe { libc::geteuid() } == 0 {
             tally.passed += vm::vm_test(None, &[], &[])? as u64;
         } else {
-            eprintln!(
-                "SKIP vm-test: needs root, like the other kernel tests (it runs apt-get and boots QEMU)"
-            );
+            let skip = "SKIP vm-test: needs root, like the other kernel tests (it runs apt-get and boots QEMU)";
+            eprintln!("{skip}");
+            tally.passed += 1;
+            tally.skipped.push(skip.to_owned());
         }
         Ok(())
     })();
-    #[expect(clippy::print_stdout, reason = "the closing summary line CI reads")]
+    #[expect(clippy::print_stdout, reason = "the closing summary lines CI reads")]
     {
-        println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
+        for skip in &tally.skipped {
+            println!("xtask: {skip}");
+        }
+        println!("{}", tally.summary());
     }
     result
 }
@@ -332,5 +368,21 @@ fn main() -> Result<()> {
             out,
             baseline_object,
         } => bench(quick, &out, baseline_object.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn a_skipped_test_is_counted_as_skipped_not_passed() {
+        // libtest reported 5 passed, one of which printed a SKIP line.
+        let t = Tally {
+            passed: 5,
+            failed: 1,
+            skipped: vec!["SKIP systemd_unit_verifies: systemd-analyze is not installed".into()],
+        };
+        assert_eq!(t.summary(), "xtask: 4 passed, 1 skipped, 1 failed");
     }
 }

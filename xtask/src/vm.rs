@@ -94,6 +94,10 @@ pub(crate) const MODULES: &[&str] = &[
     // SCTP through the SA (`sctp.rs` in natt-vm): the guest has no modprobe to load it on the
     // first SCTP socket.
     "sctp",
+    // Tunnels inside the SA (`tunnel.rs` in natt-vm): GRE, IPIP and VXLAN devices.
+    "ip_gre",
+    "ipip",
+    "vxlan",
     "authenc",
     "echainiv",
     "seqiv",

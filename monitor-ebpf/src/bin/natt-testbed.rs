@@ -5,7 +5,8 @@
 //! turns a `CHECKSUM_NONE` skb into `CHECKSUM_UNNECESSARY`, so TCP/UDP skip their own check.
 //! It can also flip one payload byte of every Nth TCP data segment, and of every Nth ICMP
 //! message with payload, *without* fixing the checksum — the "corrupted after the integrity
-//! check" fault — and counts exactly what it did.
+//! check" fault — and counts exactly what it did. It sees through a GRE (IPv4 inside, no
+//! options) or IPIP header to the inner segment, as a tunnel inside a NAT-T SA carries it.
 //!
 //! Benchmark references (`cargo xtask bench`): `natt_noop_skb` and `natt_noop_tc` measure the
 //! fixed cost of each hook; `natt_copy_skb` (copying a live segment out of the skb),
@@ -74,6 +75,20 @@ mod prog {
         TC_ACT_OK
     }
 
+    /// IP protocol numbers of GRE and of IPv4 in IPv4.
+    const IPPROTO_GRE: u8 = 47;
+    const IPPROTO_IPIP: u8 = 4;
+    /// A GRE header with no flags, version 0, carrying IPv4 (0x0800).
+    const GRE_IPV4: u32 = 0x0000_0800;
+
+    /// The protocol, L4 offset and L4 length of the IPv4 header at `off`.
+    fn ipv4_at(ctx: &TcContext, off: usize) -> Result<(u8, usize, usize), i64> {
+        let ip: [u8; 20] = ctx.load(off)?;
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        Ok((ip[9], off + ihl, tot.saturating_sub(ihl)))
+    }
+
     fn slot(i: InjectSlot) -> Option<*mut u64> {
         INJECT_STATS.get_ptr_mut(i as u32)
     }
@@ -83,10 +98,17 @@ mod prog {
         let v4 = eth_proto == 0x0800;
         let (proto, l4_off, l4_len) = match eth_proto {
             0x0800 => {
-                let ip: [u8; 20] = ctx.load(ETH_HLEN)?;
-                let ihl = usize::from(ip[0] & 0x0f) * 4;
-                let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-                (ip[9], ETH_HLEN + ihl, tot.saturating_sub(ihl))
+                let (proto, l4_off, l4_len) = ipv4_at(ctx, ETH_HLEN)?;
+                if proto == IPPROTO_GRE && ctx.load::<u32>(l4_off)? == GRE_IPV4.to_be() {
+                    // A GRE tunnel's outer packet (no options, IPv4 inside): the mark applies
+                    // to it, as esp4.c marks a decapsulated one, and the corruption to the
+                    // inner TCP segment.
+                    ipv4_at(ctx, l4_off + 4)?
+                } else if proto == IPPROTO_IPIP {
+                    ipv4_at(ctx, l4_off)?
+                } else {
+                    (proto, l4_off, l4_len)
+                }
             }
             0x86dd => {
                 let ip: [u8; 40] = ctx.load(ETH_HLEN)?;

@@ -1,11 +1,12 @@
-//! XFRM discovery: the peers the kernel's SAs name.
+//! XFRM discovery: the peers the kernel's SAs name, and the tunnel devices they carry.
 //!
 //! Owns the XFRM notification socket. The first dump is part of start-up (before anything is
-//! attached); afterwards every SA notification, and every `XFRM_RESYNC` without one, leads to a
-//! fresh dump (on the blocking pool) whose peers replace the discovered set in the SA/peer
-//! state. Any netlink failure ends the task, which takes the daemon down.
+//! attached); afterwards every SA or policy notification, and every `XFRM_RESYNC` without one,
+//! leads to a fresh dump (on the blocking pool) whose peers replace the discovered set in the
+//! SA/peer state, and whose tunnels (`crate::tunnels`: the links, the policies, the SAs) replace
+//! the verified tunnel devices. Any netlink failure ends the task, which takes the daemon down.
 
-use std::{io, time::Duration};
+use std::{collections::BTreeMap, io, time::Duration};
 
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
@@ -14,8 +15,77 @@ use crate::{
     config::{Discover, Settings},
     daemon::{DaemonError, log_peers, state::StateHandle},
     peers::{Mode, PeerSpec, Source},
+    tunnels::{self, Coverage, Tunnel},
     xfrm::{self, Watch, XfrmError},
 };
+
+/// Every tunnel device of this host and whether its inner segments are the verifier's, as the
+/// SAs `sas`, the policies and the links stand now.
+///
+/// # Errors
+/// `XfrmError` when the policy or the link dump fails.
+pub fn tunnels_now(sas: &[xfrm::Sa]) -> Result<Tunnels, XfrmError> {
+    let links = tunnels::links().map_err(|source| XfrmError::Io {
+        what: "reading the tunnel devices over rtnetlink",
+        source,
+    })?;
+    if links.is_empty() {
+        return Ok(Vec::new());
+    }
+    let policies = xfrm::dump_policies()?;
+    Ok(links
+        .into_iter()
+        .map(|t| {
+            let c = tunnels::coverage(&t, &policies, sas);
+            (t, c)
+        })
+        .collect())
+}
+
+/// Every tunnel device and whether its inner segments are the verifier's.
+pub type Tunnels = Vec<(Tunnel, Coverage)>;
+
+/// The tunnels last seen, by ifindex, so that only changes are logged.
+pub type SeenTunnels = BTreeMap<u32, (Tunnel, Coverage)>;
+
+/// Logs each tunnel whose coverage changed since `seen` (and updates it); returns the ones to
+/// verify. `on` is false where the verifier cannot take tunnels (address scope, or the
+/// `bounded_loop` variant): those are logged as not verified once.
+pub fn tunnels_changed(seen: &mut SeenTunnels, now: Tunnels, on: bool) -> Vec<Tunnel> {
+    let mut next = SeenTunnels::new();
+    for (t, c) in now {
+        if seen.get(&t.ifindex) != Some(&(t.clone(), c.clone())) {
+            let local = tunnels::show_local(&t);
+            match (&c, on) {
+                (Coverage::Verified, true) => {
+                    info!(tunnel = %t.name, kind = t.kind.name(), remote = %t.remote, %local, "verifying the inner segments of a tunnel that NAT-T transport SAs carry (residual 0)");
+                }
+                (Coverage::Verified, false) => {
+                    warn!(tunnel = %t.name, kind = t.kind.name(), remote = %t.remote, "a tunnel inside NAT-T transport SAs is not verified: that needs SA scope and the bpf_loop variant (5.17+); its inner checksums go unchecked");
+                }
+                // A tunnel with no NAT-T SA from its remote is none of the verifier's business.
+                (Coverage::NoNatTSa, _) => {}
+                (_, _) => {
+                    warn!(tunnel = %t.name, kind = t.kind.name(), remote = %t.remote, reason = %c.reason(), "a tunnel from a NAT-T peer is not verified: something other than ESP may arrive on it, so its inner segments cannot be judged exactly");
+                }
+            }
+        }
+        next.insert(t.ifindex, (t, c));
+    }
+    for (t, c) in seen.values() {
+        if !next.contains_key(&t.ifindex) && *c == Coverage::Verified && on {
+            info!(tunnel = %t.name, "a verified tunnel device is gone");
+        }
+    }
+    *seen = next;
+    if !on {
+        return Vec::new();
+    }
+    seen.values()
+        .filter(|(_, c)| *c == Coverage::Verified)
+        .map(|(t, _)| t.clone())
+        .collect()
+}
 
 /// How often discovery re-reads the SAs even without a notification.
 pub const XFRM_RESYNC: Duration = Duration::from_secs(30);
@@ -26,29 +96,34 @@ pub const XFRM_RESYNC: Duration = Duration::from_secs(30);
 ///
 /// # Errors
 /// `DaemonError::Discovery`.
-pub fn start(settings: &Settings) -> Result<(Option<Watch>, Vec<PeerSpec>), DaemonError> {
+pub fn start(settings: &Settings) -> Result<(Option<Watch>, Vec<PeerSpec>, Tunnels), DaemonError> {
     if settings.discover == Discover::None {
-        return Ok((None, Vec::new()));
+        return Ok((None, Vec::new(), Vec::new()));
     }
     let t0 = std::time::Instant::now();
-    let opened = Watch::open().and_then(|w| xfrm::dump().map(|sas| (w, sas)));
+    let opened = Watch::open().and_then(|w| {
+        let sas = xfrm::dump()?;
+        let tunnels = tunnels_now(&sas)?;
+        Ok((w, sas, tunnels))
+    });
     match opened {
-        Ok((w, sas)) => {
+        Ok((w, sas, tunnels)) => {
             let peers = xfrm::peers_from(&sas, settings.default_mode, xfrm::is_local);
             info!(
                 sas = sas.len(),
                 peers = peers.len(),
+                tunnels = tunnels.len(),
                 dump_ms = t0.elapsed().as_millis(),
                 "XFRM discovery: read the kernel's SAs"
             );
-            Ok((Some(w), peers))
+            Ok((Some(w), peers, tunnels))
         }
         Err(e) if !settings.discover_required && matches!(e, XfrmError::Open(_)) => {
             if settings.peers.is_empty() {
                 return Err(DaemonError::Discovery(e));
             }
             info!(error = %e, "XFRM discovery off: this kernel has no XFRM netlink; static peers only");
-            Ok((None, Vec::new()))
+            Ok((None, Vec::new(), Vec::new()))
         }
         Err(e) => Err(DaemonError::Discovery(e)),
     }
@@ -67,6 +142,8 @@ pub async fn follow(
     watch: Option<AsyncFd<Watch>>,
     state: StateHandle,
     errors: prometheus::IntCounter,
+    mut seen: SeenTunnels,
+    tunnels_on: bool,
 ) -> io::Result<()> {
     let Some(mut watch) = watch else {
         return std::future::pending().await;
@@ -84,13 +161,13 @@ pub async fn follow(
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = watch.get_mut().read_pending().map_err(fail)?;
         }
-        let (peers, sas, dump_ms) = tokio::task::spawn_blocking(move || {
+        let (peers, sas, tunnels, dump_ms) = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
-            xfrm::dump().map(|sas| {
-                // The state task gives discovered peers the mode in force (a reload changes it).
-                let peers = xfrm::peers_from(&sas, Mode::default(), xfrm::is_local);
-                (peers, sas.len(), t0.elapsed().as_millis())
-            })
+            let sas = xfrm::dump()?;
+            let tunnels = tunnels_now(&sas)?;
+            // The state task gives discovered peers the mode in force (a reload changes it).
+            let peers = xfrm::peers_from(&sas, Mode::default(), xfrm::is_local);
+            Ok::<_, XfrmError>((peers, sas.len(), tunnels, t0.elapsed().as_millis()))
         })
         .await
         .map_err(io::Error::other)?
@@ -113,6 +190,11 @@ pub async fn follow(
                 errors.inc();
                 error!(error = %e, "XFRM discovery could not update the peers; will retry on the next change");
             }
+        }
+        let verified = tunnels_changed(&mut seen, tunnels, tunnels_on);
+        if let Err(e) = state.replace_tunnels(verified).await {
+            errors.inc();
+            error!(error = %e, "XFRM discovery could not update the tunnel devices; will retry on the next change");
         }
     }
 }

@@ -158,16 +158,15 @@ impl Readings for KernelReadings {
     fn read(&self) -> Snapshot {
         let t0 = Instant::now();
         let view = Arc::clone(&self.view.borrow());
+        let by_source = |s: &Source| (*s, view.table.count_by_source(*s));
         let mut snap = Snapshot {
-            peers_by_source: Source::ALL
-                .iter()
-                .map(|s| (*s, view.table.count_by_source(*s)))
-                .collect(),
+            peers_by_source: Source::ALL.iter().map(by_source).collect(),
             kernel: snmp::read(&self.proc_path),
             up: self.health.check().is_ok(),
             residuals_evicted: view.residuals_evicted,
             peers_observe_only: view.observe_only,
             peers_over_limit: view.over_limit,
+            tunnels: view.tunnels,
             ..Snapshot::default()
         };
         // Residuals the LRU forgot: restored by the verifier from the NAT mapping's record, or

@@ -140,6 +140,9 @@ pub enum DaemonError {
     /// XFRM discovery could not start.
     #[error("--discover xfrm: {0}")]
     Discovery(#[from] XfrmError),
+    /// The first list of tunnel devices could not be written to the verifier's map.
+    #[error("installing the tunnel devices: {0}")]
+    Tunnels(String),
     /// `--scope sa` was asked for, but the kernel's BTF does not give the `sec_path` layout.
     #[error("--scope sa: {0}")]
     Scope(#[from] LayoutError),
@@ -390,7 +393,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     check_map_memory(&settings)?;
     // Discovery starts before anything is attached: the first SA dump is part of the initial
     // peer set, and an explicit --discover xfrm on a kernel without XFRM fails here.
-    let (watch, discovered) = discovery::start(&settings)?;
+    let (watch, discovered, tunnels) = discovery::start(&settings)?;
     if let Some(dir) = &settings.pin
         && crate::pin::prepare(dir)?
     {
@@ -400,6 +403,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         );
     }
     let mut k = Loaded::load(&settings, scope, features.variant(), discovered)?;
+    let (seen, tunnels_on) = k.install_tunnels(scope, tunnels)?;
     let watch = watch
         .map(|w| watch_fd("XFRM notification", w))
         .transpose()?;
@@ -449,7 +453,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     tasks.spawn("http", http::serve(listener, Arc::new(endpoint), site));
     tasks.spawn(
         "xfrm-discovery",
-        discovery::follow(watch, handle.clone(), discovery_errors),
+        discovery::follow(watch, handle.clone(), discovery_errors, seen, tunnels_on),
     );
     let hold = hold_pins(&settings);
     tasks.spawn(
@@ -505,6 +509,24 @@ struct Loaded {
 }
 
 impl Loaded {
+    /// Puts the tunnel devices discovery found in `TUNNELS`, before anything is attached.
+    /// Tunnels need SA scope (a missing `sec_path` is what leads to them) and the `bpf_loop`
+    /// variant; elsewhere they are only logged. Returns what was seen, for discovery to follow,
+    /// and whether tunnels are verified.
+    fn install_tunnels(
+        &mut self,
+        scope: Scope,
+        tunnels: discovery::Tunnels,
+    ) -> Result<(discovery::SeenTunnels, bool), DaemonError> {
+        let on = matches!(scope, Scope::Sa(_)) && self.verifier.variant() == Variant::BpfLoop;
+        let mut seen = discovery::SeenTunnels::new();
+        let verified = discovery::tunnels_changed(&mut seen, tunnels, on);
+        self.sa_state
+            .set_tunnels(verified)
+            .map_err(DaemonError::Tunnels)?;
+        Ok((seen, on))
+    }
+
     fn load(
         settings: &Settings,
         scope: Scope,

@@ -15,7 +15,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use monitor_ebpf::{PROTO_COUNT, Proto};
+use monitor_ebpf::{PROTO_COUNT, PeerValue, Proto, TunnelValue};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -27,6 +27,7 @@ use crate::{
     peers::{Mode, PeerSpec, PeerTable, Source},
     residuals::{Judged, Residuals},
     scope::Scope,
+    tunnels::Tunnel,
 };
 
 /// What the drain and the scrape see of the state.
@@ -47,6 +48,8 @@ pub struct View {
     pub observe_only: usize,
     /// Discovered peers and catch-alls left out of the maps by `--max-peers`.
     pub over_limit: usize,
+    /// Tunnel devices whose inner segments the verifier takes in scope (`TUNNELS`).
+    pub tunnels: usize,
 }
 
 impl View {
@@ -81,6 +84,7 @@ enum Command {
         Vec<PeerSpec>,
         oneshot::Sender<Result<Option<Applied>, String>>,
     ),
+    Tunnels(Vec<Tunnel>, oneshot::Sender<Result<(), String>>),
     Sample(Learning),
 }
 
@@ -129,6 +133,20 @@ impl StateHandle {
         rx.await.map_err(|_| GONE.to_owned())?
     }
 
+    /// Replaces the tunnel devices whose inner segments are verified (`crate::tunnels`); each
+    /// counts under the peer that covers its remote. On error the previous ones stay.
+    ///
+    /// # Errors
+    /// As `replace_static`.
+    pub async fn replace_tunnels(&self, tunnels: Vec<Tunnel>) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Tunnels(tunnels, reply))
+            .await
+            .map_err(|_| GONE.to_owned())?;
+        rx.await.map_err(|_| GONE.to_owned())?
+    }
+
     /// Hands over one record of the learning ring. Waits while the state is busy (the drain slows down
     /// rather than losing samples).
     ///
@@ -168,6 +186,10 @@ pub struct SaState {
     observe_only: [usize; 2],
     /// Discovered peers and catch-alls the last peer set left out (`fit`).
     over_limit: usize,
+    /// The tunnel devices whose inner segments are verified, and what `TUNNELS` holds for
+    /// them (ifindex, the value of the peer that covers the tunnel's remote).
+    tunnels: Vec<Tunnel>,
+    tunnel_values: Vec<(u32, TunnelValue)>,
 }
 
 impl std::fmt::Debug for SaState {
@@ -373,6 +395,8 @@ impl SaState {
             learning_mismatches: BTreeMap::new(),
             observe_only,
             over_limit,
+            tunnels: Vec::new(),
+            tunnel_values: Vec::new(),
         };
         state.publish();
         Ok((state, rx))
@@ -411,6 +435,9 @@ impl SaState {
                     };
                     let _ = reply.send(out);
                 }
+                Command::Tunnels(tunnels, reply) => {
+                    let _ = reply.send(self.set_tunnels(tunnels));
+                }
                 Command::Sample(s) => self.sample(&s),
             }
         }
@@ -436,7 +463,54 @@ impl SaState {
             learning_mismatches: self.learning_mismatches.clone(),
             observe_only: self.observe_only.iter().sum(),
             over_limit: self.over_limit,
+            tunnels: self.tunnel_values.len(),
         }));
+    }
+
+    /// Makes `tunnels` the verified tunnel devices and writes `TUNNELS` to match.
+    ///
+    /// # Errors
+    /// A map update that failed; the previous tunnels stay.
+    pub fn set_tunnels(&mut self, tunnels: Vec<Tunnel>) -> Result<(), String> {
+        let before = std::mem::replace(&mut self.tunnels, tunnels);
+        self.write_tunnels().inspect_err(|_| self.tunnels = before)
+    }
+
+    /// Writes `TUNNELS` when what it should hold changed: each tunnel counts under the longest
+    /// prefix of the peer table that holds its remote, in that peer's mode, expecting residual 0
+    /// and learning nothing. A tunnel whose remote no peer covers is left out.
+    fn write_tunnels(&mut self) -> Result<(), String> {
+        let mut values: Vec<(u32, TunnelValue)> = self
+            .tunnels
+            .iter()
+            .filter_map(|t| {
+                let (id, spec) = self
+                    .table
+                    .iter()
+                    .filter(|(_, p)| p.net.contains(&t.remote))
+                    .max_by_key(|(_, p)| p.net.prefix_len())?;
+                let peer = PeerValue {
+                    flags: 0,
+                    expected_residual: 0,
+                    ..self.table.value(id, spec)
+                };
+                Some((
+                    t.ifindex,
+                    TunnelValue {
+                        peer,
+                        netns: t.netns,
+                    },
+                ))
+            })
+            .collect();
+        values.truncate(monitor_ebpf::MAX_TUNNELS as usize);
+        if values == self.tunnel_values {
+            return Ok(());
+        }
+        self.maps.set_tunnels(&values).map_err(|e| e.to_string())?;
+        self.tunnel_values = values;
+        self.publish();
+        Ok(())
     }
 
     /// Replaces the static or the discovered peers: reconciles ids, updates the maps
@@ -498,6 +572,10 @@ impl SaState {
         }
         self.over_limit = over_limit;
         self.publish();
+        // The peers' ids and modes are what the tunnels count under.
+        if let Err(e) = self.write_tunnels() {
+            error!(error = %e, "could not update the tunnel devices' peers; TUNNELS keeps the previous ones");
+        }
         Ok(Applied {
             added,
             removed,

@@ -3,12 +3,12 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use monitor_ebpf::{
     CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, Held, IcmpCounters, LEARNING_RING_BYTES,
-    MAX_PEERS, MAX_SA_RESIDUALS, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6, PeerValue,
-    SaKey, SaTrust, SctpCounters, SecpathLayout, TRUST_SLOTS,
+    MAX_PEERS, MAX_SA_RESIDUALS, MAX_TUNNELS, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6,
+    PeerValue, SaKey, SaTrust, SctpCounters, SecpathLayout, TRUST_SLOTS, TunnelValue,
 };
 
 use crate::{sum::CHUNK_WORDS, trust::Scratch};
@@ -32,6 +32,9 @@ pub static SECPATH: Global<SecpathLayout> = Global::new(SecpathLayout {
     x_reqid: 0,
     encap_sport: 0,
     x_km_state: 0,
+    skb_dev: 0,
+    dev_net: 0,
+    net_inum: 0,
 });
 
 /// One field of `SECPATH`, read where it is used. The loader rewrites the value, so reads are
@@ -60,6 +63,18 @@ pub static PEERS_V4: LpmTrie<PeerKeyV4, PeerValue> = LpmTrie::with_max_entries(M
 /// As `PEERS_V4`, for IPv6.
 #[map]
 pub static PEERS_V6: LpmTrie<PeerKeyV6, PeerValue> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+/// SA scope: the tunnel devices (by ifindex, and the network namespace that ifindex is unique
+/// in) whose every inner packet came through a NAT-T transport SA, and the peer their inner
+/// segments count under, with residual 0 (a NAT rewrote the outer addresses only) and no
+/// learning. Written by the daemon's state task; not pinned:
+/// a verifier left running keeps the map it was loaded with.
+#[map]
+pub static TUNNELS: HashMap<u32, TunnelValue> = HashMap::with_max_entries(MAX_TUNNELS, 0);
+/// Slot 0: how many entries `TUNNELS` holds. Plaintext traffic (no `sec_path`) looks `TUNNELS`
+/// up only while it is not 0: an array lookup the kernel inlines, where the hash lookup is a
+/// call and a hash.
+#[map]
+pub static TUNNEL_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 /// The residual of each SA (`SaKey`) and the verifier's evidence against it. Userspace writes
 /// what it learned; the verifier writes what an SA inherits and removes what it withdraws.
 #[map]

@@ -4,9 +4,12 @@
 //! without BTF, leaves out what is certainly plaintext.
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_probe_read_kernel, programs::SkBuffContext};
-use monitor_ebpf::{Counter, XFRM_MAX_DEPTH, XFRM_MODE_TRANSPORT, csum};
+use monitor_ebpf::{Counter, PeerValue, XFRM_MAX_DEPTH, XFRM_MODE_TRANSPORT, csum};
 
-use crate::{maps::secpath, parse::L4};
+use crate::{
+    maps::{TUNNEL_COUNT, TUNNELS, secpath},
+    parse::{L4, skb},
+};
 
 const IKE_PORT: u16 = 500;
 const NATT_PORT: u16 = 4500;
@@ -73,6 +76,50 @@ pub fn ipsec_state(ctx: &SkBuffContext) -> Result<Sa, Counter> {
         sport: ports[0],
         dport: ports[1],
     })
+}
+
+/// Why a packet is the verifier's: the SA that decapsulated it (`Sa::NONE` under address
+/// scope), or, with `TUNNELS` (the `bpf_loop` variant), the tunnel device it came out of and the
+/// peer that tunnel counts under. A tunnel's decapsulation scrubs the `sec_path`
+/// (`skb_scrub_packet` in `__iptunnel_pull_header`) but keeps the `CHECKSUM_UNNECESSARY` mark
+/// `esp_input_done2` set on the outer packet, so its inner segments skip their check too; the
+/// daemon lists only tunnels that an inbound policy requires ESP for (docs/verifier.md).
+#[inline(always)]
+pub fn in_scope<const TUNNELS_ON: bool>(
+    ctx: &SkBuffContext,
+) -> Result<(Sa, Option<PeerValue>), Counter> {
+    if secpath!(enabled) == 0 {
+        return Ok((Sa::NONE, None));
+    }
+    match ipsec_state(ctx) {
+        Err(Counter::SkipNotIpsec) if TUNNELS_ON => Ok((Sa::NONE, Some(tunnel_peer(ctx)?))),
+        r => r.map(|sa| (sa, None)),
+    }
+}
+
+/// The peer of the tunnel device a packet without `sec_path` arrived on (`ingress_ifindex`
+/// is the device whose receive path last ran, the tunnel's for its inner packets), or
+/// `not_ipsec`. An ifindex is unique only within a network namespace, so a hit is confirmed
+/// by the namespace of the skb's device (`skb->dev->nd_net.net->ns.inum`): three reads, paid
+/// only by packets whose ifindex is a listed tunnel's.
+#[inline(always)]
+fn tunnel_peer(ctx: &SkBuffContext) -> Result<PeerValue, Counter> {
+    if TUNNEL_COUNT.get(0).copied().unwrap_or(0) == 0 {
+        return Err(Counter::SkipNotIpsec);
+    }
+    // A copy: the kernel takes a map key from the stack, not from the context.
+    let ifindex = skb(ctx).ingress_ifindex;
+    // SAFETY: a map lookup with a key on the stack.
+    let t = unsafe { TUNNELS.get(&ifindex) }
+        .copied()
+        .ok_or(Counter::SkipNotIpsec)?;
+    let dev: u64 = kread(ctx.as_ptr() as u64 + u64::from(secpath!(skb_dev)))?;
+    let net: u64 = kread(dev + u64::from(secpath!(dev_net)))?;
+    let inum: u32 = kread(net + u64::from(secpath!(net_inum)))?;
+    if inum != t.netns {
+        return Err(Counter::SkipNotIpsec);
+    }
+    Ok(t.peer)
 }
 
 /// The SA's SPI (network byte order), which names it in `SA_TRUST`; 0 under address scope or

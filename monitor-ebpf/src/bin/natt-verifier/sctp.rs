@@ -22,10 +22,10 @@ use aya_ebpf::{
 use monitor_ebpf::{Action, Counter, IPPROTO_SCTP, PeerMode, blocksum::BLOCK, crc32c};
 
 use crate::{
-    maps::{CAPTURE_ON, SCRATCH, secpath},
+    maps::{CAPTURE_ON, SCRATCH},
     parse::{parse_l3, parse_sctp},
     report,
-    scope::{Sa, ipsec_state},
+    scope::in_scope,
     stats::{bump, count_sctp},
     sum::{CHUNK, load_into, opaque},
 };
@@ -54,12 +54,11 @@ pub fn natt_sctp(ctx: SkBuffContext) -> i32 {
 /// True to deliver the packet; a skip reason when it cannot be checked.
 #[inline(always)]
 fn verify(ctx: &SkBuffContext) -> Result<bool, Counter> {
-    let sa = if secpath!(enabled) != 0 {
-        ipsec_state(ctx)?
-    } else {
-        Sa::NONE
-    };
-    let l3 = parse_l3::<true, true>(ctx)?;
+    let (sa, tunnel) = in_scope::<true>(ctx)?;
+    let mut l3 = parse_l3::<true, true>(ctx)?;
+    if let Some(peer) = tunnel {
+        l3.peer = peer;
+    }
     if l3.proto != IPPROTO_SCTP {
         return Err(Counter::SkipOtherProtocol);
     }

@@ -14,7 +14,7 @@ use crate::{
     maps::{CAPTURE_ON, JUMP, SCTP_JUMP, secpath},
     parse::{L3, L4, parse_l3, parse_l4},
     report::{self, Mismatch},
-    scope::{Sa, address_scope_exemptions, ipsec_state},
+    scope::{Sa, address_scope_exemptions, in_scope},
     sctp::SCTP_SLOT,
     stats::{bump, bump_trust, count, count_icmp},
     sum::sum_segment,
@@ -66,14 +66,15 @@ fn verdict(r: Result<Verdict, Counter>) -> i32 {
 #[inline(always)]
 fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Counter> {
     let sa_scope = secpath!(enabled) != 0;
-    // SA scope dismisses everything that did not come through a NAT-T transport SA before
-    // touching a header: one read of `active_extensions` for ordinary traffic.
-    let sa = if sa_scope {
-        ipsec_state(ctx)?
-    } else {
-        Sa::NONE
-    };
-    let l3 = parse_or_hand_over::<BPF_LOOP>(ctx)?;
+    // SA scope dismisses everything that did not come through a NAT-T transport SA (or out of
+    // a tunnel that one carries) before touching a header: one read of `active_extensions`
+    // for ordinary traffic, and one inlined array lookup while tunnels are listed.
+    let (sa, tunnel) = in_scope::<BPF_LOOP>(ctx)?;
+    let mut l3 = parse_or_hand_over::<BPF_LOOP>(ctx)?;
+    if let Some(peer) = tunnel {
+        // The inner addresses are the tunnel's own: the tunnel's peer, residual 0.
+        l3.peer = peer;
+    }
     if !BPF_LOOP && l3.proto == IPPROTO_ICMP {
         // The bounded-loop variant (kernels before 5.17) leaves ICMP alone: a third protocol
         // through its summing loop took 5.10's verifier past its 1M-instruction budget

@@ -174,15 +174,21 @@ fn icmp_csum_errors(t: &Topology, v6: bool) -> u64 {
     if v6 {
         return proc_value(t, "/proc/net/snmp6", "Icmp6InCsumErrors");
     }
+    snmp_value(t, "Icmp:", "InCsumErrors")
+}
+
+/// The value of `name` in the `row` (`Icmp:`, `Tcp:`) of B's `/proc/net/snmp`, whose rows come
+/// in pairs: the names, then the values.
+pub(crate) fn snmp_value(t: &Topology, row: &str, name: &str) -> u64 {
     let snmp = ns_out(&t.b, &["cat", "/proc/net/snmp"]);
-    let mut rows = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let mut rows = snmp.lines().filter(|l| l.starts_with(row));
     let (names, values) = (rows.next().unwrap_or(""), rows.next().unwrap_or(""));
     names
         .split_whitespace()
         .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "InCsumErrors")
+        .find(|(n, _)| *n == name)
         .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| panic!("no Icmp InCsumErrors in B's /proc/net/snmp:\n{snmp}"))
+        .unwrap_or_else(|| panic!("no {row} {name} in B's /proc/net/snmp:\n{snmp}"))
 }
 
 /// The phase: ICMP policies on A and B, then `PINGS` echo requests from B (in `cg`) to A as B

@@ -35,6 +35,7 @@ mod strongswan;
 mod systemd;
 mod topology;
 mod traffic;
+mod tunnel;
 mod verdict;
 
 use std::{fs, process::Command, time::Instant};
@@ -146,7 +147,7 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
 /// The scenario's `NATT-VM RESULT` line.
 fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
     format!(
-        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} invisible={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} sctp={} captured={} seconds={secs:.1} result={}",
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} invisible={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} sctp={} tunnel={} captured={} seconds={secs:.1} result={}",
         s.name,
         s.setup,
         s.mode,
@@ -206,6 +207,9 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
         m.sctp
             .as_ref()
             .map_or_else(|| "-".to_owned(), sctp::SctpRun::summary),
+        m.tunnel
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), tunnel::TunnelRun::summary),
         m.captured,
         if ok { "ok" } else { "FAILED" }
     )

@@ -26,6 +26,7 @@ use crate::{
     strongswan::swanctl,
     topology::{Topology, ns_sh},
     traffic::{plaintext, rekey_during_stream, stream},
+    tunnel::{TunnelRun, through_tunnels},
 };
 
 /// What one scenario measured.
@@ -93,6 +94,8 @@ pub(crate) struct Measured {
     pub(crate) icmp: Option<IcmpRun>,
     /// `ICMP_SCENARIOS`: the SCTP stream through the SA after the pings.
     pub(crate) sctp: Option<SctpRun>,
+    /// `TUNNEL_SCENARIOS`: the streams through tunnels inside the SA, last.
+    pub(crate) tunnel: Option<TunnelRun>,
 }
 
 impl Measured {
@@ -451,8 +454,15 @@ pub(crate) fn run(s: &Scenario) -> Measured {
             m.sctp = Some(stream_through_sa(&t, s, &cg.path, &peer));
         }
     }
+    if TUNNEL_SCENARIOS.contains(&s.name) {
+        m.tunnel = Some(through_tunnels(&t, s, &cg.path, &peer));
+    }
     m
 }
+
+/// The scenarios that end with streams through a GRE and an IPIP tunnel inside their SA
+/// (`tunnel.rs`): one in each mode, both with R's NAT between the hosts.
+pub(crate) const TUNNEL_SCENARIOS: [&str; 2] = ["d-nat-learned", "l-constant-delta-observe"];
 
 /// The scenarios that end with pings and an SCTP stream through their SA (`icmp.rs`,
 /// `sctp.rs`).

@@ -70,12 +70,25 @@ pub(crate) fn stream_with(
     port: u16,
     extra: &[&str],
 ) -> Receiver {
+    stream_to(t, from, cgroup, t.addrs.b, bytes, port, extra)
+}
+
+/// As `stream_with`, to B's address `to` (a tunnel's inner address).
+pub(crate) fn stream_to(
+    t: &Topology,
+    from: &Netns,
+    cgroup: &Path,
+    to: &str,
+    bytes: u64,
+    port: u16,
+    extra: &[&str],
+) -> Receiver {
     let mut recv = Command::new(bin("natt-peer"))
         .args(["recv", "--netns", &t.b.name, "--cgroup"])
         .arg(cgroup)
         .args([
             "--listen",
-            &Addrs::sock(t.addrs.b, port),
+            &Addrs::sock(to, port),
             "--bytes",
             &bytes.to_string(),
         ])
@@ -90,7 +103,7 @@ pub(crate) fn stream_with(
     std::io::Read::read_exact(&mut out, &mut ready).expect("receiver READY");
     let send = Command::new(bin("natt-peer"))
         .args(["send", "--netns", &from.name, "--connect"])
-        .arg(Addrs::sock(t.addrs.b, port))
+        .arg(Addrs::sock(to, port))
         .args(["--bytes", &bytes.to_string()])
         .args(fill_args(t))
         .args(extra)

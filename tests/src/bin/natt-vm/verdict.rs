@@ -25,6 +25,19 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
     if s.corrupt {
         expect(m.injected > 0, "the rule corrupted nothing".into());
     }
+    if crate::run::TUNNEL_SCENARIOS.contains(&s.name) {
+        let ok = m.tunnel.as_ref().is_some_and(|r| r.exact(s.mode));
+        let got = m
+            .tunnel
+            .as_ref()
+            .map_or_else(|| "not run".to_owned(), crate::tunnel::TunnelRun::summary);
+        expect(
+            ok,
+            format!(
+                "tunnels through the SA: {got}; want every corrupted inner segment counted, exactly, and no plaintext tunnel verified"
+            ),
+        );
+    }
     if crate::run::ICMP_SCENARIOS.contains(&s.name) {
         let ok = m.icmp.as_ref().is_some_and(|i| i.exact(s.mode));
         let got = m

@@ -1,0 +1,532 @@
+//! Tunnels inside NAT-T transport SAs: GRE, IPIP, SIT and ip6 tunnel devices whose packets a
+//! NAT-T transport SA carries.
+//!
+//! `esp_input_done2` marks the decapsulated packet `CHECKSUM_UNNECESSARY`; a tunnel's receive
+//! path scrubs the `sec_path` (`skb_scrub_packet`) but keeps the mark, so the inner TCP, UDP,
+//! ICMP and SCTP checks are skipped as well and the verifier sees the inner segment with no
+//! IPsec state. The daemon therefore names such devices to the verifier (`TUNNELS`, by
+//! ifindex). A device qualifies when its every inner packet came through ESP: it has a fixed
+//! remote, an inbound NAT-T transport SA comes from that remote, and the inbound policies that
+//! can match its outer packets (that remote, its local address, the tunnel's protocol) require
+//! ESP in transport mode, with none of equal or better priority letting plaintext in. The kernel
+//! drops a packet that a required template did not decapsulate (`xfrm_policy_check` in
+//! `ip_protocol_deliver_rcu` for GRE, in `ipip_rcv` and `ipip6_rcv` for IPIP and SIT), so
+//! nothing else arrives on it: its inner segments carry their sender's checksums, the inner
+//! addresses are not NAT'd, and residual 0 is exact. Links are read over rtnetlink, parsed by
+//! the maintained `netlink-packet-route` crate.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{
+        InfoData, InfoGre, InfoGre6, InfoIpTunnel, InfoKind, LinkAttribute, LinkInfo, LinkMessage,
+    },
+};
+use netlink_packet_xfrm::{XFRM_POLICY_BLOCK, XFRM_POLICY_IN};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::xfrm::{Policy, Sa};
+
+/// IP protocol numbers a tunnel's outer packets carry.
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const IPPROTO_GRE: u8 = 47;
+
+/// A tunnel device's kind, as `ip link` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Gre,
+    Ip6Gre,
+    Ipip,
+    Sit,
+    Ip6Tnl,
+}
+
+impl Kind {
+    /// The name `ip link add ... type` takes.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Gre => "gre",
+            Self::Ip6Gre => "ip6gre",
+            Self::Ipip => "ipip",
+            Self::Sit => "sit",
+            Self::Ip6Tnl => "ip6tnl",
+        }
+    }
+}
+
+/// One point-to-point tunnel device.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tunnel {
+    pub ifindex: u32,
+    /// The inode number of the network namespace it lives in (this process's).
+    pub netns: u32,
+    pub name: String,
+    pub kind: Kind,
+    /// The outer source address it accepts packets from.
+    pub remote: IpAddr,
+    /// Its outer local address; `None` when any local address will do.
+    pub local: Option<IpAddr>,
+    /// The outer protocols it receives: GRE, or IPIP and IPv6-in-IP for the IP tunnels.
+    pub protocols: Vec<u8>,
+}
+
+/// Whether a tunnel's inner segments are the verifier's, and why not.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Coverage {
+    /// Every inner packet came through a NAT-T transport SA: verified against residual 0.
+    Verified,
+    /// No inbound NAT-T transport SA comes from its remote: the kernel checks its inner
+    /// segments, or nothing arrives on it through IPsec.
+    NoNatTSa,
+    /// No inbound policy requires ESP in transport mode for this protocol from its remote.
+    NotRequired { protocol: u8 },
+    /// An inbound policy of equal or better priority than the one requiring ESP can let this
+    /// protocol in without it (no template, an optional one, or a narrower selector).
+    PlaintextAllowed { protocol: u8, priority: u32 },
+}
+
+impl Coverage {
+    /// Why the tunnel is left out, for the log; empty when it is verified.
+    #[must_use]
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Verified => String::new(),
+            Self::NoNatTSa => "no inbound NAT-T transport SA comes from its remote".into(),
+            Self::NotRequired { protocol } => format!(
+                "no inbound policy requires ESP in transport mode for protocol {protocol} from its remote"
+            ),
+            Self::PlaintextAllowed { protocol, priority } => format!(
+                "an inbound policy of priority {priority} lets protocol {protocol} from its remote in without a required ESP transport template"
+            ),
+        }
+    }
+}
+
+/// The kernel's verdict on `tunnel` as `policies` and `sas` stand.
+#[must_use]
+pub fn coverage(tunnel: &Tunnel, policies: &[Policy], sas: &[Sa]) -> Coverage {
+    let from_remote = |sa: &Sa| {
+        sa.src == tunnel.remote && sa.skips_checksums() && tunnel.local.is_none_or(|l| sa.dst == l)
+    };
+    if !sas.iter().any(from_remote) {
+        return Coverage::NoNatTSa;
+    }
+    for &protocol in &tunnel.protocols {
+        let matches = |p: &&Policy| {
+            p.dir == XFRM_POLICY_IN
+                && p.src.contains(&tunnel.remote)
+                && (p.proto == 0 || p.proto == protocol)
+                && tunnel
+                    .local
+                    .map_or(p.dst.prefix_len() == 0, |l| p.dst.contains(&l))
+        };
+        // The best policy that covers every packet of this protocol and requires ESP; then no
+        // policy that can match some of them may win over it without requiring ESP too.
+        let Some(best) = policies
+            .iter()
+            .filter(matches)
+            .filter(|p| p.requires_esp_transport && !p.narrowed)
+            .map(|p| p.priority)
+            .min()
+        else {
+            return Coverage::NotRequired { protocol };
+        };
+        let local_any = tunnel.local.is_none();
+        let rival = policies.iter().find(|p| {
+            p.dir == XFRM_POLICY_IN
+                && p.priority <= best
+                && p.src.contains(&tunnel.remote)
+                && (p.proto == 0 || p.proto == protocol)
+                && (local_any || tunnel.local.is_some_and(|l| p.dst.contains(&l)))
+                && !p.requires_esp_transport
+                && p.action != XFRM_POLICY_BLOCK
+        });
+        if let Some(p) = rival {
+            return Coverage::PlaintextAllowed {
+                protocol,
+                priority: p.priority,
+            };
+        }
+    }
+    Coverage::Verified
+}
+
+/// The tunnel a link message describes: a GRE, IPIP, SIT or ip6 tunnel with a fixed remote.
+/// Fallback devices (`gre0`, `tunl0`, `sit0`, `ip6tnl0`) and tunnels without a remote accept
+/// packets from anywhere and are not tunnels in this sense.
+#[must_use]
+pub fn from_link(m: &LinkMessage) -> Option<Tunnel> {
+    let mut name = None;
+    let mut kind = None;
+    let mut data = None;
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        LinkInfo::Kind(k) => kind = Some(k.clone()),
+                        LinkInfo::Data(d) => data = Some(d),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let (kind, (local, remote, proto)) = match (kind?, data?) {
+        (InfoKind::GreTun, InfoData::GreTun(d)) => (Kind::Gre, gre_ends(d)),
+        (InfoKind::GreTun6, InfoData::GreTun6(d)) => (Kind::Ip6Gre, gre6_ends(d)),
+        (InfoKind::IpIp, InfoData::IpTunnel(d)) => (Kind::Ipip, ip_tunnel_ends(d)),
+        (InfoKind::SitTun, InfoData::IpTunnel(d)) => (Kind::Sit, ip_tunnel_ends(d)),
+        (InfoKind::Ip6Tnl, InfoData::IpTunnel(d)) => (Kind::Ip6Tnl, ip_tunnel_ends(d)),
+        _ => return None,
+    };
+    let remote = remote.filter(|r| !r.is_unspecified())?;
+    let protocols = match (kind, proto) {
+        (Kind::Gre | Kind::Ip6Gre, _) => vec![IPPROTO_GRE],
+        (Kind::Ipip, _) => vec![IPPROTO_IPIP],
+        // `mode any` (protocol 0) receives both.
+        (Kind::Sit | Kind::Ip6Tnl, Some(p)) if p != 0 => vec![p],
+        (Kind::Sit | Kind::Ip6Tnl, _) => vec![IPPROTO_IPIP, IPPROTO_IPV6],
+    };
+    Some(Tunnel {
+        ifindex: m.header.index,
+        netns: 0,
+        name: name?,
+        kind,
+        remote,
+        local: local.filter(|l| !l.is_unspecified()),
+        protocols,
+    })
+}
+
+/// A tunnel's local and remote address and, for the IP tunnels, the protocol it carries.
+type Ends = (Option<IpAddr>, Option<IpAddr>, Option<u8>);
+
+/// One attribute of a tunnel's link data, as far as `Ends` goes.
+enum End {
+    Local(IpAddr),
+    Remote(IpAddr),
+    Protocol(u8),
+    Other,
+}
+
+/// The `Ends` of a tunnel's link data, each attribute read by `end`.
+fn ends<A>(data: &[A], end: impl Fn(&A) -> End) -> Ends {
+    let mut e: Ends = (None, None, None);
+    for a in data {
+        match end(a) {
+            End::Local(l) => e.0 = Some(l),
+            End::Remote(r) => e.1 = Some(r),
+            End::Protocol(p) => e.2 = Some(p),
+            End::Other => {}
+        }
+    }
+    e
+}
+
+fn gre_ends(d: &[InfoGre]) -> Ends {
+    ends(d, |a| match a {
+        InfoGre::Local(l) => End::Local(IpAddr::V4(*l)),
+        InfoGre::Remote(r) => End::Remote(IpAddr::V4(*r)),
+        _ => End::Other,
+    })
+}
+
+fn gre6_ends(d: &[InfoGre6]) -> Ends {
+    ends(d, |a| match a {
+        InfoGre6::Local(l) => End::Local(IpAddr::V6(*l)),
+        InfoGre6::Remote(r) => End::Remote(IpAddr::V6(*r)),
+        _ => End::Other,
+    })
+}
+
+fn ip_tunnel_ends(d: &[InfoIpTunnel]) -> Ends {
+    ends(d, |a| match a {
+        InfoIpTunnel::Local(l) => End::Local(*l),
+        InfoIpTunnel::Remote(r) => End::Remote(*r),
+        InfoIpTunnel::Protocol(p) => End::Protocol(u8::from(*p)),
+        _ => End::Other,
+    })
+}
+
+/// Reads every tunnel device of this network namespace.
+///
+/// # Errors
+/// Socket errors, a refused dump, or a message that does not parse.
+pub fn links() -> io::Result<Vec<Tunnel>> {
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetLink(LinkMessage::default()));
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut out = vec![0; req.buffer_len()];
+    req.serialize(&mut out);
+    sock.send(&out, 0)?;
+    let netns = this_netns()?;
+    let mut tunnels = BTreeSet::new();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        buf.clear();
+        sock.recv(&mut buf, 0)?;
+        let mut off = 0;
+        while off < buf.len() {
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..])
+                .map_err(|e| io::Error::other(format!("undecodable rtnetlink message: {e}")))?;
+            let len = m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(tunnels.into_iter().collect()),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    return Err(io::Error::other(format!("the link dump was refused: {e}")));
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    tunnels.extend(from_link(&l).map(|t| Tunnel { netns, ..t }));
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// The inode number of this process's network namespace, as the kernel's `net->ns.inum`.
+fn this_netns() -> io::Result<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata("/proc/self/ns/net")?.ino();
+    u32::try_from(ino)
+        .map_err(|_| io::Error::other(format!("network namespace inode {ino} is past 32 bits")))
+}
+
+/// The address a tunnel is shown with in logs when it has no local one.
+#[must_use]
+pub fn show_local(t: &Tunnel) -> IpAddr {
+    t.local.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+#[cfg(test)]
+mod tests {
+    use ipnet::IpNet;
+    use netlink_packet_xfrm::XFRM_POLICY_ALLOW;
+
+    use super::*;
+
+    fn gre(remote: &str, local: Option<&str>) -> Tunnel {
+        Tunnel {
+            ifindex: 7,
+            netns: 4_026_531_840,
+            name: "gre-nm".into(),
+            kind: Kind::Gre,
+            remote: remote.parse().unwrap(),
+            local: local.map(|l| l.parse().unwrap()),
+            protocols: vec![IPPROTO_GRE],
+        }
+    }
+
+    fn natt_sa(src: &str, dst: &str) -> Sa {
+        Sa {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            spi: 0x100,
+            proto: netlink_packet_xfrm::IPPROTO_ESP,
+            mode: netlink_packet_xfrm::XFRM_MODE_TRANSPORT,
+            encap: Some((netlink_packet_xfrm::UDP_ENCAP_ESPINUDP, 4500, 4500)),
+        }
+    }
+
+    fn policy(src: &str, dst: &str, proto: u8, priority: u32, requires: bool) -> Policy {
+        Policy {
+            dir: XFRM_POLICY_IN,
+            action: XFRM_POLICY_ALLOW,
+            priority,
+            src: src.parse::<IpNet>().unwrap(),
+            dst: dst.parse::<IpNet>().unwrap(),
+            proto,
+            narrowed: false,
+            requires_esp_transport: requires,
+        }
+    }
+
+    const R: &str = "198.51.100.7";
+    const L: &str = "192.0.2.1";
+
+    #[test]
+    fn a_gre_tunnel_that_a_required_natt_transport_policy_covers_is_verified() {
+        let t = gre(R, Some(L));
+        let sas = [natt_sa(R, L)];
+        let p = [policy(
+            "198.51.100.7/32",
+            "192.0.2.1/32",
+            IPPROTO_GRE,
+            100,
+            true,
+        )];
+        assert_eq!(coverage(&t, &p, &sas), Coverage::Verified);
+        // Protocol "any" covers GRE too.
+        let any = [policy("198.51.100.0/24", "0.0.0.0/0", 0, 100, true)];
+        assert_eq!(coverage(&t, &any, &sas), Coverage::Verified);
+    }
+
+    #[test]
+    fn a_tunnel_is_left_out_without_a_natt_sa_from_its_remote() {
+        let t = gre(R, Some(L));
+        let p = [policy(
+            "198.51.100.7/32",
+            "192.0.2.1/32",
+            IPPROTO_GRE,
+            100,
+            true,
+        )];
+        assert_eq!(coverage(&t, &p, &[]), Coverage::NoNatTSa);
+        let mut plain = natt_sa(R, L);
+        plain.encap = None;
+        assert_eq!(coverage(&t, &p, &[plain]), Coverage::NoNatTSa);
+        assert_eq!(
+            coverage(&t, &p, &[natt_sa("198.51.100.8", L)]),
+            Coverage::NoNatTSa
+        );
+    }
+
+    #[test]
+    fn a_policy_for_another_protocol_an_optional_template_or_an_outbound_one_is_not_enough() {
+        let t = gre(R, Some(L));
+        let sas = [natt_sa(R, L)];
+        let tcp = [policy("198.51.100.7/32", "192.0.2.1/32", 6, 100, true)];
+        assert_eq!(
+            coverage(&t, &tcp, &sas),
+            Coverage::NotRequired {
+                protocol: IPPROTO_GRE
+            }
+        );
+        let optional = [policy(
+            "198.51.100.7/32",
+            "192.0.2.1/32",
+            IPPROTO_GRE,
+            100,
+            false,
+        )];
+        assert_eq!(
+            coverage(&t, &optional, &sas),
+            Coverage::NotRequired {
+                protocol: IPPROTO_GRE
+            }
+        );
+        let mut out = policy("198.51.100.7/32", "192.0.2.1/32", IPPROTO_GRE, 100, true);
+        out.dir = netlink_packet_xfrm::XFRM_POLICY_OUT;
+        assert_eq!(
+            coverage(&t, &[out], &sas),
+            Coverage::NotRequired {
+                protocol: IPPROTO_GRE
+            }
+        );
+        let mut narrowed = policy("198.51.100.7/32", "192.0.2.1/32", IPPROTO_GRE, 100, true);
+        narrowed.narrowed = true;
+        assert_eq!(
+            coverage(&t, &[narrowed], &sas),
+            Coverage::NotRequired {
+                protocol: IPPROTO_GRE
+            }
+        );
+    }
+
+    #[test]
+    fn a_policy_that_wins_without_esp_lets_plaintext_in_and_one_that_loses_does_not() {
+        let t = gre(R, Some(L));
+        let sas = [natt_sa(R, L)];
+        let required = policy("198.51.100.7/32", "192.0.2.1/32", IPPROTO_GRE, 100, true);
+        let bypass = policy("198.51.100.0/24", "0.0.0.0/0", 0, 50, false);
+        assert_eq!(
+            coverage(&t, &[required.clone(), bypass.clone()], &sas),
+            Coverage::PlaintextAllowed {
+                protocol: IPPROTO_GRE,
+                priority: 50
+            }
+        );
+        let mut loses = bypass.clone();
+        loses.priority = 200;
+        assert_eq!(
+            coverage(&t, &[required.clone(), loses], &sas),
+            Coverage::Verified
+        );
+        // A block policy lets nothing in.
+        let mut block = bypass;
+        block.action = XFRM_POLICY_BLOCK;
+        assert_eq!(coverage(&t, &[required, block], &sas), Coverage::Verified);
+    }
+
+    #[test]
+    fn a_tunnel_without_a_local_address_needs_a_policy_for_every_destination() {
+        let t = gre(R, None);
+        let sas = [natt_sa(R, L)];
+        let one_dst = [policy(
+            "198.51.100.7/32",
+            "192.0.2.1/32",
+            IPPROTO_GRE,
+            100,
+            true,
+        )];
+        assert_eq!(
+            coverage(&t, &one_dst, &sas),
+            Coverage::NotRequired {
+                protocol: IPPROTO_GRE
+            }
+        );
+        let any_dst = [policy(
+            "198.51.100.7/32",
+            "0.0.0.0/0",
+            IPPROTO_GRE,
+            100,
+            true,
+        )];
+        assert_eq!(coverage(&t, &any_dst, &sas), Coverage::Verified);
+    }
+
+    #[test]
+    fn an_ip_tunnel_in_mode_any_needs_both_protocols_covered() {
+        let mut t = gre(R, Some(L));
+        t.kind = Kind::Sit;
+        t.protocols = vec![IPPROTO_IPIP, IPPROTO_IPV6];
+        let sas = [natt_sa(R, L)];
+        let only_v6 = [policy(
+            "198.51.100.7/32",
+            "192.0.2.1/32",
+            IPPROTO_IPV6,
+            100,
+            true,
+        )];
+        assert_eq!(
+            coverage(&t, &only_v6, &sas),
+            Coverage::NotRequired {
+                protocol: IPPROTO_IPIP
+            }
+        );
+        let any = [policy("198.51.100.7/32", "192.0.2.1/32", 0, 100, true)];
+        assert_eq!(coverage(&t, &any, &sas), Coverage::Verified);
+    }
+
+    #[test]
+    fn the_links_of_this_namespace_parse() {
+        // Whatever this host has (loopback at least), the dump parses; fallback devices with no
+        // remote are never tunnels.
+        let tunnels = links().expect("rtnetlink link dump");
+        assert!(tunnels.iter().all(|t| !t.remote.is_unspecified()));
+        assert!(
+            tunnels
+                .iter()
+                .all(|t| !matches!(t.name.as_str(), "gre0" | "tunl0" | "sit0"))
+        );
+    }
+}

@@ -446,7 +446,15 @@ fn tunnels(r: &mut Report, sas: &[crate::xfrm::Sa]) {
                 return;
             }
             for (t, c) in from_peers {
-                let (status, what) = if *c == Coverage::Verified {
+                let (status, what) = if *c == Coverage::Verified && t.gro_on {
+                    (
+                        Status::Info,
+                        format!(
+                            "inner segments verified, but GRO is on for it: merged inner segments cannot be verified; turn it off: ethtool -K {} gro off",
+                            t.name
+                        ),
+                    )
+                } else if *c == Coverage::Verified {
                     (
                         Status::Ok,
                         "inner segments verified (under SA scope with the bpf_loop variant, as reported above)".to_owned(),

@@ -73,6 +73,8 @@ pub struct Snapshot {
     pub peers_over_limit: usize,
     /// Tunnel devices whose inner segments are verified.
     pub tunnels: usize,
+    /// Of those, the ones with GRO on.
+    pub tunnels_gro_on: usize,
 }
 
 /// The verifier program's run statistics and whether the kernel is counting them.
@@ -356,6 +358,7 @@ struct Families {
     peers_observe_only: IntGauge,
     peers_over_limit: IntGauge,
     tunnels: IntGauge,
+    tunnels_gro_on: IntGauge,
 }
 
 fn per_peer(name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
@@ -497,10 +500,14 @@ impl Families {
                 "natt_monitor_tunnels",
                 "Tunnel devices (GRE, IPIP, SIT, ip6 tunnels) inside NAT-T transport SAs whose inner segments are verified: an inbound policy requires ESP for everything that arrives on them.",
             )?,
+            tunnels_gro_on: IntGauge::new(
+                "natt_monitor_tunnels_gro_on",
+                "Verified tunnel devices with GRO on: GRO merges their inner segments, and merged segments cannot be verified (ethtool -K <tunnel> gro off).",
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 29] {
+    fn collectors(&self) -> [&dyn Collector; 30] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -531,6 +538,7 @@ impl Families {
             &self.peers_observe_only,
             &self.peers_over_limit,
             &self.tunnels,
+            &self.tunnels_gro_on,
         ]
     }
 
@@ -564,6 +572,7 @@ impl Families {
             (&self.peers_observe_only, snap.peers_observe_only),
             (&self.peers_over_limit, snap.peers_over_limit),
             (&self.tunnels, snap.tunnels),
+            (&self.tunnels_gro_on, snap.tunnels_gro_on),
         ] {
             gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
@@ -729,6 +738,7 @@ mod tests {
             peers_observe_only: 0,
             peers_over_limit: 0,
             tunnels: 1,
+            tunnels_gro_on: 0,
         }
     }
 

@@ -76,6 +76,9 @@ pub struct Tunnel {
     pub local: Option<IpAddr>,
     /// The outer protocols it receives: GRE, or IPIP and IPv6-in-IP for the IP tunnels.
     pub protocols: Vec<u8>,
+    /// GRO is on for it (`ethtool -k`): it merges the inner segments before the verifier sees
+    /// them, and a merged segment cannot be verified.
+    pub gro_on: bool,
 }
 
 /// Whether a tunnel's inner segments are the verifier's, and why not.
@@ -206,6 +209,7 @@ pub fn from_link(m: &LinkMessage) -> Option<Tunnel> {
         remote,
         local: local.filter(|l| !l.is_unspecified()),
         protocols,
+        gro_on: false,
     })
 }
 
@@ -291,7 +295,13 @@ pub fn links() -> io::Result<Vec<Tunnel>> {
                     return Err(io::Error::other(format!("the link dump was refused: {e}")));
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                    tunnels.extend(from_link(&l).map(|t| Tunnel { netns, ..t }));
+                    tunnels.extend(from_link(&l).map(|t| Tunnel {
+                        netns,
+                        // A device that went meanwhile answers nothing: it is listed no longer
+                        // after the next pass.
+                        gro_on: gro_on(&t.name).unwrap_or(false),
+                        ..t
+                    }));
                 }
                 _ => {}
             }
@@ -301,6 +311,114 @@ pub fn links() -> io::Result<Vec<Tunnel>> {
             off += (len + 3) & !3;
         }
     }
+}
+
+/// `RTNLGRP_LINK`: link notifications (a device added, removed, or its features changed).
+const RTNLGRP_LINK: u32 = 1;
+
+/// A socket subscribed to the kernel's link notifications, so that a tunnel device that comes,
+/// goes, or has GRO turned on or off is noticed at once rather than at the next re-read.
+#[derive(Debug)]
+pub struct LinkWatch {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl std::os::fd::AsRawFd for LinkWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+impl LinkWatch {
+    /// Subscribes, non-blocking.
+    ///
+    /// # Errors
+    /// The socket cannot be opened or joined to the group.
+    pub fn open() -> io::Result<Self> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.add_membership(RTNLGRP_LINK)?;
+        sock.set_non_blocking(true)?;
+        Ok(Self {
+            sock,
+            buf: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    /// Reads whatever is queued without blocking; how many datagrams. An overrun (ENOBUFS)
+    /// counts as one: the caller re-reads everything anyway.
+    ///
+    /// # Errors
+    /// Socket errors other than "nothing queued" and "overrun".
+    pub fn read_pending(&mut self) -> io::Result<usize> {
+        let mut n = 0;
+        loop {
+            self.buf.clear();
+            match self.sock.recv(&mut self.buf, 0) {
+                Ok(_) => n += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => n += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// `ETHTOOL_GGRO` (linux/ethtool.h): read a device's GRO flag.
+const ETHTOOL_GGRO: u32 = 0x2b;
+
+/// Whether GRO is on for the device `name`, as `ethtool -k` shows it (the `SIOCETHTOOL` ioctl's
+/// `ETHTOOL_GGRO`).
+///
+/// # Errors
+/// The socket or the ioctl failed (no such device).
+pub fn gro_on(name: &str) -> io::Result<bool> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+    /// `struct ethtool_value`.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    /// `struct ifreq` with `ifr_data`: the name, then a pointer in a 24-byte union.
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        pad: [u8; 16],
+    }
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::other(format!(
+            "{name:?} is not an interface name"
+        )));
+    }
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor this function just opened and nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GGRO,
+        data: 0,
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &raw mut value,
+        pad: [0; 16],
+    };
+    for (d, b) in req.name.iter_mut().zip(name.bytes()) {
+        *d = b.cast_signed();
+    }
+    // SAFETY: SIOCETHTOOL reads `req` and writes `value`, both alive for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &raw mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value.data != 0)
 }
 
 /// The inode number of this process's network namespace, as the kernel's `net->ns.inum`.
@@ -333,6 +451,7 @@ mod tests {
             remote: remote.parse().unwrap(),
             local: local.map(|l| l.parse().unwrap()),
             protocols: vec![IPPROTO_GRE],
+            gro_on: false,
         }
     }
 
@@ -528,5 +647,15 @@ mod tests {
                 .iter()
                 .all(|t| !matches!(t.name.as_str(), "gre0" | "tunl0" | "sit0"))
         );
+    }
+
+    #[test]
+    fn gro_is_read_for_a_device_and_a_missing_one_is_an_error() {
+        // Loopback has GRO on by default; what matters is that the ioctl answers.
+        gro_on("lo").expect("ETHTOOL_GGRO on lo");
+        let e = gro_on("no-such-dev0").expect_err("no such device");
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+        assert!(gro_on("").is_err());
+        assert!(gro_on("a-name-past-sixteen-bytes").is_err());
     }
 }

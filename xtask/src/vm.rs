@@ -94,10 +94,13 @@ pub(crate) const MODULES: &[&str] = &[
     // SCTP through the SA (`sctp.rs` in natt-vm): the guest has no modprobe to load it on the
     // first SCTP socket.
     "sctp",
-    // Tunnels inside the SA (`tunnel.rs` in natt-vm): GRE, IPIP and VXLAN devices.
+    // Tunnels inside the SA (`tunnel.rs` in natt-vm): GRE, IPIP, VXLAN, ip6gre and ip6tnl
+    // devices.
     "ip_gre",
     "ipip",
     "vxlan",
+    "ip6_gre",
+    "ip6_tunnel",
     "authenc",
     "echainiv",
     "seqiv",

@@ -45,6 +45,10 @@ pub fn tunnels_now(sas: &[xfrm::Sa]) -> Result<Tunnels, XfrmError> {
 /// Every tunnel device and whether its inner segments are the verifier's.
 pub type Tunnels = Vec<(Tunnel, Coverage)>;
 
+/// The sockets discovery wakes on: XFRM's SA, expire and policy notifications, and the link
+/// notifications (tunnel devices).
+pub type Watches = (Watch, tunnels::LinkWatch);
+
 /// The tunnels last seen, by ifindex, so that only changes are logged.
 pub type SeenTunnels = BTreeMap<u32, (Tunnel, Coverage)>;
 
@@ -57,6 +61,9 @@ pub fn tunnels_changed(seen: &mut SeenTunnels, now: Tunnels, on: bool) -> Vec<Tu
         if seen.get(&t.ifindex) != Some(&(t.clone(), c.clone())) {
             let local = tunnels::show_local(&t);
             match (&c, on) {
+                (Coverage::Verified, true) if t.gro_on => {
+                    warn!(tunnel = %t.name, kind = t.kind.name(), remote = %t.remote, %local, "verifying the inner segments of a tunnel that NAT-T transport SAs carry, but GRO is on for it: it merges inner segments, and merged ones cannot be verified (counted as aggregated; corrupted ones are delivered); turn it off: ethtool -K {} gro off", t.name);
+                }
                 (Coverage::Verified, true) => {
                     info!(tunnel = %t.name, kind = t.kind.name(), remote = %t.remote, %local, "verifying the inner segments of a tunnel that NAT-T transport SAs carry (residual 0)");
                 }
@@ -96,15 +103,21 @@ pub const XFRM_RESYNC: Duration = Duration::from_secs(30);
 ///
 /// # Errors
 /// `DaemonError::Discovery`.
-pub fn start(settings: &Settings) -> Result<(Option<Watch>, Vec<PeerSpec>, Tunnels), DaemonError> {
+pub fn start(
+    settings: &Settings,
+) -> Result<(Option<Watches>, Vec<PeerSpec>, Tunnels), DaemonError> {
     if settings.discover == Discover::None {
         return Ok((None, Vec::new(), Vec::new()));
     }
     let t0 = std::time::Instant::now();
     let opened = Watch::open().and_then(|w| {
+        let links = tunnels::LinkWatch::open().map_err(|source| XfrmError::Io {
+            what: "subscribing to link notifications",
+            source,
+        })?;
         let sas = xfrm::dump()?;
         let tunnels = tunnels_now(&sas)?;
-        Ok((w, sas, tunnels))
+        Ok(((w, links), sas, tunnels))
     });
     match opened {
         Ok((w, sas, tunnels)) => {
@@ -139,27 +152,42 @@ fn fail(e: XfrmError) -> io::Error {
 /// # Errors
 /// Any netlink failure.
 pub async fn follow(
-    watch: Option<AsyncFd<Watch>>,
+    watch: Option<(AsyncFd<Watch>, AsyncFd<tunnels::LinkWatch>)>,
     state: StateHandle,
     errors: prometheus::IntCounter,
     mut seen: SeenTunnels,
     tunnels_on: bool,
 ) -> io::Result<()> {
-    let Some(mut watch) = watch else {
+    let Some((mut watch, mut links)) = watch else {
         return std::future::pending().await;
     };
     loop {
-        let woke = tokio::time::timeout(XFRM_RESYNC, watch.readable_mut()).await;
-        if let Ok(guard) = woke {
-            let mut guard = guard?;
-            let n = guard.get_inner_mut().read_pending().map_err(fail)?;
-            guard.clear_ready();
-            if n.overrun {
-                warn!("XFRM notifications overran the socket; re-reading every SA");
+        let woke = tokio::time::timeout(XFRM_RESYNC, async {
+            tokio::select! {
+                guard = watch.readable_mut() => {
+                    let mut guard = guard?;
+                    let n = guard.get_inner_mut().read_pending().map_err(fail)?;
+                    guard.clear_ready();
+                    if n.overrun {
+                        warn!("XFRM notifications overran the socket; re-reading every SA");
+                    }
+                }
+                guard = links.readable_mut() => {
+                    let mut guard = guard?;
+                    guard.get_inner_mut().read_pending()?;
+                    guard.clear_ready();
+                }
             }
-            // Coalesce a burst (an IKE rekey adds and deletes several SAs at once).
+            Ok::<_, io::Error>(())
+        })
+        .await;
+        if let Ok(woke) = woke {
+            woke?;
+            // Coalesce a burst (an IKE rekey adds and deletes several SAs at once; a tunnel
+            // comes with its policies).
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = watch.get_mut().read_pending().map_err(fail)?;
+            let _ = links.get_mut().read_pending()?;
         }
         let (peers, sas, tunnels, dump_ms) = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();

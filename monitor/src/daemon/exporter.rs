@@ -167,6 +167,7 @@ impl Readings for KernelReadings {
             peers_observe_only: view.observe_only,
             peers_over_limit: view.over_limit,
             tunnels: view.tunnels,
+            tunnels_gro_on: view.tunnels_gro_on,
             ..Snapshot::default()
         };
         // Residuals the LRU forgot: restored by the verifier from the NAT mapping's record, or

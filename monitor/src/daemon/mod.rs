@@ -268,6 +268,7 @@ trait OwnsFd: std::os::fd::AsRawFd {}
 impl OwnsFd for RingBuf<MapData> {}
 impl OwnsFd for aya_log::EbpfLogger<&'static dyn log::Log> {}
 impl OwnsFd for crate::xfrm::Watch {}
+impl OwnsFd for crate::tunnels::LinkWatch {}
 
 /// Registers a ring buffer, the aya-log reader or the XFRM socket with the runtime.
 /// Binds the metrics listener. `:PORT` (`[::]`) falls back to `0.0.0.0` on a host with IPv6
@@ -291,6 +292,22 @@ fn watch_fd<T: OwnsFd>(what: &'static str, inner: T) -> Result<AsyncFd<T>, Daemo
         what,
         source: e.into_parts().1,
     })
+}
+
+/// Registers discovery's XFRM and link notification sockets with the runtime.
+fn watch_discovery(
+    (xfrm, links): discovery::Watches,
+) -> Result<
+    (
+        AsyncFd<crate::xfrm::Watch>,
+        AsyncFd<crate::tunnels::LinkWatch>,
+    ),
+    DaemonError,
+> {
+    Ok((
+        watch_fd("XFRM notification", xfrm)?,
+        watch_fd("link notification", links)?,
+    ))
 }
 
 /// Runs until `shutdown` resolves (clean exit) or an internal task fails (error).
@@ -404,9 +421,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     }
     let mut k = Loaded::load(&settings, scope, features.variant(), discovered)?;
     let (seen, tunnels_on) = k.install_tunnels(scope, tunnels)?;
-    let watch = watch
-        .map(|w| watch_fd("XFRM notification", w))
-        .transpose()?;
+    let watch = watch.map(watch_discovery).transpose()?;
     let hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     // Attach last: the peer map is complete before the first segment meets the program.
     let link = attach(&mut k.verifier, &settings)?;

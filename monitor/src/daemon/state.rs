@@ -50,6 +50,8 @@ pub struct View {
     pub over_limit: usize,
     /// Tunnel devices whose inner segments the verifier takes in scope (`TUNNELS`).
     pub tunnels: usize,
+    /// Of those, the ones with GRO on, whose merged inner segments cannot be verified.
+    pub tunnels_gro_on: usize,
 }
 
 impl View {
@@ -190,6 +192,8 @@ pub struct SaState {
     /// them (ifindex, the value of the peer that covers the tunnel's remote).
     tunnels: Vec<Tunnel>,
     tunnel_values: Vec<(u32, TunnelValue)>,
+    /// Listed tunnels with GRO on.
+    tunnels_gro_on: usize,
 }
 
 impl std::fmt::Debug for SaState {
@@ -397,6 +401,7 @@ impl SaState {
             over_limit,
             tunnels: Vec::new(),
             tunnel_values: Vec::new(),
+            tunnels_gro_on: 0,
         };
         state.publish();
         Ok((state, rx))
@@ -464,6 +469,7 @@ impl SaState {
             observe_only: self.observe_only.iter().sum(),
             over_limit: self.over_limit,
             tunnels: self.tunnel_values.len(),
+            tunnels_gro_on: self.tunnels_gro_on,
         }));
     }
 
@@ -504,11 +510,19 @@ impl SaState {
             })
             .collect();
         values.truncate(monitor_ebpf::MAX_TUNNELS as usize);
-        if values == self.tunnel_values {
+        let gro_on = self
+            .tunnels
+            .iter()
+            .filter(|t| t.gro_on && values.iter().any(|(i, _)| *i == t.ifindex))
+            .count();
+        if values == self.tunnel_values && gro_on == self.tunnels_gro_on {
             return Ok(());
         }
-        self.maps.set_tunnels(&values).map_err(|e| e.to_string())?;
-        self.tunnel_values = values;
+        if values != self.tunnel_values {
+            self.maps.set_tunnels(&values).map_err(|e| e.to_string())?;
+            self.tunnel_values = values;
+        }
+        self.tunnels_gro_on = gro_on;
         self.publish();
         Ok(())
     }

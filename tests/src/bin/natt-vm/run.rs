@@ -461,8 +461,13 @@ pub(crate) fn run(s: &Scenario) -> Measured {
 }
 
 /// The scenarios that end with streams through a GRE and an IPIP tunnel inside their SA
-/// (`tunnel.rs`): one in each mode, both with R's NAT between the hosts.
-pub(crate) const TUNNEL_SCENARIOS: [&str; 2] = ["d-nat-learned", "l-constant-delta-observe"];
+/// (`tunnel.rs`): one in each mode with R's NAT between the hosts, and over IPv6 (ip6gre and
+/// ip6tnl).
+pub(crate) const TUNNEL_SCENARIOS: [&str; 3] = [
+    "d-nat-learned",
+    "l-constant-delta-observe",
+    "h-ipv6-enforce",
+];
 
 /// The scenarios that end with pings and an SCTP stream through their SA (`icmp.rs`,
 /// `sctp.rs`).

@@ -1,6 +1,6 @@
 //! Tunnels inside the SA (issue 22): after the scenario's other phases, A and B build a GRE and
-//! then an IPIP tunnel whose outer packets NAT-T transport SAs carry (inbound and outbound
-//! policies for protocols 47 and 4 on both ends, B's tunnel remote the address B sees A by:
+//! then an IPIP tunnel (over IPv6: ip6gre and ip6tnl) whose outer packets NAT-T transport SAs
+//! carry (inbound and outbound policies for protocols 47 and 4 (41) on both ends, B's tunnel remote the address B sees A by:
 //! R's, behind the NAT), and A streams to B's inner address through each while R's corruption
 //! rule still rewrites A's large ESP packets. The tunnel's receive path scrubs the `sec_path`
 //! and keeps `esp_input_done2`'s `CHECKSUM_UNNECESSARY`, so the kernel skips the inner TCP check:
@@ -34,10 +34,51 @@ const TUNNEL_PORT: u16 = 5077;
 /// R's second address on B's side, for the plaintext GRE tunnel; and that tunnel's inner net.
 const R_PLAIN: &str = "10.2.0.3";
 
-/// The tunnels through the SA: kind, protocol number, A's and B's inner addresses.
-const KINDS: [(&str, &str, &str, &str); 2] = [
-    ("gre", "47", "10.77.0.1", "10.77.0.2"),
-    ("ipip", "4", "10.77.1.1", "10.77.1.2"),
+/// One tunnel through the SA: its kind, the extra `ip link add` arguments, the protocol its
+/// outer packets carry, A's and B's inner addresses and their prefix length.
+struct TunnelKind {
+    kind: &'static str,
+    args: &'static [&'static str],
+    proto: &'static str,
+    inner: (&'static str, &'static str),
+    prefix: u8,
+}
+
+/// The tunnels through an IPv4 SA.
+const KINDS_V4: [TunnelKind; 2] = [
+    TunnelKind {
+        kind: "gre",
+        args: &[],
+        proto: "47",
+        inner: ("10.77.0.1", "10.77.0.2"),
+        prefix: 30,
+    },
+    TunnelKind {
+        kind: "ipip",
+        args: &[],
+        proto: "4",
+        inner: ("10.77.1.1", "10.77.1.2"),
+        prefix: 30,
+    },
+];
+
+/// The tunnels through an IPv6 SA, without the encapsulation-limit option (one destination
+/// option header less to walk before the protocol the policy selects).
+const KINDS_V6: [TunnelKind; 2] = [
+    TunnelKind {
+        kind: "ip6gre",
+        args: &["encaplimit", "none"],
+        proto: "47",
+        inner: ("fd77::1", "fd77::2"),
+        prefix: 126,
+    },
+    TunnelKind {
+        kind: "ip6tnl",
+        args: &["mode", "ip6ip6", "encaplimit", "none"],
+        proto: "41",
+        inner: ("fd77:1::1", "fd77:1::2"),
+        prefix: 126,
+    },
 ];
 
 /// What one tunnel's stream measured.
@@ -46,6 +87,9 @@ pub(crate) struct TunnelStream {
     pub(crate) kind: &'static str,
     /// `natt_monitor_tunnels` once the tunnel was up.
     pub(crate) listed: u64,
+    /// `natt_monitor_tunnels_gro_on` with GRO as the kernel set it (on), and once B turned it
+    /// off.
+    pub(crate) gro: (u64, u64),
     pub(crate) received: u64,
     pub(crate) differing: u64,
     pub(crate) c: Counted,
@@ -55,13 +99,19 @@ pub(crate) struct TunnelStream {
 #[derive(Debug, Default)]
 pub(crate) struct TunnelRun {
     pub(crate) through_sa: Vec<TunnelStream>,
-    /// The VXLAN stream through the SA: the kernel checks its inner segments itself.
-    pub(crate) vxlan: TunnelStream,
-    /// The plaintext GRE stream from R: bytes received, segments verified anywhere meanwhile,
-    /// and `natt_monitor_tunnels` while it ran.
-    pub(crate) plaintext_received: u64,
-    pub(crate) plaintext_verified: u64,
-    pub(crate) plaintext_listed: u64,
+    /// IPv4: the VXLAN stream through the SA, whose inner segments the kernel checks itself.
+    pub(crate) vxlan: Option<TunnelStream>,
+    /// IPv4: the plaintext GRE stream from R.
+    pub(crate) plaintext: Option<Plaintext>,
+}
+
+/// What the plaintext GRE stream from R measured: bytes received, segments verified anywhere
+/// meanwhile, and `natt_monitor_tunnels` while it ran.
+#[derive(Debug, Default)]
+pub(crate) struct Plaintext {
+    pub(crate) received: u64,
+    pub(crate) verified: u64,
+    pub(crate) listed: u64,
 }
 
 impl TunnelRun {
@@ -71,7 +121,7 @@ impl TunnelRun {
     /// verified and the corruption delivered.
     pub(crate) fn exact(&self, mode: Mode) -> bool {
         let enforce = mode == Mode::Enforce;
-        let streams = self.through_sa.len() == KINDS.len()
+        let streams = self.through_sa.len() == KINDS_V4.len()
             && self.through_sa.iter().enumerate().all(|(i, t)| {
                 let c = &t.c;
                 let common =
@@ -79,11 +129,13 @@ impl TunnelRun {
                 if c.bounded_loop {
                     return common
                         && t.listed == 0
+                        && t.gro == (0, 0)
                         && t.differing > 0
                         && c.detected + c.dropped + c.verified == 0;
                 }
                 common
                     && t.listed == i as u64 + 1
+                    && t.gro == (1, 0)
                     && c.detected == c.injected
                     && c.dropped == if enforce { c.injected } else { 0 }
                     && (t.differing == 0) == enforce
@@ -95,17 +147,19 @@ impl TunnelRun {
         // `udp4_csum_init` lowers `csum_level`), so the kernel checks the inner segments: it
         // counts and drops every corrupted one, TCP retransmits it, and natt-monitor, which
         // never sees VXLAN's encapsulation socket, counts none of them a second time.
-        let v = &self.vxlan;
-        let vxlan = v.c.injected > 0
-            && v.received == TUNNEL_BYTES
-            && v.differing == 0
-            && v.c.kernel_csum_errors == v.c.injected
-            && v.c.detected + v.c.dropped + v.c.verified == 0;
-        streams
-            && vxlan
-            && self.plaintext_received == TUNNEL_BYTES
-            && self.plaintext_verified == 0
-            && self.plaintext_listed == if bounded { 0 } else { KINDS.len() as u64 }
+        let vxlan = self.vxlan.as_ref().is_none_or(|v| {
+            v.c.injected > 0
+                && v.received == TUNNEL_BYTES
+                && v.differing == 0
+                && v.c.kernel_csum_errors == v.c.injected
+                && v.c.detected + v.c.dropped + v.c.verified == 0
+        });
+        let plaintext = self.plaintext.as_ref().is_none_or(|p| {
+            p.received == TUNNEL_BYTES
+                && p.verified == 0
+                && p.listed == if bounded { 0 } else { KINDS_V4.len() as u64 }
+        });
+        streams && vxlan && plaintext
     }
 
     /// The result line's field.
@@ -115,27 +169,32 @@ impl TunnelRun {
             .iter()
             .map(|t| {
                 format!(
-                    "{}:variant={}/listed={}/received={}/differing={}/{}",
+                    "{}:variant={}/listed={}/gro_on={}->{}/received={}/differing={}/{}",
                     t.kind,
                     t.c.variant(),
                     t.listed,
+                    t.gro.0,
+                    t.gro.1,
                     t.received,
                     t.differing,
                     t.c.counts()
                 )
             })
             .collect();
-        let v = &self.vxlan;
-        out.push(format!(
-            "vxlan:received={}/differing={}/{}",
-            v.received,
-            v.differing,
-            v.c.counts()
-        ));
-        out.push(format!(
-            "plaintext_gre:received={}/verified={}/listed={}",
-            self.plaintext_received, self.plaintext_verified, self.plaintext_listed
-        ));
+        if let Some(v) = &self.vxlan {
+            out.push(format!(
+                "vxlan:received={}/differing={}/{}",
+                v.received,
+                v.differing,
+                v.c.counts()
+            ));
+        }
+        if let Some(p) = &self.plaintext {
+            out.push(format!(
+                "plaintext_gre:received={}/verified={}/listed={}",
+                p.received, p.verified, p.listed
+            ));
+        }
         out.join(",")
     }
 }
@@ -153,24 +212,32 @@ fn verified_anywhere(text: &str) -> u64 {
         .sum()
 }
 
-/// A tunnel device `name` of `kind` in `ns`, from `local` to `remote`, with inner address
-/// `inner`/30, up; GRO off where it receives (the documented remedy: GRO on a tunnel device
-/// merges inner segments, whose checksums are then gone).
-fn tunnel(ns: &Netns, name: &str, kind: &str, ends: (&str, &str), inner: &str) {
+/// A tunnel device `name` of `kind` (with `args`) in `ns`, from `local` to `remote`, with inner
+/// address `inner`, up, GRO as the kernel sets it (on).
+fn tunnel(ns: &Netns, name: &str, (kind, args): (&str, &[&str]), ends: (&str, &str), inner: &str) {
     let (local, remote) = ends;
-    ns_sh(
-        ns,
-        &[
-            "ip", "link", "add", name, "type", kind, "local", local, "remote", remote,
-        ],
-    );
+    let mut add = vec![
+        "ip", "link", "add", name, "type", kind, "local", local, "remote", remote,
+    ];
+    add.extend_from_slice(args);
+    ns_sh(ns, &add);
     ns_sh(ns, &["ip", "link", "set", name, "mtu", TUNNEL_MTU]);
-    ns_sh(
-        ns,
-        &["ip", "addr", "add", &format!("{inner}/30"), "dev", name],
-    );
+    ns_sh(ns, &["ip", "addr", "add", inner, "dev", name]);
     ns_sh(ns, &["ip", "link", "set", name, "up"]);
-    ns_sh(ns, &["ethtool", "-K", name, "gro", "off"]);
+}
+
+/// Turns GRO off on B's tunnel `name` (the documented remedy: GRO on a tunnel device merges
+/// inner segments, whose checksums are then gone) and returns `natt_monitor_tunnels_gro_on`
+/// before and after (the link notification makes discovery look again).
+fn gro_remedy(t: &Topology, name: &str) -> (u64, u64) {
+    let gro_on = || metric(&scrape(t.mon()), "natt_monitor_tunnels_gro_on");
+    let before = gro_on();
+    ns_sh(&t.b, &["ethtool", "-K", name, "gro", "off"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gro_on() >= before && before > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (before, gro_on())
 }
 
 /// `natt_monitor_tunnels` once it reaches `n` (discovery re-reads on the policy
@@ -186,31 +253,59 @@ fn tunnels_listed(t: &Topology, n: u64) -> u64 {
     }
 }
 
-/// The phase (IPv4 scenarios): a GRE and an IPIP tunnel through the SA, then a plaintext GRE
-/// tunnel from R. `peer` is the peer label of A's SA on B; the receivers run in `cg`.
+/// The phase: a GRE and an IPIP tunnel through the SA (IPv6: ip6gre and ip6tnl), then, over
+/// IPv4, VXLAN through the SA and a plaintext GRE tunnel from R. `peer` is the peer label of
+/// A's SA on B; the receivers run in `cg`.
 pub(crate) fn through_tunnels(t: &Topology, s: &Scenario, cg: &Path, peer: &str) -> TunnelRun {
     let addrs = t.addrs;
     let a_seen = t.a_seen_by_b(s.nat);
     let mut run = TunnelRun::default();
-    for (i, (kind, proto, inner_a, inner_b)) in KINDS.into_iter().enumerate() {
-        let name = format!("t{kind}");
+    let kinds = if s.v6 { &KINDS_V6 } else { &KINDS_V4 };
+    for (i, k) in kinds.iter().enumerate() {
+        let name = format!("t{}", k.kind);
+        let (inner_a, inner_b) = k.inner;
         // The links first, then the policies, whose notifications make discovery look again.
-        tunnel(&t.a, &name, kind, (addrs.a, addrs.b), inner_a);
-        tunnel(&t.b, &name, kind, (addrs.b, a_seen), inner_b);
-        protect(t, s, proto);
+        let inner = |a: &str| format!("{a}/{}", k.prefix);
+        tunnel(
+            &t.a,
+            &name,
+            (k.kind, k.args),
+            (addrs.a, addrs.b),
+            &inner(inner_a),
+        );
+        tunnel(
+            &t.b,
+            &name,
+            (k.kind, k.args),
+            (addrs.b, a_seen),
+            &inner(inner_b),
+        );
+        protect(t, s, k.proto);
         let listed = tunnels_listed(t, i as u64 + 1);
+        let gro = gro_remedy(t, &name);
         let (recv, counts) = counted(t, peer, "tcp", tcp_csum_errors, || {
             stream_to(t, &t.a, cg, inner_b, TUNNEL_BYTES, TUNNEL_PORT, &[])
         });
         run.through_sa.push(TunnelStream {
-            kind,
+            kind: k.kind,
             listed,
+            gro,
             received: recv.received,
             differing: recv.differing,
             c: counts,
         });
     }
-    run.vxlan = through_vxlan(t, s, cg, peer);
+    if s.v6 {
+        return run;
+    }
+    run.vxlan = Some(through_vxlan(t, s, cg, peer));
+    run.plaintext = Some(plaintext_gre(t, s, cg));
+    run
+}
+
+/// Plaintext GRE from R's second address to B (in `cg`): never listed, never verified.
+fn plaintext_gre(t: &Topology, s: &Scenario, cg: &Path) -> Plaintext {
+    let addrs = t.addrs;
     // Plaintext GRE from R's second address, which R's masquerade leaves alone: no SA comes
     // from it, and the only policy for it lets GRE in without ESP (`level use`); adding that
     // policy makes discovery look again.
@@ -227,8 +322,20 @@ pub(crate) fn through_tunnels(t: &Topology, s: &Scenario, cg: &Path, peer: &str)
             ],
         );
     }
-    tunnel(&t.r, "tplain", "gre", (R_PLAIN, addrs.b), "10.78.0.1");
-    tunnel(&t.b, "tplain", "gre", (addrs.b, R_PLAIN), "10.78.0.2");
+    tunnel(
+        &t.r,
+        "tplain",
+        ("gre", &[]),
+        (R_PLAIN, addrs.b),
+        "10.78.0.1/30",
+    );
+    tunnel(
+        &t.b,
+        "tplain",
+        ("gre", &[]),
+        (addrs.b, R_PLAIN),
+        "10.78.0.2/30",
+    );
     ns_sh(
         &t.b,
         &[
@@ -262,10 +369,11 @@ pub(crate) fn through_tunnels(t: &Topology, s: &Scenario, cg: &Path, peer: &str)
     let plain = stream_to(t, &t.r, cg, "10.78.0.2", TUNNEL_BYTES, TUNNEL_PORT + 1, &[]);
     std::thread::sleep(Duration::from_millis(500));
     let after = scrape(t.mon());
-    run.plaintext_received = plain.received;
-    run.plaintext_verified = verified_anywhere(&after) - verified_anywhere(&before);
-    run.plaintext_listed = metric(&after, "natt_monitor_tunnels");
-    run
+    Plaintext {
+        received: plain.received,
+        verified: verified_anywhere(&after) - verified_anywhere(&before),
+        listed: metric(&after, "natt_monitor_tunnels"),
+    }
 }
 
 /// VXLAN (UDP port 4789) through the SA, with policies for that port alone: the kernel's own
@@ -300,6 +408,7 @@ fn through_vxlan(t: &Topology, s: &Scenario, cg: &Path, peer: &str) -> TunnelStr
     TunnelStream {
         kind: "vxlan",
         listed: 0,
+        gro: (0, 0),
         received: recv.received,
         differing: recv.differing,
         c: counts,

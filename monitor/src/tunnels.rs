@@ -285,32 +285,71 @@ pub fn links() -> io::Result<Vec<Tunnel>> {
         buf.clear();
         sock.recv(&mut buf, 0)?;
         let mut off = 0;
-        while off < buf.len() {
-            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..])
-                .map_err(|e| io::Error::other(format!("undecodable rtnetlink message: {e}")))?;
-            let len = m.header.length as usize;
-            match m.payload {
-                NetlinkPayload::Done(_) => return Ok(tunnels.into_iter().collect()),
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    return Err(io::Error::other(format!("the link dump was refused: {e}")));
+        while off + NLMSG_HDRLEN <= buf.len() {
+            let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]);
+            let len = len as usize;
+            if len < NLMSG_HDRLEN || off + len > buf.len() {
+                return Err(io::Error::other(format!(
+                    "rtnetlink message length {len} at offset {off} of a {}-byte datagram",
+                    buf.len()
+                )));
+            }
+            let message = &buf[off..off + len];
+            off += (len + 3) & !3;
+            match u16::from_ne_bytes([message[4], message[5]]) {
+                NLMSG_DONE => return Ok(tunnels.into_iter().collect()),
+                NLMSG_ERROR => {
+                    let code = message
+                        .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
+                        .map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+                    if code != 0 {
+                        return Err(io::Error::other(format!(
+                            "the link dump was refused: {}",
+                            io::Error::from_raw_os_error(code.saturating_neg())
+                        )));
+                    }
                 }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                    tunnels.extend(from_link(&l).map(|t| Tunnel {
-                        netns,
-                        // A device that went meanwhile answers nothing: it is listed no longer
-                        // after the next pass.
-                        gro_on: gro_on(&t.name).unwrap_or(false),
-                        ..t
-                    }));
+                RTM_NEWLINK => {
+                    if let Some(l) = decode_link(message) {
+                        tunnels.extend(from_link(&l).map(|t| Tunnel {
+                            netns,
+                            // A device that went meanwhile answers nothing: it is listed no
+                            // longer after the next pass.
+                            gro_on: gro_on(&t.name).unwrap_or(false),
+                            ..t
+                        }));
+                    }
                 }
                 _ => {}
             }
-            if len == 0 {
-                break;
-            }
-            off += (len + 3) & !3;
         }
     }
+}
+
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWLINK: u16 = 16;
+
+/// One link message, parsed by netlink-packet-route. A link it cannot parse (an attribute it
+/// does not know how to read, or a panic in it) is left out rather than failing the dump: one
+/// exotic device must not stop discovery. The first such failure is logged, once per process.
+fn decode_link(message: &[u8]) -> Option<LinkMessage> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let parsed =
+        std::panic::catch_unwind(|| NetlinkMessage::<RouteNetlinkMessage>::deserialize(message));
+    let error = match parsed {
+        Ok(Ok(m)) => match m.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => return Some(l),
+            _ => return None,
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "netlink-packet-route panicked".to_owned(),
+    };
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(error = %error, "a link message could not be parsed and is left out of the tunnel devices (logged once)");
+    }
+    None
 }
 
 /// `RTNLGRP_LINK`: link notifications (a device added, removed, or its features changed).
@@ -657,5 +696,63 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
         assert!(gro_on("").is_err());
         assert!(gro_on("a-name-past-sixteen-bytes").is_err());
+    }
+
+    #[test]
+    fn a_gre_link_message_becomes_a_tunnel_and_garbage_is_left_out() {
+        use netlink_packet_route::link::{LinkAttribute, LinkInfo};
+        let mut link = LinkMessage::default();
+        link.header.index = 42;
+        link.attributes = vec![
+            LinkAttribute::IfName("gnm".into()),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::GreTun),
+                LinkInfo::Data(InfoData::GreTun(vec![
+                    InfoGre::Local(Ipv4Addr::new(192, 0, 2, 1)),
+                    InfoGre::Remote(Ipv4Addr::new(198, 51, 100, 7)),
+                ])),
+            ]),
+        ];
+        let mut m = NetlinkMessage::from(RouteNetlinkMessage::NewLink(link));
+        m.finalize();
+        let mut bytes = vec![0; m.buffer_len()];
+        m.serialize(&mut bytes);
+        let t = from_link(&decode_link(&bytes).expect("a link message")).expect("a tunnel");
+        assert_eq!(
+            (
+                t.ifindex,
+                t.name.as_str(),
+                t.kind,
+                t.remote,
+                t.local,
+                t.protocols
+            ),
+            (
+                42,
+                "gnm",
+                Kind::Gre,
+                "198.51.100.7".parse().unwrap(),
+                Some("192.0.2.1".parse().unwrap()),
+                vec![IPPROTO_GRE]
+            )
+        );
+        // A fallback device (no remote) is no tunnel.
+        let mut fallback = LinkMessage::default();
+        fallback.attributes = vec![
+            LinkAttribute::IfName("gre0".into()),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::GreTun),
+                LinkInfo::Data(InfoData::GreTun(vec![InfoGre::Remote(
+                    Ipv4Addr::UNSPECIFIED,
+                )])),
+            ]),
+        ];
+        assert_eq!(from_link(&fallback), None);
+        // A header that claims a link but carries nothing parsable.
+        let mut garbage = vec![0u8; 20];
+        garbage[..4].copy_from_slice(&20u32.to_ne_bytes());
+        garbage[4..6].copy_from_slice(&RTM_NEWLINK.to_ne_bytes());
+        garbage[16..].fill(0xff);
+        assert!(decode_link(&garbage).is_none());
     }
 }

@@ -194,6 +194,8 @@ pub struct SaState {
     tunnel_values: Vec<(u32, TunnelValue)>,
     /// Listed tunnels with GRO on.
     tunnels_gro_on: usize,
+    /// Verified tunnels past `MAX_TUNNELS`, left out.
+    tunnels_over_limit: usize,
 }
 
 impl std::fmt::Debug for SaState {
@@ -402,6 +404,7 @@ impl SaState {
             tunnels: Vec::new(),
             tunnel_values: Vec::new(),
             tunnels_gro_on: 0,
+            tunnels_over_limit: 0,
         };
         state.publish();
         Ok((state, rx))
@@ -509,6 +512,17 @@ impl SaState {
                 ))
             })
             .collect();
+        let over = values
+            .len()
+            .saturating_sub(monitor_ebpf::MAX_TUNNELS as usize);
+        if over != self.tunnels_over_limit && over > 0 {
+            warn!(
+                left_out = over,
+                max = monitor_ebpf::MAX_TUNNELS,
+                "more verified tunnel devices than TUNNELS holds: the ones past it are not verified"
+            );
+        }
+        self.tunnels_over_limit = over;
         values.truncate(monitor_ebpf::MAX_TUNNELS as usize);
         let gro_on = self
             .tunnels

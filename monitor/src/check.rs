@@ -75,43 +75,7 @@ impl Report {
     }
 }
 
-/// Capability bits from `include/uapi/linux/capability.h`.
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-/// Capabilities the daemon needs that this process lacks (empty if it has them, or if
-/// `/proc/self/status` cannot be read: the load then fails with its own EPERM hint).
-#[must_use]
-pub fn missing_capabilities(proc_root: &Path) -> Vec<&'static str> {
-    let Some(caps) = effective_caps(proc_root) else {
-        return Vec::new();
-    };
-    let has = |bit: u32| caps & (1u64 << bit) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_BPF");
-    }
-    // Without CAP_PERFMON the verifier forbids spilling pointers to the stack and overwriting
-    // them ("attempt to corrupt spilled pointer on stack"), which the compiled program does.
-    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_PERFMON");
-    }
-    if !has(CAP_NET_ADMIN) {
-        missing.push("CAP_NET_ADMIN");
-    }
-    missing
-}
-
-fn effective_caps(proc_root: &Path) -> Option<u64> {
-    let status = fs::read_to_string(proc_root.join("self/status")).ok()?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))?
-        .trim();
-    u64::from_str_radix(hex, 16).ok()
-}
+use crate::privileges::missing_capabilities;
 
 /// The kernel release `<proc_root>/sys/kernel/osrelease` names.
 pub(crate) fn kernel_release(proc_root: &Path) -> Option<String> {
@@ -241,7 +205,7 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
         r.push(name, status, detail);
     }
 
-    if effective_caps(proc_root).is_some() {
+    if crate::privileges::effective_caps(proc_root).is_some() {
         let missing = missing_capabilities(proc_root);
         if missing.is_empty() {
             r.push(
@@ -271,15 +235,8 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
     }
 
     let btf = sys_root.join(crate::scope::VMLINUX_BTF);
-    let scope = match crate::scope::layout_from(&btf) {
-        _ if features.probe_read_kernel == Feature::Absent => {
-            r.push(
-                "scope",
-                Status::Info,
-                "address (fallback): no bpf_probe_read_kernel for cgroup_skb, so a segment's IPsec state cannot be read; plaintext from peers is told apart only by IKE ports and partial checksums, and enforce applies only to peers with an exact residual (learned peers run in observe)",
-            );
-            crate::scope::Scope::Address
-        }
+    let readable = features.probe_read_kernel != Feature::Absent;
+    let scope = match crate::scope::sa_layout(&btf, readable) {
         Ok(l) => {
             r.push(
                 "scope",
@@ -297,7 +254,7 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
             r.push(
                 "scope",
                 Status::Info,
-                format!("address (fallback): {e}; plaintext from peers is told apart only by IKE ports and partial checksums, and enforce applies only to peers with an exact residual (learned peers run in observe)"),
+                format!("address (fallback): {e}; {}", crate::scope::FALLBACK_COST),
             );
             crate::scope::Scope::Address
         }

@@ -75,6 +75,36 @@ impl fmt::Display for Scope {
     }
 }
 
+/// What address scope costs, said wherever natt-monitor falls back to it (the daemon's warning,
+/// `natt-monitor check`).
+pub const FALLBACK_COST: &str = "plaintext from peers is told apart only by IKE ports and partial checksums, and enforce applies only to peers with an exact residual (learned peers run in observe)";
+
+/// Why SA scope cannot run on this kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum NoSaScope {
+    /// The program cannot read kernel memory.
+    #[error(
+        "no bpf_probe_read_kernel for cgroup_skb (Linux 5.5+), so a segment's IPsec state cannot be read"
+    )]
+    NoProbeRead,
+    /// The kernel's BTF does not say where the IPsec state lies.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+/// SA scope's layout on this kernel (`btf`, normally `/sys/kernel/btf/vmlinux`), given whether
+/// the kernel offers `bpf_probe_read_kernel` to `cgroup_skb` programs: the one choice the daemon
+/// (`--scope auto` or `sa`) and `natt-monitor check` both make.
+///
+/// # Errors
+/// `NoSaScope` saying why address scope is all this kernel allows.
+pub fn sa_layout(btf: &Path, probe_read_kernel: bool) -> Result<SecpathLayout, NoSaScope> {
+    if !probe_read_kernel {
+        return Err(NoSaScope::NoProbeRead);
+    }
+    Ok(layout_from(btf)?)
+}
+
 /// Reads the `sec_path` layout from a BTF file (normally `/sys/kernel/btf/vmlinux`).
 ///
 /// # Errors

@@ -385,7 +385,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
         reload,
         listener,
     } = config;
-    let missing = check::missing_capabilities(&settings.proc_path);
+    let missing = crate::privileges::missing_capabilities(&settings.proc_path);
     if !missing.is_empty() {
         return Err(DaemonError::Privileges { missing });
     }
@@ -770,21 +770,15 @@ fn check_map_memory(settings: &Settings) -> Result<(), DaemonError> {
 fn resolve_scope(settings: &Settings, features: &Features) -> Result<Scope, DaemonError> {
     let btf = settings.sys_path.join(scope::VMLINUX_BTF);
     let readable = !matches!(features.probe_read_kernel, Probe::Absent);
-    match settings.scope {
-        ScopeChoice::Address => Ok(Scope::Address),
-        ScopeChoice::Sa if !readable => Err(DaemonError::NoProbeRead),
-        ScopeChoice::Sa => Ok(Scope::Sa(scope::layout_from(&btf)?)),
-        ScopeChoice::Auto if !readable => {
-            warn!("scoping by source address: this kernel does not offer bpf_probe_read_kernel to cgroup_skb programs, so a segment's IPsec state cannot be read (docs/verifier.md)");
+    match (settings.scope, scope::sa_layout(&btf, readable)) {
+        (ScopeChoice::Address, _) => Ok(Scope::Address),
+        (_, Ok(l)) => Ok(Scope::Sa(l)),
+        (ScopeChoice::Sa, Err(scope::NoSaScope::NoProbeRead)) => Err(DaemonError::NoProbeRead),
+        (ScopeChoice::Sa, Err(scope::NoSaScope::Layout(e))) => Err(DaemonError::Scope(e)),
+        (ScopeChoice::Auto, Err(e)) => {
+            warn!(reason = %e, "scoping by source address: {} (docs/verifier.md)", scope::FALLBACK_COST);
             Ok(Scope::Address)
         }
-        ScopeChoice::Auto => Ok(scope::layout_from(&btf).map_or_else(
-            |e| {
-                warn!(error = %e, "scoping by source address: this kernel does not say where a segment's IPsec state lies, so plaintext from peers is told apart only by IKE ports and partial checksums (docs/verifier.md)");
-                Scope::Address
-            },
-            Scope::Sa,
-        )),
     }
 }
 

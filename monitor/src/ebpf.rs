@@ -43,10 +43,10 @@ pub static TESTBED_OBJ: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/natt-testbed"));
 
 /// Name of the `cgroup_skb` program in `VERIFIER_OBJ`.
-pub const PROGRAM: &str = "natt_verify";
+pub const PROGRAM: &str = Variant::BpfLoop.program();
 
 /// The same verifier without `bpf_loop`, for kernels before 5.17.
-pub const PROGRAM_COMPAT: &str = "natt_verify_compat";
+pub const PROGRAM_COMPAT: &str = Variant::BoundedLoop.program();
 
 /// The held path of enforce mode, which either program tail-calls through `JUMP`.
 pub const PROGRAM_HOLD: &str = "natt_hold";
@@ -55,34 +55,7 @@ pub const PROGRAM_HOLD: &str = "natt_hold";
 /// `bpf_loop` cannot load it).
 pub const PROGRAM_SCTP: &str = "natt_sctp";
 
-/// Which of the verifier's two programs runs: chosen by probing the kernel, not by version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    /// `natt_verify`: one `bpf_loop` callback per chunk (5.17+).
-    BpfLoop,
-    /// `natt_verify_compat`: a bounded loop (5.8 to 5.16).
-    BoundedLoop,
-}
-
-impl Variant {
-    /// Its program's name in the object.
-    #[must_use]
-    pub const fn program(self) -> &'static str {
-        match self {
-            Self::BpfLoop => PROGRAM,
-            Self::BoundedLoop => PROGRAM_COMPAT,
-        }
-    }
-
-    /// For logs, `check` and `natt_monitor_program_info`.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::BpfLoop => "bpf_loop",
-            Self::BoundedLoop => "bounded_loop",
-        }
-    }
-}
+pub use crate::features::Variant;
 
 /// Failures of the verifier's kernel side, each naming what it was doing.
 #[derive(Debug, thiserror::Error)]

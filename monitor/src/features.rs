@@ -11,7 +11,34 @@ use aya::{
     sys::{BpfHelper, is_helper_supported, is_map_supported},
 };
 
-use crate::ebpf::Variant;
+/// Which of the verifier's two programs runs: chosen by probing the kernel, not by version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `natt_verify`: one `bpf_loop` callback per chunk (5.17+).
+    BpfLoop,
+    /// `natt_verify_compat`: a bounded loop (5.8 to 5.16).
+    BoundedLoop,
+}
+
+impl Variant {
+    /// Its program's name in the verifier object (`crate::ebpf::VERIFIER_OBJ`).
+    #[must_use]
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::BpfLoop => "natt_verify",
+            Self::BoundedLoop => "natt_verify_compat",
+        }
+    }
+
+    /// For logs, `check` and `natt_monitor_program_info`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BpfLoop => "bpf_loop",
+            Self::BoundedLoop => "bounded_loop",
+        }
+    }
+}
 
 /// One probe's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -120,6 +120,10 @@
         series(15, 'Verifier cost per packet', [
           target('sum by (instance) (rate(natt_monitor_program_run_seconds_total{%(f)s}[$__rate_interval])) / sum by (instance) (rate(natt_monitor_program_runs_total{%(f)s}[$__rate_interval]))' % { f: filter }, '{{instance}}'),
         ], 0, 36, 's', 'Kernel time per run of the program, when kernel.bpf_stats_enabled is 1.'),
+        series(16, 'Tunnel devices inside NAT-T SAs', [
+          target('sum by (instance) (natt_monitor_tunnels{%s})' % filter, 'verified {{instance}}'),
+          target('sum by (instance) (natt_monitor_tunnels_gro_on{%s})' % filter, 'GRO on {{instance}}'),
+        ], 12, 36, 'short', 'GRE, IPIP and ip6 tunnels whose inner segments are verified; those with GRO on merge their inner segments, which then cannot be verified (ethtool -K <tunnel> gro off).'),
       ],
     },
   },

@@ -215,8 +215,9 @@ impl Capture {
     }
 }
 
-/// The capture task: writes the capture ring's packets to the file; without `--capture`, waits
-/// forever. A write error ends the task, which takes the daemon down.
+/// The capture task: writes the capture ring's packets to the file until `stop`, then writes
+/// what the ring still holds and returns (a shutdown loses no captured packet); without
+/// `--capture`, waits for `stop`. A write error ends the task, which takes the daemon down.
 ///
 /// # Errors
 /// A failure to wait on the ring or to write the file.
@@ -225,19 +226,32 @@ pub async fn drain(
         tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
         Capture,
     )>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> io::Result<()> {
     let Some((mut ring, mut file)) = capture else {
-        return std::future::pending().await;
+        let _ = stop.await;
+        return Ok(());
     };
     let fail = |e: CaptureError| io::Error::other(e.to_string());
     loop {
-        let mut guard = ring.readable_mut().await?;
-        let rb = guard.get_inner_mut();
-        while let Some(item) = rb.next() {
-            file.record(&item).map_err(fail)?;
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    file.record(&item).map_err(fail)?;
+                }
+                file.flush().map_err(fail)?;
+                guard.clear_ready();
+            }
+            _ = &mut stop => {
+                let rb = ring.get_mut();
+                while let Some(item) = rb.next() {
+                    file.record(&item).map_err(fail)?;
+                }
+                return file.flush().map_err(fail);
+            }
         }
-        file.flush().map_err(fail)?;
-        guard.clear_ready();
     }
 }
 

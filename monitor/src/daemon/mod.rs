@@ -245,20 +245,27 @@ impl Tasks {
         DaemonError::TaskDied { task, reason }
     }
 
-    /// Waits up to `limit` for `task` to end by itself (its clean exit); another task ending
-    /// first, or `task` failing, is an error.
-    async fn finish(&mut self, task: &'static str, limit: Duration) -> Result<(), DaemonError> {
-        match tokio::time::timeout(limit, self.next_end()).await {
-            Ok((name, _, true)) if name == task => Ok(()),
-            Ok((name, reason, _)) => Err(DaemonError::TaskDied { task: name, reason }),
-            Err(_) => Err(DaemonError::TaskDied {
-                task,
-                reason: format!(
-                    "did not finish its final drain within {} s",
-                    limit.as_secs()
-                ),
-            }),
+    /// Waits up to `limit` for each of `tasks` to end by itself (its clean exit, after its final
+    /// drain), in any order; another task ending first, or one of them failing, is an error.
+    async fn finish(&mut self, tasks: &[&'static str], limit: Duration) -> Result<(), DaemonError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut left: Vec<&'static str> = tasks.to_vec();
+        while let Some(&first) = left.first() {
+            match tokio::time::timeout_at(deadline, self.next_end()).await {
+                Ok((name, _, true)) if left.contains(&name) => left.retain(|t| *t != name),
+                Ok((name, reason, _)) => return Err(DaemonError::TaskDied { task: name, reason }),
+                Err(_) => {
+                    return Err(DaemonError::TaskDied {
+                        task: first,
+                        reason: format!(
+                            "did not finish its final drain within {} s",
+                            limit.as_secs()
+                        ),
+                    });
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -321,7 +328,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let Running {
         mut verifier,
         mut tasks,
-        stop_drain,
+        stop_drains,
         health,
         stats,
         view,
@@ -339,9 +346,11 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let result = tokio::select! {
         () = shutdown => {
             info!("shutdown requested");
-            // Let the drain empty the ring and report what the log limit suppressed.
-            let _ = stop_drain.send(());
-            tasks.finish("event-drain", Duration::from_secs(5)).await
+            // Let the drains empty their rings (and report what the log limit suppressed).
+            for stop in stop_drains {
+                let _ = stop.send(());
+            }
+            tasks.finish(&["event-drain", "capture"], Duration::from_secs(5)).await
         }
         e = tasks.first_death() => Err(e),
     };
@@ -370,7 +379,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
 struct Running {
     verifier: Verifier,
     tasks: Tasks,
-    stop_drain: tokio::sync::oneshot::Sender<()>,
+    /// Tells `event-drain` and `capture` to empty their rings and end.
+    stop_drains: [tokio::sync::oneshot::Sender<()>; 2],
     health: Arc<Health>,
     stats: Arc<Stats>,
     view: watch::Receiver<Arc<View>>,
@@ -456,7 +466,8 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     };
     tasks.spawn("event-drain", drain.run(stop_rx));
     tasks.spawn("ebpf-log", drain::bridge_ebpf_log(k.ebpf_log));
-    tasks.spawn("capture", crate::capture::drain(k.capture));
+    let (stop_capture, capture_rx) = tokio::sync::oneshot::channel();
+    tasks.spawn("capture", crate::capture::drain(k.capture, capture_rx));
     let reloads = k.metrics.reload();
     reloads.succeeded();
     let discovery_errors = k.metrics.discovery_errors();
@@ -479,7 +490,7 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     Ok(Running {
         verifier: k.verifier,
         tasks,
-        stop_drain,
+        stop_drains: [stop_drain, stop_capture],
         health: k.health,
         stats: k.stats,
         view: k.view,

@@ -393,7 +393,7 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
 /// takes in scope, and why the others are left out. Silent on a host with none.
 fn tunnels(r: &mut Report, sas: &[crate::xfrm::Sa]) {
     use crate::tunnels::Coverage;
-    match crate::daemon::discovery::tunnels_now(sas) {
+    match crate::tunnels::survey(sas) {
         Ok(all) => {
             let from_peers: Vec<_> = all
                 .iter()

@@ -162,6 +162,32 @@ pub fn coverage(tunnel: &Tunnel, policies: &[Policy], sas: &[Sa]) -> Coverage {
     Coverage::Verified
 }
 
+/// Every tunnel device of this host and whether its inner segments are the verifier's, as the
+/// SAs `sas`, the policies and the links stand now.
+///
+/// # Errors
+/// `XfrmError` when the policy or the link dump fails.
+pub fn survey(sas: &[Sa]) -> Result<Tunnels, crate::xfrm::XfrmError> {
+    let links = links().map_err(|source| crate::xfrm::XfrmError::Io {
+        what: "reading the tunnel devices over rtnetlink",
+        source,
+    })?;
+    if links.is_empty() {
+        return Ok(Vec::new());
+    }
+    let policies = crate::xfrm::dump_policies()?;
+    Ok(links
+        .into_iter()
+        .map(|t| {
+            let c = coverage(&t, &policies, sas);
+            (t, c)
+        })
+        .collect())
+}
+
+/// Every tunnel device and whether its inner segments are the verifier's.
+pub type Tunnels = Vec<(Tunnel, Coverage)>;
+
 /// The tunnel a link message describes: a GRE, IPIP, SIT or ip6 tunnel with a fixed remote.
 /// Fallback devices (`gre0`, `tunl0`, `sit0`, `ip6tnl0`) and tunnels without a remote accept
 /// packets from anywhere and are not tunnels in this sense.

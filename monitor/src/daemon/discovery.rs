@@ -15,35 +15,9 @@ use crate::{
     config::{Discover, Settings},
     daemon::{DaemonError, log_peers, state::StateHandle},
     peers::{Mode, PeerSpec, Source},
-    tunnels::{self, Coverage, Tunnel},
+    tunnels::{self, Coverage, Tunnel, Tunnels},
     xfrm::{self, Watch, XfrmError},
 };
-
-/// Every tunnel device of this host and whether its inner segments are the verifier's, as the
-/// SAs `sas`, the policies and the links stand now.
-///
-/// # Errors
-/// `XfrmError` when the policy or the link dump fails.
-pub fn tunnels_now(sas: &[xfrm::Sa]) -> Result<Tunnels, XfrmError> {
-    let links = tunnels::links().map_err(|source| XfrmError::Io {
-        what: "reading the tunnel devices over rtnetlink",
-        source,
-    })?;
-    if links.is_empty() {
-        return Ok(Vec::new());
-    }
-    let policies = xfrm::dump_policies()?;
-    Ok(links
-        .into_iter()
-        .map(|t| {
-            let c = tunnels::coverage(&t, &policies, sas);
-            (t, c)
-        })
-        .collect())
-}
-
-/// Every tunnel device and whether its inner segments are the verifier's.
-pub type Tunnels = Vec<(Tunnel, Coverage)>;
 
 /// The sockets discovery wakes on: XFRM's SA, expire and policy notifications, and the link
 /// notifications (tunnel devices).
@@ -116,7 +90,7 @@ pub fn start(
             source,
         })?;
         let sas = xfrm::dump()?;
-        let tunnels = tunnels_now(&sas)?;
+        let tunnels = tunnels::survey(&sas)?;
         Ok(((w, links), sas, tunnels))
     });
     match opened {
@@ -192,7 +166,7 @@ pub async fn follow(
         let (peers, sas, tunnels, dump_ms) = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
             let sas = xfrm::dump()?;
-            let tunnels = tunnels_now(&sas)?;
+            let tunnels = tunnels::survey(&sas)?;
             // The state task gives discovered peers the mode in force (a reload changes it).
             let peers = xfrm::peers_from(&sas, Mode::default(), xfrm::is_local);
             Ok::<_, XfrmError>((peers, sas.len(), tunnels, t0.elapsed().as_millis()))

@@ -542,7 +542,7 @@ impl Loaded {
     fn install_tunnels(
         &mut self,
         scope: Scope,
-        tunnels: discovery::Tunnels,
+        tunnels: crate::tunnels::Tunnels,
     ) -> Result<(discovery::SeenTunnels, bool), DaemonError> {
         let on = matches!(scope, Scope::Sa(_)) && self.verifier.variant() == Variant::BpfLoop;
         let mut seen = discovery::SeenTunnels::new();

@@ -124,6 +124,9 @@
           target('sum by (instance) (natt_monitor_tunnels{%s})' % filter, 'verified {{instance}}'),
           target('sum by (instance) (natt_monitor_tunnels_gro_on{%s})' % filter, 'GRO on {{instance}}'),
         ], 12, 36, 'short', 'GRE, IPIP and ip6 tunnels whose inner segments are verified; those with GRO on merge their inner segments, which then cannot be verified (ethtool -K <tunnel> gro off).'),
+        series(17, 'Corruption shapes', [
+          target('sum by (shape) (increase(natt_monitor_corruption_shapes_total{%s}[$__rate_interval]))' % filter, '{{shape}}'),
+        ], 0, 44, 'short', 'Corrupted copies by the shape of what changed, from a comparison with TCP\'s intact retransmission (enforce mode): bit_flip points at memory, cipher_block at the decryption, zeroed_run, repeated_run and aligned_run at DMA or buffers (docs/forensics.md). natt-monitor report FILE prints the offsets from a --capture file.'),
       ],
     },
   },

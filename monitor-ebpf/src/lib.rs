@@ -118,6 +118,9 @@ pub enum Action {
     Passed = 0,
     /// Dropped (enforce mode).
     Dropped = 1,
+    /// `CaptureRecord::action` only: a TCP segment that verified with the flow and sequence
+    /// number of one dropped before, i.e. the intact retransmission of a corrupted copy.
+    Intact = 2,
 }
 
 impl Action {
@@ -127,6 +130,7 @@ impl Action {
         match v {
             0 => Some(Self::Passed),
             1 => Some(Self::Dropped),
+            2 => Some(Self::Intact),
             _ => None,
         }
     }
@@ -393,7 +397,8 @@ pub const CAPTURE_SNAP: usize = 2048;
 /// packets between two drains.
 pub const CAPTURE_RING_BYTES: u32 = 1 << 20;
 
-/// One mismatching packet for `--capture`, through the `CAPTURE` ring buffer.
+/// One packet for the daemon's forensics (and `--capture`), through the `CAPTURE` ring buffer:
+/// a mismatching packet, or the intact retransmission of a dropped one (`Action::Intact`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CaptureRecord {
@@ -407,9 +412,62 @@ pub struct CaptureRecord {
     pub action: u8,
     /// Padding, 0.
     pub pad: [u8; 3],
+    /// `PeerValue::id` of the peer it counts under.
+    pub peer_id: u32,
+    /// SPI of the SA that decapsulated it (network byte order); 0 under address scope and out
+    /// of a tunnel.
+    pub spi: u32,
+    /// The checksum field as received (host order; SCTP: the high half of the CRC32c).
+    pub csum_found: u16,
+    /// The field an intact segment with these bytes would carry (host order; SCTP: the high
+    /// half of the CRC32c of the bytes received). Equal to `csum_found` for `Action::Intact`.
+    pub csum_expected: u16,
+    /// The SA's encapsulation source and destination ports (network byte order).
+    pub encap_ports: [u16; 2],
     /// The packet from its IP header on.
     pub data: [u8; CAPTURE_SNAP],
 }
+
+/// The flow and sequence number of a dropped TCP segment, the key of `PAIRS`: its intact
+/// retransmission has the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PairKey {
+    /// Source address; IPv4 uses the first four bytes.
+    pub src: [u8; 16],
+    /// Destination address; IPv4 uses the first four bytes.
+    pub dst: [u8; 16],
+    /// Source port (host order).
+    pub sport: u16,
+    /// Destination port (host order).
+    pub dport: u16,
+    /// TCP sequence number (host order).
+    pub seq: u32,
+}
+
+/// Dropped TCP segments `PAIRS` remembers at once, waiting for their retransmission. One more
+/// is counted (`PairSlot::NotRemembered`) and its copy reported unpaired.
+pub const MAX_PAIRS: u32 = 1024;
+
+/// How long a dropped segment waits for its retransmission (nanoseconds): TCP's first
+/// retransmission comes within one RTO (200 ms to a few seconds); the daemon forgets older
+/// entries, and the verifier stops looking once this long passed after the last drop.
+pub const PAIR_WINDOW_NS: u64 = 60_000_000_000;
+
+/// Slots of `PAIR_STATS`, the verifier's pairing counters (per CPU).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairSlot {
+    /// Dropped TCP segments remembered for pairing.
+    Remembered = 0,
+    /// Dropped TCP segments `PAIRS` had no room for.
+    NotRemembered = 1,
+    /// Intact retransmissions found and copied.
+    Paired = 2,
+}
+
+/// Number of slots in `PAIR_STATS`.
+pub const PAIR_SLOTS: u32 = PairSlot::Paired as u32 + 1;
 
 /// Largest number of SAs whose residual the `SA_TRUST` map holds (and NAT mappings in
 /// `MAPPINGS`). Both are LRU maps: past this, the least recently used entry is forgotten. A
@@ -812,9 +870,12 @@ const _: () = {
     assert!(offset_of!(SecpathLayout, sp_len_size) == 24);
     assert!(offset_of!(SecpathLayout, encap_sport) == 48);
     assert!(offset_of!(SecpathLayout, x_km_state) == 52);
-    assert!(size_of::<CaptureRecord>() == 16 + CAPTURE_SNAP);
+    assert!(size_of::<CaptureRecord>() == 32 + CAPTURE_SNAP);
     assert!(offset_of!(CaptureRecord, caplen) == 4 && offset_of!(CaptureRecord, ifindex) == 8);
-    assert!(offset_of!(CaptureRecord, action) == 12 && offset_of!(CaptureRecord, data) == 16);
+    assert!(offset_of!(CaptureRecord, action) == 12 && offset_of!(CaptureRecord, peer_id) == 16);
+    assert!(offset_of!(CaptureRecord, spi) == 20 && offset_of!(CaptureRecord, csum_found) == 24);
+    assert!(offset_of!(CaptureRecord, encap_ports) == 28 && offset_of!(CaptureRecord, data) == 32);
+    assert!(size_of::<PairKey>() == 40 && offset_of!(PairKey, seq) == 36);
     assert!(size_of::<Action>() == 1 && size_of::<Family>() == 1 && size_of::<PeerMode>() == 1);
 };
 
@@ -870,4 +931,6 @@ mod user {
     unsafe impl aya::Pod for super::CaptureRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LearningSample {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PairKey {}
 }

@@ -1,12 +1,14 @@
-//! `--capture FILE`: the mismatching packets themselves, in a pcapng file that Wireshark and
-//! tshark open, and nothing else. Owns the capture ring buffer and the file.
+//! `--capture FILE`: the mismatching packets themselves, and the intact retransmissions they
+//! pair with (`crate::forensics`), in a pcapng file that Wireshark and tshark open, each with a
+//! comment that says what natt-monitor found. Owns the file; the capture task
+//! (`crate::daemon::forensics`) owns the ring.
 //!
 //! Bounded on every side: the kernel copies at most `CAPTURE_SNAP` bytes of each packet into a
 //! 1 MiB ring buffer (a full ring is counted, `ring_full`); this module writes at most
 //! `CAPTURE_PER_SECOND` packets a second after a burst of `CAPTURE_BURST` (the rest are counted,
 //! `rate_limited`), and stops writing once the file would pass its size limit (counted,
 //! `file_full`). Every packet the verifier found corrupt is therefore either in the file or in
-//! one of those counts. The link type is raw IP (`LINKTYPE_RAW`): the packets start at their IP
+//! one of those counts. Comments are what `natt-monitor report` reads. The link type is raw IP (`LINKTYPE_RAW`): the packets start at their IP
 //! header, as the verifier saw them after decapsulation.
 //!
 //! The file holds decrypted payloads: it is created mode 0600 and never through a symbolic
@@ -23,13 +25,14 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use monitor_ebpf::{CAPTURE_SNAP, CaptureRecord};
+use monitor_ebpf::{Action, CAPTURE_SNAP, CaptureRecord};
 use pcap_file::{
     DataLink,
     pcapng::{
         PcapNgWriter,
         blocks::{
-            enhanced_packet::EnhancedPacketBlock, interface_description::InterfaceDescriptionBlock,
+            enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption},
+            interface_description::InterfaceDescriptionBlock,
         },
     },
 };
@@ -65,6 +68,7 @@ pub struct Capture {
     writer: PcapNgWriter<BufWriter<File>>,
     path: PathBuf,
     written_bytes: u64,
+    packets: u64,
     max_bytes: u64,
     limiter: RateLimiter,
     results: IntCounterVec,
@@ -124,6 +128,63 @@ const fn block_bytes(caplen: usize) -> u64 {
     (32 + caplen.div_ceil(4) * 4) as u64
 }
 
+/// Bytes a comment adds to a block: its option (header and padded text) and the end of the
+/// options.
+const fn comment_bytes(comment: &str) -> u64 {
+    if comment.is_empty() {
+        0
+    } else {
+        (4 + comment.len().div_ceil(4) * 4 + 4) as u64
+    }
+}
+
+/// One record of the capture ring, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The packet's whole length.
+    pub len: u32,
+    /// The interface it arrived on.
+    pub ifindex: u32,
+    /// Dropped, passed, or the intact retransmission of a dropped one.
+    pub action: Action,
+    /// The peer it counts under.
+    pub peer_id: u32,
+    /// The SA's SPI (0 when none is known).
+    pub spi: u32,
+    /// The checksum field as received and the one its bytes call for.
+    pub found: u16,
+    /// See `found`.
+    pub expected: u16,
+    /// The SA's encapsulation ports (host order).
+    pub encap: [u16; 2],
+    /// The captured bytes, from the IP header.
+    pub packet: Vec<u8>,
+}
+
+impl Record {
+    /// Decodes a ring record; `None` for a short one or an unknown action.
+    #[must_use]
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<CaptureRecord>() {
+            return None;
+        }
+        // SAFETY: length checked; CaptureRecord is plain old data valid for any bit pattern.
+        let rec: CaptureRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let caplen = (rec.caplen as usize).min(CAPTURE_SNAP);
+        Some(Self {
+            len: rec.len,
+            ifindex: rec.ifindex,
+            action: Action::from_abi(rec.action)?,
+            peer_id: rec.peer_id,
+            spi: u32::from_be(rec.spi),
+            found: rec.csum_found,
+            expected: rec.csum_expected,
+            encap: rec.encap_ports.map(u16::from_be),
+            packet: rec.data[..caplen].to_vec(),
+        })
+    }
+}
+
 impl Capture {
     /// Creates `path` (mode 0600, refusing a symbolic link) after rotating a non-empty file of
     /// an earlier run out of the way, and writes the section and interface headers.
@@ -155,48 +216,69 @@ impl Capture {
             writer,
             path: path.to_owned(),
             written_bytes: 28 + header as u64,
+            packets: 0,
             max_bytes,
             limiter: RateLimiter::new(CAPTURE_PER_SECOND, CAPTURE_BURST),
             results,
         })
     }
 
-    /// Writes one record from the ring buffer (or counts why not).
+    /// Writes one packet with a comment that Wireshark shows beside it (or counts why not);
+    /// returns its number in the file (1 for the first, as Wireshark counts) when written.
     ///
     /// # Errors
     /// `CaptureError::File` when writing fails.
-    pub fn record(&mut self, bytes: &[u8]) -> Result<(), CaptureError> {
-        if bytes.len() < size_of::<CaptureRecord>() {
-            tracing::warn!(len = bytes.len(), "short record in the capture ring buffer");
-            return Ok(());
-        }
-        // SAFETY: length checked; CaptureRecord is plain old data valid for any bit pattern.
-        let rec: CaptureRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let caplen = (rec.caplen as usize).min(CAPTURE_SNAP);
-        if self.written_bytes + block_bytes(caplen) > self.max_bytes {
+    pub fn write(&mut self, rec: &Record, comment: &str) -> Result<Option<u64>, CaptureError> {
+        self.write_limited(rec, comment, true)
+    }
+
+    /// As `write`, for the intact retransmission of a packet the file holds: outside the rate
+    /// limit (there is at most one for each packet the limit let in), so that the file holds
+    /// both copies of every pair it holds the first of; within the size limit.
+    ///
+    /// # Errors
+    /// `CaptureError::File` when writing fails.
+    pub fn write_pair(&mut self, rec: &Record, comment: &str) -> Result<Option<u64>, CaptureError> {
+        self.write_limited(rec, comment, false)
+    }
+
+    fn write_limited(
+        &mut self,
+        rec: &Record,
+        comment: &str,
+        rate_limited: bool,
+    ) -> Result<Option<u64>, CaptureError> {
+        let caplen = rec.packet.len().min(CAPTURE_SNAP);
+        if self.written_bytes + block_bytes(caplen) + comment_bytes(comment) > self.max_bytes {
             self.results.with_label_values(&["file_full"]).inc();
-            return Ok(());
+            return Ok(None);
         }
-        if self.limiter.admit(Instant::now()).is_none() {
+        if rate_limited && self.limiter.admit(Instant::now()).is_none() {
             self.results.with_label_values(&["rate_limited"]).inc();
-            return Ok(());
+            return Ok(None);
         }
+        let options = if comment.is_empty() {
+            vec![]
+        } else {
+            vec![EnhancedPacketOption::Comment(comment.into())]
+        };
         let block = EnhancedPacketBlock {
             interface_id: 0,
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default(),
             original_len: rec.len,
-            data: rec.data[..caplen].into(),
-            options: vec![],
+            data: rec.packet[..caplen].into(),
+            options,
         };
         let n = self
             .writer
             .write_pcapng_block(block)
             .map_err(|e| self.fail(pcap_io(e)))?;
         self.written_bytes += n as u64;
+        self.packets += 1;
         self.results.with_label_values(&["written"]).inc();
-        Ok(())
+        Ok(Some(self.packets))
     }
 
     /// Flushes what was written, so the file is whole between batches.
@@ -211,46 +293,6 @@ impl Capture {
         CaptureError::File {
             path: self.path.clone(),
             source,
-        }
-    }
-}
-
-/// The capture task: writes the capture ring's packets to the file until `stop`, then writes
-/// what the ring still holds and returns (a shutdown loses no captured packet); without
-/// `--capture`, waits for `stop`. A write error ends the task, which takes the daemon down.
-///
-/// # Errors
-/// A failure to wait on the ring or to write the file.
-pub async fn drain(
-    capture: Option<(
-        tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
-        Capture,
-    )>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) -> io::Result<()> {
-    let Some((mut ring, mut file)) = capture else {
-        let _ = stop.await;
-        return Ok(());
-    };
-    let fail = |e: CaptureError| io::Error::other(e.to_string());
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    file.record(&item).map_err(fail)?;
-                }
-                file.flush().map_err(fail)?;
-                guard.clear_ready();
-            }
-            _ = &mut stop => {
-                let rb = ring.get_mut();
-                while let Some(item) = rb.next() {
-                    file.record(&item).map_err(fail)?;
-                }
-                return file.flush().map_err(fail);
-            }
         }
     }
 }
@@ -273,13 +315,19 @@ mod tests {
         IntCounterVec::new(Opts::new("t", "t"), &["result"]).unwrap()
     }
 
-    fn record(len: u32, fill: u8) -> Vec<u8> {
+    /// A record as the ring holds it.
+    fn raw(len: u32, fill: u8) -> Vec<u8> {
         let mut rec = CaptureRecord {
             len,
             caplen: len.min(CAPTURE_SNAP as u32),
             ifindex: 1,
             action: 1,
             pad: [0; 3],
+            peer_id: 3,
+            spi: 0x1001_u32.to_be(),
+            csum_found: 0x1234,
+            csum_expected: 0x4321,
+            encap_ports: [4500_u16.to_be(), 4501_u16.to_be()],
             data: [0; CAPTURE_SNAP],
         };
         rec.data[..rec.caplen as usize].fill(fill);
@@ -288,6 +336,10 @@ mod tests {
             std::slice::from_raw_parts((&raw const rec).cast::<u8>(), size_of::<CaptureRecord>())
         }
         .to_vec()
+    }
+
+    fn record(len: u32, fill: u8) -> Record {
+        Record::decode(&raw(len, fill)).unwrap()
     }
 
     fn packets(path: &Path) -> Vec<(u32, Vec<u8>)> {
@@ -311,12 +363,12 @@ mod tests {
         let res = results();
         // Room for the headers and exactly two 100-byte packets.
         let mut c = Capture::create(&path, 28 + 20 + 2 * block_bytes(100), res.clone()).unwrap();
-        c.record(&record(100, 0xaa)).unwrap();
-        c.record(&record(100, 0xbb)).unwrap();
-        c.record(&record(100, 0xcc)).unwrap();
+        assert_eq!(c.write(&record(100, 0xaa), "").unwrap(), Some(1));
+        assert_eq!(c.write(&record(100, 0xbb), "").unwrap(), Some(2));
+        assert_eq!(c.write(&record(100, 0xcc), "").unwrap(), None);
         // A 9000-byte packet is cut at the snap length, its original length kept.
-        c.record(&record(9000, 0xdd)).unwrap();
-        c.record(&record(10, 0)[..10]).unwrap();
+        c.write(&record(9000, 0xdd), "").unwrap();
+        assert_eq!(Record::decode(&raw(10, 0)[..10]), None);
         c.flush().unwrap();
         let got = packets(&path);
         assert_eq!(
@@ -330,6 +382,38 @@ mod tests {
             std::fs::metadata(&path).unwrap().len(),
             28 + 20 + 2 * block_bytes(100)
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_record_decodes_to_host_order_and_its_comment_is_written_within_the_limit() {
+        let r = record(100, 7);
+        assert_eq!(
+            (r.action, r.peer_id, r.spi, r.found, r.expected, r.encap),
+            (Action::Dropped, 3, 0x1001, 0x1234, 0x4321, [4500, 4501])
+        );
+        let dir = std::env::temp_dir().join(format!("natt-capture-c-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.pcapng");
+        let comment = "natt-monitor: a comment of 33 b.";
+        let limit = 28 + 20 + block_bytes(100) + comment_bytes(comment);
+        let mut c = Capture::create(&path, limit, results()).unwrap();
+        assert_eq!(c.write(&r, comment).unwrap(), Some(1));
+        assert_eq!(c.write(&r, comment).unwrap(), None);
+        c.flush().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), limit);
+        let mut rd = PcapNgReader::new(File::open(&path).unwrap()).unwrap();
+        let mut comments = Vec::new();
+        while let Some(b) = rd.next_block() {
+            if let Block::EnhancedPacket(p) = b.unwrap() {
+                for o in p.options {
+                    if let EnhancedPacketOption::Comment(c) = o {
+                        comments.push(c.into_owned());
+                    }
+                }
+            }
+        }
+        assert_eq!(comments, vec![comment.to_owned()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -352,7 +436,7 @@ mod tests {
         let mut c = Capture::create(&path, 1 << 30, res.clone()).unwrap();
         let n = u64::from(CAPTURE_BURST) + 7;
         for _ in 0..n {
-            c.record(&record(60, 1)).unwrap();
+            c.write(&record(60, 1), "").unwrap();
         }
         c.flush().unwrap();
         let written = res.with_label_values(&["written"]).get();
@@ -376,7 +460,7 @@ mod tests {
         for run in 0..5_u32 {
             let mut c = Capture::create(&path, 1 << 20, results()).unwrap();
             for _ in 0..=run {
-                c.record(&record(60, 1)).unwrap();
+                c.write(&record(60, 1), "").unwrap();
             }
             c.flush().unwrap();
         }

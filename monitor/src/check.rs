@@ -273,7 +273,8 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
         ),
     }
 
-    let mut verifier = match Verifier::load(&scope) {
+    // Loaded as the daemon loads it: with the capture ring and pairing on.
+    let mut verifier = match Verifier::load_with(&scope, true) {
         Ok(mut v) => {
             // How close the program is to the verifier's limit on this kernel.
             let cost = v

@@ -18,7 +18,8 @@ Examples:
   natt-monitor run                      # peers from this host's NAT-T SAs (XFRM)
   natt-monitor run --discover none --peer 192.0.2.10 --mode enforce \
       --cgroup /sys/fs/cgroup/unified/zookeeper.slice
-  natt-monitor detach                   # remove the verifier that `run` left pinned")]
+  natt-monitor detach                   # remove the verifier that `run` left pinned
+  natt-monitor report /var/lib/natt-monitor/mismatches.pcapng")]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -37,6 +38,15 @@ pub enum Command {
     /// Refused while a daemon runs with these pins (stop it first); one detached by other means
     /// (bpftool) notices within a second and exits with an error.
     Detach(DetachArgs),
+    /// Summarize `--capture` files for an incident or a vendor ticket: per peer and SA, the
+    /// corrupted copies, first and last seen, the shapes of what changed (each corrupted copy
+    /// compared byte for byte with TCP's intact retransmission, which the capture holds beside
+    /// it), the changed offsets and cipher blocks that recur, and the likely layer.
+    #[command(after_help = "\
+Examples:
+  natt-monitor report /var/lib/natt-monitor/mismatches.pcapng
+  natt-monitor report /var/lib/natt-monitor/mismatches.pcapng*   # with the rotated files")]
+    Report(ReportArgs),
     /// Write the man pages and shell completions into a directory (for packaging).
     #[command(hide = true)]
     Generate(GenerateArgs),
@@ -71,6 +81,14 @@ pub fn generate(out: &std::path::Path) -> std::io::Result<()> {
         clap_complete::generate_to(shell, &mut cmd.clone(), "natt-monitor", &completions)?;
     }
     Ok(())
+}
+
+/// `natt-monitor report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// pcapng files written by `run --capture` (rotated ones too: FILE.1, FILE.2, ...).
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
 }
 
 /// `natt-monitor detach`.

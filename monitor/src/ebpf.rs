@@ -24,8 +24,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use monitor_ebpf::{
-    COUNTER_SLOTS, Counter, IcmpCounters, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6,
-    PeerStats, PeerValue, SaKey, SaTrust, SctpCounters, TRUST_LEARNED, TrustCounter, TunnelValue,
+    COUNTER_SLOTS, Counter, IcmpCounters, MappingOwner, PairKey, PeerCounters, PeerKeyV4,
+    PeerKeyV6, PeerStats, PeerValue, SaKey, SaTrust, SctpCounters, TRUST_LEARNED, TrustCounter,
+    TunnelValue,
 };
 
 use crate::{
@@ -54,6 +55,10 @@ pub const PROGRAM_HOLD: &str = "natt_hold";
 /// SCTP's CRC32c, which the `bpf_loop` variant tail-calls through `SCTP_JUMP` (kernels without
 /// `bpf_loop` cannot load it).
 pub const PROGRAM_SCTP: &str = "natt_sctp";
+/// The pairing program (`pair.rs` in the object): a verified TCP segment that retransmits a
+/// dropped one is copied beside it for forensics; tail-called through `PAIR_JUMP` by either
+/// variant.
+pub const PROGRAM_PAIR: &str = "natt_pair";
 
 pub use crate::features::Variant;
 
@@ -472,6 +477,10 @@ impl Verifier {
         if variant == Variant::BpfLoop {
             load_tail_call(&mut bpf, PROGRAM_SCTP, "SCTP_JUMP")?;
         }
+        // Objects of earlier builds (benchmarked side by side) have no pairing.
+        if bpf.program(PROGRAM_PAIR).is_some() {
+            load_tail_call(&mut bpf, PROGRAM_PAIR, "PAIR_JUMP")?;
+        }
         let peer_stats = take_map(&mut bpf, "PEER_STATS")?;
         let icmp_stats = take_map(&mut bpf, "ICMP_STATS")?;
         let sctp_stats = take_map(&mut bpf, "SCTP_STATS")?;
@@ -741,6 +750,15 @@ impl Verifier {
     /// `EbpfFailure::Missing` if it was taken already.
     pub fn take_capture(&mut self) -> Result<RingBuf<MapData>, EbpfFailure> {
         typed(take_map(&mut self.bpf, "CAPTURE")?, "CAPTURE")
+    }
+
+    /// Takes the map of dropped TCP segments waiting for their retransmission (once), for the
+    /// capture task to forget the stale ones.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if it was taken already.
+    pub fn take_pairs(&mut self) -> Result<HashMap<MapData, PairKey, u64>, EbpfFailure> {
+        typed(take_map(&mut self.bpf, "PAIRS")?, "PAIRS")
     }
 
     /// The loaded object, for bridging aya-log.

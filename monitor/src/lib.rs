@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod events;
 pub mod features;
+pub mod forensics;
 #[cfg(test)]
 mod fuzz;
 pub mod http;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod peers;
 pub mod pin;
 pub mod privileges;
+pub mod report;
 pub mod residuals;
 pub mod scope;
 pub mod snmp;

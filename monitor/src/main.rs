@@ -140,6 +140,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Report(args) => match natt_monitor::report::report(&args.files) {
+            Ok(text) => {
+                #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+                {
+                    print!("{text}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("natt-monitor: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Generate(args) => match natt_monitor::cli::generate(&args.out) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

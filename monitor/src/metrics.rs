@@ -104,6 +104,8 @@ pub struct Metrics {
     registry: Registry,
     log_suppressed: IntCounter,
     capture: IntCounterVec,
+    shapes: IntCounterVec,
+    waiting: IntGauge,
     reload: ReloadMetrics,
     discovery_errors: IntCounter,
 }
@@ -140,6 +142,32 @@ impl std::fmt::Debug for Metrics {
 fn register<C: Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C, prometheus::Error> {
     r.register(Box::new(c.clone()))?;
     Ok(c)
+}
+
+/// The capture task's `natt_monitor_corruption_shapes_total` (every shape at 0) and
+/// `natt_monitor_corruption_copies_waiting`, registered.
+fn forensics_metrics(r: &Registry) -> Result<(IntCounterVec, IntGauge), prometheus::Error> {
+    let shapes = register(
+        r,
+        IntCounterVec::new(
+            Opts::new(
+                "natt_monitor_corruption_shapes_total",
+                "Corrupted copies by the shape of what changed, from a byte-for-byte comparison with TCP's intact retransmission (unpaired: nothing to compare with).",
+            ),
+            &["shape"],
+        )?,
+    )?;
+    for shape in crate::forensics::Shape::ALL {
+        shapes.with_label_values(&[shape.as_str()]);
+    }
+    let waiting = register(
+        r,
+        IntGauge::new(
+            "natt_monitor_corruption_copies_waiting",
+            "Corrupted copies of dropped TCP segments waiting for their intact retransmission; each is counted in natt_monitor_corruption_shapes_total once paired, or as unpaired after 60 s.",
+        )?,
+    )?;
+    Ok((shapes, waiting))
 }
 
 impl Metrics {
@@ -233,6 +261,7 @@ impl Metrics {
             )?,
         )?
         .set(i64::from(peers_limit));
+        let (shapes, waiting) = forensics_metrics(&r)?;
         // Not registered: the scrape collector merges these with the kernel's ring_full count
         // into one family.
         let capture = IntCounterVec::new(Opts::new("capture", "capture"), &["result"])?;
@@ -246,6 +275,8 @@ impl Metrics {
             registry: r,
             log_suppressed,
             capture,
+            shapes,
+            waiting,
             reload,
             discovery_errors,
         })
@@ -268,6 +299,18 @@ impl Metrics {
     #[must_use]
     pub fn capture_results(&self) -> IntCounterVec {
         self.capture.clone()
+    }
+
+    /// `natt_monitor_corruption_shapes_total`, by `shape`, for the capture task.
+    #[must_use]
+    pub fn corruption_shapes(&self) -> IntCounterVec {
+        self.shapes.clone()
+    }
+
+    /// `natt_monitor_corruption_copies_waiting`, for the capture task.
+    #[must_use]
+    pub fn corruption_waiting(&self) -> IntGauge {
+        self.waiting.clone()
     }
 
     /// Counter that the event drain task increments when it withholds a log line.
@@ -421,7 +464,7 @@ impl Families {
             capture: IntCounterVec::new(
                 Opts::new(
                     "natt_monitor_capture_packets_total",
-                    "Mismatching packets for --capture, by result: written to the file, or left out (rate_limited, file_full, ring_full).",
+                    "Packets for --capture (mismatching ones and the intact retransmissions they pair with), by result: written to the file, or left out (rate_limited, file_full, ring_full).",
                 ),
                 &["result"],
             )?,

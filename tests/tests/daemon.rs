@@ -419,7 +419,34 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     assert!((1 << 20..1 << 30).contains(&rss), "resident memory {rss}");
     assert!(metric(&body, "process_open_fds").is_some_and(|n| n > 3));
     assert_eq!(d.get("/healthz"), (200, "ok\n".to_owned()));
-    // Every mismatching packet is in the capture file or counted as left out.
+    // Every corrupted copy is compared with TCP's intact retransmission: one byte XORed with
+    // 0x5a (four bits) at the middle of the payload, which no shape but `other` describes.
+    let shapes = |body: &str, shape: &str| {
+        metric(
+            body,
+            &format!("natt_monitor_corruption_shapes_total{{shape=\"{shape}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("shape {shape} in {body}"))
+    };
+    // A corrupted copy of a spurious retransmission (data the receiver had already) gets no
+    // retransmission of its own: it waits until the daemon stops and is counted then.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let (_, body) = d.get("/metrics");
+        if shapes(&body, "other") >= injected || Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let paired = shapes(&body, "other");
+    for shape in natt_monitor::forensics::Shape::ALL {
+        if shape.as_str() != "other" {
+            assert_eq!(shapes(&body, shape.as_str()), 0, "{shape}: {body}");
+        }
+    }
+    // Every packet for the capture (each corrupted copy, and one intact retransmission per
+    // corrupted segment, fewer when a retransmission was corrupted again) is in the file or
+    // counted as left out.
     let capture = |body: &str, result: &str| {
         metric(
             body,
@@ -427,20 +454,15 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
         )
         .unwrap_or_else(|| panic!("capture {result} in {body}"))
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (written, left_out) = loop {
-        let (_, body) = d.get("/metrics");
-        let written = capture(&body, "written");
-        let left_out = ["rate_limited", "file_full", "ring_full"]
-            .iter()
-            .map(|r| capture(&body, r))
-            .sum::<u64>();
-        if written + left_out == injected || Instant::now() > deadline {
-            break (written, left_out);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(written + left_out, injected, "captured or counted");
+    let written = capture(&body, "written");
+    let left_out = ["rate_limited", "file_full", "ring_full"]
+        .iter()
+        .map(|r| capture(&body, r))
+        .sum::<u64>();
+    assert!(
+        (injected + 1..=2 * injected).contains(&(written + left_out)),
+        "{written} written and {left_out} left out of {injected} corrupted copies and their pairs"
+    );
     let (status, lines) = d.stop(libc::SIGTERM);
     assert!(status.success(), "exit status {status}: {lines:?}");
 
@@ -498,12 +520,59 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     assert!(lines.iter().any(|v| v["message"] == "verifier detached"));
     drop(inj);
     assert_no_verifier_loaded();
-    // The capture holds exactly the written packets, each a corrupt TCP segment from A, whole.
+    // The shape lines: one byte, four bits, at the middle of the payload (after a 32-byte
+    // header; every copy paired with a retransmission of its own length).
+    let shape_lines: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["message"] == "corruption shape, from the intact retransmission")
+        .collect();
+    let unpaired_at_exit = lines
+        .iter()
+        .find(|v| {
+            v["message"]
+                == "corrupted copies still waiting for their retransmission at shutdown, counted unpaired"
+        })
+        .map_or(0, |v| field_u64(v, "unpaired"));
+    assert_eq!(
+        paired + unpaired_at_exit,
+        injected,
+        "paired or counted at exit"
+    );
+    // Spurious retransmissions are few (up to 5 of about 60 corrupted copies seen here).
+    assert!(paired * 4 >= injected * 3, "{paired} of {injected} paired");
+    // Within the shape lines' own budget: a burst of 50, then 10 a second.
+    assert!(
+        shape_lines.len() as u64 >= paired.min(50),
+        "{} shape lines for {paired} pairs",
+        shape_lines.len()
+    );
+    for v in &shape_lines {
+        let at = 32 + field_u64(v, "compared") / 2;
+        assert_eq!(
+            (
+                &v["shape"],
+                &v["runs"],
+                &v["changed"],
+                &v["bits"],
+                &v["cipher_blocks"]
+            ),
+            (
+                &Value::from("other"),
+                &Value::from(format!("{at}+1(4b)")),
+                &Value::from(1),
+                &Value::from(4),
+                &Value::from(format!("{0}..{0}", at / 16))
+            ),
+            "{v}"
+        );
+    }
+    // The capture holds exactly the written packets: corrupt TCP segments from A, whole, each
+    // followed by its intact retransmission, whose comment names it and what changed.
     let packets = captured_packets(&pcap);
-    let _ = std::fs::remove_file(&pcap);
     assert_eq!(packets.len() as u64, written);
-    assert!(written > 0);
-    for (original_len, data) in &packets {
+    let mut corrupt = std::collections::HashMap::new();
+    let mut paired = 0;
+    for (n, (original_len, data, comment)) in packets.iter().enumerate() {
         assert_eq!(
             *original_len as usize,
             data.len(),
@@ -518,12 +587,91 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
             .to_header()
             .calc_checksum_ipv4(&ip.to_header(), payload)
             .unwrap();
-        assert_ne!(
-            tcp.checksum(),
-            want,
-            "a captured segment whose checksum is right"
-        );
+        if let Some(rest) = comment.strip_prefix("natt-monitor: intact retransmission of packet ") {
+            assert_eq!(
+                tcp.checksum(),
+                want,
+                "an intact copy whose checksum is wrong"
+            );
+            let (number, what) = rest.split_once(';').expect(comment);
+            let bad: &Vec<u8> = corrupt
+                .get(&number.parse::<usize>().expect(comment))
+                .expect("names a corrupted copy before it");
+            assert_eq!(bad.len(), data.len());
+            let diff: Vec<(usize, u8)> = (0..data.len())
+                .filter(|&i| bad[i] != data[i] && i >= 20 + 32)
+                .map(|i| (i - 20, bad[i] ^ data[i]))
+                .collect();
+            let at = 32 + (data.len() - 52) / 2;
+            assert_eq!(diff, vec![(at, 0x5a)], "packet {}", n + 1);
+            assert_eq!(
+                what,
+                format!(" shape other; changed 1 bytes, 4 bits: {at}+1(4b)"),
+                "packet {}",
+                n + 1
+            );
+            paired += 1;
+        } else {
+            assert_ne!(
+                tcp.checksum(),
+                want,
+                "a corrupted copy whose checksum is right"
+            );
+            assert!(
+                comment.starts_with(
+                    "natt-monitor: checksum mismatch, dropped; spi 0x00000000; encap 0->0; checksum "
+                ) && comment.ends_with("; peer 192.0.2.1/32"),
+                "{comment}"
+            );
+            corrupt.insert(n + 1, data.clone());
+        }
     }
+    assert!(paired > 0 && !corrupt.is_empty(), "{paired} pairs");
+    // `natt-monitor report` on the capture: the same counts, the shape, the offsets.
+    let out = Command::new(monitor_bin())
+        .arg("report")
+        .arg(&pcap)
+        .output()
+        .expect("natt-monitor report");
+    let _ = std::fs::remove_file(&pcap);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    eprintln!("{text}");
+    let n = corrupt.len();
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{text}"))
+            .to_owned()
+    };
+    assert_eq!(
+        line("file "),
+        format!(
+            "file {}: {written} packets, {n} corrupted copies, {paired} intact retransmissions",
+            pcap.display()
+        )
+    );
+    assert_eq!(
+        line("peer "),
+        "peer 192.0.2.1/32, spi 0x00000000, encap 0->0"
+    );
+    assert_eq!(
+        line("  corrupted copies"),
+        format!("  corrupted copies  {n} ({n} dropped, 0 passed)")
+    );
+    let unpaired = n - paired;
+    let shapes = if unpaired == 0 {
+        format!("  shapes            other {paired}")
+    } else {
+        format!("  shapes            other {paired}, unpaired {unpaired}")
+    };
+    assert_eq!(line("  shapes"), shapes);
+    assert_eq!(
+        line("  likely layer"),
+        format!(
+            "  likely layer      {paired} of {paired} paired copies are other: unknown: the changed bytes follow no pattern this tool knows"
+        )
+    );
 }
 
 /// The index of interface `dev` in the calling thread's network namespace.
@@ -533,14 +681,24 @@ fn veth_index(dev: &str) -> u64 {
     u64::from(unsafe { libc::if_nametoindex(name.as_ptr()) })
 }
 
-/// (original length, data) of every packet in a pcapng file.
-fn captured_packets(path: &std::path::Path) -> Vec<(u32, Vec<u8>)> {
+/// (original length, data, comment) of every packet in a pcapng file.
+fn captured_packets(path: &std::path::Path) -> Vec<(u32, Vec<u8>, String)> {
     let file = std::fs::File::open(path).expect("capture file");
     let mut r = pcap_file::pcapng::PcapNgReader::new(file).expect("a pcapng file");
     let mut out = Vec::new();
     while let Some(block) = r.next_block() {
         if let pcap_file::pcapng::Block::EnhancedPacket(p) = block.expect("a whole block") {
-            out.push((p.original_len, p.data.to_vec()));
+            let comment = p
+                .options
+                .iter()
+                .find_map(|o| match o {
+                    pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption::Comment(
+                        c,
+                    ) => Some(c.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            out.push((p.original_len, p.data.to_vec(), comment));
         }
     }
     out

@@ -8,7 +8,8 @@ use natt_monitor::{
 use natt_monitor_tests::skip_unless_root;
 
 fn load(scope: &Scope, variant: Variant) -> Verifier {
-    Verifier::load_variant(scope, false, Some(variant)).unwrap_or_else(|e| {
+    // As the daemon loads it: the capture ring and pairing on.
+    Verifier::load_variant(scope, true, Some(variant)).unwrap_or_else(|e| {
         let mut chain = vec![e.to_string()];
         let mut src = std::error::Error::source(&e);
         while let Some(inner) = src {
@@ -51,12 +52,12 @@ fn verifier_program_loads_in_both_scopes_and_variants_and_reports_its_cost() {
                 xlated / 8
             );
             assert!(xlated > 0);
-            // The tail-called programs, verified apart: the held path, and (where `bpf_loop`
-            // exists) SCTP's CRC32c.
+            // The tail-called programs, verified apart: the held path, pairing, and (where
+            // `bpf_loop` exists) SCTP's CRC32c.
             let tails: &[&'static str] = if variant == Variant::BpfLoop {
-                &[ebpf::PROGRAM_HOLD, ebpf::PROGRAM_SCTP]
+                &[ebpf::PROGRAM_HOLD, ebpf::PROGRAM_PAIR, ebpf::PROGRAM_SCTP]
             } else {
-                &[ebpf::PROGRAM_HOLD]
+                &[ebpf::PROGRAM_HOLD, ebpf::PROGRAM_PAIR]
             };
             for name in tails {
                 let info = v.program_named(name).unwrap().info().expect("program info");

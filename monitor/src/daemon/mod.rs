@@ -10,7 +10,7 @@
 //! | `sa-state` | `state` | the peer table, learned residuals, the peer maps (only writer) |
 //! | `event-drain` | `drain` | the mismatch ring, the log budget; feeds health |
 //! | `ebpf-log` | `drain` | the aya-log ring |
-//! | `capture` | `crate::capture` | the capture ring and the pcapng file |
+//! | `capture` | `forensics` | the capture ring, pairing (`crate::forensics`), the pcapng file |
 //! | `http` | `crate::http` + `exporter` | the listener; scrapes read the kernel |
 //! | `xfrm-discovery` | `discovery` | the XFRM notification socket |
 //! | `sighup` | `reload` | the SIGHUP stream |
@@ -31,6 +31,7 @@
 pub mod discovery;
 pub mod drain;
 pub mod exporter;
+pub mod forensics;
 pub mod health;
 pub mod notify;
 pub mod reload;
@@ -52,6 +53,7 @@ use tracing::{error, info, warn};
 use self::{
     drain::Drain,
     exporter::{Endpoint, KernelReadings, LabelCap},
+    forensics::{CaptureParts, CaptureTask},
     health::Health,
     state::{SaState, View},
 };
@@ -467,7 +469,8 @@ fn start(config: RunConfig) -> Result<Running, DaemonError> {
     tasks.spawn("event-drain", drain.run(stop_rx));
     tasks.spawn("ebpf-log", drain::bridge_ebpf_log(k.ebpf_log));
     let (stop_capture, capture_rx) = tokio::sync::oneshot::channel();
-    tasks.spawn("capture", crate::capture::drain(k.capture, capture_rx));
+    let capture = CaptureTask::new(k.capture, k.view.clone(), &k.metrics);
+    tasks.spawn("capture", capture.run(capture_rx));
     let reloads = k.metrics.reload();
     reloads.succeeded();
     let discovery_errors = k.metrics.discovery_errors();
@@ -530,7 +533,7 @@ struct Loaded {
     metrics: Metrics,
     events: AsyncFd<RingBuf<MapData>>,
     learning: AsyncFd<RingBuf<MapData>>,
-    capture: Option<(AsyncFd<RingBuf<MapData>>, Capture)>,
+    capture: CaptureParts,
     ebpf_log: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -559,7 +562,9 @@ impl Loaded {
         variant: Variant,
         discovered: Vec<PeerSpec>,
     ) -> Result<Self, DaemonError> {
-        let capture = settings.capture.is_some();
+        // The capture ring is always on: it carries what forensics compares. `--capture` only
+        // adds the file.
+        let capture = true;
         let mut created = CreatedPins(None);
         let (mut verifier, prior) = match &settings.pin {
             Some(dir) => {
@@ -623,15 +628,19 @@ impl Loaded {
             settings.max_peers,
         )?
         .with_process_metrics(!settings.disable_exporter_metrics)?;
-        let capture = match &settings.capture {
+        let file = match &settings.capture {
             Some(path) => {
                 let file =
                     Capture::create(path, settings.capture_max_bytes, metrics.capture_results())?;
-                let ring = watch_fd("capture", verifier.take_capture()?)?;
                 info!(file = %path.display(), max_bytes = settings.capture_max_bytes, "writing mismatching packets to a pcapng file");
-                Some((ring, file))
+                Some(file)
             }
             None => None,
+        };
+        let capture = CaptureParts {
+            ring: watch_fd("capture", verifier.take_capture()?)?,
+            pairs: verifier.take_pairs()?,
+            file,
         };
         let events = watch_fd("mismatch event", verifier.take_events()?)?;
         let learning = watch_fd("learning sample", verifier.take_learning()?)?;

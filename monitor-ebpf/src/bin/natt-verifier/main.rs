@@ -29,6 +29,7 @@
 //! | `hold` | `natt_hold`, tail-called in enforce mode: a TCP segment of an SA without a residual is dropped until TCP's retransmission confirms it |
 //! | `sctp` | `natt_sctp`, tail-called for SCTP (the `bpf_loop` variant): its CRC32c |
 //! | `report` | mismatch events, learning samples, captured packets |
+//! | `pair` | a dropped TCP segment remembered until its intact retransmission is captured |
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(
@@ -49,6 +50,8 @@ fn main() {
 mod hold;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod pair;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]

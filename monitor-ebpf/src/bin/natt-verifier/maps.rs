@@ -7,11 +7,12 @@ use aya_ebpf::{
 };
 use monitor_ebpf::{
     CAPTURE_RING_BYTES, COUNTER_SLOTS, EVENT_RING_BYTES, Held, IcmpCounters, LEARNING_RING_BYTES,
-    MAX_PEERS, MAX_SA_RESIDUALS, MAX_TUNNELS, MappingOwner, PeerCounters, PeerKeyV4, PeerKeyV6,
-    PeerValue, SaKey, SaTrust, SctpCounters, SecpathLayout, TRUST_SLOTS, TunnelValue,
+    MAX_PAIRS, MAX_PEERS, MAX_SA_RESIDUALS, MAX_TUNNELS, MappingOwner, PAIR_SLOTS, PairKey,
+    PeerCounters, PeerKeyV4, PeerKeyV6, PeerValue, SaKey, SaTrust, SctpCounters, SecpathLayout,
+    TRUST_SLOTS, TunnelValue,
 };
 
-use crate::{sum::CHUNK_WORDS, trust::Scratch};
+use crate::{pair::Candidate, sum::CHUNK_WORDS, trust::Scratch};
 
 /// Where this kernel keeps the `sec_path`; set by the loader from BTF. All zero: address
 /// scope. The map behind it is frozen, so the verifier sees constants and prunes the scope
@@ -52,8 +53,9 @@ macro_rules! secpath {
 }
 pub(crate) use secpath;
 
-/// Non-zero: copy every mismatching packet into `CAPTURE` (`--capture`). Set by the loader;
-/// when 0 the verifier prunes the copy.
+/// Non-zero: copy every mismatching packet into `CAPTURE`, and pair dropped TCP segments with
+/// their retransmissions (the daemon's forensics). Set by the loader; when 0 the verifier
+/// prunes both.
 #[unsafe(no_mangle)]
 pub static CAPTURE_ON: Global<u32> = Global::new(0);
 
@@ -122,9 +124,30 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 /// Learning samples.
 #[map]
 pub static LEARNING: RingBuf = RingBuf::with_byte_size(LEARNING_RING_BYTES, 0);
-/// Mismatching packets for `--capture`.
+/// Mismatching packets and the intact retransmissions of dropped ones, for the daemon's
+/// forensics and `--capture`.
 #[map]
 pub static CAPTURE: RingBuf = RingBuf::with_byte_size(CAPTURE_RING_BYTES, 0);
+/// Dropped TCP segments (flow and sequence number) waiting for their retransmission, with the
+/// `bpf_ktime_get_ns` of the drop. A hash map, not an LRU: a full one refuses, and is counted.
+/// The daemon forgets entries older than `PAIR_WINDOW_NS`. Not pinned: pairing serves the
+/// daemon that drains the capture ring.
+#[map]
+pub static PAIRS: HashMap<PairKey, u64> = HashMap::with_max_entries(MAX_PAIRS, 0);
+/// Slot 0: until when (`bpf_ktime_get_ns`) verified TCP segments are looked up in `PAIRS`; 0
+/// until the first drop.
+#[map]
+pub static PAIR_DEADLINE: Array<u64> = Array::with_max_entries(1, 0);
+/// The tail call to `natt_pair`, in `pair::PAIR_SLOT`. Not pinned: the kernel empties it when
+/// the daemon that filled it exits, and a verifier left running then pairs nothing.
+#[map]
+pub static PAIR_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// One per-CPU `pair::Candidate`: the verified segment handed to `natt_pair`.
+#[map]
+pub static PAIR_SCRATCH: PerCpuArray<Candidate> = PerCpuArray::with_max_entries(1, 0);
+/// Pairing counters, indexed by `PairSlot`.
+#[map]
+pub static PAIR_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PAIR_SLOTS, 0);
 /// 2 KiB bounce buffer for `bpf_skb_load_bytes` (see `sum`): the BPF stack is only 512 bytes.
 #[map]
 pub static SCRATCH: PerCpuArray<[u64; CHUNK_WORDS]> = PerCpuArray::with_max_entries(1, 0);

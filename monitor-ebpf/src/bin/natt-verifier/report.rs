@@ -23,6 +23,19 @@ pub struct Mismatch {
     pub action: Action,
 }
 
+impl Mismatch {
+    /// The checksum field an intact segment with these bytes would carry.
+    #[inline(always)]
+    pub fn expected_field(&self, l3: &L3, l4: &L4) -> u16 {
+        csum::expected_field(
+            l4.field,
+            self.residual,
+            self.expected,
+            l3.proto == IPPROTO_UDP,
+        )
+    }
+}
+
 /// Sends one mismatch event, with the first payload bytes for the log line.
 #[inline(always)]
 pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
@@ -30,8 +43,7 @@ pub fn mismatch(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) {
         // SAFETY: `event`'s reservation, exclusive and aligned.
         unsafe {
             (*ev).csum_found = l4.field;
-            (*ev).csum_expected =
-                csum::expected_field(l4.field, m.residual, m.expected, l3.proto == IPPROTO_UDP);
+            (*ev).csum_expected = m.expected_field(l3, l4);
             (*ev).residual = m.residual;
             (*ev).expected_residual = m.expected;
         }
@@ -145,9 +157,20 @@ pub fn trust(key: &SaKey, sa: &Sa, family: u8, kind: u8, residual: u16, found: u
     entry.submit(0);
 }
 
-/// Copies the packet (from its IP header, up to `CAPTURE_SNAP` bytes) for `--capture`.
+/// What a capture record says about its packet besides its bytes.
+pub struct Record {
+    pub peer_id: u32,
+    pub sa: Sa,
+    pub action: Action,
+    /// The checksum field found and the one these bytes call for.
+    pub found: u16,
+    pub expected: u16,
+}
+
+/// Copies the packet (from its IP header, up to `CAPTURE_SNAP` bytes) into the capture ring,
+/// for the daemon's forensics and `--capture`.
 #[inline(always)]
-pub fn capture(ctx: &SkBuffContext, action: Action) {
+pub fn capture(ctx: &SkBuffContext, r: &Record) {
     let Some(mut entry) = CAPTURE.reserve::<CaptureRecord>(0) else {
         bump(Counter::CaptureLost);
         return;
@@ -161,12 +184,19 @@ pub fn capture(ctx: &SkBuffContext, action: Action) {
     };
     // [1, CAPTURE_SNAP] in a form the verifier follows (see `sum::add_chunk`).
     let n = ((want.wrapping_sub(1)) & (CAPTURE_SNAP as u32 - 1)) + 1;
+    // Off the verified path: only reports name the SA.
+    let spi = sa_spi(&r.sa);
     // SAFETY: `rec` is an exclusive ring-buffer reservation of the record's size.
     unsafe {
         (*rec).len = len;
         (*rec).ifindex = skb(ctx).ingress_ifindex;
-        (*rec).action = action as u8;
+        (*rec).action = r.action as u8;
         (*rec).pad = [0; 3];
+        (*rec).peer_id = r.peer_id;
+        (*rec).spi = spi;
+        (*rec).csum_found = r.found;
+        (*rec).csum_expected = r.expected;
+        (*rec).encap_ports = [r.sa.sport, r.sa.dport];
         (*rec).caplen = if load_into(ctx.as_ptr().cast(), 0, (*rec).data.as_mut_ptr(), n) {
             n
         } else {

@@ -24,7 +24,7 @@ use monitor_ebpf::{Action, Counter, IPPROTO_SCTP, PeerMode, blocksum::BLOCK, crc
 use crate::{
     maps::{CAPTURE_ON, SCRATCH},
     parse::{parse_l3, parse_sctp},
-    report,
+    report::{self, Record},
     scope::in_scope,
     stats::{bump, count_sctp},
     sum::{CHUNK, load_into, opaque},
@@ -93,7 +93,16 @@ fn verify(ctx: &SkBuffContext) -> Result<bool, Counter> {
     };
     report::crc_mismatch(ctx, &l3, &l4, &sa, action, (found, computed));
     if CAPTURE_ON.load() != 0 {
-        report::capture(ctx, action);
+        report::capture(
+            ctx,
+            &Record {
+                peer_id: id,
+                sa,
+                action,
+                found: (found >> 16) as u16,
+                expected: (computed >> 16) as u16,
+            },
+        );
     }
     Ok(action == Action::Passed)
 }

@@ -12,8 +12,9 @@ use monitor_ebpf::{
 use crate::{
     hold::HOLD_SLOT,
     maps::{CAPTURE_ON, JUMP, SCTP_JUMP, secpath},
+    pair,
     parse::{L3, L4, parse_l3, parse_l4},
-    report::{self, Mismatch},
+    report::{self, Mismatch, Record},
     scope::{Sa, address_scope_exemptions, in_scope},
     sctp::SCTP_SLOT,
     stats::{bump, bump_trust, count, count_icmp},
@@ -162,6 +163,9 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
             s.verified_packets[p] += 1;
             s.verified_bytes[p] += u64::from(l4.len);
         });
+        if CAPTURE_ON.load() != 0 && l3.proto == IPPROTO_TCP {
+            pair::verified(ctx, &l3, &l4, &sa);
+        }
         return Ok(Verdict::Pass);
     }
     let action = if peer.mode == PeerMode::Enforce as u8 {
@@ -265,15 +269,30 @@ fn judge_icmp(
     ))
 }
 
-/// Reports a mismatch (and captures the packet when asked to); the verdict its action means.
+/// Reports a mismatch (and, with the capture ring on, copies the packet; `natt_pair` copies a
+/// dropped TCP segment and remembers it for pairing); the verdict its action means.
 #[inline(always)]
 fn reported(ctx: &SkBuffContext, l3: &L3, l4: &L4, m: &Mismatch) -> Verdict {
     report::mismatch(ctx, l3, l4, m);
     if CAPTURE_ON.load() != 0 {
-        report::capture(ctx, m.action);
+        if m.action == Action::Dropped && l3.proto == IPPROTO_TCP {
+            // Returns only if the tail call failed; the copy below is then made here.
+            pair::dropped(ctx, l3, l4, &m.sa, (l4.field, m.expected_field(l3, l4)));
+        }
+        report::capture(
+            ctx,
+            &Record {
+                peer_id: l3.peer.id,
+                sa: m.sa,
+                action: m.action,
+                found: l4.field,
+                expected: m.expected_field(l3, l4),
+            },
+        );
     }
-    match m.action {
-        Action::Dropped => Verdict::Drop,
-        Action::Passed => Verdict::Pass,
+    if m.action == Action::Dropped {
+        Verdict::Drop
+    } else {
+        Verdict::Pass
     }
 }

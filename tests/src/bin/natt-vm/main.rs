@@ -29,6 +29,7 @@ mod run;
 mod scale;
 mod scenarios;
 mod sctp;
+mod shapes;
 mod shared_nat;
 mod soak;
 mod strongswan;
@@ -147,7 +148,7 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
 /// The scenario's `NATT-VM RESULT` line.
 fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) -> String {
     format!(
-        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} invisible={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} sctp={} tunnel={} captured={} seconds={secs:.1} result={}",
+        "NATT-VM RESULT kernel={kernel} scenario={} setup={:?} mode={} cipher={} injected={} detected={} learning_mismatches={} dropped={} verified={} learning={} withdrawn={} inherited={} confirmed={} evicted={} residual={} received={} differing={} invisible={} kernel_csum_errors={} xfrm_peers={} aggregated={} aggregated_after_remedy={} removed_live={} plaintext={} rekey_learning={} rejoin={} restart={} scale={} sighup={} rebind={} flood={} soak={} icmp={} sctp={} tunnel={} captured={} shapes={} seconds={secs:.1} result={}",
         s.name,
         s.setup,
         s.mode,
@@ -211,6 +212,7 @@ fn result_line(kernel: &str, s: &Scenario, m: &Measured, secs: f64, ok: bool) ->
             .as_ref()
             .map_or_else(|| "-".to_owned(), tunnel::TunnelRun::summary),
         m.captured,
+        m.shapes.summary(),
         if ok { "ok" } else { "FAILED" }
     )
 }

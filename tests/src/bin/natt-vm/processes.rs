@@ -76,21 +76,30 @@ pub(crate) fn capture_path(name: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/capture-{name}.pcapng"))
 }
 
-/// Packets in scenario `name`'s capture file so far.
+/// Corrupted copies in scenario `name`'s capture file so far.
 pub(crate) fn captured(name: &str) -> u64 {
     packets_in(&capture_path(name))
 }
 
-/// Packets in the pcapng file at `path`.
+/// Corrupted copies in the pcapng file at `path`: the packets whose comment says a checksum
+/// did not match (the intact retransmissions beside them are not counted).
 pub(crate) fn packets_in(path: &Path) -> u64 {
     let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut r = pcap_file::pcapng::PcapNgReader::new(file).expect("a pcapng file");
     let mut n = 0;
     while let Some(block) = r.next_block() {
-        if matches!(
-            block.expect("a whole block"),
-            pcap_file::pcapng::Block::EnhancedPacket(_)
-        ) {
+        if let pcap_file::pcapng::Block::EnhancedPacket(p) = block.expect("a whole block")
+            && p.options.iter().any(|o| {
+                matches!(
+                    o,
+                    pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption::Comment(c)
+                        if matches!(
+                            natt_monitor::report::Note::parse(c),
+                            Some(natt_monitor::report::Note::Corrupted { .. })
+                        )
+                )
+            })
+        {
             n += 1;
         }
     }

@@ -21,6 +21,7 @@ use crate::{
     scale::{DUMMY_SAS, MAX_PEERS, Scale, add_dummy_sas},
     scenarios::{Corruption, Scenario, Setup},
     sctp::{SctpRun, stream_through_sa},
+    shapes::Shapes,
     shared_nat::run_shared_nat,
     soak::{Soaked, run_soak},
     strongswan::swanctl,
@@ -96,6 +97,8 @@ pub(crate) struct Measured {
     pub(crate) sctp: Option<SctpRun>,
     /// `TUNNEL_SCENARIOS`: the streams through tunnels inside the SA, last.
     pub(crate) tunnel: Option<TunnelRun>,
+    /// The shapes of the corrupted copies, read with `captured`.
+    pub(crate) shapes: Shapes,
 }
 
 impl Measured {
@@ -437,6 +440,14 @@ pub(crate) fn run(s: &Scenario) -> Measured {
         } else {
             captured(s.name)
         },
+        shapes: Shapes::read(
+            &text,
+            &if restart.is_some() {
+                format!("{}-restarted", s.name)
+            } else {
+                s.name.to_owned()
+            },
+        ),
         restart,
         scale,
         sighup,

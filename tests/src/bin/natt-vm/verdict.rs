@@ -25,6 +25,9 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
     if s.corrupt {
         expect(m.injected > 0, "the rule corrupted nothing".into());
     }
+    if let Err(e) = m.shapes.judge(s) {
+        expect(false, e);
+    }
     if crate::run::TUNNEL_SCENARIOS.contains(&s.name) {
         let ok = m.tunnel.as_ref().is_some_and(|r| r.exact(s.mode));
         let got = m

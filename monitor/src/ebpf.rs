@@ -490,6 +490,10 @@ impl Verifier {
             icmp: typed(duplicate(&icmp_stats, "ICMP_STATS")?, "ICMP_STATS")?,
             sctp: typed(duplicate(&sctp_stats, "SCTP_STATS")?, "SCTP_STATS")?,
             trust: typed(take_map(&mut bpf, "TRUST_COUNTERS")?, "TRUST_COUNTERS")?,
+            pairs: bpf
+                .take_map("PAIR_STATS")
+                .map(|m| typed(m, "PAIR_STATS"))
+                .transpose()?,
         });
         let maps = PeerMaps {
             v4: typed(take_map(&mut bpf, "PEERS_V4")?, "PEERS_V4")?,
@@ -1055,6 +1059,8 @@ pub struct Stats {
     icmp: PerCpuArray<MapData, IcmpCounters>,
     sctp: PerCpuArray<MapData, SctpCounters>,
     trust: PerCpuArray<MapData, u64>,
+    /// `PAIR_STATS`; `None` in objects of earlier builds (benchmarked side by side).
+    pairs: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -1093,6 +1099,23 @@ impl Stats {
             .get(&(c as u32), 0)
             .map_err(|source| EbpfFailure::Map {
                 what: format!("reading TRUST_COUNTERS[{}]", c as u32),
+                source,
+            })?;
+        Ok(values.iter().sum())
+    }
+
+    /// A pairing counter (`PairSlot`), summed over CPUs; 0 for an object without pairing.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Map` if the map cannot be read.
+    pub fn pairing(&self, slot: monitor_ebpf::PairSlot) -> Result<u64, EbpfFailure> {
+        let Some(pairs) = &self.pairs else {
+            return Ok(0);
+        };
+        let values = pairs
+            .get(&(slot as u32), 0)
+            .map_err(|source| EbpfFailure::Map {
+                what: format!("reading PAIR_STATS[{}]", slot as u32),
                 source,
             })?;
         Ok(values.iter().sum())

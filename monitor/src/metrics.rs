@@ -71,6 +71,9 @@ pub struct Snapshot {
     pub peers_observe_only: usize,
     /// Discovered peers (and catch-alls) left out because the maps hold no more.
     pub peers_over_limit: usize,
+    /// Dropped TCP segments the verifier's pairing map had no room for
+    /// (`PairSlot::NotRemembered`).
+    pub pairing_full: u64,
     /// Tunnel devices whose inner segments are verified.
     pub tunnels: usize,
     /// Of those, the ones with GRO on.
@@ -397,6 +400,7 @@ struct Families {
     residuals_confirmed: IntCounter,
     learning_dropped: IntCounter,
     learning_unheld: IntCounter,
+    pairing_full: IntCounter,
     peers_aggregated: IntGauge,
     peers_observe_only: IntGauge,
     peers_over_limit: IntGauge,
@@ -503,6 +507,10 @@ impl Families {
                 "natt_monitor_bpf_stats_enabled",
                 "1 while kernel.bpf_stats_enabled is 1, so that the program's run counts grow; else 0.",
             )?,
+            pairing_full: IntCounter::new(
+                "natt_monitor_corruption_pairing_full_total",
+                "Dropped TCP segments the verifier could not remember for pairing, its map of 1,024 being full; their copies are counted unpaired.",
+            )?,
             residuals_withdrawn: IntCounter::new(
                 "natt_monitor_residuals_withdrawn_total",
                 "SA residuals the verifier withdrew: 16 consecutive distinct segments of the SA left one identical other value and none verified in between; the SA learns again.",
@@ -550,7 +558,7 @@ impl Families {
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 30] {
+    fn collectors(&self) -> [&dyn Collector; 31] {
         [
             &self.verified_packets,
             &self.verified_bytes,
@@ -577,6 +585,7 @@ impl Families {
             &self.residuals_confirmed,
             &self.learning_dropped,
             &self.learning_unheld,
+            &self.pairing_full,
             &self.peers_aggregated,
             &self.peers_observe_only,
             &self.peers_over_limit,
@@ -607,6 +616,7 @@ impl Families {
             (&self.residuals_confirmed, snap.residuals_confirmed),
             (&self.learning_dropped, snap.learning_dropped),
             (&self.learning_unheld, snap.learning_unheld),
+            (&self.pairing_full, snap.pairing_full),
         ] {
             c.inc_by(v);
         }
@@ -777,6 +787,7 @@ mod tests {
             residuals_confirmed: 2,
             learning_dropped: 4,
             learning_unheld: 0,
+            pairing_full: 6,
             peers_aggregated: 0,
             peers_observe_only: 0,
             peers_over_limit: 0,

@@ -426,7 +426,7 @@ mod tests {
                 },
             },
         };
-        let good: Vec<u8> = (0..1400).map(|i| (i % 251) as u8 + 1).collect();
+        let good: Vec<u8> = (0..1400_usize).map(|i| (i % 251) as u8 + 1).collect();
         // SA 0x1001 (enforce): two segments with block 20 garbled and the next one's bytes
         // 4..8 flipped (CBC), each followed by its intact retransmission; a third dropped copy
         // whose retransmission is not in the file. SA 0x2002 (observe): one passed copy.

@@ -154,22 +154,10 @@ impl LabelCap {
 /// are prefixes.
 pub const OTHER_PEERS: &str = "other";
 
-impl Readings for KernelReadings {
-    fn read(&self) -> Snapshot {
-        let t0 = Instant::now();
-        let view = Arc::clone(&self.view.borrow());
-        let by_source = |s: &Source| (*s, view.table.count_by_source(*s));
-        let mut snap = Snapshot {
-            peers_by_source: Source::ALL.iter().map(by_source).collect(),
-            kernel: snmp::read(&self.proc_path),
-            up: self.health.check().is_ok(),
-            residuals_evicted: view.residuals_evicted,
-            peers_observe_only: view.observe_only,
-            peers_over_limit: view.over_limit,
-            tunnels: view.tunnels,
-            tunnels_gro_on: view.tunnels_gro_on,
-            ..Snapshot::default()
-        };
+impl KernelReadings {
+    /// The verifier's host-wide counters: residual events, pairing, skips and lost records.
+    /// A map that cannot be read marks the scrape down.
+    fn read_totals(&self, snap: &mut Snapshot) {
         // Residuals the LRU forgot: restored by the verifier from the NAT mapping's record, or
         // learned again when that was forgotten too (counted by the daemon).
         let mut restored = 0;
@@ -191,6 +179,13 @@ impl Readings for KernelReadings {
             }
         }
         snap.residuals_evicted += restored;
+        match self.stats.pairing(monitor_ebpf::PairSlot::NotRemembered) {
+            Ok(n) => snap.pairing_full = n,
+            Err(e) => {
+                warn!(error = %e, "scrape could not read the verifier's pairing counters");
+                snap.up = false;
+            }
+        }
         match self.stats.counters() {
             Ok(c) => snap.counters = c,
             Err(e) => {
@@ -198,6 +193,26 @@ impl Readings for KernelReadings {
                 snap.up = false;
             }
         }
+    }
+}
+
+impl Readings for KernelReadings {
+    fn read(&self) -> Snapshot {
+        let t0 = Instant::now();
+        let view = Arc::clone(&self.view.borrow());
+        let by_source = |s: &Source| (*s, view.table.count_by_source(*s));
+        let mut snap = Snapshot {
+            peers_by_source: Source::ALL.iter().map(by_source).collect(),
+            kernel: snmp::read(&self.proc_path),
+            up: self.health.check().is_ok(),
+            residuals_evicted: view.residuals_evicted,
+            peers_observe_only: view.observe_only,
+            peers_over_limit: view.over_limit,
+            tunnels: view.tunnels,
+            tunnels_gro_on: view.tunnels_gro_on,
+            ..Snapshot::default()
+        };
+        self.read_totals(&mut snap);
         // Static peers are offered labels first, then discovered ones in id order.
         let ordered = view
             .table

@@ -64,6 +64,11 @@ pub(crate) const CORRUPT_BIT: u32 = 1600;
 /// `CORRUPT_BIT`: all inside the TCP payload (which starts at byte 48: UDP, ESP and TCP with
 /// timestamps) and below nft's byte 255.
 pub(crate) const RANDOM_FLIP_BYTES: [u32; 8] = [60, 83, 101, 130, 157, 181, 209, 241];
+/// `Corruption::ZeroRun`: bytes the rule zeroes (a DMA fault's run), from `ZERO_RUN_BIT` on:
+/// inside the TCP payload (from byte 48) and ending at byte 248, below nft's byte 255.
+pub(crate) const ZERO_RUN_BYTES: u32 = 64;
+/// Bit offset of the zeroed run, counted like `CORRUPT_BIT`: byte 184.
+pub(crate) const ZERO_RUN_BIT: u32 = 1472;
 /// The rule corrupts every Nth ESP packet longer than 1000 bytes from A.
 pub(crate) const CORRUPT_EVERY: u32 = 40;
 /// `Corruption::Flood`: KiB of packets corrupted before the flood stops, about 55 large ones:

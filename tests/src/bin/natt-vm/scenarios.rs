@@ -41,8 +41,8 @@ pub(crate) enum Corruption {
     /// The soak draws shapes and rates from the others as it goes, on a stream that is one byte
     /// repeated.
     Drawn,
-    /// Zeroes 8 bytes of the payload of every `every`th packet (the stream's bytes vary, so the
-    /// delta does).
+    /// Zeroes `ZERO_RUN_BYTES` (64) bytes of the payload of every `every`th packet (the stream's
+    /// bytes vary, so the delta does).
     ZeroRun {
         /// Every how many large ESP packets one is corrupted.
         every: u32,

@@ -14,7 +14,7 @@ use natt_monitor_tests::net::{Netns, sh};
 use crate::{
     plan::{
         Addrs, CORRUPT_BIT, CORRUPT_EVERY, FLOOD_KBYTES, PLAINTEXT_PORT, RANDOM_FLIP_BYTES,
-        REKEYED_SPI,
+        REKEYED_SPI, ZERO_RUN_BIT, ZERO_RUN_BYTES,
     },
     processes::Daemon,
     scenarios::{Corruption, Scenario, Setup},
@@ -424,7 +424,14 @@ impl Topology {
             Corruption::ConstantDelta { every } => (every, format!("@th,{CORRUPT_BIT},8 set 0xa5")),
             // The byte's lowest bit (nft numbers bits from the most significant): 0x5a → 0x5b.
             Corruption::BitFlip { every } => (every, format!("@th,{},1 set 1", CORRUPT_BIT + 7)),
-            Corruption::ZeroRun { every } => (every, format!("@th,{CORRUPT_BIT},64 set 0")),
+            // Four 128-bit stores: nft refuses one of 512 bits there (EOVERFLOW on 6.1).
+            Corruption::ZeroRun { every } => (
+                every,
+                (0..ZERO_RUN_BYTES / 16)
+                    .map(|i| format!("@th,{},128 set 0", ZERO_RUN_BIT + i * 128))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
             Corruption::RandomBitFlip { .. } => unreachable!("handled above"),
             Corruption::Drawn => unreachable!("the soak draws a shape for each rule"),
         };

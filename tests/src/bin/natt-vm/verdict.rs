@@ -25,7 +25,7 @@ pub(crate) fn check(s: &Scenario, m: &Measured) -> Result<(), String> {
     if s.corrupt {
         expect(m.injected > 0, "the rule corrupted nothing".into());
     }
-    if let Err(e) = m.shapes.judge(s) {
+    if let Err(e) = m.shapes.judge(s, m.detected) {
         expect(false, e);
     }
     if crate::run::TUNNEL_SCENARIOS.contains(&s.name) {

@@ -28,6 +28,11 @@ pub(crate) struct Daemon {
 
 /// Starts the release daemon; returns it and the time until /healthz answered 200.
 pub(crate) fn start_daemon(cgroup: &Path) -> Result<(Daemon, Duration)> {
+    start_daemon_in(cgroup, "observe")
+}
+
+/// As `start_daemon`, in `mode` (`observe` or `enforce`).
+pub(crate) fn start_daemon_in(cgroup: &Path, mode: &str) -> Result<(Daemon, Duration)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -39,7 +44,7 @@ pub(crate) fn start_daemon(cgroup: &Path) -> Result<(Daemon, Duration)> {
             "--peer",
             ADDR_A,
             "--mode",
-            "observe",
+            mode,
             "--scope",
             "address",
             "--pin-path",

@@ -48,6 +48,7 @@ pub(crate) enum Only {
     Micro,
     Live,
     Scale,
+    Storm,
 }
 
 pub(crate) struct Args {
@@ -72,6 +73,7 @@ pub(crate) fn parse_args() -> Result<Args> {
             "--micro-only" => only.push(Only::Micro),
             "--scale-only" => only.push(Only::Scale),
             "--live-only" => only.push(Only::Live),
+            "--storm-only" => only.push(Only::Storm),
             "--baseline-object" => {
                 baseline = Some(PathBuf::from(
                     it.next().context("--baseline-object needs a path")?,
@@ -79,19 +81,19 @@ pub(crate) fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "natt-bench [--out FILE] [--quick] [--micro-only | --live-only | --scale-only] [--baseline-object FILE]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written\n  --scale-only: only the per-segment cost with 1, 100 and 10,000 peers, printed, no report\n    written\n  --live-only: only the live paged-payload path (iperf3 at MTU 1500 with the kernel's BPF\n    statistics), printed, no report written\n  --baseline-object FILE: also measure this verifier object (an earlier build's\n    natt-verifier, same map ABI) beside the current one, in suites 1 and 2"
+                    "natt-bench [--out FILE] [--quick] [--micro-only | --live-only | --scale-only | --storm-only] [--baseline-object FILE]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written\n  --scale-only: only the per-segment cost with 1, 100 and 10,000 peers, printed, no report\n    written\n  --live-only: only the live paged-payload path (iperf3 at MTU 1500 with the kernel's BPF\n    statistics), printed, no report written\n  --storm-only: only the corruption storm, in observe mode (every segment corrupted) and in\n    enforce mode (every second one: each dropped segment paired with its retransmission),\n    printed, no report written\n  --baseline-object FILE: also measure this verifier object (an earlier build's\n    natt-verifier, same map ABI) beside the current one, in suites 1 and 2"
                 );
                 std::process::exit(0);
             }
             other => {
                 bail!(
-                    "unknown argument {other:?} (expected --out FILE, --quick, --micro-only, --live-only, --scale-only or --baseline-object FILE)"
+                    "unknown argument {other:?} (expected --out FILE, --quick, --micro-only, --live-only, --scale-only, --storm-only or --baseline-object FILE)"
                 )
             }
         }
     }
     if only.len() > 1 {
-        bail!("--micro-only, --live-only and --scale-only exclude each other");
+        bail!("--micro-only, --live-only, --scale-only and --storm-only exclude each other");
     }
     Ok(Args {
         out,
@@ -107,8 +109,9 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("natt-bench needs root (BPF, namespaces, cgroups)");
     }
-    // The BPF test runs alone (`--micro-only`) need none of the traffic tools.
-    let tools: &[&str] = if args.only == Some(Only::Micro) {
+    // The BPF test runs alone (`--micro-only`) and the storm (natt-peer) need none of the
+    // traffic tools.
+    let tools: &[&str] = if matches!(args.only, Some(Only::Micro | Only::Storm)) {
         &[]
     } else {
         &["iperf3", "tshark", "ss"]
@@ -135,6 +138,15 @@ fn main() -> Result<()> {
     };
     if args.only == Some(Only::Scale) {
         print!("{}", scale::table(&scale::scale(3 * rounds, repeat)?));
+        return Ok(());
+    }
+    if args.only == Some(Only::Storm) {
+        for s in [
+            storm(storm_secs)?,
+            storm::storm_in(storm_secs, "enforce", 2)?,
+        ] {
+            print_storm(&s);
+        }
         return Ok(());
     }
     if args.only == Some(Only::Live) {
@@ -173,6 +185,31 @@ fn main() -> Result<()> {
     fs::write(&args.out, &text).with_context(|| format!("writing {}", args.out.display()))?;
     println!("{text}");
     Ok(())
+}
+
+/// `--storm-only`: suite 4, printed.
+fn print_storm(s: &storm::Storm) {
+    println!(
+        "storm, {} mode, 1 in {} corrupted, {} s at {:.2} Gbit/s: injected {}, mismatches {} (+ {} partial-checksum skips), events lost {}, log lines suppressed {}, compared {}, unpaired {}, waiting {}, pairing full {}, scrapes {} of {} ({} ms), daemon CPU {:.1} %, peak RSS {:.1} MiB",
+        s.mode,
+        s.every,
+        s.secs,
+        s.gbps,
+        s.injected,
+        s.mismatches,
+        s.partial_skips,
+        s.events_lost,
+        s.log_suppressed,
+        s.paired,
+        s.unpaired,
+        s.waiting,
+        s.pairing_full,
+        s.scrapes_ok,
+        s.scrapes,
+        s.scrape_ms.fmt(1),
+        s.cpu_percent,
+        s.rss_peak_kib as f64 / 1024.0
+    );
 }
 
 /// `--micro-only`: suite 1, printed.

@@ -319,7 +319,11 @@ pub(crate) fn report(
     );
 
     let _ = writeln!(r, "## 4. Corruption storm\n");
-    let _ = writeln!(r, "{} s at {:.2} Gbit/s.\n", s.secs, s.gbps);
+    let _ = writeln!(
+        r,
+        "{} s at {:.2} Gbit/s, {} mode, one segment in {} corrupted.\n",
+        s.secs, s.gbps, s.mode, s.every
+    );
     let _ = writeln!(r, "| | |");
     let _ = writeln!(r, "|---|---|");
     let _ = writeln!(r, "| corrupted segments injected | {} |", s.injected);
@@ -347,6 +351,16 @@ pub(crate) fn report(
         r,
         "| scrapes answered | {} of {} |",
         s.scrapes_ok, s.scrapes
+    );
+    let _ = writeln!(
+        r,
+        "| corrupted copies compared / unpaired / waiting (`natt_monitor_corruption_shapes_total`, `_copies_waiting`) | {} / {} / {} |",
+        s.paired, s.unpaired, s.waiting
+    );
+    let _ = writeln!(
+        r,
+        "| `natt_monitor_corruption_pairing_full_total` | {} |",
+        s.pairing_full
     );
     let _ = writeln!(r, "| scrape latency (ms) | {} |", s.scrape_ms.fmt(1));
     let _ = writeln!(r, "| daemon CPU | {:.1} % of one core |", s.cpu_percent);

@@ -6,18 +6,24 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use natt_monitor::forensics::Shape;
 use natt_monitor_tests::{
     http_get, metric,
     net::{ADDR_A, ADDR_B, Cgroup, Injector, Lab, Proc},
 };
 
 use crate::{
-    daemon::{start_daemon, vm_kib},
+    daemon::{start_daemon_in, vm_kib},
     stats::{Stat, stat},
     tshark::proc_cpu_seconds,
 };
 
 pub(crate) struct Storm {
+    /// The daemon's mode: `observe`, or `enforce` (every dropped segment retransmitted and
+    /// paired with its intact copy, when that one is not corrupted too).
+    pub(crate) mode: &'static str,
+    /// One segment in how many corrupted.
+    pub(crate) every: u32,
     pub(crate) secs: u32,
     pub(crate) injected: u64,
     pub(crate) mismatches: u64,
@@ -32,14 +38,31 @@ pub(crate) struct Storm {
     pub(crate) cpu_percent: f64,
     pub(crate) rss_peak_kib: u64,
     pub(crate) gbps: f64,
+    /// `natt_monitor_corruption_shapes_total`: copies compared with a retransmission (every
+    /// shape but `unpaired`), unpaired, and waiting (`natt_monitor_corruption_copies_waiting`).
+    pub(crate) paired: u64,
+    pub(crate) unpaired: u64,
+    pub(crate) waiting: u64,
+    /// `natt_monitor_corruption_pairing_full_total`.
+    pub(crate) pairing_full: u64,
 }
 
+/// Every segment corrupted for `secs` against the daemon in observe mode.
 pub(crate) fn storm(secs: u32) -> Result<Storm> {
+    storm_in(secs, "observe", 1)
+}
+
+/// One segment in `every` corrupted for `secs` against the daemon in `mode`.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one run, from set-up to readings, in the order it happens"
+)]
+pub(crate) fn storm_in(secs: u32, mode: &'static str, every: u32) -> Result<Storm> {
     let lab = Lab::new(1500);
     let cg = Cgroup::new();
-    let (d, _) = start_daemon(&cg.path)?;
+    let (d, _) = start_daemon_in(&cg.path, mode)?;
     let pid = d.child.id();
-    let inj = Injector::attach(&lab.b, lab.dev_b, 1);
+    let inj = Injector::attach(&lab.b, lab.dev_b, every);
     // natt-peer rather than iperf3: iperf3's control connection would be corrupted too.
     let peer = std::env::current_exe()?
         .parent()
@@ -102,7 +125,27 @@ pub(crate) fn storm(secs: u32) -> Result<Storm> {
         http_get(&format!("http://127.0.0.1:{}/metrics", d.port)).map_err(anyhow::Error::msg)?;
     let series = format!("{{peer=\"{ADDR_A}/32\",proto=\"tcp\"}}");
     let ok: Vec<f64> = scrapes.iter().flatten().copied().collect();
+    let shape = |s: Shape| {
+        metric(
+            &body,
+            &format!(
+                "natt_monitor_corruption_shapes_total{{shape=\"{}\"}}",
+                s.as_str()
+            ),
+        )
+        .unwrap_or(0)
+    };
     Ok(Storm {
+        mode,
+        every,
+        paired: Shape::ALL
+            .into_iter()
+            .filter(|s| *s != Shape::Unpaired)
+            .map(shape)
+            .sum(),
+        unpaired: shape(Shape::Unpaired),
+        waiting: metric(&body, "natt_monitor_corruption_copies_waiting").unwrap_or(0),
+        pairing_full: metric(&body, "natt_monitor_corruption_pairing_full_total").unwrap_or(0),
         secs,
         injected: inj.stats().corrupted,
         mismatches: metric(

@@ -1063,6 +1063,15 @@ pub struct Stats {
     pairs: Option<PerCpuArray<MapData, u64>>,
 }
 
+/// Slot `index` of the per-CPU counter array `map` (named `name` in errors), summed over CPUs.
+fn slot_sum(map: &PerCpuArray<MapData, u64>, index: u32, name: &str) -> Result<u64, EbpfFailure> {
+    let values = map.get(&index, 0).map_err(|source| EbpfFailure::Map {
+        what: format!("reading {name}[{index}]"),
+        source,
+    })?;
+    Ok(values.iter().sum())
+}
+
 impl std::fmt::Debug for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stats").finish_non_exhaustive()
@@ -1094,14 +1103,7 @@ impl Stats {
     /// # Errors
     /// `EbpfFailure::Map` if the map cannot be read.
     pub fn trust(&self, c: TrustCounter) -> Result<u64, EbpfFailure> {
-        let values = self
-            .trust
-            .get(&(c as u32), 0)
-            .map_err(|source| EbpfFailure::Map {
-                what: format!("reading TRUST_COUNTERS[{}]", c as u32),
-                source,
-            })?;
-        Ok(values.iter().sum())
+        slot_sum(&self.trust, c as u32, "TRUST_COUNTERS")
     }
 
     /// A pairing counter (`PairSlot`), summed over CPUs; 0 for an object without pairing.
@@ -1109,16 +1111,9 @@ impl Stats {
     /// # Errors
     /// `EbpfFailure::Map` if the map cannot be read.
     pub fn pairing(&self, slot: monitor_ebpf::PairSlot) -> Result<u64, EbpfFailure> {
-        let Some(pairs) = &self.pairs else {
-            return Ok(0);
-        };
-        let values = pairs
-            .get(&(slot as u32), 0)
-            .map_err(|source| EbpfFailure::Map {
-                what: format!("reading PAIR_STATS[{}]", slot as u32),
-                source,
-            })?;
-        Ok(values.iter().sum())
+        self.pairs
+            .as_ref()
+            .map_or(Ok(0), |pairs| slot_sum(pairs, slot as u32, "PAIR_STATS"))
     }
 
     /// Statistics of peer `id` for every protocol, summed over CPUs.

@@ -81,7 +81,7 @@ pub(crate) fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "natt-bench [--out FILE] [--quick] [--micro-only | --live-only | --scale-only | --storm-only] [--baseline-object FILE]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written\n  --scale-only: only the per-segment cost with 1, 100 and 10,000 peers, printed, no report\n    written\n  --live-only: only the live paged-payload path (iperf3 at MTU 1500 with the kernel's BPF\n    statistics), printed, no report written\n  --storm-only: only the corruption storm, in observe mode (every segment corrupted) and in\n    enforce mode (every second one: each dropped segment paired with its retransmission),\n    printed, no report written\n  --baseline-object FILE: also measure this verifier object (an earlier build's\n    natt-verifier, same map ABI) beside the current one, in suites 1 and 2"
+                    "natt-bench [--out FILE] [--quick] [--micro-only | --live-only | --scale-only | --storm-only] [--baseline-object FILE]\n  --quick: short runs, to check the harness (numbers are not reportable)\n  --micro-only: only the BPF_PROG_TEST_RUN comparison, printed, no report written\n  --scale-only: only the per-segment cost with 1, 100 and 10,000 peers, printed, no report\n    written\n  --live-only: only the live paged-payload path (iperf3 at MTU 1500 with the kernel's BPF\n    statistics), printed, no report written\n  --storm-only: only the corruption storm, in observe mode (every segment corrupted) and in\n    enforce mode (every fourth one: each dropped segment paired with its retransmission),\n    printed, no report written\n  --baseline-object FILE: also measure this verifier object (an earlier build's\n    natt-verifier, same map ABI) beside the current one, in suites 1 and 2"
                 );
                 std::process::exit(0);
             }
@@ -143,7 +143,7 @@ fn main() -> Result<()> {
     if args.only == Some(Only::Storm) {
         for s in [
             storm(storm_secs)?,
-            storm::storm_in(storm_secs, "enforce", 2)?,
+            storm::storm_in(storm_secs, "enforce", 4)?,
         ] {
             print_storm(&s);
         }
@@ -190,7 +190,7 @@ fn main() -> Result<()> {
 /// `--storm-only`: suite 4, printed.
 fn print_storm(s: &storm::Storm) {
     println!(
-        "storm, {} mode, 1 in {} corrupted, {} s at {:.2} Gbit/s: injected {}, mismatches {} (+ {} partial-checksum skips), events lost {}, log lines suppressed {}, compared {}, unpaired {}, waiting {}, pairing full {}, scrapes {} of {} ({} ms), daemon CPU {:.1} %, peak RSS {:.1} MiB",
+        "storm, {} mode, 1 in {} corrupted, {} s at {:.2} Gbit/s: injected {}, mismatches {} (+ {} partial-checksum skips), events lost {}, log lines suppressed {}, compared {}, unpaired {}, waiting {}, pairing full {}, capture ring full {}, scrapes {} of {} ({} ms), daemon CPU {:.1} %, peak RSS {:.1} MiB; the sender's tail drained in {:.1} s",
         s.mode,
         s.every,
         s.secs,
@@ -204,11 +204,13 @@ fn print_storm(s: &storm::Storm) {
         s.unpaired,
         s.waiting,
         s.pairing_full,
+        s.ring_full,
         s.scrapes_ok,
         s.scrapes,
         s.scrape_ms.fmt(1),
         s.cpu_percent,
-        s.rss_peak_kib as f64 / 1024.0
+        s.rss_peak_kib as f64 / 1024.0,
+        s.drain_secs
     );
 }
 

@@ -38,6 +38,8 @@ pub(crate) struct Storm {
     pub(crate) cpu_percent: f64,
     pub(crate) rss_peak_kib: u64,
     pub(crate) gbps: f64,
+    /// Seconds from the end of the send to the receiver's end of stream.
+    pub(crate) drain_secs: f64,
     /// `natt_monitor_corruption_shapes_total`: copies compared with a retransmission (every
     /// shape but `unpaired`), unpaired, and waiting (`natt_monitor_corruption_copies_waiting`).
     pub(crate) paired: u64,
@@ -45,6 +47,11 @@ pub(crate) struct Storm {
     pub(crate) waiting: u64,
     /// `natt_monitor_corruption_pairing_full_total`.
     pub(crate) pairing_full: u64,
+    /// `natt_monitor_capture_packets_total{result="ring_full"}`: copies (corrupted or intact)
+    /// the capture ring had no room for. A corrupted copy lost there never reaches the
+    /// daemon's pairing, so compared + unpaired + waiting falls short of the mismatches by
+    /// at most this many.
+    pub(crate) ring_full: u64,
 }
 
 /// Every segment corrupted for `secs` against the daemon in observe mode.
@@ -109,8 +116,13 @@ pub(crate) fn storm_in(secs: u32, mode: &'static str, every: u32) -> Result<Stor
         scrapes.push(ok.then(|| t.elapsed().as_secs_f64() * 1e3));
         std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
     }
-    let _ = send.finish(Duration::from_secs(30));
+    // What the sender still holds when its time is up crosses the same corrupting link: in
+    // enforce mode every dropped segment waits for TCP's retransmission timer, so the tail
+    // takes longer than the send itself. Measured, not hidden: `drain_secs`.
+    let sent = Instant::now();
+    let _ = send.finish(Duration::from_secs(300));
     let out = recv.finish(Duration::from_secs(30));
+    let drain_secs = sent.elapsed().as_secs_f64();
     let received: u64 = out
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("received="))
@@ -146,6 +158,11 @@ pub(crate) fn storm_in(secs: u32, mode: &'static str, every: u32) -> Result<Stor
         unpaired: shape(Shape::Unpaired),
         waiting: metric(&body, "natt_monitor_corruption_copies_waiting").unwrap_or(0),
         pairing_full: metric(&body, "natt_monitor_corruption_pairing_full_total").unwrap_or(0),
+        ring_full: metric(
+            &body,
+            "natt_monitor_capture_packets_total{result=\"ring_full\"}",
+        )
+        .context("capture ring_full")?,
         secs,
         injected: inj.stats().corrupted,
         mismatches: metric(
@@ -167,5 +184,6 @@ pub(crate) fn storm_in(secs: u32, mode: &'static str, every: u32) -> Result<Stor
         cpu_percent: 100.0 * cpu / wall,
         rss_peak_kib: vm_kib(pid, "VmHWM:"),
         gbps: bps / 1e9,
+        drain_secs,
     })
 }

@@ -765,6 +765,16 @@ impl Verifier {
         typed(take_map(&mut self.bpf, "PAIRS")?, "PAIRS")
     }
 
+    /// Takes the one-slot array holding the last drop's time plus the pairing window (0 before
+    /// the first drop), once, for the capture task to sweep `PAIRS` only while it may hold
+    /// entries.
+    ///
+    /// # Errors
+    /// `EbpfFailure::Missing` if it was taken already.
+    pub fn take_pair_deadline(&mut self) -> Result<Array<MapData, u64>, EbpfFailure> {
+        typed(take_map(&mut self.bpf, "PAIR_DEADLINE")?, "PAIR_DEADLINE")
+    }
+
     /// The loaded object, for bridging aya-log.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.bpf

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 use monitor_ebpf::{Action, PairKey};
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio::{
@@ -34,6 +34,7 @@ use crate::{
 
 /// How often waiting copies are given up on and `PAIRS` is swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+const NS_PER_SEC: u64 = 1_000_000_000;
 /// Shape lines logged at once, and per second after that.
 const LOG_BURST: u32 = 50;
 const LOG_PER_SECOND: u32 = 10;
@@ -59,6 +60,8 @@ pub struct CaptureParts {
     pub ring: AsyncFd<RingBuf<MapData>>,
     /// The verifier's `PAIRS`.
     pub pairs: BpfHashMap<MapData, PairKey, u64>,
+    /// The verifier's `PAIR_DEADLINE`: the last drop's time plus the window, 0 before any.
+    pub deadline: Array<MapData, u64>,
     /// `--capture`'s file.
     pub file: Option<Capture>,
 }
@@ -76,6 +79,8 @@ impl CaptureTask {
             w: Worker {
                 pairing: Pairing::default(),
                 pairs: parts.pairs,
+                deadline: parts.deadline,
+                swept_past: 0,
                 file: parts.file,
                 view,
                 shapes: metrics.corruption_shapes(),
@@ -99,6 +104,10 @@ struct Tag {
 struct Worker {
     pairing: Pairing<Tag>,
     pairs: BpfHashMap<MapData, PairKey, u64>,
+    deadline: Array<MapData, u64>,
+    /// A `PAIR_DEADLINE` value that was in the past at a sweep: every entry remembered up to
+    /// it was older than the window then, and has been removed.
+    swept_past: u64,
     file: Option<Capture>,
     view: watch::Receiver<Arc<View>>,
     shapes: IntCounterVec,
@@ -272,11 +281,18 @@ impl Worker {
     }
 
     /// Removes `PAIRS` entries older than the pairing window (a retransmission that never
-    /// came); the verifier would otherwise find the map full.
+    /// came); the verifier would otherwise find the map full. Reads one array slot and stops
+    /// there while nothing was dropped since the last sweep that found the window over (the
+    /// map is empty then), so a host without corruption makes no other map calls.
     fn sweep(&mut self) {
         let Some(now) = monotonic_ns() else {
             return;
         };
+        // A failed read sweeps anyway.
+        let deadline = self.deadline.get(&0, 0).unwrap_or(u64::MAX);
+        if deadline == 0 || deadline == self.swept_past {
+            return;
+        }
         let window = u64::try_from(PAIR_WINDOW.as_nanos()).unwrap_or(u64::MAX);
         let stale: Vec<PairKey> = self
             .pairs
@@ -288,6 +304,13 @@ impl Worker {
         for k in stale {
             // Gone already: paired meanwhile.
             let _ = self.pairs.remove(&k);
+        }
+        // Every entry was remembered at or before `deadline - window` (give or take the moment
+        // by which CPUs racing to set the deadline may differ), so a second after the deadline
+        // all were older than the window and are gone. A drop since the read set a later
+        // deadline, and the next sweep looks again.
+        if deadline != u64::MAX && now > deadline.saturating_add(NS_PER_SEC) {
+            self.swept_past = deadline;
         }
     }
 }
@@ -323,5 +346,5 @@ fn monotonic_ns() -> Option<u64> {
     if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) } != 0 {
         return None;
     }
-    Some(u64::try_from(ts.tv_sec).ok()? * 1_000_000_000 + u64::try_from(ts.tv_nsec).ok()?)
+    Some(u64::try_from(ts.tv_sec).ok()? * NS_PER_SEC + u64::try_from(ts.tv_nsec).ok()?)
 }

@@ -640,6 +640,7 @@ impl Loaded {
         let capture = CaptureParts {
             ring: watch_fd("capture", verifier.take_capture()?)?,
             pairs: verifier.take_pairs()?,
+            deadline: verifier.take_pair_deadline()?,
             file,
         };
         let events = watch_fd("mismatch event", verifier.take_events()?)?;

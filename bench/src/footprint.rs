@@ -40,8 +40,8 @@ pub(crate) const OVERSIZED_CLIENTS: usize = 20;
 pub(crate) const SCRAPES: usize = 10;
 
 fn hostile(d: &Daemon) -> Hostile {
-    let addr = format!("127.0.0.1:{}", d.port);
-    let rss_before_kib = vm_kib(d.child.id(), "VmRSS:");
+    let addr = d.addr();
+    let rss_before_kib = vm_kib(d.pid_u32(), "VmRSS:");
     // Held open until the end: the endpoint must cut them off itself.
     let slow: Vec<TcpStream> = (0..SLOW_CLIENTS)
         .filter_map(|_| {
@@ -84,7 +84,7 @@ fn hostile(d: &Daemon) -> Hostile {
         answered,
         scrape_ms: stat(&ms),
         rss_before_kib,
-        rss_peak_kib: vm_kib(d.child.id(), "VmHWM:"),
+        rss_peak_kib: vm_kib(d.pid_u32(), "VmHWM:"),
     }
 }
 
@@ -98,7 +98,7 @@ pub(crate) fn footprint(rounds: usize) -> Result<Footprint> {
         let (d, t) = start_daemon(&cg.path)?;
         start.push(t.as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_secs(2));
-        rss.push(vm_kib(d.child.id(), "VmRSS:") as f64);
+        rss.push(vm_kib(d.pid_u32(), "VmRSS:") as f64);
         last = Some((d, cg));
     }
     let (d, _cg) = last.context("no round ran")?;

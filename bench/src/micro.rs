@@ -11,7 +11,10 @@ use natt_monitor::{
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
     scope::Scope,
 };
-use natt_monitor_tests::packets::{L4, payload, v4};
+use natt_monitor_tests::{
+    loader,
+    packets::{L4, payload, v4},
+};
 
 use crate::stats::{Stat, stat};
 
@@ -42,7 +45,10 @@ pub(crate) struct Micro {
 /// The verifier with the capture ring and pairing `on` (as the daemon loads it), and within
 /// the pairing window when `window` (as for 60 s after a drop), 192.0.2.10 its peer.
 fn pairing_verifier(on: bool, window: bool) -> Result<Verifier> {
-    let mut v = Verifier::load_with(&Scope::Address, on).context("loading the verifier")?;
+    let mut v = loader(&Scope::Address)
+        .capture(on)
+        .load()
+        .context("loading the verifier")?;
     let peer = PeerSpec::new(parse_cidr("192.0.2.10")?, Mode::Observe);
     v.peer_maps()?
         .set_peers(&PeerTable::default(), &PeerTable::new(vec![peer])?)?;
@@ -104,9 +110,13 @@ where
 /// The verifier with 192.0.2.10 as its observed peer, from this build or `object`.
 fn peered_verifier(object: Option<&[u8]>) -> Result<Verifier> {
     let mut v = match object {
-        Some(obj) => Verifier::load_object(obj, &Scope::Address, false, None)
+        Some(obj) => loader(&Scope::Address)
+            .object(obj)
+            .load()
             .context("loading the --baseline-object verifier")?,
-        None => Verifier::load(&Scope::Address).context("loading the verifier")?,
+        None => loader(&Scope::Address)
+            .load()
+            .context("loading the verifier")?,
     };
     let peer = PeerSpec::new(parse_cidr("192.0.2.10")?, Mode::Observe);
     v.peer_maps()?

@@ -12,7 +12,10 @@ use natt_monitor::{
     peers::{Mode, PeerSpec, PeerTable},
     scope::Scope,
 };
-use natt_monitor_tests::packets::{L4, payload, v4};
+use natt_monitor_tests::{
+    loader,
+    packets::{L4, payload, v4},
+};
 
 use crate::{
     micro::run_ns,
@@ -42,7 +45,9 @@ fn peer_addr(i: u32) -> Ipv4Addr {
 /// A verifier holding `n` learning peers, each with its residual (0) installed; the segment
 /// measured comes from the last one.
 fn populated(n: u32) -> Result<(Verifier, f64)> {
-    let mut v = Verifier::load_sized(&Scope::Address, false, None, MapSizes::for_peers(MAX_PEERS))
+    let mut v = loader(&Scope::Address)
+        .map_sizes(MapSizes::for_peers(MAX_PEERS))
+        .load()
         .context("loading the verifier")?;
     let t0 = Instant::now();
     let specs = (0..n)

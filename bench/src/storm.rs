@@ -68,7 +68,7 @@ pub(crate) fn storm_in(secs: u32, mode: &'static str, every: u32) -> Result<Stor
     let lab = Lab::new(1500);
     let cg = Cgroup::new();
     let (d, _) = start_daemon_in(&cg.path, mode)?;
-    let pid = d.child.id();
+    let pid = d.pid_u32();
     let inj = Injector::attach(&lab.b, lab.dev_b, every);
     // natt-peer rather than iperf3: iperf3's control connection would be corrupted too.
     let peer = std::env::current_exe()?
@@ -110,7 +110,7 @@ pub(crate) fn storm_in(secs: u32, mode: &'static str, every: u32) -> Result<Stor
     while t0.elapsed() < Duration::from_secs(u64::from(secs)) {
         let t = Instant::now();
         let ok = matches!(
-            http_get(&format!("http://127.0.0.1:{}/metrics", d.port)),
+            http_get(&format!("http://{}/metrics", d.addr())),
             Ok((200, _))
         );
         scrapes.push(ok.then(|| t.elapsed().as_secs_f64() * 1e3));
@@ -134,7 +134,7 @@ pub(crate) fn storm_in(secs: u32, mode: &'static str, every: u32) -> Result<Stor
     // Let the daemon drain, then read its counters.
     std::thread::sleep(Duration::from_secs(2));
     let (_, body) =
-        http_get(&format!("http://127.0.0.1:{}/metrics", d.port)).map_err(anyhow::Error::msg)?;
+        http_get(&format!("http://{}/metrics", d.addr())).map_err(anyhow::Error::msg)?;
     let series = format!("{{peer=\"{ADDR_A}/32\",proto=\"tcp\"}}");
     let ok: Vec<f64> = scrapes.iter().flatten().copied().collect();
     let shape = |s: Shape| {

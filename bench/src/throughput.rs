@@ -17,7 +17,10 @@ use natt_monitor::{
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
     scope::Scope,
 };
-use natt_monitor_tests::net::{ADDR_A, ADDR_B, Cgroup, Lab, Netns, Proc};
+use natt_monitor_tests::{
+    loader,
+    net::{ADDR_A, ADDR_B, Cgroup, Lab, Netns, Proc},
+};
 
 use crate::stats::{Stat, sh_out, stat};
 
@@ -183,9 +186,11 @@ fn attach(
         Scope::Address
     };
     let mut v = match (setting, baseline) {
-        (Setting::Baseline, Some(obj)) => Verifier::load_object(obj, &scope, false, None)
+        (Setting::Baseline, Some(obj)) => loader(&scope)
+            .object(obj)
+            .load()
             .context("loading the --baseline-object verifier")?,
-        _ => Verifier::load(&scope)?,
+        _ => loader(&scope).load()?,
     };
     let mode = if setting == Setting::Enforce {
         Mode::Enforce

@@ -104,6 +104,16 @@
           'natt-monitor has no scrape target',
           'No target matches {%s}: natt-monitor is not deployed, or service discovery lost it. Nothing reports whether IPsec traffic is being verified.' % sel,
         ),
+        // A source the scrape could not read: its metrics are absent (the alerts on them stay
+        // silent), while natt_monitor_up says only whether the verifier runs.
+        alert(
+          'NattMonitorScrapeCollectorFailed',
+          'warning',
+          'natt_monitor_scrape_collector_success{%s} == 0' % sel,
+          c.collectorFailedFor,
+          'natt-monitor on {{ $labels.instance }} cannot read its {{ $labels.collector }} source',
+          'For 10 minutes every scrape of natt-monitor on {{ $labels.instance }} failed to read its {{ $labels.collector }} source, so the metrics from it are missing and the alerts on them cannot fire. The journal has one line per failed scrape naming the error.',
+        ),
         alert(
           'NattMonitorEventsLost',
           'warning',

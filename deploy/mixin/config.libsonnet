@@ -16,6 +16,7 @@
     detachedFor: '1m',
     downFor: '2m',
     eventsLostFor: '5m',
+    collectorFailedFor: '10m',
     noLongerVerifiedFor: '15m',
     unverifiableFor: '10m',
     natTUnverifiedFor: '10m',

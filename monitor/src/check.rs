@@ -5,7 +5,7 @@ use std::{fmt::Write as _, fs, path::Path};
 
 use crate::{
     cgroup,
-    ebpf::Verifier,
+    ebpf::VerifierLoader,
     features::{Features, Probe as Feature},
 };
 
@@ -274,7 +274,10 @@ pub fn run_checks(cgroup_dir: Option<&Path>, proc_root: &Path, sys_root: &Path) 
     }
 
     // Loaded as the daemon loads it: with the capture ring and pairing on.
-    let mut verifier = match Verifier::load_with(&scope, true) {
+    let mut verifier = match VerifierLoader::new(&scope, features.variant())
+        .capture(true)
+        .load()
+    {
         Ok(mut v) => {
             // How close the program is to the verifier's limit on this kernel.
             let cost = v

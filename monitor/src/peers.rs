@@ -7,6 +7,7 @@ use std::{fmt, net::IpAddr, str::FromStr};
 
 use ipnet::IpNet;
 use monitor_ebpf::{MAX_PEERS, PEER_FLAG_LEARN, PeerMode, PeerValue, csum};
+use tracing::info;
 
 /// What the verifier does with a mismatching segment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -421,6 +422,30 @@ impl PeerTable {
         }
     }
 }
+
+/// One line per peer: what is verified and how.
+pub fn log_peers(table: &PeerTable) {
+    for (id, p) in table.iter().take(LOGGED_PEERS) {
+        match table.residual(id) {
+            Some(residual) => {
+                info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), residual, "verifying peer");
+            }
+            None => {
+                info!(peer = %p.net, id, mode = %p.mode, source = p.source.as_str(), "verifying peer; each SA's NAT residual is learned from its first segments");
+            }
+        }
+    }
+    if table.len() > LOGGED_PEERS {
+        info!(
+            more = table.len() - LOGGED_PEERS,
+            peers = table.len(),
+            "verifying further peers, not listed one by one (natt_monitor_peers counts them)"
+        );
+    }
+}
+
+/// Peers `log_peers` lists one line each; a concentrator's thousands are summed up in one.
+pub const LOGGED_PEERS: usize = 64;
 
 #[cfg(test)]
 mod tests {

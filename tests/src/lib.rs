@@ -6,11 +6,46 @@
     reason = "test helpers fail by panicking with a message; that is their contract"
 )]
 
+pub mod daemon;
 pub mod net;
 pub mod packets;
+pub mod testrun;
 pub mod vm_scenarios;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use natt_monitor::{ebpf::VerifierLoader, features::Features, scope::Scope};
+
+/// A verifier load for `scope` of the variant the kernel probe chooses, as the daemon loads it
+/// (but with the capture ring off unless asked for).
+#[must_use]
+pub fn loader(scope: &Scope) -> VerifierLoader<'static> {
+    VerifierLoader::new(scope, Features::probe().variant())
+}
+
+/// Calls `f` every `every` until it returns `Some`, and returns its value; panics naming `what`
+/// after `timeout`. The one polling loop of the tests and the bench.
+pub fn eventually<T>(
+    what: &str,
+    every: Duration,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(every);
+    }
+}
 
 /// The `natt-monitor` binary: `NATT_MONITOR_BIN` (set by `cargo xtask test`), else the one
 /// next to the running test executable (`target/<profile>/natt-monitor`).

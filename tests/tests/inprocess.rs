@@ -4,12 +4,7 @@
 //! daemon: here the test shuts down the listening socket it handed to `run`, so the HTTP task's
 //! accept fails as it would if the socket broke.
 
-use std::{
-    net::TcpListener,
-    os::fd::AsRawFd as _,
-    thread::JoinHandle,
-    time::{Duration, Instant},
-};
+use std::{net::TcpListener, os::fd::AsRawFd as _, thread::JoinHandle, time::Duration};
 
 use clap::Parser as _;
 use natt_monitor::{
@@ -17,7 +12,9 @@ use natt_monitor::{
     config,
     daemon::{self, DaemonError, RunConfig},
 };
-use natt_monitor_tests::{PinDir, http_get, net::Cgroup, one_peer_run, skip_unless_root};
+use natt_monitor_tests::{
+    PinDir, eventually, http_get, net::Cgroup, one_peer_run, skip_unless_root,
+};
 
 /// Starts `run` on its own thread and runtime with `args` (as after `natt-monitor`) and a
 /// listener the test keeps a handle on; returns the thread, the listener's twin and the base
@@ -67,26 +64,25 @@ fn start_one_peer(
 
 /// Waits until `/healthz` answers 200 (the program is attached and the drain runs).
 fn wait_healthy(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok((200, body)) = http_get(&format!("{url}/healthz")) {
-            assert_eq!(body, "ok\n");
-            return;
-        }
-        assert!(Instant::now() < deadline, "{url}/healthz never became 200");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let body = eventually(
+        &format!("{url}/healthz to answer 200"),
+        Duration::from_millis(20),
+        Duration::from_secs(20),
+        || match http_get(&format!("{url}/healthz")) {
+            Ok((200, body)) => Some(body),
+            _ => None,
+        },
+    );
+    assert_eq!(body, "ok\n");
 }
 
 fn join_within(t: JoinHandle<Result<(), DaemonError>>, limit: Duration) -> Result<(), DaemonError> {
-    let deadline = Instant::now() + limit;
-    while !t.is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "daemon::run did not return within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        "daemon::run to return",
+        Duration::from_millis(20),
+        limit,
+        || t.is_finished().then_some(()),
+    );
     t.join().expect("daemon thread panicked")
 }
 

@@ -2,30 +2,34 @@
 //! cost for each, so the margin to the 1M-instruction limit shows in every test log.
 
 use natt_monitor::{
-    ebpf::{self, Variant, Verifier},
+    ebpf::{self, Variant, Verifier, VerifierLoader},
+    features::Features,
     scope::{self, Scope},
 };
-use natt_monitor_tests::skip_unless_root;
+use natt_monitor_tests::{loader, skip_unless_root};
 
 fn load(scope: &Scope, variant: Variant) -> Verifier {
     // As the daemon loads it: the capture ring and pairing on.
-    Verifier::load_variant(scope, true, Some(variant)).unwrap_or_else(|e| {
-        let mut chain = vec![e.to_string()];
-        let mut src = std::error::Error::source(&e);
-        while let Some(inner) = src {
-            chain.push(inner.to_string());
-            src = inner.source();
-        }
-        let text = chain.join("\ncaused by: ");
-        let lines: Vec<&str> = text.lines().collect();
-        // The verifier log's tail says why it refused.
-        panic!(
-            "load ({} scope, {}) failed:\n{}",
-            scope.as_str(),
-            variant.as_str(),
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        );
-    })
+    VerifierLoader::new(scope, variant)
+        .capture(true)
+        .load()
+        .unwrap_or_else(|e| {
+            let mut chain = vec![e.to_string()];
+            let mut src = std::error::Error::source(&e);
+            while let Some(inner) = src {
+                chain.push(inner.to_string());
+                src = inner.source();
+            }
+            let text = chain.join("\ncaused by: ");
+            let lines: Vec<&str> = text.lines().collect();
+            // The verifier log's tail says why it refused.
+            panic!(
+                "load ({} scope, {}) failed:\n{}",
+                scope.as_str(),
+                variant.as_str(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        })
 }
 
 #[test]
@@ -88,11 +92,15 @@ fn verifier_program_loads_in_both_scopes_and_variants_and_reports_its_cost() {
             }
         }
     }
-    // This kernel has bpf_loop: the probe picks the callback variant.
-    assert_eq!(
-        Verifier::load(&Scope::Address).unwrap().variant(),
+    // The variant follows the bpf_loop probe, and a load of the probed variant runs it.
+    let features = Features::probe();
+    let probed = if features.bpf_loop.present() {
         Variant::BpfLoop
-    );
+    } else {
+        Variant::BoundedLoop
+    };
+    assert_eq!(features.variant(), probed);
+    assert_eq!(loader(&Scope::Address).load().unwrap().variant(), probed);
 }
 
 fn kernel_release() -> String {

@@ -10,12 +10,13 @@ use monitor_ebpf::{
     Counter, PROTO_COUNT, PeerMode, PeerStats, PeerValue, Proto, SKIP_REASONS, TunnelValue,
 };
 use natt_monitor::{
-    ebpf::{Attached, PinnedMaps, Variant, Verifier},
+    ebpf::{Attached, PinnedMaps, Variant, Verifier, VerifierLoader},
+    features::Features,
     peers::{Mode, PeerSpec, PeerTable, parse_cidr},
     scope::{self, Scope},
 };
 use natt_monitor_tests::{
-    PinDir,
+    PinDir, loader,
     net::{
         ADDR_A, ADDR_B, ADDR6_A, Cgroup, InjectStats, Injector, Lab, PingResult, StreamResult,
         ping, sh, stream, stream_between,
@@ -70,7 +71,12 @@ fn run_variant(
 /// The verifier (address scope, `variant` or the probed one) with `peer` as its only peer, in
 /// `mode`, attached to `cg`.
 fn attached_verifier(cg: &Cgroup, peer: &str, mode: Mode, variant: Option<Variant>) -> Verifier {
-    let mut v = Verifier::load_variant(&Scope::Address, false, variant).expect("load verifier");
+    let mut v = VerifierLoader::new(
+        &Scope::Address,
+        variant.unwrap_or_else(|| Features::probe().variant()),
+    )
+    .load()
+    .expect("load verifier");
     v.peer_maps()
         .unwrap()
         .set_peers(
@@ -248,14 +254,9 @@ fn an_upgrade_swaps_the_pinned_program_mid_stream_without_a_gap() {
     let pins = PinDir::new();
     natt_monitor::pin::prepare(&pins.path).expect("pin directory");
     let load = |variant| {
-        Verifier::load_pinned(
-            &Scope::Address,
-            false,
-            Some(variant),
-            &pins.path,
-            natt_monitor::ebpf::MapSizes::for_peers(monitor_ebpf::MAX_PEERS),
-        )
-        .expect("load pinned")
+        VerifierLoader::new(&Scope::Address, variant)
+            .load_pinned(&pins.path)
+            .expect("load pinned")
     };
     let (mut old, origin) = load(Variant::BoundedLoop);
     assert_eq!(origin, PinnedMaps::Created);
@@ -532,7 +533,7 @@ fn partial_checksums_and_plaintext_are_never_mismatches() {
     for s in scopes {
         let lab = Lab::with_default_offloads(1500);
         let cg = Cgroup::new();
-        let mut v = Verifier::load(&s).expect("load verifier");
+        let mut v = loader(&s).load().expect("load verifier");
         v.peer_maps()
             .unwrap()
             .set_peers(
@@ -730,7 +731,7 @@ fn tunnel_run(
     let bytes = 2 * MB;
     let tcp = Proto::Tcp as usize;
     let cg = Cgroup::new();
-    let mut v = Verifier::load(&Scope::Sa(layout)).expect("load verifier");
+    let mut v = loader(&Scope::Sa(layout)).load().expect("load verifier");
     let maps = v.peer_maps().unwrap();
     // Id 0: the tunnel's peer (its remote, as discovery names it); id 1: SA scope's catch-all,
     // which every inner source address falls under first.

@@ -155,6 +155,12 @@ fn the_static_binary_needs_no_loader() {
     );
     let version = out(Command::new(dist.join("natt-monitor")).arg("--version"));
     assert_eq!(version, format!("natt-monitor {VERSION}\n"));
+    // What it runs, and nothing the tests use: the verifier object is embedded, the test
+    // injector (`natt_inject`, the tests' and benches' `testbed` feature) is not.
+    let bin = std::fs::read(dist.join("natt-monitor")).expect("read the binary");
+    let holds = |name: &[u8]| bin.windows(name.len()).any(|w| w == name);
+    assert!(holds(b"natt_verify_compat"), "no verifier object inside");
+    assert!(!holds(b"natt_inject"), "the test injector is inside");
 }
 
 #[test]

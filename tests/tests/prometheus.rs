@@ -6,11 +6,13 @@ use std::{
     net::TcpListener,
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use natt_monitor_tests::{
-    KillOnDrop, PinDir, http_get, monitor_bin,
+    KillOnDrop, PinDir,
+    daemon::Daemon,
+    eventually, http_get,
     net::{ADDR_A, Cgroup, Injector, Lab, stream},
     skip_unless_root,
 };
@@ -31,20 +33,8 @@ fn get_json(url: &str) -> Option<Value> {
         .flatten()
 }
 
-/// Polls `f` every 250 ms until it returns `Some`, or panics with `what` after `timeout`.
-fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
+/// How often the test asks Prometheus.
+const POLL: Duration = Duration::from_millis(250);
 
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
@@ -61,31 +51,24 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     let monitor_port = free_port();
     // Its own pin directory, detached after the daemon is killed (declared first, dropped last).
     let pins = PinDir::new();
-    let monitor = KillOnDrop(
-        Command::new(monitor_bin())
-            .args([
-                "run",
-                "--peer",
-                ADDR_A,
-                "--mode",
-                "observe",
-                // Emulated NAT-T has no sec_path on this kernel: the address-scope fallback.
-                "--scope",
-                "address",
-                "--cgroup",
-                cg.path.to_str().unwrap(),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{monitor_port}")])
-            .args(["--pin-path", pins.arg()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start natt-monitor"),
-    );
-    eventually("natt-monitor /healthz", Duration::from_secs(20), || {
-        let (code, _) = http_get(&format!("http://127.0.0.1:{monitor_port}/healthz")).ok()?;
-        (code == 200).then_some(())
-    });
+    let listen = format!("127.0.0.1:{monitor_port}");
+    let mut monitor = Daemon::start(&[
+        "run",
+        "--peer",
+        ADDR_A,
+        "--mode",
+        "observe",
+        // Emulated NAT-T has no sec_path on this kernel: the address-scope fallback.
+        "--scope",
+        "address",
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--pin-path",
+        pins.arg(),
+    ]);
+    monitor.wait_healthy();
 
     let rules = Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -119,6 +102,7 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     );
     eventually(
         "Prometheus to scrape natt_monitor_up 1",
+        POLL,
         Duration::from_secs(60),
         || {
             let v = get_json(&format!("{prom}/api/v1/query?query=natt_monitor_up"))?;
@@ -151,6 +135,7 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     );
     let seen = eventually(
         "the mismatch count in Prometheus",
+        POLL,
         Duration::from_secs(30),
         || {
             let v = get_json(&query)?;
@@ -164,6 +149,7 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
 
     let alert = eventually(
         "NattMonitorChecksumMismatch to fire",
+        POLL,
         Duration::from_secs(90),
         || {
             let v = get_json(&format!("{prom}/api/v1/alerts"))?;

@@ -11,10 +11,13 @@ use std::{collections::BTreeMap, io, time::Duration};
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
+use super::{
+    error::DaemonError,
+    state::{StateError, StateHandle},
+};
 use crate::{
     config::{Discover, Settings},
-    daemon::{DaemonError, log_peers, state::StateHandle},
-    peers::{Mode, PeerSpec, Source},
+    peers::{Mode, PeerSpec, Source, log_peers},
     tunnels::{self, Coverage, Tunnel, Tunnels},
     xfrm::{self, Watch, XfrmError},
 };
@@ -188,15 +191,24 @@ pub async fn follow(
                 );
                 log_peers(&applied.table);
             }
+            Err(StateError::Gone) => return Err(io::Error::other(StateError::Gone)),
+            Err(e @ StateError::Refused(_)) => {
+                errors.inc();
+                warn!(error = %e, "XFRM discovery: the kernel's SAs make a peer set the verifier refuses; keeping the previous peers until the SAs change");
+            }
             Err(e) => {
                 errors.inc();
-                error!(error = %e, "XFRM discovery could not update the peers; will retry on the next change");
+                error!(error = %e, "XFRM discovery could not write the peers to the verifier's maps; will retry on the next change");
             }
         }
         let verified = tunnels_changed(&mut seen, tunnels, tunnels_on);
-        if let Err(e) = state.replace_tunnels(verified).await {
-            errors.inc();
-            error!(error = %e, "XFRM discovery could not update the tunnel devices; will retry on the next change");
+        match state.replace_tunnels(verified).await {
+            Ok(()) => {}
+            Err(StateError::Gone) => return Err(io::Error::other(StateError::Gone)),
+            Err(e) => {
+                errors.inc();
+                error!(error = %e, "XFRM discovery could not update the tunnel devices; will retry on the next change");
+            }
         }
     }
 }

@@ -14,12 +14,10 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use prometheus::IntCounter;
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{oneshot, watch},
-};
+use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::warn;
 
+use super::tasks::Shutdown;
 use crate::{
     daemon::{
         health::Health,
@@ -77,7 +75,7 @@ impl Drain {
     ///
     /// # Errors
     /// A failure to wait on a ring, or the state task being gone.
-    pub async fn run(self, mut stop: oneshot::Receiver<()>) -> io::Result<()> {
+    pub async fn run(self, mut stop: Shutdown) -> io::Result<()> {
         let Self {
             mut events,
             mut learning,
@@ -113,7 +111,7 @@ impl Drain {
                     }
                 }
                 () = tokio::time::sleep(DRAIN_TICK) => log.flush_suppressed(),
-                _ = &mut stop => {
+                () = stop.recv() => {
                     for l in take_samples(learning.get_mut()) {
                         state.sample(l).await?;
                     }

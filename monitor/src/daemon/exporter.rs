@@ -19,9 +19,11 @@ use tracing::warn;
 
 use crate::{
     daemon::{health::Health, state::View},
-    ebpf::Stats,
+    ebpf::{EbpfFailure, Stats},
     http::Exporter,
-    metrics::{Metrics, PeerSnapshot, ProgramStats, Readings, Snapshot},
+    metrics::{
+        DaemonReadings, Metrics, PeerSnapshot, ProgramStats, Readings, Snapshot, VerifierReadings,
+    },
     peers::Source,
     pin, snmp,
 };
@@ -156,63 +158,34 @@ pub const OTHER_PEERS: &str = "other";
 
 impl KernelReadings {
     /// The verifier's host-wide counters: residual events, pairing, skips and lost records.
-    /// A map that cannot be read marks the scrape down.
-    fn read_totals(&self, snap: &mut Snapshot) {
+    fn read_totals(&self, r: &mut VerifierReadings) -> Result<(), EbpfFailure> {
         // Residuals the LRU forgot: restored by the verifier from the NAT mapping's record, or
-        // learned again when that was forgotten too (counted by the daemon).
+        // learned again when that was forgotten too (counted by the daemon, already in `r`).
         let mut restored = 0;
         for (counter, field) in [
-            (TrustCounter::Withdrawn, &mut snap.residuals_withdrawn),
-            (TrustCounter::Inherited, &mut snap.residuals_inherited),
-            (TrustCounter::Confirmed, &mut snap.residuals_confirmed),
-            (TrustCounter::HeldDropped, &mut snap.learning_dropped),
-            (TrustCounter::Unheld, &mut snap.learning_unheld),
+            (TrustCounter::Withdrawn, &mut r.residuals_withdrawn),
+            (TrustCounter::Inherited, &mut r.residuals_inherited),
+            (TrustCounter::Confirmed, &mut r.residuals_confirmed),
+            (TrustCounter::HeldDropped, &mut r.learning_dropped),
+            (TrustCounter::Unheld, &mut r.learning_unheld),
             (TrustCounter::Restored, &mut restored),
         ] {
-            match self.stats.trust(counter) {
-                Ok(n) => *field = n,
-                Err(e) => {
-                    warn!(error = %e, "scrape could not read the verifier's residual counters");
-                    snap.up = false;
-                    break;
-                }
-            }
+            *field = self.stats.trust(counter)?;
         }
-        snap.residuals_evicted += restored;
-        match self.stats.pairing(monitor_ebpf::PairSlot::NotRemembered) {
-            Ok(n) => snap.pairing_full = n,
-            Err(e) => {
-                warn!(error = %e, "scrape could not read the verifier's pairing counters");
-                snap.up = false;
-            }
-        }
-        match self.stats.counters() {
-            Ok(c) => snap.counters = c,
-            Err(e) => {
-                warn!(error = %e, "scrape could not read the verifier's counters");
-                snap.up = false;
-            }
-        }
+        r.residuals_evicted += restored;
+        r.pairing_full = self.stats.pairing(monitor_ebpf::PairSlot::NotRemembered)?;
+        r.counters = self.stats.counters()?;
+        Ok(())
     }
-}
 
-impl Readings for KernelReadings {
-    fn read(&self) -> Snapshot {
-        let t0 = Instant::now();
-        let view = Arc::clone(&self.view.borrow());
-        let by_source = |s: &Source| (*s, view.table.count_by_source(*s));
-        let mut snap = Snapshot {
-            peers_by_source: Source::ALL.iter().map(by_source).collect(),
-            kernel: snmp::read(&self.proc_path),
-            up: self.health.check().is_ok(),
+    /// Everything the verifier's maps say, per peer (labels capped by `--max-peer-labels`) and
+    /// host-wide.
+    fn read_verifier(&self, view: &View) -> Result<VerifierReadings, EbpfFailure> {
+        let mut r = VerifierReadings {
             residuals_evicted: view.residuals_evicted,
-            peers_observe_only: view.observe_only,
-            peers_over_limit: view.over_limit,
-            tunnels: view.tunnels,
-            tunnels_gro_on: view.tunnels_gro_on,
-            ..Snapshot::default()
+            ..VerifierReadings::default()
         };
-        self.read_totals(&mut snap);
+        self.read_totals(&mut r)?;
         // Static peers are offered labels first, then discovered ones in id order.
         let ordered = view
             .table
@@ -227,33 +200,25 @@ impl Readings for KernelReadings {
         // SA scope's two catch-alls are one label, `undiscovered`, outside the label cap.
         let mut undiscovered: Option<PeerSnapshot> = None;
         for (id, spec) in ordered {
-            match self.stats.peer_stats(id) {
-                Ok(stats) => {
-                    let p = PeerSnapshot {
-                        label: spec.label(),
-                        stats,
-                        learning: view.learning.contains(&id),
-                        learning_mismatches: view
-                            .learning_mismatches
-                            .get(&id)
-                            .copied()
-                            .unwrap_or_default(),
-                    };
-                    if spec.source == Source::Undiscovered {
-                        undiscovered = Some(match undiscovered {
-                            Some(u) => Counts::of(&u)
-                                .merged(&Counts::of(&p))
-                                .snapshot(u.label, u.learning || p.learning),
-                            None => p,
-                        });
-                    } else {
-                        peers.push((spec.net, p));
-                    }
-                }
-                Err(e) => {
-                    warn!(peer = %spec.net, error = %e, "scrape could not read peer statistics");
-                    snap.up = false;
-                }
+            let p = PeerSnapshot {
+                label: spec.label(),
+                stats: self.stats.peer_stats(id)?,
+                learning: view.learning.contains(&id),
+                learning_mismatches: view
+                    .learning_mismatches
+                    .get(&id)
+                    .copied()
+                    .unwrap_or_default(),
+            };
+            if spec.source == Source::Undiscovered {
+                undiscovered = Some(match undiscovered {
+                    Some(u) => Counts::of(&u)
+                        .merged(&Counts::of(&p))
+                        .snapshot(u.label, u.learning || p.learning),
+                    None => p,
+                });
+            } else {
+                peers.push((spec.net, p));
             }
         }
         let (mut peers, summed) = self
@@ -262,19 +227,49 @@ impl Readings for KernelReadings {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .apply(peers);
         peers.extend(undiscovered);
-        snap.peers = peers;
-        snap.peers_aggregated = summed;
-        snap.program = pin::program_runs(self.program.as_fd())
+        r.peers = peers;
+        r.peers_aggregated = summed;
+        Ok(r)
+    }
+}
+
+impl Readings for KernelReadings {
+    fn read(&self) -> Snapshot {
+        let t0 = Instant::now();
+        let view = Arc::clone(&self.view.borrow());
+        let by_source = |s: &Source| (*s, view.table.count_by_source(*s));
+        let verifier = self
+            .read_verifier(&view)
+            .inspect_err(|e| {
+                warn!(error = %e, "scrape could not read the verifier's maps; its metrics are left out (natt_monitor_scrape_collector_success{{collector=\"verifier\"}} 0)");
+            })
+            .ok();
+        let program = pin::program_runs(self.program.as_fd())
+            .inspect_err(|e| {
+                warn!(error = %e, "scrape could not read the verifier program's run statistics");
+            })
+            .ok()
             .map(|runs| ProgramStats {
                 runs,
                 stats_enabled: std::fs::read_to_string(
                     self.proc_path.join("sys/kernel/bpf_stats_enabled"),
                 )
                 .is_ok_and(|v| v.trim() == "1"),
-            })
-            .ok();
-        snap.collect_seconds = t0.elapsed().as_secs_f64();
-        snap
+            });
+        Snapshot {
+            daemon: DaemonReadings {
+                up: self.health.check().is_ok(),
+                peers_by_source: Source::ALL.iter().map(by_source).collect(),
+                peers_observe_only: view.observe_only,
+                peers_over_limit: view.over_limit,
+                tunnels: view.tunnels,
+                tunnels_gro_on: view.tunnels_gro_on,
+            },
+            verifier,
+            kernel: snmp::read(&self.proc_path),
+            program,
+            collect_seconds: t0.elapsed().as_secs_f64(),
+        }
     }
 }
 

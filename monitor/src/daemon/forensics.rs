@@ -11,6 +11,7 @@
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd as _,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,12 +19,10 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 use monitor_ebpf::{Action, PairKey};
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{oneshot, watch},
-};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::tasks::Shutdown;
 use crate::{
     capture::{Capture, CaptureError, Record},
     daemon::state::View,
@@ -34,6 +33,8 @@ use crate::{
 
 /// How often waiting copies are given up on and `PAIRS` is swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long the thread waits on the ring before it looks at the clock and the shutdown signal.
+const WAKE_EVERY: Duration = Duration::from_millis(100);
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// Shape lines logged at once, and per second after that.
 const LOG_BURST: u32 = 50;
@@ -41,7 +42,7 @@ const LOG_PER_SECOND: u32 = 10;
 
 /// The capture task: the ring and what works on its records.
 pub struct CaptureTask {
-    ring: AsyncFd<RingBuf<MapData>>,
+    ring: RingBuf<MapData>,
     w: Worker,
 }
 
@@ -57,7 +58,7 @@ impl std::fmt::Debug for CaptureTask {
 /// and `--capture`'s file.
 pub struct CaptureParts {
     /// The capture ring.
-    pub ring: AsyncFd<RingBuf<MapData>>,
+    pub ring: RingBuf<MapData>,
     /// The verifier's `PAIRS`.
     pub pairs: BpfHashMap<MapData, PairKey, u64>,
     /// The verifier's `PAIR_DEADLINE`: the last drop's time plus the window, 0 before any.
@@ -117,54 +118,75 @@ struct Worker {
 }
 
 impl CaptureTask {
-    /// Runs until `stop`; then takes what the ring still holds, reports every copy still
-    /// waiting as unpaired, flushes the file and returns (a shutdown loses no captured packet).
+    /// Runs on a thread of its own until `stop`, so that pairing and file writes never hold
+    /// up the runtime (a slow disk would otherwise stall the event drain, and health with it);
+    /// then takes what the ring still holds, reports every copy still waiting as unpaired,
+    /// flushes the file and returns (a shutdown loses no captured packet).
     ///
     /// # Errors
     /// A failure to wait on the ring or to write the file.
-    pub async fn run(self, mut stop: oneshot::Receiver<()>) -> io::Result<()> {
+    pub fn run(self, stop: &Shutdown) -> io::Result<()> {
         let Self { mut ring, mut w } = self;
         let fail = |e: CaptureError| io::Error::other(e.to_string());
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        loop {
-            tokio::select! {
-                guard = ring.readable_mut() => {
-                    let mut guard = guard?;
-                    let rb = guard.get_inner_mut();
-                    while let Some(item) = rb.next() {
-                        w.record(&item).map_err(fail)?;
-                    }
-                    w.flush().map_err(fail)?;
-                    guard.clear_ready();
-                    w.waiting.set(i64::try_from(w.pairing.len()).unwrap_or(i64::MAX));
+        let mut next_sweep = Instant::now() + SWEEP_EVERY;
+        while !stop.requested() {
+            if readable(&ring, WAKE_EVERY)? {
+                while let Some(item) = ring.next() {
+                    w.record(&item).map_err(fail)?;
                 }
-                _ = sweep.tick() => {
-                    let now = Instant::now();
-                    for o in w.pairing.expire(now) {
-                        w.report(o);
-                    }
-                    w.waiting.set(i64::try_from(w.pairing.len()).unwrap_or(i64::MAX));
-                    w.sweep();
+                w.flush().map_err(fail)?;
+                w.waiting
+                    .set(i64::try_from(w.pairing.len()).unwrap_or(i64::MAX));
+            }
+            let now = Instant::now();
+            if now >= next_sweep {
+                next_sweep = now + SWEEP_EVERY;
+                for o in w.pairing.expire(now) {
+                    w.report(o);
                 }
-                _ = &mut stop => {
-                    let rb = ring.get_mut();
-                    while let Some(item) = rb.next() {
-                        w.record(&item).map_err(fail)?;
-                    }
-                    let left = w.pairing.drain();
-                    if !left.is_empty() {
-                        info!(
-                            unpaired = left.len(),
-                            "corrupted copies still waiting for their retransmission at shutdown, counted unpaired"
-                        );
-                    }
-                    for o in left {
-                        w.report(o);
-                    }
-                    return w.flush().map_err(fail);
-                }
+                w.waiting
+                    .set(i64::try_from(w.pairing.len()).unwrap_or(i64::MAX));
+                w.sweep();
             }
         }
+        while let Some(item) = ring.next() {
+            w.record(&item).map_err(fail)?;
+        }
+        let left = w.pairing.drain();
+        if !left.is_empty() {
+            info!(
+                unpaired = left.len(),
+                "corrupted copies still waiting for their retransmission at shutdown, counted unpaired"
+            );
+        }
+        for o in left {
+            w.report(o);
+        }
+        w.flush().map_err(fail)
+    }
+}
+
+/// Waits up to `timeout` for the ring to hold a record (`poll(2)` on its descriptor, which
+/// the kernel wakes at each submit); true when it does.
+fn readable(ring: &RingBuf<MapData>, timeout: Duration) -> io::Result<bool> {
+    let mut fd = libc::pollfd {
+        fd: ring.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd, for the duration of the call.
+    match unsafe { libc::poll(&raw mut fd, 1, ms) } {
+        -1 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
     }
 }
 

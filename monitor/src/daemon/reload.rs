@@ -11,11 +11,15 @@ use std::io;
 use tokio::signal::unix::Signal;
 use tracing::{error, info, warn};
 
+use super::state::{StateError, StateHandle};
 use crate::{
-    config::Settings,
-    daemon::{Reloader, log_peers, state::StateHandle},
+    config::{ConfigError, Settings},
     metrics::ReloadMetrics,
+    peers::log_peers,
 };
+
+/// Re-reads the peer list on SIGHUP (the configuration file and flags).
+pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
 
 /// Applies the reloaded peer list on every SIGHUP.
 ///
@@ -65,6 +69,7 @@ pub async fn follow(
                 log_peers(&applied.table);
                 running = settings;
             }
+            Err(StateError::Gone) => return Err(io::Error::other(StateError::Gone)),
             Err(e) => {
                 outcome.failed();
                 error!(error = %e, "reload failed; keeping the current peers");

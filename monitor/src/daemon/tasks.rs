@@ -119,8 +119,11 @@ impl Tasks {
         }
     }
 
-    /// Aborts what is left and waits for it to go.
+    /// Aborts what is left and waits for it to go. The shutdown signal goes first: a blocking
+    /// task cannot be aborted, and one that handles the signal (`capture`) would otherwise be
+    /// waited for forever.
     pub(super) async fn abort(&mut self) {
+        self.stop.send_replace(true);
         self.set.shutdown().await;
     }
 
@@ -250,6 +253,40 @@ mod tests {
             "internal task `stuck` stopped: did not stop within 100ms of the shutdown signal (still running: stuck); exiting so the failure is visible"
         );
         tasks.abort().await;
+    }
+
+    /// After a failure, `abort` ends a blocking task that handles the signal itself (it
+    /// cannot be aborted): `run` returns instead of waiting for it forever. (A runtime of its
+    /// own, so that a thread left running fails the test instead of hanging it.)
+    #[test]
+    fn abort_ends_a_blocking_task_that_waits_for_the_signal() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (died, aborted) = rt.block_on(async {
+            let mut tasks = Tasks::new();
+            tasks.spawn_blocking_draining("capture", |stop| {
+                while !stop.requested() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(())
+            });
+            tasks.spawn("http", async {
+                Err(io::Error::other("listener shut down"))
+            });
+            let died = tasks.first_death().await.to_string();
+            let aborted = tokio::time::timeout(Duration::from_secs(5), tasks.abort())
+                .await
+                .is_ok();
+            (died, aborted)
+        });
+        rt.shutdown_timeout(Duration::from_secs(1));
+        assert_eq!(
+            died,
+            "internal task `http` stopped: listener shut down; exiting so the failure is visible"
+        );
+        assert!(aborted, "abort waited for the blocking task past 5 s");
     }
 
     /// A task failing while the others stop is the error, not a clean stop.

@@ -17,13 +17,18 @@ use crate::{KillOnDrop, PinDir, eventually, http_get, metric, monitor_bin};
 /// milliseconds.
 const POLL: Duration = Duration::from_millis(2);
 
+/// `natt-monitor` with `args`, run to completion.
+fn completed(args: &[&str]) -> std::process::Output {
+    Command::new(monitor_bin())
+        .args(args)
+        .output()
+        .expect("spawn natt-monitor")
+}
+
 /// Runs the binary to completion and returns (exit code, stderr).
 #[must_use]
 pub fn run_to_end(args: &[&str]) -> (i32, String) {
-    let out = Command::new(monitor_bin())
-        .args(args)
-        .output()
-        .expect("spawn natt-monitor");
+    let out = completed(args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -33,10 +38,7 @@ pub fn run_to_end(args: &[&str]) -> (i32, String) {
 /// `natt-monitor` with `args`, to completion: (exit code, stdout).
 #[must_use]
 pub fn output_of(args: &[&str]) -> (i32, String) {
-    let out = Command::new(monitor_bin())
-        .args(args)
-        .output()
-        .expect("spawn natt-monitor");
+    let out = completed(args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

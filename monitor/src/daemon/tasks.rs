@@ -50,7 +50,7 @@ impl Tasks {
         task: impl Future<Output = io::Result<()>> + Send + 'static,
     ) {
         let mut stop = Shutdown(self.stop.subscribe());
-        self.spawn_with_shutdown(name, async move {
+        self.insert(name, async move {
             tokio::select! {
                 r = task => r,
                 () = stop.recv() => Ok(()),
@@ -64,10 +64,11 @@ impl Tasks {
         F: Future<Output = io::Result<()>> + Send + 'static,
     {
         let task = make(Shutdown(self.stop.subscribe()));
-        self.spawn_with_shutdown(name, task);
+        self.insert(name, task);
     }
 
-    fn spawn_with_shutdown(
+    /// Adds `task` to the set under `name`, as it is.
+    fn insert(
         &mut self,
         name: &'static str,
         task: impl Future<Output = io::Result<()>> + Send + 'static,

@@ -22,7 +22,7 @@ use crate::{
     maps::{HELD, TRUST_SCRATCH},
     report,
     scope::Sa,
-    stats::{bump_trust, count},
+    stats::{self, Table, bump_trust, count},
     trust::{Scratch, Seen, install},
 };
 
@@ -43,10 +43,7 @@ pub fn natt_hold(_ctx: SkBuffContext) -> i32 {
     let (p, peer) = unsafe { ((*s).pending, (*s).key.peer_id) };
     let tcp = Proto::Tcp as usize;
     if hold(s, &p.sa, &p.seen) {
-        count(peer, |st| {
-            st.verified_packets[tcp] += 1;
-            st.verified_bytes[tcp] += u64::from(p.len);
-        });
+        stats::verified(peer, Table::L4(tcp), p.len);
         return 1;
     }
     count(peer, |st| st.learning[tcp] += 1);

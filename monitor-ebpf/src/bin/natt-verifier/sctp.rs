@@ -19,14 +19,14 @@ use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, helpers::generated::bpf_loop, macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use monitor_ebpf::{Action, Counter, IPPROTO_SCTP, PeerMode, blocksum::BLOCK, crc32c};
+use monitor_ebpf::{Action, Counter, IPPROTO_SCTP, blocksum::BLOCK, crc32c};
 
 use crate::{
     maps::{CAPTURE_ON, SCRATCH},
     parse::{parse_l3, parse_sctp},
     report::{self, Record},
     scope::in_scope,
-    stats::{bump, count_sctp},
+    stats::{self, Table, bump},
     sum::{CHUNK, load_into, opaque},
 };
 
@@ -75,22 +75,10 @@ fn verify(ctx: &SkBuffContext) -> Result<bool, Counter> {
         crc_packet(ctx.as_ptr().cast(), l3.l4_off, l4.len).ok_or(Counter::SkipTruncated)?;
     let id = l3.peer.id;
     if computed == found {
-        count_sctp(id, |s| {
-            s.verified_packets += 1;
-            s.verified_bytes += u64::from(l4.len);
-        });
+        stats::verified(id, Table::Sctp, l4.len);
         return Ok(true);
     }
-    let action = if l3.peer.mode == PeerMode::Enforce as u8 {
-        count_sctp(id, |s| {
-            s.mismatches += 1;
-            s.drops += 1;
-        });
-        Action::Dropped
-    } else {
-        count_sctp(id, |s| s.mismatches += 1);
-        Action::Passed
-    };
+    let action = stats::mismatched(id, Table::Sctp, l3.peer.mode);
     report::crc_mismatch(ctx, &l3, &l4, &sa, action, (found, computed));
     if CAPTURE_ON.load() != 0 {
         report::capture(

@@ -17,7 +17,7 @@ use crate::{
     report::{self, Mismatch, Record},
     scope::{Sa, address_scope_exemptions, in_scope},
     sctp::SCTP_SLOT,
-    stats::{bump, bump_trust, count, count_icmp},
+    stats::{self, Table, bump, bump_trust, count, count_icmp},
     sum::sum_segment,
     trust::{self, Pending, Seen},
 };
@@ -159,35 +159,19 @@ fn try_verify<const BPF_LOOP: bool>(ctx: &SkBuffContext) -> Result<Verdict, Coun
         trust::judge(t, s, &sa, &seen)
     };
     if expected == residual {
-        count(peer.id, |s| {
-            s.verified_packets[p] += 1;
-            s.verified_bytes[p] += u64::from(l4.len);
-        });
+        stats::verified(peer.id, Table::L4(p), l4.len);
         if CAPTURE_ON.load() != 0 && l3.proto == IPPROTO_TCP {
             pair::verified(ctx, &l3, &l4, &sa);
         }
         return Ok(Verdict::Pass);
     }
-    let action = if peer.mode == PeerMode::Enforce as u8 {
-        count(peer.id, |s| {
-            s.mismatches[p] += 1;
-            s.drops[p] += 1;
-        });
-        Action::Dropped
-    } else {
-        count(peer.id, |s| s.mismatches[p] += 1);
-        Action::Passed
-    };
-    Ok(reported(
+    Ok(mismatch(
         ctx,
         &l3,
         &l4,
-        &Mismatch {
-            sa,
-            residual,
-            expected,
-            action,
-        },
+        Table::L4(p),
+        sa,
+        (residual, expected),
     ))
 }
 
@@ -240,23 +224,24 @@ fn judge_icmp(
         return Ok(Verdict::Pass);
     };
     if residual == expected {
-        count_icmp(id, |s| {
-            s.verified_packets += 1;
-            s.verified_bytes += u64::from(l4.len);
-        });
+        stats::verified(id, Table::Icmp, l4.len);
         return Ok(Verdict::Pass);
     }
-    let action = if l3.peer.mode == PeerMode::Enforce as u8 {
-        count_icmp(id, |s| {
-            s.mismatches += 1;
-            s.drops += 1;
-        });
-        Action::Dropped
-    } else {
-        count_icmp(id, |s| s.mismatches += 1);
-        Action::Passed
-    };
-    Ok(reported(
+    Ok(mismatch(ctx, l3, l4, Table::Icmp, sa, (residual, expected)))
+}
+
+/// Counts a mismatch in `table` (and a drop, in enforce mode) and reports it: the verdict.
+#[inline(always)]
+fn mismatch(
+    ctx: &SkBuffContext,
+    l3: &L3,
+    l4: &L4,
+    table: Table,
+    sa: Sa,
+    (residual, expected): (u16, u16),
+) -> Verdict {
+    let action = stats::mismatched(l3.peer.id, table, l3.peer.mode);
+    reported(
         ctx,
         l3,
         l4,
@@ -266,7 +251,7 @@ fn judge_icmp(
             expected,
             action,
         },
-    ))
+    )
 }
 
 /// Reports a mismatch (and, with the capture ring on, copies the packet; `natt_pair` copies a

@@ -73,6 +73,9 @@ pub fn tcp_counts(body: &str) -> (u64, u64, u64) {
 }
 
 /// A running `natt-monitor`, killed on drop.
+/// The daemon's log line once its verifier is attached.
+pub const ATTACHED: &str = "verifier attached at cgroup_skb ingress";
+
 pub struct Daemon {
     child: KillOnDrop,
     lines: Arc<Mutex<Vec<Value>>>,
@@ -87,6 +90,14 @@ impl Daemon {
     pub fn start(args: &[&str]) -> Self {
         let pins = (!args.contains(&"--pin-path")).then(PinDir::new);
         Self::start_pinned(args, pins)
+    }
+
+    /// As `start`, and waits until the verifier is attached.
+    #[must_use]
+    pub fn attached(args: &[&str]) -> Self {
+        let mut d = Self::start(args);
+        d.wait_for(ATTACHED);
+        d
     }
 
     /// As `start`, pinning in `pins` (which the caller may share with a later daemon).
@@ -175,7 +186,7 @@ impl Daemon {
 
     /// Waits until `/healthz` answers 200: the program is attached and the drain runs.
     pub fn wait_healthy(&mut self) {
-        self.wait_for("verifier attached at cgroup_skb ingress");
+        self.wait_for(ATTACHED);
         eventually(
             "/healthz to answer 200",
             POLL,

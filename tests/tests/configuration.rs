@@ -158,14 +158,13 @@ fn discovery_alone_is_a_valid_configuration() {
     // but no ESP (`ip xfrm state add ... proto esp` fails), so there are none; the VM suite
     // covers real SAs coming and going.
     let cg = Cgroup::new();
-    let mut d = Daemon::start(&[
+    let d = Daemon::attached(&[
         "run",
         "--discover",
         "xfrm",
         "--cgroup",
         cg.path.to_str().unwrap(),
     ]);
-    d.wait_for("verifier attached at cgroup_skb ingress");
     let read = d.messages("XFRM discovery: read the kernel's SAs");
     assert_eq!(read.len(), 1, "{:?}", d.lines());
     assert_eq!(field_u64(&read[0], "peers"), 0);

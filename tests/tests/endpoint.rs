@@ -5,11 +5,14 @@
 use std::process::Command;
 
 use natt_monitor_tests::{
-    daemon::{Daemon, field_u64},
+    daemon::{ATTACHED, Daemon, field_u64},
     metric,
     net::{ADDR_A, Cgroup, Injector, Lab, stream},
     one_peer_run, skip_unless_root,
 };
+
+/// The `natt-peer` helper that sends and receives the test streams.
+const PEER: &str = env!("CARGO_BIN_EXE_natt-peer");
 
 /// A self-signed certificate for 127.0.0.1 in `dir` (`cert.pem`, key `key.pem`); returns the
 /// certificate's path.
@@ -70,7 +73,7 @@ fn tls_and_basic_auth_from_the_web_config_file() {
         cg.path.to_str().unwrap(),
         &["--web.config.file", web.to_str().unwrap()],
     ));
-    d.wait_for("verifier attached at cgroup_skb ingress");
+    d.wait_for(ATTACHED);
     let url = format!("https://{}/metrics", d.addr());
     // (curl's exit code, the HTTP status it printed, the body).
     let curl = |extra: &[&str]| {
@@ -154,7 +157,7 @@ fn program_run_statistics_count_every_packet_the_verifier_saw() {
     }
     let lab = Lab::new(1500);
     let cg = Cgroup::new();
-    let mut d = Daemon::start(&[
+    let d = Daemon::attached(&[
         "run",
         "--peer",
         ADDR_A,
@@ -165,19 +168,12 @@ fn program_run_statistics_count_every_packet_the_verifier_saw() {
         "--cgroup",
         cg.path.to_str().unwrap(),
     ]);
-    d.wait_for("verifier attached at cgroup_skb ingress");
     let (_, body) = d.get("/metrics");
     assert_eq!(metric(&body, "natt_monitor_bpf_stats_enabled"), Some(0));
     assert_eq!(metric(&body, "natt_monitor_program_runs_total"), Some(0));
     let stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1");
     let _inj = Injector::attach(&lab.b, lab.dev_b, 0);
-    let s = stream(
-        env!("CARGO_BIN_EXE_natt-peer"),
-        &lab,
-        &cg.path,
-        1 << 20,
-        false,
-    );
+    let s = stream(PEER, &lab, &cg.path, 1 << 20, false);
     assert_eq!(s.received, 1 << 20);
     drop(stats);
     let (_, body) = d.get("/metrics");
@@ -217,7 +213,7 @@ fn peers_past_the_label_cap_are_summed_under_other() {
     let cg = Cgroup::new();
     // Two static peers and one label: the first (no traffic) keeps its own series, the second
     // (the lab's sender) is summed under "other".
-    let mut d = Daemon::start(&[
+    let d = Daemon::attached(&[
         "run",
         "--peer",
         "198.51.100.9",
@@ -234,15 +230,8 @@ fn peers_past_the_label_cap_are_summed_under_other() {
         "--max-peer-labels",
         "1",
     ]);
-    d.wait_for("verifier attached at cgroup_skb ingress");
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
-    let s = stream(
-        env!("CARGO_BIN_EXE_natt-peer"),
-        &lab,
-        &cg.path,
-        4 << 20,
-        false,
-    );
+    let s = stream(PEER, &lab, &cg.path, 4 << 20, false);
     assert_eq!(s.received, 4 << 20);
     let (_, body) = d.get("/metrics");
     let series = |name: &str, peer: &str| {

@@ -15,6 +15,9 @@ use natt_monitor_tests::{
 };
 use serde_json::Value;
 
+/// The `natt-peer` helper that sends and receives the test streams.
+const PEER: &str = env!("CARGO_BIN_EXE_natt-peer");
+
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
 fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
@@ -27,7 +30,7 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
     // The emulated NAT-T path has no sec_path (this kernel has no ESP), so this runs the
     // address-scope fallback; the VM suite runs SA scope on real ESP-in-UDP.
     let pcap = std::env::temp_dir().join(format!("natt-capture-{}.pcapng", std::process::id()));
-    let mut d = Daemon::start(&[
+    let d = Daemon::attached(&[
         "run",
         "--peer",
         ADDR_A,
@@ -44,15 +47,8 @@ fn logs_every_mismatch_within_its_budget_and_detaches_on_sigterm() {
         "--pin-path",
         "none",
     ]);
-    d.wait_for("verifier attached at cgroup_skb ingress");
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
-    let s = stream(
-        env!("CARGO_BIN_EXE_natt-peer"),
-        &lab,
-        &cg.path,
-        4 << 20,
-        false,
-    );
+    let s = stream(PEER, &lab, &cg.path, 4 << 20, false);
     let injected = inj.stats().corrupted;
     assert!(injected > 0);
     assert_eq!(

@@ -24,6 +24,9 @@ use natt_monitor_tests::{
     skip_unless_root,
 };
 
+/// The `natt-peer` helper that sends and receives the test streams.
+const PEER: &str = env!("CARGO_BIN_EXE_natt-peer");
+
 struct Run {
     stream: StreamResult,
     inject: InjectStats,
@@ -57,7 +60,7 @@ fn run_variant(
     let cg = Cgroup::new();
     let v = attached_verifier(&cg, peer, mode, variant);
     let inj = Injector::attach(&lab.b, lab.dev_b, every);
-    let s = stream(env!("CARGO_BIN_EXE_natt-peer"), &lab, &cg.path, bytes, v6);
+    let s = stream(PEER, &lab, &cg.path, bytes, v6);
     let r = readings(&v, s, inj.stats());
     drop(inj);
     drop(v);
@@ -277,15 +280,7 @@ fn an_upgrade_swaps_the_pinned_program_mid_stream_without_a_gap() {
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
     let tcp = Proto::Tcp as usize;
     let (s, new) = std::thread::scope(|scope| {
-        let streaming = scope.spawn(|| {
-            stream(
-                env!("CARGO_BIN_EXE_natt-peer"),
-                &lab,
-                &cg.path,
-                UPGRADE_BYTES,
-                false,
-            )
-        });
+        let streaming = scope.spawn(|| stream(PEER, &lab, &cg.path, UPGRADE_BYTES, false));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while old.stats().peer_stats(0).unwrap().drops[tcp] < 20 {
             assert!(std::time::Instant::now() < deadline, "no drops within 20 s");
@@ -336,13 +331,7 @@ fn a_corruption_that_keeps_the_sum_is_delivered_and_found_invisible() {
     let cg = Cgroup::new();
     let v = attached_verifier(&cg, ADDR_A, Mode::Enforce, None);
     let inj = Injector::attach_swapping(&lab.b, lab.dev_b, 50);
-    let s = stream(
-        env!("CARGO_BIN_EXE_natt-peer"),
-        &lab,
-        &cg.path,
-        4 * MB,
-        false,
-    );
+    let s = stream(PEER, &lab, &cg.path, 4 * MB, false);
     let r = readings(&v, s, inj.stats());
     drop(inj);
     log_run("swapped words", &r);
@@ -414,14 +403,7 @@ fn echo_replies_through_the_verifier(peer_addr: &str) {
         let cg = Cgroup::new();
         let v = attached_verifier(&cg, peer_addr, mode, None);
         let inj = Injector::attach(&lab.b, lab.dev_b, 7);
-        let p = ping(
-            env!("CARGO_BIN_EXE_natt-peer"),
-            &lab.b,
-            &cg.path,
-            peer_addr,
-            count,
-            size,
-        );
+        let p = ping(PEER, &lab.b, &cg.path, peer_addr, count, size);
         let (st, peer) = (inj.stats(), v.stats().peer_stats(0).unwrap());
         drop(inj);
         eprintln!("{peer_addr} {mode}: {p:?}; injector {st:?}; verifier {peer:?}");
@@ -529,7 +511,6 @@ fn partial_checksums_and_plaintext_are_never_mismatches() {
         Ok(l) => scopes.push(Scope::Sa(l)),
         Err(e) => eprintln!("sa scope not tested: {e}"),
     }
-    let peer = env!("CARGO_BIN_EXE_natt-peer");
     for s in scopes {
         let lab = Lab::with_default_offloads(1500);
         let cg = Cgroup::new();
@@ -552,8 +533,8 @@ fn partial_checksums_and_plaintext_are_never_mismatches() {
             &cg.path
         })
         .expect("attach");
-        let over_veth = stream(peer, &lab, &cg.path, 2 * MB, false);
-        let over_lo = stream_between(peer, &lab.b, &lab.b, "127.0.0.1:5003", &cg.path, 2 * MB);
+        let over_veth = stream(PEER, &lab, &cg.path, 2 * MB, false);
+        let over_lo = stream_between(PEER, &lab.b, &lab.b, "127.0.0.1:5003", &cg.path, 2 * MB);
         let c = v.stats().counters().unwrap();
         let stats = [
             v.stats().peer_stats(0).unwrap(),
@@ -727,7 +708,6 @@ fn tunnel_run(
     to: &str,
     device: &str,
 ) {
-    let peer = env!("CARGO_BIN_EXE_natt-peer");
     let bytes = 2 * MB;
     let tcp = Proto::Tcp as usize;
     let cg = Cgroup::new();
@@ -761,7 +741,7 @@ fn tunnel_run(
     let root = natt_monitor::cgroup::cgroup2_mount().expect("cgroup2 mount");
     v.attach(&root).expect("attach at the cgroup2 root");
     let inj = Injector::attach(&lab.b, lab.dev_b, 9);
-    let s = stream_between(peer, &lab.a, &lab.b, to, &cg.path, bytes);
+    let s = stream_between(PEER, &lab.a, &lab.b, to, &cg.path, bytes);
     let r = readings(&v, s, inj.stats());
     let catch_all = v.stats().peer_stats(1).unwrap();
     drop(inj);

@@ -11,11 +11,16 @@ use std::{
 
 use natt_monitor_tests::{
     KillOnDrop, PinDir,
-    daemon::{Daemon, assert_no_verifier_loaded, field_u64, output_of, run_to_end, tcp_counts},
+    daemon::{
+        ATTACHED, Daemon, assert_no_verifier_loaded, field_u64, output_of, run_to_end, tcp_counts,
+    },
     eventually, metric, monitor_bin,
     net::{ADDR_A, Cgroup, Injector, Lab, stream},
     one_peer_run, skip_unless_root,
 };
+
+/// The `natt-peer` helper that sends and receives the test streams.
+const PEER: &str = env!("CARGO_BIN_EXE_natt-peer");
 
 #[test]
 fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
@@ -24,7 +29,7 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
     }
     let cg = Cgroup::new();
     let pins = PinDir::new();
-    let mut d = Daemon::start(&[
+    let d = Daemon::attached(&[
         "run",
         "--peer",
         "2001:db8::/32",
@@ -33,7 +38,6 @@ fn sigint_leaves_the_pinned_verifier_attached_and_detach_removes_it() {
         "--pin-path",
         pins.arg(),
     ]);
-    d.wait_for("verifier attached at cgroup_skb ingress");
     // While the daemon runs, `detach` refuses, naming it: detaching would make it exit and its
     // supervisor attach it again. The daemon stays healthy and the pins stay.
     let (code, err) = run_to_end(&["detach", "--pin-path", pins.arg()]);
@@ -282,11 +286,10 @@ fn handover_mid_stream(first_bin: &std::path::Path, stop: i32) {
         pins.arg(),
     ];
     let mut first = Daemon::start_bin(first_bin, &args);
-    first.wait_for("verifier attached at cgroup_skb ingress");
+    first.wait_for(ATTACHED);
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
-    let peer = env!("CARGO_BIN_EXE_natt-peer");
     let sender = std::thread::scope(|scope| {
-        let streaming = scope.spawn(|| stream(peer, &lab, &cg.path, RESTART_BYTES, false));
+        let streaming = scope.spawn(|| stream(PEER, &lab, &cg.path, RESTART_BYTES, false));
         // Corruption is being dropped under the first daemon...
         let at_kill = eventually(
             "20 drops under the first daemon",
@@ -306,8 +309,7 @@ fn handover_mid_stream(first_bin: &std::path::Path, stop: i32) {
         // No daemon runs: the pinned program keeps verifying and dropping.
         std::thread::sleep(Duration::from_millis(300));
         let corrupted_while_down = inj.stats().corrupted - corrupted_at_kill;
-        let mut second = Daemon::start(&args);
-        second.wait_for("verifier attached at cgroup_skb ingress");
+        let second = Daemon::attached(&args);
         assert_eq!(
             second
                 .messages("adopting the pinned maps: counts, peers and learned residuals continue")
@@ -404,7 +406,7 @@ fn another_max_peers_replaces_the_pinned_maps() {
     let replaced = "the pinned maps do not fit this build or this --max-peers; replaced them, so the counts start again";
     for (n, adopts, replaces) in [("2", 0, 0), ("4", 0, 1), ("4", 1, 0)] {
         let mut d = Daemon::start(&args(n));
-        d.wait_for("verifier attached at cgroup_skb ingress");
+        d.wait_for(ATTACHED);
         let (_, body) = d.get("/metrics");
         assert_eq!(
             metric(&body, "natt_monitor_peers_limit"),

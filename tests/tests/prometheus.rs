@@ -18,6 +18,9 @@ use natt_monitor_tests::{
 };
 use serde_json::Value;
 
+/// The `natt-peer` helper that sends and receives the test streams.
+const PEER: &str = env!("CARGO_BIN_EXE_natt-peer");
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -111,13 +114,7 @@ fn prometheus_sees_the_mismatches_and_fires_the_alert() {
     );
 
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
-    let s = stream(
-        env!("CARGO_BIN_EXE_natt-peer"),
-        &lab,
-        &cg.path,
-        2 << 20,
-        false,
-    );
+    let s = stream(PEER, &lab, &cg.path, 2 << 20, false);
     let injected = inj.stats().corrupted;
     assert!(injected > 0);
     // Observe mode: the corruption reaches the application, one byte per corrupted segment,

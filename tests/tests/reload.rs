@@ -11,6 +11,9 @@ use natt_monitor_tests::{
     skip_unless_root,
 };
 
+/// The `natt-peer` helper that sends and receives the test streams.
+const PEER: &str = env!("CARGO_BIN_EXE_natt-peer");
+
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, asserted end to end")]
 fn sighup_adds_and_removes_peers_and_keeps_counts() {
@@ -34,16 +37,9 @@ fn sighup_adds_and_removes_peers_and_keeps_counts() {
         std::fs::write(&cfg, t).unwrap();
     };
     write(&["198.51.100.9", ADDR_A]);
-    let mut d = Daemon::start(&["run", "--config", cfg.to_str().unwrap()]);
-    d.wait_for("verifier attached at cgroup_skb ingress");
+    let mut d = Daemon::attached(&["run", "--config", cfg.to_str().unwrap()]);
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
-    let s = stream(
-        env!("CARGO_BIN_EXE_natt-peer"),
-        &lab,
-        &cg.path,
-        2 << 20,
-        false,
-    );
+    let s = stream(PEER, &lab, &cg.path, 2 << 20, false);
     assert_eq!(s.differing, 0);
     let a = "peer=\"192.0.2.1/32\",proto=\"tcp\"";
     let (_, before) = d.get("/metrics");

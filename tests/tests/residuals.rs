@@ -9,6 +9,9 @@ use natt_monitor_tests::{
     skip_unless_root,
 };
 
+/// The `natt-peer` helper that sends and receives the test streams.
+const PEER: &str = env!("CARGO_BIN_EXE_natt-peer");
+
 /// Every injected corruption was counted, but for look-alikes: `partial_checksum` counts
 /// segments whose checksum field holds only the pseudo-header sum, a corrupted one that happens
 /// to look so or an intact `CHECKSUM_PARTIAL` one (one fresh-clone run in nine saw one), so it
@@ -44,8 +47,7 @@ fn address_scope_enforces_exact_peers_and_only_observes_learned_ones() {
         ),
     )
     .unwrap();
-    let mut d = Daemon::start(&["run", "--config", cfg.to_str().unwrap()]);
-    d.wait_for("verifier attached at cgroup_skb ingress");
+    let d = Daemon::attached(&["run", "--config", cfg.to_str().unwrap()]);
     let held_back = d.messages(OBSERVE_ONLY);
     assert_eq!(held_back.len(), 1, "{:?}", d.lines());
     assert_eq!(field_u64(&held_back[0], "peers"), 1);
@@ -53,7 +55,6 @@ fn address_scope_enforces_exact_peers_and_only_observes_learned_ones() {
     assert_eq!(metric(&body, "natt_monitor_peers_observe_only"), Some(1));
 
     let inj = Injector::attach(&lab.b, lab.dev_b, 50);
-    let peer_bin = env!("CARGO_BIN_EXE_natt-peer");
     let bytes: u64 = 4 << 20;
     let counts = |body: &str, peer: &str, proto: &str| -> [u64; 4] {
         let m = |name: &str| {
@@ -79,7 +80,7 @@ fn address_scope_enforces_exact_peers_and_only_observes_learned_ones() {
     };
 
     // The learned peer: observed, so corruption is counted and delivered.
-    let learned = stream(peer_bin, &lab, &cg.path, bytes, false);
+    let learned = stream(PEER, &lab, &cg.path, bytes, false);
     let injected = inj.stats().corrupted;
     let (_, body) = d.get("/metrics");
     let [verified, mismatches, dropped, while_learning] = counts(&body, "192.0.2.1/32", "tcp");
@@ -100,7 +101,7 @@ fn address_scope_enforces_exact_peers_and_only_observes_learned_ones() {
     );
 
     // The exact peer: enforced, so corruption is dropped and TCP retransmits it.
-    let exact = stream(peer_bin, &lab, &cg.path, bytes, true);
+    let exact = stream(PEER, &lab, &cg.path, bytes, true);
     let injected6 = inj.stats().corrupted - injected;
     let (_, body) = d.get("/metrics");
     let [verified6, mismatches6, dropped6, _] = counts(&body, "2001:db8:77::1/128", "tcp");
@@ -183,22 +184,19 @@ fn a_wrong_learned_residual_is_withdrawn_by_the_verifier_and_learned_again() {
         "--pin-path",
         pins.arg(),
     ];
-    let peer = env!("CARGO_BIN_EXE_natt-peer");
     // The first daemon learns the lab's true residual (0: no NAT) and leaves it pinned.
-    let mut first = Daemon::start(&args);
-    first.wait_for("verifier attached at cgroup_skb ingress");
+    let mut first = Daemon::attached(&args);
     let refused = first.messages(OBSERVE_ONLY);
     assert_eq!(refused.len(), 1, "{:?}", first.lines());
     assert_eq!(field_u64(&refused[0], "peers"), 1);
-    let s = stream(peer, &lab, &cg.path, 1 << 20, false);
+    let s = stream(PEER, &lab, &cg.path, 1 << 20, false);
     assert_eq!((s.received, s.differing), (1 << 20, 0));
     first.wait_for("NAT residual learned; verifying this SA from now on");
     let (status, _) = first.stop(libc::SIGINT);
     assert!(status.success());
     // What a flood would have left: a wrong residual for the mapping.
     assert_eq!(poison_pinned_residuals(&pins.path, 0x0bad), 1);
-    let mut second = Daemon::start(&args);
-    second.wait_for("verifier attached at cgroup_skb ingress");
+    let mut second = Daemon::attached(&args);
     assert_eq!(
         second
             .messages("adopting the pinned maps: counts, peers and learned residuals continue")
@@ -217,7 +215,7 @@ fn a_wrong_learned_residual_is_withdrawn_by_the_verifier_and_learned_again() {
                 let (lab, cg) = (&lab, &cg);
                 scope.spawn(move || {
                     let addr = format!("{ADDR_B}:{}", 5101 + i);
-                    stream_between(peer, &lab.a, &lab.b, &addr, &cg.path, 1 << 20)
+                    stream_between(PEER, &lab.a, &lab.b, &addr, &cg.path, 1 << 20)
                 })
             })
             .collect();

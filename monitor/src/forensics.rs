@@ -360,6 +360,59 @@ pub struct Waiting<T> {
     pub at: Instant,
     /// What the caller keeps with it (its record, its number in the capture file).
     pub tag: T,
+    /// Where its TCP segment lies, from the one parse it gets (`None`: not parsed, or no TCP).
+    span: Option<Span>,
+}
+
+/// A parsed `Segment`'s place in its packet, kept so that it is never parsed twice.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    key: PairKey,
+    offset: usize,
+    end: usize,
+    header_len: usize,
+}
+
+impl<T> Waiting<T> {
+    /// A copy whose TCP segment is parsed now, once, for pairing.
+    #[must_use]
+    pub fn parsed(packet: Vec<u8>, at: Instant, tag: T) -> Self {
+        let span = Segment::parse(&packet).map(|s| Span {
+            key: s.key,
+            offset: s.offset,
+            end: s.offset + s.bytes.len(),
+            header_len: s.header_len,
+        });
+        Self {
+            packet,
+            at,
+            tag,
+            span,
+        }
+    }
+
+    /// A copy that will never be paired (observe mode): not parsed at all.
+    #[must_use]
+    pub const fn unparsed(packet: Vec<u8>, at: Instant, tag: T) -> Self {
+        Self {
+            packet,
+            at,
+            tag,
+            span: None,
+        }
+    }
+
+    /// Its TCP segment, as parsed when it was made; `None` if it was not, or holds none.
+    #[must_use]
+    pub fn segment(&self) -> Option<Segment<'_>> {
+        let s = self.span?;
+        Some(Segment {
+            key: s.key,
+            offset: s.offset,
+            header_len: s.header_len,
+            bytes: self.packet.get(s.offset..s.end)?,
+        })
+    }
 }
 
 /// What became of a corrupted copy.
@@ -426,8 +479,8 @@ impl<T> Pairing<T> {
     /// A dropped TCP segment's copy, to wait for its retransmission; a copy pushed out by the
     /// bound is returned unpaired. A packet that is no TCP segment is unpaired at once.
     pub fn corrupted(&mut self, packet: Vec<u8>, at: Instant, tag: T) -> Vec<Outcome<T>> {
-        let bad = Waiting { packet, at, tag };
-        let Some(key) = Segment::parse(&bad.packet).map(|s| s.key) else {
+        let bad = Waiting::parsed(packet, at, tag);
+        let Some(key) = bad.span.map(|s| s.key) else {
             return vec![Outcome::Unpaired {
                 bad,
                 why: "not a TCP segment",
@@ -462,7 +515,8 @@ impl<T> Pairing<T> {
         self.order.retain(|(_, k)| *k != good.key);
         bads.into_iter()
             .map(|bad| {
-                let diff = Segment::parse(&bad.packet)
+                let diff = bad
+                    .segment()
                     .map_or_else(|| unreachable_diff(&good), |b| diff(&b, &good));
                 Outcome::Paired { bad, diff }
             })
@@ -510,8 +564,8 @@ impl<T> Pairing<T> {
     }
 }
 
-/// A waiting copy always parsed as a TCP segment when it was queued; this is the diff of one
-/// that no longer does, which cannot happen.
+/// A waiting copy always held a TCP segment when it was queued, and its span stays within its
+/// packet; this is the diff of one that does not, which cannot happen.
 fn unreachable_diff(good: &Segment<'_>) -> Diff {
     Diff {
         runs: Vec::new(),

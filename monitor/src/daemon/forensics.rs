@@ -27,7 +27,7 @@ use crate::{
     capture::{Capture, CaptureError, Record},
     daemon::state::View,
     events::RateLimiter,
-    forensics::{Diff, Outcome, PAIR_WINDOW, Pairing, Segment, Shape},
+    forensics::{Diff, Outcome, PAIR_WINDOW, Pairing, Shape},
     report::Note,
 };
 
@@ -219,11 +219,7 @@ impl Worker {
             self.pairing.corrupted(rec.packet, now, tag)
         } else {
             vec![Outcome::Unpaired {
-                bad: crate::forensics::Waiting {
-                    packet: rec.packet,
-                    at: now,
-                    tag,
-                },
+                bad: crate::forensics::Waiting::unparsed(rec.packet, now, tag),
                 why: "observe mode: delivered, so TCP does not retransmit it",
             }]
         };
@@ -284,7 +280,7 @@ impl Worker {
             return;
         };
         let peer = self.view.borrow().label(bad.tag.peer_id);
-        let flow = Segment::parse(&bad.packet).map(|s| flow(&s.key, bad.packet[0] >> 4 == 6));
+        let flow = bad.segment().map(|s| flow(&s.key, bad.packet[0] >> 4 == 6));
         warn!(
             peer,
             spi = %format_args!("{:#010x}", bad.tag.spi),

@@ -181,3 +181,25 @@ fn every_shape_has_a_label_and_a_layer() {
         Shape::ALL.iter().map(|s| s.points_at()).collect();
     assert_eq!(layers.len(), Shape::ALL.len(), "each shape says its own");
 }
+
+#[test]
+fn a_waiting_copy_keeps_the_segment_it_was_parsed_into() {
+    let t0 = Instant::now();
+    let mut pkt = packet(9, 1, &data(300));
+    // A snap-length cut: the segment is what the capture holds.
+    pkt.truncate(200);
+    let w = Waiting::parsed(pkt.clone(), t0, ());
+    assert_eq!(w.segment(), Segment::parse(&pkt));
+    let s = w.segment().unwrap();
+    assert_eq!(
+        (s.key.seq, s.offset, s.header_len, s.bytes.len()),
+        (9, 20, 32, 180)
+    );
+    // Observe mode's copies are never paired, so never parsed.
+    assert_eq!(Waiting::unparsed(pkt, t0, ()).segment(), None);
+    // Nor is a packet without TCP.
+    assert_eq!(
+        Waiting::parsed(vec![0x45, 0, 0, 20], t0, ()).segment(),
+        None
+    );
+}

@@ -256,6 +256,8 @@ fn test(no_lint: bool) -> Result<()> {
     let result = (|| {
         // Kernel-free unit and property tests.
         cargo_test(&["-p", "monitor-ebpf", "--lib"], &[], &mut tally)?;
+        // This tool's own: the VM suite's console reading and its guest scheduling.
+        cargo_test(&["-p", "xtask"], &[], &mut tally)?;
         cargo_test(
             &["-p", "natt-monitor", "--lib", "--bins", "--tests"],
             &[],

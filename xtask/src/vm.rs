@@ -935,6 +935,78 @@ fn soak_seed() -> Result<u64> {
     Ok(seed)
 }
 
+/// One guest of the suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Job {
+    /// A kernel's initramfs guest, which runs the scenarios.
+    Scenarios,
+    /// A kernel's systemd guest (the .deb under a real systemd).
+    Systemd,
+}
+
+/// The guests to boot: every kernel's scenario guest, then the systemd guests (the longest
+/// first, so that the guests running side by side end close together).
+fn plan(kernels: &[Kernel], scenarios: bool, systemd: bool) -> Vec<(&Kernel, Job)> {
+    let mut plan: Vec<(&Kernel, Job)> = Vec::new();
+    if scenarios {
+        plan.extend(kernels.iter().map(|k| (k, Job::Scenarios)));
+    }
+    if systemd {
+        plan.extend(
+            kernels
+                .iter()
+                .filter(|k| crate::vm_systemd::KERNELS.contains(&k.source.release))
+                .map(|k| (k, Job::Systemd)),
+        );
+    }
+    plan
+}
+
+/// How many guests run at once: `NATT_VM_JOBS`, else one per host CPU, at most two. A TCG
+/// guest has one virtual CPU and keeps one host CPU busy, so on this two-CPU kind of machine
+/// two side by side take the time of one each (the suite's wall time about halves).
+fn guest_jobs() -> Result<usize> {
+    match std::env::var("NATT_VM_JOBS") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("NATT_VM_JOBS: `{v}` is not a number of guests (1 or more)"),
+        },
+        Err(_) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get().min(2))),
+    }
+}
+
+/// Runs `work` on every item of `items`, `jobs` at a time, in the items' order; returns each
+/// result at its item's index.
+fn side_by_side<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    work: impl Fn(&T) -> R + Sync,
+) -> Vec<Option<R>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, items.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = work(item);
+                    *out[i]
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+                }
+            });
+        }
+    });
+    out.into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        })
+        .collect()
+}
+
 /// Runs the suite on the kernels named in `kernels` (release prefixes; all when empty), only
 /// the scenarios named in `only` (all when empty); with `out`, also writes the results table
 /// there. Returns how many scenario runs passed.
@@ -970,37 +1042,58 @@ pub fn vm_test(out: Option<&str>, kernels: &[String], only: &[String]) -> Result
         None
     };
     let bins: Vec<(&Path, &str)> = bins.iter().map(|(p, d)| (p.as_path(), *d)).collect();
+    let plan = plan(&kernels, initramfs, disk.is_some());
+    let run = |k: &Kernel, job: Job| -> Result<(f64, Result<Guest>)> {
+        let booted = match job {
+            Job::Scenarios => {
+                let initrd = build_initramfs(&cache, k, &bins, &strongswan)?;
+                let started = Instant::now();
+                let booted = boot(
+                    &cache,
+                    k,
+                    &initrd,
+                    &initramfs_only,
+                    seed,
+                    GUEST_TIMEOUT,
+                    &SUITE_ACCEL,
+                );
+                (started.elapsed().as_secs_f64(), booted)
+            }
+            Job::Systemd => {
+                let started = Instant::now();
+                let booted = disk
+                    .as_ref()
+                    .context("a systemd job without its disk")?
+                    .boot(&cache, k, &SUITE_ACCEL);
+                (started.elapsed().as_secs_f64(), booted)
+            }
+        };
+        Ok(booted)
+    };
+    let mut ran = side_by_side(&plan, guest_jobs()?, |(k, job)| run(k, *job));
+    // Judged in the matrix's order (each kernel's scenarios, then its systemd guest), however
+    // the guests interleaved.
     for k in &kernels {
-        if initramfs {
-            let initrd = build_initramfs(&cache, k, &bins, &strongswan)?;
-            let started = Instant::now();
-            let booted = boot(
-                &cache,
-                k,
-                &initrd,
-                &initramfs_only,
-                seed,
-                GUEST_TIMEOUT,
-                &SUITE_ACCEL,
-            );
-            let secs = started.elapsed().as_secs_f64();
-            match booted {
-                Ok(guest) => {
+        for job in [Job::Scenarios, Job::Systemd] {
+            let Some(i) = plan
+                .iter()
+                .position(|(pk, pj)| std::ptr::eq(*pk, k) && *pj == job)
+            else {
+                continue;
+            };
+            let (secs, booted) = ran[i].take().context("a guest that never ran")??;
+            match (job, booted) {
+                (Job::Scenarios, Ok(guest)) => {
                     let only = &initramfs_only;
                     judge(k, guest, secs, only, &mut rows, &mut fails, &mut summary);
                 }
-                Err(e) => lost_guest(k, "", &e, &mut fails, &mut summary),
-            }
-        }
-        if let Some(disk) = &disk
-            && crate::vm_systemd::KERNELS.contains(&k.source.release)
-        {
-            let started = Instant::now();
-            let booted = disk.boot(&cache, k, &SUITE_ACCEL);
-            let secs = started.elapsed().as_secs_f64();
-            match booted {
-                Ok(guest) => judge_systemd(k, guest, secs, &mut rows, &mut fails, &mut summary),
-                Err(e) => lost_guest(k, " (systemd guest)", &e, &mut fails, &mut summary),
+                (Job::Scenarios, Err(e)) => lost_guest(k, "", &e, &mut fails, &mut summary),
+                (Job::Systemd, Ok(guest)) => {
+                    judge_systemd(k, guest, secs, &mut rows, &mut fails, &mut summary);
+                }
+                (Job::Systemd, Err(e)) => {
+                    lost_guest(k, " (systemd guest)", &e, &mut fails, &mut summary);
+                }
             }
         }
     }
@@ -1050,7 +1143,34 @@ pub(crate) fn guest_binaries(root: &Path, cache: &Path) -> Result<Vec<(PathBuf, 
 
 #[cfg(test)]
 mod tests {
-    use super::{FAIL_CONTEXT, Guest};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::{FAIL_CONTEXT, Guest, side_by_side};
+
+    /// Each result lands at its item's index, and no more than `jobs` items are worked on at
+    /// once (each item waits until it has seen how many run beside it).
+    #[test]
+    fn guests_side_by_side_keep_their_order_and_their_bound() {
+        for jobs in [1, 2, 3] {
+            let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let items: Vec<u32> = (0..9).collect();
+            let out = side_by_side(&items, jobs, |i| {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                running.fetch_sub(1, Ordering::SeqCst);
+                i * 10
+            });
+            let want: Vec<Option<u32>> = (0..9).map(|i| Some(i * 10)).collect();
+            assert_eq!(out, want);
+            assert!(most.load(Ordering::SeqCst) <= jobs, "jobs={jobs}");
+        }
+        // Nothing to run: no result, no thread left waiting.
+        assert_eq!(
+            side_by_side(&[] as &[u32], 2, |i| *i),
+            Vec::<Option<u32>>::new()
+        );
+    }
 
     #[test]
     fn a_failure_carries_the_console_lines_before_it() {

@@ -140,8 +140,8 @@ pub(crate) mod scenarios;
 /// The suite's QEMU accelerator: TCG on every host thread it can use (KVM here is the PVM kind,
 /// which hangs stock kernels).
 const SUITE_ACCEL: [&str; 2] = ["-accel", "tcg,thread=multi"];
-/// Longest a guest of the suite may run (the slowest kernel, 6.1, takes about 15 minutes alone,
-/// and shares the host with a second guest).
+/// Longest a guest of the suite may run (the slowest kernel, 6.1, took 15 to 19 minutes on the
+/// fresh-clone runs, alone or beside a second guest).
 const GUEST_TIMEOUT: Duration = Duration::from_mins(30);
 
 /// Console lines a hung or dead guest's error quotes.

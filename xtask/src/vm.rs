@@ -1149,7 +1149,7 @@ mod tests {
     use super::{FAIL_CONTEXT, Guest, side_by_side};
 
     /// Each result lands at its item's index, and no more than `jobs` items are worked on at
-    /// once (each item waits until it has seen how many run beside it).
+    /// once (each item sleeps a moment, so that items overlap wherever the bound lets them).
     #[test]
     fn guests_side_by_side_keep_their_order_and_their_bound() {
         for jobs in [1, 2, 3] {

@@ -72,10 +72,10 @@ pub fn tcp_counts(body: &str) -> (u64, u64, u64) {
     )
 }
 
-/// A running `natt-monitor`, killed on drop.
 /// The daemon's log line once its verifier is attached.
 pub const ATTACHED: &str = "verifier attached at cgroup_skb ingress";
 
+/// A running `natt-monitor`, killed on drop.
 pub struct Daemon {
     child: KillOnDrop,
     lines: Arc<Mutex<Vec<Value>>>,
